@@ -1,0 +1,63 @@
+use std::fmt;
+
+/// Why a message head was refused. Each variant knows the status the proxy answers with; after
+/// any of them the connection is closed, because the framing of what follows is in doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeadError {
+    /// The head is larger than the configured limit (431, or 502 for a backend's response).
+    TooLarge,
+    /// More header fields than the configured limit (431).
+    TooManyHeaders,
+    /// The head breaks RFC 9112 syntax or framing; the text says which rule, for the log.
+    Malformed(&'static str),
+    /// `Transfer-Encoding` names a coding other than `chunked` before the final `chunked` (501).
+    UnsupportedTransferCoding,
+    /// `Expect` with something other than `100-continue` (417).
+    UnsupportedExpectation,
+    /// A method the proxy does not forward (`CONNECT`) (405).
+    MethodNotAllowed,
+}
+
+impl HeadError {
+    /// The status code of the response the proxy sends for this error on a request.
+    pub fn status(&self) -> u16 {
+        match self {
+            HeadError::TooLarge | HeadError::TooManyHeaders => 431,
+            HeadError::Malformed(_) => 400,
+            HeadError::UnsupportedTransferCoding => 501,
+            HeadError::UnsupportedExpectation => 417,
+            HeadError::MethodNotAllowed => 405,
+        }
+    }
+
+    /// The message put in the JSON body sent to the client: generic on purpose, the details go
+    /// to the log only.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            HeadError::TooLarge => "Request header fields too large",
+            HeadError::TooManyHeaders => "Too many request header fields",
+            HeadError::Malformed(_) => "Bad request",
+            HeadError::UnsupportedTransferCoding => "Transfer coding not implemented",
+            HeadError::UnsupportedExpectation => "Expectation failed",
+            HeadError::MethodNotAllowed => "Method not allowed",
+        }
+    }
+}
+
+impl fmt::Display for HeadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeadError::TooLarge => f.write_str("head exceeds the size limit"),
+            HeadError::TooManyHeaders => f.write_str("too many header fields"),
+            HeadError::Malformed(why) => write!(f, "malformed head: {why}"),
+            HeadError::UnsupportedTransferCoding => {
+                f.write_str("transfer coding other than chunked")
+            }
+            HeadError::UnsupportedExpectation => f.write_str("unsupported expectation"),
+            HeadError::MethodNotAllowed => f.write_str("method not allowed"),
+        }
+    }
+}
+
+impl std::error::Error for HeadError {}
