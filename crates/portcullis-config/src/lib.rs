@@ -1,1 +1,22 @@
-//! portcullis-config
+//! Portcullis configuration: TOML text → typed, validated [`Config`].
+//!
+//! Every error names the file, line, column and field it is about, and a load reports all the
+//! errors it finds, not just the first (`portcullis check` prints them all). Relative paths are
+//! resolved against the directory of the configuration file.
+//!
+//! This crate reads only the configuration file itself. Loading what it names (certificates,
+//! keys, CRLs, thumbprint lists) is the job of the crates that understand those files; they report
+//! their errors against the [`Loc`] kept beside each value.
+#![forbid(unsafe_code)]
+
+mod error;
+mod load;
+mod model;
+mod reader;
+
+pub use error::{ConfigError, ConfigErrors, Loc};
+pub use load::{load, parse, portcullis_max_headers};
+pub use model::*;
+
+#[cfg(test)]
+mod tests;

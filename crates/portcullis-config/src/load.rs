@@ -1,0 +1,522 @@
+//! TOML text → [`Config`], section by section.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use toml::de::DeTable;
+
+use crate::error::{ConfigError, ConfigErrors, Loc};
+use crate::model::*;
+use crate::reader::{Reader, Value, get, join};
+
+/// Reads and parses a configuration file. Files it names are not opened here.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        loc: Loc { file: path.into(), line: 0, column: 0, field: String::new() },
+        message: format!("cannot read configuration: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses configuration text as if read from `path` (relative paths resolve against its
+/// directory).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut r = Reader::new(path, text);
+    let (doc, syntax) = DeTable::parse_recoverable(text);
+    for e in syntax {
+        let span = e.span().unwrap_or(0..0);
+        r.error(&span, "", format!("TOML syntax: {}", e.message().trim()));
+    }
+    if !r.errors.is_empty() {
+        return Err(std::mem::take(&mut r.errors).into_result(()).unwrap_err());
+    }
+    let root = doc.get_ref();
+    r.check_keys(
+        root,
+        "",
+        &["server", "listener", "certificates", "thumbprints", "backend", "api", "inbound", "outbound"],
+    );
+    let server = match get(root, "server") {
+        Some(v) => server(&mut r, v),
+        None => Server::default(),
+    };
+    let listeners: Vec<Listener> = match get(root, "listener") {
+        Some(v) => r.tables(v, "listener").into_iter().filter_map(|(v, f)| listener(&mut r, v, &f)).collect(),
+        None => Vec::new(),
+    };
+    if listeners.is_empty() && get(root, "listener").is_none() {
+        r.error(&(0..0), "listener", "at least one [[listener]] is required");
+    }
+    let certificates = get(root, "certificates").map(|v| certificates(&mut r, v)).unwrap_or_default();
+    let thumbprints = get(root, "thumbprints").map(|v| thumbprints(&mut r, v)).unwrap_or_default();
+    let backends: Vec<Backend> = match get(root, "backend") {
+        Some(v) => r.tables(v, "backend").into_iter().filter_map(|(v, f)| backend(&mut r, v, &f)).collect(),
+        None => Vec::new(),
+    };
+    let apis: Vec<Api> = match get(root, "api") {
+        Some(v) => r.tables(v, "api").into_iter().filter_map(|(v, f)| api(&mut r, v, &f)).collect(),
+        None => Vec::new(),
+    };
+    let inbound = get(root, "inbound").map(|v| steps(&mut r, v, "inbound")).unwrap_or_default();
+    let outbound = get(root, "outbound").map(|v| steps(&mut r, v, "outbound")).unwrap_or_default();
+
+    let config = Config {
+        path: path.to_path_buf(),
+        server,
+        listeners,
+        certificates,
+        thumbprints,
+        backends,
+        apis,
+        inbound,
+        outbound,
+    };
+    cross_check(&mut r, &config);
+    r.errors.into_result(config)
+}
+
+/// Rules that span sections: unique names, references that resolve, no two listeners on one
+/// address.
+fn cross_check(r: &mut Reader, c: &Config) {
+    let mut seen: HashMap<&str, &Loc> = HashMap::new();
+    for b in &c.backends {
+        if let Some(first) = seen.insert(&b.name.value, &b.name.loc) {
+            let msg = format!("backend \"{}\" is defined twice (first at line {})", b.name.value, first.line);
+            r.errors.push(b.name.loc.error(msg));
+        }
+    }
+    let mut apis: HashMap<(Option<String>, &str), &Loc> = HashMap::new();
+    for a in &c.apis {
+        if !c.backends.iter().any(|b| b.name.value == a.backend.value) {
+            let names: Vec<String> = c.backends.iter().map(|b| format!("\"{}\"", b.name.value)).collect();
+            let known = if names.is_empty() { "no [[backend]] is defined".to_owned() } else { format!("known: {}", names.join(", ")) };
+            r.errors.push(a.backend.loc.error(format!("no backend named \"{}\" ({known})", a.backend.value)));
+        }
+        let key = (a.host.as_ref().map(|h| h.value.to_ascii_lowercase()), a.path.value.as_str());
+        if let Some(first) = apis.insert(key, &a.path.loc) {
+            r.errors.push(a.path.loc.error(format!(
+                "another API already has path \"{}\" for the same host (line {})",
+                a.path.value, first.line
+            )));
+        }
+    }
+    let mut binds: HashMap<SocketAddr, &Loc> = HashMap::new();
+    for l in &c.listeners {
+        if let Some(first) = binds.insert(l.bind.value, &l.bind.loc) {
+            r.errors.push(l.bind.loc.error(format!("{} is already bound by the listener at line {}", l.bind.value, first.line)));
+        }
+    }
+    for b in &c.backends {
+        if let Some(name) = &b.client_certificate {
+            match c.certificates.iter().find(|cert| cert.name.value == name.value) {
+                None => r.errors.push(name.loc.error(format!("no certificate named \"{}\" in [certificates]", name.value))),
+                Some(cert) if cert.key.is_none() => r.errors.push(name.loc.error(format!(
+                    "certificate \"{}\" has no key; a client certificate needs one",
+                    name.value
+                ))),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn required<'v, 'a>(r: &mut Reader, t: &'v DeTable<'a>, span: &Value<'_>, field: &str, key: &str) -> Option<&'v Value<'a>> {
+    let v = get(t, key);
+    if v.is_none() {
+        r.error(&span.span(), &join(field, key), format!("missing field `{key}`"));
+    }
+    v
+}
+
+fn server(r: &mut Reader, v: &Value<'_>) -> Server {
+    let mut s = Server::default();
+    let Some(t) = r.table(v, "server") else { return s };
+    r.check_keys(
+        t,
+        "server",
+        &[
+            "workers",
+            "driver",
+            "max_head_size",
+            "max_headers",
+            "head_timeout",
+            "idle_timeout",
+            "handshake_timeout",
+            "drain_timeout",
+            "body_timeout",
+            "access_log",
+        ],
+    );
+    if let Some(v) = get(t, "workers") {
+        s.workers = r.integer(v, "server.workers", 0..1025).map_or(s.workers, |n| n as usize);
+    }
+    if let Some(v) = get(t, "driver") {
+        let options = [("auto", Driver::Auto), ("io_uring", Driver::IoUring), ("epoll", Driver::Epoll)];
+        s.driver = r.choice(v, "server.driver", &options).unwrap_or(s.driver);
+    }
+    if let Some(v) = get(t, "max_head_size") {
+        s.max_head_size = r.integer(v, "server.max_head_size", 1024..(1 << 20) + 1).map_or(s.max_head_size, |n| n as usize);
+    }
+    if let Some(v) = get(t, "max_headers") {
+        let cap = portcullis_max_headers() as i64;
+        s.max_headers = r.integer(v, "server.max_headers", 1..cap + 1).map_or(s.max_headers, |n| n as usize);
+    }
+    for (key, slot) in [
+        ("head_timeout", &mut s.head_timeout),
+        ("idle_timeout", &mut s.idle_timeout),
+        ("handshake_timeout", &mut s.handshake_timeout),
+        ("drain_timeout", &mut s.drain_timeout),
+        ("body_timeout", &mut s.body_timeout),
+    ] {
+        if let Some(v) = get(t, key) {
+            let field = format!("server.{key}");
+            match r.duration(v, &field) {
+                Some(d) if d.is_zero() => r.error(&v.span(), &field, "must be greater than zero"),
+                Some(d) => *slot = d,
+                None => {}
+            }
+        }
+    }
+    if let Some(v) = get(t, "access_log") {
+        s.access_log = r.boolean(v, "server.access_log").unwrap_or(s.access_log);
+    }
+    s
+}
+
+/// The parser's hard cap on header fields (`portcullis_http::MAX_HEADERS_CAP`); the config crate
+/// knows no HTTP, so the number is repeated here and checked by a test in the server crate.
+pub const fn portcullis_max_headers() -> usize {
+    256
+}
+
+fn cert_key(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<CertKey> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["cert", "key"]);
+    let cert = required(r, t, v, field, "cert").and_then(|c| r.path(c, &join(field, "cert")));
+    let key = required(r, t, v, field, "key").and_then(|k| r.path(k, &join(field, "key")));
+    Some(CertKey { cert: cert?, key: key?, loc: r.loc(&v.span(), field) })
+}
+
+const CLIENT_MODES: [(&str, ClientCertMode); 3] =
+    [("off", ClientCertMode::Off), ("request", ClientCertMode::Request), ("require", ClientCertMode::Require)];
+
+/// The client-certificate fields of a listener (`inherit` = None) or of an SNI entry.
+fn client_auth(r: &mut Reader, t: &DeTable<'_>, v: &Value<'_>, field: &str, inherit: Option<&ClientAuth>) -> ClientAuth {
+    let mode_field = join(field, "client_certificate");
+    let mode = match get(t, "client_certificate") {
+        Some(m) => r.choice(m, &mode_field, &CLIENT_MODES).map(|mode| Located::new(mode, r.loc(&m.span(), &mode_field))),
+        None => None,
+    };
+    let mode = mode.unwrap_or_else(|| match inherit {
+        Some(parent) => parent.mode.clone(),
+        None => Located::new(ClientCertMode::Off, r.loc(&v.span(), &mode_field)),
+    });
+    let client_ca = match get(t, "client_ca") {
+        Some(c) => r.paths(c, &join(field, "client_ca")),
+        None => inherit.map(|p| p.client_ca.clone()).unwrap_or_default(),
+    };
+    let crl = match get(t, "crl") {
+        Some(c) => r.paths(c, &join(field, "crl")),
+        None => inherit.map(|p| p.crl.clone()).unwrap_or_default(),
+    };
+    if mode.value != ClientCertMode::Off && client_ca.is_empty() {
+        r.errors.push(mode.loc.error(
+            "asking for client certificates needs `client_ca` (the CA certificates they must chain to)",
+        ));
+    }
+    if !crl.is_empty() && client_ca.is_empty() {
+        r.error(&v.span(), &join(field, "crl"), "`crl` needs `client_ca`");
+    }
+    ClientAuth { mode, client_ca, crl }
+}
+
+fn listener(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Listener> {
+    let t = r.table(v, field)?;
+    r.check_keys(
+        t,
+        field,
+        &["bind", "certificate", "client_certificate", "client_ca", "crl", "tls_min_version", "session_tickets", "sni"],
+    );
+    let bind = required(r, t, v, field, "bind").and_then(|b| {
+        let s = r.string(b, &join(field, "bind"))?;
+        match s.value.parse::<SocketAddr>() {
+            Ok(addr) => Some(Located::new(addr, s.loc)),
+            Err(_) => {
+                r.error(&b.span(), &join(field, "bind"), format!("\"{}\" is not an address like \"0.0.0.0:8443\"", s.value));
+                None
+            }
+        }
+    });
+    let certificate = required(r, t, v, field, "certificate").and_then(|c| cert_key(r, c, &join(field, "certificate")));
+    let client = client_auth(r, t, v, field, None);
+    let tls_min_version = match get(t, "tls_min_version") {
+        Some(m) => r
+            .choice(m, &join(field, "tls_min_version"), &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)])
+            .unwrap_or(TlsVersion::Tls12),
+        None => TlsVersion::Tls12,
+    };
+    let session_tickets = match get(t, "session_tickets") {
+        Some(b) => r.boolean(b, &join(field, "session_tickets")).unwrap_or(true),
+        None => true,
+    };
+    let sni = match get(t, "sni") {
+        Some(s) => r
+            .tables(s, &join(field, "sni"))
+            .into_iter()
+            .filter_map(|(v, f)| sni(r, v, &f, &client))
+            .collect(),
+        None => Vec::new(),
+    };
+    Some(Listener {
+        bind: bind?,
+        certificate: certificate?,
+        client,
+        tls_min_version,
+        session_tickets,
+        sni,
+        loc: r.loc(&v.span(), field),
+    })
+}
+
+fn sni(r: &mut Reader, v: &Value<'_>, field: &str, parent: &ClientAuth) -> Option<Sni> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["hostnames", "certificate", "client_certificate", "client_ca", "crl"]);
+    let hostnames = required(r, t, v, field, "hostnames").map(|h| r.strings(h, &join(field, "hostnames")));
+    if let Some(names) = &hostnames {
+        for h in names {
+            let ok = h.value.split('.').enumerate().all(|(i, label)| {
+                (i == 0 && label == "*")
+                    || (!label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            });
+            if !ok {
+                r.errors.push(h.loc.error(format!("\"{}\" is not a hostname (\"*.\" is allowed as the first label)", h.value)));
+            }
+        }
+        if names.is_empty() {
+            r.error(&v.span(), &join(field, "hostnames"), "needs at least one hostname");
+        }
+    }
+    let certificate = required(r, t, v, field, "certificate").and_then(|c| cert_key(r, c, &join(field, "certificate")));
+    let client = client_auth(r, t, v, field, Some(parent));
+    Some(Sni { hostnames: hostnames?, certificate: certificate?, client, loc: r.loc(&v.span(), field) })
+}
+
+fn certificates(r: &mut Reader, v: &Value<'_>) -> Vec<NamedCertificate> {
+    let Some(t) = r.table(v, "certificates") else { return Vec::new() };
+    let mut out = Vec::new();
+    for (key, value) in t.iter() {
+        let field = format!("certificates.{}", key.get_ref());
+        let name = Located::new(key.get_ref().to_string(), r.loc(&key.span(), &field));
+        match value.get_ref() {
+            toml::de::DeValue::String(_) => {
+                if let Some(cert) = r.path(value, &field) {
+                    out.push(NamedCertificate { name, cert, key: None });
+                }
+            }
+            _ => {
+                let Some(ct) = r.table(value, &field) else { continue };
+                r.check_keys(ct, &field, &["cert", "key"]);
+                let cert = required(r, ct, value, &field, "cert").and_then(|c| r.path(c, &join(&field, "cert")));
+                let key = get(ct, "key").and_then(|k| r.path(k, &join(&field, "key")));
+                if let Some(cert) = cert {
+                    out.push(NamedCertificate { name, cert, key });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn thumbprints(r: &mut Reader, v: &Value<'_>) -> Vec<NamedFile> {
+    let Some(t) = r.table(v, "thumbprints") else { return Vec::new() };
+    let mut out = Vec::new();
+    for (key, value) in t.iter() {
+        let field = format!("thumbprints.{}", key.get_ref());
+        let name = Located::new(key.get_ref().to_string(), r.loc(&key.span(), &field));
+        if let Some(path) = r.path(value, &field) {
+            out.push(NamedFile { name, path });
+        }
+    }
+    out
+}
+
+/// Splits `http://host:port/base` into `host:port` and `/base`.
+fn parse_backend_url(url: &str) -> Result<(String, String), String> {
+    let rest = if let Some(rest) = url.strip_prefix("http://") {
+        rest
+    } else if url.starts_with("https://") {
+        return Err("https backends are not supported yet; use http://".to_owned());
+    } else {
+        return Err(format!("\"{url}\" is not an http:// URL"));
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if path.contains(['?', '#']) {
+        return Err("a backend URL may have a path but no query or fragment".to_owned());
+    }
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("\"{url}\" has no usable host"));
+    }
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    let authority = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    let port_ok = authority.rsplit(':').next().is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(format!("\"{url}\" has an invalid port"));
+    }
+    Ok((authority, path.trim_end_matches('/').to_owned()))
+}
+
+fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
+    let t = r.table(v, field)?;
+    r.check_keys(
+        t,
+        field,
+        &["name", "url", "connect_timeout", "response_timeout", "idle_timeout", "max_idle", "client_certificate"],
+    );
+    let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
+    let url = required(r, t, v, field, "url").and_then(|u| r.non_empty_string(u, &join(field, "url")));
+    let parts = url.as_ref().and_then(|u| match parse_backend_url(&u.value) {
+        Ok(parts) => Some(parts),
+        Err(msg) => {
+            r.errors.push(u.loc.error(msg));
+            None
+        }
+    });
+    let duration = |r: &mut Reader, key: &str, default: u64| match get(t, key) {
+        Some(d) => {
+            let f = join(field, key);
+            match r.duration(d, &f) {
+                Some(x) if x.is_zero() => {
+                    r.error(&d.span(), &f, "must be greater than zero");
+                    std::time::Duration::from_secs(default)
+                }
+                Some(x) => x,
+                None => std::time::Duration::from_secs(default),
+            }
+        }
+        None => std::time::Duration::from_secs(default),
+    };
+    let connect_timeout = duration(r, "connect_timeout", 5);
+    let response_timeout = duration(r, "response_timeout", 60);
+    let idle_timeout = duration(r, "idle_timeout", 60);
+    let max_idle = match get(t, "max_idle") {
+        Some(m) => r.integer(m, &join(field, "max_idle"), 0..100_001).map_or(64, |n| n as usize),
+        None => 64,
+    };
+    let client_certificate = get(t, "client_certificate").and_then(|c| r.non_empty_string(c, &join(field, "client_certificate")));
+    let (authority, base_path) = parts?;
+    Some(Backend {
+        name: name?,
+        url: url?,
+        authority,
+        base_path,
+        connect_timeout,
+        response_timeout,
+        idle_timeout,
+        max_idle,
+        client_certificate,
+        loc: r.loc(&v.span(), field),
+    })
+}
+
+fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["name", "path", "host", "backend", "inherit", "inbound", "outbound"]);
+    let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
+    let path = required(r, t, v, field, "path").and_then(|p| {
+        let s = r.string(p, &join(field, "path"))?;
+        if !s.value.starts_with('/') || s.value.contains(['?', '#', ' ']) {
+            r.errors.push(s.loc.error(format!("\"{}\" is not a path prefix like \"/todo\"", s.value)));
+            return None;
+        }
+        let trimmed = if s.value.len() > 1 { s.value.trim_end_matches('/').to_owned() } else { s.value.clone() };
+        Some(Located::new(if trimmed.is_empty() { "/".to_owned() } else { trimmed }, s.loc))
+    });
+    let host = get(t, "host").and_then(|h| r.non_empty_string(h, &join(field, "host")));
+    let backend = required(r, t, v, field, "backend").and_then(|b| r.non_empty_string(b, &join(field, "backend")));
+    let inherit = match get(t, "inherit") {
+        Some(b) => r.boolean(b, &join(field, "inherit")).unwrap_or(true),
+        None => true,
+    };
+    let inbound = get(t, "inbound").map(|s| steps(r, s, &join(field, "inbound"))).unwrap_or_default();
+    let outbound = get(t, "outbound").map(|s| steps(r, s, &join(field, "outbound"))).unwrap_or_default();
+    Some(Api { name: name?, path: path?, host, backend: backend?, inherit, inbound, outbound, loc: r.loc(&v.span(), field) })
+}
+
+const STEP_KINDS: [&str; 1] = ["set_header"];
+
+fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
+    r.tables(v, field).into_iter().filter_map(|(v, f)| step(r, v, &f)).collect()
+}
+
+fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
+    let t = r.table(v, field)?;
+    if t.len() != 1 {
+        r.error(&v.span(), field, format!("a step has exactly one of: {}", STEP_KINDS.join(", ")));
+        return None;
+    }
+    r.check_keys(t, field, &STEP_KINDS);
+    let (key, body) = t.iter().next()?;
+    let field = join(field, key.get_ref());
+    let kind = match key.get_ref().as_ref() {
+        "set_header" => StepKind::SetHeader(set_header(r, body, &field)?),
+        _ => return None,
+    };
+    Some(Step { kind, loc: r.loc(&key.span(), &field) })
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["name", "value", "action"]);
+    let name = required(r, t, v, field, "name").and_then(|n| r.string(n, &join(field, "name")));
+    if let Some(n) = &name
+        && !is_token(&n.value)
+    {
+        r.errors.push(n.loc.error(format!("\"{}\" is not a valid header name", n.value)));
+    }
+    let action = match get(t, "action") {
+        Some(a) => r.choice(
+            a,
+            &join(field, "action"),
+            &[
+                ("override", SetHeaderAction::Override),
+                ("skip", SetHeaderAction::Skip),
+                ("append", SetHeaderAction::Append),
+                ("delete", SetHeaderAction::Delete),
+            ],
+        )?,
+        None => SetHeaderAction::Override,
+    };
+    let value = get(t, "value").and_then(|x| r.string(x, &join(field, "value")));
+    if value.is_none() && action != SetHeaderAction::Delete && get(t, "value").is_none() {
+        r.error(&v.span(), &join(field, "value"), "missing field `value` (only action = \"delete\" goes without)");
+        return None;
+    }
+    Some(SetHeader { name: name?, value, action })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(parse_backend_url("http://127.0.0.1:5000"), Ok(("127.0.0.1:5000".into(), "".into())));
+        assert_eq!(parse_backend_url("http://svc/api/v1/"), Ok(("svc:80".into(), "/api/v1".into())));
+        assert_eq!(parse_backend_url("http://[::1]:81/x"), Ok(("[::1]:81".into(), "/x".into())));
+        assert_eq!(parse_backend_url("http://[::1]"), Ok(("[::1]:80".into(), "".into())));
+        assert!(parse_backend_url("ftp://x").is_err());
+        assert!(parse_backend_url("http://x:99999").is_err());
+        assert!(parse_backend_url("http://x/?q").is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! The typed configuration. Field-by-field documentation for operators is in `config/README.md`;
+//! defaults live in the `Default` impls here and nowhere else.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::Loc;
+
+/// A value and where it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub loc: Loc,
+}
+
+impl<T> Located<T> {
+    pub fn new(value: T, loc: Loc) -> Self {
+        Located { value, loc }
+    }
+}
+
+/// A whole configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (relative paths inside it are resolved against its directory).
+    pub path: PathBuf,
+    pub server: Server,
+    pub listeners: Vec<Listener>,
+    pub certificates: Vec<NamedCertificate>,
+    pub thumbprints: Vec<NamedFile>,
+    pub backends: Vec<Backend>,
+    pub apis: Vec<Api>,
+    /// Steps of the global scope, applied to every API before its own.
+    pub inbound: Vec<Step>,
+    pub outbound: Vec<Step>,
+}
+
+/// Which io driver the workers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring when the kernel allows it, else epoll (said in one log line).
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Worker threads; 0 means one per available core.
+    pub workers: usize,
+    pub driver: Driver,
+    /// Largest request head (request line and header fields), in bytes.
+    pub max_head_size: usize,
+    /// Most header fields in a request head.
+    pub max_headers: usize,
+    /// Time for a complete request head to arrive once its first byte has (slowloris guard).
+    pub head_timeout: Duration,
+    /// Time a client keep-alive connection may sit idle between requests.
+    pub idle_timeout: Duration,
+    /// Time for a TLS handshake to complete.
+    pub handshake_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits anyway.
+    pub drain_timeout: Duration,
+    /// Time a client may take to send the next piece of a request body.
+    pub body_timeout: Duration,
+    /// One log line per request (target `portcullis::access`).
+    pub access_log: bool,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            workers: 0,
+            driver: Driver::Auto,
+            max_head_size: 16 * 1024,
+            max_headers: 100,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            access_log: false,
+        }
+    }
+}
+
+/// Whether and how a client certificate is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertMode {
+    /// Not asked for.
+    Off,
+    /// Asked for; a missing or invalid one does not fail the handshake, policy decides.
+    Request,
+    /// The handshake fails without a certificate that chains to `client_ca`.
+    Require,
+}
+
+/// Lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone)]
+pub struct CertKey {
+    pub cert: Located<PathBuf>,
+    pub key: Located<PathBuf>,
+    pub loc: Loc,
+}
+
+/// The client-certificate side of a listener or an SNI entry.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    pub mode: Located<ClientCertMode>,
+    /// CA certificates a client certificate may chain to: roots and intermediates.
+    pub client_ca: Vec<Located<PathBuf>>,
+    /// CRLs, PEM or DER, issued by those CAs.
+    pub crl: Vec<Located<PathBuf>>,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub bind: Located<SocketAddr>,
+    pub certificate: CertKey,
+    pub client: ClientAuth,
+    pub tls_min_version: TlsVersion,
+    /// Stateless session resumption (RFC 8446 tickets); the client certificate's facts survive it.
+    pub session_tickets: bool,
+    pub sni: Vec<Sni>,
+    pub loc: Loc,
+}
+
+/// `[[listener.sni]]`: a certificate and client-certificate mode for some hostnames.
+#[derive(Debug, Clone)]
+pub struct Sni {
+    pub hostnames: Vec<Located<String>>,
+    pub certificate: CertKey,
+    /// Inherits the listener's mode, CAs and CRLs where not set.
+    pub client: ClientAuth,
+    pub loc: Loc,
+}
+
+/// `[certificates]`: a named certificate (with its key, when the proxy presents it).
+#[derive(Debug, Clone)]
+pub struct NamedCertificate {
+    pub name: Located<String>,
+    pub cert: Located<PathBuf>,
+    pub key: Option<Located<PathBuf>>,
+}
+
+/// `[thumbprints]`: a named file.
+#[derive(Debug, Clone)]
+pub struct NamedFile {
+    pub name: Located<String>,
+    pub path: Located<PathBuf>,
+}
+
+/// `[[backend]]`.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: Located<String>,
+    /// `http://host:port[/base/path]`.
+    pub url: Located<String>,
+    /// `host:port` from the URL.
+    pub authority: String,
+    /// The URL's path without a trailing slash ("" for none): forwarded paths are appended to it.
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    /// Time to wait for the response head after the request was sent, and between reads of a
+    /// response body.
+    pub response_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per worker.
+    pub max_idle: usize,
+    /// Name in `[certificates]` that the proxy presents to the backend (mutual TLS upstream).
+    pub client_certificate: Option<Located<String>>,
+    pub loc: Loc,
+}
+
+/// `[[api]]`.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub name: Located<String>,
+    /// Path prefix, matched on segment boundaries; stripped before forwarding (APIM's API URL
+    /// suffix), the backend URL's path is put in its place.
+    pub path: Located<String>,
+    /// Only for requests to this host (`Host` without port, case-insensitive).
+    pub host: Option<Located<String>>,
+    pub backend: Located<String>,
+    /// Whether the global steps run before this API's.
+    pub inherit: bool,
+    pub inbound: Vec<Step>,
+    pub outbound: Vec<Step>,
+    pub loc: Loc,
+}
+
+/// One policy step as configured.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub kind: StepKind,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    SetHeader(SetHeader),
+}
+
+/// What `set_header` does when the header is already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetHeaderAction {
+    /// Replace every existing value.
+    Override,
+    /// Leave an existing header alone; set it only when absent.
+    Skip,
+    /// Add a value after any existing ones.
+    Append,
+    /// Remove the header.
+    Delete,
+}
+
+/// `set_header = { name, value, action }`.
+#[derive(Debug, Clone)]
+pub struct SetHeader {
+    pub name: Located<String>,
+    /// A template: `{client_cert.subject}`, `{request.ip}`, `{header.NAME}`…
+    pub value: Option<Located<String>>,
+    pub action: SetHeaderAction,
+}

@@ -1,0 +1,93 @@
+use std::path::Path;
+
+use crate::*;
+
+const GOOD: &str = r#"
+[server]
+workers = 2
+head_timeout = "5s"
+
+[[listener]]
+bind = "127.0.0.1:8443"
+certificate = { cert = "pki/server.pem", key = "pki/server.key" }
+client_certificate = "request"
+client_ca = ["pki/root.pem", "pki/intermediate.pem"]
+crl = ["pki/intermediate.crl"]
+  [[listener.sni]]
+  hostnames = ["devices.example.com"]
+  certificate = { cert = "pki/devices.pem", key = "pki/devices.key" }
+  client_certificate = "require"
+
+[[backend]]
+name = "todo"
+url = "http://127.0.0.1:5000/base/"
+
+[[api]]
+name = "todo"
+path = "/todo/"
+backend = "todo"
+  [[api.inbound]]
+  set_header = { name = "X-Client-Cert-Subject", value = "{client_cert.subject}" }
+  [[api.outbound]]
+  set_header = { name = "X-Powered-By", action = "delete" }
+"#;
+
+#[test]
+fn a_good_config_loads() {
+    let c = parse(Path::new("/etc/portcullis/p.toml"), GOOD).expect("valid");
+    assert_eq!(c.server.workers, 2);
+    assert_eq!(c.server.head_timeout.as_secs(), 5);
+    let l = &c.listeners[0];
+    assert_eq!(l.client.mode.value, ClientCertMode::Request);
+    assert_eq!(l.client.client_ca[1].value, Path::new("/etc/portcullis/pki/intermediate.pem"));
+    assert_eq!(l.sni[0].client.mode.value, ClientCertMode::Require);
+    assert_eq!(l.sni[0].client.crl.len(), 1, "an SNI entry inherits the listener's CRLs");
+    assert_eq!(c.backends[0].authority, "127.0.0.1:5000");
+    assert_eq!(c.backends[0].base_path, "/base");
+    assert_eq!(c.apis[0].path.value, "/todo");
+    assert_eq!(c.apis[0].inbound.len(), 1);
+    assert_eq!(c.apis[0].path.loc.line, 23);
+    assert_eq!(c.apis[0].path.loc.field, "api[0].path");
+}
+
+#[test]
+fn three_mistakes_three_errors_with_lines() {
+    let text = GOOD
+        .replace("client_certificate = \"request\"", "client_certificate = \"requets\"")
+        .replace("backend = \"todo\"", "backend = \"tdoo\"")
+        .replace("workers = 2", "workerz = 2");
+    let errors = parse(Path::new("p.toml"), &text).expect_err("invalid");
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(lines[0].starts_with("p.toml:3:1: server.workerz: unknown field `workerz` (did you mean `workers`?)"), "{}", lines[0]);
+    assert!(lines[1].starts_with("p.toml:9:22: listener[0].client_certificate: unknown value \"requets\""), "{}", lines[1]);
+    assert!(lines[2].starts_with("p.toml:24:11: api[0].backend: no backend named \"tdoo\""), "{}", lines[2]);
+}
+
+#[test]
+fn syntax_errors_have_lines() {
+    let errors = parse(Path::new("p.toml"), "[server]\nworkers = \n").expect_err("invalid");
+    let first = errors.iter().next().expect("one").to_string();
+    assert!(first.starts_with("p.toml:2:"), "{first}");
+}
+
+#[test]
+fn missing_and_mistyped_fields() {
+    let text = r#"
+[[listener]]
+bind = "nowhere"
+client_certificate = "require"
+
+[[backend]]
+name = "b"
+url = "https://x"
+connect_timeout = "soon"
+"#;
+    let errors = parse(Path::new("p.toml"), text).expect_err("invalid");
+    let all = errors.to_string();
+    assert!(all.contains("listener[0].bind: \"nowhere\" is not an address"), "{all}");
+    assert!(all.contains("listener[0].certificate: missing field `certificate`"), "{all}");
+    assert!(all.contains("needs `client_ca`"), "{all}");
+    assert!(all.contains("https backends are not supported yet"), "{all}");
+    assert!(all.contains("backend[0].connect_timeout: invalid duration \"soon\""), "{all}");
+}
