@@ -29,7 +29,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         r.error(&span, "", format!("TOML syntax: {}", e.message().trim()));
     }
     if !r.errors.is_empty() {
-        return Err(std::mem::take(&mut r.errors).into_result(()).unwrap_err());
+        let mut errors = std::mem::take(&mut r.errors);
+        errors.sort();
+        return Err(errors);
     }
     let root = doc.get_ref();
     r.check_keys(
@@ -90,7 +92,11 @@ fn cross_check(r: &mut Reader, c: &Config) {
     for a in &c.apis {
         if !c.backends.iter().any(|b| b.name.value == a.backend.value) {
             let names: Vec<String> = c.backends.iter().map(|b| format!("\"{}\"", b.name.value)).collect();
-            let known = if names.is_empty() { "no [[backend]] is defined".to_owned() } else { format!("known: {}", names.join(", ")) };
+            let known = if names.is_empty() {
+                "no [[backend]] is defined".to_owned()
+            } else {
+                format!("known: {}", names.join(", "))
+            };
             r.errors.push(a.backend.loc.error(format!("no backend named \"{}\" ({known})", a.backend.value)));
         }
         let key = (a.host.as_ref().map(|h| h.value.to_ascii_lowercase()), a.path.value.as_str());
@@ -104,13 +110,20 @@ fn cross_check(r: &mut Reader, c: &Config) {
     let mut binds: HashMap<SocketAddr, &Loc> = HashMap::new();
     for l in &c.listeners {
         if let Some(first) = binds.insert(l.bind.value, &l.bind.loc) {
-            r.errors.push(l.bind.loc.error(format!("{} is already bound by the listener at line {}", l.bind.value, first.line)));
+            r.errors.push(
+                l.bind.loc.error(format!(
+                    "{} is already bound by the listener at line {}",
+                    l.bind.value, first.line
+                )),
+            );
         }
     }
     for b in &c.backends {
         if let Some(name) = &b.client_certificate {
             match c.certificates.iter().find(|cert| cert.name.value == name.value) {
-                None => r.errors.push(name.loc.error(format!("no certificate named \"{}\" in [certificates]", name.value))),
+                None => r.errors.push(
+                    name.loc.error(format!("no certificate named \"{}\" in [certificates]", name.value)),
+                ),
                 Some(cert) if cert.key.is_none() => r.errors.push(name.loc.error(format!(
                     "certificate \"{}\" has no key; a client certificate needs one",
                     name.value
@@ -121,7 +134,13 @@ fn cross_check(r: &mut Reader, c: &Config) {
     }
 }
 
-fn required<'v, 'a>(r: &mut Reader, t: &'v DeTable<'a>, span: &Value<'_>, field: &str, key: &str) -> Option<&'v Value<'a>> {
+fn required<'v, 'a>(
+    r: &mut Reader,
+    t: &'v DeTable<'a>,
+    span: &Value<'_>,
+    field: &str,
+    key: &str,
+) -> Option<&'v Value<'a>> {
     let v = get(t, key);
     if v.is_none() {
         r.error(&span.span(), &join(field, key), format!("missing field `{key}`"));
@@ -156,7 +175,8 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
         s.driver = r.choice(v, "server.driver", &options).unwrap_or(s.driver);
     }
     if let Some(v) = get(t, "max_head_size") {
-        s.max_head_size = r.integer(v, "server.max_head_size", 1024..(1 << 20) + 1).map_or(s.max_head_size, |n| n as usize);
+        s.max_head_size =
+            r.integer(v, "server.max_head_size", 1024..(1 << 20) + 1).map_or(s.max_head_size, |n| n as usize);
     }
     if let Some(v) = get(t, "max_headers") {
         let cap = portcullis_max_headers() as i64;
@@ -198,14 +218,25 @@ fn cert_key(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<CertKey> {
     Some(CertKey { cert: cert?, key: key?, loc: r.loc(&v.span(), field) })
 }
 
-const CLIENT_MODES: [(&str, ClientCertMode); 3] =
-    [("off", ClientCertMode::Off), ("request", ClientCertMode::Request), ("require", ClientCertMode::Require)];
+const CLIENT_MODES: [(&str, ClientCertMode); 3] = [
+    ("off", ClientCertMode::Off),
+    ("request", ClientCertMode::Request),
+    ("require", ClientCertMode::Require),
+];
 
 /// The client-certificate fields of a listener (`inherit` = None) or of an SNI entry.
-fn client_auth(r: &mut Reader, t: &DeTable<'_>, v: &Value<'_>, field: &str, inherit: Option<&ClientAuth>) -> ClientAuth {
+fn client_auth(
+    r: &mut Reader,
+    t: &DeTable<'_>,
+    v: &Value<'_>,
+    field: &str,
+    inherit: Option<&ClientAuth>,
+) -> ClientAuth {
     let mode_field = join(field, "client_certificate");
     let mode = match get(t, "client_certificate") {
-        Some(m) => r.choice(m, &mode_field, &CLIENT_MODES).map(|mode| Located::new(mode, r.loc(&m.span(), &mode_field))),
+        Some(m) => r
+            .choice(m, &mode_field, &CLIENT_MODES)
+            .map(|mode| Located::new(mode, r.loc(&m.span(), &mode_field))),
         None => None,
     };
     let mode = mode.unwrap_or_else(|| match inherit {
@@ -236,23 +267,41 @@ fn listener(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Listener> {
     r.check_keys(
         t,
         field,
-        &["bind", "certificate", "client_certificate", "client_ca", "crl", "tls_min_version", "session_tickets", "sni"],
+        &[
+            "bind",
+            "certificate",
+            "client_certificate",
+            "client_ca",
+            "crl",
+            "tls_min_version",
+            "session_tickets",
+            "sni",
+        ],
     );
     let bind = required(r, t, v, field, "bind").and_then(|b| {
         let s = r.string(b, &join(field, "bind"))?;
         match s.value.parse::<SocketAddr>() {
             Ok(addr) => Some(Located::new(addr, s.loc)),
             Err(_) => {
-                r.error(&b.span(), &join(field, "bind"), format!("\"{}\" is not an address like \"0.0.0.0:8443\"", s.value));
+                r.error(
+                    &b.span(),
+                    &join(field, "bind"),
+                    format!("\"{}\" is not an address like \"0.0.0.0:8443\"", s.value),
+                );
                 None
             }
         }
     });
-    let certificate = required(r, t, v, field, "certificate").and_then(|c| cert_key(r, c, &join(field, "certificate")));
+    let certificate =
+        required(r, t, v, field, "certificate").and_then(|c| cert_key(r, c, &join(field, "certificate")));
     let client = client_auth(r, t, v, field, None);
     let tls_min_version = match get(t, "tls_min_version") {
         Some(m) => r
-            .choice(m, &join(field, "tls_min_version"), &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)])
+            .choice(
+                m,
+                &join(field, "tls_min_version"),
+                &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)],
+            )
             .unwrap_or(TlsVersion::Tls12),
         None => TlsVersion::Tls12,
     };
@@ -261,11 +310,9 @@ fn listener(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Listener> {
         None => true,
     };
     let sni = match get(t, "sni") {
-        Some(s) => r
-            .tables(s, &join(field, "sni"))
-            .into_iter()
-            .filter_map(|(v, f)| sni(r, v, &f, &client))
-            .collect(),
+        Some(s) => {
+            r.tables(s, &join(field, "sni")).into_iter().filter_map(|(v, f)| sni(r, v, &f, &client)).collect()
+        }
         None => Vec::new(),
     };
     Some(Listener {
@@ -290,14 +337,18 @@ fn sni(r: &mut Reader, v: &Value<'_>, field: &str, parent: &ClientAuth) -> Optio
                     || (!label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
             });
             if !ok {
-                r.errors.push(h.loc.error(format!("\"{}\" is not a hostname (\"*.\" is allowed as the first label)", h.value)));
+                r.errors.push(h.loc.error(format!(
+                    "\"{}\" is not a hostname (\"*.\" is allowed as the first label)",
+                    h.value
+                )));
             }
         }
         if names.is_empty() {
             r.error(&v.span(), &join(field, "hostnames"), "needs at least one hostname");
         }
     }
-    let certificate = required(r, t, v, field, "certificate").and_then(|c| cert_key(r, c, &join(field, "certificate")));
+    let certificate =
+        required(r, t, v, field, "certificate").and_then(|c| cert_key(r, c, &join(field, "certificate")));
     let client = client_auth(r, t, v, field, Some(parent));
     Some(Sni { hostnames: hostnames?, certificate: certificate?, client, loc: r.loc(&v.span(), field) })
 }
@@ -317,7 +368,8 @@ fn certificates(r: &mut Reader, v: &Value<'_>) -> Vec<NamedCertificate> {
             _ => {
                 let Some(ct) = r.table(value, &field) else { continue };
                 r.check_keys(ct, &field, &["cert", "key"]);
-                let cert = required(r, ct, value, &field, "cert").and_then(|c| r.path(c, &join(&field, "cert")));
+                let cert =
+                    required(r, ct, value, &field, "cert").and_then(|c| r.path(c, &join(&field, "cert")));
                 let key = get(ct, "key").and_then(|k| r.path(k, &join(&field, "key")));
                 if let Some(cert) = cert {
                     out.push(NamedCertificate { name, cert, key });
@@ -377,7 +429,15 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
     r.check_keys(
         t,
         field,
-        &["name", "url", "connect_timeout", "response_timeout", "idle_timeout", "max_idle", "client_certificate"],
+        &[
+            "name",
+            "url",
+            "connect_timeout",
+            "response_timeout",
+            "idle_timeout",
+            "max_idle",
+            "client_certificate",
+        ],
     );
     let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
     let url = required(r, t, v, field, "url").and_then(|u| r.non_empty_string(u, &join(field, "url")));
@@ -409,7 +469,8 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
         Some(m) => r.integer(m, &join(field, "max_idle"), 0..100_001).map_or(64, |n| n as usize),
         None => 64,
     };
-    let client_certificate = get(t, "client_certificate").and_then(|c| r.non_empty_string(c, &join(field, "client_certificate")));
+    let client_certificate =
+        get(t, "client_certificate").and_then(|c| r.non_empty_string(c, &join(field, "client_certificate")));
     let (authority, base_path) = parts?;
     Some(Backend {
         name: name?,
@@ -435,18 +496,29 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
             r.errors.push(s.loc.error(format!("\"{}\" is not a path prefix like \"/todo\"", s.value)));
             return None;
         }
-        let trimmed = if s.value.len() > 1 { s.value.trim_end_matches('/').to_owned() } else { s.value.clone() };
+        let trimmed =
+            if s.value.len() > 1 { s.value.trim_end_matches('/').to_owned() } else { s.value.clone() };
         Some(Located::new(if trimmed.is_empty() { "/".to_owned() } else { trimmed }, s.loc))
     });
     let host = get(t, "host").and_then(|h| r.non_empty_string(h, &join(field, "host")));
-    let backend = required(r, t, v, field, "backend").and_then(|b| r.non_empty_string(b, &join(field, "backend")));
+    let backend =
+        required(r, t, v, field, "backend").and_then(|b| r.non_empty_string(b, &join(field, "backend")));
     let inherit = match get(t, "inherit") {
         Some(b) => r.boolean(b, &join(field, "inherit")).unwrap_or(true),
         None => true,
     };
     let inbound = get(t, "inbound").map(|s| steps(r, s, &join(field, "inbound"))).unwrap_or_default();
     let outbound = get(t, "outbound").map(|s| steps(r, s, &join(field, "outbound"))).unwrap_or_default();
-    Some(Api { name: name?, path: path?, host, backend: backend?, inherit, inbound, outbound, loc: r.loc(&v.span(), field) })
+    Some(Api {
+        name: name?,
+        path: path?,
+        host,
+        backend: backend?,
+        inherit,
+        inbound,
+        outbound,
+        loc: r.loc(&v.span(), field),
+    })
 }
 
 const STEP_KINDS: [&str; 1] = ["set_header"];
@@ -499,7 +571,11 @@ fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
     };
     let value = get(t, "value").and_then(|x| r.string(x, &join(field, "value")));
     if value.is_none() && action != SetHeaderAction::Delete && get(t, "value").is_none() {
-        r.error(&v.span(), &join(field, "value"), "missing field `value` (only action = \"delete\" goes without)");
+        r.error(
+            &v.span(),
+            &join(field, "value"),
+            "missing field `value` (only action = \"delete\" goes without)",
+        );
         return None;
     }
     Some(SetHeader { name: name?, value, action })

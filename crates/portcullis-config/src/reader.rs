@@ -180,7 +180,11 @@ impl Reader {
             return Some(*t);
         }
         let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-        self.error(&v.span(), field, format!("unknown value \"{}\"; expected one of {}", s.value, names.join(", ")));
+        self.error(
+            &v.span(),
+            field,
+            format!("unknown value \"{}\"; expected one of {}", s.value, names.join(", ")),
+        );
         None
     }
 
@@ -268,7 +272,10 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(closest("client_certficate", &["client_certificate", "client_ca"]), Some("client_certificate"));
+        assert_eq!(
+            closest("client_certficate", &["client_certificate", "client_ca"]),
+            Some("client_certificate")
+        );
         assert_eq!(closest("zzz", &["bind", "crl"]), None);
     }
 }

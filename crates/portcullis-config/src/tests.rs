@@ -59,8 +59,16 @@ fn three_mistakes_three_errors_with_lines() {
     let errors = parse(Path::new("p.toml"), &text).expect_err("invalid");
     let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
     assert_eq!(lines.len(), 3, "{lines:#?}");
-    assert!(lines[0].starts_with("p.toml:3:1: server.workerz: unknown field `workerz` (did you mean `workers`?)"), "{}", lines[0]);
-    assert!(lines[1].starts_with("p.toml:9:22: listener[0].client_certificate: unknown value \"requets\""), "{}", lines[1]);
+    assert!(
+        lines[0].starts_with("p.toml:3:1: server.workerz: unknown field `workerz` (did you mean `workers`?)"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("p.toml:9:22: listener[0].client_certificate: unknown value \"requets\""),
+        "{}",
+        lines[1]
+    );
     assert!(lines[2].starts_with("p.toml:24:11: api[0].backend: no backend named \"tdoo\""), "{}", lines[2]);
 }
 

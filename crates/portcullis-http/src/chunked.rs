@@ -90,7 +90,12 @@ fn is_tchar(b: u8) -> bool {
 }
 
 fn is_qdtext(b: u8) -> bool {
-    b == b'\t' || b == b' ' || b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b) || b >= 0x80
+    b == b'\t'
+        || b == b' '
+        || b == 0x21
+        || (0x23..=0x5b).contains(&b)
+        || (0x5d..=0x7e).contains(&b)
+        || b >= 0x80
 }
 
 fn is_field_vchar(b: u8) -> bool {
@@ -116,7 +121,12 @@ impl ChunkedDecoder {
         result
     }
 
-    fn run(&mut self, src: &mut BytesMut, i: &mut usize, out: &mut BytesMut) -> Result<Decoded, ChunkedError> {
+    fn run(
+        &mut self,
+        src: &mut BytesMut,
+        i: &mut usize,
+        out: &mut BytesMut,
+    ) -> Result<Decoded, ChunkedError> {
         while *i < src.len() {
             if self.state == State::Data {
                 let n = (src.len() - *i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
@@ -273,8 +283,11 @@ mod tests {
 
     #[test]
     fn decodes_and_reencodes() {
-        let (out, rest) = decode_all(b"5;a=b;c=\"x\\\"y\"\r\nhello\r\n6\r\n world\r\n000\r\nX-T: 1\r\n\r\nNEXT", ChunkedOutput::Reencode)
-            .expect("valid");
+        let (out, rest) = decode_all(
+            b"5;a=b;c=\"x\\\"y\"\r\nhello\r\n6\r\n world\r\n000\r\nX-T: 1\r\n\r\nNEXT",
+            ChunkedOutput::Reencode,
+        )
+        .expect("valid");
         assert_eq!(out, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
         assert_eq!(rest, b"NEXT");
         let (out, _) = decode_all(b"A\r\n0123456789\r\n0\r\n\r\n", ChunkedOutput::DataOnly).expect("valid");
@@ -317,7 +330,11 @@ mod tests {
             b"0\r\nBad Trailer: x\r\n\r\n",
         ];
         for input in bad {
-            assert!(decode_all(input, ChunkedOutput::Reencode).is_err(), "{:?}", String::from_utf8_lossy(input));
+            assert!(
+                decode_all(input, ChunkedOutput::Reencode).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

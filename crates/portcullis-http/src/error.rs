@@ -51,9 +51,7 @@ impl fmt::Display for HeadError {
             HeadError::TooLarge => f.write_str("head exceeds the size limit"),
             HeadError::TooManyHeaders => f.write_str("too many header fields"),
             HeadError::Malformed(why) => write!(f, "malformed head: {why}"),
-            HeadError::UnsupportedTransferCoding => {
-                f.write_str("transfer coding other than chunked")
-            }
+            HeadError::UnsupportedTransferCoding => f.write_str("transfer coding other than chunked"),
             HeadError::UnsupportedExpectation => f.write_str("unsupported expectation"),
             HeadError::MethodNotAllowed => f.write_str("method not allowed"),
         }

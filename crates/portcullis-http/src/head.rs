@@ -128,25 +128,36 @@ impl HeadScanner {
             }
         }
         let mut from = self.scanned;
-        while let Some(offset) = buf[from..].iter().position(|&b| b == b'\n') {
-            let lf = from + offset;
-            if lf == 0 || buf[lf - 1] != b'\r' {
+        while let Some(offset) = buf[from..].iter().position(|&b| b == b'\n' || b == b'\r') {
+            let at = from + offset;
+            if buf[at] == b'\r' {
+                // A CR must be followed by LF; refuse as soon as the next byte shows it is not.
+                match buf.get(at + 1) {
+                    Some(b'\n') => {}
+                    Some(_) => return Err(HeadError::Malformed("bare CR")),
+                    None => break,
+                }
+                from = at + 1;
+                continue;
+            }
+            if at == 0 || buf[at - 1] != b'\r' {
                 return Err(HeadError::Malformed("bare LF"));
             }
-            if lf >= 3 && &buf[lf - 3..lf] == b"\r\n\r" {
-                let len = lf + 1;
+            if at >= 3 && &buf[at - 3..at] == b"\r\n\r" {
+                let len = at + 1;
                 if len > max_head_size {
                     return Err(HeadError::TooLarge);
                 }
                 self.scanned = 0;
                 return Ok(Some(len));
             }
-            from = lf + 1;
+            from = at + 1;
         }
         if buf.len() >= max_head_size {
             return Err(HeadError::TooLarge);
         }
-        self.scanned = buf.len();
+        // Resume at a trailing CR, whose LF has not arrived yet.
+        self.scanned = if buf.last() == Some(&b'\r') { buf.len() - 1 } else { buf.len() };
         Ok(None)
     }
 
@@ -560,6 +571,23 @@ impl RequestHead {
         self.fields.iter().map(|f| (f.name.get(&self.raw), f.value.get(&self.raw), f.hop))
     }
 
+    /// Number of header fields, hop-by-hop ones included.
+    pub fn field_count(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Header field `i` as `(name, value, hop_by_hop)`.
+    pub fn field(&self, i: usize) -> (&[u8], &[u8], bool) {
+        let f = &self.fields[i];
+        (f.name.get(&self.raw), f.value.get(&self.raw), f.hop)
+    }
+
+    /// Whether the target was in absolute-form (`GET http://host/path`): its authority then
+    /// replaces any `Host` field (RFC 9112 §3.2.2).
+    pub fn is_absolute_form(&self) -> bool {
+        self.authority.is_some()
+    }
+
     /// The end-to-end header fields: what a proxy may forward.
     pub fn forwardable(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.fields().filter(|f| !f.2).map(|(n, v, _)| (n, v))
@@ -701,6 +729,17 @@ impl ResponseHead {
     pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
         self.fields().find(|f| f.0.eq_ignore_ascii_case(name)).map(|f| f.1)
     }
+
+    /// Number of header fields, hop-by-hop ones included.
+    pub fn field_count(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Header field `i` as `(name, value, hop_by_hop)`.
+    pub fn field(&self, i: usize) -> (&[u8], &[u8], bool) {
+        let f = &self.fields[i];
+        (f.name.get(&self.raw), f.value.get(&self.raw), f.hop)
+    }
 }
 
 #[cfg(test)]
@@ -738,6 +777,18 @@ mod tests {
     }
 
     #[test]
+    fn bare_cr_is_refused_before_the_head_ends() {
+        let mut s = HeadScanner::default();
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\rLine: 1"[..]);
+        assert_eq!(s.scan(&mut buf, 1024), Err(HeadError::Malformed("bare CR")));
+        let mut s = HeadScanner::default();
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r"[..]);
+        assert_eq!(s.scan(&mut buf, 1024), Ok(None));
+        buf.extend_from_slice(b"\nHost: a\r\n\r\n");
+        assert_eq!(s.scan(&mut buf, 1024), Ok(Some(27)));
+    }
+
+    #[test]
     fn leading_empty_lines_are_skipped() {
         let h = parse("\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").expect("ok");
         assert_eq!(h.method(), b"GET");
@@ -745,9 +796,18 @@ mod tests {
 
     #[test]
     fn framing_rules() {
-        assert_eq!(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 003\r\n\r\n").expect("ok").framing(), Framing::Length(3));
-        assert_eq!(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n").expect("ok").framing(), Framing::Length(5));
-        assert_eq!(parse("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").expect("ok").framing(), Framing::Chunked);
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 003\r\n\r\n").expect("ok").framing(),
+            Framing::Length(3)
+        );
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n").expect("ok").framing(),
+            Framing::Length(5)
+        );
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n").expect("ok").framing(),
+            Framing::Chunked
+        );
         let bad = [
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 2\r\n\r\n",
@@ -790,7 +850,10 @@ mod tests {
         for raw in bad {
             assert!(matches!(parse(raw), Err(HeadError::Malformed(_))), "{raw:?}");
         }
-        assert_eq!(parse("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").err(), Some(HeadError::MethodNotAllowed));
+        assert_eq!(
+            parse("CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n").err(),
+            Some(HeadError::MethodNotAllowed)
+        );
         assert_eq!(
             parse("POST / HTTP/1.1\r\nHost: a\r\nExpect: teapot\r\nContent-Length: 1\r\n\r\n").err(),
             Some(HeadError::UnsupportedExpectation)
@@ -858,6 +921,9 @@ mod tests {
         let r = parse_response("HTTP/1.0 200 OK\r\n\r\n").expect("ok");
         assert_eq!(r.framing(false), Framing::UntilClose);
         assert!(!r.keep_alive());
-        assert!(parse_response("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(
+            parse_response("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .is_err()
+        );
     }
 }

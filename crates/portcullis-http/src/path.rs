@@ -69,10 +69,9 @@ fn decode_unreserved(path: &[u8]) -> Result<Vec<u8>, &'static str> {
             i += 1;
             continue;
         }
-        let (Some(hi), Some(lo)) = (
-            path.get(i + 1).and_then(|&h| hex_value(h)),
-            path.get(i + 2).and_then(|&l| hex_value(l)),
-        ) else {
+        let (Some(hi), Some(lo)) =
+            (path.get(i + 1).and_then(|&h| hex_value(h)), path.get(i + 2).and_then(|&l| hex_value(l)))
+        else {
             return Err("malformed percent-encoding in path");
         };
         let decoded = hi << 4 | lo;
@@ -80,7 +79,11 @@ fn decode_unreserved(path: &[u8]) -> Result<Vec<u8>, &'static str> {
             out.push(decoded);
         } else {
             // Reserved and other octets stay encoded, in the upper-case form of RFC 3986 §6.2.2.1.
-            out.extend_from_slice(&[b'%', path[i + 1].to_ascii_uppercase(), path[i + 2].to_ascii_uppercase()]);
+            out.extend_from_slice(&[
+                b'%',
+                path[i + 1].to_ascii_uppercase(),
+                path[i + 2].to_ascii_uppercase(),
+            ]);
         }
         i += 3;
     }

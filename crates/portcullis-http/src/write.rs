@@ -142,7 +142,9 @@ mod tests {
         let text = String::from_utf8(out.to_vec()).expect("utf8");
         assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
         assert!(text.contains("Connection: close\r\n"));
-        assert!(text.ends_with("\r\n\r\n{\"statusCode\":403,\"message\":\"Invalid \\\"client\\\" certificate\"}"));
+        assert!(
+            text.ends_with("\r\n\r\n{\"statusCode\":403,\"message\":\"Invalid \\\"client\\\" certificate\"}")
+        );
         let body_len = text.split("\r\n\r\n").nth(1).map(str::len).unwrap_or(0);
         assert!(text.contains(&format!("Content-Length: {body_len}\r\n")));
     }

@@ -1,1 +1,21 @@
-//! portcullis-server
+//! The proxy engine: workers, listeners, the connection pipeline, the backend pool, snapshots.
+//!
+//! [`Server::start`] compiles a [`portcullis_config::Config`] into a [`Snapshot`] (TLS contexts,
+//! routes, policies, resolved backends), binds one SO_REUSEPORT socket per listener per worker,
+//! and starts one thread per worker, each with its own monoio runtime (io_uring, or epoll when
+//! io_uring is unavailable). Workers share nothing but the snapshot, read through a per-worker
+//! `arc_swap::Cache`: no locks on the data path, no file reads.
+//!
+//! [`Server::reload`] swaps in a new snapshot (on error the old one stays); requests already
+//! being served finish on the snapshot they started with. [`Server::shutdown`] stops accepting,
+//! closes idle connections, lets in-flight requests finish within the drain timeout, and returns.
+
+mod conn;
+mod event;
+mod pool;
+mod server;
+mod snapshot;
+mod worker;
+
+pub use server::{Server, StartError};
+pub use snapshot::Snapshot;

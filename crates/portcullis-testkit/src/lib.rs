@@ -1,1 +1,21 @@
-//! portcullis-testkit
+//! Test harness for Portcullis: everything a test needs to run the proxy for real.
+//!
+//! - [`pki`]: a throwaway PKI made in the test (root, intermediate, server, clients good and bad,
+//!   a CRL) with rcgen;
+//! - [`backend`]: an HTTP/1.1 backend on 127.0.0.1 with behaviours chosen by path;
+//! - [`client`]: a rustls client that presents certificates, resumes sessions and sends raw bytes;
+//! - [`proxy`]: the proxy started in-process, or the real binary as a child process.
+//!
+//! No mocks: real sockets on 127.0.0.1, real TLS on both sides. The demo (`portcullis demo`) is
+//! built from the same pieces.
+#![allow(clippy::unwrap_used, reason = "a harness: a failure here is a failed test")]
+
+pub mod backend;
+pub mod client;
+pub mod pki;
+pub mod proxy;
+
+pub use backend::Backend;
+pub use client::{Conn, Response, TlsClient, Versions};
+pub use pki::{Identity, Pki, PkiPaths};
+pub use proxy::{ProxyProcess, TestProxy};

@@ -1,1 +1,24 @@
-//! portcullis-tls
+//! TLS for Portcullis: BoringSSL contexts, the handshake and the byte stream on monoio, and the
+//! facts of client certificates.
+//!
+//! - [`TlsAcceptor`]: built from a `[[listener]]` (certificate, SNI entries, client certificate
+//!   mode `off` / `request` / `require`, CA bundle, CRLs); runs handshakes.
+//! - [`TlsStream`] / [`PlainStream`]: the [`Stream`] the proxy reads and writes, TLS over owned
+//!   staging buffers so that io_uring can own the socket buffers.
+//! - [`ClientCert`]: thumbprints, DNs, serial, SANs, validity and *every* verification error of a
+//!   client certificate, computed once per connection (and found again for resumed sessions).
+//! - [`RevocationSet`]: CRLs compiled into revoked (issuer, serial) pairs.
+//!
+//! It knows nothing of HTTP or policy: it says what a certificate is, never what it may do.
+
+mod acceptor;
+mod facts;
+mod pki;
+mod stream;
+mod verify;
+
+pub use acceptor::{HandshakeError, SessionInfo, TicketKeys, TlsAcceptor};
+pub use facts::{ClientCert, VerifyError, dn_string, hex_upper, now_unix};
+pub use pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
+pub use stream::{PlainStream, Stream, TlsStream};
+pub use verify::ClientVerifier;

@@ -1,1 +1,195 @@
-fn main() {}
+//! `portcullis`: the command line. `run` serves, `check` validates a configuration like
+//! `nginx -t`, `demo` starts a self-contained showcase on 127.0.0.1:8443.
+//!
+//! This thread is the control thread: it loads configuration, starts the workers, and then waits
+//! for signals — SIGHUP reloads, SIGTERM and SIGINT drain and exit.
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis_config::ConfigErrors;
+use portcullis_server::{Server, Snapshot, StartError};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(name = "portcullis", version, about = "mTLS edge proxy enforcing API-security policy")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve. SIGHUP reloads the configuration and every file it names; SIGTERM/SIGINT drain and exit.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "config/portcullis.toml")]
+        config: PathBuf,
+        /// Write the process id here (removed on exit).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Load and compile a configuration and everything it names; print `ok` or every error.
+    Check {
+        #[arg(short, long, default_value = "config/portcullis.toml")]
+        config: PathBuf,
+    },
+    /// A throwaway PKI, an echo backend and the proxy on 127.0.0.1:8443, with curl commands to try.
+    Demo {
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn print_errors(errors: &ConfigErrors) {
+    for e in errors.iter() {
+        eprintln!("error: {e}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run { config, pid_file } => run(&config, pid_file.as_deref()),
+        Command::Check { config } => Ok(check(&config)),
+        Command::Demo { port } => demo::run(port),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let compiled = portcullis_config::load(path)
+        .and_then(|config| Snapshot::compile(&config, &portcullis_tls_keys(), 0).map(|_| ()));
+    match compiled {
+        Ok(()) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_errors(&errors);
+            eprintln!("{} error(s) in {}", errors.iter().count(), path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn portcullis_tls_keys() -> portcullis_tls::TicketKeys {
+    portcullis_tls::TicketKeys::generate()
+}
+
+/// Starts a server on `config` and reports where it listens.
+pub(crate) fn start(config: &portcullis_config::Config) -> anyhow::Result<Server> {
+    match Server::start(config) {
+        Ok(server) => {
+            for addr in server.local_addrs() {
+                tracing::info!("listening on {addr}");
+            }
+            Ok(server)
+        }
+        Err(StartError::Config(errors)) => {
+            print_errors(&errors);
+            anyhow::bail!("{} configuration error(s)", errors.iter().count())
+        }
+        Err(StartError::Io(e)) => anyhow::bail!("{e}"),
+    }
+}
+
+/// Installs the handlers for SIGHUP, SIGTERM and SIGINT. Done before anything starts, so that a
+/// signal during start-up is not fatal.
+pub(crate) fn signals() -> anyhow::Result<Signals> {
+    Signals::new([SIGHUP, SIGTERM, SIGINT]).context("installing signal handlers")
+}
+
+/// Blocks until SIGTERM/SIGINT; calls `on_hup` for each SIGHUP.
+pub(crate) fn wait_for_signals(signals: &mut Signals, mut on_hup: impl FnMut()) -> anyhow::Result<i32> {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            on_hup();
+        } else {
+            return Ok(signal);
+        }
+    }
+    Ok(SIGTERM)
+}
+
+fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut signals = signals()?;
+    let config = match portcullis_config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            print_errors(&errors);
+            anyhow::bail!("{} configuration error(s) in {}", errors.iter().count(), path.display());
+        }
+    };
+    let mut server = start(&config)?;
+    if let Some(p) = pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let mut reloads: u64 = 0;
+    let signal = wait_for_signals(&mut signals, || {
+        reloads += 1;
+        let started = std::time::Instant::now();
+        match portcullis_config::load(path).and_then(|c| server.reload(&c)) {
+            Ok(generation) => tracing::info!(
+                reload = reloads,
+                generation,
+                millis = started.elapsed().as_millis() as u64,
+                "configuration reloaded"
+            ),
+            Err(errors) => {
+                for e in errors.iter() {
+                    tracing::error!(reload = reloads, "{e}");
+                }
+                tracing::error!(
+                    reload = reloads,
+                    generation = server.generation(),
+                    "reload failed; still serving the previous configuration"
+                );
+            }
+        }
+    })?;
+    tracing::info!(signal, "shutting down: draining in-flight requests");
+    let result = server.shutdown();
+    if let Some(p) = pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result.context("shutting down")?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,81 @@
+//! The inputs of an evaluation (what is known about a request) and its header output.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use portcullis_tls::ClientCert;
+
+/// What policy may look at for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub client_cert: Option<&'a ClientCert>,
+    pub client_addr: SocketAddr,
+    /// The request's id (also sent as a header when a policy asks for `{request.id}`).
+    pub request_id: &'a str,
+}
+
+/// A message's header fields as the server holds them (the policy crate does not parse HTTP).
+pub trait HeaderList {
+    fn count(&self) -> usize;
+    fn name(&self, i: usize) -> &[u8];
+    fn value(&self, i: usize) -> &[u8];
+}
+
+/// Changes a policy makes to a header list: fields of the original list it removes, fields it
+/// adds. The server applies them while it writes the head; nothing is copied twice.
+///
+/// One is kept per connection and reset per message, so evaluation does not allocate once the
+/// vectors have grown to the connection's usual size.
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    removed: Vec<bool>,
+    added: Vec<(Bytes, Range<usize>)>,
+    arena: BytesMut,
+}
+
+impl HeaderEdits {
+    /// Starts over for a list of `original` fields.
+    pub fn reset(&mut self, original: usize) {
+        self.removed.clear();
+        self.removed.resize(original, false);
+        self.added.clear();
+        self.arena.clear();
+    }
+
+    /// Whether field `i` of the original list is dropped.
+    pub fn is_removed(&self, i: usize) -> bool {
+        self.removed.get(i).copied().unwrap_or(false)
+    }
+
+    /// Fields to add after the kept original ones, in order.
+    pub fn added(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.added.iter().map(|(n, r)| (&n[..], &self.arena[r.clone()]))
+    }
+
+    pub(crate) fn remove_named(&mut self, headers: &dyn HeaderList, name: &[u8]) {
+        for i in 0..headers.count().min(self.removed.len()) {
+            if headers.name(i).eq_ignore_ascii_case(name) {
+                self.removed[i] = true;
+            }
+        }
+        self.added.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+
+    pub(crate) fn is_present(&self, headers: &dyn HeaderList, name: &[u8]) -> bool {
+        (0..headers.count().min(self.removed.len()))
+            .any(|i| !self.removed[i] && headers.name(i).eq_ignore_ascii_case(name))
+            || self.added.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
+    /// Renders a value with `render` into the arena and records it; `render` returning false
+    /// means "no value", and nothing is added.
+    pub(crate) fn add_with(&mut self, name: &Bytes, render: impl FnOnce(&mut BytesMut) -> bool) {
+        let start = self.arena.len();
+        if render(&mut self.arena) {
+            self.added.push((name.clone(), start..self.arena.len()));
+        } else {
+            self.arena.truncate(start);
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Value templates such as `CN is {client_cert.subject}`, parsed once at load time into literal
+//! and variable parts; rendering is a walk over the parts with no parsing.
+
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use portcullis_config::{ConfigError, Loc};
+
+use crate::facts::{Facts, HeaderList};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Var {
+    CertSubject,
+    CertIssuer,
+    CertThumbprint,
+    CertThumbprintSha256,
+    CertSerial,
+    CertNotBefore,
+    CertNotAfter,
+    CertCommonName,
+    CertVerifyErrors,
+    RequestIp,
+    RequestId,
+    /// Index into `Template::header_names`.
+    Header(usize),
+}
+
+const VARIABLES: [(&str, Var); 11] = [
+    ("client_cert.subject", Var::CertSubject),
+    ("client_cert.issuer", Var::CertIssuer),
+    ("client_cert.thumbprint", Var::CertThumbprint),
+    ("client_cert.thumbprint_sha256", Var::CertThumbprintSha256),
+    ("client_cert.serial", Var::CertSerial),
+    ("client_cert.not_before", Var::CertNotBefore),
+    ("client_cert.not_after", Var::CertNotAfter),
+    ("client_cert.common_name", Var::CertCommonName),
+    ("client_cert.verify_errors", Var::CertVerifyErrors),
+    ("request.ip", Var::RequestIp),
+    ("request.id", Var::RequestId),
+];
+
+#[derive(Debug, Clone)]
+enum Part {
+    Literal(Bytes),
+    Var(Var),
+}
+
+/// A compiled value template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    parts: Vec<Part>,
+    header_names: Vec<Bytes>,
+    uses_client_cert: bool,
+}
+
+impl Template {
+    /// Parses `{name}` variables; `{{` and `}}` stand for literal braces.
+    pub fn parse(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
+        let mut parts = Vec::new();
+        let mut header_names = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '{' if chars.peek().map(|p| p.1) == Some('{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek().map(|p| p.1) == Some('}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '}' => {
+                    return Err(
+                        loc.error(format!("unmatched '}}' at offset {i} (write '}}}}' for a literal brace)"))
+                    );
+                }
+                '{' => {
+                    let rest = &text[i + 1..];
+                    let Some(end) = rest.find('}') else {
+                        return Err(loc.error(format!("unclosed '{{' at offset {i}")));
+                    };
+                    let name = rest[..end].trim();
+                    for _ in 0..=end {
+                        chars.next();
+                    }
+                    let var = if let Some(header) = name.strip_prefix("header.") {
+                        if header.is_empty() || !header.bytes().all(is_tchar) {
+                            return Err(loc.error(format!("\"{header}\" is not a header name in {{{name}}}")));
+                        }
+                        header_names.push(Bytes::copy_from_slice(header.to_ascii_lowercase().as_bytes()));
+                        Var::Header(header_names.len() - 1)
+                    } else if let Some((_, v)) = VARIABLES.iter().find(|(n, _)| *n == name) {
+                        *v
+                    } else {
+                        let known: Vec<&str> = VARIABLES.iter().map(|(n, _)| *n).collect();
+                        return Err(loc.error(format!(
+                            "unknown variable {{{name}}}; known: {}, header.NAME",
+                            known.join(", ")
+                        )));
+                    };
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(Bytes::from(std::mem::take(&mut literal).into_bytes())));
+                    }
+                    parts.push(Part::Var(var));
+                }
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(Bytes::from(literal.into_bytes())));
+        }
+        if let Some(Part::Literal(l)) =
+            parts.iter().find(|p| matches!(p, Part::Literal(l) if !is_header_safe(l)))
+        {
+            return Err(loc.error(format!(
+                "{:?} contains a control character; a header value cannot",
+                String::from_utf8_lossy(l)
+            )));
+        }
+        let uses_client_cert = parts.iter().any(|p| {
+            matches!(
+                p,
+                Part::Var(
+                    Var::CertSubject
+                        | Var::CertIssuer
+                        | Var::CertThumbprint
+                        | Var::CertThumbprintSha256
+                        | Var::CertSerial
+                        | Var::CertNotBefore
+                        | Var::CertNotAfter
+                        | Var::CertCommonName
+                        | Var::CertVerifyErrors
+                )
+            )
+        });
+        Ok(Template { parts, header_names, uses_client_cert })
+    }
+
+    /// Whether the value comes (partly) from the client certificate: such a header is an
+    /// identity header, never taken from the client.
+    pub fn uses_client_cert(&self) -> bool {
+        self.uses_client_cert
+    }
+
+    /// Renders into `out`. Returns false (and leaves `out` as it was) when a certificate variable
+    /// is used and there is no certificate: the header is then not set at all.
+    pub fn render(&self, facts: &Facts<'_>, headers: &dyn HeaderList, out: &mut BytesMut) -> bool {
+        if self.uses_client_cert && facts.client_cert.is_none() {
+            return false;
+        }
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.put_slice(l),
+                Part::Var(v) => self.render_var(*v, facts, headers, out),
+            }
+        }
+        true
+    }
+
+    fn render_var(&self, var: Var, facts: &Facts<'_>, headers: &dyn HeaderList, out: &mut BytesMut) {
+        let cert = facts.client_cert;
+        match var {
+            Var::CertSubject => put_safe(out, cert.map_or("", |c| &c.subject).as_bytes()),
+            Var::CertIssuer => put_safe(out, cert.map_or("", |c| &c.issuer).as_bytes()),
+            Var::CertThumbprint => out.put_slice(cert.map_or("", |c| &c.thumbprint).as_bytes()),
+            Var::CertThumbprintSha256 => out.put_slice(cert.map_or("", |c| &c.thumbprint_sha256).as_bytes()),
+            Var::CertSerial => out.put_slice(cert.map_or("", |c| &c.serial).as_bytes()),
+            Var::CertNotBefore => put_time(out, cert.map_or(0, |c| c.not_before)),
+            Var::CertNotAfter => put_time(out, cert.map_or(0, |c| c.not_after)),
+            Var::CertCommonName => {
+                put_safe(out, cert.and_then(|c| c.common_name.as_deref()).unwrap_or("").as_bytes())
+            }
+            Var::CertVerifyErrors => {
+                put_safe(out, cert.map(|c| c.verify_summary()).unwrap_or_default().as_bytes());
+            }
+            Var::RequestIp => {
+                let mut s = String::with_capacity(40);
+                let _ = write!(s, "{}", facts.client_addr.ip());
+                out.put_slice(s.as_bytes());
+            }
+            Var::RequestId => out.put_slice(facts.request_id.as_bytes()),
+            Var::Header(i) => {
+                let name = &self.header_names[i];
+                if let Some(v) = (0..headers.count()).find(|&h| headers.name(h).eq_ignore_ascii_case(name)) {
+                    put_safe(out, headers.value(v));
+                }
+            }
+        }
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_header_safe(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// Copies a value that may come from a certificate or a client: a control character in it
+/// (a CN of "x\r\nX-Admin: 1", say) becomes a space, so it can never split a header.
+fn put_safe(out: &mut BytesMut, v: &[u8]) {
+    if is_header_safe(v) {
+        out.put_slice(v);
+    } else {
+        out.extend(v.iter().map(|&b| if b == b'\t' || (b >= 0x20 && b != 0x7f) { b } else { b' ' }));
+    }
+}
+
+/// Unix seconds as RFC 3339 UTC (`2027-01-31T23:59:59Z`).
+fn put_time(out: &mut BytesMut, t: i64) {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut s = String::with_capacity(20);
+    let _ = write!(
+        s,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    );
+    out.put_slice(s.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_time(t: i64) -> String {
+        let mut out = BytesMut::new();
+        put_time(&mut out, t);
+        String::from_utf8(out.to_vec()).expect("ascii")
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(render_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(render_time(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(render_time(1_798_761_599), "2026-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn parse_errors_are_located() {
+        let loc = Loc::builtin("api[0].inbound[0].set_header.value");
+        let e = Template::parse("{client_cert.subjekt}", &loc).expect_err("unknown");
+        assert!(e.message.contains("unknown variable {client_cert.subjekt}"), "{}", e.message);
+        assert!(Template::parse("{client_cert.subject", &loc).is_err());
+        assert!(Template::parse("a}b", &loc).is_err());
+        assert!(Template::parse("{header.bad name}", &loc).is_err());
+        let t = Template::parse("{{literal}} {request.ip}", &loc).expect("valid");
+        assert!(!t.uses_client_cert());
+    }
+
+    #[test]
+    fn control_characters_never_reach_a_header() {
+        let mut out = BytesMut::new();
+        put_safe(&mut out, b"CN=x\r\nX-Admin: 1");
+        assert_eq!(&out[..], b"CN=x  X-Admin: 1");
+    }
+}

@@ -1,0 +1,700 @@
+//! One client connection: handshake, then request after request — read the head, route, run
+//! policy, forward to the backend, relay the response.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use monoio::net::TcpStream;
+use monoio::time::{Instant, timeout, timeout_at};
+use portcullis_http::{
+    ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded, Framing, HeadError, HeadScanner, Limits,
+    RequestHead, ResponseHead, Version, write,
+};
+use portcullis_policy::{Facts, HeaderEdits, HeaderList, Verdict};
+use portcullis_tls::{PlainStream, SessionInfo, Stream};
+
+use crate::snapshot::{Backend, Route, Snapshot, forwarded_path};
+use crate::worker::Worker;
+
+/// Limits for backend response heads: backends are trusted more than clients, not blindly.
+const RESPONSE_LIMITS: Limits = Limits { max_head_size: 64 * 1024, max_headers: 256 };
+
+pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, listener: usize) {
+    let snap = worker.snapshot();
+    let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
+    let handshake_timeout = snap.server.handshake_timeout;
+    drop(snap);
+    let tls = match timeout(handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            match &e {
+                portcullis_tls::HandshakeError::CertificateRejected(_) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                }
+                _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let info = tls.info().clone();
+    let mut conn = Conn {
+        worker,
+        peer,
+        client: tls,
+        info,
+        rbuf: BytesMut::new(),
+        out: BytesMut::new(),
+        ubuf: BytesMut::new(),
+        scanner: HeadScanner::default(),
+        head: RequestHead::default(),
+        resp: ResponseHead::default(),
+        edits: HeaderEdits::default(),
+        path: Vec::new(),
+    };
+    conn.run().await;
+}
+
+/// Why reading a request head stopped short.
+enum HeadFailure {
+    Invalid(HeadError),
+    Timeout,
+}
+
+/// Why relaying a body stopped short, and on which side.
+#[derive(Debug)]
+enum RelayError {
+    SourceIo(io::Error),
+    SourceTimeout,
+    SourceClosed,
+    SourceFraming(ChunkedError),
+    Destination(io::Error),
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::SourceIo(e) => write!(f, "read failed: {e}"),
+            RelayError::SourceTimeout => f.write_str("read timed out"),
+            RelayError::SourceClosed => f.write_str("closed before the end of the body"),
+            RelayError::SourceFraming(e) => write!(f, "{e}"),
+            RelayError::Destination(e) => write!(f, "write failed: {e}"),
+        }
+    }
+}
+
+/// How a body is delimited on the way in and re-delimited on the way out.
+#[derive(Debug, Clone, Copy)]
+enum BodyMode {
+    None,
+    Length(u64),
+    Chunked(ChunkedOutput),
+    /// Until the source closes; `chunk` re-frames it as chunked for the destination.
+    UntilClose {
+        chunk: bool,
+    },
+}
+
+/// Why a backend exchange failed before a response head arrived.
+#[derive(Debug)]
+enum UpstreamError {
+    Connect(io::Error),
+    ConnectTimeout,
+    /// The connection failed or closed before any response byte: a stale pooled connection looks
+    /// like this, and such a request may be sent again.
+    Lost(io::Error),
+    Timeout,
+    BadResponse(HeadError),
+    /// The request body could not be relayed; the response is already decided.
+    RequestBody(RelayError),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "connect failed: {e}"),
+            UpstreamError::ConnectTimeout => f.write_str("connect timed out"),
+            UpstreamError::Lost(e) => write!(f, "connection lost before the response: {e}"),
+            UpstreamError::Timeout => f.write_str("no response in time"),
+            UpstreamError::BadResponse(e) => write!(f, "invalid response: {e}"),
+            UpstreamError::RequestBody(e) => write!(f, "request body: {e}"),
+        }
+    }
+}
+
+/// The fields of a request as policy sees them: identity headers the client sent are invisible.
+struct RequestFields<'a> {
+    head: &'a RequestHead,
+    identity: &'a [Bytes],
+}
+
+fn is_identity(identity: &[Bytes], name: &[u8]) -> bool {
+    identity.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+impl HeaderList for RequestFields<'_> {
+    fn count(&self) -> usize {
+        self.head.field_count()
+    }
+
+    fn name(&self, i: usize) -> &[u8] {
+        let name = self.head.field(i).0;
+        if is_identity(self.identity, name) { b"" } else { name }
+    }
+
+    fn value(&self, i: usize) -> &[u8] {
+        let (name, value, _) = self.head.field(i);
+        if is_identity(self.identity, name) { b"" } else { value }
+    }
+}
+
+struct ResponseFields<'a>(&'a ResponseHead);
+
+impl HeaderList for ResponseFields<'_> {
+    fn count(&self) -> usize {
+        self.0.field_count()
+    }
+
+    fn name(&self, i: usize) -> &[u8] {
+        self.0.field(i).0
+    }
+
+    fn value(&self, i: usize) -> &[u8] {
+        self.0.field(i).1
+    }
+}
+
+fn is_forwarding_header(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"x-forwarded-for") || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+}
+
+struct Conn<S> {
+    worker: Rc<Worker>,
+    peer: SocketAddr,
+    client: S,
+    info: SessionInfo,
+    /// Bytes read from the client, not yet consumed.
+    rbuf: BytesMut,
+    /// Bytes being prepared for a write (to either side).
+    out: BytesMut,
+    /// Bytes read from the backend, not yet consumed.
+    ubuf: BytesMut,
+    scanner: HeadScanner,
+    head: RequestHead,
+    resp: ResponseHead,
+    edits: HeaderEdits,
+    path: Vec<u8>,
+}
+
+impl<S: Stream> Conn<S> {
+    async fn run(&mut self) {
+        loop {
+            match self.read_head().await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(failure) => {
+                    let (status, message) = match failure {
+                        HeadFailure::Invalid(e) => {
+                            tracing::info!(peer = %self.peer, error = %e, "request refused");
+                            (e.status(), e.client_message())
+                        }
+                        HeadFailure::Timeout => {
+                            tracing::info!(peer = %self.peer, "request head not received in time");
+                            (408, "Request timeout")
+                        }
+                    };
+                    self.out.clear();
+                    write::json_response(&mut self.out, status, message, true);
+                    let _ = self.client.write_all_buf(&mut self.out).await;
+                    break;
+                }
+            }
+            if !self.exchange().await {
+                break;
+            }
+        }
+        let _ = timeout(Duration::from_secs(1), self.client.close()).await;
+    }
+
+    /// Reads the next request head. `Ok(false)`: the connection is done (closed, idle too long,
+    /// shutting down).
+    async fn read_head(&mut self) -> Result<bool, HeadFailure> {
+        let snap = self.worker.snapshot();
+        let limits = snap.limits;
+        let idle_timeout = snap.server.idle_timeout;
+        let head_timeout = snap.server.head_timeout;
+        drop(snap);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            match self.scanner.scan(&mut self.rbuf, limits.max_head_size) {
+                Ok(Some(len)) => {
+                    self.head.parse(&mut self.rbuf, len, &limits).map_err(HeadFailure::Invalid)?;
+                    return Ok(true);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(HeadFailure::Invalid(e)),
+            }
+            let read = if self.rbuf.is_empty() {
+                // Idle between requests: a shutdown closes the connection here.
+                if self.worker.draining() {
+                    return Ok(false);
+                }
+                let idle = monoio::select! {
+                    r = timeout(idle_timeout, self.client.read_buf(&mut self.rbuf)) => Some(r),
+                    _ = self.worker.shutdown.wait() => None,
+                };
+                match idle {
+                    None | Some(Err(_)) => return Ok(false),
+                    Some(Ok(r)) => r,
+                }
+            } else {
+                let at = *deadline.get_or_insert_with(|| Instant::now() + head_timeout);
+                match timeout_at(at, self.client.read_buf(&mut self.rbuf)).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(HeadFailure::Timeout),
+                }
+            };
+            match read {
+                Ok(0) => return Ok(false),
+                Ok(_) => {
+                    deadline.get_or_insert_with(|| Instant::now() + head_timeout);
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "client read failed");
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// Whether the client connection stays open once this response is out.
+    fn client_keeps_alive(&self) -> bool {
+        self.head.keep_alive() && !self.worker.draining()
+    }
+
+    /// Sends a response the proxy makes itself. Returns whether the connection stays open:
+    /// only if the request had no body (an unread body would be taken for the next request).
+    async fn respond_local(&mut self, status: u16, message: &str, body_consumed: bool) -> bool {
+        let keep = self.client_keeps_alive() && (body_consumed || self.head.framing() == Framing::None);
+        self.out.clear();
+        write::json_response(&mut self.out, status, message, !keep);
+        if self.client.write_all_buf(&mut self.out).await.is_err() {
+            return false;
+        }
+        keep
+    }
+
+    /// One request/response exchange. Returns whether to read another request.
+    async fn exchange(&mut self) -> bool {
+        let snap = self.worker.snapshot();
+        let mut id = [0u8; 16];
+        self.worker.next_request_id(&mut id);
+        let started = Instant::now();
+        let Some(route) = snap.router.find(self.head.host(), self.head.path_only()) else {
+            self.access_log(&snap, None, 404, started, &id);
+            return self.respond_local(404, "Resource not found", false).await;
+        };
+        let request_id = std::str::from_utf8(&id).unwrap_or("");
+        let cert = self.info.client_cert.clone();
+        let facts = Facts { client_cert: cert.as_deref(), client_addr: self.peer, request_id };
+        let identity = &snap.policies.identity_headers;
+        self.edits.reset(self.head.field_count());
+        let policy = &snap.policies.apis[route.api];
+        match policy.inbound(&facts, &RequestFields { head: &self.head, identity }, &mut self.edits) {
+            Verdict::Continue => {}
+        }
+        let backend = &snap.backends[route.backend];
+        let (keep, status) = self.forward(&snap, route, backend, &facts).await;
+        self.access_log(&snap, Some(route), status, started, &id);
+        keep
+    }
+
+    fn access_log(
+        &self,
+        snap: &Snapshot,
+        route: Option<&Route>,
+        status: u16,
+        started: Instant,
+        id: &[u8; 16],
+    ) {
+        if !snap.server.access_log {
+            return;
+        }
+        tracing::info!(
+            target: "portcullis::access",
+            id = std::str::from_utf8(id).unwrap_or(""),
+            peer = %self.peer,
+            method = %String::from_utf8_lossy(self.head.method()),
+            path = %String::from_utf8_lossy(self.head.path()),
+            api = route.map_or("-", |r| r.name.as_str()),
+            status,
+            micros = started.elapsed().as_micros() as u64,
+            client_cert = self.info.client_cert.as_ref().map_or("-", |c| c.thumbprint.as_str()),
+        );
+    }
+
+    /// Writes the request head for the backend into `out`.
+    fn write_upstream_head(&mut self, route: &Route, backend: &Backend, identity: &[Bytes]) {
+        let out = &mut self.out;
+        out.clear();
+        forwarded_path(route, backend, self.head.path(), &mut self.path);
+        write::request_line(out, self.head.method(), &self.path);
+        let absolute = self.head.is_absolute_form();
+        let mut host_written = false;
+        for i in 0..self.head.field_count() {
+            let (name, value, hop) = self.head.field(i);
+            if hop || self.edits.is_removed(i) || is_identity(identity, name) || is_forwarding_header(name) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"host") {
+                if absolute {
+                    continue;
+                }
+                host_written = true;
+            }
+            write::header(out, name, value);
+        }
+        if !host_written {
+            write::header(out, b"Host", self.head.host().unwrap_or(&backend.authority));
+        }
+        for (name, value) in self.edits.added() {
+            write::header(out, name, value);
+        }
+        let mut ip = [0u8; 64];
+        let ip_len = {
+            use std::io::Write as _;
+            let mut cursor = std::io::Cursor::new(&mut ip[..]);
+            let _ = write!(cursor, "{}", self.peer.ip());
+            cursor.position() as usize
+        };
+        write::header(out, b"X-Forwarded-For", &ip[..ip_len]);
+        write::header(out, b"X-Forwarded-Proto", b"https");
+        if self.head.framing() == Framing::Chunked {
+            write::header(out, b"Transfer-Encoding", b"chunked");
+        }
+        write::end_head(out);
+    }
+
+    /// Forwards the request and relays the response. Returns (keep client open, status sent).
+    async fn forward(
+        &mut self,
+        snap: &Snapshot,
+        route: &Route,
+        backend: &Backend,
+        facts: &Facts<'_>,
+    ) -> (bool, u16) {
+        let identity = &snap.policies.identity_headers;
+        let mut attempt = 0;
+        let mut upstream = loop {
+            attempt += 1;
+            let (up, reused) = match self.checkout(backend).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return self.upstream_failed(backend, e, false).await;
+                }
+            };
+            let mut up = PlainStream::new(up);
+            self.write_upstream_head(route, backend, identity);
+            if self.head.expect_continue() {
+                let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
+                if self.client.write_all_buf(&mut cont).await.is_err() {
+                    return (false, 0);
+                }
+            }
+            let body = match self.head.framing() {
+                Framing::None | Framing::UntilClose => BodyMode::None,
+                Framing::Length(n) => BodyMode::Length(n),
+                Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
+            };
+            let body_timeout = snap.server.body_timeout;
+            let sent =
+                relay_body(body, &mut self.client, &mut self.rbuf, &mut up, &mut self.out, body_timeout)
+                    .await;
+            let result = match sent {
+                Ok(()) => self.read_response_head(&mut up, backend.response_timeout).await,
+                Err(RelayError::Destination(e)) => Err(UpstreamError::Lost(e)),
+                Err(e) => Err(UpstreamError::RequestBody(e)),
+            };
+            match result {
+                Ok(()) => break up,
+                // A pooled connection the backend had closed: try once more on a fresh one, if
+                // nothing of a body was consumed.
+                Err(UpstreamError::Lost(e))
+                    if reused && attempt == 1 && self.head.framing() == Framing::None =>
+                {
+                    tracing::debug!(backend = %backend.name, error = %e, "pooled connection was stale; retrying");
+                    continue;
+                }
+                Err(e) => {
+                    let body_done = !matches!(e, UpstreamError::RequestBody(_));
+                    return self.upstream_failed(backend, e, body_done).await;
+                }
+            }
+        };
+
+        let status = self.resp.status();
+        let client_http10 = self.head.version() == Version::Http10;
+        let mut keep = self.client_keeps_alive();
+        let mode = match self.resp.framing(self.head.is_head()) {
+            Framing::None => BodyMode::None,
+            Framing::Length(n) => BodyMode::Length(n),
+            Framing::Chunked if client_http10 => {
+                keep = false;
+                BodyMode::Chunked(ChunkedOutput::DataOnly)
+            }
+            Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
+            Framing::UntilClose => {
+                if client_http10 {
+                    keep = false;
+                }
+                BodyMode::UntilClose { chunk: !client_http10 }
+            }
+        };
+        let policy = &snap.policies.apis[route.api];
+        self.edits.reset(self.resp.field_count());
+        if policy.has_outbound() {
+            policy.outbound(facts, &ResponseFields(&self.resp), &mut self.edits);
+        }
+        self.write_response_head(mode, keep, client_http10);
+        let relayed = relay_body(
+            mode,
+            &mut upstream,
+            &mut self.ubuf,
+            &mut self.client,
+            &mut self.out,
+            backend.response_timeout,
+        )
+        .await;
+        match relayed {
+            Ok(()) => {
+                // Not after HEAD: a backend that wrongly sends a body would poison the next
+                // response on the connection.
+                let reusable = self.resp.keep_alive()
+                    && !matches!(mode, BodyMode::UntilClose { .. })
+                    && self.ubuf.is_empty()
+                    && !self.head.is_head();
+                if reusable {
+                    self.worker.pool.borrow_mut().put(backend.addr, upstream.into_inner(), backend.max_idle);
+                }
+                self.ubuf.clear();
+                (keep, status)
+            }
+            Err(RelayError::Destination(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "client went away during the response");
+                self.ubuf.clear();
+                (false, status)
+            }
+            Err(e) => {
+                tracing::warn!(backend = %backend.name, error = %e, "backend response body failed; response truncated");
+                self.ubuf.clear();
+                (false, status)
+            }
+        }
+    }
+
+    fn write_response_head(&mut self, mode: BodyMode, keep: bool, client_http10: bool) {
+        let out = &mut self.out;
+        out.clear();
+        write::status_line(out, Version::Http11, self.resp.status(), self.resp.reason());
+        for i in 0..self.resp.field_count() {
+            let (name, value, hop) = self.resp.field(i);
+            if hop || self.edits.is_removed(i) {
+                continue;
+            }
+            write::header(out, name, value);
+        }
+        for (name, value) in self.edits.added() {
+            write::header(out, name, value);
+        }
+        if matches!(mode, BodyMode::Chunked(ChunkedOutput::Reencode) | BodyMode::UntilClose { chunk: true }) {
+            write::header(out, b"Transfer-Encoding", b"chunked");
+        }
+        if !keep {
+            write::header(out, b"Connection", b"close");
+        } else if client_http10 {
+            write::header(out, b"Connection", b"keep-alive");
+        }
+        write::end_head(out);
+    }
+
+    /// A pooled connection to the backend, or a new one.
+    async fn checkout(&mut self, backend: &Backend) -> Result<(TcpStream, bool), UpstreamError> {
+        if let Some(c) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) {
+            return Ok((c, true));
+        }
+        match timeout(backend.connect_timeout, TcpStream::connect_addr(backend.addr)).await {
+            Ok(Ok(c)) => {
+                let _ = c.set_nodelay(true);
+                self.worker.pool.borrow_mut().opened += 1;
+                Ok((c, false))
+            }
+            Ok(Err(e)) => Err(UpstreamError::Connect(e)),
+            Err(_) => Err(UpstreamError::ConnectTimeout),
+        }
+    }
+
+    /// Reads the backend's final response head into `self.resp` (skipping 1xx).
+    async fn read_response_head(
+        &mut self,
+        up: &mut PlainStream<TcpStream>,
+        response_timeout: Duration,
+    ) -> Result<(), UpstreamError> {
+        let mut scanner = HeadScanner::default();
+        let mut received = false;
+        self.ubuf.clear();
+        loop {
+            match scanner.scan(&mut self.ubuf, RESPONSE_LIMITS.max_head_size) {
+                Ok(Some(len)) => {
+                    self.resp
+                        .parse(&mut self.ubuf, len, &RESPONSE_LIMITS)
+                        .map_err(UpstreamError::BadResponse)?;
+                    if self.resp.status() == 101 {
+                        return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                            "101 Switching Protocols",
+                        )));
+                    }
+                    if self.resp.is_informational() {
+                        continue;
+                    }
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => return Err(UpstreamError::BadResponse(e)),
+            }
+            match timeout(response_timeout, up.read_buf(&mut self.ubuf)).await {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Ok(0)) if !received => {
+                    return Err(UpstreamError::Lost(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed before responding",
+                    )));
+                }
+                Ok(Ok(0)) => {
+                    return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                        "closed in the middle of the head",
+                    )));
+                }
+                Ok(Ok(_)) => received = true,
+                Ok(Err(e)) if !received => return Err(UpstreamError::Lost(e)),
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                        if e.kind() == io::ErrorKind::ConnectionReset {
+                            "reset in the middle of the head"
+                        } else {
+                            "read error in the middle of the head"
+                        },
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Answers for a backend that failed; details go to the log only.
+    async fn upstream_failed(
+        &mut self,
+        backend: &Backend,
+        e: UpstreamError,
+        body_consumed: bool,
+    ) -> (bool, u16) {
+        let (status, message) = match &e {
+            UpstreamError::ConnectTimeout | UpstreamError::Timeout => (504, "Gateway timeout"),
+            UpstreamError::RequestBody(RelayError::SourceTimeout) => (408, "Request timeout"),
+            UpstreamError::RequestBody(RelayError::SourceFraming(_)) => (400, "Bad request"),
+            UpstreamError::RequestBody(RelayError::SourceClosed | RelayError::SourceIo(_)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
+                return (false, 0);
+            }
+            _ => (502, "Bad gateway"),
+        };
+        match &e {
+            UpstreamError::RequestBody(err) => {
+                tracing::info!(peer = %self.peer, error = %err, status, "request body refused")
+            }
+            _ => {
+                tracing::warn!(backend = %backend.name, addr = %backend.addr, error = %e, status, "backend failed")
+            }
+        }
+        (self.respond_local(status, message, body_consumed).await, status)
+    }
+}
+
+/// Moves one body from `src` to `dst`, re-delimiting it as `mode` says. `out` may already hold
+/// bytes for `dst` (a head): they go out with the first piece of the body, in one write.
+async fn relay_body<R: Stream, W: Stream>(
+    mode: BodyMode,
+    src: &mut R,
+    sbuf: &mut BytesMut,
+    dst: &mut W,
+    out: &mut BytesMut,
+    read_timeout: Duration,
+) -> Result<(), RelayError> {
+    async fn fill<R: Stream>(src: &mut R, sbuf: &mut BytesMut, t: Duration) -> Result<usize, RelayError> {
+        match timeout(t, src.read_buf(sbuf)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(RelayError::SourceIo(e)),
+            Err(_) => Err(RelayError::SourceTimeout),
+        }
+    }
+    async fn flush<W: Stream>(dst: &mut W, out: &mut BytesMut) -> Result<(), RelayError> {
+        dst.write_all_buf(out).await.map_err(RelayError::Destination)
+    }
+    match mode {
+        BodyMode::None => flush(dst, out).await,
+        BodyMode::Length(mut remaining) => loop {
+            let take = (sbuf.len() as u64).min(remaining) as usize;
+            out.extend_from_slice(&sbuf[..take]);
+            let _ = sbuf.split_to(take);
+            remaining -= take as u64;
+            if remaining == 0 {
+                return flush(dst, out).await;
+            }
+            if !out.is_empty() {
+                flush(dst, out).await?;
+            }
+            if fill(src, sbuf, read_timeout).await? == 0 {
+                return Err(RelayError::SourceClosed);
+            }
+        },
+        BodyMode::Chunked(output) => {
+            let mut decoder = ChunkedDecoder::new(output);
+            loop {
+                let progress = decoder.decode(sbuf, out).map_err(RelayError::SourceFraming)?;
+                if progress == Decoded::Done {
+                    return flush(dst, out).await;
+                }
+                if !out.is_empty() {
+                    flush(dst, out).await?;
+                }
+                if fill(src, sbuf, read_timeout).await? == 0 {
+                    return Err(RelayError::SourceClosed);
+                }
+            }
+        }
+        BodyMode::UntilClose { chunk } => loop {
+            if !sbuf.is_empty() {
+                if chunk {
+                    write::chunk_header(out, sbuf.len());
+                    out.extend_from_slice(sbuf);
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    out.extend_from_slice(sbuf);
+                }
+                sbuf.clear();
+            }
+            flush(dst, out).await?;
+            if fill(src, sbuf, read_timeout).await? == 0 {
+                if chunk {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    flush(dst, out).await?;
+                }
+                return Ok(());
+            }
+        },
+    }
+}

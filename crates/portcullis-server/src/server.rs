@@ -1,0 +1,201 @@
+//! The control side: start workers, swap snapshots on reload, drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::{fmt, io};
+
+use arc_swap::ArcSwap;
+use portcullis_config::{Config, ConfigErrors};
+use portcullis_tls::TicketKeys;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::snapshot::Snapshot;
+use crate::worker::{self, Shared};
+
+/// Why the server did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The configuration, or a file it names, is wrong.
+    Config(ConfigErrors),
+    /// A socket could not be bound, a thread or runtime not started.
+    Io(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Io(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running proxy: its workers, and the handle to reload or stop them.
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<io::Result<()>>>,
+    local_addrs: Vec<SocketAddr>,
+    configured_binds: Vec<SocketAddr>,
+    keys: TicketKeys,
+    generation: u64,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("workers", &self.workers.len())
+            .field("local_addrs", &self.local_addrs)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A listening socket with SO_REUSEPORT, so every worker can have its own.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+impl Server {
+    /// Compiles `config`, binds every listener once per worker and starts the workers.
+    pub fn start(config: &Config) -> Result<Server, StartError> {
+        let keys = TicketKeys::generate();
+        let snapshot = Snapshot::compile(config, &keys, 1).map_err(StartError::Config)?;
+        let workers = match config.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // Bind everything before starting anything, so that an address in use is reported as
+        // such. Port 0 is resolved by the first socket and reused by the others.
+        let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let mut addr = l.bind.value;
+            for (w, sockets) in per_worker.iter_mut().enumerate() {
+                let socket = bind(addr)
+                    .map_err(|e| StartError::Io(format!("{}: cannot listen on {addr}: {e}", l.bind.loc)))?;
+                if w == 0 {
+                    addr = socket.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+                    local_addrs.push(addr);
+                }
+                sockets.push((i, socket));
+            }
+        }
+        let driver = config.server.driver;
+        let shared = Arc::new(Shared {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            draining: AtomicBool::new(false),
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handles = Vec::with_capacity(workers);
+        for (id, listeners) in per_worker.into_iter().enumerate() {
+            let shared = shared.clone();
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("portcullis-w{id}"))
+                .spawn(move || worker::run(id, shared, listeners, driver, ready))
+                .map_err(|e| StartError::Io(format!("cannot start worker thread: {e}")))?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        let mut server = Server {
+            shared,
+            workers: handles,
+            local_addrs,
+            configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
+            keys,
+            generation: 1,
+        };
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = server.stop();
+                    return Err(StartError::Io(e));
+                }
+                Err(_) => {
+                    let _ = server.stop();
+                    return Err(StartError::Io("a worker exited during start-up".to_owned()));
+                }
+            }
+        }
+        tracing::info!(workers, listeners = ?server.local_addrs, generation = 1, "serving");
+        Ok(server)
+    }
+
+    /// The addresses actually bound, one per `[[listener]]` (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The generation of the snapshot being served (1 at start, +1 per successful reload).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Compiles `config` and, if it is sound, makes it current for every request from now on.
+    /// On error nothing changes. Listener addresses cannot change without a restart.
+    pub fn reload(&mut self, config: &Config) -> Result<u64, ConfigErrors> {
+        let binds: Vec<SocketAddr> = config.listeners.iter().map(|l| l.bind.value).collect();
+        if binds != self.configured_binds {
+            let loc = config
+                .listeners
+                .iter()
+                .find(|l| !self.configured_binds.contains(&l.bind.value))
+                .map(|l| l.bind.loc.clone())
+                .or_else(|| config.listeners.first().map(|l| l.loc.clone()))
+                .unwrap_or_else(|| portcullis_config::Loc::builtin("listener"));
+            return Err(loc
+                .error(format!(
+                    "listener addresses changed ({:?} → {:?}); a reload cannot rebind sockets, restart to apply",
+                    self.configured_binds, binds
+                ))
+                .into());
+        }
+        let snapshot = Snapshot::compile(config, &self.keys, self.generation + 1)?;
+        self.generation += 1;
+        self.shared.snapshot.store(Arc::new(snapshot));
+        Ok(self.generation)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns
+    /// once every worker has exited.
+    pub fn shutdown(mut self) -> io::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> io::Result<()> {
+        self.shared.draining.store(true, Ordering::Release);
+        let mut result = Ok(());
+        for handle in self.workers.drain(..) {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("a worker panicked")),
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.workers.is_empty() {
+            let _ = self.stop();
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Everything compiled from one configuration, swapped as a whole on reload.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::Bytes;
+use portcullis_config::{Config, ConfigErrors};
+use portcullis_http::Limits;
+use portcullis_policy::PolicySet;
+use portcullis_tls::{TicketKeys, TlsAcceptor};
+
+/// A backend, resolved.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    /// `host:port`, sent as `Host` when the client sent none.
+    pub(crate) authority: Bytes,
+    /// Prepended to forwarded paths ("" for none).
+    pub(crate) base_path: Bytes,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_idle: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// Index into `Config::apis` and `PolicySet::apis`.
+    pub(crate) api: usize,
+    pub(crate) name: String,
+    pub(crate) backend: usize,
+    pub(crate) prefix: Bytes,
+    /// Lower-case host without port.
+    pub(crate) host: Option<Bytes>,
+}
+
+/// Host + path → API, most specific first.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    fn new(mut routes: Vec<Route>) -> Router {
+        // Longest prefix first; at equal length, a host-specific route before a host-less one.
+        routes.sort_by(|a, b| {
+            b.prefix.len().cmp(&a.prefix.len()).then(b.host.is_some().cmp(&a.host.is_some()))
+        });
+        Router { routes }
+    }
+
+    /// The route for a request. `host` is the `Host` (or absolute-form authority) as received.
+    pub(crate) fn find(&self, host: Option<&[u8]>, path: &[u8]) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| {
+            if let Some(h) = &r.host
+                && !host.is_some_and(|req| req.eq_ignore_ascii_case(h))
+            {
+                return false;
+            }
+            prefix_matches(&r.prefix, path)
+        })
+    }
+}
+
+/// `/todo` matches `/todo`, `/todo/…` and `/todo?…`, never `/todos`.
+fn prefix_matches(prefix: &[u8], path: &[u8]) -> bool {
+    if prefix == b"/" {
+        return path.starts_with(b"/");
+    }
+    path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/') | Some(b'?'))
+}
+
+fn strip_port(host: &[u8]) -> &[u8] {
+    if host.starts_with(b"[") {
+        // [v6]:port
+        return match host.iter().position(|&b| b == b']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.iter().rposition(|&b| b == b':') {
+        Some(i) => &host[..i],
+        None => host,
+    }
+}
+
+/// The path sent to the backend: the backend URL's path, then what follows the API prefix.
+pub(crate) fn forwarded_path(route: &Route, backend: &Backend, path: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let rest = if route.prefix.as_ref() == b"/" { path } else { &path[route.prefix.len().min(path.len())..] };
+    out.extend_from_slice(&backend.base_path);
+    if !rest.starts_with(b"/")
+        && (backend.base_path.is_empty() || !rest.is_empty() && !rest.starts_with(b"?"))
+    {
+        out.push(b'/');
+    }
+    out.extend_from_slice(rest);
+}
+
+/// One compiled configuration.
+pub struct Snapshot {
+    pub(crate) generation: u64,
+    pub(crate) listeners: Vec<TlsAcceptor>,
+    pub(crate) router: Router,
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) policies: PolicySet,
+    pub(crate) limits: Limits,
+    pub(crate) server: portcullis_config::Server,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// Loads every file the configuration names and compiles it; reports every error.
+    pub fn compile(config: &Config, keys: &TicketKeys, generation: u64) -> Result<Snapshot, ConfigErrors> {
+        let mut errors = ConfigErrors::default();
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            match TlsAcceptor::build(l, keys) {
+                Ok(a) => listeners.push(a),
+                Err(e) => errors.extend(e),
+            }
+        }
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for b in &config.backends {
+            let addr = match b.authority.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => addr,
+                Ok(None) | Err(_) => {
+                    errors.push(b.url.loc.error(format!("cannot resolve \"{}\"", b.authority)));
+                    continue;
+                }
+            };
+            if b.client_certificate.is_some() {
+                if let Some(c) = &b.client_certificate {
+                    errors
+                        .push(c.loc.error(
+                            "backend client certificates (mTLS to the backend) are not supported yet",
+                        ));
+                }
+                continue;
+            }
+            backends.push(Backend {
+                name: b.name.value.clone(),
+                addr,
+                authority: Bytes::from(b.authority.clone().into_bytes()),
+                base_path: Bytes::from(b.base_path.clone().into_bytes()),
+                connect_timeout: b.connect_timeout,
+                response_timeout: b.response_timeout,
+                idle_timeout: b.idle_timeout,
+                max_idle: b.max_idle,
+            });
+        }
+        let policies = match portcullis_policy::compile(config) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.extend(e);
+                PolicySet::default()
+            }
+        };
+        let mut routes = Vec::with_capacity(config.apis.len());
+        for (i, api) in config.apis.iter().enumerate() {
+            let Some(backend) = backends.iter().position(|b| b.name == api.backend.value) else { continue };
+            routes.push(Route {
+                api: i,
+                name: api.name.value.clone(),
+                backend,
+                prefix: Bytes::from(api.path.value.clone().into_bytes()),
+                host: api.host.as_ref().map(|h| Bytes::from(h.value.to_ascii_lowercase().into_bytes())),
+            });
+        }
+        let snapshot = Snapshot {
+            generation,
+            listeners,
+            router: Router::new(routes),
+            backends,
+            policies,
+            limits: Limits {
+                max_head_size: config.server.max_head_size,
+                max_headers: config.server.max_headers,
+            },
+            server: config.server.clone(),
+        };
+        errors.into_result(snapshot)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, host: Option<&str>, api: usize) -> Route {
+        Route {
+            api,
+            name: String::new(),
+            backend: 0,
+            prefix: Bytes::from(prefix.to_owned()),
+            host: host.map(|h| Bytes::from(h.to_owned())),
+        }
+    }
+
+    #[test]
+    fn routing_by_prefix_and_host() {
+        let r = Router::new(vec![
+            route("/", None, 0),
+            route("/todo", None, 1),
+            route("/todo", Some("api.example.com"), 2),
+        ]);
+        let find = |host: &str, path: &str| r.find(Some(host.as_bytes()), path.as_bytes()).map(|r| r.api);
+        assert_eq!(find("x", "/todo/items"), Some(1));
+        assert_eq!(find("API.example.com:8443", "/todo"), Some(2));
+        assert_eq!(find("x", "/todos"), Some(0));
+        assert_eq!(find("x", "/todo?a=1"), Some(1));
+        let only = Router::new(vec![route("/todo", None, 1)]);
+        assert!(only.find(None, b"/other").is_none());
+    }
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port(b"a.example:8443"), b"a.example");
+        assert_eq!(strip_port(b"[::1]:8443"), b"[::1]");
+        assert_eq!(strip_port(b"a.example"), b"a.example");
+    }
+
+    #[test]
+    fn forwarded_paths() {
+        let backend = |base: &str| Backend {
+            name: String::new(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            authority: Bytes::new(),
+            base_path: Bytes::from(base.to_owned()),
+            connect_timeout: Duration::ZERO,
+            response_timeout: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            max_idle: 0,
+        };
+        let fwd = |prefix: &str, base: &str, path: &str| {
+            let mut out = Vec::new();
+            forwarded_path(&route(prefix, None, 0), &backend(base), path.as_bytes(), &mut out);
+            String::from_utf8(out).expect("ascii")
+        };
+        assert_eq!(fwd("/", "", "/echo?x=1"), "/echo?x=1");
+        assert_eq!(fwd("/todo", "", "/todo/items"), "/items");
+        assert_eq!(fwd("/todo", "", "/todo"), "/");
+        assert_eq!(fwd("/todo", "", "/todo?x"), "/?x");
+        assert_eq!(fwd("/todo", "/api", "/todo/items?x"), "/api/items?x");
+        assert_eq!(fwd("/todo", "/api", "/todo"), "/api");
+        assert_eq!(fwd("/todo", "/api", "/todo?x"), "/api?x");
+        assert_eq!(fwd("/", "/api", "/x"), "/api/x");
+    }
+}

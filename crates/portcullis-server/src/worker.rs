@@ -1,0 +1,210 @@
+//! A worker: one thread, one monoio runtime, its own listening sockets and backend pool.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, Cache};
+use monoio::net::{TcpListener, TcpStream};
+use portcullis_config::Driver;
+
+use crate::event::Event;
+use crate::pool::Pool;
+use crate::snapshot::Snapshot;
+
+/// State shared by all workers and the control thread.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
+    pub(crate) draining: AtomicBool,
+}
+
+/// How often a worker looks at the shared shutdown flag and sweeps its pool.
+const TICK: Duration = Duration::from_millis(50);
+
+pub(crate) struct Worker {
+    pub(crate) id: usize,
+    shared: Arc<Shared>,
+    cache: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
+    pub(crate) pool: RefCell<Pool>,
+    pub(crate) shutdown: Event,
+    active: Cell<usize>,
+    requests: Cell<u64>,
+    request_id_base: u64,
+}
+
+impl Worker {
+    /// The current snapshot (a lock-free read of a per-worker cache).
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.cache.borrow_mut().load().clone()
+    }
+
+    /// True once shutdown has begun: answer the request at hand, then close.
+    pub(crate) fn draining(&self) -> bool {
+        self.shutdown.is_set()
+    }
+
+    /// A process-unique id for a request, as 16 hex digits.
+    pub(crate) fn next_request_id(&self, out: &mut [u8; 16]) {
+        let n = self.requests.get().wrapping_add(1);
+        self.requests.set(n);
+        let id = self.request_id_base ^ n;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = HEX[((id >> (60 - 4 * i)) & 15) as usize];
+        }
+    }
+}
+
+/// Counts a connection as active for as long as it lives.
+pub(crate) struct ActiveGuard(Rc<Worker>);
+
+impl ActiveGuard {
+    pub(crate) fn new(worker: &Rc<Worker>) -> ActiveGuard {
+        worker.active.set(worker.active.get() + 1);
+        ActiveGuard(worker.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+    }
+}
+
+/// Runs a worker until shutdown has drained (or the drain timeout passed).
+pub(crate) fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
+    driver: Driver,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> std::io::Result<()> {
+    let base = {
+        let mut b = [0u8; 8];
+        boring::rand::rand_bytes(&mut b).map_err(std::io::Error::other)?;
+        u64::from_le_bytes(b) & !0xffff_ffff | ((id as u64) << 24)
+    };
+    let worker = Rc::new(Worker {
+        id,
+        cache: RefCell::new(Cache::new(shared.snapshot.clone())),
+        shared,
+        pool: RefCell::new(Pool::default()),
+        shutdown: Event::default(),
+        active: Cell::new(0),
+        requests: Cell::new(0),
+        request_id_base: base,
+    });
+    let fut = serve(worker, listeners, ready.clone());
+    let use_uring = match driver {
+        Driver::Epoll => false,
+        Driver::IoUring => true,
+        Driver::Auto => monoio::utils::detect_uring(),
+    };
+    if use_uring {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(1024).enable_timer().build()
+        {
+            Ok(mut rt) => return rt.block_on(fut),
+            Err(e) if driver == Driver::Auto => log_fallback(id, &e.to_string()),
+            Err(e) => {
+                let msg = format!("io_uring driver unavailable: {e}");
+                let _ = ready.send(Err(msg.clone()));
+                return Err(std::io::Error::new(e.kind(), msg));
+            }
+        }
+    } else if driver == Driver::Auto {
+        log_fallback(id, "the kernel does not offer it");
+    }
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
+        Ok(mut rt) => rt.block_on(fut),
+        Err(e) => {
+            let _ = ready.send(Err(format!("epoll driver unavailable: {e}")));
+            Err(e)
+        }
+    }
+}
+
+fn log_fallback(worker: usize, why: &str) {
+    if worker == 0 {
+        tracing::warn!(reason = why, "io_uring unavailable; workers run on the epoll driver");
+    }
+}
+
+async fn serve(
+    worker: Rc<Worker>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> std::io::Result<()> {
+    for (index, std_listener) in listeners {
+        let listener = match TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot register listener: {e}")));
+                return Err(e);
+            }
+        };
+        drop(monoio::spawn(accept_loop(worker.clone(), listener, index)));
+    }
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    // Watch the shared flag; keep the pool tidy.
+    loop {
+        monoio::time::sleep(TICK).await;
+        if worker.shared.draining.load(Ordering::Acquire) {
+            break;
+        }
+        let snap = worker.snapshot();
+        worker.pool.borrow_mut().sweep(|addr| {
+            snap.backends.iter().find(|b| b.addr == addr).map_or(Duration::ZERO, |b| b.idle_timeout)
+        });
+    }
+    worker.shutdown.set();
+    worker.pool.borrow_mut().clear();
+    let deadline = Instant::now() + worker.snapshot().server.drain_timeout;
+    while worker.active.get() > 0 {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                worker = worker.id,
+                connections = worker.active.get(),
+                "drain timeout; closing what is left"
+            );
+            break;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, index: usize) {
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = worker.shutdown.wait() => None,
+        };
+        match accepted {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                spawn_connection(&worker, stream, peer, index);
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(worker = worker.id, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, listener: usize) {
+    let _ = stream.set_nodelay(true);
+    let guard = ActiveGuard::new(worker);
+    let worker = worker.clone();
+    // Detached: the task runs to completion on its own; its handle is not needed.
+    drop(monoio::spawn(async move {
+        crate::conn::serve(worker, stream, peer, listener).await;
+        drop(guard);
+    }));
+}

@@ -1,0 +1,279 @@
+//! A real HTTP/1.1 backend on 127.0.0.1, one thread per connection, written independently of
+//! the proxy's own HTTP code so that the two check each other.
+//!
+//! What it does depends on the path:
+//! - `/slow/<ms>`: waits, then echoes;
+//! - `/silent`: reads the request and never answers;
+//! - `/bytes/<n>`: `n` bytes with `Content-Length`;
+//! - `/chunked/<n>`: `n` bytes, chunked;
+//! - `/close`: echoes, then closes (`Connection: close`);
+//! - `/upload`: streams the request body through SHA-256 and answers `bytes=<n> sha256=<hex>`;
+//! - `/status/<code>`: that status;
+//! - anything else: echoes the request head it received as the body.
+//!
+//! Every response carries `X-Backend-Conn: <n>` (which connection served it) and
+//! `X-Powered-By: test-backend`.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A running test backend; stopped when dropped.
+#[derive(Debug)]
+pub struct Backend {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("backend bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("backend addr: {e}"));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, r, s) = (connections.clone(), requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let n = c.fetch_add(1, Ordering::AcqRel) + 1;
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, n, &r);
+                });
+            }
+        });
+        Backend { addr, connections, requests, stop, thread: Some(thread) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Requests received whole (head and body) so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Buffered reading of a byte stream.
+struct Input {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Input {
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    fn available(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// A line without its CRLF.
+    fn line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.available().windows(2).position(|w| w == b"\r\n") {
+                let line = self.available()[..i].to_vec();
+                self.pos += i + 2;
+                return Ok(line);
+            }
+            if !self.fill()? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Up to `max` bytes of what is there (reading if nothing is).
+    fn some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        if self.available().is_empty() && !self.fill()? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = self.available().len().min(max);
+        let out = self.available()[..n].to_vec();
+        self.pos += n;
+        Ok(out)
+    }
+}
+
+struct Request {
+    path: String,
+    headers: Vec<(String, String)>,
+    head_text: String,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_request(input: &mut Input) -> io::Result<Option<Request>> {
+    let mut lines = Vec::new();
+    loop {
+        let line = match input.line() {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && lines.is_empty() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if line.is_empty() {
+            if lines.is_empty() {
+                continue;
+            }
+            break;
+        }
+        lines.push(String::from_utf8_lossy(&line).into_owned());
+    }
+    let path = lines[0].split(' ').nth(1).unwrap_or("").to_owned();
+    let headers = lines[1..]
+        .iter()
+        .filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned())))
+        .collect();
+    let head_text = lines.join("\n") + "\n";
+    Ok(Some(Request { path, headers, head_text }))
+}
+
+/// Reads the request body, handing each piece to `sink`.
+fn read_body(input: &mut Input, req: &Request, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
+    if req.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let line = input.line()?;
+            let size_text = String::from_utf8_lossy(&line);
+            let size_text = size_text.split(';').next().unwrap_or("").trim().to_owned();
+            let mut size =
+                usize::from_str_radix(&size_text, 16).map_err(|_| io::Error::other("bad chunk size"))?;
+            if size == 0 {
+                while !input.line()?.is_empty() {}
+                return Ok(());
+            }
+            while size > 0 {
+                let piece = input.some(size)?;
+                size -= piece.len();
+                sink(&piece);
+            }
+            if !input.line()?.is_empty() {
+                return Err(io::Error::other("chunk not followed by CRLF"));
+            }
+        }
+    }
+    let mut remaining: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    while remaining > 0 {
+        let piece = input.some(remaining)?;
+        remaining -= piece.len();
+        sink(&piece);
+    }
+    Ok(())
+}
+
+fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len).map(|i| (i % 251) as u8).collect()
+}
+
+fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_nodelay(true)?;
+    let mut out = stream.try_clone()?;
+    let mut input = Input { stream, buf: Vec::new(), pos: 0 };
+    while let Some(req) = read_request(&mut input)? {
+        let mut body_len = 0usize;
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        read_body(&mut input, &req, |piece| {
+            body_len += piece.len();
+            hasher.update(piece);
+        })?;
+        requests.fetch_add(1, Ordering::AcqRel);
+        let head_only = req.head_text.starts_with("HEAD ");
+        let common = format!("X-Backend-Conn: {conn}\r\nX-Powered-By: test-backend\r\n");
+        let path = req.path.clone();
+        let mut close = false;
+        if path == "/silent" {
+            // Hold the connection without answering until the peer gives up.
+            let mut sink = [0u8; 1024];
+            while matches!(input.stream.read(&mut sink), Ok(n) if n > 0) {}
+            return Ok(());
+        } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+            write!(out, "HTTP/1.1 200 OK\r\n{common}Content-Length: {n}\r\n\r\n")?;
+            let mut sent = if head_only { n } else { 0 };
+            while sent < n {
+                let piece = pattern(sent, (n - sent).min(64 * 1024));
+                out.write_all(&piece)?;
+                sent += piece.len();
+            }
+        } else if let Some(n) = path.strip_prefix("/chunked/").and_then(|n| n.parse::<usize>().ok()) {
+            write!(out, "HTTP/1.1 200 OK\r\n{common}Transfer-Encoding: chunked\r\n\r\n")?;
+            let mut sent = 0;
+            while sent < n {
+                let piece = pattern(sent, (n - sent).min(8 * 1024 + 13));
+                write!(out, "{:x}\r\n", piece.len())?;
+                out.write_all(&piece)?;
+                out.write_all(b"\r\n")?;
+                sent += piece.len();
+            }
+            out.write_all(b"0\r\n\r\n")?;
+        } else if let Some(code) = path.strip_prefix("/status/").and_then(|n| n.parse::<u16>().ok()) {
+            let body = format!("status {code}");
+            write!(out, "HTTP/1.1 {code} Whatever\r\n{common}Content-Length: {}\r\n\r\n{body}", body.len())?;
+        } else if path == "/upload" {
+            let digest = hasher.finish();
+            let body =
+                format!("bytes={body_len} sha256={}", crate::pki::hex_upper(digest.as_ref()).to_lowercase());
+            write!(out, "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n{body}", body.len())?;
+        } else {
+            if let Some(ms) = path.strip_prefix("/slow/").and_then(|n| n.parse::<u64>().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            close = path == "/close";
+            let conn_header = if close { "Connection: close\r\n" } else { "" };
+            let body = format!("{}body-bytes: {body_len}\n", req.head_text);
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\n{common}{conn_header}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
+        }
+        out.flush()?;
+        if close || req.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The bytes `/bytes/<n>` and `/chunked/<n>` send, for comparison.
+pub fn expected_pattern(len: usize) -> Vec<u8> {
+    pattern(0, len)
+}

@@ -1,0 +1,275 @@
+//! What the proxy knows about a client certificate: computed once, when the handshake verifies
+//! it, and shared by every request on the connection (and on resumed connections).
+
+use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use boring::asn1::Asn1TimeRef;
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::x509::{X509NameRef, X509Ref};
+use boring_sys as ffi;
+use foreign_types::ForeignTypeRef;
+
+/// One problem found while verifying a client certificate chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VerifyError {
+    /// Position in the chain: 0 is the client's own certificate.
+    pub depth: u32,
+    /// The `X509_V_ERR_*` code.
+    pub code: i32,
+}
+
+impl VerifyError {
+    pub const CERT_REVOKED: i32 = ffi::X509_V_ERR_CERT_REVOKED;
+
+    /// The certificate (or one of its issuers) is past its not-after date.
+    pub fn is_expired(&self) -> bool {
+        self.code == ffi::X509_V_ERR_CERT_HAS_EXPIRED
+    }
+
+    /// The certificate (or one of its issuers) is before its not-before date.
+    pub fn is_not_yet_valid(&self) -> bool {
+        self.code == ffi::X509_V_ERR_CERT_NOT_YET_VALID
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.code == ffi::X509_V_ERR_CERT_REVOKED
+    }
+
+    /// OpenSSL's text for the code, for logs.
+    pub fn description(&self) -> &'static str {
+        // SAFETY: the code came from BoringSSL's own verifier or is one of its constants;
+        // X509_verify_cert_error_string returns a static string for any value.
+        let e = unsafe { boring::x509::X509VerifyError::from_raw(self.code) };
+        match e {
+            Ok(()) => "ok",
+            Err(e) => e.error_string(),
+        }
+    }
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {}, depth {})", self.description(), self.code, self.depth)
+    }
+}
+
+/// Facts of a client certificate, in the forms policy compares against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-1 over the DER: APIM's thumbprint.
+    pub sha1: [u8; 20],
+    pub sha256: [u8; 32],
+    /// `sha1` as upper-case hex, as APIM writes it.
+    pub thumbprint: String,
+    pub thumbprint_sha256: String,
+    /// Subject DN, most specific first: `CN=device1, O=Contoso, C=US`.
+    pub subject: String,
+    pub issuer: String,
+    /// The first CN of the subject.
+    pub common_name: Option<String>,
+    /// Serial number as upper-case hex without leading zeros (`0` for zero).
+    pub serial: String,
+    /// The serial's magnitude bytes, for revocation lookups.
+    pub serial_bytes: Box<[u8]>,
+    /// DER of the issuer name, for revocation lookups.
+    pub issuer_der: Box<[u8]>,
+    /// SHA-1 of the issuing CA certificate, when verification found it.
+    pub issuer_sha1: Option<[u8; 20]>,
+    pub dns_names: Vec<String>,
+    /// Validity, in seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// Every problem verification found, in the order found; empty when the chain is valid.
+    pub verify_errors: Vec<VerifyError>,
+}
+
+impl ClientCert {
+    /// Computes the facts of `leaf`. `issuer` is the certificate that issued it, when known.
+    pub fn from_x509(
+        leaf: &X509Ref,
+        issuer: Option<&X509Ref>,
+        verify_errors: Vec<VerifyError>,
+    ) -> ClientCert {
+        let sha1: [u8; 20] = digest(leaf, MessageDigest::sha1());
+        let sha256: [u8; 32] = digest(leaf, MessageDigest::sha256());
+        let serial_bytes: Box<[u8]> =
+            leaf.serial_number().to_bn().map(|bn| bn.to_vec().into_boxed_slice()).unwrap_or_default();
+        let common_name = leaf
+            .subject_name()
+            .entries_by_nid(Nid::COMMONNAME)
+            .next()
+            .and_then(|e| e.data().as_utf8().ok())
+            .map(|s| s.to_string());
+        let dns_names = leaf
+            .subject_alt_names()
+            .map(|names| names.iter().filter_map(|n| n.dnsname().map(str::to_owned)).collect())
+            .unwrap_or_default();
+        ClientCert {
+            thumbprint: hex_upper(&sha1),
+            thumbprint_sha256: hex_upper(&sha256),
+            sha1,
+            sha256,
+            subject: dn_string(leaf.subject_name()),
+            issuer: dn_string(leaf.issuer_name()),
+            common_name,
+            serial: serial_hex(&serial_bytes),
+            serial_bytes,
+            issuer_der: leaf.issuer_name().to_der().map(Vec::into_boxed_slice).unwrap_or_default(),
+            issuer_sha1: issuer.map(|i| digest(i, MessageDigest::sha1())),
+            dns_names,
+            not_before: unix_time(leaf.not_before()),
+            not_after: unix_time(leaf.not_after()),
+            verify_errors,
+        }
+    }
+
+    /// Whether verification found nothing wrong.
+    pub fn is_valid(&self) -> bool {
+        self.verify_errors.is_empty()
+    }
+
+    /// The verify errors as one line for logs and headers: `certificate has expired (depth 0); …`.
+    pub fn verify_summary(&self) -> String {
+        let mut s = String::new();
+        for (i, e) in self.verify_errors.iter().enumerate() {
+            if i > 0 {
+                s.push_str("; ");
+            }
+            let _ = write!(s, "{} (depth {})", e.description(), e.depth);
+        }
+        s
+    }
+}
+
+fn digest<const N: usize>(cert: &X509Ref, md: MessageDigest) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Ok(d) = cert.digest(md) {
+        let n = d.len().min(N);
+        out[..n].copy_from_slice(&d[..n]);
+    }
+    out
+}
+
+/// Upper-case hex, as APIM shows thumbprints.
+pub fn hex_upper(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn serial_hex(bytes: &[u8]) -> String {
+    let hex = hex_upper(bytes);
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() { "0".to_owned() } else { trimmed.to_owned() }
+}
+
+/// Seconds since the epoch of an ASN.1 time (0 if it cannot be converted).
+pub(crate) fn unix_time(t: &Asn1TimeRef) -> i64 {
+    let mut out: i64 = 0;
+    // SAFETY: `t` is a valid ASN1_TIME for the duration of the call and `out` a valid i64.
+    let ok = unsafe { ffi::ASN1_TIME_to_posix(t.as_ptr(), &mut out) };
+    if ok == 1 { out } else { 0 }
+}
+
+/// Now, in seconds since the epoch.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The short attribute names APIM (.NET) uses in distinguished names.
+fn attribute_name(nid: Nid) -> Option<&'static str> {
+    Some(match nid {
+        Nid::COMMONNAME => "CN",
+        Nid::ORGANIZATIONNAME => "O",
+        Nid::ORGANIZATIONALUNITNAME => "OU",
+        Nid::COUNTRYNAME => "C",
+        Nid::LOCALITYNAME => "L",
+        Nid::STATEORPROVINCENAME => "S",
+        Nid::STREETADDRESS => "STREET",
+        Nid::PKCS9_EMAILADDRESS => "E",
+        Nid::DOMAINCOMPONENT => "DC",
+        Nid::SERIALNUMBER => "SERIALNUMBER",
+        Nid::TITLE => "T",
+        Nid::GIVENNAME => "G",
+        Nid::SURNAME => "SN",
+        Nid::INITIALS => "I",
+        _ => return None,
+    })
+}
+
+/// A distinguished name as APIM shows it: most specific attribute first, `, ` between
+/// attributes, values quoted when they hold a character that would make the string ambiguous.
+pub fn dn_string(name: &X509NameRef) -> String {
+    let entries: Vec<_> = name.entries().collect();
+    let mut s = String::new();
+    for (i, entry) in entries.iter().rev().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let object = entry.object();
+        match attribute_name(object.nid()) {
+            Some(short) => s.push_str(short),
+            None => match object.nid().short_name() {
+                Ok(short) if object.nid() != Nid::UNDEF => s.push_str(short),
+                _ => {
+                    s.push_str("OID.");
+                    s.push_str(&object.to_string());
+                }
+            },
+        }
+        s.push('=');
+        let value = entry.data().as_utf8().map(|v| v.to_string()).unwrap_or_default();
+        push_dn_value(&mut s, &value);
+    }
+    s
+}
+
+fn push_dn_value(s: &mut String, value: &str) {
+    let needs_quotes = value.is_empty()
+        || value.starts_with(' ')
+        || value.ends_with(' ')
+        || value.contains([',', '+', '=', '"', '\n', '\r', '<', '>', '#', ';']);
+    if !needs_quotes {
+        s.push_str(value);
+        return;
+    }
+    s.push('"');
+    for c in value.chars() {
+        if c == '"' {
+            s.push('"');
+        }
+        s.push(c);
+    }
+    s.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_and_serials() {
+        assert_eq!(hex_upper(&[0x0a, 0xff, 0x00]), "0AFF00");
+        assert_eq!(serial_hex(&[0x00, 0x0a, 0xbc]), "ABC");
+        assert_eq!(serial_hex(&[]), "0");
+    }
+
+    #[test]
+    fn dn_values_are_quoted_when_ambiguous() {
+        let mut s = String::new();
+        push_dn_value(&mut s, "Contoso, Ltd");
+        assert_eq!(s, "\"Contoso, Ltd\"");
+        let mut s = String::new();
+        push_dn_value(&mut s, "say \"hi\"");
+        assert_eq!(s, "\"say \"\"hi\"\"\"");
+        let mut s = String::new();
+        push_dn_value(&mut s, "plain");
+        assert_eq!(s, "plain");
+    }
+}

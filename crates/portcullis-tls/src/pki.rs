@@ -1,0 +1,272 @@
+//! Loading certificates, keys, CA bundles and CRLs from files, with errors located in the
+//! configuration that named them.
+
+use std::ffi::c_long;
+use std::path::PathBuf;
+use std::ptr;
+
+use ahash::{AHashMap, AHashSet};
+use boring::bn::BigNum;
+use boring::pkey::{PKey, Private};
+use boring::x509::{X509, X509NameRef, X509Ref};
+use boring_sys as ffi;
+use foreign_types::{ForeignType, ForeignTypeRef};
+use portcullis_config::{ConfigError, ConfigErrors, Located};
+
+use crate::facts::{dn_string, now_unix, unix_time};
+
+fn read(path: &Located<PathBuf>) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(&path.value)
+        .map_err(|e| path.loc.error(format!("cannot read {}: {e}", path.value.display())))
+}
+
+/// Every certificate in a PEM (or single DER) file.
+pub fn load_certificates(path: &Located<PathBuf>) -> Result<Vec<X509>, ConfigError> {
+    let data = read(path)?;
+    let certs = if data.windows(11).any(|w| w == b"-----BEGIN ") {
+        X509::stack_from_pem(&data).map_err(|e| {
+            path.loc.error(format!("{}: not a PEM certificate file: {e}", path.value.display()))
+        })?
+    } else {
+        vec![
+            X509::from_der(&data)
+                .map_err(|e| path.loc.error(format!("{}: not a certificate: {e}", path.value.display())))?,
+        ]
+    };
+    if certs.is_empty() {
+        return Err(path.loc.error(format!("{}: no certificate in the file", path.value.display())));
+    }
+    Ok(certs)
+}
+
+/// A PEM private key.
+pub fn load_private_key(path: &Located<PathBuf>) -> Result<PKey<Private>, ConfigError> {
+    let data = read(path)?;
+    PKey::private_key_from_pem(&data)
+        .or_else(|_| PKey::private_key_from_der(&data))
+        .map_err(|e| path.loc.error(format!("{}: not a private key (PEM or DER): {e}", path.value.display())))
+}
+
+/// All the CA certificates of a `client_ca` list, each checked to be within its validity.
+pub fn load_ca_bundle(paths: &[Located<PathBuf>]) -> Result<Vec<X509>, ConfigErrors> {
+    let mut errors = ConfigErrors::default();
+    let mut cas = Vec::new();
+    let now = now_unix();
+    for path in paths {
+        match load_certificates(path) {
+            Ok(certs) => {
+                for cert in certs {
+                    if unix_time(cert.not_after()) < now {
+                        tracing::warn!(
+                            file = %path.value.display(),
+                            subject = %dn_string(cert.subject_name()),
+                            "CA certificate has expired; certificates it issued will not verify"
+                        );
+                    }
+                    cas.push(cert);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    errors.into_result(cas)
+}
+
+/// Revoked certificates, as (issuer name DER, serial) pairs compiled from CRLs.
+///
+/// The handshake checks the client chain against it, and policy checks it again on every request,
+/// so that a CRL loaded by a reload applies to connections that were already open.
+#[derive(Debug, Default)]
+pub struct RevocationSet {
+    by_issuer: AHashMap<Box<[u8]>, AHashSet<Box<[u8]>>>,
+    crls: usize,
+    entries: usize,
+}
+
+impl RevocationSet {
+    /// Whether the certificate with this issuer (name DER) and serial (magnitude bytes) is revoked.
+    pub fn is_revoked(&self, issuer_der: &[u8], serial: &[u8]) -> bool {
+        self.by_issuer.get(issuer_der).is_some_and(|serials| serials.contains(serial))
+    }
+
+    /// Same, for a certificate at hand.
+    pub fn is_cert_revoked(&self, cert: &X509Ref) -> bool {
+        if self.by_issuer.is_empty() {
+            return false;
+        }
+        let (Ok(issuer), Ok(serial)) = (cert.issuer_name().to_der(), cert.serial_number().to_bn()) else {
+            return false;
+        };
+        self.is_revoked(&issuer, &serial.to_vec())
+    }
+
+    /// Number of CRLs loaded.
+    pub fn crl_count(&self) -> usize {
+        self.crls
+    }
+
+    /// Number of revoked serials across all CRLs.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Loads CRLs (PEM, several per file allowed, or DER). Each must be issued by one of `cas` and
+    /// carry a valid signature from it; a CRL past its nextUpdate is loaded with a warning.
+    pub fn load(paths: &[Located<PathBuf>], cas: &[X509]) -> Result<RevocationSet, ConfigErrors> {
+        let mut set = RevocationSet::default();
+        let mut errors = ConfigErrors::default();
+        for path in paths {
+            let data = match read(path) {
+                Ok(d) => d,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let crls = match parse_crls(&data) {
+                Ok(c) if !c.is_empty() => c,
+                Ok(_) => {
+                    errors.push(path.loc.error(format!("{}: no CRL in the file", path.value.display())));
+                    continue;
+                }
+                Err(msg) => {
+                    errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
+                    continue;
+                }
+            };
+            for crl in crls {
+                if let Err(msg) = set.add(&crl, cas) {
+                    errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
+                }
+            }
+        }
+        errors.into_result(set)
+    }
+
+    fn add(&mut self, crl: &Crl, cas: &[X509]) -> Result<(), String> {
+        let issuer = crl.issuer();
+        let ca =
+            cas.iter().find(|ca| ca.subject_name().try_cmp(issuer).is_ok_and(|o| o.is_eq())).ok_or_else(
+                || format!("CRL issuer \"{}\" is not one of the client_ca certificates", dn_string(issuer)),
+            )?;
+        let key = ca.public_key().map_err(|e| format!("issuer key unusable: {e}"))?;
+        // SAFETY: both pointers are valid for the call; X509_CRL_verify only reads them.
+        if unsafe { ffi::X509_CRL_verify(crl.0, key.as_ptr()) } != 1 {
+            return Err(format!(
+                "CRL signature does not verify against \"{}\"",
+                dn_string(ca.subject_name())
+            ));
+        }
+        if let Some(next) = crl.next_update()
+            && next < now_unix()
+        {
+            tracing::warn!(issuer = %dn_string(issuer), "CRL is past its nextUpdate; loading it anyway, publish a fresh one");
+        }
+        let issuer_der = ca.subject_name().to_der().map_err(|e| e.to_string())?.into_boxed_slice();
+        let serials = self.by_issuer.entry(issuer_der).or_default();
+        for serial in crl.revoked_serials() {
+            if serials.insert(serial) {
+                self.entries += 1;
+            }
+        }
+        self.crls += 1;
+        Ok(())
+    }
+}
+
+/// An owned `X509_CRL` (boring has no safe CRL type).
+struct Crl(*mut ffi::X509_CRL);
+
+impl Drop for Crl {
+    fn drop(&mut self) {
+        // SAFETY: we own the pointer, which came from PEM_read_bio_X509_CRL or d2i_X509_CRL.
+        unsafe { ffi::X509_CRL_free(self.0) }
+    }
+}
+
+impl Crl {
+    fn issuer(&self) -> &X509NameRef {
+        // SAFETY: the issuer name lives as long as the CRL, which `self` keeps alive.
+        unsafe { X509NameRef::from_ptr(ffi::X509_CRL_get_issuer(self.0)) }
+    }
+
+    fn next_update(&self) -> Option<i64> {
+        // SAFETY: reading a field of a valid CRL.
+        let t = unsafe { ffi::X509_CRL_get0_nextUpdate(self.0) };
+        if t.is_null() {
+            return None;
+        }
+        let mut out = 0i64;
+        // SAFETY: `t` is a valid ASN1_TIME owned by the CRL.
+        (unsafe { ffi::ASN1_TIME_to_posix(t, &mut out) } == 1).then_some(out)
+    }
+
+    fn revoked_serials(&self) -> Vec<Box<[u8]>> {
+        let mut out = Vec::new();
+        // SAFETY: the stack and its entries are owned by the CRL and valid while it lives; each
+        // serial is converted into a BIGNUM that we own and free.
+        unsafe {
+            let stack = ffi::X509_CRL_get_REVOKED(self.0);
+            if stack.is_null() {
+                return out;
+            }
+            let n = ffi::OPENSSL_sk_num(stack.cast());
+            for i in 0..n {
+                let revoked = ffi::OPENSSL_sk_value(stack.cast(), i).cast::<ffi::X509_REVOKED>();
+                if revoked.is_null() {
+                    continue;
+                }
+                let serial = ffi::X509_REVOKED_get0_serialNumber(revoked);
+                let bn = ffi::ASN1_INTEGER_to_BN(serial, ptr::null_mut());
+                if bn.is_null() {
+                    continue;
+                }
+                let bn = BigNum::from_ptr(bn);
+                out.push(bn.to_vec().into_boxed_slice());
+            }
+        }
+        out
+    }
+}
+
+fn parse_crls(data: &[u8]) -> Result<Vec<Crl>, String> {
+    let mut out = Vec::new();
+    if data.windows(11).any(|w| w == b"-----BEGIN ") {
+        // SAFETY: the BIO reads from `data`, which outlives it; every CRL returned is owned by a
+        // `Crl`; the BIO is freed before returning; the error queue is cleared of the expected
+        // end-of-input error.
+        unsafe {
+            let bio = ffi::BIO_new_mem_buf(data.as_ptr().cast(), data.len() as _);
+            if bio.is_null() {
+                return Err("out of memory".to_owned());
+            }
+            loop {
+                let crl = ffi::PEM_read_bio_X509_CRL(bio, ptr::null_mut(), None, ptr::null_mut());
+                if crl.is_null() {
+                    break;
+                }
+                out.push(Crl(crl));
+            }
+            ffi::BIO_free(bio);
+            ffi::ERR_clear_error();
+        }
+        if out.is_empty() {
+            return Err("no PEM CRL (\"-----BEGIN X509 CRL-----\") in the file".to_owned());
+        }
+    } else {
+        let mut p = data.as_ptr();
+        // SAFETY: d2i reads at most `len` bytes from `p`, which points into `data`.
+        let crl = unsafe { ffi::d2i_X509_CRL(ptr::null_mut(), &mut p, data.len() as c_long) };
+        if crl.is_null() {
+            // SAFETY: clearing the thread's error queue has no preconditions.
+            unsafe { ffi::ERR_clear_error() };
+            return Err("not a CRL (neither PEM nor DER)".to_owned());
+        }
+        out.push(Crl(crl));
+    }
+    Ok(out)
+}

@@ -1,0 +1,243 @@
+//! Byte streams over monoio's owned-buffer I/O: plain TCP, and BoringSSL over staging buffers.
+//!
+//! io_uring owns a buffer from submission to completion, so BoringSSL cannot be handed the
+//! socket. It runs instead over two in-memory buffers: `rx` (ciphertext received, not yet
+//! consumed) and `tx` (ciphertext produced, not yet sent). The async side fills `rx` by moving it
+//! into a socket read and back, and drains `tx` the same way, after every TLS call — reads
+//! included, since TLS 1.3 writes tickets and alerts while reading.
+
+use std::io::{self, Read, Write};
+use std::mem;
+
+use boring::ssl::{ErrorCode, SslStream};
+use bytes::{Buf, BytesMut};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+
+/// Bytes read from the socket in one go.
+const READ_CHUNK: usize = 16 * 1024 + 512;
+/// Ciphertext staged before it is flushed even in the middle of a write.
+const TX_FLUSH_AT: usize = 64 * 1024;
+
+/// What the proxy needs from a connection, whether it is TLS or plain.
+#[allow(
+    async_fn_in_trait,
+    reason = "used with concrete types on a single-threaded runtime; no Send bound wanted"
+)]
+pub trait Stream {
+    /// Appends at least one byte to `dst`, or returns `Ok(0)` at the end of the stream.
+    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize>;
+    /// Sends all of `src`, then clears it (its capacity is kept for reuse).
+    async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()>;
+    /// Ends the stream cleanly (TLS close_notify, then TCP FIN).
+    async fn close(&mut self) -> io::Result<()>;
+}
+
+/// Reads from a monoio socket into the spare capacity of `dst`.
+pub(crate) async fn read_into<S: AsyncReadRent>(
+    io: &mut S,
+    dst: &mut BytesMut,
+    want: usize,
+) -> io::Result<usize> {
+    if dst.capacity() - dst.len() < want / 2 {
+        dst.reserve(want);
+    }
+    let buf = mem::take(dst);
+    let len = buf.len();
+    let cap = buf.capacity();
+    let (res, slice) = io.read(buf.slice_mut(len..cap)).await;
+    *dst = slice.into_inner();
+    res
+}
+
+/// Writes all of `src` to a monoio socket and clears it.
+pub(crate) async fn write_from<S: AsyncWriteRent>(io: &mut S, src: &mut BytesMut) -> io::Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    let buf = mem::take(src);
+    let (res, mut buf) = io.write_all(buf).await;
+    buf.clear();
+    *src = buf;
+    res.map(|_| ())
+}
+
+/// A plain TCP (or any monoio) stream.
+#[derive(Debug)]
+pub struct PlainStream<S> {
+    io: S,
+}
+
+impl<S> PlainStream<S> {
+    pub fn new(io: S) -> Self {
+        PlainStream { io }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+
+    pub fn into_inner(self) -> S {
+        self.io
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Stream for PlainStream<S> {
+    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        read_into(&mut self.io, dst, READ_CHUNK).await
+    }
+
+    async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
+        write_from(&mut self.io, src).await
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
+    }
+}
+
+/// The in-memory transport BoringSSL reads from and writes to.
+#[derive(Debug, Default)]
+pub(crate) struct Staging {
+    pub(crate) rx: BytesMut,
+    pub(crate) tx: BytesMut,
+}
+
+impl Read for Staging {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.rx.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.rx.len());
+        buf[..n].copy_from_slice(&self.rx[..n]);
+        self.rx.advance(n);
+        Ok(n)
+    }
+}
+
+impl Write for Staging {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tx.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Moves ciphertext between the staging buffers and the socket.
+pub(crate) struct Wire<'a, S> {
+    pub(crate) ssl: &'a mut SslStream<Staging>,
+    pub(crate) io: &'a mut S,
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Wire<'_, S> {
+    /// Sends everything in `tx`.
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
+        let staging = self.ssl.get_mut();
+        if staging.tx.is_empty() {
+            return Ok(());
+        }
+        let mut tx = mem::take(&mut staging.tx);
+        let res = write_from(self.io, &mut tx).await;
+        self.ssl.get_mut().tx = tx;
+        res
+    }
+
+    /// Reads more ciphertext into `rx`; `Ok(0)` when the peer closed.
+    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
+        let mut rx = mem::take(&mut self.ssl.get_mut().rx);
+        let res = read_into(self.io, &mut rx, READ_CHUNK).await;
+        self.ssl.get_mut().rx = rx;
+        res
+    }
+}
+
+/// A TLS connection whose handshake is complete.
+pub struct TlsStream<S> {
+    pub(crate) ssl: SslStream<Staging>,
+    pub(crate) io: S,
+    pub(crate) info: crate::acceptor::SessionInfo,
+}
+
+impl<S> std::fmt::Debug for TlsStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl<S> TlsStream<S> {
+    /// What the handshake established: client certificate facts, SNI, version, resumption.
+    pub fn info(&self) -> &crate::acceptor::SessionInfo {
+        &self.info
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+fn tls_io_error(e: boring::ssl::Error) -> io::Error {
+    match e.into_io_error() {
+        Ok(io) => io,
+        Err(e) => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Stream for TlsStream<S> {
+    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            if dst.capacity() - dst.len() < 4096 {
+                dst.reserve(READ_CHUNK);
+            }
+            let spare = dst.spare_capacity_mut();
+            match self.ssl.ssl_read_uninit(spare) {
+                Ok(n) => {
+                    // SAFETY: SSL_read initialised the first `n` bytes of the spare capacity.
+                    unsafe { dst.set_len(dst.len() + n) };
+                    Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await?;
+                    return Ok(n);
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => {
+                    let mut wire = Wire { ssl: &mut self.ssl, io: &mut self.io };
+                    wire.flush().await?;
+                    if wire.fill().await? == 0 {
+                        // The peer closed without close_notify: the end of the stream all the same
+                        // for HTTP/1.1, whose messages are self-delimiting.
+                        return Ok(0);
+                    }
+                }
+                Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(0),
+                Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => return Ok(0),
+                Err(e) => {
+                    // Send the alert BoringSSL queued, if any, before failing.
+                    let _ = Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await;
+                    return Err(tls_io_error(e));
+                }
+            }
+        }
+    }
+
+    async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
+        let mut offset = 0;
+        while offset < src.len() {
+            match self.ssl.ssl_write(&src[offset..]) {
+                Ok(n) => offset += n,
+                Err(e) if e.code() == ErrorCode::WANT_WRITE => {}
+                Err(e) => return Err(tls_io_error(e)),
+            }
+            if self.ssl.get_ref().tx.len() >= TX_FLUSH_AT {
+                Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await?;
+            }
+        }
+        src.clear();
+        Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        let _ = self.ssl.shutdown();
+        Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await?;
+        self.io.shutdown().await
+    }
+}

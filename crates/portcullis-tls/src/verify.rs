@@ -1,0 +1,202 @@
+//! Client certificate verification that records every error, not just the first.
+//!
+//! BoringSSL's verifier stops at the first problem unless its callback says to go on. Ours always
+//! goes on and notes each `(depth, error)`, then checks every certificate of the chain against
+//! the revocation set. In `require` mode any note fails the handshake; in `request` mode the notes
+//! travel with the certificate's facts and policy decides which of them matter (APIM's
+//! `validate_not_after = false`, say).
+//!
+//! Results are cached per worker thread, keyed by the verifier and the SHA-256 of the presented
+//! chain, so a client that reconnects, or resumes a session, costs a lookup, not a verification.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use boring::hash::{Hasher, MessageDigest};
+use boring::stack::{Stack, StackRef};
+use boring::x509::store::{X509Store, X509StoreBuilder};
+use boring::x509::{X509, X509Ref, X509StoreContext, X509StoreContextRef};
+use boring_sys as ffi;
+use foreign_types::ForeignTypeRef;
+
+use crate::facts::{ClientCert, VerifyError, now_unix, unix_time};
+use crate::pki::RevocationSet;
+
+/// Most verification results a worker keeps; beyond it the cache starts over.
+const CACHE_CAPACITY: usize = 16 * 1024;
+/// A cached result is re-verified after this long, so that a CA or a clock change is noticed.
+const CACHE_TTL_SECS: i64 = 300;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Trust anchors and revocation data for client certificates, as compiled from one config.
+pub struct ClientVerifier {
+    id: u64,
+    store: X509Store,
+    revoked: Arc<RevocationSet>,
+}
+
+impl std::fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientVerifier").field("id", &self.id).field("revoked", &self.revoked.len()).finish()
+    }
+}
+
+struct CacheEntry {
+    facts: Arc<ClientCert>,
+    recheck_at: i64,
+}
+
+thread_local! {
+    static CACHE: RefCell<HashMap<(u64, [u8; 32]), CacheEntry>> = RefCell::new(HashMap::new());
+}
+
+fn errors_index() -> boring::ex_data::Index<X509StoreContext, Vec<VerifyError>> {
+    static INDEX: OnceLock<boring::ex_data::Index<X509StoreContext, Vec<VerifyError>>> = OnceLock::new();
+    *INDEX.get_or_init(|| {
+        X509StoreContext::new_ex_index()
+            .unwrap_or_else(|e| panic!("cannot allocate an X509_STORE_CTX ex_data index: {e}"))
+    })
+}
+
+/// Notes the error the verifier just found and tells it to carry on.
+extern "C" fn collect_error(ok: c_int, ctx: *mut ffi::X509_STORE_CTX) -> c_int {
+    if ok == 0 {
+        // SAFETY: BoringSSL calls this with the live X509_STORE_CTX it is verifying with.
+        let ctx = unsafe { X509StoreContextRef::from_ptr_mut(ctx) };
+        let code = match ctx.verify_result() {
+            Ok(()) => ffi::X509_V_ERR_UNSPECIFIED,
+            Err(e) => e.as_raw(),
+        };
+        let error = VerifyError { depth: ctx.error_depth(), code };
+        if let Some(errors) = ctx.ex_data_mut(errors_index())
+            && !errors.contains(&error)
+        {
+            errors.push(error);
+        }
+    }
+    1
+}
+
+impl ClientVerifier {
+    /// A verifier trusting `cas` (roots and intermediates alike) and refusing what `revoked` lists.
+    pub fn new(
+        cas: &[X509],
+        revoked: Arc<RevocationSet>,
+    ) -> Result<ClientVerifier, boring::error::ErrorStack> {
+        let mut builder = X509StoreBuilder::new()?;
+        for ca in cas {
+            builder.add_cert(ca)?;
+        }
+        Ok(ClientVerifier { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), store: builder.build(), revoked })
+    }
+
+    pub fn revoked(&self) -> &Arc<RevocationSet> {
+        &self.revoked
+    }
+
+    /// The facts of `leaf` presented with `chain`, verification errors included.
+    pub fn verify(&self, leaf: &X509Ref, chain: Option<&StackRef<X509>>) -> Arc<ClientCert> {
+        let key = chain_key(leaf, chain);
+        let now = now_unix();
+        let cached = CACHE.with(|c| {
+            c.borrow().get(&(self.id, key)).filter(|e| e.recheck_at > now).map(|e| e.facts.clone())
+        });
+        if let Some(facts) = cached {
+            return facts;
+        }
+        let (errors, issuer, recheck_at) = self.verify_chain(leaf, chain, now);
+        let facts = Arc::new(ClientCert::from_x509(leaf, issuer.as_deref(), errors));
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() >= CACHE_CAPACITY {
+                c.clear();
+            }
+            c.insert((self.id, key), CacheEntry { facts: facts.clone(), recheck_at });
+        });
+        facts
+    }
+
+    fn verify_chain(
+        &self,
+        leaf: &X509Ref,
+        chain: Option<&StackRef<X509>>,
+        now: i64,
+    ) -> (Vec<VerifyError>, Option<X509>, i64) {
+        let empty;
+        let chain = match chain {
+            Some(c) => c,
+            None => match Stack::new() {
+                Ok(s) => {
+                    empty = s;
+                    &empty
+                }
+                Err(_) => return (vec![unspecified()], None, now),
+            },
+        };
+        let result = X509StoreContext::new().and_then(|mut ctx| {
+            ctx.init(&self.store, leaf, chain, |ctx| {
+                // SAFETY: `ctx` is initialised; "ssl_client" is a static, NUL-terminated name, and
+                // `collect_error` has the signature BoringSSL expects.
+                unsafe {
+                    ffi::X509_STORE_CTX_set_default(ctx.as_ptr(), c"ssl_client".as_ptr());
+                    ffi::X509_STORE_CTX_set_depth(ctx.as_ptr(), 8);
+                    ffi::X509_STORE_CTX_set_verify_cb(ctx.as_ptr(), Some(collect_error));
+                }
+                ctx.set_ex_data(errors_index(), Vec::new());
+                let _ = ctx.verify_cert();
+                let mut errors = ctx.ex_data_mut(errors_index()).map(std::mem::take).unwrap_or_default();
+                let mut recheck_at = now + CACHE_TTL_SECS;
+                let mut issuer = None;
+                if let Some(built) = ctx.chain() {
+                    for (depth, cert) in built.iter().enumerate() {
+                        if self.revoked.is_cert_revoked(cert) {
+                            let e = VerifyError { depth: depth as u32, code: VerifyError::CERT_REVOKED };
+                            if !errors.contains(&e) {
+                                errors.push(e);
+                            }
+                        }
+                        // Re-verify when any certificate of the chain reaches a validity edge.
+                        for edge in [unix_time(cert.not_before()), unix_time(cert.not_after())] {
+                            if edge > now && edge < recheck_at {
+                                recheck_at = edge;
+                            }
+                        }
+                    }
+                    issuer = built.get(1).map(ToOwned::to_owned);
+                }
+                Ok((errors, issuer, recheck_at))
+            })
+        });
+        match result {
+            Ok(r) => r,
+            Err(_) => (vec![unspecified()], None, now),
+        }
+    }
+}
+
+fn unspecified() -> VerifyError {
+    VerifyError { depth: 0, code: ffi::X509_V_ERR_UNSPECIFIED }
+}
+
+/// SHA-256 over the digests of the leaf and every certificate presented with it.
+fn chain_key(leaf: &X509Ref, chain: Option<&StackRef<X509>>) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let Ok(mut hasher) = Hasher::new(MessageDigest::sha256()) else { return out };
+    let mut feed = |cert: &X509Ref| {
+        if let Ok(d) = cert.digest(MessageDigest::sha256()) {
+            let _ = hasher.update(&d);
+        }
+    };
+    feed(leaf);
+    for cert in chain.into_iter().flatten() {
+        feed(cert);
+    }
+    if let Ok(d) = hasher.finish() {
+        out.copy_from_slice(&d[..32]);
+    }
+    out
+}

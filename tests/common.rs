@@ -1,0 +1,79 @@
+//! What every test starts from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use portcullis_testkit::proxy::{DEFAULT_API, config};
+use portcullis_testkit::{Backend, Identity, Pki, PkiPaths, TestProxy, TlsClient};
+
+/// A PKI written to a temporary directory, and a backend.
+pub(crate) struct Env {
+    pub(crate) pki: Pki,
+    pub(crate) paths: PkiPaths,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) backend: Backend,
+}
+
+impl Env {
+    pub(crate) fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate();
+        let paths = pki.write(dir.path()).unwrap();
+        Env { pki, paths, dir, backend: Backend::start() }
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A configuration with one listener in `mode`, the backend, and `extra`; the catch-all API
+    /// is added unless `extra` declares its own.
+    pub(crate) fn config(&self, mode: &str, extra: &str) -> String {
+        let api = if extra.contains("[[api]]") { "" } else { DEFAULT_API };
+        config(&self.paths, self.backend.addr(), mode, &format!("{extra}\n{api}"))
+    }
+
+    pub(crate) fn proxy(&self, mode: &str, extra: &str) -> TestProxy {
+        TestProxy::start(self.dir(), &self.config(mode, extra))
+    }
+
+    pub(crate) fn client(&self, id: Option<&Identity>) -> TlsClient {
+        TlsClient::new(&self.pki, id)
+    }
+
+    pub(crate) fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+/// The path of the real binary, built by cargo for these tests.
+pub(crate) fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_portcullis"))
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the proxy sends back before it
+/// closes (or the error that ended the read).
+pub(crate) fn raw_exchange(
+    client: &TlsClient,
+    addr: SocketAddr,
+    raw: &[u8],
+) -> Result<String, std::io::Error> {
+    Ok(String::from_utf8_lossy(&raw_exchange_bytes(client, addr, raw)?).into_owned())
+}
+
+pub(crate) fn raw_exchange_bytes(
+    client: &TlsClient,
+    addr: SocketAddr,
+    raw: &[u8],
+) -> Result<Vec<u8>, std::io::Error> {
+    let mut c = client.connect(addr)?;
+    c.write_raw(raw)?;
+    c.read_to_close()
+}
+
+/// The status code of the first response in `text`, if any.
+pub(crate) fn status_of(text: &str) -> Option<u16> {
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}

@@ -1,0 +1,92 @@
+//! The shipped example configuration, and `portcullis check`.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::{Env, binary};
+
+fn example() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/portcullis.toml")
+}
+
+#[test]
+fn the_example_configuration_parses() {
+    let config =
+        portcullis_config::load(&example()).unwrap_or_else(|e| panic!("config/portcullis.toml:\n{e}"));
+    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.apis[0].name.value, "todo");
+}
+
+#[test]
+fn the_example_configuration_compiles_with_its_files() {
+    // Copy it next to a PKI with the file names it expects, then run the real `check`.
+    let env = Env::new();
+    let dir = env.dir().join("example");
+    std::fs::create_dir_all(dir.join("pki")).unwrap();
+    std::fs::copy(example(), dir.join("portcullis.toml")).unwrap();
+    let pki = dir.join("pki");
+    for (from, to) in [
+        (&env.paths.server_chain, "server.pem"),
+        (&env.paths.server_key, "server.key"),
+        (&env.paths.sni_chain, "devices.pem"),
+        (&env.paths.sni_key, "devices.key"),
+        (&env.paths.root, "root.pem"),
+        (&env.paths.intermediate, "intermediate.pem"),
+        (&env.paths.crl, "intermediate.crl"),
+    ] {
+        std::fs::copy(from, pki.join(to)).unwrap();
+    }
+    let out = Command::new(binary()).args(["check", "-c"]).arg(dir.join("portcullis.toml")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn check_reports_all_three_mistakes_with_lines() {
+    let env = Env::new();
+    let good = env.config("require", "");
+    let bad = good
+        .replacen("client_certificate = \"require\"", "client_certificate = \"requires\"", 1)
+        .replacen("name = \"app\"\nurl", "name = \"app\"\nconect_timeout = \"1s\"\nurl", 1)
+        .replacen("backend = \"app\"", "backend = \"nope\"", 1);
+    let path = env.write_config("bad.toml", &bad);
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 3, "{stderr}");
+    let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let file = path.display().to_string();
+    assert!(errors[0].contains(&format!("{file}:{}:", line_of("\"requires\""))), "{stderr}");
+    assert!(errors[0].contains("listener[0].client_certificate"), "{stderr}");
+    assert!(errors[1].contains(&format!("{file}:{}:", line_of("conect_timeout"))), "{stderr}");
+    assert!(errors[1].contains("did you mean `connect_timeout`"), "{stderr}");
+    assert!(errors[2].contains(&format!("{file}:{}:", line_of("\"nope\""))), "{stderr}");
+    assert!(errors[2].contains("no backend named \"nope\""), "{stderr}");
+}
+
+#[test]
+fn check_reports_files_that_do_not_load() {
+    let env = Env::new();
+    std::fs::write(&env.paths.crl, "not a crl").unwrap();
+    std::fs::write(&env.paths.server_key, env.pki.client.key_pem.as_bytes()).unwrap();
+    let path = env.write_config("files.toml", &env.config("require", ""));
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listener[0].crl[0]"), "{stderr}");
+    assert!(stderr.contains("does not match the certificate"), "{stderr}");
+}
+
+#[test]
+fn a_crl_from_an_unknown_issuer_is_an_error() {
+    let env = Env::new();
+    let other = portcullis_testkit::pki::Ca::root("Somebody Else");
+    std::fs::write(&env.paths.crl, other.crl(&[])).unwrap();
+    let errors = match portcullis_testkit::TestProxy::try_start(env.dir(), &env.config("require", "")) {
+        Err(portcullis_server::StartError::Config(e)) => e.to_string(),
+        other => panic!("expected a configuration error, got {other:?}"),
+    };
+    assert!(errors.contains("is not one of the client_ca certificates"), "{errors}");
+}

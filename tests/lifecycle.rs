@@ -1,0 +1,76 @@
+//! Start, stop and drain: the real binary and signals.
+
+use std::time::{Duration, Instant};
+
+use portcullis_testkit::ProxyProcess;
+
+use crate::common::{Env, binary};
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish() {
+    let env = Env::new();
+    let config = env.write_config("p.toml", &env.config("require", "[server]\nworkers = 2\n"));
+    let mut proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    let addr = proxy.addr;
+    let slow = std::thread::spawn(move || client.get(addr, "/slow/1500"));
+    // Wait until the backend has the request, then ask the proxy to stop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.backend.connections() == 0 {
+        assert!(Instant::now() < deadline, "the request never reached the backend");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proxy.signal(libc::SIGTERM);
+    let response = slow.join().unwrap().expect("the in-flight request completes");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("Connection"), Some("close"), "a draining proxy closes after the response");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(proxy.wait_for_log("shutting down", Duration::ZERO).is_some());
+}
+
+#[test]
+fn shutdown_closes_idle_keep_alive_connections() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    proxy.shutdown();
+    // The idle connection was closed by the proxy: reading gives the end of the stream.
+    assert!(c.read_to_close().unwrap().is_empty());
+}
+
+#[test]
+fn pid_file_is_written_and_removed() {
+    let env = Env::new();
+    let config = env.write_config("p.toml", &env.config("require", ""));
+    let pid_file = env.dir().join("portcullis.pid");
+    let mut child = std::process::Command::new(binary())
+        .args(["run", "-c"])
+        .arg(&config)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() {
+        assert!(Instant::now() < deadline, "no pid file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert_eq!(pid, child.id());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    assert!(!pid_file.exists());
+}
+
+#[test]
+fn a_broken_configuration_does_not_start() {
+    let env = Env::new();
+    let config = env.write_config("p.toml", "[[listener]]\nbind = \"nowhere\"\n");
+    let out = std::process::Command::new(binary()).args(["run", "-c"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("p.toml:2:8: listener[0].bind"), "{stderr}");
+}

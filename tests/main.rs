@@ -1,0 +1,11 @@
+//! Integration tests: the real proxy on 127.0.0.1, real TLS on both sides (BoringSSL in the
+//! proxy, rustls in the client), a real backend, a PKI generated in each test.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a panic is a failed test")]
+
+mod common;
+mod config;
+mod conformance;
+mod framing;
+mod lifecycle;
+mod proxy;
+mod tls;

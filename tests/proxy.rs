@@ -1,0 +1,347 @@
+//! Proxying: routing, keep-alive, bodies both ways, backend failures, header hygiene.
+
+use std::collections::HashSet;
+
+use portcullis_testkit::backend::expected_pattern;
+use portcullis_testkit::{ProxyProcess, TestProxy};
+
+use crate::common::{Env, binary, raw_exchange_bytes, status_of};
+
+#[test]
+fn keep_alive_reuses_one_upstream_connection() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let mut served_by = HashSet::new();
+    for i in 0..50 {
+        let r = c.request("GET", &format!("/item/{i}"), &[], b"").unwrap();
+        assert_eq!(r.status, 200);
+        served_by.insert(r.header("X-Backend-Conn").unwrap().to_owned());
+    }
+    assert_eq!(served_by.len(), 1, "all requests over one backend connection");
+    assert_eq!(env.backend.connections(), 1);
+}
+
+#[test]
+fn pooled_connections_serve_later_client_connections() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let client = env.client(Some(&env.pki.client));
+    for _ in 0..5 {
+        assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+    }
+    assert_eq!(env.backend.connections(), 1, "the pool keeps the backend connection between clients");
+}
+
+#[test]
+fn a_backend_that_closes_after_responding_is_not_reused() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.request("GET", "/close", &[], b"").unwrap().status, 200);
+    }
+    assert_eq!(env.backend.connections(), 3);
+}
+
+#[test]
+fn ten_mib_chunked_request_body_streams_through() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.write_raw(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let body = expected_pattern(10 * 1024 * 1024);
+    for piece in body.chunks(100_003) {
+        c.write_raw(format!("{:x}\r\n", piece.len()).as_bytes()).unwrap();
+        c.write_raw(piece).unwrap();
+        c.write_raw(b"\r\n").unwrap();
+    }
+    c.send(b"0\r\n\r\n").unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(r.text(), format!("bytes={} sha256={hex}", body.len()));
+}
+
+#[test]
+fn ten_mib_chunked_response_streams_through() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let len = 10 * 1024 * 1024;
+    let r = c.request("GET", &format!("/chunked/{len}"), &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Transfer-Encoding"), Some("chunked"));
+    assert_eq!(r.body.len(), len);
+    assert!(r.body == expected_pattern(len), "body differs from what the backend sent");
+    // The connection is still good for another request.
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn large_bodies_do_not_grow_the_proxy_memory() {
+    let env = Env::new();
+    let config = env.write_config("mem.toml", &env.config("require", "[server]\nworkers = 1\n"));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    // Warm up: one small exchange of each kind, then measure the peak.
+    let mut c = client.connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/chunked/100000", &[], b"").unwrap().status, 200);
+    assert_eq!(c.request("POST", "/upload", &[], &[7u8; 100_000]).unwrap().status, 200);
+    let before = peak_rss_kib(proxy.pid());
+
+    let len = 32 * 1024 * 1024;
+    c.write_raw(format!("GET /chunked/{len} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.body.len(), len);
+    let mut up = client.connect(proxy.addr).unwrap();
+    up.write_raw(
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len}\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let piece = vec![1u8; 1 << 20];
+    for _ in 0..32 {
+        up.write_raw(&piece).unwrap();
+    }
+    let r = up.read_response(false).unwrap();
+    assert!(r.text().starts_with(&format!("bytes={len} ")), "{}", r.text());
+    let after = peak_rss_kib(proxy.pid());
+    assert!(after - before < 8 * 1024, "peak RSS grew by {} KiB while 64 MiB went through", after - before);
+}
+
+#[test]
+fn backend_refusing_connections_gives_502() {
+    let env = Env::new();
+    // A port nothing listens on: bind, note, release.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = env.config("require", "").replace(&env.backend.addr().to_string(), &dead.to_string());
+    let proxy = TestProxy::start(env.dir(), &config);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.text(), r#"{"statusCode":502,"message":"Bad gateway"}"#);
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    // Nothing about the backend leaks, and the client connection is still usable.
+    assert!(!r.text().contains("refused"));
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 502);
+}
+
+#[test]
+fn silent_backend_gives_504() {
+    let env = Env::new();
+    let config =
+        env.config("require", "").replace("url = \"http://", "response_timeout = \"300ms\"\nurl = \"http://");
+    let proxy = TestProxy::start(env.dir(), &config);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/silent", &[], b"").unwrap();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.text(), r#"{"statusCode":504,"message":"Gateway timeout"}"#);
+}
+
+#[test]
+fn unknown_path_gives_404_json() {
+    let env = Env::new();
+    let api = "[[api]]\nname = \"todo\"\npath = \"/todo\"\nbackend = \"app\"\n";
+    let proxy = env.proxy("require", api);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/todos", &[], b"").unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), r#"{"statusCode":404,"message":"Resource not found"}"#);
+    let r = c.request("GET", "/todo/items?x=1", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().starts_with("GET /items?x=1 HTTP/1.1"),
+        "the API prefix is replaced by the backend path: {}",
+        r.text()
+    );
+    assert_eq!(env.backend.connections(), 1);
+}
+
+#[test]
+fn hop_by_hop_headers_are_dropped_and_forwarding_headers_set() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c
+        .request(
+            "GET",
+            "/",
+            &[
+                ("Connection", "keep-alive, X-Secret"),
+                ("X-Secret", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Upgrade", "h2c"),
+                ("Proxy-Connection", "keep-alive"),
+                ("X-Forwarded-For", "6.6.6.6"),
+                ("X-Forwarded-Proto", "http"),
+                ("X-Kept", "yes"),
+            ],
+            b"",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    for gone in ["Connection", "X-Secret", "Keep-Alive", "TE", "Upgrade", "Proxy-Connection"] {
+        assert_eq!(r.echoed_header(gone), None, "{gone} reached the backend");
+    }
+    assert_eq!(r.echoed_header("X-Kept").as_deref(), Some("yes"));
+    assert_eq!(r.echoed_header("X-Forwarded-For").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.echoed_header_count("X-Forwarded-For"), 1);
+    assert_eq!(r.echoed_header("X-Forwarded-Proto").as_deref(), Some("https"));
+}
+
+#[test]
+fn identity_headers_from_the_client_never_reach_the_backend() {
+    let env = Env::new();
+    let steps = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  set_header = { name = "X-Client-Cert-Subject", value = "{client_cert.subject}", action = "skip" }
+"#;
+    let proxy = env.proxy("request", steps);
+    // With a certificate: the proxy's value, once.
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c
+        .request(
+            "GET",
+            "/",
+            &[("X-Client-Cert-Subject", "CN=admin"), ("x-client-cert-subject", "CN=root")],
+            b"",
+        )
+        .unwrap();
+    assert_eq!(
+        r.echoed_header("X-Client-Cert-Subject").as_deref(),
+        Some("CN=client1, OU=Clients, O=Portcullis Test, C=XX")
+    );
+    assert_eq!(r.echoed_header_count("X-Client-Cert-Subject"), 1);
+    // Without one: nothing, not the forged value.
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/", &[("X-Client-Cert-Subject", "CN=admin")], b"").unwrap();
+    assert_eq!(r.echoed_header("X-Client-Cert-Subject"), None, "{}", r.text());
+}
+
+#[test]
+fn outbound_delete_removes_a_backend_header() {
+    let env = Env::new();
+    let steps = r#"
+[[outbound]]
+set_header = { name = "X-Powered-By", action = "delete" }
+"#;
+    let proxy = env.proxy("require", steps);
+    let r = env.client(Some(&env.pki.client)).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("X-Powered-By"), None);
+    assert!(r.header("X-Backend-Conn").is_some());
+}
+
+#[test]
+fn http10_request_is_served_and_closed() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let bytes = raw_exchange_bytes(
+        &env.client(Some(&env.pki.client)),
+        proxy.addr,
+        b"GET /chunked/5000 HTTP/1.0\r\n\r\n",
+    )
+    .unwrap();
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&bytes[..end]);
+    assert_eq!(status_of(&head), Some(200), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "no chunked coding for HTTP/1.0: {head}"
+    );
+    assert!(head.contains("Connection: close"));
+    assert!(bytes[end..] == expected_pattern(5000)[..], "the body, unchunked, ends at the close");
+}
+
+#[test]
+fn expect_100_continue_is_answered_by_the_proxy() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.send(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        .unwrap();
+    // The interim response comes before we send the body (read_response skips it, so look raw).
+    c.send(b"hello").unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("bytes=5 "), "{}", r.text());
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.send(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\nPOST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let a = c.read_response(false).unwrap();
+    let b = c.read_response(false).unwrap();
+    let d = c.read_response(false).unwrap();
+    assert!(a.text().starts_with("GET /a "));
+    assert!(b.text().starts_with("bytes=3 "));
+    assert!(d.text().starts_with("GET /c "));
+}
+
+#[test]
+fn head_requests_get_headers_only() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("HEAD", "/bytes/1000", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Length"), Some("1000"));
+    assert!(r.body.is_empty());
+    // The next response on the connection is intact.
+    let r = c.request("GET", "/bytes/10", &[], b"").unwrap();
+    assert_eq!(r.body, expected_pattern(10));
+}
+
+#[test]
+fn backend_status_and_reason_are_relayed() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/status/418", &[], b"").unwrap();
+    assert_eq!(r.status, 418);
+    assert_eq!(r.text(), "status 418");
+    let r = c.request("GET", "/status/204", &[], b"").unwrap();
+    assert_eq!(r.status, 204);
+}
+
+#[test]
+fn epoll_driver_serves_too() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\ndriver = \"epoll\"\nworkers = 2\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    }
+    let r = c.request("GET", &format!("/chunked/{}", 1 << 20), &[], b"").unwrap();
+    assert_eq!(r.body.len(), 1 << 20);
+}
+
+#[test]
+fn many_workers_share_the_port() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 4\n");
+    let client = env.client(Some(&env.pki.client));
+    for _ in 0..20 {
+        assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+    }
+}

@@ -1,0 +1,245 @@
+//! TLS: client certificate modes, what the proxy learns from a certificate, SNI, resumption.
+
+use portcullis_testkit::pki::LeafOptions;
+use portcullis_testkit::{TlsClient, Versions};
+
+use crate::common::Env;
+
+/// Headers that expose what the proxy knows about the client certificate to the backend.
+const FACTS: &str = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  set_header = { name = "X-Cert-Subject", value = "{client_cert.subject}" }
+  [[api.inbound]]
+  set_header = { name = "X-Cert-Issuer", value = "{client_cert.issuer}" }
+  [[api.inbound]]
+  set_header = { name = "X-Cert-Thumbprint", value = "{client_cert.thumbprint}" }
+  [[api.inbound]]
+  set_header = { name = "X-Cert-Sha256", value = "{client_cert.thumbprint_sha256}" }
+  [[api.inbound]]
+  set_header = { name = "X-Cert-Serial", value = "{client_cert.serial}" }
+  [[api.inbound]]
+  set_header = { name = "X-Cert-Errors", value = "[{client_cert.verify_errors}]" }
+"#;
+
+fn refused(result: std::io::Result<portcullis_testkit::Response>) -> String {
+    match result {
+        Ok(r) => panic!("expected the handshake to be refused, got HTTP {}", r.status),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn allowed_client_reaches_the_backend() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let r = env.client(Some(&env.pki.client)).get(proxy.addr, "/hello").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("GET /hello HTTP/1.1\n"), "{}", r.text());
+    assert_eq!(env.backend.connections(), 1);
+}
+
+#[test]
+fn require_refuses_a_missing_certificate() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let e = refused(env.client(None).get(proxy.addr, "/"));
+    assert!(e.contains("CertificateRequired") || e.contains("HandshakeFailure"), "{e}");
+    assert_eq!(env.backend.connections(), 0);
+}
+
+#[test]
+fn require_refuses_a_certificate_from_another_ca() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let e = refused(env.client(Some(&env.pki.wrong_ca)).get(proxy.addr, "/"));
+    assert!(e.contains("UnknownCA"), "{e}");
+    assert_eq!(env.backend.connections(), 0);
+}
+
+#[test]
+fn require_refuses_a_revoked_certificate() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let e = refused(env.client(Some(&env.pki.revoked)).get(proxy.addr, "/"));
+    assert!(e.contains("CertificateRevoked"), "{e}");
+    assert_eq!(env.backend.connections(), 0);
+}
+
+#[test]
+fn require_refuses_an_expired_certificate() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let e = refused(env.client(Some(&env.pki.expired)).get(proxy.addr, "/"));
+    assert!(e.contains("CertificateExpired"), "{e}");
+    let e = refused(env.client(Some(&env.pki.not_yet_valid)).get(proxy.addr, "/"));
+    assert!(e.contains("CertificateExpired"), "{e}");
+    assert_eq!(env.backend.connections(), 0);
+}
+
+#[test]
+fn request_mode_completes_and_exposes_the_facts() {
+    let env = Env::new();
+    let proxy = env.proxy("request", FACTS);
+    let pki = &env.pki;
+
+    let good = env.client(Some(&pki.client)).get(proxy.addr, "/").unwrap();
+    assert_eq!(good.status, 200);
+    assert_eq!(
+        good.echoed_header("X-Cert-Subject").unwrap(),
+        "CN=client1, OU=Clients, O=Portcullis Test, C=XX"
+    );
+    assert_eq!(
+        good.echoed_header("X-Cert-Issuer").unwrap(),
+        "CN=Portcullis Test Intermediate, OU=CAs, O=Portcullis Test, C=XX"
+    );
+    assert_eq!(good.echoed_header("X-Cert-Thumbprint").unwrap(), pki.client.thumbprint());
+    assert_eq!(good.echoed_header("X-Cert-Sha256").unwrap(), pki.client.thumbprint_sha256());
+    let serial = portcullis_testkit::pki::hex_upper(&pki.client.serial);
+    assert_eq!(good.echoed_header("X-Cert-Serial").unwrap(), serial.trim_start_matches('0'));
+    assert_eq!(good.echoed_header("X-Cert-Errors").unwrap(), "[]");
+
+    let none = env.client(None).get(proxy.addr, "/").unwrap();
+    assert_eq!(none.status, 200);
+    assert_eq!(none.echoed_header("X-Cert-Subject"), None, "no certificate, no identity header");
+
+    let cases = [
+        (&pki.expired, "certificate has expired (depth 0)"),
+        (&pki.not_yet_valid, "certificate is not yet valid (depth 0)"),
+        (&pki.revoked, "certificate revoked (depth 0)"),
+        (&pki.wrong_ca, "unable to get local issuer certificate"),
+    ];
+    for (id, error) in cases {
+        let r = env.client(Some(id)).get(proxy.addr, "/").unwrap();
+        assert_eq!(r.status, 200, "{}", id.name);
+        assert_eq!(r.echoed_header("X-Cert-Thumbprint").unwrap(), id.thumbprint());
+        let errors = r.echoed_header("X-Cert-Errors").unwrap();
+        assert!(errors.contains(error), "{}: {errors}", id.name);
+    }
+}
+
+#[test]
+fn every_verification_error_is_recorded() {
+    let env = Env::new();
+    let pki = &env.pki;
+    // Expired AND revoked: both must be known, not only the first one found.
+    let now = time::OffsetDateTime::now_utc();
+    let both = pki.intermediate.issue(
+        "both",
+        &LeafOptions {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(2),
+            ..LeafOptions::client("expired-and-revoked")
+        },
+    );
+    std::fs::write(&env.paths.crl, pki.intermediate.crl(&[&pki.revoked, &both])).unwrap();
+    let proxy = env.proxy("request", FACTS);
+    let r = env.client(Some(&both)).get(proxy.addr, "/").unwrap();
+    let errors = r.echoed_header("X-Cert-Errors").unwrap();
+    assert!(errors.contains("certificate has expired (depth 0)"), "{errors}");
+    assert!(errors.contains("certificate revoked (depth 0)"), "{errors}");
+}
+
+#[test]
+fn sni_selects_certificate_and_client_mode() {
+    let env = Env::new();
+    let p = |p: &std::path::Path| p.display().to_string();
+    let sni = format!(
+        r#"
+  [[listener.sni]]
+  hostnames = ["devices.localhost"]
+  certificate = {{ cert = "{}", key = "{}" }}
+  client_certificate = "require"
+"#,
+        p(&env.paths.sni_chain),
+        p(&env.paths.sni_key)
+    );
+    // The SNI table belongs to the listener: put it right after the listener's fields.
+    let config = env.config("request", "").replacen("\n[[backend]]", &format!("{sni}\n[[backend]]"), 1);
+    let proxy = portcullis_testkit::TestProxy::start(env.dir(), &config);
+
+    // The default name gets the default certificate (rustls checks the name), no cert needed.
+    let r = env.client(None).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.status, 200);
+    // devices.localhost gets its own certificate, and requires a client certificate.
+    let devices = env.client(Some(&env.pki.client)).sni("devices.localhost");
+    assert_eq!(devices.get(proxy.addr, "/").unwrap().status, 200);
+    let anonymous = env.client(None).sni("devices.localhost");
+    assert!(anonymous.get(proxy.addr, "/").is_err(), "devices.localhost requires a client certificate");
+    // A name the default certificate does not cover fails the client's own check.
+    let wrong = TlsClient::new(&env.pki, None).sni("other.localhost");
+    assert!(wrong.connect(proxy.addr).is_err());
+}
+
+fn resumption(versions: Versions) {
+    let env = Env::new();
+    let proxy = env.proxy("require", FACTS);
+    let client = TlsClient::with(&env.pki, Some(&env.pki.client), versions);
+    let mut first = client.connect(proxy.addr).unwrap();
+    assert!(!first.resumed());
+    let r = first.request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.echoed_header("X-Cert-Thumbprint").unwrap(), env.pki.client.thumbprint());
+    first.close();
+
+    let mut second = client.connect(proxy.addr).unwrap();
+    let r = second.request("GET", "/", &[], b"").unwrap();
+    assert!(second.resumed(), "the second connection should resume the first session");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed_header("X-Cert-Thumbprint").unwrap(), env.pki.client.thumbprint());
+    assert_eq!(r.echoed_header("X-Cert-Subject").unwrap(), "CN=client1, OU=Clients, O=Portcullis Test, C=XX");
+    assert_eq!(r.echoed_header("X-Cert-Errors").unwrap(), "[]");
+}
+
+#[test]
+fn resumed_tls13_session_keeps_the_certificate_facts() {
+    resumption(Versions::Tls13);
+}
+
+#[test]
+fn resumed_tls12_session_keeps_the_certificate_facts() {
+    resumption(Versions::Tls12);
+}
+
+#[test]
+fn tls12_and_tls13_are_both_served() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    for (v, expected) in [
+        (Versions::Tls12, rustls::ProtocolVersion::TLSv1_2),
+        (Versions::Tls13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let client = TlsClient::with(&env.pki, Some(&env.pki.client), v);
+        let mut c = client.connect(proxy.addr).unwrap();
+        assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+        assert_eq!(c.protocol_version(), Some(expected));
+    }
+}
+
+#[test]
+fn tls_min_version_13_refuses_tls12() {
+    let env = Env::new();
+    let config = env.config("require", "").replacen("crl = [", "tls_min_version = \"1.3\"\ncrl = [", 1);
+    let proxy = portcullis_testkit::TestProxy::start(env.dir(), &config);
+    let tls12 = TlsClient::with(&env.pki, Some(&env.pki.client), Versions::Tls12);
+    assert!(tls12.get(proxy.addr, "/").is_err());
+    let tls13 = TlsClient::with(&env.pki, Some(&env.pki.client), Versions::Tls13);
+    assert_eq!(tls13.get(proxy.addr, "/").unwrap().status, 200);
+}
+
+#[test]
+fn garbage_instead_of_a_client_hello_is_closed() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut tcp = std::net::TcpStream::connect(proxy.addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = tcp.read_to_end(&mut buf);
+    // Either nothing or a TLS alert record (content type 21) comes back, then the close.
+    assert!(buf.is_empty() || buf[0] == 21, "{buf:?}");
+    assert_eq!(env.backend.connections(), 0);
+}
