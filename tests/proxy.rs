@@ -345,3 +345,34 @@ fn many_workers_share_the_port() {
         assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
     }
 }
+
+#[test]
+fn pooled_connections_expire_after_their_idle_timeout() {
+    let env = Env::new();
+    let config = env
+        .config("require", "[server]\nworkers = 1\n")
+        .replace("url = \"http://", "idle_timeout = \"200ms\"\nurl = \"http://");
+    let proxy = TestProxy::start(env.dir(), &config);
+    let client = env.client(Some(&env.pki.client));
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+    assert_eq!(env.backend.connections(), 1);
+    // Sequencing, not timing: well past the idle timeout the pooled connection is gone.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+    assert_eq!(env.backend.connections(), 2);
+}
+
+#[test]
+fn a_stale_pooled_connection_is_retried_transparently() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    // The backend closes the pooled connection after answering, without saying so …
+    assert_eq!(c.request("GET", "/then-close", &[], b"").unwrap().status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // … so the next request finds it dead, and is sent again on a new one.
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    assert_eq!(env.backend.connections(), 2);
+}

@@ -243,3 +243,16 @@ fn garbage_instead_of_a_client_hello_is_closed() {
     assert!(buf.is_empty() || buf[0] == 21, "{buf:?}");
     assert_eq!(env.backend.connections(), 0);
 }
+
+#[test]
+fn a_silent_client_is_dropped_at_the_handshake_timeout() {
+    use std::io::Read;
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nhandshake_timeout = \"300ms\"\n");
+    let mut tcp = std::net::TcpStream::connect(proxy.addr).unwrap();
+    // Longer than the handshake timeout, shorter than forever: the proxy must close first.
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = tcp.read(&mut buf).expect("the proxy closes the connection instead of waiting");
+    assert_eq!(n, 0);
+}

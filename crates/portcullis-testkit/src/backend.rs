@@ -7,6 +7,8 @@
 //! - `/bytes/<n>`: `n` bytes with `Content-Length`;
 //! - `/chunked/<n>`: `n` bytes, chunked;
 //! - `/close`: echoes, then closes (`Connection: close`);
+//! - `/then-close`: echoes as if keeping the connection, then closes it anyway (as a backend's
+//!   idle timeout would, just after);
 //! - `/upload`: streams the request body through SHA-256 and answers `bytes=<n> sha256=<hex>`;
 //! - `/status/<code>`: that status;
 //! - anything else: echoes the request head it received as the body.
@@ -265,6 +267,11 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
             )?;
         }
         out.flush()?;
+        if path == "/then-close" {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         if close || req.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
             let _ = out.shutdown(Shutdown::Both);
             return Ok(());
