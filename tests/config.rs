@@ -36,6 +36,9 @@ fn the_example_configuration_compiles_with_its_files() {
     ] {
         std::fs::copy(from, pki.join(to)).unwrap();
     }
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::copy(example().with_file_name("data").join("devices.sha1"), dir.join("data/devices.sha1"))
+        .unwrap();
     let out = Command::new(binary()).args(["check", "-c"]).arg(dir.join("portcullis.toml")).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -7,5 +7,7 @@ mod config;
 mod conformance;
 mod framing;
 mod lifecycle;
+mod policy;
 mod proxy;
+mod reload;
 mod tls;

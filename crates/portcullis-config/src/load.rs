@@ -107,7 +107,36 @@ fn cross_check(r: &mut Reader, c: &Config) {
             )));
         }
     }
+    let steps = c.inbound.iter().chain(&c.outbound).chain(c.apis.iter().flat_map(|a| {
+        a.inbound
+            .iter()
+            .chain(&a.outbound)
+            .chain(a.operations.iter().flat_map(|o| o.inbound.iter().chain(&o.outbound)))
+    }));
+    for step in steps {
+        let StepKind::ValidateClientCertificate(v) = &step.kind else { continue };
+        for attribute in v.identities.iter().flat_map(|i| &i.attributes) {
+            match &attribute.value {
+                IdentityAttribute::ThumbprintIn(name)
+                    if !c.thumbprints.iter().any(|t| &t.name.value == name) =>
+                {
+                    r.errors.push(
+                        attribute.loc.error(format!("no thumbprint list named \"{name}\" in [thumbprints]")),
+                    );
+                }
+                IdentityAttribute::Certificate(name) | IdentityAttribute::IssuerCertificate(name)
+                    if !c.certificates.iter().any(|t| &t.name.value == name) =>
+                {
+                    r.errors.push(
+                        attribute.loc.error(format!("no certificate named \"{name}\" in [certificates]")),
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
     let mut binds: HashMap<SocketAddr, &Loc> = HashMap::new();
+
     for l in &c.listeners {
         if let Some(first) = binds.insert(l.bind.value, &l.bind.loc) {
             r.errors.push(
@@ -488,7 +517,11 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
 
 fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
     let t = r.table(v, field)?;
-    r.check_keys(t, field, &["name", "path", "host", "backend", "inherit", "inbound", "outbound"]);
+    r.check_keys(
+        t,
+        field,
+        &["name", "path", "host", "backend", "inherit", "inbound", "outbound", "operations", "operation"],
+    );
     let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
     let path = required(r, t, v, field, "path").and_then(|p| {
         let s = r.string(p, &join(field, "path"))?;
@@ -509,6 +542,34 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
     };
     let inbound = get(t, "inbound").map(|s| steps(r, s, &join(field, "inbound"))).unwrap_or_default();
     let outbound = get(t, "outbound").map(|s| steps(r, s, &join(field, "outbound"))).unwrap_or_default();
+    let mut operations = Vec::new();
+    if let Some(list) = get(t, "operations") {
+        for pattern in r.strings(list, &join(field, "operations")) {
+            if let Some(pattern) = operation_pattern(r, pattern) {
+                operations.push(Operation {
+                    pattern,
+                    inherit: true,
+                    inbound: Vec::new(),
+                    outbound: Vec::new(),
+                });
+            }
+        }
+    }
+    if let Some(tables) = get(t, "operation") {
+        for (v, f) in r.tables(tables, &join(field, "operation")) {
+            if let Some(op) = operation(r, v, &f) {
+                operations.push(op);
+            }
+        }
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for op in &operations {
+        if seen.contains(&op.pattern.value.as_str()) {
+            r.errors
+                .push(op.pattern.loc.error(format!("operation \"{}\" is declared twice", op.pattern.value)));
+        }
+        seen.push(&op.pattern.value);
+    }
     Some(Api {
         name: name?,
         path: path?,
@@ -517,11 +578,68 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
         inherit,
         inbound,
         outbound,
+        operations,
         loc: r.loc(&v.span(), field),
     })
 }
 
-const STEP_KINDS: [&str; 1] = ["set_header"];
+/// Checks `METHOD /template/{param}`; returns it normalised to single spaces.
+fn operation_pattern(r: &mut Reader, pattern: Located<String>) -> Option<Located<String>> {
+    let mut parts = pattern.value.split_whitespace();
+    let (Some(method), Some(template), None) = (parts.next(), parts.next(), parts.next()) else {
+        r.errors.push(
+            pattern
+                .loc
+                .error(format!("\"{}\" is not an operation like \"GET /items/{{id}}\"", pattern.value)),
+        );
+        return None;
+    };
+    if method != "*" && !is_token(method) {
+        r.errors.push(pattern.loc.error(format!("\"{method}\" is not a method (or \"*\" for any)")));
+        return None;
+    }
+    if !template.starts_with('/') || template.contains(['?', '#']) {
+        r.errors
+            .push(pattern.loc.error(format!("\"{template}\" is not a path template like \"/items/{{id}}\"")));
+        return None;
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for segment in template.split('/').skip(1) {
+        if segment.contains(['{', '}']) {
+            let name = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}'));
+            match name {
+                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+                    if names.contains(&n) {
+                        r.errors.push(pattern.loc.error(format!("parameter {{{n}}} appears twice")));
+                        return None;
+                    }
+                    names.push(n);
+                }
+                _ => {
+                    r.errors.push(pattern.loc.error(format!(
+                        "\"{segment}\": a parameter is a whole segment like {{deviceId}} (letters, digits, _)"
+                    )));
+                    return None;
+                }
+            }
+        }
+    }
+    Some(Located::new(format!("{method} {template}"), pattern.loc))
+}
+
+fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["match", "inherit", "inbound", "outbound"]);
+    let pattern =
+        required(r, t, v, field, "match").and_then(|m| r.non_empty_string(m, &join(field, "match")));
+    let pattern = pattern.and_then(|p| operation_pattern(r, p));
+    let inherit = flag(r, t, field, "inherit", true);
+    let inbound = get(t, "inbound").map(|s| steps(r, s, &join(field, "inbound"))).unwrap_or_default();
+    let outbound = get(t, "outbound").map(|s| steps(r, s, &join(field, "outbound"))).unwrap_or_default();
+    Some(Operation { pattern: pattern?, inherit, inbound, outbound })
+}
+
+const STEP_KINDS: [&str; 3] = ["set_header", "validate_client_certificate", "return_response"];
 
 fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
     r.tables(v, field).into_iter().filter_map(|(v, f)| step(r, v, &f)).collect()
@@ -538,6 +656,10 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
     let field = join(field, key.get_ref());
     let kind = match key.get_ref().as_ref() {
         "set_header" => StepKind::SetHeader(set_header(r, body, &field)?),
+        "validate_client_certificate" => {
+            StepKind::ValidateClientCertificate(validate_client_certificate(r, body, &field)?)
+        }
+        "return_response" => StepKind::ReturnResponse(return_response(r, body, &field)?),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })
@@ -579,6 +701,167 @@ fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
         return None;
     }
     Some(SetHeader { name: name?, value, action })
+}
+
+fn flag(r: &mut Reader, t: &DeTable<'_>, field: &str, key: &str, default: bool) -> bool {
+    match get(t, key) {
+        Some(b) => r.boolean(b, &join(field, key)).unwrap_or(default),
+        None => default,
+    }
+}
+
+/// Hex digits with optional `:` or space separators (as thumbprints are often copied), upper-cased.
+pub(crate) fn clean_hex(s: &str) -> String {
+    s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect::<String>().to_ascii_uppercase()
+}
+
+const IDENTITY_KEYS: [&str; 11] = [
+    "thumbprint",
+    "thumbprint_sha256",
+    "thumbprint_in",
+    "certificate",
+    "serial_number",
+    "common_name",
+    "subject",
+    "dns_name",
+    "issuer_subject",
+    "issuer_thumbprint",
+    "issuer_certificate",
+];
+
+fn identity(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Identity> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &IDENTITY_KEYS);
+    if t.is_empty() {
+        r.error(&v.span(), field, format!("an identity needs at least one of: {}", IDENTITY_KEYS.join(", ")));
+        return None;
+    }
+    let mut attributes = Vec::new();
+    for key in IDENTITY_KEYS {
+        let Some(value) = get(t, key) else { continue };
+        let f = join(field, key);
+        let Some(text) = r.non_empty_string(value, &f) else { continue };
+        let hex = |r: &mut Reader, digits: usize| {
+            let h = clean_hex(&text.value);
+            if h.len() != digits || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                r.errors.push(text.loc.error(format!("\"{}\" is not {digits} hex digits", text.value)));
+                return None;
+            }
+            Some(h)
+        };
+        let attribute = match key {
+            "thumbprint" => hex(r, 40).map(IdentityAttribute::Thumbprint),
+            "thumbprint_sha256" => hex(r, 64).map(IdentityAttribute::ThumbprintSha256),
+            "issuer_thumbprint" => hex(r, 40).map(IdentityAttribute::IssuerThumbprint),
+            "serial_number" => {
+                let h = clean_hex(&text.value);
+                if h.is_empty() || h.len() > 40 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    r.errors.push(text.loc.error(format!("\"{}\" is not a hex serial number", text.value)));
+                    None
+                } else {
+                    let trimmed = h.trim_start_matches('0');
+                    Some(IdentityAttribute::SerialNumber(if trimmed.is_empty() {
+                        "0".to_owned()
+                    } else {
+                        trimmed.to_owned()
+                    }))
+                }
+            }
+            "thumbprint_in" => Some(IdentityAttribute::ThumbprintIn(text.value.clone())),
+            "certificate" => Some(IdentityAttribute::Certificate(text.value.clone())),
+            "issuer_certificate" => Some(IdentityAttribute::IssuerCertificate(text.value.clone())),
+            "common_name" => Some(IdentityAttribute::CommonName(text.value.clone())),
+            "subject" => Some(IdentityAttribute::Subject(text.value.clone())),
+            "dns_name" => Some(IdentityAttribute::DnsName(text.value.clone())),
+            "issuer_subject" => Some(IdentityAttribute::IssuerSubject(text.value.clone())),
+            _ => None,
+        };
+        if let Some(a) = attribute {
+            attributes.push(Located::new(a, text.loc.clone()));
+        }
+    }
+    Some(Identity { attributes, loc: Some(r.loc(&v.span(), field)) })
+}
+
+fn validate_client_certificate(
+    r: &mut Reader,
+    v: &Value<'_>,
+    field: &str,
+) -> Option<ValidateClientCertificate> {
+    let t = r.table(v, field)?;
+    r.check_keys(
+        t,
+        field,
+        &[
+            "validate_trust",
+            "validate_revocation",
+            "validate_not_before",
+            "validate_not_after",
+            "ignore_error",
+            "identities",
+            "status",
+            "message",
+        ],
+    );
+    let identities = match get(t, "identities") {
+        Some(list) => r
+            .tables(list, &join(field, "identities"))
+            .into_iter()
+            .filter_map(|(v, f)| identity(r, v, &f))
+            .collect(),
+        None => Vec::new(),
+    };
+    let message = get(t, "message").and_then(|m| r.string(m, &join(field, "message"))).map(|m| m.value);
+    let status = match get(t, "status") {
+        Some(s) => r.integer(s, &join(field, "status"), 400..600).map(|n| n as u16)?,
+        None => 403,
+    };
+    Some(ValidateClientCertificate {
+        validate_trust: flag(r, t, field, "validate_trust", true),
+        validate_revocation: flag(r, t, field, "validate_revocation", true),
+        validate_not_before: flag(r, t, field, "validate_not_before", true),
+        validate_not_after: flag(r, t, field, "validate_not_after", true),
+        ignore_error: flag(r, t, field, "ignore_error", false),
+        identities,
+        status,
+        message: message.unwrap_or_else(|| "Invalid client certificate".to_owned()),
+    })
+}
+
+fn return_response(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<ReturnResponse> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["status", "reason", "headers", "body"]);
+    let status = match get(t, "status") {
+        Some(s) => r.integer(s, &join(field, "status"), 200..600).map(|n| n as u16),
+        None => {
+            r.error(&v.span(), &join(field, "status"), "missing field `status`");
+            None
+        }
+    };
+    let reason = get(t, "reason").and_then(|x| r.string(x, &join(field, "reason"))).map(|x| x.value);
+    if let Some(reason) = &reason
+        && reason.bytes().any(|b| b < 0x20 || b == 0x7f)
+    {
+        r.error(&v.span(), &join(field, "reason"), "a reason phrase cannot contain control characters");
+    }
+    let mut headers = Vec::new();
+    if let Some(h) = get(t, "headers")
+        && let Some(ht) = r.table(h, &join(field, "headers"))
+    {
+        for (key, value) in ht.iter() {
+            let f = format!("{}.{}", join(field, "headers"), key.get_ref());
+            if !is_token(key.get_ref()) {
+                r.error(&key.span(), &f, format!("\"{}\" is not a valid header name", key.get_ref()));
+                continue;
+            }
+            if let Some(value) = r.string(value, &f) {
+                headers.push((Located::new(key.get_ref().to_string(), r.loc(&key.span(), &f)), value));
+            }
+        }
+    }
+    let body =
+        get(t, "body").and_then(|b| r.string(b, &join(field, "body"))).map(|b| b.value).unwrap_or_default();
+    Some(ReturnResponse { status: status?, reason, headers, body })
 }
 
 #[cfg(test)]

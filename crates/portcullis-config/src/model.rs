@@ -197,7 +197,20 @@ pub struct Api {
     pub inherit: bool,
     pub inbound: Vec<Step>,
     pub outbound: Vec<Step>,
+    /// When not empty, only requests matching one of these reach the backend (others get 404).
+    pub operations: Vec<Operation>,
     pub loc: Loc,
+}
+
+/// An operation of an API: `GET /devices/{deviceId}/telemetry`, relative to the API's path.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    /// `METHOD /template` as written; `*` as the method matches any.
+    pub pattern: Located<String>,
+    /// Whether the API's (and through it the global) steps run before the operation's.
+    pub inherit: bool,
+    pub inbound: Vec<Step>,
+    pub outbound: Vec<Step>,
 }
 
 /// One policy step as configured.
@@ -210,6 +223,59 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub enum StepKind {
     SetHeader(SetHeader),
+    ValidateClientCertificate(ValidateClientCertificate),
+    ReturnResponse(ReturnResponse),
+}
+
+/// `validate_client_certificate`: APIM's policy of the same name.
+#[derive(Debug, Clone)]
+pub struct ValidateClientCertificate {
+    pub validate_trust: bool,
+    pub validate_revocation: bool,
+    pub validate_not_before: bool,
+    pub validate_not_after: bool,
+    /// Carry on when validation fails (the request is not refused).
+    pub ignore_error: bool,
+    /// The certificate must match all attributes of at least one of these (when any are given).
+    pub identities: Vec<Identity>,
+    pub status: u16,
+    pub message: String,
+}
+
+/// One identity: every attribute given must match.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub attributes: Vec<Located<IdentityAttribute>>,
+    pub loc: Option<Loc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityAttribute {
+    /// SHA-1 thumbprint, hex.
+    Thumbprint(String),
+    ThumbprintSha256(String),
+    /// Name of a `[thumbprints]` list.
+    ThumbprintIn(String),
+    /// Name of a `[certificates]` entry the client certificate must be.
+    Certificate(String),
+    SerialNumber(String),
+    CommonName(String),
+    Subject(String),
+    DnsName(String),
+    IssuerSubject(String),
+    IssuerThumbprint(String),
+    /// Name of a `[certificates]` entry that must have issued the client certificate.
+    IssuerCertificate(String),
+}
+
+/// `return_response`: answer without asking the backend.
+#[derive(Debug, Clone)]
+pub struct ReturnResponse {
+    pub status: u16,
+    pub reason: Option<String>,
+    /// `(name, template)` pairs.
+    pub headers: Vec<(Located<String>, Located<String>)>,
+    pub body: String,
 }
 
 /// What `set_header` does when the header is already there.

@@ -99,3 +99,47 @@ connect_timeout = "soon"
     assert!(all.contains("https backends are not supported yet"), "{all}");
     assert!(all.contains("backend[0].connect_timeout: invalid duration \"soon\""), "{all}");
 }
+
+#[test]
+fn policy_steps_are_checked() {
+    let text = r#"
+[[listener]]
+bind = "127.0.0.1:8443"
+certificate = { cert = "s.pem", key = "s.key" }
+
+[thumbprints]
+devices = "d.sha1"
+
+[[backend]]
+name = "b"
+url = "http://127.0.0.1:5000"
+
+[[api]]
+name = "a"
+path = "/"
+backend = "b"
+operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
+  [[api.inbound]]
+  validate_client_certificate = { identities = [ { thumbprint = "abc" }, { thumbprint_in = "nope" }, { certificate = "none" }, {} ], validate_trust = "yes" }
+  [[api.inbound]]
+  return_response = { body = "x" }
+  [[api.inbound]]
+  set_header = { name = "X", value = "1" }
+  return_response = { status = 200 }
+"#;
+    let errors = parse(Path::new("p.toml"), text).expect_err("invalid").to_string();
+    for expected in [
+        "\"FETCH\" is not an operation",
+        "parameter {a} appears twice",
+        "\"y{z}\": a parameter is a whole segment",
+        "identities[0].thumbprint: \"abc\" is not 40 hex digits",
+        "no thumbprint list named \"nope\"",
+        "no certificate named \"none\"",
+        "an identity needs at least one of",
+        "validate_trust: expected true or false",
+        "return_response.status: missing field `status`",
+        "a step has exactly one of",
+    ] {
+        assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
+    }
+}

@@ -13,6 +13,8 @@ pub struct Facts<'a> {
     pub client_addr: SocketAddr,
     /// The request's id (also sent as a header when a policy asks for `{request.id}`).
     pub request_id: &'a str,
+    /// Now, in seconds since the Unix epoch (read once per request).
+    pub now: i64,
 }
 
 /// A message's header fields as the server holds them (the policy crate does not parse HTTP).
@@ -51,6 +53,12 @@ impl HeaderEdits {
     /// Fields to add after the kept original ones, in order.
     pub fn added(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.added.iter().map(|(n, r)| (&n[..], &self.arena[r.clone()]))
+    }
+
+    /// Drops the added fields (a response replaces whatever was prepared for the backend).
+    pub(crate) fn clear_added(&mut self) {
+        self.added.clear();
+        self.arena.clear();
     }
 
     pub(crate) fn remove_named(&mut self, headers: &dyn HeaderList, name: &[u8]) {

@@ -1,16 +1,41 @@
 //! Compiled policies and their evaluation.
 
-use bytes::Bytes;
-use portcullis_config::{Config, ConfigErrors, SetHeaderAction, Step as StepConfig, StepKind};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use portcullis_config::{
+    Config, ConfigErrors, IdentityAttribute, Loc, ReturnResponse, SetHeaderAction, Step as StepConfig,
+    StepKind, ValidateClientCertificate,
+};
+use portcullis_tls::{ClientCert, RevocationSet, VerifyError, normalize_dn};
 
 use crate::facts::{Facts, HeaderEdits, HeaderList};
+use crate::operations::OperationPattern;
 use crate::template::Template;
+use crate::thumbprints::ThumbprintSet;
+
+/// A response the policy answers with instead of forwarding the request.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Reason phrase; the standard one when `None`.
+    pub reason: Option<Bytes>,
+    pub content_type: Option<Bytes>,
+    pub body: Bytes,
+    /// Header templates, rendered into the request's [`HeaderEdits`] when the step runs.
+    headers: Vec<(Bytes, Template)>,
+}
 
 /// What a request may do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+#[derive(Debug, Clone, Copy)]
+pub enum Verdict<'p> {
     /// Forward it.
     Continue,
+    /// Answer with this response; its headers are in the edits' added list. `reason` says why,
+    /// for the log (never for the client).
+    Respond { response: &'p Response, reason: &'static str },
 }
 
 #[derive(Debug)]
@@ -21,86 +46,309 @@ struct SetHeader {
     value: Option<Template>,
 }
 
+/// One attribute of an identity, compiled to the form it is compared in.
+#[derive(Debug)]
+enum Attribute {
+    Sha1([u8; 20]),
+    Sha256([u8; 32]),
+    /// Index into `PolicySet::lists`.
+    InList(usize),
+    /// Upper-case hex without leading zeros.
+    Serial(String),
+    /// Lower-case.
+    CommonName(String),
+    /// Normalised.
+    Subject(String),
+    /// Lower-case.
+    DnsName(String),
+    IssuerSubject(String),
+    IssuerSha1([u8; 20]),
+}
+
+#[derive(Debug)]
+struct ValidateStep {
+    trust: bool,
+    revocation: bool,
+    not_before: bool,
+    not_after: bool,
+    ignore_error: bool,
+    /// OR of ANDs.
+    identities: Vec<Vec<Attribute>>,
+    reject: Response,
+}
+
 #[derive(Debug)]
 enum Step {
     SetHeader(SetHeader),
+    ValidateClientCertificate(ValidateStep),
+    ReturnResponse(Response),
 }
 
-/// The steps one API runs: the global scope's (unless it opted out), then its own.
+/// The steps one route runs: the global scope's, the API's, the operation's (each scope may
+/// leave out its parents' with `inherit = false`).
 #[derive(Debug, Default)]
 pub struct ApiPolicy {
     inbound: Vec<Step>,
     outbound: Vec<Step>,
 }
 
-/// Every API's policy, plus what applies to all requests.
+#[derive(Debug)]
+struct Operation {
+    pattern: OperationPattern,
+    policy: ApiPolicy,
+}
+
+/// An API's policies: one for the whole API, or one per operation.
+#[derive(Debug, Default)]
+pub struct ApiRoutes {
+    /// Used when the API declares no operations.
+    all: ApiPolicy,
+    /// When not empty, a request must match one of these.
+    operations: Vec<Operation>,
+}
+
+impl ApiRoutes {
+    /// The policy for a request, or `None` when the API has operations and none matches.
+    /// `path` is the request path after the API prefix, without the query.
+    pub fn select(&self, method: &[u8], path: &[u8]) -> Option<&ApiPolicy> {
+        if self.operations.is_empty() {
+            return Some(&self.all);
+        }
+        self.operations.iter().find(|op| op.pattern.matches(method, path)).map(|op| &op.policy)
+    }
+}
+
+/// Every API's policy, and the data the steps refer to.
 #[derive(Debug, Default)]
 pub struct PolicySet {
     /// Indexed like `Config::apis`.
-    pub apis: Vec<ApiPolicy>,
+    pub apis: Vec<ApiRoutes>,
     /// Lower-case names of the headers the proxy derives from a certificate: removed from every
     /// incoming request before anything else looks at it.
     pub identity_headers: Vec<Bytes>,
+    /// Compiled `[thumbprints]` lists.
+    lists: Vec<ThumbprintSet>,
+    /// Revoked certificates from every CRL of the configuration, checked on every request.
+    revoked: Arc<RevocationSet>,
 }
 
-fn compile_steps(
-    steps: &[StepConfig],
-    errors: &mut ConfigErrors,
-    identity: &mut Vec<Bytes>,
-    inbound: bool,
-) -> Vec<Step> {
-    let mut out = Vec::with_capacity(steps.len());
-    for step in steps {
-        match &step.kind {
-            StepKind::SetHeader(s) => {
-                let value = match &s.value {
-                    Some(v) => match Template::parse(&v.value, &v.loc) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            errors.push(e);
-                            continue;
-                        }
-                    },
-                    None => None,
-                };
-                if inbound && value.as_ref().is_some_and(Template::uses_client_cert) {
-                    let lower = Bytes::from(s.name.value.to_ascii_lowercase().into_bytes());
-                    if !identity.contains(&lower) {
-                        identity.push(lower);
-                    }
-                }
-                out.push(Step::SetHeader(SetHeader {
-                    name: Bytes::from(s.name.value.clone().into_bytes()),
-                    action: s.action,
-                    value,
-                }));
-            }
-        }
+/// What compiling needs from outside: named certificates' SHA-1 thumbprints (loaded by the TLS
+/// crate) and the revocation set.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    pub certificates: HashMap<String, [u8; 20]>,
+    pub revoked: Arc<RevocationSet>,
+}
+
+fn hex_bytes<const N: usize>(hex: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, pair) in hex.as_bytes().chunks(2).take(N).enumerate() {
+        let text = std::str::from_utf8(pair).unwrap_or("00");
+        out[i] = u8::from_str_radix(text, 16).unwrap_or(0);
     }
     out
 }
 
-/// Compiles the policy of every API in `config`; reports every error.
-pub fn compile(config: &Config) -> Result<PolicySet, ConfigErrors> {
+/// A JSON error response, built once.
+fn json_response(status: u16, message: &str) -> Response {
+    let mut body = BytesMut::new();
+    body.put_slice(b"{\"statusCode\":");
+    body.put_slice(status.to_string().as_bytes());
+    body.put_slice(b",\"message\":\"");
+    for c in message.chars() {
+        match c {
+            '"' => body.put_slice(b"\\\""),
+            '\\' => body.put_slice(b"\\\\"),
+            c if (c as u32) < 0x20 => body.put_slice(format!("\\u{:04x}", c as u32).as_bytes()),
+            c => body.put_slice(c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+        }
+    }
+    body.put_slice(b"\"}");
+    Response {
+        status,
+        reason: None,
+        content_type: Some(Bytes::from_static(b"application/json")),
+        body: body.freeze(),
+        headers: Vec::new(),
+    }
+}
+
+struct Compiler<'a> {
+    inputs: &'a Inputs,
+    list_names: &'a [String],
+    errors: ConfigErrors,
+    identity: Vec<Bytes>,
+}
+
+impl Compiler<'_> {
+    fn template(&mut self, text: &str, loc: &Loc) -> Option<Template> {
+        match Template::parse(text, loc) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+
+    fn steps(&mut self, steps: &[&StepConfig], inbound: bool) -> Vec<Step> {
+        steps.iter().filter_map(|s| self.step(s, inbound)).collect()
+    }
+
+    fn step(&mut self, step: &StepConfig, inbound: bool) -> Option<Step> {
+        match &step.kind {
+            StepKind::SetHeader(s) => {
+                let value = match &s.value {
+                    Some(v) => Some(self.template(&v.value, &v.loc)?),
+                    None => None,
+                };
+                if inbound && value.as_ref().is_some_and(Template::uses_client_cert) {
+                    let lower = Bytes::from(s.name.value.to_ascii_lowercase().into_bytes());
+                    if !self.identity.contains(&lower) {
+                        self.identity.push(lower);
+                    }
+                }
+                Some(Step::SetHeader(SetHeader {
+                    name: Bytes::from(s.name.value.clone().into_bytes()),
+                    action: s.action,
+                    value,
+                }))
+            }
+            StepKind::ValidateClientCertificate(v) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("validate_client_certificate is an inbound step"));
+                    return None;
+                }
+                Some(Step::ValidateClientCertificate(self.validate(v)))
+            }
+            StepKind::ReturnResponse(r) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("return_response is an inbound step"));
+                    return None;
+                }
+                Some(Step::ReturnResponse(self.return_response(r)))
+            }
+        }
+    }
+
+    fn validate(&mut self, v: &ValidateClientCertificate) -> ValidateStep {
+        let identities = v
+            .identities
+            .iter()
+            .map(|identity| {
+                identity
+                    .attributes
+                    .iter()
+                    .filter_map(|a| {
+                        Some(match &a.value {
+                            IdentityAttribute::Thumbprint(h) => Attribute::Sha1(hex_bytes(h)),
+                            IdentityAttribute::ThumbprintSha256(h) => Attribute::Sha256(hex_bytes(h)),
+                            IdentityAttribute::IssuerThumbprint(h) => Attribute::IssuerSha1(hex_bytes(h)),
+                            IdentityAttribute::ThumbprintIn(name) => {
+                                Attribute::InList(self.list_names.iter().position(|n| n == name)?)
+                            }
+                            IdentityAttribute::Certificate(name) => {
+                                Attribute::Sha1(*self.inputs.certificates.get(name)?)
+                            }
+                            IdentityAttribute::IssuerCertificate(name) => {
+                                Attribute::IssuerSha1(*self.inputs.certificates.get(name)?)
+                            }
+                            IdentityAttribute::SerialNumber(s) => Attribute::Serial(s.clone()),
+                            IdentityAttribute::CommonName(s) => Attribute::CommonName(s.to_lowercase()),
+                            IdentityAttribute::Subject(s) => Attribute::Subject(normalize_dn(s)),
+                            IdentityAttribute::DnsName(s) => Attribute::DnsName(s.to_ascii_lowercase()),
+                            IdentityAttribute::IssuerSubject(s) => Attribute::IssuerSubject(normalize_dn(s)),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        ValidateStep {
+            trust: v.validate_trust,
+            revocation: v.validate_revocation,
+            not_before: v.validate_not_before,
+            not_after: v.validate_not_after,
+            ignore_error: v.ignore_error,
+            identities,
+            reject: json_response(v.status, &v.message),
+        }
+    }
+
+    fn return_response(&mut self, r: &ReturnResponse) -> Response {
+        let headers = r
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let t = self.template(&value.value, &value.loc)?;
+                Some((Bytes::from(name.value.clone().into_bytes()), t))
+            })
+            .collect::<Vec<_>>();
+        let has_content_type = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(b"content-type"));
+        Response {
+            status: r.status,
+            reason: r.reason.as_ref().map(|s| Bytes::from(s.clone().into_bytes())),
+            content_type: (!has_content_type && !r.body.is_empty())
+                .then(|| Bytes::from_static(b"text/plain")),
+            body: Bytes::from(r.body.clone().into_bytes()),
+            headers,
+        }
+    }
+}
+
+/// Compiles the policy of every API in `config`, loading its thumbprint lists; reports every
+/// error. `inputs` brings what other crates loaded.
+pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErrors> {
     let mut errors = ConfigErrors::default();
-    let mut identity = Vec::new();
+    let mut lists = Vec::with_capacity(config.thumbprints.len());
+    let mut list_names = Vec::with_capacity(config.thumbprints.len());
+    for named in &config.thumbprints {
+        match ThumbprintSet::load(&named.path.value, &named.path.loc) {
+            Ok(set) => {
+                lists.push(set);
+                list_names.push(named.name.value.clone());
+            }
+            Err(e) => errors.extend(e),
+        }
+    }
+    let mut c = Compiler { inputs, list_names: &list_names, errors, identity: Vec::new() };
     let mut apis = Vec::with_capacity(config.apis.len());
     for api in &config.apis {
-        let mut inbound_cfg: Vec<StepConfig> = Vec::new();
-        let mut outbound_cfg: Vec<StepConfig> = Vec::new();
-        if api.inherit {
-            inbound_cfg.extend(config.inbound.iter().cloned());
-            outbound_cfg.extend(config.outbound.iter().cloned());
+        let scope = |inherit: bool, global: &'_ [StepConfig], own: &'_ [StepConfig]| -> Vec<StepConfig> {
+            let mut v: Vec<StepConfig> = if inherit { global.to_vec() } else { Vec::new() };
+            v.extend(own.iter().cloned());
+            v
+        };
+        let api_in = scope(api.inherit, &config.inbound, &api.inbound);
+        let api_out = scope(api.inherit, &config.outbound, &api.outbound);
+        let all = ApiPolicy {
+            inbound: c.steps(&api_in.iter().collect::<Vec<_>>(), true),
+            outbound: c.steps(&api_out.iter().collect::<Vec<_>>(), false),
+        };
+        let mut operations = Vec::with_capacity(api.operations.len());
+        for op in &api.operations {
+            let policy = if op.inbound.is_empty() && op.outbound.is_empty() && op.inherit {
+                ApiPolicy {
+                    inbound: c.steps(&api_in.iter().collect::<Vec<_>>(), true),
+                    outbound: c.steps(&api_out.iter().collect::<Vec<_>>(), false),
+                }
+            } else {
+                let inbound = scope(op.inherit, &api_in, &op.inbound);
+                let outbound = scope(op.inherit, &api_out, &op.outbound);
+                ApiPolicy {
+                    inbound: c.steps(&inbound.iter().collect::<Vec<_>>(), true),
+                    outbound: c.steps(&outbound.iter().collect::<Vec<_>>(), false),
+                }
+            };
+            operations.push(Operation { pattern: OperationPattern::parse(&op.pattern.value), policy });
         }
-        inbound_cfg.extend(api.inbound.iter().cloned());
-        outbound_cfg.extend(api.outbound.iter().cloned());
-        let inbound = compile_steps(&inbound_cfg, &mut errors, &mut identity, true);
-        let outbound = compile_steps(&outbound_cfg, &mut errors, &mut identity, false);
-        apis.push(ApiPolicy { inbound, outbound });
+        operations.sort_by_key(|op| std::cmp::Reverse(op.pattern.specificity()));
+        apis.push(ApiRoutes { all, operations });
     }
-    // Global steps of APIs that opted out still name identity headers: strip those everywhere.
-    let _ = compile_steps(&config.inbound, &mut ConfigErrors::default(), &mut identity, true);
-    errors.into_result(PolicySet { apis, identity_headers: identity })
+    // Steps of the global scope name identity headers even for APIs that opted out.
+    let global: Vec<&StepConfig> = config.inbound.iter().collect();
+    let _ = c.steps(&global, true);
+    let Compiler { errors, identity, .. } = c;
+    errors.into_result(PolicySet { apis, identity_headers: identity, lists, revoked: inputs.revoked.clone() })
 }
 
 fn run_set_header(s: &SetHeader, facts: &Facts<'_>, headers: &dyn HeaderList, edits: &mut HeaderEdits) {
@@ -117,28 +365,118 @@ fn run_set_header(s: &SetHeader, facts: &Facts<'_>, headers: &dyn HeaderList, ed
     }
 }
 
-impl ApiPolicy {
-    /// Runs the inbound steps; header changes for the upstream request go to `edits`.
-    pub fn inbound(&self, facts: &Facts<'_>, headers: &dyn HeaderList, edits: &mut HeaderEdits) -> Verdict {
-        for step in &self.inbound {
+/// Errors that are about the chain, not about the client certificate's own dates or revocation
+/// (which are judged per request, against today's clock and today's CRLs).
+fn is_trust_error(e: &VerifyError) -> bool {
+    !(e.depth == 0 && (e.is_expired() || e.is_not_yet_valid() || e.is_revoked()))
+}
+
+impl PolicySet {
+    fn identity_matches(&self, attributes: &[Attribute], c: &ClientCert) -> bool {
+        attributes.iter().all(|a| match a {
+            Attribute::Sha1(t) => &c.sha1 == t,
+            Attribute::Sha256(t) => &c.sha256 == t,
+            Attribute::InList(i) => {
+                self.lists[*i].contains_sha1(&c.sha1) || self.lists[*i].contains_sha256(&c.sha256)
+            }
+            Attribute::Serial(s) => &c.serial == s,
+            Attribute::CommonName(n) => c.common_name.as_deref().is_some_and(|cn| cn.to_lowercase() == *n),
+            Attribute::Subject(s) => &c.subject_normalized == s,
+            Attribute::DnsName(d) => c.dns_names.iter().any(|n| n.eq_ignore_ascii_case(d)),
+            Attribute::IssuerSubject(s) => &c.issuer_normalized == s,
+            Attribute::IssuerSha1(t) => c.issuer_sha1.as_ref() == Some(t),
+        })
+    }
+
+    /// APIM's `validate-client-certificate`: every enabled check passes, and the certificate
+    /// matches all attributes of at least one identity (if any are listed). `Err` says which
+    /// check failed.
+    fn validate(&self, v: &ValidateStep, facts: &Facts<'_>) -> Result<(), &'static str> {
+        let Some(c) = facts.client_cert else { return Err("no client certificate") };
+        if v.trust && c.verify_errors.iter().any(is_trust_error) {
+            return Err("client certificate not trusted");
+        }
+        if v.not_before && facts.now < c.not_before {
+            return Err("client certificate not yet valid");
+        }
+        if v.not_after && facts.now > c.not_after {
+            return Err("client certificate expired");
+        }
+        if v.revocation
+            && (self.revoked.is_revoked(&c.issuer_der, &c.serial_bytes)
+                || c.verify_errors.iter().any(|e| e.is_revoked() && e.depth > 0))
+        {
+            return Err("client certificate revoked");
+        }
+        if v.identities.is_empty() || v.identities.iter().any(|identity| self.identity_matches(identity, c)) {
+            Ok(())
+        } else {
+            Err("client certificate matches no identity")
+        }
+    }
+
+    /// Runs a route's inbound steps. Header changes for the upstream request (or, on
+    /// `Respond`, the response's headers) go to `edits`.
+    pub fn inbound<'p>(
+        &self,
+        policy: &'p ApiPolicy,
+        facts: &Facts<'_>,
+        headers: &dyn HeaderList,
+        edits: &mut HeaderEdits,
+    ) -> Verdict<'p> {
+        for step in &policy.inbound {
             match step {
                 Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
+                Step::ValidateClientCertificate(v) => {
+                    if let Err(reason) = self.validate(v, facts)
+                        && !v.ignore_error
+                    {
+                        edits.clear_added();
+                        return Verdict::Respond { response: &v.reject, reason };
+                    }
+                }
+                Step::ReturnResponse(r) => {
+                    edits.clear_added();
+                    for (name, template) in &r.headers {
+                        edits.add_with(name, |out| template.render(facts, headers, out));
+                    }
+                    return Verdict::Respond { response: r, reason: "return_response" };
+                }
             }
         }
         Verdict::Continue
     }
 
-    /// Runs the outbound steps on a backend's response headers.
-    pub fn outbound(&self, facts: &Facts<'_>, headers: &dyn HeaderList, edits: &mut HeaderEdits) {
-        for step in &self.outbound {
+    /// Runs a route's outbound steps on a backend's response headers.
+    pub fn outbound(
+        &self,
+        policy: &ApiPolicy,
+        facts: &Facts<'_>,
+        headers: &dyn HeaderList,
+        edits: &mut HeaderEdits,
+    ) {
+        for step in &policy.outbound {
             match step {
                 Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
+                Step::ValidateClientCertificate(_) | Step::ReturnResponse(_) => {}
             }
         }
     }
 
+    /// Number of thumbprints across all lists (for the reload log line).
+    pub fn thumbprint_count(&self) -> usize {
+        self.lists.iter().map(ThumbprintSet::len).sum()
+    }
+}
+
+impl ApiPolicy {
     /// Whether the outbound side has anything to do (the server skips the walk otherwise).
     pub fn has_outbound(&self) -> bool {
         !self.outbound.is_empty()
     }
+}
+
+/// Reads a thumbprint list the way `compile` does (for benches and tools).
+pub fn load_thumbprints(path: &Path) -> Result<ThumbprintSet, ConfigErrors> {
+    ThumbprintSet::load(path, &Loc::builtin("thumbprints"))
 }

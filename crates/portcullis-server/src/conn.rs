@@ -13,7 +13,7 @@ use portcullis_http::{
     ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded, Framing, HeadError, HeadScanner, Limits,
     RequestHead, ResponseHead, Version, write,
 };
-use portcullis_policy::{Facts, HeaderEdits, HeaderList, Verdict};
+use portcullis_policy::{ApiPolicy, Facts, HeaderEdits, HeaderList, Response, Verdict};
 use portcullis_tls::{PlainStream, SessionInfo, Stream};
 
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path};
@@ -296,22 +296,74 @@ impl<S: Stream> Conn<S> {
         let mut id = [0u8; 16];
         self.worker.next_request_id(&mut id);
         let started = Instant::now();
-        let Some(route) = snap.router.find(self.head.host(), self.head.path_only()) else {
+        let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {
+            let rest = route.rest_of(self.head.path_only());
+            Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
+        });
+        let Some((route, policy)) = routed else {
             self.access_log(&snap, None, 404, started, &id);
             return self.respond_local(404, "Resource not found", false).await;
         };
         let request_id = std::str::from_utf8(&id).unwrap_or("");
         let cert = self.info.client_cert.clone();
-        let facts = Facts { client_cert: cert.as_deref(), client_addr: self.peer, request_id };
+        let facts = Facts {
+            client_cert: cert.as_deref(),
+            client_addr: self.peer,
+            request_id,
+            now: portcullis_tls::now_unix(),
+        };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
-        let policy = &snap.policies.apis[route.api];
-        match policy.inbound(&facts, &RequestFields { head: &self.head, identity }, &mut self.edits) {
-            Verdict::Continue => {}
+        let fields = RequestFields { head: &self.head, identity };
+        if let Verdict::Respond { response, reason } =
+            snap.policies.inbound(policy, &facts, &fields, &mut self.edits)
+        {
+            if response.status >= 400 {
+                tracing::info!(
+                    peer = %self.peer,
+                    api = %route.name,
+                    status = response.status,
+                    reason,
+                    client_cert = facts.client_cert.map_or("-", |c| c.thumbprint.as_str()),
+                    "request refused by policy"
+                );
+            }
+            self.access_log(&snap, Some(route), response.status, started, &id);
+            return self.respond_policy(response).await;
         }
         let backend = &snap.backends[route.backend];
-        let (keep, status) = self.forward(&snap, route, backend, &facts).await;
+        let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         self.access_log(&snap, Some(route), status, started, &id);
+        keep
+    }
+
+    /// Sends a response a policy step decided on (its headers are in `edits`).
+    async fn respond_policy(&mut self, response: &Response) -> bool {
+        let keep = self.client_keeps_alive() && self.head.framing() == Framing::None;
+        let out = &mut self.out;
+        out.clear();
+        let reason = match &response.reason {
+            Some(r) => &r[..],
+            None => write::reason_phrase(response.status).as_bytes(),
+        };
+        write::status_line(out, Version::Http11, response.status, reason);
+        if let Some(ct) = &response.content_type {
+            write::header(out, b"Content-Type", ct);
+        }
+        for (name, value) in self.edits.added() {
+            write::header(out, name, value);
+        }
+        write::content_length(out, response.body.len() as u64);
+        if !keep {
+            write::header(out, b"Connection", b"close");
+        }
+        write::end_head(out);
+        if !self.head.is_head() {
+            out.extend_from_slice(&response.body);
+        }
+        if self.client.write_all_buf(&mut self.out).await.is_err() {
+            return false;
+        }
         keep
     }
 
@@ -386,6 +438,7 @@ impl<S: Stream> Conn<S> {
         &mut self,
         snap: &Snapshot,
         route: &Route,
+        policy: &ApiPolicy,
         backend: &Backend,
         facts: &Facts<'_>,
     ) -> (bool, u16) {
@@ -456,10 +509,9 @@ impl<S: Stream> Conn<S> {
                 BodyMode::UntilClose { chunk: !client_http10 }
             }
         };
-        let policy = &snap.policies.apis[route.api];
         self.edits.reset(self.resp.field_count());
         if policy.has_outbound() {
-            policy.outbound(facts, &ResponseFields(&self.resp), &mut self.edits);
+            snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &mut self.edits);
         }
         self.write_response_head(mode, keep, client_http10);
         let relayed = relay_body(

@@ -1,13 +1,16 @@
 //! Everything compiled from one configuration, swapped as a whole on reload.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
+use boring::hash::MessageDigest;
 use bytes::Bytes;
 use portcullis_config::{Config, ConfigErrors};
 use portcullis_http::Limits;
-use portcullis_policy::PolicySet;
-use portcullis_tls::{TicketKeys, TlsAcceptor};
+use portcullis_policy::{Inputs, PolicySet};
+use portcullis_tls::{RevocationSet, TicketKeys, TlsAcceptor};
 
 /// A backend, resolved.
 #[derive(Debug)]
@@ -33,6 +36,13 @@ pub(crate) struct Route {
     pub(crate) prefix: Bytes,
     /// Lower-case host without port.
     pub(crate) host: Option<Bytes>,
+}
+
+impl Route {
+    /// The part of `path` after this route's prefix (what operations are matched against).
+    pub(crate) fn rest_of<'p>(&self, path: &'p [u8]) -> &'p [u8] {
+        if self.prefix.as_ref() == b"/" { path } else { &path[self.prefix.len().min(path.len())..] }
+    }
 }
 
 /// Host + path → API, most specific first.
@@ -156,7 +166,34 @@ impl Snapshot {
                 max_idle: b.max_idle,
             });
         }
-        let policies = match portcullis_policy::compile(config) {
+        // Revocation is checked again on every request, against every CRL of this configuration.
+        let mut revoked = RevocationSet::default();
+        for acceptor in &listeners {
+            for set in acceptor.revocation_sets() {
+                revoked.merge(set);
+            }
+        }
+        let mut certificates = HashMap::new();
+        for named in &config.certificates {
+            match portcullis_tls::load_certificates(&named.cert) {
+                Ok(certs) => match certs[0].digest(MessageDigest::sha1()) {
+                    Ok(d) => {
+                        let mut sha1 = [0u8; 20];
+                        sha1.copy_from_slice(&d);
+                        certificates.insert(named.name.value.clone(), sha1);
+                    }
+                    Err(e) => errors.push(named.cert.loc.error(e.to_string())),
+                },
+                Err(e) => errors.push(e),
+            }
+            if let Some(key) = &named.key
+                && let Err(e) = portcullis_tls::load_private_key(key)
+            {
+                errors.push(e);
+            }
+        }
+        let inputs = Inputs { certificates, revoked: Arc::new(revoked) };
+        let policies = match portcullis_policy::compile(config, &inputs) {
             Ok(p) => p,
             Err(e) => {
                 errors.extend(e);

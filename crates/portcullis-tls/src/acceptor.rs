@@ -145,6 +145,8 @@ impl From<io::Error> for HandshakeError {
 pub struct TlsAcceptor {
     ctx: SslContext,
     default_auth: Arc<SiteAuth>,
+    /// The revocation sets of the listener and its SNI entries.
+    revoked: Vec<Arc<RevocationSet>>,
 }
 
 impl fmt::Debug for TlsAcceptor {
@@ -301,6 +303,7 @@ impl TlsAcceptor {
         let mut errors = ConfigErrors::default();
         let default_trust = load_trust(&listener.client, &mut errors);
         let mut sites = Vec::new();
+        let mut revoked = Vec::new();
         for (i, sni) in listener.sni.iter().enumerate() {
             let Some(trust) = load_trust(&sni.client, &mut errors) else { continue };
             let sid = session_id_context(i + 1, &trust);
@@ -334,9 +337,17 @@ impl TlsAcceptor {
         if !errors.is_empty() {
             return Err(errors);
         }
+        if let Some(v) = &default_trust.auth.verifier {
+            revoked.push(v.revoked().clone());
+        }
         configure_base(&mut b, listener, keys, default_trust.auth.clone(), sites)
             .map_err(|e| listener.loc.error(e))?;
-        Ok(TlsAcceptor { ctx: b.build(), default_auth: default_trust.auth })
+        Ok(TlsAcceptor { ctx: b.build(), default_auth: default_trust.auth, revoked })
+    }
+
+    /// Revocation data of this listener (and its SNI entries), for per-request checks.
+    pub fn revocation_sets(&self) -> &[Arc<RevocationSet>] {
+        &self.revoked
     }
 
     /// The listener's own client-certificate mode (SNI entries may differ).

@@ -67,6 +67,9 @@ pub struct ClientCert {
     /// Subject DN, most specific first: `CN=device1, O=Contoso, C=US`.
     pub subject: String,
     pub issuer: String,
+    /// `subject` and `issuer` in the form distinguished names are compared in ([`normalize_dn`]).
+    pub subject_normalized: String,
+    pub issuer_normalized: String,
     /// The first CN of the subject.
     pub common_name: Option<String>,
     /// Serial number as upper-case hex without leading zeros (`0` for zero).
@@ -86,10 +89,10 @@ pub struct ClientCert {
 }
 
 impl ClientCert {
-    /// Computes the facts of `leaf`. `issuer` is the certificate that issued it, when known.
+    /// Computes the facts of `leaf`. `issuer_cert` is the certificate that issued it, when known.
     pub fn from_x509(
         leaf: &X509Ref,
-        issuer: Option<&X509Ref>,
+        issuer_cert: Option<&X509Ref>,
         verify_errors: Vec<VerifyError>,
     ) -> ClientCert {
         let sha1: [u8; 20] = digest(leaf, MessageDigest::sha1());
@@ -106,18 +109,22 @@ impl ClientCert {
             .subject_alt_names()
             .map(|names| names.iter().filter_map(|n| n.dnsname().map(str::to_owned)).collect())
             .unwrap_or_default();
+        let subject = dn_string(leaf.subject_name());
+        let issuer = dn_string(leaf.issuer_name());
         ClientCert {
             thumbprint: hex_upper(&sha1),
             thumbprint_sha256: hex_upper(&sha256),
             sha1,
             sha256,
-            subject: dn_string(leaf.subject_name()),
-            issuer: dn_string(leaf.issuer_name()),
+            subject_normalized: normalize_dn(&subject),
+            issuer_normalized: normalize_dn(&issuer),
+            subject,
+            issuer,
             common_name,
             serial: serial_hex(&serial_bytes),
             serial_bytes,
             issuer_der: leaf.issuer_name().to_der().map(Vec::into_boxed_slice).unwrap_or_default(),
-            issuer_sha1: issuer.map(|i| digest(i, MessageDigest::sha1())),
+            issuer_sha1: issuer_cert.map(|i| digest(i, MessageDigest::sha1())),
             dns_names,
             not_before: unix_time(leaf.not_before()),
             not_after: unix_time(leaf.not_after()),
@@ -230,6 +237,59 @@ pub fn dn_string(name: &X509NameRef) -> String {
     s
 }
 
+/// A distinguished name in comparable form: attributes split on unquoted `,` (or `;`), each
+/// trimmed, the attribute type upper-cased and its usual synonyms folded (`ST` → `S`,
+/// `EMAILADDRESS` → `E`, `2.5.4.3` → `CN`…), the value lower-cased, joined with `,`.
+/// `CN=Device 1,  o=Contoso` and `CN=device 1, O=contoso` compare equal; order still matters.
+pub fn normalize_dn(dn: &str) -> String {
+    let mut out = String::with_capacity(dn.len());
+    let mut attributes = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut chars = dn.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                current.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            '\\' if !quoted => {
+                if let Some(n) = chars.next() {
+                    current.push(n);
+                }
+            }
+            ',' | ';' if !quoted => attributes.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    attributes.push(current);
+    for (i, attribute) in attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let (kind, value) = attribute.split_once('=').unwrap_or(("", attribute));
+        let kind = kind.trim().to_ascii_uppercase();
+        let kind = kind.strip_prefix("OID.").unwrap_or(&kind);
+        let kind = match kind {
+            "ST" | "2.5.4.8" => "S",
+            "EMAILADDRESS" | "EMAIL" | "1.2.840.113549.1.9.1" => "E",
+            "2.5.4.3" => "CN",
+            "2.5.4.10" => "O",
+            "2.5.4.11" => "OU",
+            "2.5.4.6" => "C",
+            "2.5.4.7" => "L",
+            "GN" | "GIVENNAME" => "G",
+            "SURNAME" => "SN",
+            k => k,
+        };
+        out.push_str(kind);
+        out.push('=');
+        out.push_str(&value.trim().to_lowercase());
+    }
+    out
+}
+
 fn push_dn_value(s: &mut String, value: &str) {
     let needs_quotes = value.is_empty()
         || value.starts_with(' ')
@@ -258,6 +318,14 @@ mod tests {
         assert_eq!(hex_upper(&[0x0a, 0xff, 0x00]), "0AFF00");
         assert_eq!(serial_hex(&[0x00, 0x0a, 0xbc]), "ABC");
         assert_eq!(serial_hex(&[]), "0");
+    }
+
+    #[test]
+    fn dns_normalize() {
+        assert_eq!(normalize_dn("CN=Device 1,  o=Contoso, ST=Wa"), "CN=device 1,O=contoso,S=wa");
+        assert_eq!(normalize_dn("CN=device 1, O=contoso, S=wa"), normalize_dn("cn=DEVICE 1,O=Contoso,st=WA"));
+        assert_eq!(normalize_dn("CN=\"Contoso, Ltd\", C=US"), "CN=contoso, ltd,C=us");
+        assert_ne!(normalize_dn("CN=a, O=b"), normalize_dn("O=b, CN=a"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod stream;
 mod verify;
 
 pub use acceptor::{HandshakeError, SessionInfo, TicketKeys, TlsAcceptor};
-pub use facts::{ClientCert, VerifyError, dn_string, hex_upper, now_unix};
+pub use facts::{ClientCert, VerifyError, dn_string, hex_upper, normalize_dn, now_unix};
 pub use pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
 pub use stream::{PlainStream, Stream, TlsStream};
 pub use verify::ClientVerifier;

@@ -100,6 +100,20 @@ impl RevocationSet {
         self.is_revoked(&issuer, &serial.to_vec())
     }
 
+    /// Adds every entry of `other` (CRLs of other listeners, say): entries are keyed by issuer,
+    /// so sets from different CAs never collide.
+    pub fn merge(&mut self, other: &RevocationSet) {
+        for (issuer, serials) in &other.by_issuer {
+            let mine = self.by_issuer.entry(issuer.clone()).or_default();
+            for serial in serials {
+                if mine.insert(serial.clone()) {
+                    self.entries += 1;
+                }
+            }
+        }
+        self.crls += other.crls;
+    }
+
     /// Number of CRLs loaded.
     pub fn crl_count(&self) -> usize {
         self.crls

@@ -25,7 +25,7 @@ workers = 1
 [[listener]]
 bind = "127.0.0.1:{port}"
 certificate = {{ cert = "{server}", key = "{server_key}" }}
-client_certificate = "require"
+client_certificate = "request"
 client_ca = ["{root}", "{intermediate}"]
 crl = ["{crl}"]
 
@@ -37,6 +37,8 @@ url = "http://{backend}"
 name = "echo"
 path = "/"
 backend = "echo"
+  [[api.inbound]]
+  validate_client_certificate = {{ identities = [ {{ issuer_subject = "CN=Portcullis Test Intermediate, OU=CAs, O=Portcullis Test, C=XX" }} ] }}
   [[api.inbound]]
   set_header = {{ name = "X-Client-Cert-Subject", value = "{{client_cert.subject}}" }}
   [[api.inbound]]
@@ -60,15 +62,16 @@ backend = "echo"
     println!(
         r#"
 Portcullis demo: proxy on https://127.0.0.1:{port}, echo backend on {backend}, files in {d}
-The listener requires a client certificate issued by the demo CA and not revoked.
+The listener asks for a client certificate; the policy admits certificates issued by the demo
+intermediate CA, valid and not revoked (validate_client_certificate), and answers others with 403.
 
 # allowed: 200, the echo shows the identity headers the proxy added
 curl --cacert {d}/root.pem --cert {cc} --key {ck} {url}
 
-# no client certificate: the handshake is refused
+# no client certificate: 403 {{"statusCode":403,"message":"Invalid client certificate"}}
 curl --cacert {d}/root.pem {url}
 
-# a revoked certificate (listed in {d}/intermediate.crl): the handshake is refused
+# a revoked certificate (listed in {d}/intermediate.crl): 403 as well
 curl --cacert {d}/root.pem --cert {rc} --key {rk} {url}
 
 Configuration: {config}   (edit it and `kill -HUP {pid}` to reload; Ctrl-C to stop)

@@ -1,0 +1,160 @@
+//! Policy: thumbprint-set lookups at a million entries, compiling a million-line list, and a
+//! whole inbound evaluation.
+#![allow(missing_docs, clippy::unwrap_used, reason = "bench harness")]
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use boring::x509::X509;
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use portcullis_config::Loc;
+use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, ThumbprintSet, Verdict};
+use portcullis_testkit::Pki;
+use portcullis_tls::ClientCert;
+
+/// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
+fn million_line_list(extra: &str) -> Vec<u8> {
+    let mut text = Vec::with_capacity(42 * 1_000_001);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..1_000_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.extend_from_slice(format!("{:016X}{:016X}{:08X}\n", i, x, x >> 32).as_bytes());
+    }
+    text.extend_from_slice(extra.as_bytes());
+    text.push(b'\n');
+    text
+}
+
+fn thumbprint_set(c: &mut Criterion) {
+    let text = million_line_list("0123456789ABCDEF0123456789ABCDEF01234567");
+    let loc = Loc::builtin("thumbprints.bench");
+    c.bench_function("thumbprint_list_compile_1M_lines", |b| {
+        b.iter(|| black_box(ThumbprintSet::parse(&text, Path::new("bench.sha1"), &loc).unwrap().len()))
+    });
+    let set = ThumbprintSet::parse(&text, Path::new("bench.sha1"), &loc).unwrap();
+    assert_eq!(set.len(), 1_000_001);
+    let mut hit = [0u8; 20];
+    hit.copy_from_slice(&[
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0x01,
+        0x23, 0x45, 0x67,
+    ]);
+    let mut miss = hit;
+    miss[19] ^= 1;
+    c.bench_function("thumbprint_lookup_1M_hit", |b| {
+        b.iter(|| black_box(set.contains_sha1(black_box(&hit))))
+    });
+    c.bench_function("thumbprint_lookup_1M_miss", |b| {
+        b.iter(|| black_box(set.contains_sha1(black_box(&miss))))
+    });
+    // Lookups spread over the whole set (each one likely a cache miss).
+    let keys: Vec<[u8; 20]> = text
+        .split(|&b| b == b'\n')
+        .step_by(997)
+        .filter(|l| l.len() == 40)
+        .map(|l| {
+            let mut k = [0u8; 20];
+            for (i, pair) in l.chunks(2).enumerate() {
+                k[i] = u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
+            }
+            k
+        })
+        .collect();
+    let mut i = 0;
+    c.bench_function("thumbprint_lookup_1M_spread", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(set.contains_sha1(&keys[i]))
+        })
+    });
+}
+
+struct Fields(Vec<(Bytes, Bytes)>);
+
+impl HeaderList for Fields {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn name(&self, i: usize) -> &[u8] {
+        &self.0[i].0
+    }
+    fn value(&self, i: usize) -> &[u8] {
+        &self.0[i].1
+    }
+}
+
+fn evaluation(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pki = Pki::generate();
+    let list = dir.join("allowed.sha1");
+    std::fs::write(&list, million_line_list(&pki.client.thumbprint())).unwrap();
+    let config_text = format!(
+        r#"
+[[listener]]
+bind = "127.0.0.1:0"
+certificate = {{ cert = "x.pem", key = "x.key" }}
+[thumbprints]
+allowed = "{}"
+[[backend]]
+name = "b"
+url = "http://127.0.0.1:1"
+[[api]]
+name = "a"
+path = "/"
+backend = "b"
+  [[api.inbound]]
+  validate_client_certificate = {{ identities = [ {{ issuer_subject = "CN=Nobody" }}, {{ thumbprint_in = "allowed" }} ] }}
+  [[api.inbound]]
+  set_header = {{ name = "X-Client-Cert-Subject", value = "{{client_cert.subject}}" }}
+  [[api.inbound]]
+  set_header = {{ name = "X-Client-Cert-Thumbprint", value = "{{client_cert.thumbprint}}" }}
+  [[api.inbound]]
+  set_header = {{ name = "X-Request-Id", value = "{{request.id}}", action = "skip" }}
+  [[api.inbound]]
+  set_header = {{ name = "X-Debug", action = "delete" }}
+"#,
+        list.display()
+    );
+    let config = portcullis_config::parse(&dir.join("p.toml"), &config_text).unwrap();
+    let policies = portcullis_policy::compile(&config, &Inputs::default()).unwrap();
+    let leaf = X509::from_pem(pki.client.cert_pem.as_bytes()).unwrap();
+    let issuer = X509::from_pem(pki.intermediate.cert_pem.as_bytes()).unwrap();
+    let cert = Arc::new(ClientCert::from_x509(&leaf, Some(&issuer), Vec::new()));
+    let fields = Fields(vec![
+        (Bytes::from_static(b"Host"), Bytes::from_static(b"api.example.com")),
+        (Bytes::from_static(b"Accept"), Bytes::from_static(b"application/json")),
+        (Bytes::from_static(b"User-Agent"), Bytes::from_static(b"okhttp/4.12.0")),
+        (Bytes::from_static(b"X-Debug"), Bytes::from_static(b"1")),
+    ]);
+    let policy = policies.apis[0].select(b"GET", b"/items").unwrap();
+    let facts = Facts {
+        client_cert: Some(&cert),
+        client_addr: "10.1.2.3:50000".parse().unwrap(),
+        request_id: "0123456789abcdef",
+        now: portcullis_tls::now_unix(),
+    };
+    let mut edits = HeaderEdits::default();
+    c.bench_function("policy_inbound_5_steps", |b| {
+        b.iter_batched_ref(
+            || (),
+            |_| {
+                edits.reset(fields.count());
+                let v = policies.inbound(policy, black_box(&facts), &fields, &mut edits);
+                black_box(matches!(v, Verdict::Continue))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = thumbprint_set, evaluation
+}
+criterion_main!(benches);

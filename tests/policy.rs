@@ -1,0 +1,399 @@
+//! Client-certificate policy with real handshakes: identities, toggles, operations, responses.
+
+use portcullis_testkit::pki::{Identity, LeafOptions, hex_upper};
+
+use crate::common::Env;
+
+/// A proxy in `request` mode whose only API validates client certificates with `step` (the
+/// inline table of `validate_client_certificate`), plus `extra` top-level configuration.
+fn validating(env: &Env, step: &str, extra: &str) -> portcullis_testkit::TestProxy {
+    let api = format!(
+        r#"
+{extra}
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_client_certificate = {step}
+  [[api.inbound]]
+  set_header = {{ name = "X-Client-Cert-Subject", value = "{{client_cert.subject}}" }}
+"#
+    );
+    env.proxy("request", &api)
+}
+
+/// The status each identity gets (`None` for no certificate).
+fn statuses(env: &Env, proxy: &portcullis_testkit::TestProxy, ids: &[Option<&Identity>]) -> Vec<u16> {
+    ids.iter().map(|id| env.client(*id).get(proxy.addr, "/").unwrap().status).collect()
+}
+
+fn identity_case(step: &str, extra: &str, allowed: &Identity, denied: &Identity, env: &Env) {
+    let proxy = validating(env, step, extra);
+    assert_eq!(statuses(env, &proxy, &[Some(allowed), Some(denied)]), vec![200, 403], "{step}");
+}
+
+#[test]
+fn refusal_is_the_apim_json() {
+    let env = Env::new();
+    let proxy = validating(&env, "{}", "");
+    let r = env.client(None).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    assert_eq!(r.text(), r#"{"statusCode":403,"message":"Invalid client certificate"}"#);
+    assert_eq!(env.backend.requests(), 0);
+    assert_eq!(env.client(Some(&env.pki.client)).get(proxy.addr, "/").unwrap().status, 200);
+}
+
+#[test]
+fn step_status_and_message_are_configurable() {
+    let env = Env::new();
+    let proxy = validating(&env, r#"{ status = 401, message = "Device \"unknown\"" }"#, "");
+    let r = env.client(None).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.text(), r#"{"statusCode":401,"message":"Device \"unknown\""}"#);
+}
+
+#[test]
+fn identity_thumbprint() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    // Lower case with colons is the same thumbprint.
+    let t = a.thumbprint().to_lowercase();
+    let colons: Vec<String> =
+        t.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    identity_case(
+        &format!(r#"{{ identities = [ {{ thumbprint = "{}" }} ] }}"#, colons.join(":")),
+        "",
+        a,
+        b,
+        &env,
+    );
+}
+
+#[test]
+fn identity_thumbprint_sha256() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    identity_case(
+        &format!(r#"{{ identities = [ {{ thumbprint_sha256 = "{}" }} ] }}"#, a.thumbprint_sha256()),
+        "",
+        a,
+        b,
+        &env,
+    );
+}
+
+#[test]
+fn identity_thumbprint_in_list() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    let list = env.dir().join("devices.sha1");
+    std::fs::write(
+        &list,
+        format!(
+            "# allowed devices\n{}  # client1\n\nDEADBEEF00000000000000000000000000000000\n",
+            a.thumbprint()
+        ),
+    )
+    .unwrap();
+    let extra = format!("[thumbprints]\ndevices = \"{}\"\n", list.display());
+    identity_case(r#"{ identities = [ { thumbprint_in = "devices" } ] }"#, &extra, a, b, &env);
+}
+
+#[test]
+fn identity_thumbprint_in_list_of_sha256() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    let list = env.dir().join("devices.sha256");
+    std::fs::write(&list, format!("{}\n", a.thumbprint_sha256().to_lowercase())).unwrap();
+    let extra = format!("[thumbprints]\ndevices = \"{}\"\n", list.display());
+    identity_case(r#"{ identities = [ { thumbprint_in = "devices" } ] }"#, &extra, a, b, &env);
+}
+
+#[test]
+fn identity_certificate() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    let (cert, _) = a.write(env.dir()).unwrap();
+    let extra = format!("[certificates]\ndevice = \"{}\"\n", cert.display());
+    identity_case(r#"{ identities = [ { certificate = "device" } ] }"#, &extra, a, b, &env);
+}
+
+#[test]
+fn identity_serial_number() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    identity_case(
+        &format!(r#"{{ identities = [ {{ serial_number = "{}" }} ] }}"#, hex_upper(&a.serial).to_lowercase()),
+        "",
+        a,
+        b,
+        &env,
+    );
+}
+
+#[test]
+fn identity_common_name() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    identity_case(r#"{ identities = [ { common_name = "client1" } ] }"#, "", a, b, &env);
+}
+
+#[test]
+fn identity_subject_in_normalised_form() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    identity_case(
+        r#"{ identities = [ { subject = "cn=client1,ou=clients,  O=Portcullis Test,C=xx" } ] }"#,
+        "",
+        a,
+        b,
+        &env,
+    );
+}
+
+#[test]
+fn identity_dns_name() {
+    let env = Env::new();
+    let device = env.pki.intermediate.issue(
+        "device",
+        &LeafOptions { dns: vec!["device-7.example.com".to_owned()], ..LeafOptions::client("device-7") },
+    );
+    identity_case(
+        r#"{ identities = [ { dns_name = "DEVICE-7.example.com" } ] }"#,
+        "",
+        &device,
+        &env.pki.client,
+        &env,
+    );
+}
+
+#[test]
+fn identity_issuer_subject_thumbprint_and_certificate() {
+    let env = Env::new();
+    // The certificate from another CA is judged on its issuer alone: trust is off here.
+    let a = &env.pki.client;
+    let b = &env.pki.wrong_ca;
+    let issuer = "CN=Portcullis Test Intermediate, OU=CAs, O=Portcullis Test, C=XX";
+    identity_case(
+        &format!(r#"{{ validate_trust = false, identities = [ {{ issuer_subject = "{issuer}" }} ] }}"#),
+        "",
+        a,
+        b,
+        &env,
+    );
+    let env = Env::new();
+    let int_sha1 = {
+        let der = pem_to_der(&env.pki.intermediate.cert_pem);
+        hex_upper(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &der).as_ref())
+    };
+    identity_case(
+        &format!(r#"{{ validate_trust = false, identities = [ {{ issuer_thumbprint = "{int_sha1}" }} ] }}"#),
+        "",
+        &env.pki.client,
+        &env.pki.wrong_ca,
+        &env,
+    );
+    let env = Env::new();
+    let extra = format!("[certificates]\nissuing-ca = \"{}\"\n", env.paths.intermediate.display());
+    identity_case(
+        r#"{ validate_trust = false, identities = [ { issuer_certificate = "issuing-ca" } ] }"#,
+        &extra,
+        &env.pki.client,
+        &env.pki.wrong_ca,
+        &env,
+    );
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).unwrap()
+}
+
+#[test]
+fn attributes_of_one_identity_are_anded() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    // Right name, someone else's thumbprint: nobody matches.
+    let step =
+        format!(r#"{{ identities = [ {{ common_name = "client1", thumbprint = "{}" }} ] }}"#, b.thumbprint());
+    let proxy = validating(&env, &step, "");
+    assert_eq!(statuses(&env, &proxy, &[Some(a), Some(b)]), vec![403, 403]);
+    drop(proxy);
+    let step =
+        format!(r#"{{ identities = [ {{ common_name = "client1", thumbprint = "{}" }} ] }}"#, a.thumbprint());
+    let proxy = validating(&env, &step, "");
+    assert_eq!(statuses(&env, &proxy, &[Some(a), Some(b)]), vec![200, 403]);
+}
+
+#[test]
+fn identities_are_ored() {
+    let env = Env::new();
+    let (a, b) = (&env.pki.client, &env.pki.client2);
+    let c = env.pki.intermediate.issue("client3", &LeafOptions::client("client3"));
+    let step = format!(
+        r#"{{ identities = [ {{ thumbprint = "{}" }}, {{ common_name = "client2" }} ] }}"#,
+        a.thumbprint()
+    );
+    let proxy = validating(&env, &step, "");
+    assert_eq!(statuses(&env, &proxy, &[Some(a), Some(b), Some(&c), None]), vec![200, 200, 403, 403]);
+}
+
+#[test]
+fn validate_not_after_toggle() {
+    let env = Env::new();
+    let expired = Some(&env.pki.expired);
+    assert_eq!(statuses(&env, &validating(&env, "{}", ""), &[expired]), vec![403]);
+    assert_eq!(
+        statuses(&env, &validating(&env, "{ validate_not_after = false }", ""), &[expired]),
+        vec![200]
+    );
+}
+
+#[test]
+fn validate_not_before_toggle() {
+    let env = Env::new();
+    let future = Some(&env.pki.not_yet_valid);
+    assert_eq!(statuses(&env, &validating(&env, "{}", ""), &[future]), vec![403]);
+    assert_eq!(
+        statuses(&env, &validating(&env, "{ validate_not_before = false }", ""), &[future]),
+        vec![200]
+    );
+    // The other date check stays on.
+    assert_eq!(
+        statuses(&env, &validating(&env, "{ validate_not_before = false }", ""), &[Some(&env.pki.expired)]),
+        vec![403]
+    );
+}
+
+#[test]
+fn validate_revocation_toggle() {
+    let env = Env::new();
+    let revoked = Some(&env.pki.revoked);
+    assert_eq!(statuses(&env, &validating(&env, "{}", ""), &[revoked]), vec![403]);
+    assert_eq!(
+        statuses(&env, &validating(&env, "{ validate_revocation = false }", ""), &[revoked]),
+        vec![200]
+    );
+}
+
+#[test]
+fn validate_trust_toggle() {
+    let env = Env::new();
+    let stranger = Some(&env.pki.wrong_ca);
+    assert_eq!(statuses(&env, &validating(&env, "{}", ""), &[stranger]), vec![403]);
+    assert_eq!(statuses(&env, &validating(&env, "{ validate_trust = false }", ""), &[stranger]), vec![200]);
+}
+
+#[test]
+fn a_missing_certificate_fails_even_with_every_check_off() {
+    let env = Env::new();
+    let step = "{ validate_trust = false, validate_revocation = false, validate_not_before = false, validate_not_after = false }";
+    assert_eq!(statuses(&env, &validating(&env, step, ""), &[None, Some(&env.pki.client)]), vec![403, 200]);
+}
+
+#[test]
+fn ignore_error_lets_the_request_through() {
+    let env = Env::new();
+    let proxy = validating(&env, "{ ignore_error = true }", "");
+    let r = env.client(None).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn return_response_answers_without_the_backend() {
+    let env = Env::new();
+    let api = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  return_response = { status = 418, reason = "I'm a teapot", headers = { "X-Who" = "{client_cert.common_name}", "Retry-After" = "5" }, body = "short and stout" }
+"#;
+    let proxy = env.proxy("request", api);
+    let r = env.client(Some(&env.pki.client)).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.status, 418);
+    assert_eq!(r.header("X-Who"), Some("client1"));
+    assert_eq!(r.header("Retry-After"), Some("5"));
+    assert_eq!(r.text(), "short and stout");
+    assert_eq!(env.backend.connections(), 0);
+}
+
+#[test]
+fn operations_route_and_scope_policies() {
+    let env = Env::new();
+    let api = format!(
+        r#"
+[[inbound]]
+set_header = {{ name = "X-Global", value = "yes" }}
+
+[[api]]
+name = "todo"
+path = "/todo"
+backend = "app"
+operations = ["GET /items", "* /health"]
+  [[api.inbound]]
+  set_header = {{ name = "X-Api", value = "yes" }}
+  [[api.operation]]
+  match = "GET /devices/{{deviceId}}/telemetry"
+    [[api.operation.inbound]]
+    validate_client_certificate = {{ identities = [ {{ thumbprint = "{}" }} ] }}
+  [[api.operation]]
+  match = "POST /devices/{{deviceId}}/reset"
+  inherit = false
+"#,
+        env.pki.client.thumbprint()
+    );
+    let proxy = env.proxy("request", &api);
+    let client = env.client(Some(&env.pki.client));
+    let other = env.client(Some(&env.pki.client2));
+    let mut c = client.connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/todo/items", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed_header("X-Global").as_deref(), Some("yes"));
+    assert_eq!(r.echoed_header("X-Api").as_deref(), Some("yes"));
+    assert_eq!(c.request("POST", "/todo/items", &[], b"").unwrap().status, 404, "method not declared");
+    assert_eq!(c.request("GET", "/todo/unknown", &[], b"").unwrap().status, 404, "path not declared");
+    assert_eq!(c.request("DELETE", "/todo/health", &[], b"").unwrap().status, 200, "* matches any method");
+    assert_eq!(c.request("GET", "/todo/devices/42/telemetry", &[], b"").unwrap().status, 200);
+    assert_eq!(
+        other.get(proxy.addr, "/todo/devices/42/telemetry").unwrap().status,
+        403,
+        "operation-level policy"
+    );
+    assert_eq!(other.get(proxy.addr, "/todo/items").unwrap().status, 200, "not on other operations");
+    let reset = c.request("POST", "/todo/devices/42/reset", &[], b"x").unwrap();
+    assert_eq!(reset.status, 200);
+    assert_eq!(reset.echoed_header("X-Global"), None, "inherit = false leaves out the parents' steps");
+    assert_eq!(reset.echoed_header("X-Api"), None);
+}
+
+#[test]
+fn outbound_set_header_actions() {
+    let env = Env::new();
+    let api = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.outbound]]
+  set_header = { name = "X-Powered-By", value = "portcullis" }
+  [[api.outbound]]
+  set_header = { name = "X-Backend-Conn", value = "hidden", action = "skip" }
+  [[api.outbound]]
+  set_header = { name = "X-Trace", value = "{request.id}", action = "append" }
+  [[api.outbound]]
+  set_header = { name = "Content-Type", action = "delete" }
+"#;
+    let proxy = env.proxy("request", api);
+    let r = env.client(None).get(proxy.addr, "/").unwrap();
+    assert_eq!(r.header("X-Powered-By"), Some("portcullis"));
+    assert_eq!(r.header_count("X-Powered-By"), 1, "override replaces the backend's value");
+    assert_eq!(r.header("X-Backend-Conn"), Some("1"), "skip leaves an existing header alone");
+    assert_eq!(r.header("X-Trace").map(str::len), Some(16));
+    assert_eq!(r.header("Content-Type"), None);
+}

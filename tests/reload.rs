@@ -1,0 +1,183 @@
+//! SIGHUP reloads of the real binary: new rules apply to open connections, broken
+//! configurations change nothing, and reloading under load loses no request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use portcullis_testkit::ProxyProcess;
+
+use crate::common::{Env, binary};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A configuration whose API admits the thumbprints listed in `<dir>/allowed.sha1`.
+fn list_config(env: &Env) -> String {
+    let list = env.dir().join("allowed.sha1");
+    if !list.exists() {
+        std::fs::write(&list, "# allowed\n").unwrap();
+    }
+    env.config(
+        "request",
+        &format!(
+            r#"
+[server]
+workers = 2
+
+[thumbprints]
+allowed = "{}"
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_client_certificate = {{ identities = [ {{ thumbprint_in = "allowed" }} ] }}
+"#,
+            list.display()
+        ),
+    )
+}
+
+/// Sends SIGHUP and waits for the reload that makes `generation` current.
+fn reload(proxy: &ProxyProcess, generation: u64) {
+    proxy.signal(libc::SIGHUP);
+    let line = proxy.wait_for_log(&format!("generation={generation}"), WAIT);
+    assert!(line.is_some(), "no reload to generation {generation}:\n{}", proxy.log().join("\n"));
+}
+
+#[test]
+fn a_thumbprint_added_to_the_list_applies_to_the_open_connection() {
+    let env = Env::new();
+    let config = env.write_config("p.toml", &list_config(&env));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 403);
+
+    std::fs::write(env.dir().join("allowed.sha1"), format!("{}\n", env.pki.client.thumbprint())).unwrap();
+    reload(&proxy, 2);
+    // The same keep-alive connection (and TLS session) now passes.
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    assert!(proxy.count_log("reload=1") >= 1);
+}
+
+#[test]
+fn a_crl_revoking_a_connected_client_applies_to_its_connection() {
+    let env = Env::new();
+    let extra = r#"
+[server]
+workers = 2
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_client_certificate = {}
+"#;
+    let config = env.write_config("p.toml", &env.config("request", extra));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    let mut c = client.connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+
+    let crl = env.pki.intermediate.crl(&[&env.pki.revoked, &env.pki.client]);
+    std::fs::write(&env.paths.crl, crl).unwrap();
+    reload(&proxy, 2);
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 403, "revoked on the open connection");
+    // And on a resumed session.
+    c.close();
+    let mut again = client.connect(proxy.addr).unwrap();
+    assert_eq!(again.request("GET", "/", &[], b"").unwrap().status, 403);
+}
+
+#[test]
+fn a_broken_reload_keeps_the_old_rules_and_says_where() {
+    let env = Env::new();
+    let text = list_config(&env);
+    std::fs::write(env.dir().join("allowed.sha1"), format!("{}\n", env.pki.client.thumbprint())).unwrap();
+    let config = env.write_config("p.toml", &text);
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+
+    // A typo on a known line, and a thumbprint list with a bad line.
+    let broken = text.replacen("workers = 2", "workers = 2\nidle_timeout = \"forever\"", 1);
+    std::fs::write(&config, &broken).unwrap();
+    let bad_line = broken.lines().position(|l| l.contains("forever")).unwrap() + 1;
+    proxy.signal(libc::SIGHUP);
+    let failed = proxy.wait_for_log("reload failed", WAIT);
+    assert!(failed.is_some(), "{}", proxy.log().join("\n"));
+    let log = proxy.log().join("\n");
+    assert!(log.contains(&format!("p.toml:{bad_line}:")), "the log names file and line:\n{log}");
+    assert!(log.contains("server.idle_timeout"), "{log}");
+    // Still serving, with the old rules.
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+    assert_eq!(env.client(Some(&env.pki.client2)).get(proxy.addr, "/").unwrap().status, 403);
+
+    // A broken thumbprint list is reported with its own file and line.
+    std::fs::write(&config, &text).unwrap();
+    std::fs::write(env.dir().join("allowed.sha1"), "# list\nnot-a-thumbprint\n").unwrap();
+    proxy.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !proxy.log().iter().any(|l| l.contains("allowed.sha1:2:")) {
+        assert!(std::time::Instant::now() < deadline, "{}", proxy.log().join("\n"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+}
+
+#[test]
+fn a_hundred_reloads_under_load_lose_no_request() {
+    let env = Env::new();
+    std::fs::write(env.dir().join("allowed.sha1"), format!("{}\n", env.pki.client.thumbprint())).unwrap();
+    let config = env.write_config("p.toml", &list_config(&env));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for n in 0..2 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let client = env.client(Some(&env.pki.client));
+        let addr = proxy.addr;
+        workers.push(std::thread::spawn(move || {
+            // One client keeps its connection, the other reconnects (and resumes) every few requests.
+            let mut conn = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                i += 1;
+                if conn.is_none() || (n == 1 && i % 5 == 0) {
+                    conn = Some(client.connect(addr));
+                }
+                let result = match conn.as_mut() {
+                    Some(Ok(c)) => c.request("GET", &format!("/r/{i}"), &[], b"").map(|r| r.status),
+                    Some(Err(e)) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    None => unreachable!(),
+                };
+                match result {
+                    Ok(200) => {
+                        ok.fetch_add(1, Ordering::AcqRel);
+                    }
+                    other => {
+                        failed.lock().unwrap().push(format!("{other:?}"));
+                        conn = None;
+                    }
+                }
+            }
+        }));
+    }
+    for generation in 2..=101 {
+        reload(&proxy, generation);
+    }
+    stop.store(true, Ordering::Release);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failed = failed.lock().unwrap();
+    assert!(failed.is_empty(), "{} failed requests: {:?}", failed.len(), &failed[..failed.len().min(10)]);
+    assert!(ok.load(Ordering::Acquire) > 100, "the load kept going during the reloads");
+    assert!(proxy.count_log("reload=100") >= 1);
+}
+
+use std::sync::Mutex;
