@@ -1,0 +1,81 @@
+//! A fixed-response HTTP/1.1 backend for benchmarks: keep-alive, pipelining, `Content-Length`
+//! request bodies; answers every request with the same body, except `/echo`, which answers with
+//! the request head it received (to check what a proxy forwards).
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serves forever on `addr` (loopback only), answering with `size` bytes.
+pub fn serve(addr: SocketAddr, size: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(addr.ip().is_loopback(), "the benchmark backend only listens on loopback addresses");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Powered-By: bench-backend\r\nContent-Length: {size}\r\n\r\n"
+        )
+        .into_bytes();
+        response.extend((0..size).map(|i| b"abcdefghijklmnopqrstuvwxyz"[i % 26]));
+        let response: &'static [u8] = Box::leak(response.into_boxed_slice());
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let _ = connection(stream, response).await;
+            });
+        }
+    })
+}
+
+async fn connection(mut stream: TcpStream, response: &'static [u8]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(8192);
+    let mut out = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        // Answer every complete request in the buffer, then write once.
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            let head_len = match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => break,
+                Err(_) => return Ok(()),
+            };
+            let body: usize = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() < head_len + body {
+                break;
+            }
+            if req.path == Some("/echo") {
+                let head = &buf[..head_len];
+                out.extend_from_slice(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nX-Powered-By: bench-backend\r\nContent-Length: {}\r\n\r\n",
+                        head.len()
+                    )
+                    .as_bytes(),
+                );
+                out.extend_from_slice(head);
+            } else {
+                out.extend_from_slice(response);
+            }
+            buf.drain(..head_len + body);
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -1,0 +1,58 @@
+//! The benchmark's certificates, ECDSA P-256: root → intermediate → server and clients.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use portcullis_testkit::pki::{Ca, Identity, LeafOptions};
+
+/// Writes the benchmark PKI into `dir`:
+/// `root.pem`, `intermediate.pem`, `ca-chain.pem` (both), `crl.pem` (the intermediate's CRL,
+/// revoking `client-revoked`, and the root's, empty), `server-chain.pem` + `server.key`
+/// (`server-bundle.pem`: both in one file), clients `client1`..`client3` (allow-listed),
+/// `client-denied` (valid, not listed), `client-revoked`, `client-expired` (both listed, so that
+/// only revocation or expiry can refuse them) as `NAME-chain.pem` + `NAME.key`, and the SHA-1
+/// allow-list as `allow-sha1.lst` (upper-case hex) and `allow-sha1.map` (nginx map).
+pub fn write(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let root = Ca::root("Bench Root");
+    let intermediate = root.intermediate("Bench Intermediate");
+    let server = intermediate.issue("server", &LeafOptions::server("localhost", &["localhost"]));
+    let now = time::OffsetDateTime::now_utc();
+    let client = |name: &str| intermediate.issue(name, &LeafOptions::client(name));
+    let clients: Vec<Identity> = ["client1", "client2", "client3", "client-denied", "client-revoked"]
+        .into_iter()
+        .map(client)
+        .collect();
+    let expired = intermediate.issue(
+        "client-expired",
+        &LeafOptions {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+            ..LeafOptions::client("client-expired")
+        },
+    );
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))
+    };
+    write("root.pem", &root.cert_pem)?;
+    write("intermediate.pem", &intermediate.cert_pem)?;
+    write("ca-chain.pem", &format!("{}{}", intermediate.cert_pem, root.cert_pem))?;
+    let revoked = &clients[4];
+    write("crl.pem", &format!("{}{}", intermediate.crl(&[revoked]), root.crl(&[])))?;
+    write("server-chain.pem", &server.chain_pem)?;
+    write("server.key", &server.key_pem)?;
+    write("server-bundle.pem", &format!("{}{}", server.chain_pem, server.key_pem))?;
+    let mut allow = String::new();
+    let mut map = String::new();
+    for id in clients.iter().chain(std::iter::once(&expired)) {
+        write(&format!("{}-chain.pem", id.name), &id.chain_pem)?;
+        write(&format!("{}.key", id.name), &id.key_pem)?;
+        if id.name != "client-denied" {
+            allow.push_str(&format!("{}\n", id.thumbprint()));
+            map.push_str(&format!("{} 1;\n", id.thumbprint().to_lowercase()));
+        }
+    }
+    write("allow-sha1.lst", &allow)?;
+    write("allow-sha1.map", &map)?;
+    Ok(())
+}

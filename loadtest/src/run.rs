@@ -1,0 +1,387 @@
+//! The load itself: tasks that connect, handshake, send and time requests.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use rustls::client::Resumption;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::options::{Group, Mode, Options, TlsVersions};
+use crate::report::Report;
+
+/// What one task measured.
+struct Stats {
+    latency: Histogram<u64>,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    handshakes: u64,
+    resumed: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .unwrap_or_else(|e| panic!("histogram: {e}")),
+            ok: 0,
+            errors: BTreeMap::new(),
+            handshakes: 0,
+            resumed: 0,
+        }
+    }
+
+    fn error(&mut self, kind: String) {
+        *self.errors.entry(kind).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Stats) {
+        let _ = self.latency.add(&other.latency);
+        self.ok += other.ok;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.handshakes += other.handshakes;
+        self.resumed += other.resumed;
+    }
+}
+
+/// Why one request failed, in the words of the report.
+fn classify(e: &io::Error, stage: &str) -> String {
+    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        return match tls {
+            rustls::Error::AlertReceived(alert) => format!("tls_alert_{alert:?}").to_lowercase(),
+            other => format!("tls_{stage}: {other}"),
+        };
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connect_refused".to_owned(),
+        io::ErrorKind::UnexpectedEof => format!("closed_during_{stage}"),
+        io::ErrorKind::ConnectionReset => format!("reset_during_{stage}"),
+        io::ErrorKind::TimedOut => format!("timeout_{stage}"),
+        other => format!("io_{stage}: {other}"),
+    }
+}
+
+fn client_config(opts: &Options) -> anyhow::Result<ClientConfig> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    let group = match opts.group {
+        Group::X25519 => rustls::crypto::ring::kx_group::X25519,
+        Group::P256 => rustls::crypto::ring::kx_group::SECP256R1,
+        Group::P384 => rustls::crypto::ring::kx_group::SECP384R1,
+    };
+    provider.kx_groups = vec![group];
+    let versions: &[&rustls::SupportedProtocolVersion] = match opts.tls {
+        TlsVersions::Tls12 => &[&rustls::version::TLS12],
+        TlsVersions::Tls13 => &[&rustls::version::TLS13],
+        TlsVersions::Both => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&opts.ca).with_context(|| format!("{}", opts.ca.display()))? {
+        roots.add(cert.with_context(|| format!("{}", opts.ca.display()))?)?;
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)?
+        .with_root_certificates(roots);
+    let mut config = match (&opts.cert, &opts.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("{}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("{}", key.display()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.resumption = match opts.mode {
+        Mode::Handshake => Resumption::disabled(),
+        Mode::Resume | Mode::KeepAlive | Mode::Idle => Resumption::in_memory_sessions(16),
+    };
+    Ok(config)
+}
+
+/// Reads one response; returns its status. `buf` keeps bytes beyond it.
+async fn read_response(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<u16> {
+    let mut chunk = [0u8; 16 * 1024];
+    let (status, head_len, content_length, chunked) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut res = httparse::Response::new(&mut headers);
+        match res.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let mut length = None;
+                let mut chunked = false;
+                for h in res.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        length =
+                            std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        chunked = h.value.eq_ignore_ascii_case(b"chunked");
+                    }
+                }
+                let code = res.code.unwrap_or(0);
+                if (100..200).contains(&code) {
+                    buf.drain(..n);
+                    continue;
+                }
+                break (code, n, length, chunked);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+        let n = tls.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    buf.drain(..head_len);
+    if let Some(len) = content_length {
+        while buf.len() < len {
+            let n = tls.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.drain(..len);
+    } else if chunked {
+        // Skim chunks until the last one and its empty trailer line.
+        loop {
+            if let Some(end) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                buf.drain(..end + 5);
+                break;
+            }
+            let n = tls.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        while tls.read(&mut chunk).await? > 0 {}
+        buf.clear();
+    }
+    Ok(status)
+}
+
+async fn connect(
+    connector: &TlsConnector,
+    opts: &Options,
+    name: &ServerName<'static>,
+    stats: &mut Stats,
+) -> Result<TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(opts.target).await.map_err(|e| classify(&e, "connect"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = connector.connect(name.clone(), tcp).await.map_err(|e| classify(&e, "handshake"))?;
+    stats.handshakes += 1;
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        stats.resumed += 1;
+    }
+    Ok(tls)
+}
+
+struct Window {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+}
+
+async fn task(
+    id: usize,
+    opts: Arc<Options>,
+    config: Arc<ClientConfig>,
+    window: Arc<Window>,
+    budget: Arc<std::sync::atomic::AtomicI64>,
+) -> Stats {
+    // Each task has its own session cache, so that in resume mode it resumes its own session.
+    let mut own = (*config).clone();
+    if opts.mode == Mode::Resume {
+        own.resumption = Resumption::in_memory_sessions(4);
+    }
+    let connector = TlsConnector::from(Arc::new(own));
+    let name = ServerName::try_from(opts.server_name.clone())
+        .unwrap_or_else(|_| ServerName::IpAddress(opts.target.ip().into()));
+    let mut request = format!("GET {} HTTP/1.1\r\nHost: {}\r\n", opts.path, opts.server_name).into_bytes();
+    for (k, v) in &opts.headers {
+        request.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    let mut stats = Stats::new();
+    let mut conn: Option<TlsStream<TcpStream>> = None;
+    let mut buf = Vec::with_capacity(4096);
+    // Open loop: this task's share of the rate, phase-shifted so tasks do not fire together.
+    let interval = opts.rate.map(|r| Duration::from_secs_f64(opts.connections as f64 / r));
+    let mut next = interval.map(|i| window.start + i.mul_f64(id as f64 / opts.connections as f64));
+    loop {
+        let scheduled = match (&mut next, interval) {
+            (Some(at), Some(i)) => {
+                let t = *at;
+                *at += i;
+                if t >= window.end {
+                    break;
+                }
+                sleep_until(t).await;
+                t
+            }
+            _ => Instant::now(),
+        };
+        if scheduled >= window.end {
+            break;
+        }
+        let measured = scheduled >= window.measure_from;
+        if measured && budget.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0 {
+            break;
+        }
+        let result = timeout(opts.timeout, async {
+            if conn.is_none() {
+                conn = Some(connect(&connector, &opts, &name, &mut stats).await?);
+            }
+            let Some(tls) = conn.as_mut() else { return Err("no connection".to_owned()) };
+            tls.write_all(&request).await.map_err(|e| classify(&e, "write"))?;
+            buf.clear();
+            read_response(tls, &mut buf).await.map_err(|e| classify(&e, "response"))
+        })
+        .await;
+        let done = Instant::now();
+        match result {
+            Ok(Ok(status)) if (200..400).contains(&status) => {
+                if (measured || opts.mode == Mode::Idle) && done <= window.end {
+                    stats.ok += 1;
+                    let _ = stats.latency.record((done - scheduled).as_micros().max(1) as u64);
+                }
+                if opts.mode == Mode::Idle {
+                    // Hold the connection open, doing nothing, until the end.
+                    sleep_until(window.end).await;
+                    break;
+                }
+                if opts.mode != Mode::KeepAlive {
+                    // A new connection for the next request; say goodbye properly.
+                    if let Some(mut tls) = conn.take() {
+                        let _ = tls.shutdown().await;
+                    }
+                }
+            }
+            Ok(Ok(status)) => {
+                if measured {
+                    stats.error(format!("http_{status}"));
+                }
+                conn = None;
+            }
+            Ok(Err(kind)) => {
+                if measured {
+                    stats.error(kind);
+                }
+                conn = None;
+            }
+            Err(_) => {
+                if measured {
+                    stats.error("timeout".to_owned());
+                }
+                conn = None;
+            }
+        }
+    }
+    stats
+}
+
+/// Runs the load described by `opts` and reports what happened.
+pub fn run(opts: Options) -> anyhow::Result<Report> {
+    opts.validate()?;
+    let config = Arc::new(client_config(&opts)?);
+    let runtime = if opts.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(opts.threads).enable_all().build()?
+    };
+    let opts = Arc::new(opts);
+    let stats = runtime.block_on(async {
+        let start = Instant::now();
+        let window =
+            Arc::new(Window { start, measure_from: start + opts.warmup, end: start + opts.duration });
+        let budget = Arc::new(std::sync::atomic::AtomicI64::new(
+            opts.max_requests.map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+        ));
+        let mut handles = Vec::with_capacity(opts.connections);
+        for id in 0..opts.connections {
+            handles.push(tokio::spawn(task(
+                id,
+                opts.clone(),
+                config.clone(),
+                window.clone(),
+                budget.clone(),
+            )));
+        }
+        // CPU of the watched processes over the measured window (and their memory at its end).
+        let watcher = {
+            let (opts, window) = (opts.clone(), window.clone());
+            tokio::spawn(async move {
+                sleep_until(window.measure_from).await;
+                let before = cpu_ticks(&opts.watch_pids);
+                sleep_until(window.end - Duration::from_millis(50).min(opts.duration / 4)).await;
+                let rss = rss_kib(&opts.watch_pids);
+                (before, rss)
+            })
+        };
+        let mut total = Stats::new();
+        for h in handles {
+            if let Ok(s) = h.await {
+                total.merge(s);
+            }
+        }
+        let after = cpu_ticks(&opts.watch_pids);
+        let elapsed = Instant::now().min(window.end) - window.measure_from;
+        let (before, rss) = watcher.await.unwrap_or((after, None));
+        (total, elapsed, (after.saturating_sub(before)) as f64 / CLOCK_TICKS_PER_SECOND, rss)
+    });
+    let (stats, elapsed, cpu_seconds, rss) = stats;
+    let mut report =
+        Report::new(&opts, elapsed, stats.ok, stats.errors, &stats.latency, stats.handshakes, stats.resumed);
+    if !opts.watch_pids.is_empty() {
+        report.watched_cpu_seconds = Some(cpu_seconds);
+        report.watched_rss_kib = rss;
+    }
+    Ok(report)
+}
+
+/// Linux reports process times in USER_HZ, 100 per second on every mainstream configuration.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// utime + stime of the processes, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may contain spaces: fields count from the closing parenthesis.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// Resident memory of the processes, in KiB.
+fn rss_kib(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()?;
+    }
+    Some(total)
+}

@@ -1,0 +1,117 @@
+//! Medians, ranges and ratios from the benchmark's JSON lines (one per run, each with `proxy`
+//! and `mode` tags added by the benchmark script).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn fmt_num(x: f64) -> String {
+    if x.is_nan() {
+        "–".to_owned()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+/// Builds the Markdown table from JSON lines.
+pub fn summarize(lines: &str) -> anyhow::Result<String> {
+    // (mode, proxy) → runs
+    let mut runs: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    let mut proxies: Vec<String> = Vec::new();
+    for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line)?;
+        let proxy = v["proxy"].as_str().unwrap_or("?").to_owned();
+        let mode = v["label"].as_str().or(v["mode"].as_str()).unwrap_or("?").to_owned();
+        if !proxies.contains(&proxy) {
+            proxies.push(proxy.clone());
+        }
+        runs.entry((mode, proxy)).or_default().push(v);
+    }
+    let mut modes: Vec<String> = runs.keys().map(|(m, _)| m.clone()).collect();
+    modes.dedup();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| mode | proxy | runs | req/s median | min – max | p99 µs median | proxy CPU µs/req | errors |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let mut medians: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for mode in &modes {
+        for proxy in &proxies {
+            let Some(rs) = runs.get(&(mode.clone(), proxy.clone())) else { continue };
+            let rps: Vec<f64> = rs.iter().filter_map(|r| r["rps"].as_f64()).collect();
+            let p99: Vec<f64> = rs.iter().filter_map(|r| r["latency_us"]["p99"].as_f64()).collect();
+            let cpu: Vec<f64> = rs
+                .iter()
+                .filter_map(|r| {
+                    let secs = r["proxy_cpu_seconds"].as_f64()?;
+                    let ok = r["ok"].as_f64()?;
+                    (ok > 0.0).then(|| secs * 1e6 / ok)
+                })
+                .collect();
+            let errors: u64 = rs.iter().filter_map(|r| r["error_count"].as_u64()).sum();
+            let min = rps.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = rps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let m = median(rps.clone());
+            medians.insert((mode.clone(), proxy.clone()), m);
+            let _ = writeln!(
+                out,
+                "| {mode} | {proxy} | {} | {} | {} – {} | {} | {} | {errors} |",
+                rs.len(),
+                fmt_num(m),
+                fmt_num(min),
+                fmt_num(max),
+                fmt_num(median(p99)),
+                fmt_num(median(cpu)),
+            );
+        }
+    }
+    let ours = "portcullis";
+    let others: Vec<&String> = proxies.iter().filter(|p| p.as_str() != ours).collect();
+    if proxies.iter().any(|p| p == ours) && !others.is_empty() {
+        let _ = writeln!(out);
+        let header: Vec<String> = others.iter().map(|p| format!("portcullis / {p}")).collect();
+        let _ = writeln!(out, "| mode | {} |", header.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---|".repeat(others.len()));
+        for mode in &modes {
+            let Some(us) = medians.get(&(mode.clone(), ours.to_owned())) else { continue };
+            let ratios: Vec<String> = others
+                .iter()
+                .map(|p| match medians.get(&(mode.clone(), (*p).clone())) {
+                    Some(them) if *them > 0.0 => format!("{:.2}×", us / them),
+                    _ => "–".to_owned(),
+                })
+                .collect();
+            let _ = writeln!(out, "| {mode} | {} |", ratios.join(" | "));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_ratios() {
+        let lines = r#"{"proxy":"haproxy","mode":"keepalive","rps":100.0,"ok":1000,"proxy_cpu_seconds":0.02,"latency_us":{"p99":900},"error_count":0}
+{"proxy":"portcullis","mode":"keepalive","rps":250.0,"ok":2500,"proxy_cpu_seconds":0.02,"latency_us":{"p99":400},"error_count":0}
+{"proxy":"portcullis","mode":"keepalive","rps":150.0,"ok":1500,"proxy_cpu_seconds":0.02,"latency_us":{"p99":500},"error_count":1}
+{"proxy":"haproxy","mode":"keepalive","rps":120.0,"ok":1200,"proxy_cpu_seconds":0.02,"latency_us":{"p99":800},"error_count":0}"#;
+        let t = summarize(lines).unwrap();
+        assert!(t.contains("| keepalive | portcullis | 2 | 200 | 150 – 250 | 450 |"), "{t}");
+        assert!(t.contains("| keepalive | 1.82× |"), "{t}");
+    }
+}
