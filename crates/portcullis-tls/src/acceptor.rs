@@ -231,6 +231,19 @@ fn site_context(
         b.set_min_proto_version(Some(min)).map_err(|e| e.to_string())?;
         b.set_max_proto_version(Some(SslVersion::TLS1_3)).map_err(|e| e.to_string())?;
         b.set_cipher_list(TLS12_CIPHERS).map_err(|e| e.to_string())?;
+        // TLS 1.3: AES-128-GCM-SHA256 first, by the server's choice (every TLS 1.3 client must
+        // support it, RFC 8446 §9.1), then ChaCha20 and AES-256 at the client's choice. A SHA-256
+        // key schedule runs on the SHA extensions of current CPUs; SHA-384 does not, and costs a
+        // resumed handshake about a tenth of its time. P-256 ECDHE matches 128-bit security anyway.
+        let suites: [u16; 3] = [0x1301, 0x1303, 0x1302];
+        let flags: [u32; 3] = [0, ffi::SSL_CIPHER_FLAG_EQUAL_PREFERENCE_WITH_NEXT as u32, 0];
+        // SAFETY: `b` is a live SSL_CTX; both arrays hold `suites.len()` elements.
+        if unsafe {
+            ffi::SSL_CTX_set1_tls13_ciphers(b.as_ptr(), suites.as_ptr(), flags.as_ptr(), suites.len())
+        } != 1
+        {
+            return Err("cannot set the TLS 1.3 cipher suites".to_owned());
+        }
         b.set_options(SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_RENEGOTIATION);
         let leaf = &chain[0];
         if unix_time(leaf.not_after()) < now_unix() {

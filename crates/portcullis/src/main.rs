@@ -152,8 +152,23 @@ pub(crate) fn wait_for_signals(signals: &mut Signals, mut on_hup: impl FnMut()) 
     Ok(SIGTERM)
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection costs one or two.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit read and write a local struct; no other memory is touched.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let mut signals = signals()?;
+    raise_fd_limit();
     let config = match portcullis_config::load(path) {
         Ok(c) => c,
         Err(errors) => {

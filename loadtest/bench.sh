@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# loadtest/bench.sh — Portcullis, HAProxy and nginx doing the same mTLS work, one core each,
+# measured in the same run by portcullis-load.
+#
+#   apt-get install -y haproxy nginx curl          # once
+#   loadtest/bench.sh                              # ROUNDS=5 DURATION=10 by default
+#   ROUNDS=3 DURATION=5 MODES="keepalive" PROXIES="portcullis haproxy" loadtest/bench.sh
+#
+# The work: client certificate required and verified against root + intermediate with CRLs, a
+# SHA-1 thumbprint allow-list, the client DN sent to the backend, X-Powered-By removed from the
+# response; a 1 KiB backend. Each proxy is pinned to PROXY_CPU, the backend and the load
+# generator share LOAD_CPU. Proxies alternate order from round to round; the summary gives
+# medians, min–max and ratios, and the proxy CPU per request (from /proc), which is what "req/s
+# per proxy core" means when the load generator, not the proxy, is the bottleneck.
+# Modes: keepalive (CONNS keep-alive connections), handshake (a new connection and a full mTLS
+# handshake per request), resume (a new connection per request, TLS 1.3 resumption). Then p99
+# latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
+# with IDLE_CONNS idle mTLS keep-alive connections.
+# Only loopback addresses are used; every load run is bounded by DURATION.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-64}
+MODES=${MODES:-keepalive handshake resume}
+PROXIES=${PROXIES:-portcullis haproxy nginx}
+LATENCY=${LATENCY:-1}              # 0 skips the constant-rate latency runs
+IDLE_CONNS=${IDLE_CONNS:-8000}     # 0 skips the memory runs (HAProxy's maxconn is 9500)
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
+declare -A ADDR=([portcullis]=127.0.0.1:18446 [haproxy]=127.0.0.1:18443 [nginx]=127.0.0.1:18444)
+OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
+BIN=target/release
+RUN=$OUT/run
+CERTS=$OUT/certs
+mkdir -p "$RUN"
+OUT=$(cd "$OUT" && pwd); RUN=$OUT/run; CERTS=$OUT/certs
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  cargo build --release -p portcullis -p portcullis-loadtest
+fi
+LOAD=$BIN/portcullis-load
+for p in $PROXIES; do
+  case $p in
+    haproxy|nginx) command -v "$p" >/dev/null || { echo "$p is not installed (apt-get install -y $p)" >&2; exit 1; };;
+  esac
+done
+
+echo "== results in $OUT"
+"$LOAD" pki "$CERTS" >/dev/null
+
+declare -A PID
+cleanup() {
+  for p in "${!PID[@]}"; do stop "$p"; done
+  [ -n "${BACKEND_PID:-}" ] && kill "$BACKEND_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+render() { # render PROXY -> path of its rendered configuration
+  local tpl out
+  tpl=$(ls "loadtest/conf/$1".*.in)
+  out=$RUN/$(basename "${tpl%.in}")
+  sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" "$tpl" > "$out"
+  echo "$out"
+}
+
+wait_port() { # wait_port HOST:PORT
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1" >&2; return 1
+}
+
+pids_of() { # the proxy's process and its children (nginx's worker)
+  echo "${PID[$1]}"; pgrep -P "${PID[$1]}" 2>/dev/null || true
+}
+
+start() {
+  local p=$1 conf
+  conf=$(render "$p")
+  case $p in
+    portcullis)
+      "$BIN/portcullis" check -c "$conf" >/dev/null
+      taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
+    haproxy)
+      haproxy -c -q -f "$conf"
+      taskset -c "$PROXY_CPU" haproxy -db -f "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
+    nginx)
+      mkdir -p "$RUN/nginx-body"
+      nginx -t -q -c "$conf" -p "$RUN" 2>"$RUN/nginx-check.log" || { cat "$RUN/nginx-check.log" >&2; exit 1; }
+      taskset -c "$PROXY_CPU" nginx -c "$conf" -p "$RUN" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
+  esac
+  wait_port "${ADDR[$p]}"
+}
+
+stop() {
+  local p=$1 pid=${PID[$1]:-}
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  unset "PID[$p]"
+}
+
+# curl as client NAME (none: no certificate) against proxy P
+c() {
+  local p=$1 cl=$2; shift 2
+  local port=${ADDR[$p]##*:} auth=()
+  [ "$cl" != none ] && auth=(--cert "$CERTS/$cl-chain.pem" --key "$CERTS/$cl.key")
+  curl -sS --max-time 5 --cacert "$CERTS/root.pem" --resolve "localhost:$port:127.0.0.1" "${auth[@]}" "$@" "https://localhost:$port/echo"
+}
+
+verify() { # the same behaviour from every proxy, or the comparison means nothing
+  local p=$1 out code fail=0
+  out=$(c "$p" client1 -H 'X-Client-DN: CN=forged' 2>&1)
+  echo "$out" | grep -qi '^X-Client-DN: .*CN=client1' || { echo "  $p: client DN not forwarded: $out" >&2; fail=1; }
+  echo "$out" | grep -qi 'forged' && { echo "  $p: forged DN reached the backend" >&2; fail=1; }
+  [ "$(echo "$out" | grep -ci '^X-Client-DN:')" = 1 ] || { echo "  $p: X-Client-DN not exactly once" >&2; fail=1; }
+  c "$p" client1 -D - -o /dev/null 2>&1 | grep -qi '^X-Powered-By' && { echo "  $p: X-Powered-By not removed" >&2; fail=1; }
+  code=$(c "$p" client-denied -o /dev/null -w '%{http_code}' 2>/dev/null || true)
+  [ "$code" = 403 ] || { echo "  $p: client not on the allow-list got $code" >&2; fail=1; }
+  for cl in client-revoked client-expired none; do
+    out=$(c "$p" "$cl" -w '\n%{http_code}' 2>/dev/null || true)
+    code=${out##*$'\n'}
+    if [ "$code" != 000 ] && [ "$code" != 400 ] && [ "$code" != 403 ]; then echo "  $p: $cl got $code" >&2; fail=1; fi
+    echo "$out" | grep -q '^GET /echo' && { echo "  $p: $cl reached the backend" >&2; fail=1; }
+  done
+  [ $fail = 0 ] && echo "  $p: behaviour verified" || exit 1
+}
+
+load() { # load PROXY MODE LABEL [extra args] -> one JSON line appended to raw.jsonl
+  local p=$1 mode=$2 label=$3; shift 3
+  local watch=()
+  for pid in $(pids_of "$p"); do watch+=(--watch-pid "$pid"); done
+  taskset -c "$LOAD_CPU" "$LOAD" run "https://localhost:${ADDR[$p]##*:}/" --ca "$CERTS/root.pem" \
+    --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" --mode "$mode" \
+    -d "${DURATION}s" -w "${WARMUP}s" "${watch[@]}" --json --tag "proxy=$p" --tag "label=$label" "$@" \
+    | tee -a "$OUT/raw.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("    %-10s %-16s %8.0f req/s  p99 %6d us  cpu %s  errors %d" % (r["proxy"], r["label"], r["rps"], r["latency_us"]["p99"], "%.1f us/req" % (r["proxy_cpu_seconds"]*1e6/r["ok"]) if r["ok"] else "-", r["error_count"]))' \
+    || echo "    $p $label: run failed" >&2
+}
+
+taskset -c "$LOAD_CPU" "$LOAD" backend --listen "$BACKEND_ADDR" --size 1024 >"$RUN/backend.log" 2>&1 & BACKEND_PID=$!
+wait_port "$BACKEND_ADDR"
+
+read -ra ORDER <<<"$PROXIES"
+for round in $(seq "$ROUNDS"); do
+  echo "== round $round/$ROUNDS"
+  for p in "${ORDER[@]}"; do
+    start "$p"
+    [ "$round" = 1 ] && verify "$p"
+    for m in $MODES; do
+      case $m in
+        keepalive) load "$p" keepalive keepalive -c "$CONNS";;
+        handshake) load "$p" handshake handshake -c "$CONNS";;
+        resume) load "$p" resume resume -c "$CONNS";;
+      esac
+    done
+    stop "$p"
+  done
+  ORDER=("${ORDER[@]:1}" "${ORDER[0]}")   # alternate who goes first
+done
+
+if [ "$LATENCY" = 1 ] && [[ " $PROXIES " == *" haproxy "* ]] && [[ " $MODES " == *" keepalive "* ]]; then
+  RATE=$(python3 -c 'import json,sys,statistics
+rps=[json.loads(l)["rps"] for l in open(sys.argv[1]) if json.loads(l)["proxy"]=="haproxy" and json.loads(l)["label"]=="keepalive"]
+print(int(statistics.median(rps)*0.5))' "$OUT/raw.jsonl")
+  echo "== p99 latency at a constant $RATE req/s (half of HAProxy's keep-alive median)"
+  for round in $(seq "$(( (ROUNDS + 1) / 2 ))"); do
+    for p in "${ORDER[@]}"; do
+      start "$p"; load "$p" keepalive "rate-$RATE" -c "$CONNS" --rate "$RATE"; stop "$p"
+    done
+    ORDER=("${ORDER[@]:1}" "${ORDER[0]}")
+  done
+fi
+
+if [ "$IDLE_CONNS" -gt 0 ]; then
+  echo "== memory with $IDLE_CONNS idle mTLS keep-alive connections"
+  for p in "${ORDER[@]}"; do
+    start "$p"
+    local_watch=()
+    for pid in $(pids_of "$p"); do local_watch+=(--watch-pid "$pid"); done
+    before=$(for pid in $(pids_of "$p"); do awk '/VmRSS/{print $2}' "/proc/$pid/status"; done | awk '{s+=$1} END {print s}')
+    taskset -c "$LOAD_CPU" "$LOAD" run "https://localhost:${ADDR[$p]##*:}/" --ca "$CERTS/root.pem" \
+      --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" --mode idle -c "$IDLE_CONNS" \
+      -d 40s -w 1s --timeout 30s "${local_watch[@]}" --json --tag "proxy=$p" --tag "label=idle" --tag "rss_before_kib=$before" \
+      | tee -a "$OUT/idle.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); b=int(r["rss_before_kib"]); a=r["proxy_rss_kib"] or 0; print("    %-10s %d connections held, RSS %d -> %d KiB: %.1f KiB per connection" % (r["proxy"], r["ok"], b, a, (a-b)/max(r["ok"],1)))' \
+      || echo "    $p idle: run failed" >&2
+    stop "$p"
+  done
+fi
+
+"$LOAD" summarize "$OUT/raw.jsonl" | tee "$OUT/summary.md"
