@@ -376,3 +376,16 @@ fn a_stale_pooled_connection_is_retried_transparently() {
     assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
     assert_eq!(env.backend.connections(), 2);
 }
+
+#[test]
+fn a_connection_idle_long_enough_to_give_back_its_buffers_still_works() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/bytes/20000", &[], b"").unwrap().body.len(), 20_000);
+    // Past the point where an idle connection drops its buffers and waits for readability.
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    let r = c.request("POST", "/upload", &[], &[5u8; 30_000]).unwrap();
+    assert!(r.text().starts_with("bytes=30000 "), "{}", r.text());
+    assert_eq!(c.request("GET", "/bytes/10", &[], b"").unwrap().body, expected_pattern(10));
+}

@@ -256,3 +256,43 @@ fn a_silent_client_is_dropped_at_the_handshake_timeout() {
     let n = tcp.read(&mut buf).expect("the proxy closes the connection instead of waiting");
     assert_eq!(n, 0);
 }
+
+#[test]
+fn a_revoked_certificate_cannot_resume_its_session() {
+    let env = Env::new();
+    let mut proxy = env.proxy("require", FACTS);
+    let client = TlsClient::with(&env.pki, Some(&env.pki.client), Versions::Tls13);
+    let mut first = client.connect(proxy.addr).unwrap();
+    assert_eq!(first.request("GET", "/", &[], b"").unwrap().status, 200);
+    first.close();
+    // Revoke the client and reload: the session ticket it holds must not let it back in.
+    std::fs::write(&env.paths.crl, env.pki.intermediate.crl(&[&env.pki.revoked, &env.pki.client])).unwrap();
+    let config = std::fs::read_to_string(&proxy.config_path).unwrap();
+    proxy.reload(&config).unwrap();
+    let result = client.connect(proxy.addr).and_then(|mut c| {
+        let r = c.request("GET", "/", &[], b"");
+        assert!(c.resumed(), "the client offered its ticket and the server took it");
+        r
+    });
+    assert!(result.is_err(), "a revoked certificate resumed: {result:?}");
+}
+
+#[test]
+fn a_tampered_ticket_means_a_full_handshake() {
+    // The client keeps its ticket; a proxy restarted with new keys cannot open it and simply
+    // does a full handshake instead of failing.
+    let env = Env::new();
+    let client = TlsClient::with(&env.pki, Some(&env.pki.client), Versions::Tls13);
+    let proxy = env.proxy("require", FACTS);
+    let addr = proxy.addr;
+    let mut c = client.connect(addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    c.close();
+    proxy.shutdown();
+    let config = env.config("require", FACTS).replace("127.0.0.1:0", &addr.to_string());
+    let proxy = portcullis_testkit::TestProxy::start(env.dir(), &config);
+    let mut c = client.connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/", &[], b"").unwrap();
+    assert!(!c.resumed());
+    assert_eq!(r.echoed_header("X-Cert-Thumbprint").unwrap(), env.pki.client.thumbprint());
+}

@@ -513,6 +513,19 @@ impl RequestHead {
         Ok(())
     }
 
+    /// Lets go of the head's bytes (and the buffer they share), keeping the field list's room.
+    pub fn clear(&mut self) {
+        self.raw = Bytes::new();
+        self.normalized = None;
+        self.fields.clear();
+        self.method = Span::default();
+        self.target = Span::default();
+        self.path = Span::default();
+        self.authority = None;
+        self.host = None;
+        self.framing = Framing::None;
+    }
+
     pub fn method(&self) -> &[u8] {
         self.method.get(&self.raw)
     }
@@ -676,6 +689,13 @@ impl ResponseHead {
         };
         self.raw = buf.split_to(len).freeze();
         Ok(())
+    }
+
+    /// Lets go of the head's bytes (and the buffer they share), keeping the field list's room.
+    pub fn clear(&mut self) {
+        self.raw = Bytes::new();
+        self.fields.clear();
+        self.reason = Span::default();
     }
 
     pub fn status(&self) -> u16 {

@@ -19,6 +19,9 @@ use portcullis_tls::{PlainStream, SessionInfo, Stream};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path};
 use crate::worker::Worker;
 
+/// How long an idle client connection keeps its buffers before giving them back.
+const SHRINK_AFTER: Duration = Duration::from_secs(2);
+
 /// Limits for backend response heads: backends are trusted more than clients, not blindly.
 const RESPONSE_LIMITS: Limits = Limits { max_head_size: 64 * 1024, max_headers: 256 };
 
@@ -241,17 +244,9 @@ impl<S: Stream> Conn<S> {
                 Err(e) => return Err(HeadFailure::Invalid(e)),
             }
             let read = if self.rbuf.is_empty() {
-                // Idle between requests: a shutdown closes the connection here.
-                if self.worker.draining() {
-                    return Ok(false);
-                }
-                let idle = monoio::select! {
-                    r = timeout(idle_timeout, self.client.read_buf(&mut self.rbuf)) => Some(r),
-                    _ = self.worker.shutdown.wait() => None,
-                };
-                match idle {
-                    None | Some(Err(_)) => return Ok(false),
-                    Some(Ok(r)) => r,
+                match self.wait_idle(idle_timeout).await {
+                    Some(r) => r,
+                    None => return Ok(false),
                 }
             } else {
                 let at = *deadline.get_or_insert_with(|| Instant::now() + head_timeout);
@@ -270,6 +265,59 @@ impl<S: Stream> Conn<S> {
                     return Ok(false);
                 }
             }
+        }
+    }
+
+    /// Waits for the next request on an idle connection. `None`: give up on the connection (idle
+    /// timeout, shutdown).
+    ///
+    /// For a while the connection stays hot: a read is pending with the connection's buffers, so
+    /// the next request costs one read. If nothing comes, the read is cancelled (without losing
+    /// what may have arrived meanwhile), the buffers are given back, and the connection waits
+    /// for readability alone: an idle connection then holds no buffer at all.
+    async fn wait_idle(&mut self, idle_timeout: Duration) -> Option<io::Result<usize>> {
+        if self.worker.draining() {
+            return None;
+        }
+        let started = Instant::now();
+        let result = {
+            let canceller = monoio::io::Canceller::new();
+            let hot = self.client.read_buf_cancelable(&mut self.rbuf, canceller.handle());
+            let mut hot = std::pin::pin!(hot);
+            let first = monoio::select! {
+                r = &mut hot => Some(r),
+                _ = monoio::time::sleep(SHRINK_AFTER.min(idle_timeout)) => None,
+                _ = self.worker.shutdown.wait() => return None,
+            };
+            match first {
+                Some(r) => r,
+                None => {
+                    let _ = canceller.cancel();
+                    hot.await
+                }
+            }
+        };
+        match result {
+            Err(e) if portcullis_tls::is_canceled(&e) => {}
+            other => return Some(other),
+        }
+        // Cold: no buffers while waiting (the heads share them, so they let go too).
+        self.rbuf = BytesMut::new();
+        self.out = BytesMut::new();
+        self.ubuf = BytesMut::new();
+        self.head.clear();
+        self.resp.clear();
+        self.edits = HeaderEdits::default();
+        self.client.shrink();
+        let left = idle_timeout.saturating_sub(started.elapsed());
+        let ready = monoio::select! {
+            r = timeout(left, self.client.wait_readable()) => r,
+            _ = self.worker.shutdown.wait() => return None,
+        };
+        match ready {
+            Ok(Ok(())) => Some(self.client.read_buf(&mut self.rbuf).await),
+            Ok(Err(e)) => Some(Err(e)),
+            Err(_) => None,
         }
     }
 

@@ -19,32 +19,13 @@ use portcullis_config::{CertKey, ClientAuth, ClientCertMode, ConfigErrors, Liste
 use crate::facts::{ClientCert, now_unix, unix_time};
 use crate::pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
 use crate::stream::{Staging, TlsStream, Wire};
+use crate::tickets::{TicketKeys, ticket_facts_index};
 use crate::verify::ClientVerifier;
 
 /// TLS 1.2 suites: forward-secret AEADs only (TLS 1.3's are fixed by BoringSSL).
 const TLS12_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
 ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
 ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
-
-/// Keys that seal session tickets. One set serves every context the process builds, so tickets
-/// stay valid across reloads.
-#[derive(Clone)]
-pub struct TicketKeys([u8; 48]);
-
-impl TicketKeys {
-    pub fn generate() -> TicketKeys {
-        let mut k = [0u8; 48];
-        boring::rand::rand_bytes(&mut k)
-            .unwrap_or_else(|e| panic!("no randomness for session ticket keys: {e}"));
-        TicketKeys(k)
-    }
-}
-
-impl fmt::Debug for TicketKeys {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TicketKeys(..)")
-    }
-}
 
 /// How one site (a listener's default, or an SNI entry) treats client certificates.
 #[derive(Debug)]
@@ -88,7 +69,7 @@ fn auth_index() -> Index<Ssl, Arc<SiteAuth>> {
     })
 }
 
-fn facts_index() -> Index<Ssl, Arc<ClientCert>> {
+pub(crate) fn facts_index() -> Index<Ssl, Arc<ClientCert>> {
     static INDEX: OnceLock<Index<Ssl, Arc<ClientCert>>> = OnceLock::new();
     *INDEX.get_or_init(|| {
         Ssl::new_ex_index().unwrap_or_else(|e| panic!("cannot allocate an SSL ex_data index: {e}"))
@@ -324,6 +305,7 @@ impl TlsAcceptor {
                 site_context(&sni.certificate, &trust, &sid, listener.tls_min_version, &mut errors)
             {
                 install_verify(&mut b, trust.auth.clone());
+                crate::tickets::share_keys(&mut b, keys);
                 sites.push(SniSite {
                     hostnames: sni.hostnames.iter().map(|h| h.value.to_ascii_lowercase()).collect(),
                     ctx: b.build(),
@@ -411,8 +393,16 @@ impl TlsAcceptor {
                 }
             }
         }
-        Wire { ssl: &mut ssl, io: &mut io }.flush().await?;
-        let info = self.session_info(&ssl)?;
+        // What the handshake still has to send (the session ticket) is not flushed here: it goes
+        // out with the first response, or before the first wait for the client, whichever comes
+        // first (every read flushes before it waits). One write instead of two.
+        let info = match self.session_info(&ssl) {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = Wire { ssl: &mut ssl, io: &mut io }.flush().await;
+                return Err(e);
+            }
+        };
         Ok(TlsStream { ssl, io, info })
     }
 
@@ -420,22 +410,36 @@ impl TlsAcceptor {
         let r = ssl.ssl();
         let auth = r.ex_data(auth_index()).cloned().unwrap_or_else(|| self.default_auth.clone());
         let resumed = r.session_reused();
-        let mut client_cert = r.ex_data(facts_index()).cloned();
-        if client_cert.is_none()
-            && let (Some(verifier), Some(leaf)) = (&auth.verifier, r.peer_certificate())
-        {
-            // A resumed session: no verification ran, so look the certificate up (or verify it
-            // again) under the trust of today, not of the day the session began.
-            client_cert = Some(verifier.verify(&leaf, r.peer_cert_chain()));
-        }
+        // A full handshake verified the certificate just now; a resumed one knows it from its
+        // ticket, and must still pass today's CRLs and clock.
+        let client_cert = if resumed {
+            r.ex_data(ticket_facts_index()).cloned()
+        } else {
+            r.ex_data(facts_index()).cloned()
+        };
         if auth.mode == ClientCertMode::Require {
             match &client_cert {
                 Some(c) if !c.is_valid() => {
                     return Err(HandshakeError::CertificateRejected(format!(
-                        "{} ({}) on a resumed session",
+                        "{} ({})",
                         c.verify_summary(),
                         c.subject
                     )));
+                }
+                Some(c) if resumed => {
+                    let now = now_unix();
+                    let revoked = auth
+                        .verifier
+                        .as_ref()
+                        .is_some_and(|v| v.revoked().is_revoked(&c.issuer_der, &c.serial_bytes));
+                    if revoked || now < c.not_before || now > c.not_after {
+                        let why =
+                            if revoked { "certificate revoked" } else { "certificate outside its validity" };
+                        return Err(HandshakeError::CertificateRejected(format!(
+                            "{why} ({}) on a resumed session",
+                            c.subject
+                        )));
+                    }
                 }
                 None => return Err(HandshakeError::CertificateRejected("no client certificate".to_owned())),
                 Some(_) => {}
@@ -493,15 +497,15 @@ fn configure_base(
     // Tickets only: a server-side session cache would be one more lock shared by all workers.
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     if listener.session_tickets {
-        // SAFETY: `b` is a live SSL_CTX and the key buffer is exactly the 48 bytes expected.
-        let ok =
-            unsafe { ffi::SSL_CTX_set_tlsext_ticket_keys(b.as_ptr(), keys.0.as_ptr().cast(), keys.0.len()) };
-        if ok != 1 {
-            return Err("cannot set session ticket keys".to_owned());
-        }
-        // One ticket per handshake instead of two: half the sealing work (and bytes).
+        // Tickets carry the client certificate's facts (see `tickets`), so sessions keep only
+        // the certificate's SHA-256, not the chain.
+        crate::tickets::install(b, keys);
         // SAFETY: `b` is a live SSL_CTX.
-        unsafe { ffi::SSL_CTX_set_num_tickets(b.as_ptr(), 1) };
+        unsafe {
+            ffi::SSL_CTX_set_retain_only_sha256_of_client_certs(b.as_ptr(), 1);
+            // One ticket per handshake instead of two: half the sealing work (and bytes).
+            ffi::SSL_CTX_set_num_tickets(b.as_ptr(), 1);
+        }
     } else {
         b.set_options(SslOptions::NO_TICKET);
     }

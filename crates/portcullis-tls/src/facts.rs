@@ -132,6 +132,132 @@ impl ClientCert {
         }
     }
 
+    /// Serialises the facts that cannot be derived from others (for session tickets, which
+    /// carry them so that a resumed session knows its certificate without keeping it).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+            out.extend_from_slice(&(b.len().min(u16::MAX as usize) as u16).to_be_bytes());
+            out.extend_from_slice(&b[..b.len().min(u16::MAX as usize)]);
+        }
+        out.push(1); // format version
+        out.extend_from_slice(&self.sha1);
+        out.extend_from_slice(&self.sha256);
+        bytes(out, self.subject.as_bytes());
+        bytes(out, self.issuer.as_bytes());
+        match &self.common_name {
+            Some(cn) => {
+                out.push(1);
+                bytes(out, cn.as_bytes());
+            }
+            None => out.push(0),
+        }
+        bytes(out, &self.serial_bytes);
+        bytes(out, &self.issuer_der);
+        match &self.issuer_sha1 {
+            Some(s) => {
+                out.push(1);
+                out.extend_from_slice(s);
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(&(self.dns_names.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        for name in self.dns_names.iter().take(u16::MAX as usize) {
+            bytes(out, name.as_bytes());
+        }
+        out.extend_from_slice(&self.not_before.to_be_bytes());
+        out.extend_from_slice(&self.not_after.to_be_bytes());
+        out.extend_from_slice(&(self.verify_errors.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        for e in self.verify_errors.iter().take(u16::MAX as usize) {
+            out.extend_from_slice(&e.depth.to_be_bytes());
+            out.extend_from_slice(&e.code.to_be_bytes());
+        }
+    }
+
+    /// The inverse of [`encode`](Self::encode); `None` for anything malformed.
+    pub fn decode(input: &[u8]) -> Option<ClientCert> {
+        struct R<'a>(&'a [u8]);
+        impl<'a> R<'a> {
+            fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+                if self.0.len() < n {
+                    return None;
+                }
+                let (a, b) = self.0.split_at(n);
+                self.0 = b;
+                Some(a)
+            }
+            fn u8(&mut self) -> Option<u8> {
+                Some(self.take(1)?[0])
+            }
+            fn u16(&mut self) -> Option<usize> {
+                Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize)
+            }
+            fn bytes(&mut self) -> Option<&'a [u8]> {
+                let n = self.u16()?;
+                self.take(n)
+            }
+            fn string(&mut self) -> Option<String> {
+                String::from_utf8(self.bytes()?.to_vec()).ok()
+            }
+            fn i64(&mut self) -> Option<i64> {
+                Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+            }
+        }
+        let mut r = R(input);
+        if r.u8()? != 1 {
+            return None;
+        }
+        let sha1: [u8; 20] = r.take(20)?.try_into().ok()?;
+        let sha256: [u8; 32] = r.take(32)?.try_into().ok()?;
+        let subject = r.string()?;
+        let issuer = r.string()?;
+        let common_name = match r.u8()? {
+            0 => None,
+            _ => Some(r.string()?),
+        };
+        let serial_bytes: Box<[u8]> = r.bytes()?.into();
+        let issuer_der: Box<[u8]> = r.bytes()?.into();
+        let issuer_sha1 = match r.u8()? {
+            0 => None,
+            _ => Some(r.take(20)?.try_into().ok()?),
+        };
+        let n = r.u16()?;
+        let mut dns_names = Vec::with_capacity(n);
+        for _ in 0..n {
+            dns_names.push(r.string()?);
+        }
+        let not_before = r.i64()?;
+        let not_after = r.i64()?;
+        let n = r.u16()?;
+        let mut verify_errors = Vec::with_capacity(n);
+        for _ in 0..n {
+            let depth = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
+            let code = i32::from_be_bytes(r.take(4)?.try_into().ok()?);
+            verify_errors.push(VerifyError { depth, code });
+        }
+        if !r.0.is_empty() {
+            return None;
+        }
+        Some(ClientCert {
+            thumbprint: hex_upper(&sha1),
+            thumbprint_sha256: hex_upper(&sha256),
+            sha1,
+            sha256,
+            subject_normalized: normalize_dn(&subject),
+            issuer_normalized: normalize_dn(&issuer),
+            subject,
+            issuer,
+            common_name,
+            serial: serial_hex(&serial_bytes),
+            serial_bytes,
+            issuer_der,
+            issuer_sha1,
+            dns_names,
+            not_before,
+            not_after,
+            verify_errors,
+        })
+    }
+
     /// Whether verification found nothing wrong.
     pub fn is_valid(&self) -> bool {
         self.verify_errors.is_empty()
@@ -318,6 +444,37 @@ mod tests {
         assert_eq!(hex_upper(&[0x0a, 0xff, 0x00]), "0AFF00");
         assert_eq!(serial_hex(&[0x00, 0x0a, 0xbc]), "ABC");
         assert_eq!(serial_hex(&[]), "0");
+    }
+
+    #[test]
+    fn facts_survive_encoding() {
+        let c = ClientCert {
+            sha1: [1; 20],
+            sha256: [2; 32],
+            thumbprint: hex_upper(&[1; 20]),
+            thumbprint_sha256: hex_upper(&[2; 32]),
+            subject: "CN=dévice, O=\"A, B\"".to_owned(),
+            issuer: "CN=CA".to_owned(),
+            subject_normalized: normalize_dn("CN=dévice, O=\"A, B\""),
+            issuer_normalized: normalize_dn("CN=CA"),
+            common_name: Some("dévice".to_owned()),
+            serial: "ABC".to_owned(),
+            serial_bytes: vec![0x0a, 0xbc].into(),
+            issuer_der: vec![0x30, 0x00].into(),
+            issuer_sha1: Some([3; 20]),
+            dns_names: vec!["a.example".to_owned(), "b.example".to_owned()],
+            not_before: -5,
+            not_after: 1_900_000_000,
+            verify_errors: vec![VerifyError { depth: 0, code: 10 }, VerifyError { depth: 1, code: 23 }],
+        };
+        let mut out = Vec::new();
+        c.encode(&mut out);
+        assert_eq!(ClientCert::decode(&out), Some(c));
+        for cut in 0..out.len() {
+            assert_eq!(ClientCert::decode(&out[..cut]), None, "truncated at {cut}");
+        }
+        out.push(0);
+        assert_eq!(ClientCert::decode(&out), None, "trailing bytes");
     }
 
     #[test]

@@ -15,10 +15,12 @@ mod acceptor;
 mod facts;
 mod pki;
 mod stream;
+mod tickets;
 mod verify;
 
-pub use acceptor::{HandshakeError, SessionInfo, TicketKeys, TlsAcceptor};
+pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor};
 pub use facts::{ClientCert, VerifyError, dn_string, hex_upper, normalize_dn, now_unix};
 pub use pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
-pub use stream::{PlainStream, Stream, TlsStream};
+pub use stream::{PlainStream, Readiness, Stream, TlsStream, is_canceled};
+pub use tickets::TicketKeys;
 pub use verify::ClientVerifier;

@@ -12,10 +12,15 @@ use std::mem;
 use boring::ssl::{ErrorCode, SslStream};
 use bytes::{Buf, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent};
 
-/// Bytes read from the socket in one go.
+/// Bytes read from the socket in one go once data flows (a full TLS record and then some).
 const READ_CHUNK: usize = 16 * 1024 + 512;
+/// The first read into an empty buffer is small: on an idle connection the buffer of a pending
+/// read is held for as long as the connection waits, so it had better be small.
+const FIRST_READ: usize = 4 * 1024;
+/// Below this much room, a buffer grows to a full chunk before the next read.
+const MIN_SPARE: usize = 2 * 1024;
 /// Ciphertext staged before it is flushed even in the middle of a write.
 const TX_FLUSH_AT: usize = 64 * 1024;
 
@@ -31,6 +36,56 @@ pub trait Stream {
     async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()>;
     /// Ends the stream cleanly (TLS close_notify, then TCP FIN).
     async fn close(&mut self) -> io::Result<()>;
+    /// Like [`read_buf`](Self::read_buf), but gives up when `cancel` fires. Nothing is lost:
+    /// bytes that arrived before the cancellation took effect are returned; otherwise the error
+    /// is [`is_canceled`].
+    async fn read_buf_cancelable(&mut self, dst: &mut BytesMut, cancel: CancelHandle) -> io::Result<usize>;
+    /// Waits until reading would not block, without holding a buffer (for idle connections).
+    async fn wait_readable(&mut self) -> io::Result<()>;
+    /// Gives back buffer memory while the connection is idle (no read may be pending).
+    fn shrink(&mut self) {}
+}
+
+/// Whether an error is the one a cancelled read ends with.
+pub fn is_canceled(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(125)
+}
+
+/// Waiting for readability, which monoio offers on its TCP stream (and not in a trait).
+#[allow(async_fn_in_trait, reason = "used with concrete types on a single-threaded runtime")]
+pub trait Readiness {
+    async fn wait_readable(&self) -> io::Result<()>;
+}
+
+impl Readiness for monoio::net::TcpStream {
+    async fn wait_readable(&self) -> io::Result<()> {
+        self.readable(false).await
+    }
+}
+
+/// Prepares `dst` for a read of up to `want` bytes into its spare capacity.
+fn reserve_for_read(dst: &mut BytesMut, want: usize) {
+    if dst.capacity() == 0 {
+        dst.reserve(FIRST_READ.min(want));
+    } else if dst.capacity() - dst.len() < MIN_SPARE {
+        dst.reserve(want);
+    }
+}
+
+/// As [`read_into`], cancelable without losing data.
+pub(crate) async fn read_into_cancelable<S: CancelableAsyncReadRent>(
+    io: &mut S,
+    dst: &mut BytesMut,
+    want: usize,
+    cancel: CancelHandle,
+) -> io::Result<usize> {
+    reserve_for_read(dst, want);
+    let buf = mem::take(dst);
+    let len = buf.len();
+    let cap = buf.capacity();
+    let (res, slice) = io.cancelable_read(buf.slice_mut(len..cap), cancel).await;
+    *dst = slice.into_inner();
+    res
 }
 
 /// Reads from a monoio socket into the spare capacity of `dst`.
@@ -39,9 +94,7 @@ pub(crate) async fn read_into<S: AsyncReadRent>(
     dst: &mut BytesMut,
     want: usize,
 ) -> io::Result<usize> {
-    if dst.capacity() - dst.len() < want / 2 {
-        dst.reserve(want);
-    }
+    reserve_for_read(dst, want);
     let buf = mem::take(dst);
     let len = buf.len();
     let cap = buf.capacity();
@@ -82,9 +135,17 @@ impl<S> PlainStream<S> {
     }
 }
 
-impl<S: AsyncReadRent + AsyncWriteRent> Stream for PlainStream<S> {
+impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for PlainStream<S> {
     async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
         read_into(&mut self.io, dst, READ_CHUNK).await
+    }
+
+    async fn read_buf_cancelable(&mut self, dst: &mut BytesMut, cancel: CancelHandle) -> io::Result<usize> {
+        read_into_cancelable(&mut self.io, dst, READ_CHUNK, cancel).await
+    }
+
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        self.io.wait_readable().await
     }
 
     async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
@@ -145,6 +206,17 @@ impl<S: AsyncReadRent + AsyncWriteRent> Wire<'_, S> {
         res
     }
 
+    /// As [`fill`](Self::fill), cancelable without losing data.
+    pub(crate) async fn fill_cancelable(&mut self, cancel: CancelHandle) -> io::Result<usize>
+    where
+        S: CancelableAsyncReadRent,
+    {
+        let mut rx = mem::take(&mut self.ssl.get_mut().rx);
+        let res = read_into_cancelable(self.io, &mut rx, READ_CHUNK, cancel).await;
+        self.ssl.get_mut().rx = rx;
+        res
+    }
+
     /// Reads more ciphertext into `rx`; `Ok(0)` when the peer closed.
     pub(crate) async fn fill(&mut self) -> io::Result<usize> {
         let mut rx = mem::take(&mut self.ssl.get_mut().rx);
@@ -185,11 +257,11 @@ fn tls_io_error(e: boring::ssl::Error) -> io::Error {
     }
 }
 
-impl<S: AsyncReadRent + AsyncWriteRent> Stream for TlsStream<S> {
-    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+impl<S: CancelableAsyncReadRent + AsyncWriteRent> TlsStream<S> {
+    async fn read_inner(&mut self, dst: &mut BytesMut, cancel: Option<&CancelHandle>) -> io::Result<usize> {
         loop {
-            if dst.capacity() - dst.len() < 4096 {
-                dst.reserve(READ_CHUNK);
+            if dst.capacity() - dst.len() < MIN_SPARE {
+                dst.reserve(if dst.capacity() == 0 { FIRST_READ } else { READ_CHUNK });
             }
             let spare = dst.spare_capacity_mut();
             match self.ssl.ssl_read_uninit(spare) {
@@ -202,7 +274,11 @@ impl<S: AsyncReadRent + AsyncWriteRent> Stream for TlsStream<S> {
                 Err(e) if e.code() == ErrorCode::WANT_READ => {
                     let mut wire = Wire { ssl: &mut self.ssl, io: &mut self.io };
                     wire.flush().await?;
-                    if wire.fill().await? == 0 {
+                    let n = match cancel {
+                        Some(c) => wire.fill_cancelable(c.clone()).await?,
+                        None => wire.fill().await?,
+                    };
+                    if n == 0 {
                         // The peer closed without close_notify: the end of the stream all the same
                         // for HTTP/1.1, whose messages are self-delimiting.
                         return Ok(0);
@@ -217,6 +293,23 @@ impl<S: AsyncReadRent + AsyncWriteRent> Stream for TlsStream<S> {
                 }
             }
         }
+    }
+}
+
+impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for TlsStream<S> {
+    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        self.read_inner(dst, None).await
+    }
+
+    async fn read_buf_cancelable(&mut self, dst: &mut BytesMut, cancel: CancelHandle) -> io::Result<usize> {
+        self.read_inner(dst, Some(&cancel)).await
+    }
+
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        if self.ssl.ssl().pending() > 0 || !self.ssl.get_ref().rx.is_empty() {
+            return Ok(());
+        }
+        self.io.wait_readable().await
     }
 
     async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
@@ -233,6 +326,16 @@ impl<S: AsyncReadRent + AsyncWriteRent> Stream for TlsStream<S> {
         }
         src.clear();
         Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await
+    }
+
+    fn shrink(&mut self) {
+        let staging = self.ssl.get_mut();
+        if staging.rx.is_empty() {
+            staging.rx = BytesMut::new();
+        }
+        if staging.tx.is_empty() {
+            staging.tx = BytesMut::new();
+        }
     }
 
     async fn close(&mut self) -> io::Result<()> {
