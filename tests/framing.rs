@@ -181,3 +181,66 @@ fn a_refusal_after_good_requests_closes_only_then() {
     assert_eq!(text.matches("HTTP/1.1 400").count(), 1, "{text}");
     assert!(!text.contains("GET /three"), "nothing after the bad request is processed: {text}");
 }
+
+#[test]
+fn connection_naming_a_framing_field() {
+    // Naming Content-Length as hop-by-hop would drop it, and the backend would take the body
+    // for a second request: a smuggling vector, refused outright.
+    refused_with(
+        400,
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nConnection: content-length\r\nContent-Length: 40\r\n\r\nGET /admin HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "",
+    );
+    refused_with(
+        400,
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "",
+    );
+}
+
+#[test]
+fn unsupported_expectation() {
+    refused_with(
+        417,
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nExpect: 200-ok\r\nContent-Length: 1\r\n\r\nx",
+        "",
+    );
+}
+
+#[test]
+fn too_many_connection_tokens_and_bad_host() {
+    refused_with(
+        400,
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: a, b, c, d, e, f, g, h, i\r\n\r\n",
+        "",
+    );
+    refused_with(400, b"GET / HTTP/1.1\r\nHost: local host\r\n\r\n", "");
+}
+
+#[test]
+fn a_body_that_stops_coming_gets_408() {
+    let env = refused(
+        408,
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nabc",
+        "[server]\nbody_timeout = \"300ms\"\n",
+    );
+    assert_eq!(env.backend.requests(), 0);
+}
+
+#[test]
+fn content_length_is_forwarded_once_normalised() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let text = raw_exchange(
+        &env.client(Some(&env.pki.client)),
+        proxy.addr,
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5, 5\r\nContent-Length: 005\r\nConnection: close\r\n\r\nhello",
+    )
+    .unwrap();
+    assert_eq!(status_of(&text), Some(200), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    let lengths: Vec<&str> =
+        body.lines().filter(|l| l.to_ascii_lowercase().starts_with("content-length")).collect();
+    assert_eq!(lengths, vec!["Content-Length: 5"], "{body}");
+    assert!(body.contains("\nVia: 1.1 portcullis\n"), "{body}");
+}

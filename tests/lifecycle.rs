@@ -31,10 +31,17 @@ fn sigterm_lets_an_in_flight_request_finish() {
 #[test]
 fn shutdown_closes_idle_keep_alive_connections() {
     let env = Env::new();
-    let proxy = env.proxy("require", "");
+    // A drain timeout far longer than the test may take: shutdown must not wait for idle
+    // connections, it closes them.
+    let proxy = env.proxy("require", "[server]\ndrain_timeout = \"1h\"\n");
     let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
     assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
-    proxy.shutdown();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        proxy.shutdown();
+        let _ = done.send(());
+    });
+    finished.recv_timeout(Duration::from_secs(30)).expect("shutdown waited for an idle connection");
     // The idle connection was closed by the proxy: reading gives the end of the stream.
     assert!(c.read_to_close().unwrap().is_empty());
 }

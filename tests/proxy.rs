@@ -276,7 +276,9 @@ fn expect_100_continue_is_answered_by_the_proxy() {
     let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
     c.send(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
         .unwrap();
-    // The interim response comes before we send the body (read_response skips it, so look raw).
+    // The interim response comes before the body is sent.
+    assert_eq!(c.read_line().unwrap(), "HTTP/1.1 100 Continue");
+    assert_eq!(c.read_line().unwrap(), "");
     c.send(b"hello").unwrap();
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 200);
@@ -388,4 +390,76 @@ fn a_connection_idle_long_enough_to_give_back_its_buffers_still_works() {
     let r = c.request("POST", "/upload", &[], &[5u8; 30_000]).unwrap();
     assert!(r.text().starts_with("bytes=30000 "), "{}", r.text());
     assert_eq!(c.request("GET", "/bytes/10", &[], b"").unwrap().body, expected_pattern(10));
+}
+
+#[test]
+fn backend_responses_that_cannot_be_relayed_give_502() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let client = env.client(Some(&env.pki.client));
+    for path in ["/garbage", "/switch", "/gzip", "/conn-cl", "/reset"] {
+        let r = client.get(proxy.addr, path).unwrap();
+        assert_eq!(r.status, 502, "{path}");
+        assert_eq!(r.text(), r#"{"statusCode":502,"message":"Bad gateway"}"#, "{path}");
+    }
+}
+
+#[test]
+fn head_request_to_an_unknown_path_gets_a_bodiless_404() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[[api]]\nname = \"todo\"\npath = \"/todo\"\nbackend = \"app\"\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("HEAD", "/nothing", &[], b"").unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.body.is_empty());
+    // Had a body been sent, this would read it as the next response.
+    assert_eq!(c.request("GET", "/todo/x", &[], b"").unwrap().status, 200);
+}
+
+#[test]
+fn a_request_body_the_backend_stopped_reading_closes_the_client_connection() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nbody_timeout = \"1s\"\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.write_raw(b"POST /early-close HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n").unwrap();
+    c.write_raw(&[7u8; 200_000]).unwrap();
+    let r = c.read_response(false).unwrap();
+    // Whether the backend's close or the missing rest of the body is noticed first, the rest of
+    // the body must never be read as another request: the proxy answers, then closes.
+    assert!(matches!(r.status, 502 | 408), "{}", r.status);
+    assert_eq!(r.header("Connection"), Some("close"));
+}
+
+#[test]
+fn non_idempotent_requests_are_not_retried_on_a_stale_connection() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/then-close", &[], b"").unwrap().status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The pooled connection is found dead before use and replaced: nothing to retry.
+    assert_eq!(c.request("POST", "/", &[], b"").unwrap().status, 200);
+    assert_eq!(env.backend.connections(), 2);
+}
+
+#[test]
+fn sni_and_host_must_agree() {
+    let env = Env::new();
+    let p = |p: &std::path::Path| p.display().to_string();
+    let sni = format!(
+        "\n  [[listener.sni]]\n  hostnames = [\"devices.localhost\"]\n  certificate = {{ cert = \"{}\", key = \"{}\" }}\n  client_certificate = \"require\"\n",
+        p(&env.paths.sni_chain),
+        p(&env.paths.sni_key)
+    );
+    let config = env.config("request", "").replacen("\n[[backend]]", &format!("{sni}\n[[backend]]"), 1);
+    let proxy = TestProxy::start(env.dir(), &config);
+    // Connected to the lenient default site without a certificate, asking for the strict one.
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/", &[("X-Ignored", "1")], b"").unwrap();
+    assert_eq!(r.status, 200, "its own host is fine");
+    c.write_raw(b"GET / HTTP/1.1\r\nHost: devices.localhost:443\r\n\r\n").unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 421);
+    assert_eq!(r.text(), r#"{"statusCode":421,"message":"Misdirected request"}"#);
+    assert_eq!(env.backend.requests(), 1);
 }

@@ -678,6 +678,24 @@ fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
     {
         r.errors.push(n.loc.error(format!("\"{}\" is not a valid header name", n.value)));
     }
+    const FRAMING: [&str; 8] = [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    if let Some(n) = &name
+        && FRAMING.iter().any(|f| f.eq_ignore_ascii_case(&n.value))
+    {
+        r.errors.push(n.loc.error(format!(
+            "\"{}\" cannot be set by a policy: the proxy writes it from the message's framing",
+            n.value
+        )));
+    }
     let action = match get(t, "action") {
         Some(a) => r.choice(
             a,

@@ -126,6 +126,8 @@ operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
   [[api.inbound]]
   set_header = { name = "X", value = "1" }
   return_response = { status = 200 }
+  [[api.outbound]]
+  set_header = { name = "Content-Length", action = "delete" }
 "#;
     let errors = parse(Path::new("p.toml"), text).expect_err("invalid").to_string();
     for expected in [
@@ -139,6 +141,7 @@ operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
         "validate_trust: expected true or false",
         "return_response.status: missing field `status`",
         "a step has exactly one of",
+        "\"Content-Length\" cannot be set by a policy",
     ] {
         assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
     }

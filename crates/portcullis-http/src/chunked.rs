@@ -339,6 +339,26 @@ mod tests {
     }
 
     #[test]
+    fn oversized_chunk_lines_and_trailers_are_refused() {
+        let mut long_line = b"5;".to_vec();
+        long_line.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        long_line.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        assert_eq!(
+            decode_all(&long_line, ChunkedOutput::Reencode).err(),
+            Some(ChunkedError("chunk line too long"))
+        );
+        let mut trailers = b"0\r\n".to_vec();
+        for i in 0..2000 {
+            trailers.extend_from_slice(format!("X-T{i}: vvvvvvvvvv\r\n").as_bytes());
+        }
+        trailers.extend_from_slice(b"\r\n");
+        assert_eq!(
+            decode_all(&trailers, ChunkedOutput::Reencode).err(),
+            Some(ChunkedError("trailer section too large"))
+        );
+    }
+
+    #[test]
     fn chunk_header_hex() {
         let mut out = BytesMut::new();
         write_chunk_header(&mut out, 0x1f2e);

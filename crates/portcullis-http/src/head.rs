@@ -300,6 +300,14 @@ fn collect_fields<'b>(
                 if !token.iter().all(|&b| is_tchar(b)) {
                     return Err(HeadError::Malformed("invalid Connection token"));
                 }
+                // Naming a framing field as hop-by-hop would make a proxy drop it and the next hop
+                // read the body as another message: refuse, never guess.
+                if [&b"content-length"[..], b"transfer-encoding", b"host"]
+                    .iter()
+                    .any(|f| token.eq_ignore_ascii_case(f))
+                {
+                    return Err(HeadError::Malformed("Connection names a framing field"));
+                }
                 if n_tokens == connection_tokens.len() {
                     return Err(HeadError::Malformed("too many Connection tokens"));
                 }
@@ -676,6 +684,11 @@ impl ResponseHead {
         if framing.chunked_count > 1 {
             return Err(HeadError::Malformed("chunked applied more than once"));
         }
+        // A proxy that re-frames bodies as chunked cannot carry another transfer coding through
+        // without changing the body's meaning.
+        if framing.transfer_encoding && !(framing.codings == 1 && framing.last_is_chunked) {
+            return Err(HeadError::Malformed("transfer coding other than chunked"));
+        }
         self.status = status;
         self.reason = Span::within(base, reason.as_bytes());
         self.version = version;
@@ -840,6 +853,11 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: a, b, c, d, e, f, g, h, i\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
         ];
         for raw in bad {
             assert!(matches!(parse(raw), Err(HeadError::Malformed(_))), "{raw:?}");
@@ -934,8 +952,11 @@ mod tests {
         assert_eq!(r.framing(true), Framing::None);
         let r = parse_response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").expect("ok");
         assert_eq!(r.framing(false), Framing::Chunked);
-        let r = parse_response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n").expect("ok");
-        assert_eq!(r.framing(false), Framing::UntilClose);
+        assert!(parse_response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n").is_err());
+        assert!(
+            parse_response("HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 3\r\n\r\n")
+                .is_err()
+        );
         let r = parse_response("HTTP/1.1 204 No Content\r\n\r\n").expect("ok");
         assert_eq!(r.framing(false), Framing::None);
         let r = parse_response("HTTP/1.0 200 OK\r\n\r\n").expect("ok");

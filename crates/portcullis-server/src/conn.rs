@@ -19,8 +19,17 @@ use portcullis_tls::{PlainStream, SessionInfo, Stream};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path};
 use crate::worker::Worker;
 
+/// Added to every request forwarded (RFC 9110 §7.6.3).
+const VIA: &[u8] = b"1.1 portcullis";
+
 /// How long an idle client connection keeps its buffers before giving them back.
 const SHRINK_AFTER: Duration = Duration::from_secs(2);
+/// Longest a write to a client may block (a client that does not read is dropped).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a response to a request that was not read whole, how long (and how much) to keep
+/// reading and dropping the client's bytes before closing.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
 
 /// Limits for backend response heads: backends are trusted more than clients, not blindly.
 const RESPONSE_LIMITS: Limits = Limits { max_head_size: 64 * 1024, max_headers: 256 };
@@ -60,6 +69,8 @@ pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, 
         resp: ResponseHead::default(),
         edits: HeaderEdits::default(),
         path: Vec::new(),
+        unread_input: false,
+        acceptor,
     };
     conn.run().await;
 }
@@ -173,6 +184,23 @@ impl HeaderList for ResponseFields<'_> {
     }
 }
 
+/// Whether an idle pooled connection has nothing to say: a backend that closed it (EOF) or sent
+/// bytes nobody asked for (a late 408, say) must not answer the next client's request.
+fn idle_connection_is_clean(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut byte = 0u8;
+    // SAFETY: a non-blocking peek of at most one byte into a local; the fd is owned by `stream`.
+    let n = unsafe {
+        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    n < 0 && std::io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// Methods that may be sent again when a connection fails before any answer (RFC 9110 §9.2.2).
+fn is_idempotent(method: &[u8]) -> bool {
+    matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE")
+}
+
 fn is_forwarding_header(name: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"x-forwarded-for") || name.eq_ignore_ascii_case(b"x-forwarded-proto")
 }
@@ -193,6 +221,12 @@ struct Conn<S> {
     resp: ResponseHead,
     edits: HeaderEdits,
     path: Vec<u8>,
+    /// The client may have sent bytes the proxy will not read (a body left unread): close with
+    /// lingering.
+    unread_input: bool,
+    /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
+    /// that knows its hostnames.
+    acceptor: portcullis_tls::TlsAcceptor,
 }
 
 impl<S: Stream> Conn<S> {
@@ -213,16 +247,39 @@ impl<S: Stream> Conn<S> {
                         }
                     };
                     self.out.clear();
-                    write::json_response(&mut self.out, status, message, true);
-                    let _ = self.client.write_all_buf(&mut self.out).await;
-                    break;
+                    write::json_response(&mut self.out, status, message, true, false);
+                    let _ = timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut self.out)).await;
+                    self.close_lingering().await;
+                    return;
                 }
             }
             if !self.exchange().await {
                 break;
             }
         }
+        if self.unread_input {
+            self.close_lingering().await;
+        } else {
+            let _ = timeout(Duration::from_secs(1), self.client.close()).await;
+        }
+    }
+
+    /// Closes after a response sent while the client may still be sending (a refused head, an
+    /// unread body): our side ends first, then what keeps arriving is read and dropped for a
+    /// moment, so that the kernel does not answer it with a reset that could destroy the
+    /// response before the client has read it.
+    async fn close_lingering(&mut self) {
         let _ = timeout(Duration::from_secs(1), self.client.close()).await;
+        let deadline = Instant::now() + LINGER;
+        let mut sink = BytesMut::new();
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            sink.clear();
+            match timeout_at(deadline, self.client.read_raw(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
     }
 
     /// Reads the next request head. `Ok(false)`: the connection is done (closed, idle too long,
@@ -243,8 +300,10 @@ impl<S: Stream> Conn<S> {
                 Ok(None) => {}
                 Err(e) => return Err(HeadFailure::Invalid(e)),
             }
-            let read = if self.rbuf.is_empty() {
-                match self.wait_idle(idle_timeout).await {
+            // Idle until the first byte; after it (empty lines included, RFC 9112 §2.2) the head
+            // is under its own deadline.
+            let read = if self.rbuf.is_empty() && deadline.is_none() {
+                match self.wait_idle(idle_timeout, head_timeout).await {
                     Some(r) => r,
                     None => return Ok(false),
                 }
@@ -275,7 +334,11 @@ impl<S: Stream> Conn<S> {
     /// the next request costs one read. If nothing comes, the read is cancelled (without losing
     /// what may have arrived meanwhile), the buffers are given back, and the connection waits
     /// for readability alone: an idle connection then holds no buffer at all.
-    async fn wait_idle(&mut self, idle_timeout: Duration) -> Option<io::Result<usize>> {
+    async fn wait_idle(
+        &mut self,
+        idle_timeout: Duration,
+        head_timeout: Duration,
+    ) -> Option<io::Result<usize>> {
         if self.worker.draining() {
             return None;
         }
@@ -315,7 +378,14 @@ impl<S: Stream> Conn<S> {
             _ = self.worker.shutdown.wait() => return None,
         };
         match ready {
-            Ok(Ok(())) => Some(self.client.read_buf(&mut self.rbuf).await),
+            // Readable: what arrives now is the start of a request, under the head's deadline.
+            Ok(Ok(())) => {
+                let read = monoio::select! {
+                    r = timeout(head_timeout, self.client.read_buf(&mut self.rbuf)) => r,
+                    _ = self.worker.shutdown.wait() => return None,
+                };
+                read.ok()
+            }
             Ok(Err(e)) => Some(Err(e)),
             Err(_) => None,
         }
@@ -329,10 +399,12 @@ impl<S: Stream> Conn<S> {
     /// Sends a response the proxy makes itself. Returns whether the connection stays open:
     /// only if the request had no body (an unread body would be taken for the next request).
     async fn respond_local(&mut self, status: u16, message: &str, body_consumed: bool) -> bool {
-        let keep = self.client_keeps_alive() && (body_consumed || self.head.framing() == Framing::None);
+        let body_done = body_consumed || self.head.framing() == Framing::None;
+        self.unread_input |= !body_done;
+        let keep = self.client_keeps_alive() && body_done;
         self.out.clear();
-        write::json_response(&mut self.out, status, message, !keep);
-        if self.client.write_all_buf(&mut self.out).await.is_err() {
+        write::json_response(&mut self.out, status, message, !keep, self.head.is_head());
+        if !matches!(timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut self.out)).await, Ok(Ok(()))) {
             return false;
         }
         keep
@@ -348,6 +420,15 @@ impl<S: Stream> Conn<S> {
             let rest = route.rest_of(self.head.path_only());
             Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
         });
+        // The Host must belong to the TLS site the client connected to (RFC 9110 §15.5.20).
+        if self.acceptor.has_sites()
+            && let Some(host) = self.head.host()
+            && self.acceptor.site_for_host(host) != self.info.site
+        {
+            tracing::info!(peer = %self.peer, host = %String::from_utf8_lossy(host), sni = ?self.info.server_name, "request for a host of another TLS site");
+            self.access_log(&snap, None, 421, started, &id);
+            return self.respond_local(421, "Misdirected request", false).await;
+        }
         let Some((route, policy)) = routed else {
             self.access_log(&snap, None, 404, started, &id);
             return self.respond_local(404, "Resource not found", false).await;
@@ -387,6 +468,7 @@ impl<S: Stream> Conn<S> {
 
     /// Sends a response a policy step decided on (its headers are in `edits`).
     async fn respond_policy(&mut self, response: &Response) -> bool {
+        self.unread_input |= self.head.framing() != Framing::None;
         let keep = self.client_keeps_alive() && self.head.framing() == Framing::None;
         let out = &mut self.out;
         out.clear();
@@ -409,7 +491,7 @@ impl<S: Stream> Conn<S> {
         if !self.head.is_head() {
             out.extend_from_slice(&response.body);
         }
-        if self.client.write_all_buf(&mut self.out).await.is_err() {
+        if !matches!(timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut self.out)).await, Ok(Ok(()))) {
             return false;
         }
         keep
@@ -449,7 +531,12 @@ impl<S: Stream> Conn<S> {
         let mut host_written = false;
         for i in 0..self.head.field_count() {
             let (name, value, hop) = self.head.field(i);
-            if hop || self.edits.is_removed(i) || is_identity(identity, name) || is_forwarding_header(name) {
+            if hop
+                || self.edits.is_removed(i)
+                || is_identity(identity, name)
+                || is_forwarding_header(name)
+                || name.eq_ignore_ascii_case(b"content-length")
+            {
                 continue;
             }
             if name.eq_ignore_ascii_case(b"host") {
@@ -475,8 +562,12 @@ impl<S: Stream> Conn<S> {
         };
         write::header(out, b"X-Forwarded-For", &ip[..ip_len]);
         write::header(out, b"X-Forwarded-Proto", b"https");
-        if self.head.framing() == Framing::Chunked {
-            write::header(out, b"Transfer-Encoding", b"chunked");
+        write::header(out, b"Via", VIA);
+        // Framing is written from what the parser decided, never copied: one value, one meaning.
+        match self.head.framing() {
+            Framing::Length(n) => write::content_length(out, n),
+            Framing::Chunked => write::header(out, b"Transfer-Encoding", b"chunked"),
+            Framing::None | Framing::UntilClose => {}
         }
         write::end_head(out);
     }
@@ -504,7 +595,7 @@ impl<S: Stream> Conn<S> {
             self.write_upstream_head(route, backend, identity);
             if self.head.expect_continue() {
                 let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
-                if self.client.write_all_buf(&mut cont).await.is_err() {
+                if !matches!(timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut cont)).await, Ok(Ok(()))) {
                     return (false, 0);
                 }
             }
@@ -513,10 +604,11 @@ impl<S: Stream> Conn<S> {
                 Framing::Length(n) => BodyMode::Length(n),
                 Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
             };
-            let body_timeout = snap.server.body_timeout;
+            let timeouts = (snap.server.body_timeout, backend.response_timeout);
             let sent =
-                relay_body(body, &mut self.client, &mut self.rbuf, &mut up, &mut self.out, body_timeout)
-                    .await;
+                relay_body(body, &mut self.client, &mut self.rbuf, &mut up, &mut self.out, timeouts).await;
+            // Only a body read whole leaves the client connection in step with its requests.
+            let body_whole = sent.is_ok();
             let result = match sent {
                 Ok(()) => self.read_response_head(&mut up, backend.response_timeout).await,
                 Err(RelayError::Destination(e)) => Err(UpstreamError::Lost(e)),
@@ -524,18 +616,18 @@ impl<S: Stream> Conn<S> {
             };
             match result {
                 Ok(()) => break up,
-                // A pooled connection the backend had closed: try once more on a fresh one, if
-                // nothing of a body was consumed.
+                // A pooled connection the backend had closed: send again on a fresh one, if
+                // nothing of a body was consumed and the method may be repeated (RFC 9110 §9.2.2).
                 Err(UpstreamError::Lost(e))
-                    if reused && attempt == 1 && self.head.framing() == Framing::None =>
+                    if reused
+                        && attempt == 1
+                        && self.head.framing() == Framing::None
+                        && is_idempotent(self.head.method()) =>
                 {
                     tracing::debug!(backend = %backend.name, error = %e, "pooled connection was stale; retrying");
                     continue;
                 }
-                Err(e) => {
-                    let body_done = !matches!(e, UpstreamError::RequestBody(_));
-                    return self.upstream_failed(backend, e, body_done).await;
-                }
+                Err(e) => return self.upstream_failed(backend, e, body_whole).await,
             }
         };
 
@@ -568,7 +660,7 @@ impl<S: Stream> Conn<S> {
             &mut self.ubuf,
             &mut self.client,
             &mut self.out,
-            backend.response_timeout,
+            (backend.response_timeout, WRITE_TIMEOUT),
         )
         .await;
         match relayed {
@@ -604,7 +696,7 @@ impl<S: Stream> Conn<S> {
         write::status_line(out, Version::Http11, self.resp.status(), self.resp.reason());
         for i in 0..self.resp.field_count() {
             let (name, value, hop) = self.resp.field(i);
-            if hop || self.edits.is_removed(i) {
+            if hop || self.edits.is_removed(i) || name.eq_ignore_ascii_case(b"content-length") {
                 continue;
             }
             write::header(out, name, value);
@@ -612,8 +704,19 @@ impl<S: Stream> Conn<S> {
         for (name, value) in self.edits.added() {
             write::header(out, name, value);
         }
-        if matches!(mode, BodyMode::Chunked(ChunkedOutput::Reencode) | BodyMode::UntilClose { chunk: true }) {
-            write::header(out, b"Transfer-Encoding", b"chunked");
+        // Framing from the parsed head, as for requests.
+        match mode {
+            BodyMode::Length(n) => write::content_length(out, n),
+            BodyMode::Chunked(ChunkedOutput::Reencode) | BodyMode::UntilClose { chunk: true } => {
+                write::header(out, b"Transfer-Encoding", b"chunked");
+            }
+            BodyMode::None if self.head.is_head() || self.resp.status() == 304 => {
+                // The length the body would have had (RFC 9110 §8.6).
+                if let Some(n) = self.resp.content_length() {
+                    write::content_length(out, n);
+                }
+            }
+            _ => {}
         }
         if !keep {
             write::header(out, b"Connection", b"close");
@@ -625,8 +728,14 @@ impl<S: Stream> Conn<S> {
 
     /// A pooled connection to the backend, or a new one.
     async fn checkout(&mut self, backend: &Backend) -> Result<(TcpStream, bool), UpstreamError> {
-        if let Some(c) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) {
-            return Ok((c, true));
+        loop {
+            let Some(c) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) else {
+                break;
+            };
+            if idle_connection_is_clean(&c) {
+                return Ok((c, true));
+            }
+            tracing::debug!(backend = %backend.name, "pooled connection closed or sent unsolicited bytes; discarded");
         }
         match timeout(backend.connect_timeout, TcpStream::connect_addr(backend.addr)).await {
             Ok(Ok(c)) => {
@@ -732,7 +841,7 @@ async fn relay_body<R: Stream, W: Stream>(
     sbuf: &mut BytesMut,
     dst: &mut W,
     out: &mut BytesMut,
-    read_timeout: Duration,
+    (read_timeout, write_timeout): (Duration, Duration),
 ) -> Result<(), RelayError> {
     async fn fill<R: Stream>(src: &mut R, sbuf: &mut BytesMut, t: Duration) -> Result<usize, RelayError> {
         match timeout(t, src.read_buf(sbuf)).await {
@@ -741,21 +850,26 @@ async fn relay_body<R: Stream, W: Stream>(
             Err(_) => Err(RelayError::SourceTimeout),
         }
     }
-    async fn flush<W: Stream>(dst: &mut W, out: &mut BytesMut) -> Result<(), RelayError> {
-        dst.write_all_buf(out).await.map_err(RelayError::Destination)
+    async fn flush<W: Stream>(dst: &mut W, out: &mut BytesMut, t: Duration) -> Result<(), RelayError> {
+        match timeout(t, dst.write_all_buf(out)).await {
+            Ok(r) => r.map_err(RelayError::Destination),
+            Err(_) => {
+                Err(RelayError::Destination(io::Error::new(io::ErrorKind::TimedOut, "write timed out")))
+            }
+        }
     }
     match mode {
-        BodyMode::None => flush(dst, out).await,
+        BodyMode::None => flush(dst, out, write_timeout).await,
         BodyMode::Length(mut remaining) => loop {
             let take = (sbuf.len() as u64).min(remaining) as usize;
             out.extend_from_slice(&sbuf[..take]);
             let _ = sbuf.split_to(take);
             remaining -= take as u64;
             if remaining == 0 {
-                return flush(dst, out).await;
+                return flush(dst, out, write_timeout).await;
             }
             if !out.is_empty() {
-                flush(dst, out).await?;
+                flush(dst, out, write_timeout).await?;
             }
             if fill(src, sbuf, read_timeout).await? == 0 {
                 return Err(RelayError::SourceClosed);
@@ -766,10 +880,10 @@ async fn relay_body<R: Stream, W: Stream>(
             loop {
                 let progress = decoder.decode(sbuf, out).map_err(RelayError::SourceFraming)?;
                 if progress == Decoded::Done {
-                    return flush(dst, out).await;
+                    return flush(dst, out, write_timeout).await;
                 }
                 if !out.is_empty() {
-                    flush(dst, out).await?;
+                    flush(dst, out, write_timeout).await?;
                 }
                 if fill(src, sbuf, read_timeout).await? == 0 {
                     return Err(RelayError::SourceClosed);
@@ -787,11 +901,11 @@ async fn relay_body<R: Stream, W: Stream>(
                 }
                 sbuf.clear();
             }
-            flush(dst, out).await?;
+            flush(dst, out, write_timeout).await?;
             if fill(src, sbuf, read_timeout).await? == 0 {
                 if chunk {
                     out.extend_from_slice(b"0\r\n\r\n");
-                    flush(dst, out).await?;
+                    flush(dst, out, write_timeout).await?;
                 }
                 return Ok(());
             }

@@ -11,6 +11,10 @@
 //!   idle timeout would, just after);
 //! - `/upload`: streams the request body through SHA-256 and answers `bytes=<n> sha256=<hex>`;
 //! - `/status/<code>`: that status;
+//! - `/garbage`, `/switch` (101), `/gzip` (`Transfer-Encoding: gzip`), `/conn-cl`
+//!   (`Connection: Content-Length`): responses a proxy must refuse to relay;
+//! - `/reset`: closes without answering; `/early-close`: closes as soon as the head is read,
+//!   without reading the body;
 //! - anything else: echoes the request head it received as the body.
 //!
 //! Every response carries `X-Backend-Conn: <n>` (which connection served it) and
@@ -210,6 +214,10 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
     let mut out = stream.try_clone()?;
     let mut input = Input { stream, buf: Vec::new(), pos: 0 };
     while let Some(req) = read_request(&mut input)? {
+        if req.path == "/early-close" || req.path == "/reset" {
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         let mut body_len = 0usize;
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         read_body(&mut input, &req, |piece| {
@@ -248,6 +256,21 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
         } else if let Some(code) = path.strip_prefix("/status/").and_then(|n| n.parse::<u16>().ok()) {
             let body = format!("status {code}");
             write!(out, "HTTP/1.1 {code} Whatever\r\n{common}Content-Length: {}\r\n\r\n{body}", body.len())?;
+        } else if path == "/garbage" {
+            out.write_all(b"HELLO THERE\r\n\r\n")?;
+        } else if path == "/switch" {
+            write!(
+                out,
+                "HTTP/1.1 101 Switching Protocols\r\n{common}Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            )?;
+        } else if path == "/gzip" {
+            write!(out, "HTTP/1.1 200 OK\r\n{common}Transfer-Encoding: gzip\r\n\r\nnot really gzip")?;
+            close = true;
+        } else if path == "/conn-cl" {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\n{common}Connection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
+            )?;
         } else if path == "/upload" {
             let digest = hasher.finish();
             let body =

@@ -95,7 +95,11 @@ impl TlsClient {
         while tls.conn.is_handshaking() {
             tls.conn.complete_io(&mut tls.sock)?;
         }
-        Ok(Conn { tls, leftover: Vec::new() })
+        let host = match &self.server_name {
+            ServerName::DnsName(d) => d.as_ref().to_owned(),
+            other => format!("{other:?}"),
+        };
+        Ok(Conn { tls, leftover: Vec::new(), host })
     }
 
     /// Connects, sends one request, reads its response.
@@ -148,6 +152,8 @@ impl Response {
 pub struct Conn {
     tls: StreamOwned<ClientConnection, TcpStream>,
     leftover: Vec<u8>,
+    /// Sent as `Host` by [`Conn::request`]: the name the connection was made for.
+    host: String,
 }
 
 impl std::fmt::Debug for Conn {
@@ -172,8 +178,8 @@ impl Conn {
         self.tls.flush()
     }
 
-    /// Sends a request with `Host: localhost`, the given headers, and a `Content-Length` body
-    /// when it is not empty.
+    /// Sends a request with `Host` set to the name the connection was made for, the given
+    /// headers, and a `Content-Length` body when it is not empty.
     pub fn request(
         &mut self,
         method: &str,
@@ -181,7 +187,7 @@ impl Conn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> io::Result<Response> {
-        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
         for (n, v) in headers {
             raw.push_str(&format!("{n}: {v}\r\n"));
         }
@@ -206,6 +212,11 @@ impl Conn {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Reads one raw line (without its CRLF).
+    pub fn read_line(&mut self) -> io::Result<String> {
+        self.line()
     }
 
     fn line(&mut self) -> io::Result<String> {

@@ -30,6 +30,8 @@ ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305";
 /// How one site (a listener's default, or an SNI entry) treats client certificates.
 #[derive(Debug)]
 struct SiteAuth {
+    /// 0 for the listener's own site, i + 1 for its i-th SNI entry.
+    site: usize,
     mode: ClientCertMode,
     verifier: Option<Arc<ClientVerifier>>,
 }
@@ -51,14 +53,19 @@ struct SniSite {
     auth: Arc<SiteAuth>,
 }
 
+/// Whether `name` is one of `patterns` (lower-case; `*.example.com` covers one label).
+fn hostname_matches(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|h| match h.strip_prefix("*.") {
+        Some(suffix) => name
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        None => h.eq_ignore_ascii_case(name),
+    })
+}
+
 impl SniSite {
     fn matches(&self, name: &str) -> bool {
-        self.hostnames.iter().any(|h| match h.strip_prefix("*.") {
-            Some(suffix) => name
-                .split_once('.')
-                .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
-            None => h.eq_ignore_ascii_case(name),
-        })
+        hostname_matches(&self.hostnames, name)
     }
 }
 
@@ -83,6 +90,9 @@ pub struct SessionInfo {
     pub client_cert: Option<Arc<ClientCert>>,
     pub client_mode: ClientCertMode,
     pub server_name: Option<String>,
+    /// The site the connection was accepted for: 0, the listener's own; i + 1, its i-th SNI
+    /// entry (see [`TlsAcceptor::site_for_host`]).
+    pub site: usize,
     pub resumed: bool,
     pub version: &'static str,
 }
@@ -128,6 +138,8 @@ pub struct TlsAcceptor {
     default_auth: Arc<SiteAuth>,
     /// The revocation sets of the listener and its SNI entries.
     revoked: Vec<Arc<RevocationSet>>,
+    /// Hostnames of the SNI entries, in the order the SNI callback tries them.
+    site_hostnames: Arc<Vec<Vec<String>>>,
 }
 
 impl fmt::Debug for TlsAcceptor {
@@ -142,11 +154,11 @@ struct Trust {
     auth: Arc<SiteAuth>,
 }
 
-fn load_trust(client: &ClientAuth, errors: &mut ConfigErrors) -> Option<Trust> {
+fn load_trust(site: usize, client: &ClientAuth, errors: &mut ConfigErrors) -> Option<Trust> {
     if client.mode.value == ClientCertMode::Off {
         return Some(Trust {
             cas: Vec::new(),
-            auth: Arc::new(SiteAuth { mode: ClientCertMode::Off, verifier: None }),
+            auth: Arc::new(SiteAuth { site, mode: ClientCertMode::Off, verifier: None }),
         });
     }
     let cas = match load_ca_bundle(&client.client_ca) {
@@ -166,7 +178,7 @@ fn load_trust(client: &ClientAuth, errors: &mut ConfigErrors) -> Option<Trust> {
     match ClientVerifier::new(&cas, revoked) {
         Ok(v) => Some(Trust {
             cas,
-            auth: Arc::new(SiteAuth { mode: client.mode.value, verifier: Some(Arc::new(v)) }),
+            auth: Arc::new(SiteAuth { site, mode: client.mode.value, verifier: Some(Arc::new(v)) }),
         }),
         Err(e) => {
             errors.push(client.mode.loc.error(format!("cannot build the CA store: {e}")));
@@ -295,11 +307,11 @@ impl TlsAcceptor {
     /// Loads every file the listener names and builds its contexts; reports all problems.
     pub fn build(listener: &Listener, keys: &TicketKeys) -> Result<TlsAcceptor, ConfigErrors> {
         let mut errors = ConfigErrors::default();
-        let default_trust = load_trust(&listener.client, &mut errors);
+        let default_trust = load_trust(0, &listener.client, &mut errors);
         let mut sites = Vec::new();
         let mut revoked = Vec::new();
         for (i, sni) in listener.sni.iter().enumerate() {
-            let Some(trust) = load_trust(&sni.client, &mut errors) else { continue };
+            let Some(trust) = load_trust(i + 1, &sni.client, &mut errors) else { continue };
             let sid = session_id_context(i + 1, &trust);
             if let Some(mut b) =
                 site_context(&sni.certificate, &trust, &sid, listener.tls_min_version, &mut errors)
@@ -317,7 +329,7 @@ impl TlsAcceptor {
             // Still load the certificate and key, so that their errors are reported too.
             let off = Trust {
                 cas: Vec::new(),
-                auth: Arc::new(SiteAuth { mode: ClientCertMode::Off, verifier: None }),
+                auth: Arc::new(SiteAuth { site: 0, mode: ClientCertMode::Off, verifier: None }),
             };
             let _ =
                 site_context(&listener.certificate, &off, &[0; 32], listener.tls_min_version, &mut errors);
@@ -335,9 +347,27 @@ impl TlsAcceptor {
         if let Some(v) = &default_trust.auth.verifier {
             revoked.push(v.revoked().clone());
         }
+        let site_hostnames = Arc::new(sites.iter().map(|s| s.hostnames.clone()).collect());
         configure_base(&mut b, listener, keys, default_trust.auth.clone(), sites)
             .map_err(|e| listener.loc.error(e))?;
-        Ok(TlsAcceptor { ctx: b.build(), default_auth: default_trust.auth, revoked })
+        Ok(TlsAcceptor { ctx: b.build(), default_auth: default_trust.auth, revoked, site_hostnames })
+    }
+
+    /// The site a request for `host` (a `Host` value, port allowed) belongs to, by the same rules
+    /// as SNI. A request whose site is not its connection's must be refused: otherwise a client
+    /// could connect under a lenient site and ask for the host of a strict one.
+    pub fn site_for_host(&self, host: &[u8]) -> usize {
+        let host = match host.iter().rposition(|&b| b == b':') {
+            Some(i) if !host.contains(&b']') || host[i - 1] == b']' => &host[..i],
+            _ => host,
+        };
+        let Ok(host) = std::str::from_utf8(host) else { return 0 };
+        self.site_hostnames.iter().position(|names| hostname_matches(names, host)).map_or(0, |i| i + 1)
+    }
+
+    /// Whether this listener has SNI entries (when it has none, every request is on site 0).
+    pub fn has_sites(&self) -> bool {
+        !self.site_hostnames.is_empty()
     }
 
     /// Revocation data of this listener (and its SNI entries), for per-request checks.
@@ -449,6 +479,7 @@ impl TlsAcceptor {
             client_cert,
             client_mode: auth.mode,
             server_name: r.servername(NameType::HOST_NAME).map(str::to_owned),
+            site: auth.site,
             resumed,
             version: r.version_str(),
         })
@@ -533,7 +564,7 @@ mod tests {
         SniSite {
             hostnames: names.iter().map(|s| s.to_string()).collect(),
             ctx: SslContextBuilder::new(SslMethod::tls()).expect("ctx").build(),
-            auth: Arc::new(SiteAuth { mode: ClientCertMode::Off, verifier: None }),
+            auth: Arc::new(SiteAuth { site: 1, mode: ClientCertMode::Off, verifier: None }),
         }
     }
 

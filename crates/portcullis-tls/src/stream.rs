@@ -42,6 +42,8 @@ pub trait Stream {
     async fn read_buf_cancelable(&mut self, dst: &mut BytesMut, cancel: CancelHandle) -> io::Result<usize>;
     /// Waits until reading would not block, without holding a buffer (for idle connections).
     async fn wait_readable(&mut self) -> io::Result<()>;
+    /// Reads raw bytes from the socket, below any TLS (to drain a connection being closed).
+    async fn read_raw(&mut self, dst: &mut BytesMut) -> io::Result<usize>;
     /// Gives back buffer memory while the connection is idle (no read may be pending).
     fn shrink(&mut self) {}
 }
@@ -146,6 +148,10 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for PlainSt
 
     async fn wait_readable(&mut self) -> io::Result<()> {
         self.io.wait_readable().await
+    }
+
+    async fn read_raw(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        read_into(&mut self.io, dst, FIRST_READ).await
     }
 
     async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
@@ -310,6 +316,10 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for TlsStre
             return Ok(());
         }
         self.io.wait_readable().await
+    }
+
+    async fn read_raw(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        read_into(&mut self.io, dst, FIRST_READ).await
     }
 
     async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
