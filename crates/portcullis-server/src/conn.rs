@@ -19,6 +19,9 @@ use portcullis_tls::{PlainStream, SessionInfo, Stream};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path};
 use crate::worker::Worker;
 
+/// Pooled connections idle longer than this are checked for a close or stray bytes before use.
+const PEEK_AFTER: Duration = Duration::from_millis(250);
+
 /// Added to every request forwarded (RFC 9110 §7.6.3).
 const VIA: &[u8] = b"1.1 portcullis";
 
@@ -729,10 +732,12 @@ impl<S: Stream> Conn<S> {
     /// A pooled connection to the backend, or a new one.
     async fn checkout(&mut self, backend: &Backend) -> Result<(TcpStream, bool), UpstreamError> {
         loop {
-            let Some(c) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) else {
+            let Some((c, idle_for)) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) else {
                 break;
             };
-            if idle_connection_is_clean(&c) {
+            // A connection back in the pool a moment ago has had no time to go bad; one that sat
+            // for a while is checked (one syscall) before it is trusted with a request.
+            if idle_for < PEEK_AFTER || idle_connection_is_clean(&c) {
                 return Ok((c, true));
             }
             tracing::debug!(backend = %backend.name, "pooled connection closed or sent unsolicited bytes; discarded");

@@ -20,12 +20,14 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// The most recently used idle connection to `addr` that has not been idle too long.
-    pub(crate) fn take(&mut self, addr: SocketAddr, idle_timeout: Duration) -> Option<TcpStream> {
+    /// The most recently used idle connection to `addr` that has not been idle too long, and
+    /// how long it has been idle.
+    pub(crate) fn take(&mut self, addr: SocketAddr, idle_timeout: Duration) -> Option<(TcpStream, Duration)> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() < idle_timeout {
-                return Some(idle.stream);
+            let idle_for = idle.since.elapsed();
+            if idle_for < idle_timeout {
+                return Some((idle.stream, idle_for));
             }
         }
         None
