@@ -234,6 +234,53 @@ backend = "app"
     assert_eq!(r.echoed_header("X-Client-Cert-Subject"), None, "{}", r.text());
 }
 
+/// A header is an identity header wherever the step that sets it stands: in one operation of
+/// one API, or after a `return_response` that ends its API before it runs. Requests elsewhere
+/// still never carry the client's own value.
+#[test]
+fn identity_headers_are_stripped_everywhere_whatever_step_sets_them() {
+    let env = Env::new();
+    let steps = r#"
+[[api]]
+name = "devices"
+path = "/devices"
+backend = "app"
+  [[api.operation]]
+  match = "GET /thumb"
+    [[api.operation.inbound]]
+    set_header = { name = "X-Device-Thumbprint", value = "{client_cert.thumbprint}" }
+  [[api.operation]]
+  match = "GET /plain"
+
+[[api]]
+name = "closed"
+path = "/closed"
+backend = "app"
+  [[api.inbound]]
+  return_response = { status = 410 }
+  [[api.inbound]]
+  set_header = { name = "X-Late-Subject", value = "{client_cert.subject}" }
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+"#;
+    let proxy = env.proxy("request", steps);
+    let forged = [("X-Device-Thumbprint", "00"), ("X-Late-Subject", "CN=admin")];
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/devices/thumb", &forged, b"").unwrap();
+    assert_eq!(r.echoed_header("X-Device-Thumbprint"), Some(env.pki.client.thumbprint()));
+    assert_eq!(r.echoed_header_count("X-Device-Thumbprint"), 1);
+    for path in ["/devices/plain", "/elsewhere"] {
+        let r = c.request("GET", path, &forged, b"").unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.echoed_header("X-Device-Thumbprint"), None, "{path}");
+        assert_eq!(r.echoed_header("X-Late-Subject"), None, "{path}");
+    }
+    assert_eq!(c.request("GET", "/closed", &forged, b"").unwrap().status, 410);
+}
+
 #[test]
 fn outbound_delete_removes_a_backend_header() {
     let env = Env::new();
@@ -461,5 +508,34 @@ fn sni_and_host_must_agree() {
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 421);
     assert_eq!(r.text(), r#"{"statusCode":421,"message":"Misdirected request"}"#);
+    assert_eq!(env.backend.requests(), 1);
+}
+
+/// A Host of a shape that only a careless port split could choke on is refused by the parser,
+/// and the worker goes on serving: on a listener with SNI entries every Host is matched against
+/// the sites, the path where such a value once panicked.
+#[test]
+fn hostile_host_values_are_refused_and_the_worker_survives() {
+    let env = Env::new();
+    let p = |p: &std::path::Path| p.display().to_string();
+    let sni = format!(
+        "\n  [[listener.sni]]\n  hostnames = [\"devices.localhost\"]\n  certificate = {{ cert = \"{}\", key = \"{}\" }}\n",
+        p(&env.paths.sni_chain),
+        p(&env.paths.sni_key)
+    );
+    let config = env.config("request", "[server]\nworkers = 1\n").replacen(
+        "\n[[backend]]",
+        &format!("{sni}\n[[backend]]"),
+        1,
+    );
+    let proxy = TestProxy::start(env.dir(), &config);
+    for raw in [&b"GET / HTTP/1.1\r\nHost: :]\r\n\r\n"[..], b"GET http://:]/ HTTP/1.1\r\nHost: a\r\n\r\n"] {
+        let mut c = env.client(None).connect(proxy.addr).unwrap();
+        c.write_raw(raw).unwrap();
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(raw));
+    }
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200, "the only worker still serves");
     assert_eq!(env.backend.requests(), 1);
 }

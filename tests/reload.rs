@@ -2,8 +2,9 @@
 //! configurations change nothing, and reloading under load loses no request.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
 
@@ -88,7 +89,45 @@ backend = "app"
     // And on a resumed session.
     c.close();
     let mut again = client.connect(proxy.addr).unwrap();
+    assert!(again.resumed(), "the second connection resumes the first one's session");
     assert_eq!(again.request("GET", "/", &[], b"").unwrap().status, 403);
+}
+
+#[test]
+fn a_crl_revoking_the_intermediate_applies_to_open_connections() {
+    let env = Env::new();
+    let extra = r#"
+[server]
+workers = 2
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_client_certificate = {}
+"#;
+    let root_crl = env.dir().join("root.crl");
+    std::fs::write(&root_crl, env.pki.root.crl_of(&[])).unwrap();
+    let text = env.config("request", extra).replacen(
+        "crl = [\"",
+        &format!("crl = [\"{}\", \"", root_crl.display()),
+        1,
+    );
+    let config = env.write_config("p.toml", &text);
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    let mut c = client.connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+
+    // The root revokes the intermediate that issued the client's certificate.
+    std::fs::write(&root_crl, env.pki.root.crl_of(&[env.pki.intermediate.serial()])).unwrap();
+    reload(&proxy, 2);
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 403, "revoked on the open connection");
+    c.close();
+    let mut again = client.connect(proxy.addr).unwrap();
+    assert!(again.resumed());
+    assert_eq!(again.request("GET", "/", &[], b"").unwrap().status, 403, "and on a resumed session");
 }
 
 #[test]
@@ -119,9 +158,9 @@ fn a_broken_reload_keeps_the_old_rules_and_says_where() {
     std::fs::write(&config, &text).unwrap();
     std::fs::write(env.dir().join("allowed.sha1"), "# list\nnot-a-thumbprint\n").unwrap();
     proxy.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = Instant::now() + WAIT;
     while !proxy.log().iter().any(|l| l.contains("allowed.sha1:2:")) {
-        assert!(std::time::Instant::now() < deadline, "{}", proxy.log().join("\n"));
+        assert!(Instant::now() < deadline, "{}", proxy.log().join("\n"));
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
@@ -167,7 +206,10 @@ fn a_hundred_reloads_under_load_lose_no_request() {
             }
         }));
     }
+    // The whole run is bounded: each reload waits at most WAIT, all of them together at most this.
+    let deadline = Instant::now() + Duration::from_secs(180);
     for generation in 2..=101 {
+        assert!(Instant::now() < deadline, "100 reloads did not finish in time (at {generation})");
         reload(&proxy, generation);
     }
     stop.store(true, Ordering::Release);
@@ -179,5 +221,3 @@ fn a_hundred_reloads_under_load_lose_no_request() {
     assert!(ok.load(Ordering::Acquire) > 100, "the load kept going during the reloads");
     assert!(proxy.count_log("reload=100") >= 1);
 }
-
-use std::sync::Mutex;

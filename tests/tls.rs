@@ -136,11 +136,26 @@ fn every_verification_error_is_recorded() {
         },
     );
     std::fs::write(&env.paths.crl, pki.intermediate.crl(&[&pki.revoked, &both])).unwrap();
+    // Expired AND meant for servers only: two problems BoringSSL's verifier itself finds, so
+    // both are there only if verification goes on after the first.
+    let server_only = pki.intermediate.issue(
+        "server-only",
+        &LeafOptions {
+            server: true,
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(2),
+            ..LeafOptions::client("expired-server-purpose")
+        },
+    );
     let proxy = env.proxy("request", FACTS);
     let r = env.client(Some(&both)).get(proxy.addr, "/").unwrap();
     let errors = r.echoed_header("X-Cert-Errors").unwrap();
     assert!(errors.contains("certificate has expired (depth 0)"), "{errors}");
     assert!(errors.contains("certificate revoked (depth 0)"), "{errors}");
+    let r = env.client(Some(&server_only)).get(proxy.addr, "/").unwrap();
+    let errors = r.echoed_header("X-Cert-Errors").unwrap();
+    assert!(errors.contains("certificate has expired (depth 0)"), "{errors}");
+    assert!(errors.contains("unsupported certificate purpose (depth 0)"), "{errors}");
 }
 
 #[test]

@@ -123,7 +123,7 @@ backend = "b"
     let policies = portcullis_policy::compile(&config, &Inputs::default()).unwrap();
     let leaf = X509::from_pem(pki.client.cert_pem.as_bytes()).unwrap();
     let issuer = X509::from_pem(pki.intermediate.cert_pem.as_bytes()).unwrap();
-    let cert = Arc::new(ClientCert::from_x509(&leaf, Some(&issuer), Vec::new()));
+    let cert = Arc::new(ClientCert::from_x509(&leaf, &[&*issuer], Vec::new()));
     let fields = Fields(vec![
         (Bytes::from_static(b"Host"), Bytes::from_static(b"api.example.com")),
         (Bytes::from_static(b"Accept"), Bytes::from_static(b"application/json")),

@@ -669,15 +669,10 @@ fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
-    let t = r.table(v, field)?;
-    r.check_keys(t, field, &["name", "value", "action"]);
-    let name = required(r, t, v, field, "name").and_then(|n| r.string(n, &join(field, "name")));
-    if let Some(n) = &name
-        && !is_token(&n.value)
-    {
-        r.errors.push(n.loc.error(format!("\"{}\" is not a valid header name", n.value)));
-    }
+/// Fields the proxy writes from a message's framing, never from a policy: a second
+/// `Content-Length` or a `Connection` that names another field would change how the message is
+/// delimited.
+fn refuse_framing_field(r: &mut Reader, name: &Located<String>) {
     const FRAMING: [&str; 8] = [
         "content-length",
         "transfer-encoding",
@@ -688,13 +683,25 @@ fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
         "trailer",
         "upgrade",
     ];
-    if let Some(n) = &name
-        && FRAMING.iter().any(|f| f.eq_ignore_ascii_case(&n.value))
-    {
-        r.errors.push(n.loc.error(format!(
+    if FRAMING.iter().any(|f| f.eq_ignore_ascii_case(&name.value)) {
+        r.errors.push(name.loc.error(format!(
             "\"{}\" cannot be set by a policy: the proxy writes it from the message's framing",
-            n.value
+            name.value
         )));
+    }
+}
+
+fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["name", "value", "action"]);
+    let name = required(r, t, v, field, "name").and_then(|n| r.string(n, &join(field, "name")));
+    if let Some(n) = &name
+        && !is_token(&n.value)
+    {
+        r.errors.push(n.loc.error(format!("\"{}\" is not a valid header name", n.value)));
+    }
+    if let Some(n) = &name {
+        refuse_framing_field(r, n);
     }
     let action = match get(t, "action") {
         Some(a) => r.choice(
@@ -873,7 +880,9 @@ fn return_response(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<ReturnR
                 continue;
             }
             if let Some(value) = r.string(value, &f) {
-                headers.push((Located::new(key.get_ref().to_string(), r.loc(&key.span(), &f)), value));
+                let name = Located::new(key.get_ref().to_string(), r.loc(&key.span(), &f));
+                refuse_framing_field(r, &name);
+                headers.push((name, value));
             }
         }
     }

@@ -128,6 +128,8 @@ operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
   return_response = { status = 200 }
   [[api.outbound]]
   set_header = { name = "Content-Length", action = "delete" }
+  [[api.inbound]]
+  return_response = { status = 200, headers = { "Transfer-Encoding" = "chunked" } }
 "#;
     let errors = parse(Path::new("p.toml"), text).expect_err("invalid").to_string();
     for expected in [
@@ -142,6 +144,7 @@ operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
         "return_response.status: missing field `status`",
         "a step has exactly one of",
         "\"Content-Length\" cannot be set by a policy",
+        "headers.Transfer-Encoding: \"Transfer-Encoding\" cannot be set by a policy",
     ] {
         assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
     }

@@ -338,8 +338,30 @@ fn version_of(v: Option<u8>) -> Result<Version, HeadError> {
     }
 }
 
-fn is_host_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b)
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a reg-name or a bracketed IP
+/// literal, then digits after at most one colon. Anything else in a Host or an absolute-form
+/// authority is refused, so that later code splitting off the port sees only these shapes.
+fn is_authority(value: &[u8]) -> bool {
+    let is_reg_name_char = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    let (host_ok, rest) = match value.strip_prefix(b"[") {
+        Some(literal) => match literal.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inside = &literal[..end];
+                let ok = !inside.is_empty() && inside.iter().all(|&b| is_reg_name_char(b) || b == b':');
+                (ok, &literal[end + 1..])
+            }
+            None => (false, &b""[..]),
+        },
+        None => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            (value[..end].iter().all(|&b| is_reg_name_char(b)), &value[end..])
+        }
+    };
+    host_ok
+        && match rest.strip_prefix(b":") {
+            Some(port) => port.iter().all(u8::is_ascii_digit),
+            None => rest.is_empty(),
+        }
 }
 
 /// A parsed request head. One per connection, reused for each request so that the field list
@@ -429,7 +451,7 @@ impl RequestHead {
             let auth_len = rest.iter().position(|&b| matches!(b, b'/' | b'?' | b'#')).unwrap_or(rest.len());
             let auth = &rest[..auth_len];
             // RFC 9110 §4.2.4: userinfo in an http(s) URI is to be treated as an error.
-            if auth.is_empty() || auth.contains(&b'@') || !auth.iter().all(|&b| is_host_char(b)) {
+            if auth.is_empty() || auth.contains(&b'@') || !is_authority(auth) {
                 return Err(HeadError::Malformed("invalid authority in absolute-form"));
             }
             authority = Some(target_span.sub(scheme_len, scheme_len + auth_len));
@@ -448,7 +470,7 @@ impl RequestHead {
         collect_fields(base, req.headers, &mut self.fields, &mut framing, |name, span, value| {
             if name.eq_ignore_ascii_case(b"host") {
                 host_count += 1;
-                if !value.iter().all(|&b| is_host_char(b)) {
+                if !is_authority(value) {
                     return Err(HeadError::Malformed("invalid Host"));
                 }
                 host = Some(span);
@@ -935,6 +957,24 @@ mod tests {
         assert_eq!(h.path(), b"/?x=1");
         let h = parse("GET /a/../b#x HTTP/1.1\r\nHost: a\r\n\r\n").expect("ok");
         assert_eq!(h.path(), b"/b");
+    }
+
+    #[test]
+    fn host_must_be_a_host_and_an_optional_port() {
+        for good in
+            ["a", "a.example:8443", "[::1]", "[::1]:8443", "127.0.0.1:80", "xn--bcher-kva.example", ""]
+        {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert!(parse(&raw).is_ok(), "{good:?} is a valid Host");
+        }
+        for bad in
+            [":]", "]", "[", "[]", "[::1", "a:b", "a:80:80", "[::1]x", "[::1]:x", "a]:80", "a[b]", "a:8]"]
+        {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert_eq!(parse(&raw).err(), Some(HeadError::Malformed("invalid Host")), "{bad:?}");
+            let raw = format!("GET http://{bad}/ HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert!(parse(&raw).is_err(), "absolute-form {bad:?}");
+        }
     }
 
     fn parse_response(raw: &str) -> Result<ResponseHead, HeadError> {

@@ -232,37 +232,46 @@ impl Compiler<'_> {
     }
 
     fn validate(&mut self, v: &ValidateClientCertificate) -> ValidateStep {
-        let identities = v
-            .identities
-            .iter()
-            .map(|identity| {
-                identity
-                    .attributes
-                    .iter()
-                    .filter_map(|a| {
-                        Some(match &a.value {
-                            IdentityAttribute::Thumbprint(h) => Attribute::Sha1(hex_bytes(h)),
-                            IdentityAttribute::ThumbprintSha256(h) => Attribute::Sha256(hex_bytes(h)),
-                            IdentityAttribute::IssuerThumbprint(h) => Attribute::IssuerSha1(hex_bytes(h)),
-                            IdentityAttribute::ThumbprintIn(name) => {
-                                Attribute::InList(self.list_names.iter().position(|n| n == name)?)
+        let mut identities = Vec::with_capacity(v.identities.len());
+        for identity in &v.identities {
+            let mut attributes = Vec::with_capacity(identity.attributes.len());
+            for a in &identity.attributes {
+                // A name that resolves to nothing is an error, never an attribute left out: an
+                // identity missing one of its attributes would match more than it says.
+                let unknown = |what: &str, name: &str| a.loc.error(format!("no {what} named \"{name}\""));
+                attributes.push(match &a.value {
+                    IdentityAttribute::Thumbprint(h) => Attribute::Sha1(hex_bytes(h)),
+                    IdentityAttribute::ThumbprintSha256(h) => Attribute::Sha256(hex_bytes(h)),
+                    IdentityAttribute::IssuerThumbprint(h) => Attribute::IssuerSha1(hex_bytes(h)),
+                    IdentityAttribute::ThumbprintIn(name) => {
+                        match self.list_names.iter().position(|n| n == name) {
+                            Some(i) => Attribute::InList(i),
+                            None => {
+                                self.errors.push(unknown("[thumbprints] list", name));
+                                continue;
                             }
-                            IdentityAttribute::Certificate(name) => {
-                                Attribute::Sha1(*self.inputs.certificates.get(name)?)
-                            }
-                            IdentityAttribute::IssuerCertificate(name) => {
-                                Attribute::IssuerSha1(*self.inputs.certificates.get(name)?)
-                            }
-                            IdentityAttribute::SerialNumber(s) => Attribute::Serial(s.clone()),
-                            IdentityAttribute::CommonName(s) => Attribute::CommonName(s.to_lowercase()),
-                            IdentityAttribute::Subject(s) => Attribute::Subject(normalize_dn(s)),
-                            IdentityAttribute::DnsName(s) => Attribute::DnsName(s.to_ascii_lowercase()),
-                            IdentityAttribute::IssuerSubject(s) => Attribute::IssuerSubject(normalize_dn(s)),
-                        })
-                    })
-                    .collect()
-            })
-            .collect();
+                        }
+                    }
+                    IdentityAttribute::Certificate(name) | IdentityAttribute::IssuerCertificate(name) => {
+                        let Some(sha1) = self.inputs.certificates.get(name) else {
+                            self.errors.push(unknown("[certificates] entry", name));
+                            continue;
+                        };
+                        if matches!(a.value, IdentityAttribute::Certificate(_)) {
+                            Attribute::Sha1(*sha1)
+                        } else {
+                            Attribute::IssuerSha1(*sha1)
+                        }
+                    }
+                    IdentityAttribute::SerialNumber(s) => Attribute::Serial(s.clone()),
+                    IdentityAttribute::CommonName(s) => Attribute::CommonName(s.to_lowercase()),
+                    IdentityAttribute::Subject(s) => Attribute::Subject(normalize_dn(s)),
+                    IdentityAttribute::DnsName(s) => Attribute::DnsName(s.to_ascii_lowercase()),
+                    IdentityAttribute::IssuerSubject(s) => Attribute::IssuerSubject(normalize_dn(s)),
+                });
+            }
+            identities.push(attributes);
+        }
         ValidateStep {
             trust: v.validate_trust,
             revocation: v.validate_revocation,
@@ -302,13 +311,13 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
     let mut lists = Vec::with_capacity(config.thumbprints.len());
     let mut list_names = Vec::with_capacity(config.thumbprints.len());
     for named in &config.thumbprints {
-        match ThumbprintSet::load(&named.path.value, &named.path.loc) {
-            Ok(set) => {
-                lists.push(set);
-                list_names.push(named.name.value.clone());
-            }
-            Err(e) => errors.extend(e),
-        }
+        // A list that does not load is reported once, here; it still has its place, so that the
+        // steps naming it compile (the result is an error anyway).
+        lists.push(ThumbprintSet::load(&named.path.value, &named.path.loc).unwrap_or_else(|e| {
+            errors.extend(e);
+            ThumbprintSet::default()
+        }));
+        list_names.push(named.name.value.clone());
     }
     let mut c = Compiler { inputs, list_names: &list_names, errors, identity: Vec::new() };
     let mut apis = Vec::with_capacity(config.apis.len());
@@ -365,10 +374,11 @@ fn run_set_header(s: &SetHeader, facts: &Facts<'_>, headers: &dyn HeaderList, ed
     }
 }
 
-/// Errors that are about the chain, not about the client certificate's own dates or revocation
-/// (which are judged per request, against today's clock and today's CRLs).
+/// Errors that are about the chain, not about the client certificate's own dates or about
+/// revocation anywhere in the chain (both judged per request, against today's clock and today's
+/// CRLs).
 fn is_trust_error(e: &VerifyError) -> bool {
-    !(e.depth == 0 && (e.is_expired() || e.is_not_yet_valid() || e.is_revoked()))
+    !(e.is_revoked() || (e.depth == 0 && (e.is_expired() || e.is_not_yet_valid())))
 }
 
 impl PolicySet {
@@ -380,7 +390,10 @@ impl PolicySet {
                 self.lists[*i].contains_sha1(&c.sha1) || self.lists[*i].contains_sha256(&c.sha256)
             }
             Attribute::Serial(s) => &c.serial == s,
-            Attribute::CommonName(n) => c.common_name.as_deref().is_some_and(|cn| cn.to_lowercase() == *n),
+            Attribute::CommonName(n) => c
+                .common_name
+                .as_deref()
+                .is_some_and(|cn| cn.chars().flat_map(char::to_lowercase).eq(n.chars())),
             Attribute::Subject(s) => &c.subject_normalized == s,
             Attribute::DnsName(d) => c.dns_names.iter().any(|n| n.eq_ignore_ascii_case(d)),
             Attribute::IssuerSubject(s) => &c.issuer_normalized == s,
@@ -402,10 +415,7 @@ impl PolicySet {
         if v.not_after && facts.now > c.not_after {
             return Err("client certificate expired");
         }
-        if v.revocation
-            && (self.revoked.is_revoked(&c.issuer_der, &c.serial_bytes)
-                || c.verify_errors.iter().any(|e| e.is_revoked() && e.depth > 0))
-        {
+        if v.revocation && self.revoked.revokes(c) {
             return Err("client certificate revoked");
         }
         if v.identities.is_empty() || v.identities.iter().any(|identity| self.identity_matches(identity, c)) {

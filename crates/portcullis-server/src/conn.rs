@@ -16,11 +16,8 @@ use portcullis_http::{
 use portcullis_policy::{ApiPolicy, Facts, HeaderEdits, HeaderList, Response, Verdict};
 use portcullis_tls::{PlainStream, SessionInfo, Stream};
 
-use crate::snapshot::{Backend, Route, Snapshot, forwarded_path};
+use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
 use crate::worker::Worker;
-
-/// Pooled connections idle longer than this are checked for a close or stray bytes before use.
-const PEEK_AFTER: Duration = Duration::from_millis(250);
 
 /// Added to every request forwarded (RFC 9110 §7.6.3).
 const VIA: &[u8] = b"1.1 portcullis";
@@ -426,7 +423,7 @@ impl<S: Stream> Conn<S> {
         // The Host must belong to the TLS site the client connected to (RFC 9110 §15.5.20).
         if self.acceptor.has_sites()
             && let Some(host) = self.head.host()
-            && self.acceptor.site_for_host(host) != self.info.site
+            && self.acceptor.site_for_host(strip_port(host)) != self.info.site
         {
             tracing::info!(peer = %self.peer, host = %String::from_utf8_lossy(host), sni = ?self.info.server_name, "request for a host of another TLS site");
             self.access_log(&snap, None, 421, started, &id);
@@ -732,12 +729,14 @@ impl<S: Stream> Conn<S> {
     /// A pooled connection to the backend, or a new one.
     async fn checkout(&mut self, backend: &Backend) -> Result<(TcpStream, bool), UpstreamError> {
         loop {
-            let Some((c, idle_for)) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) else {
+            let Some(c) = self.worker.pool.borrow_mut().take(backend.addr, backend.idle_timeout) else {
                 break;
             };
-            // A connection back in the pool a moment ago has had no time to go bad; one that sat
-            // for a while is checked (one syscall) before it is trusted with a request.
-            if idle_for < PEEK_AFTER || idle_connection_is_clean(&c) {
+            // Every time, however short the idle spell (one non-blocking syscall): a close or a
+            // stray byte can arrive a microsecond after the last response, and a request sent on
+            // such a connection either fails where it cannot be retried (POST) or reads the stray
+            // bytes as its answer.
+            if idle_connection_is_clean(&c) {
                 return Ok((c, true));
             }
             tracing::debug!(backend = %backend.name, "pooled connection closed or sent unsolicited bytes; discarded");

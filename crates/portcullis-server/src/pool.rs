@@ -20,14 +20,12 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// The most recently used idle connection to `addr` that has not been idle too long, and
-    /// how long it has been idle.
-    pub(crate) fn take(&mut self, addr: SocketAddr, idle_timeout: Duration) -> Option<(TcpStream, Duration)> {
+    /// The most recently used idle connection to `addr` that has not been idle too long.
+    pub(crate) fn take(&mut self, addr: SocketAddr, idle_timeout: Duration) -> Option<TcpStream> {
         let list = self.idle.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
-            let idle_for = idle.since.elapsed();
-            if idle_for < idle_timeout {
-                return Some((idle.stream, idle_for));
+            if idle.since.elapsed() < idle_timeout {
+                return Some(idle.stream);
             }
         }
         None

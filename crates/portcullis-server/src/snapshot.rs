@@ -82,7 +82,8 @@ fn prefix_matches(prefix: &[u8], path: &[u8]) -> bool {
     path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/') | Some(b'?'))
 }
 
-fn strip_port(host: &[u8]) -> &[u8] {
+/// The host of a `Host` value (or absolute-form authority): `name`, `name:port`, `[v6]:port`.
+pub(crate) fn strip_port(host: &[u8]) -> &[u8] {
     if host.starts_with(b"[") {
         // [v6]:port
         return match host.iter().position(|&b| b == b']') {
@@ -266,6 +267,13 @@ mod tests {
         assert_eq!(strip_port(b"a.example:8443"), b"a.example");
         assert_eq!(strip_port(b"[::1]:8443"), b"[::1]");
         assert_eq!(strip_port(b"a.example"), b"a.example");
+        // Hostile shapes: never a panic, never a slice past either end.
+        assert_eq!(strip_port(b":]"), b"");
+        assert_eq!(strip_port(b"]:"), b"]");
+        assert_eq!(strip_port(b":"), b"");
+        assert_eq!(strip_port(b"[::1"), b"[::1");
+        assert_eq!(strip_port(b"["), b"[");
+        assert_eq!(strip_port(b""), b"");
     }
 
     #[test]

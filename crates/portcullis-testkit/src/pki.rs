@@ -199,18 +199,28 @@ impl Ca {
         }
     }
 
+    /// The CA certificate's serial number.
+    pub fn serial(&self) -> Vec<u8> {
+        self.params.serial_number.as_ref().map(SerialNumber::to_bytes).unwrap_or_default()
+    }
+
     /// A CRL revoking `revoked`, valid from an hour ago for a day.
     pub fn crl(&self, revoked: &[&Identity]) -> String {
+        self.crl_of(&revoked.iter().map(|id| id.serial.clone()).collect::<Vec<_>>())
+    }
+
+    /// A CRL revoking the certificates with these serials (a CA's, say).
+    pub fn crl_of(&self, serials: &[Vec<u8>]) -> String {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::hours(1),
             next_update: now + Duration::days(1),
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
-            revoked_certs: revoked
+            revoked_certs: serials
                 .iter()
-                .map(|id| RevokedCertParams {
-                    serial_number: SerialNumber::from(id.serial.clone()),
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial.clone()),
                     revocation_time: now - Duration::minutes(5),
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,

@@ -312,6 +312,9 @@ impl TlsAcceptor {
         let mut revoked = Vec::new();
         for (i, sni) in listener.sni.iter().enumerate() {
             let Some(trust) = load_trust(i + 1, &sni.client, &mut errors) else { continue };
+            if let Some(v) = &trust.auth.verifier {
+                revoked.push(v.revoked().clone());
+            }
             let sid = session_id_context(i + 1, &trust);
             if let Some(mut b) =
                 site_context(&sni.certificate, &trust, &sid, listener.tls_min_version, &mut errors)
@@ -353,14 +356,10 @@ impl TlsAcceptor {
         Ok(TlsAcceptor { ctx: b.build(), default_auth: default_trust.auth, revoked, site_hostnames })
     }
 
-    /// The site a request for `host` (a `Host` value, port allowed) belongs to, by the same rules
-    /// as SNI. A request whose site is not its connection's must be refused: otherwise a client
-    /// could connect under a lenient site and ask for the host of a strict one.
+    /// The site a request for `host` (a `Host` value without its port) belongs to, by the same
+    /// rules as SNI. A request whose site is not its connection's must be refused: otherwise a
+    /// client could connect under a lenient site and ask for the host of a strict one.
     pub fn site_for_host(&self, host: &[u8]) -> usize {
-        let host = match host.iter().rposition(|&b| b == b':') {
-            Some(i) if !host.contains(&b']') || host[i - 1] == b']' => &host[..i],
-            _ => host,
-        };
         let Ok(host) = std::str::from_utf8(host) else { return 0 };
         self.site_hostnames.iter().position(|names| hostname_matches(names, host)).map_or(0, |i| i + 1)
     }
@@ -458,10 +457,7 @@ impl TlsAcceptor {
                 }
                 Some(c) if resumed => {
                     let now = now_unix();
-                    let revoked = auth
-                        .verifier
-                        .as_ref()
-                        .is_some_and(|v| v.revoked().is_revoked(&c.issuer_der, &c.serial_bytes));
+                    let revoked = auth.verifier.as_ref().is_some_and(|v| v.revoked().revokes(c));
                     if revoked || now < c.not_before || now > c.not_after {
                         let why =
                             if revoked { "certificate revoked" } else { "certificate outside its validity" };

@@ -1,7 +1,7 @@
 //! What the proxy knows about a client certificate: computed once, when the handshake verifies
 //! it, and shared by every request on the connection (and on resumed connections).
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use boring::asn1::Asn1TimeRef;
@@ -55,6 +55,9 @@ impl fmt::Display for VerifyError {
     }
 }
 
+/// How a CRL entry names a certificate: its issuer's name (DER) and its serial (magnitude bytes).
+pub type RevocationId = (Box<[u8]>, Box<[u8]>);
+
 /// Facts of a client certificate, in the forms policy compares against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
@@ -80,6 +83,9 @@ pub struct ClientCert {
     pub issuer_der: Box<[u8]>,
     /// SHA-1 of the issuing CA certificate, when verification found it.
     pub issuer_sha1: Option<[u8; 20]>,
+    /// (issuer name DER, serial) of each CA certificate the chain was verified through, issuer
+    /// first: revocation of an intermediate is checked per request against today's CRLs too.
+    pub ca_ids: Vec<RevocationId>,
     pub dns_names: Vec<String>,
     /// Validity, in seconds since the Unix epoch.
     pub not_before: i64,
@@ -89,12 +95,9 @@ pub struct ClientCert {
 }
 
 impl ClientCert {
-    /// Computes the facts of `leaf`. `issuer_cert` is the certificate that issued it, when known.
-    pub fn from_x509(
-        leaf: &X509Ref,
-        issuer_cert: Option<&X509Ref>,
-        verify_errors: Vec<VerifyError>,
-    ) -> ClientCert {
+    /// Computes the facts of `leaf`. `cas` are the CA certificates verification built the chain
+    /// through, the issuer of `leaf` first (empty when no chain was found).
+    pub fn from_x509(leaf: &X509Ref, cas: &[&X509Ref], verify_errors: Vec<VerifyError>) -> ClientCert {
         let sha1: [u8; 20] = digest(leaf, MessageDigest::sha1());
         let sha256: [u8; 32] = digest(leaf, MessageDigest::sha256());
         let serial_bytes: Box<[u8]> =
@@ -124,7 +127,8 @@ impl ClientCert {
             serial: serial_hex(&serial_bytes),
             serial_bytes,
             issuer_der: leaf.issuer_name().to_der().map(Vec::into_boxed_slice).unwrap_or_default(),
-            issuer_sha1: issuer_cert.map(|i| digest(i, MessageDigest::sha1())),
+            issuer_sha1: cas.first().map(|i| digest(i, MessageDigest::sha1())),
+            ca_ids: cas.iter().filter_map(|ca| revocation_id(ca)).collect(),
             dns_names,
             not_before: unix_time(leaf.not_before()),
             not_after: unix_time(leaf.not_after()),
@@ -139,7 +143,7 @@ impl ClientCert {
             out.extend_from_slice(&(b.len().min(u16::MAX as usize) as u16).to_be_bytes());
             out.extend_from_slice(&b[..b.len().min(u16::MAX as usize)]);
         }
-        out.push(1); // format version
+        out.push(2); // format version
         out.extend_from_slice(&self.sha1);
         out.extend_from_slice(&self.sha256);
         bytes(out, self.subject.as_bytes());
@@ -159,6 +163,11 @@ impl ClientCert {
                 out.extend_from_slice(s);
             }
             None => out.push(0),
+        }
+        out.push(self.ca_ids.len().min(u8::MAX as usize) as u8);
+        for (issuer, serial) in self.ca_ids.iter().take(u8::MAX as usize) {
+            bytes(out, issuer);
+            bytes(out, serial);
         }
         out.extend_from_slice(&(self.dns_names.len().min(u16::MAX as usize) as u16).to_be_bytes());
         for name in self.dns_names.iter().take(u16::MAX as usize) {
@@ -203,7 +212,7 @@ impl ClientCert {
             }
         }
         let mut r = R(input);
-        if r.u8()? != 1 {
+        if r.u8()? != 2 {
             return None;
         }
         let sha1: [u8; 20] = r.take(20)?.try_into().ok()?;
@@ -220,6 +229,11 @@ impl ClientCert {
             0 => None,
             _ => Some(r.take(20)?.try_into().ok()?),
         };
+        let n = r.u8()?;
+        let mut ca_ids = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            ca_ids.push((r.bytes()?.into(), r.bytes()?.into()));
+        }
         let n = r.u16()?;
         let mut dns_names = Vec::with_capacity(n);
         for _ in 0..n {
@@ -251,6 +265,7 @@ impl ClientCert {
             serial_bytes,
             issuer_der,
             issuer_sha1,
+            ca_ids,
             dns_names,
             not_before,
             not_after,
@@ -266,14 +281,27 @@ impl ClientCert {
     /// The verify errors as one line for logs and headers: `certificate has expired (depth 0); …`.
     pub fn verify_summary(&self) -> String {
         let mut s = String::new();
-        for (i, e) in self.verify_errors.iter().enumerate() {
-            if i > 0 {
-                s.push_str("; ");
-            }
-            let _ = write!(s, "{} (depth {})", e.description(), e.depth);
-        }
+        let _ = self.write_verify_summary(&mut s);
         s
     }
+
+    /// [`verify_summary`](Self::verify_summary) written into `out` (no allocation of its own).
+    pub fn write_verify_summary(&self, out: &mut impl fmt::Write) -> fmt::Result {
+        for (i, e) in self.verify_errors.iter().enumerate() {
+            if i > 0 {
+                out.write_str("; ")?;
+            }
+            write!(out, "{} (depth {})", e.description(), e.depth)?;
+        }
+        Ok(())
+    }
+}
+
+/// The [`RevocationId`] of a certificate.
+pub(crate) fn revocation_id(cert: &X509Ref) -> Option<RevocationId> {
+    let issuer = cert.issuer_name().to_der().ok()?;
+    let serial = cert.serial_number().to_bn().ok()?;
+    Some((issuer.into_boxed_slice(), serial.to_vec().into_boxed_slice()))
 }
 
 fn digest<const N: usize>(cert: &X509Ref, md: MessageDigest) -> [u8; N] {
@@ -462,6 +490,7 @@ mod tests {
             serial_bytes: vec![0x0a, 0xbc].into(),
             issuer_der: vec![0x30, 0x00].into(),
             issuer_sha1: Some([3; 20]),
+            ca_ids: vec![(vec![0x30, 0x01].into(), vec![0x07].into())],
             dns_names: vec!["a.example".to_owned(), "b.example".to_owned()],
             not_before: -5,
             not_after: 1_900_000_000,

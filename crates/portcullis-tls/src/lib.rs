@@ -19,7 +19,7 @@ mod tickets;
 mod verify;
 
 pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor};
-pub use facts::{ClientCert, VerifyError, dn_string, hex_upper, normalize_dn, now_unix};
+pub use facts::{ClientCert, RevocationId, VerifyError, dn_string, hex_upper, normalize_dn, now_unix};
 pub use pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
 pub use stream::{PlainStream, Readiness, Stream, TlsStream, is_canceled};
 pub use tickets::TicketKeys;

@@ -13,7 +13,7 @@ use boring_sys as ffi;
 use foreign_types::{ForeignType, ForeignTypeRef};
 use portcullis_config::{ConfigError, ConfigErrors, Located};
 
-use crate::facts::{dn_string, now_unix, unix_time};
+use crate::facts::{ClientCert, dn_string, now_unix, revocation_id, unix_time};
 
 fn read(path: &Located<PathBuf>) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(&path.value)
@@ -94,10 +94,16 @@ impl RevocationSet {
         if self.by_issuer.is_empty() {
             return false;
         }
-        let (Ok(issuer), Ok(serial)) = (cert.issuer_name().to_der(), cert.serial_number().to_bn()) else {
-            return false;
-        };
-        self.is_revoked(&issuer, &serial.to_vec())
+        revocation_id(cert).is_some_and(|(issuer, serial)| self.is_revoked(&issuer, &serial))
+    }
+
+    /// Whether the client certificate, or a CA certificate its chain was verified through, is
+    /// revoked. Checked with the facts kept for the connection, so it holds for open and resumed
+    /// connections after a reload brings new CRLs.
+    pub fn revokes(&self, cert: &ClientCert) -> bool {
+        !self.by_issuer.is_empty()
+            && (self.is_revoked(&cert.issuer_der, &cert.serial_bytes)
+                || cert.ca_ids.iter().any(|(issuer, serial)| self.is_revoked(issuer, serial)))
     }
 
     /// Adds every entry of `other` (CRLs of other listeners, say): entries are keyed by issuer,

@@ -108,8 +108,9 @@ impl ClientVerifier {
         if let Some(facts) = cached {
             return facts;
         }
-        let (errors, issuer, recheck_at) = self.verify_chain(leaf, chain, now);
-        let facts = Arc::new(ClientCert::from_x509(leaf, issuer.as_deref(), errors));
+        let (errors, cas, recheck_at) = self.verify_chain(leaf, chain, now);
+        let cas: Vec<&X509Ref> = cas.iter().map(|c| &**c).collect();
+        let facts = Arc::new(ClientCert::from_x509(leaf, &cas, errors));
         CACHE.with(|c| {
             let mut c = c.borrow_mut();
             if c.len() >= CACHE_CAPACITY {
@@ -125,7 +126,7 @@ impl ClientVerifier {
         leaf: &X509Ref,
         chain: Option<&StackRef<X509>>,
         now: i64,
-    ) -> (Vec<VerifyError>, Option<X509>, i64) {
+    ) -> (Vec<VerifyError>, Vec<X509>, i64) {
         let empty;
         let chain = match chain {
             Some(c) => c,
@@ -134,7 +135,7 @@ impl ClientVerifier {
                     empty = s;
                     &empty
                 }
-                Err(_) => return (vec![unspecified()], None, now),
+                Err(_) => return (vec![unspecified()], Vec::new(), now),
             },
         };
         let result = X509StoreContext::new().and_then(|mut ctx| {
@@ -150,7 +151,7 @@ impl ClientVerifier {
                 let _ = ctx.verify_cert();
                 let mut errors = ctx.ex_data_mut(errors_index()).map(std::mem::take).unwrap_or_default();
                 let mut recheck_at = now + CACHE_TTL_SECS;
-                let mut issuer = None;
+                let mut cas = Vec::new();
                 if let Some(built) = ctx.chain() {
                     for (depth, cert) in built.iter().enumerate() {
                         if self.revoked.is_cert_revoked(cert) {
@@ -166,14 +167,14 @@ impl ClientVerifier {
                             }
                         }
                     }
-                    issuer = built.get(1).map(ToOwned::to_owned);
+                    cas = built.iter().skip(1).map(ToOwned::to_owned).collect();
                 }
-                Ok((errors, issuer, recheck_at))
+                Ok((errors, cas, recheck_at))
             })
         });
         match result {
             Ok(r) => r,
-            Err(_) => (vec![unspecified()], None, now),
+            Err(_) => (vec![unspecified()], Vec::new(), now),
         }
     }
 }
