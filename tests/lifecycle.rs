@@ -81,3 +81,87 @@ fn a_broken_configuration_does_not_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("p.toml:2:8: listener[0].bind"), "{stderr}");
 }
+
+/// `portcullis demo` starts, and the three `curl` commands it prints do what it says: 200 with
+/// the identity headers, 403 without a certificate, 403 with the revoked one. The commands are
+/// replayed with the test client (same files, same URL), so the test needs no curl.
+#[test]
+fn the_demo_prints_commands_that_work() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Command, Stdio};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// The demo is stopped even when an assertion fails.
+    struct Demo(std::process::Child);
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut demo = Demo(
+        Command::new(binary())
+            .args(["demo", "--port", &port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = demo.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut commands = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while commands.len() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("the demo prints three curl commands");
+        if line.starts_with("curl ") {
+            commands.push(line);
+        }
+    }
+    let arg = |cmd: &str, flag: &str| {
+        let mut words = cmd.split_whitespace();
+        words.by_ref().find(|w| *w == flag)?;
+        words.next().map(str::to_owned)
+    };
+    let mut statuses = Vec::new();
+    for cmd in &commands {
+        let url = cmd.split_whitespace().last().unwrap();
+        let rest = url.strip_prefix("https://").unwrap();
+        let (authority, path) = rest.split_at(rest.find('/').unwrap());
+        let addr: std::net::SocketAddr = authority.parse().unwrap();
+        assert_eq!(addr.port(), port);
+        let root = std::fs::read_to_string(arg(cmd, "--cacert").unwrap()).unwrap();
+        let identity = arg(cmd, "--cert").map(|cert| {
+            (
+                std::fs::read_to_string(cert).unwrap(),
+                std::fs::read_to_string(arg(cmd, "--key").unwrap()).unwrap(),
+            )
+        });
+        let client = portcullis_testkit::TlsClient::from_pem(
+            &root,
+            identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+            portcullis_testkit::Versions::Both,
+            &addr.ip().to_string(),
+        );
+        let r = client.get(addr, path).unwrap();
+        if r.status == 200 {
+            assert!(
+                r.echoed_header("X-Client-Cert-Subject").is_some_and(|s| s.contains("CN=")),
+                "{}",
+                r.text()
+            );
+        } else {
+            assert_eq!(r.text(), r#"{"statusCode":403,"message":"Invalid client certificate"}"#);
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [200, 403, 403], "allowed, no certificate, revoked");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(demo.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(demo.0.wait().unwrap().code(), Some(0), "Ctrl-C or SIGTERM ends the demo cleanly");
+}

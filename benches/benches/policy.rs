@@ -9,10 +9,10 @@ use std::sync::Arc;
 use boring::x509::X509;
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use portcullis_config::Loc;
+use portcullis_config::{Loc, Located};
 use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, ThumbprintSet, Verdict};
 use portcullis_testkit::Pki;
-use portcullis_tls::ClientCert;
+use portcullis_tls::{ClientCert, RevocationSet};
 
 /// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
 fn million_line_list(extra: &str) -> Vec<u8> {
@@ -120,9 +120,14 @@ backend = "b"
         list.display()
     );
     let config = portcullis_config::parse(&dir.join("p.toml"), &config_text).unwrap();
-    let policies = portcullis_policy::compile(&config, &Inputs::default()).unwrap();
+    // A real CRL (it revokes another client), so the revocation lookup is done, not skipped.
     let leaf = X509::from_pem(pki.client.cert_pem.as_bytes()).unwrap();
     let issuer = X509::from_pem(pki.intermediate.cert_pem.as_bytes()).unwrap();
+    let paths = pki.write(&dir).unwrap();
+    let crl = Located::new(paths.crl.clone(), Loc::builtin("crl"));
+    let revoked = Arc::new(RevocationSet::load(&[crl], std::slice::from_ref(&issuer)).unwrap());
+    assert_eq!(revoked.len(), 1);
+    let policies = portcullis_policy::compile(&config, &Inputs { revoked, ..Inputs::default() }).unwrap();
     let cert = Arc::new(ClientCert::from_x509(&leaf, &[&*issuer], Vec::new()));
     let fields = Fields(vec![
         (Bytes::from_static(b"Host"), Bytes::from_static(b"api.example.com")),
@@ -138,6 +143,11 @@ backend = "b"
         now: portcullis_tls::now_unix(),
     };
     let mut edits = HeaderEdits::default();
+    // What is timed is the allow path: every step runs and the request goes on.
+    edits.reset(fields.count());
+    assert!(matches!(policies.inbound(policy, &facts, &fields, &mut edits), Verdict::Continue));
+    assert_eq!(edits.added().count(), 3);
+    assert!(edits.is_removed(3), "X-Debug deleted");
     c.bench_function("policy_inbound_5_steps", |b| {
         b.iter_batched_ref(
             || (),

@@ -44,10 +44,22 @@ impl TlsClient {
     }
 
     pub fn with(pki: &Pki, identity: Option<&Identity>, versions: Versions) -> TlsClient {
+        let identity = identity.map(|id| (id.chain_pem.as_str(), id.key_pem.as_str()));
+        TlsClient::from_pem(&pki.root.cert_pem, identity, versions, "localhost")
+    }
+
+    /// A client from PEM text: the root it trusts, the (certificate chain, key) it presents,
+    /// and the server name it asks for (a DNS name or an IP address).
+    pub fn from_pem(
+        root_pem: &str,
+        identity: Option<(&str, &str)>,
+        versions: Versions,
+        server_name: &str,
+    ) -> TlsClient {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
-        let root = CertificateDer::from_pem_slice(pki.root.cert_pem.as_bytes())
-            .unwrap_or_else(|e| panic!("root: {e}"));
+        let root =
+            CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap_or_else(|e| panic!("root: {e}"));
         roots.add(root).unwrap_or_else(|e| panic!("root store: {e}"));
         let protocols: &[&rustls::SupportedProtocolVersion] = match versions {
             Versions::Both => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -59,12 +71,12 @@ impl TlsClient {
             .unwrap_or_else(|e| panic!("protocol versions: {e}"))
             .with_root_certificates(roots);
         let config = match identity {
-            Some(id) => {
+            Some((chain_pem, key_pem)) => {
                 let chain: Vec<CertificateDer<'static>> =
-                    CertificateDer::pem_slice_iter(id.chain_pem.as_bytes())
+                    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
                         .collect::<Result<_, _>>()
                         .unwrap_or_else(|e| panic!("client chain: {e}"));
-                let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
                     .unwrap_or_else(|e| panic!("client key: {e}"));
                 builder.with_client_auth_cert(chain, key).unwrap_or_else(|e| panic!("client auth: {e}"))
             }
@@ -72,7 +84,7 @@ impl TlsClient {
         };
         TlsClient {
             config: Arc::new(config),
-            server_name: ServerName::try_from("localhost").unwrap_or_else(|e| panic!("{e}")),
+            server_name: ServerName::try_from(server_name.to_owned()).unwrap_or_else(|e| panic!("{e}")),
         }
     }
 
@@ -97,6 +109,10 @@ impl TlsClient {
         }
         let host = match &self.server_name {
             ServerName::DnsName(d) => d.as_ref().to_owned(),
+            ServerName::IpAddress(ip) => match std::net::IpAddr::from(*ip) {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            },
             other => format!("{other:?}"),
         };
         Ok(Conn { tls, leftover: Vec::new(), host })
