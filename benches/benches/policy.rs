@@ -139,6 +139,7 @@ backend = "b"
     let facts = Facts {
         client_cert: Some(&cert),
         client_addr: "10.1.2.3:50000".parse().unwrap(),
+        client_ip: "10.1.2.3",
         request_id: "0123456789abcdef",
         now: portcullis_tls::now_unix(),
     };

@@ -127,44 +127,60 @@ impl HeadScanner {
                 return Err(HeadError::Malformed("bare LF"));
             }
         }
-        let mut from = self.scanned;
-        while let Some(offset) = buf[from..].iter().position(|&b| b == b'\n' || b == b'\r') {
-            let at = from + offset;
-            if buf[at] == b'\r' {
-                // A CR must be followed by LF; refuse as soon as the next byte shows it is not.
-                match buf.get(at + 1) {
-                    Some(b'\n') => {}
-                    Some(_) => return Err(HeadError::Malformed("bare CR")),
-                    None => break,
-                }
-                from = at + 1;
-                continue;
-            }
-            if at == 0 || buf[at - 1] != b'\r' {
-                return Err(HeadError::Malformed("bare LF"));
-            }
-            if at >= 3 && &buf[at - 3..at] == b"\r\n\r" {
-                let len = at + 1;
-                if len > max_head_size {
-                    return Err(HeadError::TooLarge);
-                }
+        // The terminator may straddle the previous read: look again from three bytes back.
+        let from = self.scanned.saturating_sub(3);
+        let end = head_end_finder().find(&buf[from..]).map(|i| from + i + 4);
+        let head = &buf[..end.unwrap_or(buf.len())];
+        if let Some(e) = line_ending_error(head, self.scanned) {
+            return Err(e);
+        }
+        match end {
+            Some(len) if len > max_head_size => Err(HeadError::TooLarge),
+            Some(len) => {
                 self.scanned = 0;
-                return Ok(Some(len));
+                Ok(Some(len))
             }
-            from = at + 1;
+            None if buf.len() >= max_head_size => Err(HeadError::TooLarge),
+            None => {
+                // A CR at the very end is checked against the byte that follows it next time.
+                self.scanned = buf.len();
+                Ok(None)
+            }
         }
-        if buf.len() >= max_head_size {
-            return Err(HeadError::TooLarge);
-        }
-        // Resume at a trailing CR, whose LF has not arrived yet.
-        self.scanned = if buf.last() == Some(&b'\r') { buf.len() - 1 } else { buf.len() };
-        Ok(None)
     }
 
     /// Forgets progress (when the buffer it was scanning is discarded).
     pub fn reset(&mut self) {
         self.scanned = 0;
     }
+}
+
+/// The searcher for the blank line that ends a head, built once (building one costs more than
+/// searching a typical head).
+fn head_end_finder() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    FINDER.get_or_init(|| memchr::memmem::Finder::new(b"\r\n\r\n"))
+}
+
+/// Whether every CR in `b` is followed by LF and every LF preceded by CR, looking at the bytes
+/// from `from` on (those before were checked already). Said otherwise: byte `i` is LF exactly
+/// when byte `i - 1` is CR. One pass without early exit, which vectorises; the slow search for
+/// which rule broke runs only on a bad head.
+fn line_ending_error(b: &[u8], from: usize) -> Option<HeadError> {
+    if from == 0 && b.first() == Some(&b'\n') {
+        return Some(HeadError::Malformed("bare LF"));
+    }
+    let from = from.max(1);
+    if from >= b.len() {
+        return None;
+    }
+    let mismatch = |(&cur, &prev): (&u8, &u8)| (cur == b'\n') != (prev == b'\r');
+    let pairs = || b[from..].iter().zip(&b[from - 1..b.len() - 1]);
+    if !pairs().fold(false, |bad, pair| bad | mismatch(pair)) {
+        return None;
+    }
+    let (_, &prev) = pairs().find(|&pair| mismatch(pair))?;
+    Some(HeadError::Malformed(if prev == b'\r' { "bare CR" } else { "bare LF" }))
 }
 
 fn httparse_reason(e: httparse::Error) -> &'static str {
@@ -829,6 +845,37 @@ mod tests {
         assert_eq!(s.scan(&mut buf, 1024), Ok(None));
         buf.extend_from_slice(b"\nrest");
         assert_eq!(s.scan(&mut buf, 1024), Ok(Some(27)));
+    }
+
+    /// Byte by byte, the scanner finds the end exactly once, at the right place, and refuses a
+    /// bad line ending as soon as the byte that shows it arrives.
+    #[test]
+    fn scanner_byte_by_byte() {
+        let feed = |raw: &[u8]| -> Vec<Result<Option<usize>, HeadError>> {
+            let mut s = HeadScanner::default();
+            let mut buf = BytesMut::new();
+            raw.iter()
+                .map(|&b| {
+                    buf.extend_from_slice(&[b]);
+                    s.scan(&mut buf, 1024)
+                })
+                .collect()
+        };
+        let good = b"GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\nbody";
+        let results = feed(good);
+        let end = good.len() - 4;
+        assert!(results[..end - 1].iter().all(|r| *r == Ok(None)), "{results:?}");
+        assert_eq!(results[end - 1], Ok(Some(end)));
+        for (raw, at, why) in [
+            (&b"GET / HTTP/1.1\nHost: a\r\n\r\n"[..], 14, "bare LF"),
+            (b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", 24, "bare CR"),
+            (b"GET / HTTP/1.1\r\nHost: a\n\r\n", 23, "bare LF"),
+            (b"\nGET / HTTP/1.1\r\n\r\n", 0, "bare LF"),
+        ] {
+            let results = feed(raw);
+            assert!(results[..at].iter().all(|r| *r == Ok(None)), "{results:?}");
+            assert_eq!(results[at], Err(HeadError::Malformed(why)), "{}", String::from_utf8_lossy(raw));
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@ use portcullis_tls::ClientCert;
 pub struct Facts<'a> {
     pub client_cert: Option<&'a ClientCert>,
     pub client_addr: SocketAddr,
+    /// `client_addr`'s IP as text, formatted once per connection.
+    pub client_ip: &'a str,
     /// The request's id (also sent as a header when a policy asks for `{request.id}`).
     pub request_id: &'a str,
     /// Now, in seconds since the Unix epoch (read once per request).

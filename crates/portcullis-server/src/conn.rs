@@ -59,6 +59,7 @@ pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, 
     let mut conn = Conn {
         worker,
         peer,
+        peer_ip: Rc::from(peer.ip().to_string()),
         client: tls,
         info,
         rbuf: BytesMut::new(),
@@ -208,6 +209,8 @@ fn is_forwarding_header(name: &[u8]) -> bool {
 struct Conn<S> {
     worker: Rc<Worker>,
     peer: SocketAddr,
+    /// `peer`'s IP as text, for X-Forwarded-For and `{request.ip}` (formatted once).
+    peer_ip: Rc<str>,
     client: S,
     info: SessionInfo,
     /// Bytes read from the client, not yet consumed.
@@ -435,9 +438,11 @@ impl<S: Stream> Conn<S> {
         };
         let request_id = std::str::from_utf8(&id).unwrap_or("");
         let cert = self.info.client_cert.clone();
+        let peer_ip = self.peer_ip.clone();
         let facts = Facts {
             client_cert: cert.as_deref(),
             client_addr: self.peer,
+            client_ip: &peer_ip,
             request_id,
             now: portcullis_tls::now_unix(),
         };
@@ -553,14 +558,7 @@ impl<S: Stream> Conn<S> {
         for (name, value) in self.edits.added() {
             write::header(out, name, value);
         }
-        let mut ip = [0u8; 64];
-        let ip_len = {
-            use std::io::Write as _;
-            let mut cursor = std::io::Cursor::new(&mut ip[..]);
-            let _ = write!(cursor, "{}", self.peer.ip());
-            cursor.position() as usize
-        };
-        write::header(out, b"X-Forwarded-For", &ip[..ip_len]);
+        write::header(out, b"X-Forwarded-For", self.peer_ip.as_bytes());
         write::header(out, b"X-Forwarded-Proto", b"https");
         write::header(out, b"Via", VIA);
         // Framing is written from what the parser decided, never copied: one value, one meaning.

@@ -1,7 +1,8 @@
 //! Per-worker keep-alive pool of backend connections. No locks: each worker has its own.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+
+use ahash::AHashMap;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
@@ -14,7 +15,7 @@ struct Idle {
 
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    idle: HashMap<SocketAddr, Vec<Idle>>,
+    idle: AHashMap<SocketAddr, Vec<Idle>>,
     /// New connections opened, for tests and metrics.
     pub(crate) opened: u64,
 }

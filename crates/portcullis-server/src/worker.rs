@@ -105,8 +105,26 @@ pub(crate) fn run(
         Driver::Auto => monoio::utils::detect_uring(),
     };
     if use_uring {
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(1024).enable_timer().build()
-        {
+        // One thread submits to its ring and reaps its completions when it asks for them
+        // (SINGLE_ISSUER + DEFER_TASKRUN, kernel 6.1+): completions are not pushed at the worker
+        // by interrupting it. Older kernels refuse the flags; the ring is then built without.
+        let mut tuned = io_uring::IoUring::builder();
+        tuned.setup_single_issuer().setup_defer_taskrun();
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(1024)
+            .uring_builder(tuned)
+            .enable_timer()
+            .build()
+            .or_else(|e| {
+                if id == 0 {
+                    tracing::info!(error = %e, "io_uring without DEFER_TASKRUN (kernel before 6.1?)");
+                }
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .with_entries(1024)
+                    .enable_timer()
+                    .build()
+            });
+        match built {
             Ok(mut rt) => return rt.block_on(fut),
             Err(e) if driver == Driver::Auto => log_fallback(id, &e.to_string()),
             Err(e) => {

@@ -5,7 +5,7 @@ use std::ffi::c_long;
 use std::path::PathBuf;
 use std::ptr;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashSet;
 use boring::bn::BigNum;
 use boring::pkey::{PKey, Private};
 use boring::x509::{X509, X509NameRef, X509Ref};
@@ -72,13 +72,18 @@ pub fn load_ca_bundle(paths: &[Located<PathBuf>]) -> Result<Vec<X509>, ConfigErr
     errors.into_result(cas)
 }
 
+/// Revoked serial numbers (magnitude bytes) of one issuer.
+type Serials = AHashSet<Box<[u8]>>;
+
 /// Revoked certificates, as (issuer name DER, serial) pairs compiled from CRLs.
 ///
 /// The handshake checks the client chain against it, and policy checks it again on every request,
 /// so that a CRL loaded by a reload applies to connections that were already open.
 #[derive(Debug, Default)]
 pub struct RevocationSet {
-    by_issuer: AHashMap<Box<[u8]>, AHashSet<Box<[u8]>>>,
+    /// Per issuer (name DER), its revoked serials. A handful of issuers at most: comparing their
+    /// names beats hashing a 70-byte DER on every lookup.
+    by_issuer: Vec<(Box<[u8]>, Serials)>,
     crls: usize,
     entries: usize,
 }
@@ -86,7 +91,7 @@ pub struct RevocationSet {
 impl RevocationSet {
     /// Whether the certificate with this issuer (name DER) and serial (magnitude bytes) is revoked.
     pub fn is_revoked(&self, issuer_der: &[u8], serial: &[u8]) -> bool {
-        self.by_issuer.get(issuer_der).is_some_and(|serials| serials.contains(serial))
+        self.by_issuer.iter().any(|(issuer, serials)| &issuer[..] == issuer_der && serials.contains(serial))
     }
 
     /// Same, for a certificate at hand.
@@ -110,7 +115,7 @@ impl RevocationSet {
     /// so sets from different CAs never collide.
     pub fn merge(&mut self, other: &RevocationSet) {
         for (issuer, serials) in &other.by_issuer {
-            let mine = self.by_issuer.entry(issuer.clone()).or_default();
+            let mine = Self::serials_of(&mut self.by_issuer, issuer);
             for serial in serials {
                 if mine.insert(serial.clone()) {
                     self.entries += 1;
@@ -118,6 +123,17 @@ impl RevocationSet {
             }
         }
         self.crls += other.crls;
+    }
+
+    fn serials_of<'a>(by_issuer: &'a mut Vec<(Box<[u8]>, Serials)>, issuer: &[u8]) -> &'a mut Serials {
+        let i = match by_issuer.iter().position(|(i, _)| &i[..] == issuer) {
+            Some(i) => i,
+            None => {
+                by_issuer.push((issuer.into(), AHashSet::new()));
+                by_issuer.len() - 1
+            }
+        };
+        &mut by_issuer[i].1
     }
 
     /// Number of CRLs loaded.
@@ -187,7 +203,7 @@ impl RevocationSet {
             tracing::warn!(issuer = %dn_string(issuer), "CRL is past its nextUpdate; loading it anyway, publish a fresh one");
         }
         let issuer_der = ca.subject_name().to_der().map_err(|e| e.to_string())?.into_boxed_slice();
-        let serials = self.by_issuer.entry(issuer_der).or_default();
+        let serials = Self::serials_of(&mut self.by_issuer, &issuer_der);
         for serial in crl.revoked_serials() {
             if serials.insert(serial) {
                 self.entries += 1;

@@ -10,7 +10,9 @@ use std::io::{self, Read, Write};
 use std::mem;
 
 use boring::ssl::{ErrorCode, SslStream};
+use boring_sys as ffi;
 use bytes::{Buf, BytesMut};
+use foreign_types::ForeignTypeRef;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent};
 
@@ -264,8 +266,31 @@ fn tls_io_error(e: boring::ssl::Error) -> io::Error {
 }
 
 impl<S: CancelableAsyncReadRent + AsyncWriteRent> TlsStream<S> {
+    /// Whether BoringSSL could return anything without more ciphertext: staged bytes, or records
+    /// or plaintext it has buffered itself.
+    fn has_buffered_input(&self) -> bool {
+        // SAFETY: the SSL is live for as long as `self.ssl`; SSL_has_pending only reads it.
+        !self.ssl.get_ref().rx.is_empty() || unsafe { ffi::SSL_has_pending(self.ssl.ssl().as_ptr()) } != 0
+    }
+
     async fn read_inner(&mut self, dst: &mut BytesMut, cancel: Option<&CancelHandle>) -> io::Result<usize> {
+        // With nothing buffered, an SSL_read could only say WANT_READ: go to the socket first
+        // (the usual case for the next request on a keep-alive connection; one TLS call saved).
+        let mut need_input = !self.has_buffered_input();
         loop {
+            if std::mem::take(&mut need_input) {
+                let mut wire = Wire { ssl: &mut self.ssl, io: &mut self.io };
+                wire.flush().await?;
+                let n = match cancel {
+                    Some(c) => wire.fill_cancelable(c.clone()).await?,
+                    None => wire.fill().await?,
+                };
+                if n == 0 {
+                    // The peer closed without close_notify: the end of the stream all the same
+                    // for HTTP/1.1, whose messages are self-delimiting.
+                    return Ok(0);
+                }
+            }
             if dst.capacity() - dst.len() < MIN_SPARE {
                 dst.reserve(if dst.capacity() == 0 { FIRST_READ } else { READ_CHUNK });
             }
@@ -277,19 +302,7 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent> TlsStream<S> {
                     Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await?;
                     return Ok(n);
                 }
-                Err(e) if e.code() == ErrorCode::WANT_READ => {
-                    let mut wire = Wire { ssl: &mut self.ssl, io: &mut self.io };
-                    wire.flush().await?;
-                    let n = match cancel {
-                        Some(c) => wire.fill_cancelable(c.clone()).await?,
-                        None => wire.fill().await?,
-                    };
-                    if n == 0 {
-                        // The peer closed without close_notify: the end of the stream all the same
-                        // for HTTP/1.1, whose messages are self-delimiting.
-                        return Ok(0);
-                    }
-                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => need_input = true,
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(0),
                 Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => return Ok(0),
                 Err(e) => {
