@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use portcullis_policy::{ApiPolicy, Facts, HeaderEdits, HeaderList, Response, Ver
 use portcullis_tls::{PlainStream, SessionInfo, Stream};
 
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
+use crate::timer::Timer;
 use crate::worker::Worker;
 
 /// Added to every request forwarded (RFC 9110 §7.6.3).
@@ -72,6 +74,9 @@ pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, 
         path: Vec::new(),
         unread_input: false,
         acceptor,
+        idle_timer: Timer::new(),
+        io_timer: Timer::new(),
+        canceller: monoio::io::Canceller::new(),
     };
     conn.run().await;
 }
@@ -230,6 +235,12 @@ struct Conn<S> {
     /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
     /// that knows its hostnames.
     acceptor: portcullis_tls::TlsAcceptor,
+    /// When an idle connection gives back its buffers.
+    idle_timer: Timer,
+    /// Deadlines of reads and writes on either side (one at a time).
+    io_timer: Timer,
+    /// Cancels the read an idle connection waits with (kept: one allocation per connection).
+    canceller: monoio::io::Canceller,
 }
 
 impl<S: Stream> Conn<S> {
@@ -251,7 +262,10 @@ impl<S: Stream> Conn<S> {
                     };
                     self.out.clear();
                     write::json_response(&mut self.out, status, message, true, false);
-                    let _ = timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut self.out)).await;
+                    let _ = self
+                        .io_timer
+                        .within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out)))
+                        .await;
                     self.close_lingering().await;
                     return;
                 }
@@ -312,7 +326,7 @@ impl<S: Stream> Conn<S> {
                 }
             } else {
                 let at = *deadline.get_or_insert_with(|| Instant::now() + head_timeout);
-                match timeout_at(at, self.client.read_buf(&mut self.rbuf)).await {
+                match self.io_timer.until(at, pin!(self.client.read_buf(&mut self.rbuf))).await {
                     Ok(r) => r,
                     Err(_) => return Err(HeadFailure::Timeout),
                 }
@@ -347,18 +361,20 @@ impl<S: Stream> Conn<S> {
         }
         let started = Instant::now();
         let result = {
-            let canceller = monoio::io::Canceller::new();
-            let hot = self.client.read_buf_cancelable(&mut self.rbuf, canceller.handle());
+            let hot = self.client.read_buf_cancelable(&mut self.rbuf, self.canceller.handle());
             let mut hot = std::pin::pin!(hot);
+            // In this order (no random pick per poll): data that arrived wins over the timer.
             let first = monoio::select! {
+                biased;
                 r = &mut hot => Some(r),
-                _ = monoio::time::sleep(SHRINK_AFTER.min(idle_timeout)) => None,
+                _ = self.idle_timer.expiry(started + SHRINK_AFTER.min(idle_timeout)) => None,
                 _ = self.worker.shutdown.wait() => return None,
             };
             match first {
                 Some(r) => r,
                 None => {
-                    let _ = canceller.cancel();
+                    // A used canceller stays cancelled; the next wait gets a fresh one.
+                    self.canceller = std::mem::take(&mut self.canceller).cancel();
                     hot.await
                 }
             }
@@ -407,7 +423,9 @@ impl<S: Stream> Conn<S> {
         let keep = self.client_keeps_alive() && body_done;
         self.out.clear();
         write::json_response(&mut self.out, status, message, !keep, self.head.is_head());
-        if !matches!(timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut self.out)).await, Ok(Ok(()))) {
+        let written =
+            self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out))).await;
+        if !matches!(written, Ok(Ok(()))) {
             return false;
         }
         keep
@@ -496,7 +514,9 @@ impl<S: Stream> Conn<S> {
         if !self.head.is_head() {
             out.extend_from_slice(&response.body);
         }
-        if !matches!(timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut self.out)).await, Ok(Ok(()))) {
+        let written =
+            self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out))).await;
+        if !matches!(written, Ok(Ok(()))) {
             return false;
         }
         keep
@@ -593,7 +613,9 @@ impl<S: Stream> Conn<S> {
             self.write_upstream_head(route, backend, identity);
             if self.head.expect_continue() {
                 let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
-                if !matches!(timeout(WRITE_TIMEOUT, self.client.write_all_buf(&mut cont)).await, Ok(Ok(()))) {
+                let written =
+                    self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut cont))).await;
+                if !matches!(written, Ok(Ok(()))) {
                     return (false, 0);
                 }
             }
@@ -603,8 +625,15 @@ impl<S: Stream> Conn<S> {
                 Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
             };
             let timeouts = (snap.server.body_timeout, backend.response_timeout);
-            let sent =
-                relay_body(body, &mut self.client, &mut self.rbuf, &mut up, &mut self.out, timeouts).await;
+            let sent = relay_body(
+                body,
+                (&mut self.client, &mut self.rbuf),
+                &mut up,
+                &mut self.out,
+                timeouts,
+                &mut self.io_timer,
+            )
+            .await;
             // Only a body read whole leaves the client connection in step with its requests.
             let body_whole = sent.is_ok();
             let result = match sent {
@@ -654,11 +683,11 @@ impl<S: Stream> Conn<S> {
         self.write_response_head(mode, keep, client_http10);
         let relayed = relay_body(
             mode,
-            &mut upstream,
-            &mut self.ubuf,
+            (&mut upstream, &mut self.ubuf),
             &mut self.client,
             &mut self.out,
             (backend.response_timeout, WRITE_TIMEOUT),
+            &mut self.io_timer,
         )
         .await;
         match relayed {
@@ -759,6 +788,8 @@ impl<S: Stream> Conn<S> {
         let mut scanner = HeadScanner::default();
         let mut received = false;
         self.ubuf.clear();
+        // The whole head (interim responses included) within the timeout, not each read.
+        let deadline = Instant::now() + response_timeout;
         loop {
             match scanner.scan(&mut self.ubuf, RESPONSE_LIMITS.max_head_size) {
                 Ok(Some(len)) => {
@@ -778,7 +809,7 @@ impl<S: Stream> Conn<S> {
                 Ok(None) => {}
                 Err(e) => return Err(UpstreamError::BadResponse(e)),
             }
-            match timeout(response_timeout, up.read_buf(&mut self.ubuf)).await {
+            match self.io_timer.until(deadline, pin!(up.read_buf(&mut self.ubuf))).await {
                 Err(_) => return Err(UpstreamError::Timeout),
                 Ok(Ok(0)) if !received => {
                     return Err(UpstreamError::Lost(io::Error::new(
@@ -839,21 +870,31 @@ impl<S: Stream> Conn<S> {
 /// bytes for `dst` (a head): they go out with the first piece of the body, in one write.
 async fn relay_body<R: Stream, W: Stream>(
     mode: BodyMode,
-    src: &mut R,
-    sbuf: &mut BytesMut,
+    (src, sbuf): (&mut R, &mut BytesMut),
     dst: &mut W,
     out: &mut BytesMut,
     (read_timeout, write_timeout): (Duration, Duration),
+    timer: &mut Timer,
 ) -> Result<(), RelayError> {
-    async fn fill<R: Stream>(src: &mut R, sbuf: &mut BytesMut, t: Duration) -> Result<usize, RelayError> {
-        match timeout(t, src.read_buf(sbuf)).await {
+    async fn fill<R: Stream>(
+        src: &mut R,
+        sbuf: &mut BytesMut,
+        timer: &mut Timer,
+        t: Duration,
+    ) -> Result<usize, RelayError> {
+        match timer.within(t, pin!(src.read_buf(sbuf))).await {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(e)) => Err(RelayError::SourceIo(e)),
             Err(_) => Err(RelayError::SourceTimeout),
         }
     }
-    async fn flush<W: Stream>(dst: &mut W, out: &mut BytesMut, t: Duration) -> Result<(), RelayError> {
-        match timeout(t, dst.write_all_buf(out)).await {
+    async fn flush<W: Stream>(
+        dst: &mut W,
+        out: &mut BytesMut,
+        timer: &mut Timer,
+        t: Duration,
+    ) -> Result<(), RelayError> {
+        match timer.within(t, pin!(dst.write_all_buf(out))).await {
             Ok(r) => r.map_err(RelayError::Destination),
             Err(_) => {
                 Err(RelayError::Destination(io::Error::new(io::ErrorKind::TimedOut, "write timed out")))
@@ -861,19 +902,19 @@ async fn relay_body<R: Stream, W: Stream>(
         }
     }
     match mode {
-        BodyMode::None => flush(dst, out, write_timeout).await,
+        BodyMode::None => flush(dst, out, timer, write_timeout).await,
         BodyMode::Length(mut remaining) => loop {
             let take = (sbuf.len() as u64).min(remaining) as usize;
             out.extend_from_slice(&sbuf[..take]);
             let _ = sbuf.split_to(take);
             remaining -= take as u64;
             if remaining == 0 {
-                return flush(dst, out, write_timeout).await;
+                return flush(dst, out, timer, write_timeout).await;
             }
             if !out.is_empty() {
-                flush(dst, out, write_timeout).await?;
+                flush(dst, out, timer, write_timeout).await?;
             }
-            if fill(src, sbuf, read_timeout).await? == 0 {
+            if fill(src, sbuf, timer, read_timeout).await? == 0 {
                 return Err(RelayError::SourceClosed);
             }
         },
@@ -882,12 +923,12 @@ async fn relay_body<R: Stream, W: Stream>(
             loop {
                 let progress = decoder.decode(sbuf, out).map_err(RelayError::SourceFraming)?;
                 if progress == Decoded::Done {
-                    return flush(dst, out, write_timeout).await;
+                    return flush(dst, out, timer, write_timeout).await;
                 }
                 if !out.is_empty() {
-                    flush(dst, out, write_timeout).await?;
+                    flush(dst, out, timer, write_timeout).await?;
                 }
-                if fill(src, sbuf, read_timeout).await? == 0 {
+                if fill(src, sbuf, timer, read_timeout).await? == 0 {
                     return Err(RelayError::SourceClosed);
                 }
             }
@@ -903,11 +944,11 @@ async fn relay_body<R: Stream, W: Stream>(
                 }
                 sbuf.clear();
             }
-            flush(dst, out, write_timeout).await?;
-            if fill(src, sbuf, read_timeout).await? == 0 {
+            flush(dst, out, timer, write_timeout).await?;
+            if fill(src, sbuf, timer, read_timeout).await? == 0 {
                 if chunk {
                     out.extend_from_slice(b"0\r\n\r\n");
-                    flush(dst, out, write_timeout).await?;
+                    flush(dst, out, timer, write_timeout).await?;
                 }
                 return Ok(());
             }

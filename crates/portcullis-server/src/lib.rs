@@ -15,6 +15,7 @@ mod event;
 mod pool;
 mod server;
 mod snapshot;
+mod timer;
 mod worker;
 
 pub use server::{Server, StartError};
