@@ -64,6 +64,9 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: no setsockopt per
+    // connection (responses are written whole; Nagle would only delay them).
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())

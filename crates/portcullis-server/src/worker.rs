@@ -217,7 +217,6 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, index: usize) {
 }
 
 fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, listener: usize) {
-    let _ = stream.set_nodelay(true);
     let guard = ActiveGuard::new(worker);
     let worker = worker.clone();
     // Detached: the task runs to completion on its own; its handle is not needed.

@@ -78,9 +78,32 @@ pub(crate) fn ticket_facts_index() -> Index<Ssl, Arc<ClientCert>> {
     })
 }
 
+/// Most decoded facts a thread keeps for tickets it sees again.
+const FACTS_CACHE: usize = 1024;
+
 thread_local! {
     /// One AEAD context per thread (sealing with a shared one would need a lock).
     static AEAD: RefCell<Option<([u8; ID_LEN], AeadCtx)>> = const { RefCell::new(None) };
+    /// Facts decoded from tickets, by their encoding: a client that resumes again and again
+    /// presents the same facts each time, and decoding them (strings, normalised DNs) costs
+    /// more than hashing them. Same bytes, same facts: nothing can go stale.
+    static DECODED: RefCell<ahash::AHashMap<Box<[u8]>, Arc<ClientCert>>> = RefCell::new(ahash::AHashMap::new());
+}
+
+/// The facts encoded in `bytes`, decoded once per thread.
+fn decode_facts(bytes: &[u8]) -> Option<Arc<ClientCert>> {
+    DECODED.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(facts) = cache.get(bytes) {
+            return Some(facts.clone());
+        }
+        let facts = Arc::new(ClientCert::decode(bytes)?);
+        if cache.len() >= FACTS_CACHE {
+            cache.clear();
+        }
+        cache.insert(bytes.into(), facts.clone());
+        Some(facts)
+    })
 }
 
 fn with_aead<T>(keys: &TicketKeys, f: impl FnOnce(&mut AeadCtx) -> Option<T>) -> Option<T> {
@@ -210,8 +233,8 @@ unsafe extern "C" fn open(
     let facts_len = facts_len as usize;
     let Some(session_len) = (plain.len() - 2).checked_sub(facts_len) else { return ignore };
     if facts_len > 0 {
-        let Some(facts) = ClientCert::decode(&plain[session_len..plain.len() - 2]) else { return ignore };
-        ssl.set_ex_data(ticket_facts_index(), Arc::new(facts));
+        let Some(facts) = decode_facts(&plain[session_len..plain.len() - 2]) else { return ignore };
+        ssl.set_ex_data(ticket_facts_index(), facts);
     }
     if session_len > max_out_len {
         return ignore;
