@@ -44,10 +44,11 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| mode | proxy | runs | req/s median | min – max | p99 µs median | proxy CPU µs/req | errors |"
+        "| mode | proxy | runs | req/s median | min – max | p99 µs median | proxy CPU µs/req | req/s per proxy core | errors |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
-    let mut medians: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    // (req/s, proxy CPU µs per request) medians
+    let mut medians: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
     for mode in &modes {
         for proxy in &proxies {
             let Some(rs) = runs.get(&(mode.clone(), proxy.clone())) else { continue };
@@ -65,36 +66,43 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
             let min = rps.iter().copied().fold(f64::INFINITY, f64::min);
             let max = rps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let m = median(rps.clone());
-            medians.insert((mode.clone(), proxy.clone()), m);
+            let cpu = median(cpu);
+            medians.insert((mode.clone(), proxy.clone()), (m, cpu));
             let _ = writeln!(
                 out,
-                "| {mode} | {proxy} | {} | {} | {} – {} | {} | {} | {errors} |",
+                "| {mode} | {proxy} | {} | {} | {} – {} | {} | {} | {} | {errors} |",
                 rs.len(),
                 fmt_num(m),
                 fmt_num(min),
                 fmt_num(max),
                 fmt_num(median(p99)),
-                fmt_num(median(cpu)),
+                fmt_num(cpu),
+                fmt_num(1e6 / cpu),
             );
         }
     }
     let ours = "portcullis";
     let others: Vec<&String> = proxies.iter().filter(|p| p.as_str() != ours).collect();
     if proxies.iter().any(|p| p == ours) && !others.is_empty() {
+        // Two ratios: of the req/s measured, and of req/s per proxy core (the inverse ratio of
+        // proxy CPU per request), which is what a proxy that is not the bottleneck would do.
         let _ = writeln!(out);
-        let header: Vec<String> = others.iter().map(|p| format!("portcullis / {p}")).collect();
+        let mut header: Vec<String> = others.iter().map(|p| format!("req/s: portcullis / {p}")).collect();
+        header.extend(others.iter().map(|p| format!("per proxy core: portcullis / {p}")));
         let _ = writeln!(out, "| mode | {} |", header.join(" | "));
-        let _ = writeln!(out, "|---|{}", "---|".repeat(others.len()));
+        let _ = writeln!(out, "|---|{}", "---|".repeat(2 * others.len()));
+        let ratio = |x: f64| if x.is_finite() && x > 0.0 { format!("{x:.2}×") } else { "–".to_owned() };
         for mode in &modes {
-            let Some(us) = medians.get(&(mode.clone(), ours.to_owned())) else { continue };
-            let ratios: Vec<String> = others
+            let Some(&(us_rps, us_cpu)) = medians.get(&(mode.clone(), ours.to_owned())) else { continue };
+            let theirs = |p: &String| medians.get(&(mode.clone(), p.clone())).copied();
+            let mut cells: Vec<String> = others
                 .iter()
-                .map(|p| match medians.get(&(mode.clone(), (*p).clone())) {
-                    Some(them) if *them > 0.0 => format!("{:.2}×", us / them),
-                    _ => "–".to_owned(),
-                })
+                .map(|p| theirs(p).map_or("–".to_owned(), |(rps, _)| ratio(us_rps / rps)))
                 .collect();
-            let _ = writeln!(out, "| {mode} | {} |", ratios.join(" | "));
+            cells.extend(
+                others.iter().map(|p| theirs(p).map_or("–".to_owned(), |(_, cpu)| ratio(cpu / us_cpu))),
+            );
+            let _ = writeln!(out, "| {mode} | {} |", cells.join(" | "));
         }
     }
     Ok(out)
@@ -111,7 +119,11 @@ mod tests {
 {"proxy":"portcullis","mode":"keepalive","rps":150.0,"ok":1500,"proxy_cpu_seconds":0.02,"latency_us":{"p99":500},"error_count":1}
 {"proxy":"haproxy","mode":"keepalive","rps":120.0,"ok":1200,"proxy_cpu_seconds":0.02,"latency_us":{"p99":800},"error_count":0}"#;
         let t = summarize(lines).unwrap();
-        assert!(t.contains("| keepalive | portcullis | 2 | 200 | 150 – 250 | 450 |"), "{t}");
-        assert!(t.contains("| keepalive | 1.82× |"), "{t}");
+        // CPU per request: 8 and 13.3 µs (median 10.7) against 20 and 16.7 (median 18.3).
+        assert!(
+            t.contains("| keepalive | portcullis | 2 | 200 | 150 – 250 | 450 | 10.7 | 93750 | 1 |"),
+            "{t}"
+        );
+        assert!(t.contains("| keepalive | 1.82× | 1.72× |"), "{t}");
     }
 }

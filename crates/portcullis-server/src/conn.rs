@@ -390,6 +390,8 @@ impl<S: Stream> Conn<S> {
         self.head.clear();
         self.resp.clear();
         self.edits = HeaderEdits::default();
+        self.idle_timer.release();
+        self.io_timer.release();
         self.client.shrink();
         let left = idle_timeout.saturating_sub(started.elapsed());
         let ready = monoio::select! {

@@ -40,19 +40,25 @@ impl<F: Future> Future for Until<'_, F> {
 pub(crate) struct Elapsed;
 
 pub(crate) struct Timer {
-    sleep: Pin<Box<Sleep>>,
+    /// Made on first use, and given back by [`Timer::release`] (an idle connection holds none).
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl std::fmt::Debug for Timer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timer").field("deadline", &self.sleep.deadline()).finish()
+        f.debug_struct("Timer").field("deadline", &self.sleep.as_ref().map(|s| s.deadline())).finish()
     }
 }
 
 impl Timer {
-    /// A timer not yet armed (it registers on its first use).
+    /// A timer not yet armed (nothing is allocated or registered until its first use).
     pub(crate) fn new() -> Timer {
-        Timer { sleep: Box::pin(monoio::time::sleep(Duration::from_secs(24 * 3600))) }
+        Timer { sleep: None }
+    }
+
+    /// Gives the timer's memory back (it is made again on the next use).
+    pub(crate) fn release(&mut self) {
+        self.sleep = None;
     }
 
     /// Runs `fut` until `deadline`; `Err(Elapsed)` if the deadline comes first. `fut` is
@@ -69,10 +75,11 @@ impl Timer {
     /// Arms the timer for `deadline` and returns the future that completes then (for a
     /// `select!` that races it against more than one thing).
     pub(crate) fn expiry(&mut self, deadline: Instant) -> Pin<&mut Sleep> {
-        if self.sleep.deadline() != deadline {
-            self.sleep.as_mut().reset(deadline);
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(monoio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
         }
-        self.sleep.as_mut()
+        sleep.as_mut()
     }
 }
 

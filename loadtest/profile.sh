@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# loadtest/profile.sh — where Portcullis spends its time on the benchmark's work.
+#
+#   loadtest/profile.sh perf MODE [load options]        # perf record of the proxy under load
+#   loadtest/profile.sh callgrind MODE [load options]   # userspace instructions per request
+#
+# MODE is keepalive | handshake | resume. Same configuration and certificates as bench.sh
+# (loadtest/conf/portcullis.toml.in), the proxy pinned to PROXY_CPU, backend and load
+# generator on LOAD_CPU, loopback only, every run bounded.
+#
+# perf: samples the proxy for DURATION seconds (default 8) with call graphs into $OUT/perf.data, then
+#   prints the split kernel / userspace and the heaviest symbols. The sampling itself costs
+#   CPU: read the CPU per request of bench.sh, not of this run.
+# callgrind: runs the proxy under valgrind twice, N1 and N2 requests (defaults 2000, 12000),
+#   and prints (Ir(N2) - Ir(N1)) / (N2 - N1): start-up cancels out, and the count repeats from
+#   run to run whatever else the machine does. Valgrind hides the CPU's SHA, ADX and VAES
+#   extensions from the program, so crypto counts are those of the slower generic code. And it
+#   takes io_uring_enter for a call that does not block: a worker waiting in it holds valgrind's
+#   lock and starves the other threads. Under valgrind the proxy therefore runs on the epoll
+#   driver (`driver = "epoll"`): the proxy's own code is the same, the runtime's differs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOL=${1:?perf or callgrind}; MODE=${2:?keepalive, handshake or resume}; shift 2
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+SECONDS_=${DURATION:-8}
+N1=${N1:-2000}; N2=${N2:-12000}
+LISTEN=127.0.0.1:18446
+BACKEND=127.0.0.1:18080
+OUT=${OUT:-target/profile/$MODE}
+BIN=target/release
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+CERTS=$OUT/certs
+
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p portcullis -p portcullis-loadtest
+[ -f "$CERTS/root.pem" ] || "$BIN/portcullis-load" pki "$CERTS" >/dev/null
+sed -e "s|@LISTEN@|$LISTEN|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND|g" -e "s|@RUN@|$OUT|g" \
+  loadtest/conf/portcullis.toml.in > "$OUT/portcullis.toml"
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+taskset -c "$LOAD_CPU" "$BIN/portcullis-load" backend --listen "$BACKEND" --size 1024 >/dev/null 2>&1 &
+PIDS+=($!)
+
+load() { # load N|- [extra] — one bounded load run against the proxy
+  local n=$1; shift
+  local count=(); [ "$n" != - ] && count=(-n "$n")
+  taskset -c "$LOAD_CPU" "$BIN/portcullis-load" run "https://localhost:${LISTEN##*:}/" --ca "$CERTS/root.pem" \
+    --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" --mode "$MODE" "${count[@]}" "$@"
+}
+
+wait_log() { # wait_log FILE — until the proxy says it listens
+  for _ in $(seq 300); do grep -q "listening on" "$1" 2>/dev/null && return 0; sleep 0.2; done
+  echo "the proxy did not start; see $1" >&2; exit 1
+}
+
+case $TOOL in
+  perf)
+    taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/portcullis.toml" >"$OUT/proxy.log" 2>&1 &
+    proxy=$!; PIDS+=($proxy)
+    wait_log "$OUT/proxy.log"
+    (sleep 1; perf record -q -F 4999 -e cpu-clock -g --call-graph dwarf,16384 -p "$proxy" \
+      -o "$OUT/perf.data" -- sleep "$((SECONDS_ - 2))" >/dev/null 2>&1) &
+    rec=$!
+    load - -d "${SECONDS_}s" -w 1s --watch-pid "$proxy" "$@"
+    wait "$rec"
+    perf report -i "$OUT/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null | grep '%' | head -5
+    perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null | grep '%' | head -40
+    echo "perf report -i $OUT/perf.data --children   # for the call graph"
+    ;;
+  callgrind)
+    sed -e 's|^\[server\]$|[server]\ndriver = "epoll"|' "$OUT/portcullis.toml" > "$OUT/portcullis-epoll.toml"
+    total() { # total N — Ir of a proxy run that served N requests
+      local n=$1 f="$OUT/callgrind.$1.out"; shift
+      rm -f "$f"*
+      taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$f" \
+        "$BIN/portcullis" run -c "$OUT/portcullis-epoll.toml" >"$OUT/valgrind.log" 2>&1 &
+      local vg=$!; PIDS+=($vg)
+      wait_log "$OUT/valgrind.log"
+      load "$n" -d 300s -w 0s "$@" >&2
+      # Dump the counts, then stop it the quick way (nothing of the run is needed any more).
+      callgrind_control -d "$vg" >/dev/null
+      sleep 1
+      kill -9 "$vg" 2>/dev/null || true; wait "$vg" 2>/dev/null || true
+      callgrind_annotate "$(ls -t "$f".* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+    }
+    a=$(total "$N1" "$@"); b=$(total "$N2" "$@")
+    echo "$MODE: $(( (b - a) / (N2 - N1) )) instructions per request (userspace; runs of $N1 and $N2: $a, $b)"
+    echo "callgrind_annotate $(ls -t "$OUT/callgrind.$N2.out".* | head -1)   # for where they go"
+    ;;
+  *) echo "unknown tool $TOOL (perf or callgrind)" >&2; exit 2;;
+esac
