@@ -40,6 +40,20 @@ backend = "app"
     )
 }
 
+/// Two workers; the API validates client certificates with APIM's defaults (trust, revocation,
+/// validity), so that a reloaded CRL decides.
+const VALIDATING: &str = r#"
+[server]
+workers = 2
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_client_certificate = {}
+"#;
+
 /// Sends SIGHUP and waits for the reload that makes `generation` current.
 fn reload(proxy: &ProxyProcess, generation: u64) {
     proxy.signal(libc::SIGHUP);
@@ -65,18 +79,7 @@ fn a_thumbprint_added_to_the_list_applies_to_the_open_connection() {
 #[test]
 fn a_crl_revoking_a_connected_client_applies_to_its_connection() {
     let env = Env::new();
-    let extra = r#"
-[server]
-workers = 2
-
-[[api]]
-name = "app"
-path = "/"
-backend = "app"
-  [[api.inbound]]
-  validate_client_certificate = {}
-"#;
-    let config = env.write_config("p.toml", &env.config("request", extra));
+    let config = env.write_config("p.toml", &env.config("request", VALIDATING));
     let proxy = ProxyProcess::spawn(&binary(), &config);
     let client = env.client(Some(&env.pki.client));
     let mut c = client.connect(proxy.addr).unwrap();
@@ -96,20 +99,9 @@ backend = "app"
 #[test]
 fn a_crl_revoking_the_intermediate_applies_to_open_connections() {
     let env = Env::new();
-    let extra = r#"
-[server]
-workers = 2
-
-[[api]]
-name = "app"
-path = "/"
-backend = "app"
-  [[api.inbound]]
-  validate_client_certificate = {}
-"#;
     let root_crl = env.dir().join("root.crl");
     std::fs::write(&root_crl, env.pki.root.crl_of(&[])).unwrap();
-    let text = env.config("request", extra).replacen(
+    let text = env.config("request", VALIDATING).replacen(
         "crl = [\"",
         &format!("crl = [\"{}\", \"", root_crl.display()),
         1,
