@@ -141,6 +141,16 @@ fn identity_common_name() {
     identity_case(r#"{ identities = [ { common_name = "client1" } ] }"#, "", a, b, &env);
 }
 
+/// Case is folded the same way on both sides, beyond ASCII too: a word-final capital sigma is
+/// where lower-casing a whole string and lower-casing character by character differ.
+#[test]
+fn identity_common_name_ignores_case_beyond_ascii() {
+    let env = Env::new();
+    let greek = env.pki.intermediate.issue("greek", &LeafOptions::client("ΟΔΟΣ"));
+    identity_case(r#"{ identities = [ { common_name = "ΟΔΟΣ" } ] }"#, "", &greek, &env.pki.client2, &env);
+    identity_case(r#"{ identities = [ { common_name = "οδοσ" } ] }"#, "", &greek, &env.pki.client, &env);
+}
+
 #[test]
 fn identity_subject_in_normalised_form() {
     let env = Env::new();

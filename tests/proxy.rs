@@ -488,6 +488,27 @@ fn a_request_body_the_backend_stopped_reading_closes_the_client_connection() {
     assert_eq!(r.header("Connection"), Some("close"));
 }
 
+/// Some servers answer an idle keep-alive connection's timeout with an unsolicited 408 before
+/// closing it. That 408 is nobody's answer: a GET sent on the connection is repeated on a new
+/// one, and a POST finds the connection checked and replaced before it is sent.
+#[test]
+fn an_unsolicited_408_on_a_pooled_connection_is_not_taken_for_the_answer() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/then-408", &[], b"").unwrap().status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = c.request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("X-Backend-Conn"), Some("2"));
+    assert_eq!(c.request("GET", "/then-408", &[], b"").unwrap().status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = c.request("POST", "/", &[], b"x").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("X-Backend-Conn"), Some("3"));
+    assert_eq!(env.backend.connections(), 3);
+}
+
 #[test]
 fn non_idempotent_requests_are_not_retried_on_a_stale_connection() {
     let env = Env::new();

@@ -119,11 +119,13 @@ impl HeadScanner {
     /// Empty lines ahead of a request line are dropped from `buf` (RFC 9112 §2.2). Returns the
     /// head's length (its final CRLF included) once complete, `None` if more bytes are needed.
     pub fn scan(&mut self, buf: &mut BytesMut, max_head_size: usize) -> Result<Option<usize>, HeadError> {
-        if self.scanned == 0 {
+        // Nothing seen yet, or only the CR of an empty line whose LF comes in this read.
+        if self.scanned == 0 || (self.scanned == 1 && buf.first() == Some(&b'\r')) {
             while buf.starts_with(b"\r\n") {
                 let _ = buf.split_to(2);
+                self.scanned = 0;
             }
-            if buf.first() == Some(&b'\n') {
+            if self.scanned == 0 && buf.first() == Some(&b'\n') {
                 return Err(HeadError::Malformed("bare LF"));
             }
         }
@@ -894,6 +896,20 @@ mod tests {
     fn leading_empty_lines_are_skipped() {
         let h = parse("\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n").expect("ok");
         assert_eq!(h.method(), b"GET");
+        // However the reads split them.
+        let raw = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut s = HeadScanner::default();
+        let mut buf = BytesMut::new();
+        let mut found = None;
+        for &b in raw {
+            buf.extend_from_slice(&[b]);
+            if let Some(len) = s.scan(&mut buf, 1024).expect("no error") {
+                found = Some(len);
+                break;
+            }
+        }
+        assert_eq!(found, Some(raw.len() - 4));
+        assert!(buf.starts_with(b"GET "));
     }
 
     #[test]

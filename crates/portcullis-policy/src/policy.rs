@@ -264,7 +264,11 @@ impl Compiler<'_> {
                         }
                     }
                     IdentityAttribute::SerialNumber(s) => Attribute::Serial(s.clone()),
-                    IdentityAttribute::CommonName(s) => Attribute::CommonName(s.to_lowercase()),
+                    // Lower-cased character by character, as the certificate's name is when compared
+                    // (`str::to_lowercase` would treat a final sigma differently).
+                    IdentityAttribute::CommonName(s) => {
+                        Attribute::CommonName(s.chars().flat_map(char::to_lowercase).collect())
+                    }
                     IdentityAttribute::Subject(s) => Attribute::Subject(normalize_dn(s)),
                     IdentityAttribute::DnsName(s) => Attribute::DnsName(s.to_ascii_lowercase()),
                     IdentityAttribute::IssuerSubject(s) => Attribute::IssuerSubject(normalize_dn(s)),

@@ -602,6 +602,12 @@ impl<S: Stream> Conn<S> {
         facts: &Facts<'_>,
     ) -> (bool, u16) {
         let identity = &snap.policies.identity_headers;
+        // A request that may be sent again (RFC 9110 §9.2.2) and has no body to lose is repeated
+        // once if the pooled connection it went out on turns out dead after all (a close or a
+        // 408 that arrived just after the check in `checkout`).
+        let repeatable = self.head.framing() == Framing::None
+            && is_idempotent(self.head.method())
+            && !self.head.expect_continue();
         let mut attempt = 0;
         let mut upstream = loop {
             attempt += 1;
@@ -643,16 +649,18 @@ impl<S: Stream> Conn<S> {
                 Err(RelayError::Destination(e)) => Err(UpstreamError::Lost(e)),
                 Err(e) => Err(UpstreamError::RequestBody(e)),
             };
+            let retry = reused && attempt == 1 && repeatable;
             match result {
+                // What a pooled connection says when the backend timed it out while it was idle
+                // (an unsolicited 408, then close) is not the answer to this request.
+                Ok(()) if retry && self.resp.status() == 408 => {
+                    tracing::debug!(backend = %backend.name, "pooled connection answered 408; retrying");
+                    continue;
+                }
                 Ok(()) => break up,
-                // A pooled connection the backend had closed: send again on a fresh one, if
-                // nothing of a body was consumed and the method may be repeated (RFC 9110 §9.2.2).
-                Err(UpstreamError::Lost(e))
-                    if reused
-                        && attempt == 1
-                        && self.head.framing() == Framing::None
-                        && is_idempotent(self.head.method()) =>
-                {
+                // Closed, reset, or bytes that are no response: a pooled connection the backend
+                // had given up on.
+                Err(e @ (UpstreamError::Lost(_) | UpstreamError::BadResponse(_))) if retry => {
                     tracing::debug!(backend = %backend.name, error = %e, "pooled connection was stale; retrying");
                     continue;
                 }
@@ -764,7 +772,7 @@ impl<S: Stream> Conn<S> {
             // Every time, however short the idle spell (one non-blocking syscall): a close or a
             // stray byte can arrive a microsecond after the last response, and a request sent on
             // such a connection either fails where it cannot be retried (POST) or reads the stray
-            // bytes as its answer.
+            // bytes as its answer, and its own answer then as the next request's.
             if idle_connection_is_clean(&c) {
                 return Ok((c, true));
             }

@@ -9,6 +9,8 @@
 //! - `/close`: echoes, then closes (`Connection: close`);
 //! - `/then-close`: echoes as if keeping the connection, then closes it anyway (as a backend's
 //!   idle timeout would, just after);
+//! - `/then-408`: echoes as if keeping the connection, then sends an unsolicited `408` and
+//!   closes (as some servers do when their idle timeout fires);
 //! - `/upload`: streams the request body through SHA-256 and answers `bytes=<n> sha256=<hex>`;
 //! - `/status/<code>`: that status;
 //! - `/garbage`, `/switch` (101), `/gzip` (`Transfer-Encoding: gzip`), `/conn-cl`
@@ -290,8 +292,14 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
             )?;
         }
         out.flush()?;
-        if path == "/then-close" {
+        if path == "/then-close" || path == "/then-408" {
             std::thread::sleep(Duration::from_millis(50));
+            if path == "/then-408" {
+                let _ = out.write_all(
+                    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                );
+                let _ = out.flush();
+            }
             let _ = out.shutdown(Shutdown::Both);
             return Ok(());
         }
