@@ -42,6 +42,19 @@ fn allowed_client_reaches_the_backend() {
     assert_eq!(env.backend.connections(), 1);
 }
 
+/// A client that ends the session with close_notify gets one back before the FIN, for TLS 1.3
+/// and 1.2 (RFC 8446 §6.1): a clean end, not a truncation.
+#[test]
+fn a_closing_client_gets_close_notify_back() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    for versions in [Versions::Tls13, Versions::Tls12] {
+        let mut c = TlsClient::with(&env.pki, Some(&env.pki.client), versions).connect(proxy.addr).unwrap();
+        assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+        assert!(c.exchange_close_notify().unwrap(), "{versions:?}: no close_notify from the proxy");
+    }
+}
+
 #[test]
 fn require_refuses_a_missing_certificate() {
     let env = Env::new();

@@ -277,7 +277,8 @@ impl<S: Stream> Conn<S> {
         if self.unread_input {
             self.close_lingering().await;
         } else {
-            let _ = timeout(Duration::from_secs(1), self.client.close()).await;
+            // Nothing more to read or write: close_notify, then the socket's close sends the FIN.
+            let _ = self.io_timer.within(Duration::from_secs(1), pin!(self.client.finish())).await;
         }
     }
 

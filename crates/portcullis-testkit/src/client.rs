@@ -333,6 +333,21 @@ impl Conn {
         self.read_to_close()
     }
 
+    /// Ends our side with close_notify, then reads to the end: whether the server answered with
+    /// close_notify of its own (`false`: the connection just ended). Data still arriving is an
+    /// error.
+    pub fn exchange_close_notify(&mut self) -> io::Result<bool> {
+        self.tls.conn.send_close_notify();
+        self.tls.flush()?;
+        let mut chunk = [0u8; 1024];
+        match self.tls.read(&mut chunk) {
+            Ok(0) => Ok(true),
+            Ok(n) => Err(io::Error::other(format!("{n} bytes after close_notify"))),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads a body of `len` bytes in pieces, calling `f` with each; keeps memory flat for huge
     /// bodies.
     pub fn read_body_streaming(&mut self, mut len: usize, mut f: impl FnMut(&[u8])) -> io::Result<()> {

@@ -36,8 +36,11 @@ pub trait Stream {
     async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize>;
     /// Sends all of `src`, then clears it (its capacity is kept for reuse).
     async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()>;
-    /// Ends the stream cleanly (TLS close_notify, then TCP FIN).
+    /// Ends the stream cleanly (TLS close_notify, then TCP FIN), and goes on reading.
     async fn close(&mut self) -> io::Result<()>;
+    /// Ends the stream cleanly just before it is dropped: TLS close_notify; the FIN goes when the
+    /// socket is closed, without a `shutdown` call of its own.
+    async fn finish(&mut self) -> io::Result<()>;
     /// Like [`read_buf`](Self::read_buf), but gives up when `cancel` fires. Nothing is lost:
     /// bytes that arrived before the cancellation took effect are returned; otherwise the error
     /// is [`is_canceled`].
@@ -162,6 +165,10 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for PlainSt
 
     async fn close(&mut self) -> io::Result<()> {
         self.io.shutdown().await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -362,8 +369,12 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for TlsStre
     }
 
     async fn close(&mut self) -> io::Result<()> {
-        let _ = self.ssl.shutdown();
-        Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await?;
+        self.finish().await?;
         self.io.shutdown().await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        let _ = self.ssl.shutdown();
+        Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await
     }
 }
