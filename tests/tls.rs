@@ -55,6 +55,30 @@ fn a_closing_client_gets_close_notify_back() {
     }
 }
 
+/// A chain with bytes that are no certificate after a good leaf: `require` refuses the
+/// handshake; `request` completes it, and the connection has no certificate facts at all.
+#[test]
+fn a_chain_that_does_not_parse_is_no_certificate() {
+    let env = Env::new();
+    let garbage =
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGUgYXQgYWxs\n-----END CERTIFICATE-----\n";
+    let leaf_pem = env.pki.client.chain_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
+    let chain = format!("{leaf_pem}{garbage}");
+    let client = TlsClient::from_pem(
+        &env.pki.root.cert_pem,
+        Some((&chain, &env.pki.client.key_pem)),
+        Versions::Both,
+        "localhost",
+    );
+    let strict = env.proxy("require", "");
+    refused(client.connect(strict.addr).and_then(|mut c| c.request("GET", "/", &[], b"")));
+    let lenient = env.proxy("request", FACTS);
+    let r = client.connect(lenient.addr).unwrap().request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed_header("X-Cert-Subject"), None);
+    assert_eq!(env.backend.requests(), 1);
+}
+
 #[test]
 fn require_refuses_a_missing_certificate() {
     let env = Env::new();

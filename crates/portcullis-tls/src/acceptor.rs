@@ -7,12 +7,12 @@ use std::sync::{Arc, OnceLock};
 use boring::ex_data::Index;
 use boring::hash::{Hasher, MessageDigest};
 use boring::ssl::{
-    ErrorCode, NameType, SniError, Ssl, SslAlert, SslContext, SslContextBuilder, SslMethod, SslOptions,
-    SslSessionCacheMode, SslStream, SslVerifyError, SslVerifyMode, SslVersion,
+    ErrorCode, NameType, SniError, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef,
+    SslSessionCacheMode, SslStream, SslVerifyMode, SslVersion,
 };
-use boring::stack::Stack;
-use boring::x509::{X509, X509Name};
+use boring::x509::X509;
 use boring_sys as ffi;
+use foreign_types::{ForeignType, ForeignTypeRef};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use portcullis_config::{CertKey, ClientAuth, ClientCertMode, ConfigErrors, Listener, TlsVersion};
 
@@ -205,6 +205,33 @@ fn session_id_context(site: usize, trust: &Trust) -> [u8; 32] {
     out
 }
 
+/// A context that keeps certificates as DER buffers (`TLS_with_buffers_method`): BoringSSL then
+/// never parses a client's chain into X509 objects. Our verifier does, and only when its cache
+/// has not seen the chain (see `verify`).
+fn buffers_context() -> Result<SslContextBuilder, String> {
+    // SAFETY: no X509-based function is called on these contexts or their connections (the
+    // `boring` wrappers that would be assert it), only the buffer-based ones.
+    SslContextBuilder::new(unsafe { SslMethod::tls_with_buffer() }).map_err(|e| e.to_string())
+}
+
+/// One reference to a CRYPTO_BUFFER, released on drop.
+struct Buffer(*mut ffi::CRYPTO_BUFFER);
+
+impl Buffer {
+    fn new(der: &[u8]) -> Option<Buffer> {
+        // SAFETY: copies `der` into a new buffer (no pool).
+        let p = unsafe { ffi::CRYPTO_BUFFER_new(der.as_ptr(), der.len(), std::ptr::null_mut()) };
+        (!p.is_null()).then_some(Buffer(p))
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: the reference `new` got.
+        unsafe { ffi::CRYPTO_BUFFER_free(self.0) }
+    }
+}
+
 /// A context holding one certificate chain, its key, and the CA names sent to clients.
 fn site_context(
     cert: &CertKey,
@@ -216,7 +243,7 @@ fn site_context(
     let built = (|| -> Result<SslContextBuilder, String> {
         let chain = load_certificates(&cert.cert).map_err(|e| e.message)?;
         let key = load_private_key(&cert.key).map_err(|e| e.message)?;
-        let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(|e| e.to_string())?;
+        let mut b = buffers_context()?;
         let min = match min {
             TlsVersion::Tls12 => SslVersion::TLS1_2,
             TlsVersion::Tls13 => SslVersion::TLS1_3,
@@ -242,35 +269,53 @@ fn site_context(
         if unix_time(leaf.not_after()) < now_unix() {
             tracing::warn!(file = %cert.cert.value.display(), "server certificate has expired");
         }
-        b.set_certificate(leaf).map_err(|e| e.to_string())?;
-        for extra in &chain[1..] {
-            b.add_extra_chain_cert(extra.clone()).map_err(|e| e.to_string())?;
-        }
-        let mismatch = || {
-            format!(
-                "the key in {} does not match the certificate in {}",
-                cert.key.value.display(),
-                cert.cert.value.display()
+        let ders =
+            chain.iter().map(|c| c.to_der()).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        let buffers =
+            ders.iter().map(|d| Buffer::new(d)).collect::<Option<Vec<_>>>().ok_or("out of memory")?;
+        let raw: Vec<*mut ffi::CRYPTO_BUFFER> = buffers.iter().map(|b| b.0).collect();
+        // SAFETY: `b` is a live SSL_CTX; `raw` holds `raw.len()` live buffers, which the context
+        // takes references of; `key` is a live EVP_PKEY.
+        let set = unsafe {
+            ffi::SSL_CTX_set_chain_and_key(
+                b.as_ptr(),
+                raw.as_ptr(),
+                raw.len(),
+                key.as_ptr(),
+                std::ptr::null(),
             )
         };
-        b.set_private_key(&key).map_err(|e| {
-            if e.to_string().contains("KEY_VALUES_MISMATCH") {
-                mismatch()
+        if set != 1 {
+            let e = boring::error::ErrorStack::get();
+            return Err(if e.to_string().contains("KEY_VALUES_MISMATCH") {
+                format!(
+                    "the key in {} does not match the certificate in {}",
+                    cert.key.value.display(),
+                    cert.cert.value.display()
+                )
             } else {
                 format!("{}: {e}", cert.key.value.display())
-            }
-        })?;
-        b.check_private_key().map_err(|_| mismatch())?;
+            });
+        }
         b.set_session_id_context(sid_ctx).map_err(|e| e.to_string())?;
         if !trust.cas.is_empty() {
-            let mut names = Stack::<X509Name>::new().map_err(|e| e.to_string())?;
-            for ca in &trust.cas {
-                let der = ca.subject_name().to_der().map_err(|e| e.to_string())?;
-                names
-                    .push(X509Name::from_der(&der).map_err(|e| e.to_string())?)
-                    .map_err(|e| e.to_string())?;
+            // The names of the accepted CAs, as DER, in the CertificateRequest.
+            // SAFETY: a new, empty stack; every buffer pushed is owned by it from then on, and the
+            // stack by the context once given to it.
+            unsafe {
+                let names = ffi::OPENSSL_sk_new_null();
+                if names.is_null() {
+                    return Err("out of memory".to_owned());
+                }
+                for ca in &trust.cas {
+                    let der = ca.subject_name().to_der().map_err(|e| e.to_string())?;
+                    let Some(name) = Buffer::new(&der) else { continue };
+                    if ffi::OPENSSL_sk_push(names, name.0.cast()) != 0 {
+                        std::mem::forget(name);
+                    }
+                }
+                ffi::SSL_CTX_set0_client_CAs(b.as_ptr(), names.cast());
             }
-            b.set_client_ca_list(names);
         }
         Ok(b)
     })();
@@ -283,10 +328,11 @@ fn site_context(
     }
 }
 
-fn alert_for(facts: &ClientCert) -> SslAlert {
+/// The TLS alert that says why `facts` were refused.
+fn alert_for(facts: &ClientCert) -> std::ffi::c_int {
     match facts.verify_errors.first() {
-        Some(e) if e.is_revoked() => SslAlert::CERTIFICATE_REVOKED,
-        Some(e) if e.is_expired() || e.is_not_yet_valid() => SslAlert::CERTIFICATE_EXPIRED,
+        Some(e) if e.is_revoked() => ffi::SSL_AD_CERTIFICATE_REVOKED,
+        Some(e) if e.is_expired() || e.is_not_yet_valid() => ffi::SSL_AD_CERTIFICATE_EXPIRED,
         Some(e)
             if matches!(
                 e.code,
@@ -297,9 +343,9 @@ fn alert_for(facts: &ClientCert) -> SslAlert {
                     | ffi::X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
             ) =>
         {
-            SslAlert::UNKNOWN_CA
+            ffi::SSL_AD_UNKNOWN_CA
         }
-        _ => SslAlert::BAD_CERTIFICATE,
+        _ => ffi::SSL_AD_BAD_CERTIFICATE,
     }
 }
 
@@ -319,7 +365,7 @@ impl TlsAcceptor {
             if let Some(mut b) =
                 site_context(&sni.certificate, &trust, &sid, listener.tls_min_version, &mut errors)
             {
-                install_verify(&mut b, trust.auth.clone());
+                install_verify(&mut b, &trust.auth);
                 crate::tickets::share_keys(&mut b, keys);
                 sites.push(SniSite {
                     hostnames: sni.hostnames.iter().map(|h| h.value.to_ascii_lowercase()).collect(),
@@ -384,7 +430,9 @@ impl TlsAcceptor {
         &self,
         mut io: S,
     ) -> Result<TlsStream<S>, HandshakeError> {
-        let ssl = Ssl::new(&self.ctx).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+        let mut ssl = Ssl::new(&self.ctx).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+        // The verification callback's trust (the SNI callback may move the connection elsewhere).
+        ssl.set_ex_data(auth_index(), self.default_auth.clone());
         let mut ssl =
             SslStream::new(ssl, Staging::default()).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
         loop {
@@ -494,23 +542,72 @@ fn describe(e: &boring::ssl::Error) -> String {
     }
 }
 
-/// Installs client certificate verification on a context. BoringSSL looks the callback up in the
-/// context the connection is on *now*, so every SNI context carries it too.
-fn install_verify(b: &mut SslContextBuilder, site_auth: Arc<SiteAuth>) {
-    b.set_custom_verify_callback(site_auth.verify_mode(), move |ssl| {
-        let auth = ssl.ex_data(auth_index()).cloned().unwrap_or_else(|| site_auth.clone());
-        let Some(verifier) = &auth.verifier else { return Ok(()) };
-        let Some(leaf) = ssl.peer_certificate() else { return Ok(()) };
-        let facts = verifier.verify(&leaf, ssl.peer_cert_chain());
-        let valid = facts.is_valid();
-        let alert = alert_for(&facts);
-        ssl.set_ex_data(facts_index(), facts);
-        if auth.mode == ClientCertMode::Require && !valid {
-            Err(SslVerifyError::Invalid(alert))
+/// Installs client certificate verification on a context, for `auth`'s mode. Connections carry
+/// the site they are on in their `auth_index` data, which the SNI callback changes together with
+/// the mode (`set_site`).
+fn install_verify(b: &mut SslContextBuilder, auth: &SiteAuth) {
+    // SAFETY: `b` is a live SSL_CTX; `verify_peer` has the signature BoringSSL expects.
+    unsafe { ffi::SSL_CTX_set_custom_verify(b.as_ptr(), verify_mode_bits(auth), Some(verify_peer)) };
+}
+
+fn verify_mode_bits(auth: &SiteAuth) -> std::ffi::c_int {
+    std::ffi::c_int::from(auth.verify_mode().bits())
+}
+
+/// Puts a connection on `auth`'s site: its verification mode and the trust its callback uses.
+fn set_site(ssl: &mut SslRef, auth: Arc<SiteAuth>) {
+    // SAFETY: `ssl` is a live SSL mid-handshake (before the client's certificate is read).
+    unsafe { ffi::SSL_set_custom_verify(ssl.as_ptr(), verify_mode_bits(&auth), Some(verify_peer)) };
+    ssl.set_ex_data(auth_index(), auth);
+}
+
+/// BoringSSL's custom verification callback: the client's chain, as DER, through the site's
+/// verifier. Never panics (it runs inside BoringSSL).
+unsafe extern "C" fn verify_peer(ssl: *mut ffi::SSL, out_alert: *mut u8) -> ffi::ssl_verify_result_t {
+    let (ssl_verify_ok, ssl_verify_invalid) =
+        (ffi::ssl_verify_result_t::ssl_verify_ok, ffi::ssl_verify_result_t::ssl_verify_invalid);
+    // SAFETY: BoringSSL calls this with the live SSL whose handshake it is running.
+    let ssl = unsafe { SslRef::from_ptr_mut(ssl) };
+    let Some(auth) = ssl.ex_data(auth_index()).cloned() else { return ssl_verify_ok };
+    let Some(verifier) = &auth.verifier else { return ssl_verify_ok };
+    // SAFETY: the stack and its buffers belong to the SSL and outlive this call.
+    let chain: Vec<&[u8]> = unsafe {
+        let certs = ffi::SSL_get0_peer_certificates(ssl.as_ptr());
+        if certs.is_null() {
+            Vec::new()
         } else {
-            Ok(())
+            (0..ffi::OPENSSL_sk_num(certs.cast()))
+                .map(|i| {
+                    let b = ffi::OPENSSL_sk_value(certs.cast(), i).cast::<ffi::CRYPTO_BUFFER>();
+                    std::slice::from_raw_parts(ffi::CRYPTO_BUFFER_data(b), ffi::CRYPTO_BUFFER_len(b))
+                })
+                .collect()
         }
-    });
+    };
+    if chain.is_empty() {
+        return ssl_verify_ok;
+    }
+    let require = auth.mode == ClientCertMode::Require;
+    let Some(facts) = verifier.verify(&chain) else {
+        // Not certificates we can read: nothing for policy to go on.
+        tracing::info!(site = auth.site, "client certificate chain does not parse");
+        if require {
+            // SAFETY: BoringSSL passes a valid pointer for the alert.
+            unsafe { *out_alert = ffi::SSL_AD_BAD_CERTIFICATE as u8 };
+            return ssl_verify_invalid;
+        }
+        return ssl_verify_ok;
+    };
+    let valid = facts.is_valid();
+    let alert = alert_for(&facts);
+    ssl.set_ex_data(facts_index(), facts);
+    if require && !valid {
+        // SAFETY: as above.
+        unsafe { *out_alert = alert as u8 };
+        ssl_verify_invalid
+    } else {
+        ssl_verify_ok
+    }
 }
 
 /// Settings of the context a connection starts on: sessions, verification, SNI switching.
@@ -537,15 +634,14 @@ fn configure_base(
         b.set_options(SslOptions::NO_TICKET);
     }
 
-    install_verify(b, default_auth);
+    install_verify(b, &default_auth);
 
     if !sites.is_empty() {
         b.set_servername_callback(move |ssl, _alert| {
             let Some(name) = ssl.servername(NameType::HOST_NAME) else { return Ok(()) };
             let Some(site) = sites.iter().find(|s| s.matches(name)) else { return Ok(()) };
             ssl.set_ssl_context(&site.ctx).map_err(|_| SniError::ALERT_FATAL)?;
-            ssl.set_verify(site.auth.verify_mode());
-            ssl.set_ex_data(auth_index(), site.auth.clone());
+            set_site(ssl, site.auth.clone());
             Ok(())
         });
     }
@@ -559,7 +655,7 @@ mod tests {
     fn site(names: &[&str]) -> SniSite {
         SniSite {
             hostnames: names.iter().map(|s| s.to_string()).collect(),
-            ctx: SslContextBuilder::new(SslMethod::tls()).expect("ctx").build(),
+            ctx: buffers_context().expect("ctx").build(),
             auth: Arc::new(SiteAuth { site: 1, mode: ClientCertMode::Off, verifier: None }),
         }
     }

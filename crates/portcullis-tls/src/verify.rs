@@ -98,17 +98,24 @@ impl ClientVerifier {
         &self.revoked
     }
 
-    /// The facts of `leaf` presented with `chain`, verification errors included.
-    pub fn verify(&self, leaf: &X509Ref, chain: Option<&StackRef<X509>>) -> Arc<ClientCert> {
-        let key = chain_key(leaf, chain);
+    /// The facts of the certificate a client presented, `chain` being its DER, leaf first,
+    /// verification errors included. `None` if any certificate of it does not parse.
+    pub fn verify(&self, chain: &[&[u8]]) -> Option<Arc<ClientCert>> {
+        let key = chain_key(chain);
         let now = now_unix();
         let cached = CACHE.with(|c| {
             c.borrow().get(&(self.id, key)).filter(|e| e.recheck_at > now).map(|e| e.facts.clone())
         });
-        if let Some(facts) = cached {
-            return facts;
+        if cached.is_some() {
+            return cached;
         }
-        let (errors, cas, recheck_at) = self.verify_chain(leaf, chain, now);
+        let leaf = X509::from_der(chain.first()?).ok()?;
+        let mut presented = Stack::new().ok()?;
+        for der in &chain[1..] {
+            presented.push(X509::from_der(der).ok()?).ok()?;
+        }
+        let (errors, cas, recheck_at) = self.verify_chain(&leaf, Some(&presented), now);
+        let leaf = &*leaf;
         let cas: Vec<&X509Ref> = cas.iter().map(|c| &**c).collect();
         let facts = Arc::new(ClientCert::from_x509(leaf, &cas, errors));
         CACHE.with(|c| {
@@ -118,7 +125,7 @@ impl ClientVerifier {
             }
             c.insert((self.id, key), CacheEntry { facts: facts.clone(), recheck_at });
         });
-        facts
+        Some(facts)
     }
 
     fn verify_chain(
@@ -184,17 +191,13 @@ fn unspecified() -> VerifyError {
 }
 
 /// SHA-256 over the digests of the leaf and every certificate presented with it.
-fn chain_key(leaf: &X509Ref, chain: Option<&StackRef<X509>>) -> [u8; 32] {
+fn chain_key(chain: &[&[u8]]) -> [u8; 32] {
     let mut out = [0u8; 32];
     let Ok(mut hasher) = Hasher::new(MessageDigest::sha256()) else { return out };
-    let mut feed = |cert: &X509Ref| {
-        if let Ok(d) = cert.digest(MessageDigest::sha256()) {
+    for der in chain {
+        if let Ok(d) = boring::hash::hash(MessageDigest::sha256(), der) {
             let _ = hasher.update(&d);
         }
-    };
-    feed(leaf);
-    for cert in chain.into_iter().flatten() {
-        feed(cert);
     }
     if let Ok(d) = hasher.finish() {
         out.copy_from_slice(&d[..32]);
