@@ -308,6 +308,9 @@ impl<S: Stream> Conn<S> {
         let idle_timeout = snap.server.idle_timeout;
         let head_timeout = snap.server.head_timeout;
         drop(snap);
+        // Set once a byte has come; the deadline itself is only read off the clock when a
+        // head needs a second read (most arrive whole).
+        let mut begun = false;
         let mut deadline: Option<Instant> = None;
         loop {
             match self.scanner.scan(&mut self.rbuf, limits.max_head_size) {
@@ -320,7 +323,7 @@ impl<S: Stream> Conn<S> {
             }
             // Idle until the first byte; after it (empty lines included, RFC 9112 §2.2) the head
             // is under its own deadline.
-            let read = if self.rbuf.is_empty() && deadline.is_none() {
+            let read = if self.rbuf.is_empty() && !begun {
                 match self.wait_idle(idle_timeout, head_timeout).await {
                     Some(r) => r,
                     None => return Ok(false),
@@ -334,9 +337,7 @@ impl<S: Stream> Conn<S> {
             };
             match read {
                 Ok(0) => return Ok(false),
-                Ok(_) => {
-                    deadline.get_or_insert_with(|| Instant::now() + head_timeout);
-                }
+                Ok(_) => begun = true,
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "client read failed");
                     return Ok(false);
@@ -439,7 +440,8 @@ impl<S: Stream> Conn<S> {
         let snap = self.worker.snapshot();
         let mut id = [0u8; 16];
         self.worker.next_request_id(&mut id);
-        let started = Instant::now();
+        // Read only for the access log (a clock read per request is not free).
+        let started = snap.server.access_log.then(Instant::now);
         let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {
             let rest = route.rest_of(self.head.path_only());
             Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
@@ -450,11 +452,11 @@ impl<S: Stream> Conn<S> {
             && self.acceptor.site_for_host(strip_port(host)) != self.info.site
         {
             tracing::info!(peer = %self.peer, host = %String::from_utf8_lossy(host), sni = ?self.info.server_name, "request for a host of another TLS site");
-            self.access_log(&snap, None, 421, started, &id);
+            self.access_log(None, 421, started, &id);
             return self.respond_local(421, "Misdirected request", false).await;
         }
         let Some((route, policy)) = routed else {
-            self.access_log(&snap, None, 404, started, &id);
+            self.access_log(None, 404, started, &id);
             return self.respond_local(404, "Resource not found", false).await;
         };
         let request_id = std::str::from_utf8(&id).unwrap_or("");
@@ -483,12 +485,12 @@ impl<S: Stream> Conn<S> {
                     "request refused by policy"
                 );
             }
-            self.access_log(&snap, Some(route), response.status, started, &id);
+            self.access_log(Some(route), response.status, started, &id);
             return self.respond_policy(response).await;
         }
         let backend = &snap.backends[route.backend];
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
-        self.access_log(&snap, Some(route), status, started, &id);
+        self.access_log(Some(route), status, started, &id);
         keep
     }
 
@@ -525,17 +527,8 @@ impl<S: Stream> Conn<S> {
         keep
     }
 
-    fn access_log(
-        &self,
-        snap: &Snapshot,
-        route: Option<&Route>,
-        status: u16,
-        started: Instant,
-        id: &[u8; 16],
-    ) {
-        if !snap.server.access_log {
-            return;
-        }
+    fn access_log(&self, route: Option<&Route>, status: u16, started: Option<Instant>, id: &[u8; 16]) {
+        let Some(started) = started else { return };
         tracing::info!(
             target: "portcullis::access",
             id = std::str::from_utf8(id).unwrap_or(""),
