@@ -55,28 +55,40 @@ fn a_closing_client_gets_close_notify_back() {
     }
 }
 
-/// A chain with bytes that are no certificate after a good leaf: `require` refuses the
-/// handshake; `request` completes it, and the connection has no certificate facts at all.
+/// A chain with a certificate that does not parse — bytes that are none after a good leaf, or
+/// a good intermediate with a byte after it — is no certificate: `require` refuses the handshake (and
+/// says why in the log); `request` completes it, and the connection has no certificate facts.
 #[test]
 fn a_chain_that_does_not_parse_is_no_certificate() {
+    use base64::Engine as _;
     let env = Env::new();
-    let garbage =
-        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGUgYXQgYWxs\n-----END CERTIFICATE-----\n";
-    let leaf_pem = env.pki.client.chain_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
-    let chain = format!("{leaf_pem}{garbage}");
-    let client = TlsClient::from_pem(
-        &env.pki.root.cert_pem,
-        Some((&chain, &env.pki.client.key_pem)),
-        Versions::Both,
-        "localhost",
-    );
-    let strict = env.proxy("require", "");
-    refused(client.connect(strict.addr).and_then(|mut c| c.request("GET", "/", &[], b"")));
+    let pem = |der: &[u8]| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n")
+    };
+    let mut padded = pem_to_der(&env.pki.intermediate.cert_pem);
+    padded.push(0);
+    let leaf = pem(&env.pki.client.cert_der);
+    let chains = [format!("{leaf}{}", pem(b"not a certificate at all")), format!("{leaf}{}", pem(&padded))];
+    let strict_config = env.write_config("strict.toml", &env.config("require", ""));
+    let strict = portcullis_testkit::ProxyProcess::spawn(&crate::common::binary(), &strict_config);
     let lenient = env.proxy("request", FACTS);
-    let r = client.connect(lenient.addr).unwrap().request("GET", "/", &[], b"").unwrap();
-    assert_eq!(r.status, 200);
-    assert_eq!(r.echoed_header("X-Cert-Subject"), None);
-    assert_eq!(env.backend.requests(), 1);
+    for (i, chain) in chains.iter().enumerate() {
+        let client = TlsClient::from_pem(
+            &env.pki.root.cert_pem,
+            Some((chain, &env.pki.client.key_pem)),
+            Versions::Both,
+            "localhost",
+        );
+        refused(client.connect(strict.addr).and_then(|mut c| c.request("GET", "/", &[], b"")));
+        let r = client.connect(lenient.addr).unwrap().request("GET", "/", &[], b"").unwrap();
+        assert_eq!(r.status, 200, "chain {i}");
+        assert_eq!(r.echoed_header("X-Cert-Subject"), None, "chain {i}");
+    }
+    let logged =
+        strict.wait_for_log("client certificate chain does not parse", std::time::Duration::from_secs(10));
+    assert!(logged.is_some(), "{:?}", strict.log());
+    assert_eq!(env.backend.requests(), 2);
 }
 
 #[test]
@@ -345,4 +357,10 @@ fn a_ticket_from_another_process_means_a_full_handshake() {
     let r = c.request("GET", "/", &[], b"").unwrap();
     assert!(!c.resumed());
     assert_eq!(r.echoed_header("X-Cert-Thumbprint").unwrap(), env.pki.client.thumbprint());
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
 }

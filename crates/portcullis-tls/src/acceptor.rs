@@ -76,6 +76,14 @@ fn auth_index() -> Index<Ssl, Arc<SiteAuth>> {
     })
 }
 
+/// Set when the client's chain did not parse (the handshake's refusal then says so).
+fn unreadable_index() -> Index<Ssl, ()> {
+    static INDEX: OnceLock<Index<Ssl, ()>> = OnceLock::new();
+    *INDEX.get_or_init(|| {
+        Ssl::new_ex_index().unwrap_or_else(|e| panic!("cannot allocate an SSL ex_data index: {e}"))
+    })
+}
+
 pub(crate) fn facts_index() -> Index<Ssl, Arc<ClientCert>> {
     static INDEX: OnceLock<Index<Ssl, Arc<ClientCert>>> = OnceLock::new();
     *INDEX.get_or_init(|| {
@@ -232,6 +240,34 @@ impl Drop for Buffer {
     }
 }
 
+/// The names of the accepted CAs, as DER, for the CertificateRequest: all of them, or an error.
+fn set_client_ca_names(b: &mut SslContextBuilder, cas: &[X509]) -> Result<(), String> {
+    let ders = cas.iter().map(|ca| ca.subject_name().to_der()).collect::<Result<Vec<_>, _>>();
+    let ders = ders.map_err(|e| e.to_string())?;
+    let names = ders.iter().map(|d| Buffer::new(d)).collect::<Option<Vec<_>>>().ok_or("out of memory")?;
+    // SAFETY: a new, empty stack; each buffer pushed is owned by the stack from then on (its
+    // `Buffer` is forgotten), and the stack by the context once given to it. On a failed push the
+    // stack and what it holds are freed here.
+    unsafe {
+        let stack = ffi::OPENSSL_sk_new_null();
+        if stack.is_null() {
+            return Err("out of memory".to_owned());
+        }
+        for name in names {
+            if ffi::OPENSSL_sk_push(stack, name.0.cast()) == 0 {
+                for i in 0..ffi::OPENSSL_sk_num(stack) {
+                    ffi::CRYPTO_BUFFER_free(ffi::OPENSSL_sk_value(stack, i).cast());
+                }
+                ffi::OPENSSL_sk_free(stack);
+                return Err("out of memory".to_owned());
+            }
+            std::mem::forget(name);
+        }
+        ffi::SSL_CTX_set0_client_CAs(b.as_ptr(), stack.cast());
+    }
+    Ok(())
+}
+
 /// A context holding one certificate chain, its key, and the CA names sent to clients.
 fn site_context(
     cert: &CertKey,
@@ -299,23 +335,7 @@ fn site_context(
         }
         b.set_session_id_context(sid_ctx).map_err(|e| e.to_string())?;
         if !trust.cas.is_empty() {
-            // The names of the accepted CAs, as DER, in the CertificateRequest.
-            // SAFETY: a new, empty stack; every buffer pushed is owned by it from then on, and the
-            // stack by the context once given to it.
-            unsafe {
-                let names = ffi::OPENSSL_sk_new_null();
-                if names.is_null() {
-                    return Err("out of memory".to_owned());
-                }
-                for ca in &trust.cas {
-                    let der = ca.subject_name().to_der().map_err(|e| e.to_string())?;
-                    let Some(name) = Buffer::new(&der) else { continue };
-                    if ffi::OPENSSL_sk_push(names, name.0.cast()) != 0 {
-                        std::mem::forget(name);
-                    }
-                }
-                ffi::SSL_CTX_set0_client_CAs(b.as_ptr(), names.cast());
-            }
+            set_client_ca_names(&mut b, &trust.cas)?;
         }
         Ok(b)
     })();
@@ -457,6 +477,11 @@ impl TlsAcceptor {
                             facts.subject
                         )));
                     }
+                    if ssl.ssl().ex_data(unreadable_index()).is_some() {
+                        return Err(HandshakeError::CertificateRejected(
+                            "client certificate chain does not parse".to_owned(),
+                        ));
+                    }
                     if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() {
                         return Err(HandshakeError::Closed);
                     }
@@ -589,8 +614,9 @@ unsafe extern "C" fn verify_peer(ssl: *mut ffi::SSL, out_alert: *mut u8) -> ffi:
     }
     let require = auth.mode == ClientCertMode::Require;
     let Some(facts) = verifier.verify(&chain) else {
-        // Not certificates we can read: nothing for policy to go on.
-        tracing::info!(site = auth.site, "client certificate chain does not parse");
+        // Not certificates we can read: nothing for policy to go on. Logged with the handshake's
+        // outcome (the client may yet fail to prove it holds the key).
+        ssl.set_ex_data(unreadable_index(), ());
         if require {
             // SAFETY: BoringSSL passes a valid pointer for the alert.
             unsafe { *out_alert = ffi::SSL_AD_BAD_CERTIFICATE as u8 };

@@ -20,7 +20,7 @@ use boring::stack::{Stack, StackRef};
 use boring::x509::store::{X509Store, X509StoreBuilder};
 use boring::x509::{X509, X509Ref, X509StoreContext, X509StoreContextRef};
 use boring_sys as ffi;
-use foreign_types::ForeignTypeRef;
+use foreign_types::{ForeignType, ForeignTypeRef};
 
 use crate::facts::{ClientCert, VerifyError, now_unix, unix_time};
 use crate::pki::RevocationSet;
@@ -101,30 +101,36 @@ impl ClientVerifier {
     /// The facts of the certificate a client presented, `chain` being its DER, leaf first,
     /// verification errors included. `None` if any certificate of it does not parse.
     pub fn verify(&self, chain: &[&[u8]]) -> Option<Arc<ClientCert>> {
+        // Without a key (no memory for hashing) nothing is cached: a shared key would mix up
+        // chains.
         let key = chain_key(chain);
         let now = now_unix();
-        let cached = CACHE.with(|c| {
-            c.borrow().get(&(self.id, key)).filter(|e| e.recheck_at > now).map(|e| e.facts.clone())
+        let cached = key.and_then(|key| {
+            CACHE.with(|c| {
+                c.borrow().get(&(self.id, key)).filter(|e| e.recheck_at > now).map(|e| e.facts.clone())
+            })
         });
         if cached.is_some() {
             return cached;
         }
-        let leaf = X509::from_der(chain.first()?).ok()?;
+        let leaf = parse_exact(chain.first()?)?;
         let mut presented = Stack::new().ok()?;
         for der in &chain[1..] {
-            presented.push(X509::from_der(der).ok()?).ok()?;
+            presented.push(parse_exact(der)?).ok()?;
         }
         let (errors, cas, recheck_at) = self.verify_chain(&leaf, Some(&presented), now);
         let leaf = &*leaf;
         let cas: Vec<&X509Ref> = cas.iter().map(|c| &**c).collect();
         let facts = Arc::new(ClientCert::from_x509(leaf, &cas, errors));
-        CACHE.with(|c| {
-            let mut c = c.borrow_mut();
-            if c.len() >= CACHE_CAPACITY {
-                c.clear();
-            }
-            c.insert((self.id, key), CacheEntry { facts: facts.clone(), recheck_at });
-        });
+        if let Some(key) = key {
+            CACHE.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() >= CACHE_CAPACITY {
+                    c.clear();
+                }
+                c.insert((self.id, key), CacheEntry { facts: facts.clone(), recheck_at });
+            });
+        }
         Some(facts)
     }
 
@@ -191,16 +197,29 @@ fn unspecified() -> VerifyError {
 }
 
 /// SHA-256 over the digests of the leaf and every certificate presented with it.
-fn chain_key(chain: &[&[u8]]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    let Ok(mut hasher) = Hasher::new(MessageDigest::sha256()) else { return out };
+fn chain_key(chain: &[&[u8]]) -> Option<[u8; 32]> {
+    let mut hasher = Hasher::new(MessageDigest::sha256()).ok()?;
     for der in chain {
-        if let Ok(d) = boring::hash::hash(MessageDigest::sha256(), der) {
-            let _ = hasher.update(&d);
+        hasher.update(&boring::hash::hash(MessageDigest::sha256(), der).ok()?).ok()?;
+    }
+    let d = hasher.finish().ok()?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.get(..32)?);
+    Some(out)
+}
+
+/// A certificate from exactly `der`: nothing missing, nothing after it.
+fn parse_exact(der: &[u8]) -> Option<X509> {
+    let len = std::ffi::c_long::try_from(der.len()).ok()?;
+    let mut p = der.as_ptr();
+    // SAFETY: `p` points at `len` readable bytes; d2i_X509 advances it past what it parsed and
+    // returns a new X509 (or null), which `from_ptr` takes ownership of.
+    unsafe {
+        let x = ffi::d2i_X509(std::ptr::null_mut(), &mut p, len);
+        if x.is_null() {
+            return None;
         }
+        let x = X509::from_ptr(x);
+        (p == der.as_ptr().add(der.len())).then_some(x)
     }
-    if let Ok(d) = hasher.finish() {
-        out.copy_from_slice(&d[..32]);
-    }
-    out
 }
