@@ -49,6 +49,8 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     // (req/s, proxy CPU µs per request) medians
     let mut medians: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    // Proxy CPU µs per request of each run, in the order of the runs (one per round).
+    let mut per_round: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     for mode in &modes {
         for proxy in &proxies {
             let Some(rs) = runs.get(&(mode.clone(), proxy.clone())) else { continue };
@@ -66,6 +68,7 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
             let min = rps.iter().copied().fold(f64::INFINITY, f64::min);
             let max = rps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let m = median(rps.clone());
+            per_round.insert((mode.clone(), proxy.clone()), cpu.clone());
             let cpu = median(cpu);
             medians.insert((mode.clone(), proxy.clone()), (m, cpu));
             let _ = writeln!(
@@ -104,6 +107,33 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
             );
             let _ = writeln!(out, "| {mode} | {} |", cells.join(" | "));
         }
+
+        // Round by round: the runs of one round ran minutes apart at most, so their ratio is
+        // less at the mercy of a noisy machine than a ratio of medians taken over all rounds.
+        let _ = writeln!(out);
+        let header: Vec<String> =
+            others.iter().map(|p| format!("per proxy core, round by round: portcullis / {p}")).collect();
+        let _ = writeln!(out, "| mode | {} |", header.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---|".repeat(others.len()));
+        for mode in &modes {
+            let Some(ours_cpu) = per_round.get(&(mode.clone(), ours.to_owned())) else { continue };
+            let cells: Vec<String> = others
+                .iter()
+                .map(|p| {
+                    let Some(theirs) = per_round.get(&(mode.clone(), (*p).clone())) else {
+                        return "–".to_owned();
+                    };
+                    let r: Vec<f64> = ours_cpu.iter().zip(theirs).map(|(us, them)| them / us).collect();
+                    if r.is_empty() {
+                        return "–".to_owned();
+                    }
+                    let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    format!("{:.2}× ({min:.2} – {max:.2}, {} rounds)", median(r.clone()), r.len())
+                })
+                .collect();
+            let _ = writeln!(out, "| {mode} | {} |", cells.join(" | "));
+        }
     }
     Ok(out)
 }
@@ -125,5 +155,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("| keepalive | 1.82× | 1.72× |"), "{t}");
+        // Round 1: 20 / 8 = 2.5; round 2: 16.7 / 13.3 = 1.25.
+        assert!(t.contains("| keepalive | 1.88× (1.25 – 2.50, 2 rounds) |"), "{t}");
     }
 }
