@@ -397,6 +397,8 @@ pub struct RequestHead {
     version: Version,
     fields: Vec<Field>,
     framing: Framing,
+    /// `Content-Length: 0` was sent (framing says `None` either way).
+    declared_empty: bool,
     keep_alive: bool,
     expect_continue: bool,
 }
@@ -414,6 +416,7 @@ impl Default for RequestHead {
             version: Version::Http11,
             fields: Vec::with_capacity(32),
             framing: Framing::None,
+            declared_empty: false,
             keep_alive: false,
             expect_continue: false,
         }
@@ -552,6 +555,7 @@ impl RequestHead {
         self.host = host;
         self.version = version;
         self.framing = body;
+        self.declared_empty = !framing.transfer_encoding && framing.content_length == Some(0);
         self.keep_alive = match version {
             Version::Http11 => !framing.close,
             Version::Http10 => framing.keep_alive && !framing.close,
@@ -572,6 +576,7 @@ impl RequestHead {
         self.authority = None;
         self.host = None;
         self.framing = Framing::None;
+        self.declared_empty = false;
     }
 
     pub fn method(&self) -> &[u8] {
@@ -611,6 +616,12 @@ impl RequestHead {
 
     pub fn framing(&self) -> Framing {
         self.framing
+    }
+
+    /// Whether the request said `Content-Length: 0` (a POST with no body, say), which is worth
+    /// saying again to the backend: some refuse such a request without a length (411).
+    pub fn declares_empty_body(&self) -> bool {
+        self.declared_empty
     }
 
     /// Whether the client asked to keep the connection open after this request.

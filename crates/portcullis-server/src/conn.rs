@@ -581,6 +581,7 @@ impl<S: Stream> Conn<S> {
         match self.head.framing() {
             Framing::Length(n) => write::content_length(out, n),
             Framing::Chunked => write::header(out, b"Transfer-Encoding", b"chunked"),
+            Framing::None if self.head.declares_empty_body() => write::content_length(out, 0),
             Framing::None | Framing::UntilClose => {}
         }
         write::end_head(out);
@@ -746,6 +747,12 @@ impl<S: Stream> Conn<S> {
                 if let Some(n) = self.resp.content_length() {
                     write::content_length(out, n);
                 }
+            }
+            // An empty body (`Content-Length: 0` from the backend) must still say so: a response
+            // without a length is read until the connection closes (RFC 9112 §6.3). 1xx and 204
+            // have no body by definition and must not carry the field (RFC 9110 §8.6).
+            BodyMode::None if self.resp.status() != 204 && !self.resp.is_informational() => {
+                write::content_length(out, 0);
             }
             _ => {}
         }
