@@ -509,6 +509,43 @@ fn an_unsolicited_408_on_a_pooled_connection_is_not_taken_for_the_answer() {
     assert_eq!(env.backend.connections(), 3);
 }
 
+/// An empty body keeps its length on both sides: a response without one would be read until
+/// the connection closes (RFC 9112 §6.3), so the client would wait on a keep-alive connection;
+/// and a POST that said `Content-Length: 0` says it to the backend too. A 204 carries none.
+#[test]
+fn empty_bodies_keep_their_length() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    for _ in 0..2 {
+        let r = c.request("GET", "/bytes/0", &[], b"").unwrap();
+        assert_eq!((r.status, r.header("Content-Length")), (200, Some("0")));
+        assert!(r.body.is_empty());
+    }
+    let r = c.request("GET", "/status/204", &[], b"").unwrap();
+    assert_eq!((r.status, r.header("Content-Length")), (204, None));
+    c.write_raw(b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let r = c.read_response(false).unwrap();
+    assert!(r.text().to_ascii_lowercase().contains("\ncontent-length: 0\n"), "{}", r.text());
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200, "the connection is still in step");
+}
+
+/// The 408 comes only once the next request is on its way (no check before sending could see
+/// it): a GET is sent again on a new connection; a POST, which cannot be, gets the 408.
+#[test]
+fn a_408_from_a_pooled_connection_repeats_a_get_but_not_a_post() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\n");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/next-gets-408", &[], b"").unwrap().status, 200);
+    let r = c.request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("X-Backend-Conn"), Some("2"));
+    assert_eq!(c.request("GET", "/next-gets-408", &[], b"").unwrap().status, 200);
+    assert_eq!(c.request("POST", "/", &[], b"x").unwrap().status, 408);
+    assert_eq!(env.backend.connections(), 2);
+}
+
 #[test]
 fn non_idempotent_requests_are_not_retried_on_a_stale_connection() {
     let env = Env::new();

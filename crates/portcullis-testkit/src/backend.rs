@@ -11,6 +11,8 @@
 //!   idle timeout would, just after);
 //! - `/then-408`: echoes as if keeping the connection, then sends an unsolicited `408` and
 //!   closes (as some servers do when their idle timeout fires);
+//! - `/next-gets-408`: echoes; the next request on the connection, whatever it is, gets `408`
+//!   and a close (the idle timeout firing just as that request arrives);
 //! - `/upload`: streams the request body through SHA-256 and answers `bytes=<n> sha256=<hex>`;
 //! - `/status/<code>`: that status;
 //! - `/garbage`, `/switch` (101), `/gzip` (`Transfer-Encoding: gzip`), `/conn-cl`
@@ -215,7 +217,14 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
     stream.set_nodelay(true)?;
     let mut out = stream.try_clone()?;
     let mut input = Input { stream, buf: Vec::new(), pos: 0 };
+    let mut timed_out = false;
     while let Some(req) = read_request(&mut input)? {
+        if timed_out {
+            out.write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        timed_out = req.path == "/next-gets-408";
         if req.path == "/early-close" || req.path == "/reset" {
             let _ = out.shutdown(Shutdown::Both);
             return Ok(());
