@@ -333,6 +333,51 @@ backend = "app"
     assert_eq!(env.backend.connections(), 0);
 }
 
+/// A 204 from a policy has no length and no body, so the connection stays in step.
+#[test]
+fn return_response_204_ends_at_its_head() {
+    let env = Env::new();
+    let api = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.operation]]
+  match = "DELETE /items/{id}"
+    [[api.operation.inbound]]
+    return_response = { status = 204 }
+"#;
+    let proxy = env.proxy("request", api);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("DELETE", "/items/7", &[], b"").unwrap();
+    assert_eq!((r.status, r.header("Content-Length")), (204, None));
+    // The next answer is read whole and as itself (no operation matches it).
+    let r = c.request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.text(), r#"{"statusCode":404,"message":"Resource not found"}"#);
+}
+
+/// An HTTP/1.0 client that asked to keep the connection is told so, by the proxy's own
+/// answers too: otherwise it would wait for a close that only the idle timeout brings.
+#[test]
+fn http10_keep_alive_clients_hear_keep_alive_from_every_answer() {
+    let env = Env::new();
+    let api = r#"
+[[api]]
+name = "app"
+path = "/app"
+backend = "app"
+  [[api.inbound]]
+  return_response = { status = 200, body = "from policy" }
+"#;
+    let proxy = env.proxy("request", api);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    for path in ["/app", "/nowhere"] {
+        c.write_raw(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes()).unwrap();
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.header("Connection"), Some("keep-alive"), "{path}: {}", r.status);
+    }
+}
+
 #[test]
 fn operations_route_and_scope_policies() {
     let env = Env::new();

@@ -530,6 +530,23 @@ fn empty_bodies_keep_their_length() {
     assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200, "the connection is still in step");
 }
 
+/// When the proxy is the one to close (here the client asked for it, and went on sending),
+/// what keeps coming is read and dropped for a moment, so the kernel does not answer it with a
+/// reset that would destroy the response before the client reads it (RFC 9112 §9.6).
+#[test]
+fn closing_after_connection_close_does_not_reset_the_response_away() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    // A response big enough to still be on its way when the proxy closes.
+    let mut raw = b"GET /bytes/8000000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_vec();
+    raw.extend(std::iter::repeat_n(b'x', 200_000));
+    c.write_raw(&raw).unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!((r.status, r.header("Connection")), (200, Some("close")));
+    assert_eq!(r.body.len(), 8_000_000);
+}
+
 /// The 408 comes only once the next request is on its way (no check before sending could see
 /// it): a GET is sent again on a new connection; a POST, which cannot be, gets the 408.
 #[test]

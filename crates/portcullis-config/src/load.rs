@@ -886,8 +886,15 @@ fn return_response(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<ReturnR
             }
         }
     }
+    let body_field = get(t, "body");
     let body =
-        get(t, "body").and_then(|b| r.string(b, &join(field, "body"))).map(|b| b.value).unwrap_or_default();
+        body_field.and_then(|b| r.string(b, &join(field, "body"))).map(|b| b.value).unwrap_or_default();
+    // A 204 or 304 ends at its head (RFC 9112 §6.3): a body would be read as the next response.
+    if let (Some(code @ (204 | 304)), Some(b)) = (status, body_field)
+        && !body.is_empty()
+    {
+        r.error(&b.span(), &join(field, "body"), format!("a {code} response has no body"));
+    }
     Some(ReturnResponse { status: status?, reason, headers, body })
 }
 

@@ -130,6 +130,8 @@ operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
   set_header = { name = "Content-Length", action = "delete" }
   [[api.inbound]]
   return_response = { status = 200, headers = { "Transfer-Encoding" = "chunked" } }
+  [[api.inbound]]
+  return_response = { status = 204, body = "gone" }
 "#;
     let errors = parse(Path::new("p.toml"), text).expect_err("invalid").to_string();
     for expected in [
@@ -145,6 +147,7 @@ operations = ["GET /items/{id}", "FETCH", "GET /x/{a}/{a}", "GET /y{z}"]
         "a step has exactly one of",
         "\"Content-Length\" cannot be set by a policy",
         "headers.Transfer-Encoding: \"Transfer-Encoding\" cannot be set by a policy",
+        "return_response.body: a 204 response has no body",
     ] {
         assert!(errors.contains(expected), "missing {expected:?} in:\n{errors}");
     }

@@ -749,7 +749,9 @@ impl ResponseHead {
         self.chunked = framing.transfer_encoding && framing.last_is_chunked && framing.codings == 1;
         self.keep_alive = match version {
             Version::Http11 => !framing.close,
-            Version::Http10 => framing.keep_alive && !framing.close,
+            // Transfer-Encoding in HTTP/1.0 is faulty framing: the connection is closed after
+            // this message, whatever it says (RFC 9112 §6.1).
+            Version::Http10 => framing.keep_alive && !framing.close && !framing.transfer_encoding,
         };
         self.raw = buf.split_to(len).freeze();
         Ok(())
@@ -1075,6 +1077,15 @@ mod tests {
         assert_eq!(r.framing(false), Framing::None);
         let r = parse_response("HTTP/1.0 200 OK\r\n\r\n").expect("ok");
         assert_eq!(r.framing(false), Framing::UntilClose);
+        assert!(!r.keep_alive());
+        let r = parse_response("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n")
+            .expect("ok");
+        assert!(r.keep_alive());
+        // Faulty framing in HTTP/1.0: read as chunked, but the connection is not kept.
+        let r =
+            parse_response("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .expect("ok");
+        assert_eq!(r.framing(false), Framing::Chunked);
         assert!(!r.keep_alive());
         assert!(
             parse_response("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")

@@ -115,7 +115,13 @@ pub fn json_escaped(out: &mut BytesMut, s: &str) {
 ///
 /// `close` adds `Connection: close`; the caller then closes after writing. `head_only` leaves
 /// the body out (the answer to a HEAD request), `Content-Length` still saying what it would be.
-pub fn json_response(out: &mut BytesMut, status: u16, message: &str, close: bool, head_only: bool) {
+pub fn json_response(
+    out: &mut BytesMut,
+    status: u16,
+    message: &str,
+    connection: Connection,
+    head_only: bool,
+) {
     let mut body = BytesMut::with_capacity(48 + message.len());
     body.put_slice(b"{\"statusCode\":");
     decimal(&mut body, u64::from(status));
@@ -125,12 +131,41 @@ pub fn json_response(out: &mut BytesMut, status: u16, message: &str, close: bool
     status_line(out, Version::Http11, status, reason_phrase(status).as_bytes());
     out.put_slice(b"Content-Type: application/json\r\n");
     content_length(out, body.len() as u64);
-    if close {
-        out.put_slice(b"Connection: close\r\n");
-    }
+    connection.write(out);
     end_head(out);
     if !head_only {
         out.put_slice(&body);
+    }
+}
+
+/// What a response says of the connection after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// HTTP/1.1 and staying open: nothing to say.
+    Default,
+    /// `Connection: close`.
+    Close,
+    /// `Connection: keep-alive`, which an HTTP/1.0 client needs to hear to keep the connection.
+    KeepAlive,
+}
+
+impl Connection {
+    /// For a response to a client of `http10` that the proxy will (`keep`) or will not keep.
+    pub fn for_client(keep: bool, http10: bool) -> Connection {
+        match (keep, http10) {
+            (false, _) => Connection::Close,
+            (true, true) => Connection::KeepAlive,
+            (true, false) => Connection::Default,
+        }
+    }
+
+    /// Writes the field, if any.
+    pub fn write(self, out: &mut BytesMut) {
+        match self {
+            Connection::Default => {}
+            Connection::Close => header(out, b"Connection", b"close"),
+            Connection::KeepAlive => header(out, b"Connection", b"keep-alive"),
+        }
     }
 }
 
@@ -141,7 +176,7 @@ mod tests {
     #[test]
     fn json_error_response() {
         let mut out = BytesMut::new();
-        json_response(&mut out, 403, "Invalid \"client\" certificate", true, false);
+        json_response(&mut out, 403, "Invalid \"client\" certificate", Connection::Close, false);
         let text = String::from_utf8(out.to_vec()).expect("utf8");
         assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
         assert!(text.contains("Connection: close\r\n"));
@@ -155,7 +190,7 @@ mod tests {
     #[test]
     fn head_only_responses_have_no_body() {
         let mut out = BytesMut::new();
-        json_response(&mut out, 404, "Resource not found", false, true);
+        json_response(&mut out, 404, "Resource not found", Connection::Default, true);
         let text = String::from_utf8(out.to_vec()).expect("utf8");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
         assert!(text.contains("Content-Length: 49\r\n"), "{text}");

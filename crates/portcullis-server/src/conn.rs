@@ -261,7 +261,7 @@ impl<S: Stream> Conn<S> {
                         }
                     };
                     self.out.clear();
-                    write::json_response(&mut self.out, status, message, true, false);
+                    write::json_response(&mut self.out, status, message, write::Connection::Close, false);
                     let _ = self
                         .io_timer
                         .within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out)))
@@ -271,6 +271,9 @@ impl<S: Stream> Conn<S> {
                 }
             }
             if !self.exchange().await {
+                // Our decision, not the client's: it may be sending already (a pipelined
+                // request, the next one while draining).
+                self.unread_input = true;
                 break;
             }
         }
@@ -426,7 +429,8 @@ impl<S: Stream> Conn<S> {
         self.unread_input |= !body_done;
         let keep = self.client_keeps_alive() && body_done;
         self.out.clear();
-        write::json_response(&mut self.out, status, message, !keep, self.head.is_head());
+        let connection = write::Connection::for_client(keep, self.head.version() == Version::Http10);
+        write::json_response(&mut self.out, status, message, connection, self.head.is_head());
         let written =
             self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out))).await;
         if !matches!(written, Ok(Ok(()))) {
@@ -511,12 +515,15 @@ impl<S: Stream> Conn<S> {
         for (name, value) in self.edits.added() {
             write::header(out, name, value);
         }
-        write::content_length(out, response.body.len() as u64);
-        if !keep {
-            write::header(out, b"Connection", b"close");
+        // A 204 carries no length, a 304 not this one (it would be the representation's), and
+        // neither has a body (the configuration refuses one).
+        let bodiless = matches!(response.status, 204 | 304);
+        if !bodiless {
+            write::content_length(out, response.body.len() as u64);
         }
+        write::Connection::for_client(keep, self.head.version() == Version::Http10).write(out);
         write::end_head(out);
-        if !self.head.is_head() {
+        if !self.head.is_head() && !bodiless {
             out.extend_from_slice(&response.body);
         }
         let written =
@@ -756,11 +763,7 @@ impl<S: Stream> Conn<S> {
             }
             _ => {}
         }
-        if !keep {
-            write::header(out, b"Connection", b"close");
-        } else if client_http10 {
-            write::header(out, b"Connection", b"keep-alive");
-        }
+        write::Connection::for_client(keep, client_http10).write(out);
         write::end_head(out);
     }
 
