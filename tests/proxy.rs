@@ -563,6 +563,28 @@ fn a_408_from_a_pooled_connection_repeats_a_get_but_not_a_post() {
     assert_eq!(env.backend.connections(), 2);
 }
 
+/// A backend that refuses an upload before reading it (413, then close) is heard: the client
+/// gets the 413, not a 502 for the body the backend stopped taking, and the connection ends.
+#[test]
+fn an_answer_the_backend_gives_before_taking_the_body_is_relayed() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    // A little of the body, then the client waits: the proxy, waiting for the rest, must notice
+    // that the backend has answered.
+    c.write_raw(b"POST /early-413 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000000\r\n\r\n").unwrap();
+    c.write_raw(&[7u8; 1000]).unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (413, "too large"));
+    assert_eq!(r.header("Connection"), Some("close"));
+    // And while the body is still pouring in.
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.write_raw(b"POST /early-413 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000000\r\n\r\n").unwrap();
+    let _ = c.write_raw(&[7u8; 1_000_000]);
+    let r = c.read_response(false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (413, "too large"));
+}
+
 #[test]
 fn non_idempotent_requests_are_not_retried_on_a_stale_connection() {
     let env = Env::new();

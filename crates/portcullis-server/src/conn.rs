@@ -28,6 +28,8 @@ const VIA: &[u8] = b"1.1 portcullis";
 const SHRINK_AFTER: Duration = Duration::from_secs(2);
 /// Longest a write to a client may block (a client that does not read is dropped).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a backend that stopped taking a request body gets to show the answer it sent.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// After a response to a request that was not read whole, how long (and how much) to keep
 /// reading and dropping the client's bytes before closing.
 const LINGER: Duration = Duration::from_secs(1);
@@ -611,6 +613,7 @@ impl<S: Stream> Conn<S> {
             && is_idempotent(self.head.method())
             && !self.head.expect_continue();
         let mut attempt = 0;
+        let mut answered_early = false;
         let mut upstream = loop {
             attempt += 1;
             let (up, reused) = match self.checkout(backend).await {
@@ -642,13 +645,26 @@ impl<S: Stream> Conn<S> {
                 &mut self.out,
                 timeouts,
                 &mut self.io_timer,
+                true,
             )
             .await;
             // Only a body read whole leaves the client connection in step with its requests.
             let body_whole = sent.is_ok();
             let result = match sent {
                 Ok(()) => self.read_response_head(&mut up, backend.response_timeout).await,
-                Err(RelayError::Destination(e)) => Err(UpstreamError::Lost(e)),
+                // The backend stopped taking the body: it may have answered already (a 413, a
+                // 401 before the upload), and that answer is the client's.
+                Err(RelayError::Destination(e)) => {
+                    let wait = EARLY_ANSWER_WAIT.min(backend.response_timeout);
+                    match self.read_response_head(&mut up, wait).await {
+                        Ok(()) => {
+                            tracing::debug!(backend = %backend.name, status = self.resp.status(), error = %e, "backend answered before taking the whole body");
+                            answered_early = true;
+                            Ok(())
+                        }
+                        Err(_) => Err(UpstreamError::Lost(e)),
+                    }
+                }
                 Err(e) => Err(UpstreamError::RequestBody(e)),
             };
             let retry = reused && attempt == 1 && repeatable;
@@ -672,7 +688,10 @@ impl<S: Stream> Conn<S> {
 
         let status = self.resp.status();
         let client_http10 = self.head.version() == Version::Http10;
-        let mut keep = self.client_keeps_alive();
+        // After an early answer, the rest of the client's body is unread: the client connection
+        // ends after the response (lingering), and the backend's is not reused.
+        self.unread_input |= answered_early;
+        let mut keep = self.client_keeps_alive() && !answered_early;
         let mode = match self.resp.framing(self.head.is_head()) {
             Framing::None => BodyMode::None,
             Framing::Length(n) => BodyMode::Length(n),
@@ -700,6 +719,7 @@ impl<S: Stream> Conn<S> {
             &mut self.out,
             (backend.response_timeout, WRITE_TIMEOUT),
             &mut self.io_timer,
+            false,
         )
         .await;
         match relayed {
@@ -707,6 +727,7 @@ impl<S: Stream> Conn<S> {
                 // Not after HEAD: a backend that wrongly sends a body would poison the next
                 // response on the connection.
                 let reusable = self.resp.keep_alive()
+                    && !answered_early
                     && !matches!(mode, BodyMode::UntilClose { .. })
                     && self.ubuf.is_empty()
                     && !self.head.is_head();
@@ -889,7 +910,31 @@ async fn relay_body<R: Stream, W: Stream>(
     out: &mut BytesMut,
     (read_timeout, write_timeout): (Duration, Duration),
     timer: &mut Timer,
+    watch_dst: bool,
 ) -> Result<(), RelayError> {
+    /// Like `fill`, but gives up (a `Destination` error) when `dst` has something to say first:
+    /// a backend that answers, or closes, before it has the whole body.
+    async fn fill_unless_answered<R: Stream, W: Stream>(
+        src: &mut R,
+        sbuf: &mut BytesMut,
+        dst: &mut W,
+        timer: &mut Timer,
+        t: Duration,
+    ) -> Result<usize, RelayError> {
+        let raced = async {
+            monoio::select! {
+                biased;
+                r = src.read_buf(sbuf) => Some(r),
+                _ = dst.wait_readable() => None,
+            }
+        };
+        match timer.within(t, pin!(raced)).await {
+            Ok(Some(Ok(n))) => Ok(n),
+            Ok(Some(Err(e))) => Err(RelayError::SourceIo(e)),
+            Ok(None) => Err(RelayError::Destination(io::Error::other("answered before the whole body"))),
+            Err(_) => Err(RelayError::SourceTimeout),
+        }
+    }
     async fn fill<R: Stream>(
         src: &mut R,
         sbuf: &mut BytesMut,
@@ -928,7 +973,12 @@ async fn relay_body<R: Stream, W: Stream>(
             if !out.is_empty() {
                 flush(dst, out, timer, write_timeout).await?;
             }
-            if fill(src, sbuf, timer, read_timeout).await? == 0 {
+            let n = if watch_dst {
+                fill_unless_answered(src, sbuf, dst, timer, read_timeout).await?
+            } else {
+                fill(src, sbuf, timer, read_timeout).await?
+            };
+            if n == 0 {
                 return Err(RelayError::SourceClosed);
             }
         },
@@ -942,7 +992,12 @@ async fn relay_body<R: Stream, W: Stream>(
                 if !out.is_empty() {
                     flush(dst, out, timer, write_timeout).await?;
                 }
-                if fill(src, sbuf, timer, read_timeout).await? == 0 {
+                let n = if watch_dst {
+                    fill_unless_answered(src, sbuf, dst, timer, read_timeout).await?
+                } else {
+                    fill(src, sbuf, timer, read_timeout).await?
+                };
+                if n == 0 {
                     return Err(RelayError::SourceClosed);
                 }
             }

@@ -18,7 +18,8 @@
 //! - `/garbage`, `/switch` (101), `/gzip` (`Transfer-Encoding: gzip`), `/conn-cl`
 //!   (`Connection: Content-Length`): responses a proxy must refuse to relay;
 //! - `/reset`: closes without answering; `/early-close`: closes as soon as the head is read,
-//!   without reading the body;
+//!   without reading the body; `/early-413`: answers 413 as soon as the head is read, then
+//!   closes without reading the body;
 //! - anything else: echoes the request head it received as the body.
 //!
 //! Every response carries `X-Backend-Conn: <n>` (which connection served it) and
@@ -225,6 +226,13 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
             return Ok(());
         }
         timed_out = req.path == "/next-gets-408";
+        if req.path == "/early-413" {
+            out.write_all(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
+            )?;
+            let _ = out.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         if req.path == "/early-close" || req.path == "/reset" {
             let _ = out.shutdown(Shutdown::Both);
             return Ok(());
