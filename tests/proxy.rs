@@ -585,6 +585,29 @@ fn an_answer_the_backend_gives_before_taking_the_body_is_relayed() {
     assert_eq!((r.status, r.text().as_str()), (413, "too large"));
 }
 
+/// A backend's 103 Early Hints reaches an HTTP/1.1 client ahead of the response (RFC 9110
+/// §15.2); an HTTP/1.0 client, which cannot take interim responses, gets the final one alone.
+#[test]
+fn interim_responses_are_forwarded_to_http11_clients() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.write_raw(b"GET /early-hints HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut interim = Vec::new();
+    loop {
+        let line = c.read_line().unwrap();
+        if line.is_empty() {
+            break;
+        }
+        interim.push(line);
+    }
+    assert_eq!(interim[0], "HTTP/1.1 103 Early Hints");
+    assert!(interim.iter().any(|l| l == "Link: </style.css>; rel=preload"), "{interim:?}");
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    c.write_raw(b"GET /early-hints HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    assert_eq!(c.read_line().unwrap(), "HTTP/1.1 200 OK");
+}
+
 #[test]
 fn non_idempotent_requests_are_not_retried_on_a_stale_connection() {
     let env = Env::new();

@@ -814,7 +814,24 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    /// Reads the backend's final response head into `self.resp` (skipping 1xx).
+    /// Sends the interim response in `self.resp` on to the client (hop-by-hop fields dropped).
+    /// A failure shows again, and is handled, when the final response is written.
+    async fn forward_interim(&mut self) {
+        let out = &mut self.out;
+        out.clear();
+        write::status_line(out, Version::Http11, self.resp.status(), self.resp.reason());
+        for i in 0..self.resp.field_count() {
+            let (name, value, hop) = self.resp.field(i);
+            if !hop {
+                write::header(out, name, value);
+            }
+        }
+        write::end_head(out);
+        let _ = self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out))).await;
+    }
+
+    /// Reads the backend's final response head into `self.resp` (interim ones forwarded or
+    /// skipped).
     async fn read_response_head(
         &mut self,
         up: &mut PlainStream<TcpStream>,
@@ -837,6 +854,11 @@ impl<S: Stream> Conn<S> {
                         )));
                     }
                     if self.resp.is_informational() {
+                        // Forwarded to an HTTP/1.1 client (RFC 9110 §15.2: 103 Early Hints, 102),
+                        // but for 100 Continue, which the proxy answers itself.
+                        if self.resp.status() != 100 && self.head.version() == Version::Http11 {
+                            self.forward_interim().await;
+                        }
                         continue;
                     }
                     return Ok(());

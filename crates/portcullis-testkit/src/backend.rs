@@ -15,6 +15,7 @@
 //!   and a close (the idle timeout firing just as that request arrives);
 //! - `/upload`: streams the request body through SHA-256 and answers `bytes=<n> sha256=<hex>`;
 //! - `/status/<code>`: that status;
+//! - `/early-hints`: a `103 Early Hints` (with a `Link` field), then the echo;
 //! - `/garbage`, `/switch` (101), `/gzip` (`Transfer-Encoding: gzip`), `/conn-cl`
 //!   (`Connection: Content-Length`): responses a proxy must refuse to relay;
 //! - `/reset`: closes without answering; `/early-close`: closes as soon as the head is read,
@@ -226,6 +227,9 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
             return Ok(());
         }
         timed_out = req.path == "/next-gets-408";
+        if req.path == "/early-hints" {
+            out.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")?;
+        }
         if req.path == "/early-413" {
             out.write_all(
                 b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
