@@ -608,6 +608,27 @@ fn interim_responses_are_forwarded_to_http11_clients() {
     assert_eq!(c.read_line().unwrap(), "HTTP/1.1 200 OK");
 }
 
+/// What a backend says early that is no refusal — here a 103 before it reads the body — does
+/// not stop the upload: the body goes through whole and the final answer follows.
+#[test]
+fn an_early_interim_answer_does_not_stop_the_upload() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "");
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    c.write_raw(b"POST /early-hints HTTP/1.1\r\nHost: localhost\r\nContent-Length: 300000\r\n\r\n").unwrap();
+    c.write_raw(&[7u8; 1000]).unwrap();
+    // Sequencing, not timing: the 103 reaches the proxy while most of the body is to come.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    c.write_raw(&[7u8; 299_000]).unwrap();
+    // It is passed on ahead of the final answer.
+    assert_eq!(c.read_line().unwrap(), "HTTP/1.1 103 Early Hints");
+    while !c.read_line().unwrap().is_empty() {}
+    let r = c.read_response(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("POST /early-hints HTTP/1.1\n"), "{}", r.text());
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200, "the connection goes on");
+}
+
 #[test]
 fn non_idempotent_requests_are_not_retried_on_a_stale_connection() {
     let env = Env::new();

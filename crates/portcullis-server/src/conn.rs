@@ -934,27 +934,64 @@ async fn relay_body<R: Stream, W: Stream>(
     timer: &mut Timer,
     watch_dst: bool,
 ) -> Result<(), RelayError> {
-    /// Like `fill`, but gives up (a `Destination` error) when `dst` has something to say first:
-    /// a backend that answers, or closes, before it has the whole body.
-    async fn fill_unless_answered<R: Stream, W: Stream>(
+    // Watching `dst` while waiting for `src`, until it has said something that is no refusal.
+    let mut watching = watch_dst;
+    /// Like `fill`, but gives up (a `Destination` error) when the backend refuses the body
+    /// first: it closes, or sends an error response (RFC 9112 §9.5). Anything else it sends
+    /// early (a 1xx, a response that streams while the body comes) is left where it is for
+    /// later. Returns what was read (`None`: nothing yet, fill as usual) and whether to go on
+    /// watching. The read is cancelled, not dropped, when the backend speaks: nothing of the
+    /// client's bytes is lost.
+    async fn fill_unless_refused<R: Stream, W: Stream>(
         src: &mut R,
         sbuf: &mut BytesMut,
         dst: &mut W,
         timer: &mut Timer,
         t: Duration,
-    ) -> Result<usize, RelayError> {
-        let raced = async {
-            monoio::select! {
-                biased;
-                r = src.read_buf(sbuf) => Some(r),
-                _ = dst.wait_readable() => None,
-            }
-        };
-        match timer.within(t, pin!(raced)).await {
-            Ok(Some(Ok(n))) => Ok(n),
+    ) -> Result<(Option<usize>, bool), RelayError> {
+        let canceller = monoio::io::Canceller::new();
+        let mut read = pin!(src.read_buf_cancelable(sbuf, canceller.handle()));
+        let raced = timer
+            .within(
+                t,
+                pin!(async {
+                    monoio::select! {
+                        biased;
+                        r = &mut read => Some(r),
+                        _ = dst.wait_readable() => None,
+                    }
+                }),
+            )
+            .await;
+        match raced {
+            Ok(Some(Ok(n))) => Ok((Some(n), true)),
             Ok(Some(Err(e))) => Err(RelayError::SourceIo(e)),
-            Ok(None) => Err(RelayError::Destination(io::Error::other("answered before the whole body"))),
             Err(_) => Err(RelayError::SourceTimeout),
+            Ok(None) => {
+                // "HTTP/1.1 413" is enough to tell an error response.
+                let mut start = [0u8; 12];
+                match dst.peek(&mut start) {
+                    Ok(0) => {
+                        return Err(RelayError::Destination(io::Error::other(
+                            "closed before the whole body",
+                        )));
+                    }
+                    Ok(n) if n >= 10 && start.starts_with(b"HTTP/1.") && matches!(start[9], b'4' | b'5') => {
+                        return Err(RelayError::Destination(io::Error::other(
+                            "answered with an error before the whole body",
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(RelayError::Destination(e)),
+                }
+                let _ = canceller.cancel();
+                match read.await {
+                    Ok(n) => Ok((Some(n), false)),
+                    Err(e) if portcullis_tls::is_canceled(&e) => Ok((None, false)),
+                    Err(e) => Err(RelayError::SourceIo(e)),
+                }
+            }
         }
     }
     async fn fill<R: Stream>(
@@ -995,10 +1032,13 @@ async fn relay_body<R: Stream, W: Stream>(
             if !out.is_empty() {
                 flush(dst, out, timer, write_timeout).await?;
             }
-            let n = if watch_dst {
-                fill_unless_answered(src, sbuf, dst, timer, read_timeout).await?
-            } else {
-                fill(src, sbuf, timer, read_timeout).await?
+            let mut n = None;
+            if watching {
+                (n, watching) = fill_unless_refused(src, sbuf, dst, timer, read_timeout).await?;
+            }
+            let n = match n {
+                Some(n) => n,
+                None => fill(src, sbuf, timer, read_timeout).await?,
             };
             if n == 0 {
                 return Err(RelayError::SourceClosed);
@@ -1014,10 +1054,13 @@ async fn relay_body<R: Stream, W: Stream>(
                 if !out.is_empty() {
                     flush(dst, out, timer, write_timeout).await?;
                 }
-                let n = if watch_dst {
-                    fill_unless_answered(src, sbuf, dst, timer, read_timeout).await?
-                } else {
-                    fill(src, sbuf, timer, read_timeout).await?
+                let mut n = None;
+                if watching {
+                    (n, watching) = fill_unless_refused(src, sbuf, dst, timer, read_timeout).await?;
+                }
+                let n = match n {
+                    Some(n) => n,
+                    None => fill(src, sbuf, timer, read_timeout).await?,
                 };
                 if n == 0 {
                     return Err(RelayError::SourceClosed);

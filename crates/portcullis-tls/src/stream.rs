@@ -51,6 +51,11 @@ pub trait Stream {
     async fn read_raw(&mut self, dst: &mut BytesMut) -> io::Result<usize>;
     /// Gives back buffer memory while the connection is idle (no read may be pending).
     fn shrink(&mut self) {}
+    /// What is waiting to be read, copied into `buf` and left in place, without waiting; on a
+    /// plain connection only (TLS records cannot be looked into this way).
+    fn peek(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Whether an error is the one a cancelled read ends with.
@@ -62,11 +67,27 @@ pub fn is_canceled(e: &io::Error) -> bool {
 #[allow(async_fn_in_trait, reason = "used with concrete types on a single-threaded runtime")]
 pub trait Readiness {
     async fn wait_readable(&self) -> io::Result<()>;
+    /// Copies what is waiting to be read into `buf` without consuming it, without waiting.
+    fn peek(&self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 impl Readiness for monoio::net::TcpStream {
     async fn wait_readable(&self) -> io::Result<()> {
         self.readable(false).await
+    }
+
+    fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a non-blocking peek into `buf`, at most its length; the fd is owned by `self`.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     }
 }
 
@@ -169,6 +190,10 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for PlainSt
 
     async fn finish(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io.peek(buf)
     }
 }
 
