@@ -24,6 +24,11 @@ backend = "app"
     env.proxy("request", &api)
 }
 
+/// An API named "app" on `path`, to the backend "app", with `policy` (its steps or operations).
+fn app_api(path: &str, policy: &str) -> String {
+    format!("\n[[api]]\nname = \"app\"\npath = \"{path}\"\nbackend = \"app\"\n{policy}\n")
+}
+
 /// The status each identity gets (`None` for no certificate).
 fn statuses(env: &Env, proxy: &portcullis_testkit::TestProxy, ids: &[Option<&Identity>]) -> Vec<u16> {
     ids.iter().map(|id| env.client(*id).get(proxy.addr, "/").unwrap().status).collect()
@@ -316,15 +321,12 @@ fn ignore_error_lets_the_request_through() {
 #[test]
 fn return_response_answers_without_the_backend() {
     let env = Env::new();
-    let api = r#"
-[[api]]
-name = "app"
-path = "/"
-backend = "app"
-  [[api.inbound]]
-  return_response = { status = 418, reason = "I'm a teapot", headers = { "X-Who" = "{client_cert.common_name}", "Retry-After" = "5" }, body = "short and stout" }
-"#;
-    let proxy = env.proxy("request", api);
+    let api = app_api(
+        "/",
+        r#"  [[api.inbound]]
+  return_response = { status = 418, reason = "I'm a teapot", headers = { "X-Who" = "{client_cert.common_name}", "Retry-After" = "5" }, body = "short and stout" }"#,
+    );
+    let proxy = env.proxy("request", &api);
     let r = env.client(Some(&env.pki.client)).get(proxy.addr, "/").unwrap();
     assert_eq!(r.status, 418);
     assert_eq!(r.header("X-Who"), Some("client1"));
@@ -337,17 +339,14 @@ backend = "app"
 #[test]
 fn return_response_204_ends_at_its_head() {
     let env = Env::new();
-    let api = r#"
-[[api]]
-name = "app"
-path = "/"
-backend = "app"
-  [[api.operation]]
+    let api = app_api(
+        "/",
+        r#"  [[api.operation]]
   match = "DELETE /items/{id}"
     [[api.operation.inbound]]
-    return_response = { status = 204 }
-"#;
-    let proxy = env.proxy("request", api);
+    return_response = { status = 204 }"#,
+    );
+    let proxy = env.proxy("request", &api);
     let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
     let r = c.request("DELETE", "/items/7", &[], b"").unwrap();
     assert_eq!((r.status, r.header("Content-Length")), (204, None));
@@ -361,15 +360,12 @@ backend = "app"
 #[test]
 fn http10_keep_alive_clients_hear_keep_alive_from_every_answer() {
     let env = Env::new();
-    let api = r#"
-[[api]]
-name = "app"
-path = "/app"
-backend = "app"
-  [[api.inbound]]
-  return_response = { status = 200, body = "from policy" }
-"#;
-    let proxy = env.proxy("request", api);
+    let api = app_api(
+        "/app",
+        r#"  [[api.inbound]]
+  return_response = { status = 200, body = "from policy" }"#,
+    );
+    let proxy = env.proxy("request", &api);
     let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
     for path in ["/app", "/nowhere"] {
         c.write_raw(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes()).unwrap();

@@ -15,6 +15,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// The smallest and the largest of `v` (infinities when it is empty).
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
 fn fmt_num(x: f64) -> String {
     if x.is_nan() {
         "–".to_owned()
@@ -65,8 +70,7 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
                 })
                 .collect();
             let errors: u64 = rs.iter().filter_map(|r| r["error_count"].as_u64()).sum();
-            let min = rps.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = rps.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let (min, max) = min_max(&rps);
             let m = median(rps.clone());
             per_round.insert((mode.clone(), proxy.clone()), cpu.clone());
             let cpu = median(cpu);
@@ -127,8 +131,7 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
                     if r.is_empty() {
                         return "–".to_owned();
                     }
-                    let min = r.iter().copied().fold(f64::INFINITY, f64::min);
-                    let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let (min, max) = min_max(&r);
                     format!("{:.2}× ({min:.2} – {max:.2}, {} rounds)", median(r.clone()), r.len())
                 })
                 .collect();

@@ -125,9 +125,6 @@ impl HeadScanner {
                 let _ = buf.split_to(2);
                 self.scanned = 0;
             }
-            if self.scanned == 0 && buf.first() == Some(&b'\n') {
-                return Err(HeadError::Malformed("bare LF"));
-            }
         }
         // The terminator may straddle the previous read: look again from three bytes back.
         let from = self.scanned.saturating_sub(3);

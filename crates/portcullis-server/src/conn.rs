@@ -195,13 +195,8 @@ impl HeaderList for ResponseFields<'_> {
 /// Whether an idle pooled connection has nothing to say: a backend that closed it (EOF) or sent
 /// bytes nobody asked for (a late 408, say) must not answer the next client's request.
 fn idle_connection_is_clean(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd as _;
-    let mut byte = 0u8;
-    // SAFETY: a non-blocking peek of at most one byte into a local; the fd is owned by `stream`.
-    let n = unsafe {
-        libc::recv(stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
-    n < 0 && std::io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    use portcullis_tls::Readiness as _;
+    matches!(stream.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Methods that may be sent again when a connection fails before any answer (RFC 9110 §9.2.2).
@@ -934,8 +929,6 @@ async fn relay_body<R: Stream, W: Stream>(
     timer: &mut Timer,
     watch_dst: bool,
 ) -> Result<(), RelayError> {
-    // Watching `dst` while waiting for `src`, until it has said something that is no refusal.
-    let mut watching = watch_dst;
     /// Like `fill`, but gives up (a `Destination` error) when the backend refuses the body
     /// first: it closes, or sends an error response (RFC 9112 §9.5). Anything else it sends
     /// early (a 1xx, a response that streams while the body comes) is left where it is for
@@ -994,6 +987,25 @@ async fn relay_body<R: Stream, W: Stream>(
             }
         }
     }
+    /// The next piece of a request body: watching `dst` for a refusal while `watching`, which
+    /// ends once `dst` has said something else.
+    async fn fill_body<R: Stream, W: Stream>(
+        src: &mut R,
+        sbuf: &mut BytesMut,
+        dst: &mut W,
+        timer: &mut Timer,
+        t: Duration,
+        watching: &mut bool,
+    ) -> Result<usize, RelayError> {
+        if *watching {
+            let (n, still) = fill_unless_refused(src, sbuf, dst, timer, t).await?;
+            *watching = still;
+            if let Some(n) = n {
+                return Ok(n);
+            }
+        }
+        fill(src, sbuf, timer, t).await
+    }
     async fn fill<R: Stream>(
         src: &mut R,
         sbuf: &mut BytesMut,
@@ -1019,6 +1031,8 @@ async fn relay_body<R: Stream, W: Stream>(
             }
         }
     }
+    // Watching `dst` while waiting for `src`, until it has said something that is no refusal.
+    let mut watching = watch_dst;
     match mode {
         BodyMode::None => flush(dst, out, timer, write_timeout).await,
         BodyMode::Length(mut remaining) => loop {
@@ -1032,15 +1046,7 @@ async fn relay_body<R: Stream, W: Stream>(
             if !out.is_empty() {
                 flush(dst, out, timer, write_timeout).await?;
             }
-            let mut n = None;
-            if watching {
-                (n, watching) = fill_unless_refused(src, sbuf, dst, timer, read_timeout).await?;
-            }
-            let n = match n {
-                Some(n) => n,
-                None => fill(src, sbuf, timer, read_timeout).await?,
-            };
-            if n == 0 {
+            if fill_body(src, sbuf, dst, timer, read_timeout, &mut watching).await? == 0 {
                 return Err(RelayError::SourceClosed);
             }
         },
@@ -1054,15 +1060,7 @@ async fn relay_body<R: Stream, W: Stream>(
                 if !out.is_empty() {
                     flush(dst, out, timer, write_timeout).await?;
                 }
-                let mut n = None;
-                if watching {
-                    (n, watching) = fill_unless_refused(src, sbuf, dst, timer, read_timeout).await?;
-                }
-                let n = match n {
-                    Some(n) => n,
-                    None => fill(src, sbuf, timer, read_timeout).await?,
-                };
-                if n == 0 {
+                if fill_body(src, sbuf, dst, timer, read_timeout, &mut watching).await? == 0 {
                     return Err(RelayError::SourceClosed);
                 }
             }

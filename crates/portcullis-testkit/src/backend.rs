@@ -33,6 +33,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// What a server that times out an idle connection may say before closing it.
+const UNSOLICITED_408: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+
 /// A running test backend; stopped when dropped.
 #[derive(Debug)]
 pub struct Backend {
@@ -222,7 +226,7 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
     let mut timed_out = false;
     while let Some(req) = read_request(&mut input)? {
         if timed_out {
-            out.write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+            out.write_all(UNSOLICITED_408)?;
             let _ = out.shutdown(Shutdown::Both);
             return Ok(());
         }
@@ -316,9 +320,7 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
         if path == "/then-close" || path == "/then-408" {
             std::thread::sleep(Duration::from_millis(50));
             if path == "/then-408" {
-                let _ = out.write_all(
-                    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-                );
+                let _ = out.write_all(UNSOLICITED_408);
                 let _ = out.flush();
             }
             let _ = out.shutdown(Shutdown::Both);

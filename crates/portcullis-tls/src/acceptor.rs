@@ -4,6 +4,7 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
+use boring::error::ErrorStack;
 use boring::ex_data::Index;
 use boring::hash::{Hasher, MessageDigest};
 use boring::ssl::{
@@ -231,6 +232,15 @@ impl Buffer {
         let p = unsafe { ffi::CRYPTO_BUFFER_new(der.as_ptr(), der.len(), std::ptr::null_mut()) };
         (!p.is_null()).then_some(Buffer(p))
     }
+
+    /// One buffer per DER encoding, or an error.
+    fn all(ders: impl IntoIterator<Item = Result<Vec<u8>, ErrorStack>>) -> Result<Vec<Buffer>, String> {
+        ders.into_iter()
+            .map(|der| {
+                Buffer::new(&der.map_err(|e| e.to_string())?).ok_or_else(|| "out of memory".to_owned())
+            })
+            .collect()
+    }
 }
 
 impl Drop for Buffer {
@@ -242,9 +252,7 @@ impl Drop for Buffer {
 
 /// The names of the accepted CAs, as DER, for the CertificateRequest: all of them, or an error.
 fn set_client_ca_names(b: &mut SslContextBuilder, cas: &[X509]) -> Result<(), String> {
-    let ders = cas.iter().map(|ca| ca.subject_name().to_der()).collect::<Result<Vec<_>, _>>();
-    let ders = ders.map_err(|e| e.to_string())?;
-    let names = ders.iter().map(|d| Buffer::new(d)).collect::<Option<Vec<_>>>().ok_or("out of memory")?;
+    let names = Buffer::all(cas.iter().map(|ca| ca.subject_name().to_der()))?;
     // SAFETY: a new, empty stack; each buffer pushed is owned by the stack from then on (its
     // `Buffer` is forgotten), and the stack by the context once given to it. On a failed push the
     // stack and what it holds are freed here.
@@ -305,10 +313,7 @@ fn site_context(
         if unix_time(leaf.not_after()) < now_unix() {
             tracing::warn!(file = %cert.cert.value.display(), "server certificate has expired");
         }
-        let ders =
-            chain.iter().map(|c| c.to_der()).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-        let buffers =
-            ders.iter().map(|d| Buffer::new(d)).collect::<Option<Vec<_>>>().ok_or("out of memory")?;
+        let buffers = Buffer::all(chain.iter().map(|c| c.to_der()))?;
         let raw: Vec<*mut ffi::CRYPTO_BUFFER> = buffers.iter().map(|b| b.0).collect();
         // SAFETY: `b` is a live SSL_CTX; `raw` holds `raw.len()` live buffers, which the context
         // takes references of; `key` is a live EVP_PKEY.
@@ -322,7 +327,7 @@ fn site_context(
             )
         };
         if set != 1 {
-            let e = boring::error::ErrorStack::get();
+            let e = ErrorStack::get();
             return Err(if e.to_string().contains("KEY_VALUES_MISMATCH") {
                 format!(
                     "the key in {} does not match the certificate in {}",

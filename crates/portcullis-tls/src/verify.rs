@@ -118,10 +118,9 @@ impl ClientVerifier {
         for der in &chain[1..] {
             presented.push(parse_exact(der)?).ok()?;
         }
-        let (errors, cas, recheck_at) = self.verify_chain(&leaf, Some(&presented), now);
-        let leaf = &*leaf;
+        let (errors, cas, recheck_at) = self.verify_chain(&leaf, &presented, now);
         let cas: Vec<&X509Ref> = cas.iter().map(|c| &**c).collect();
-        let facts = Arc::new(ClientCert::from_x509(leaf, &cas, errors));
+        let facts = Arc::new(ClientCert::from_x509(&leaf, &cas, errors));
         if let Some(key) = key {
             CACHE.with(|c| {
                 let mut c = c.borrow_mut();
@@ -137,20 +136,9 @@ impl ClientVerifier {
     fn verify_chain(
         &self,
         leaf: &X509Ref,
-        chain: Option<&StackRef<X509>>,
+        chain: &StackRef<X509>,
         now: i64,
     ) -> (Vec<VerifyError>, Vec<X509>, i64) {
-        let empty;
-        let chain = match chain {
-            Some(c) => c,
-            None => match Stack::new() {
-                Ok(s) => {
-                    empty = s;
-                    &empty
-                }
-                Err(_) => return (vec![unspecified()], Vec::new(), now),
-            },
-        };
         let result = X509StoreContext::new().and_then(|mut ctx| {
             ctx.init(&self.store, leaf, chain, |ctx| {
                 // SAFETY: `ctx` is initialised; "ssl_client" is a static, NUL-terminated name, and
