@@ -24,6 +24,7 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-64}
+GROUP=${GROUP:-p256}               # ECDHE group the load generator offers: p256 | x25519 | p384
 MODES=${MODES:-keepalive handshake resume}
 PROXIES=${PROXIES:-portcullis haproxy nginx}
 LATENCY=${LATENCY:-1}              # 0 skips the constant-rate latency runs
@@ -139,7 +140,7 @@ load() { # load PROXY MODE LABEL [extra args] -> one JSON line appended to raw.j
   local watch=()
   for pid in $(pids_of "$p"); do watch+=(--watch-pid "$pid"); done
   taskset -c "$LOAD_CPU" "$LOAD" run "https://localhost:${ADDR[$p]##*:}/" --ca "$CERTS/root.pem" \
-    --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" --mode "$mode" \
+    --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" --mode "$mode" --group "$GROUP" \
     -d "${DURATION}s" -w "${WARMUP}s" "${watch[@]}" --json --tag "proxy=$p" --tag "label=$label" "$@" \
     | tee -a "$OUT/raw.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("    %-10s %-16s %8.0f req/s  p99 %6d us  cpu %s  errors %d" % (r["proxy"], r["label"], r["rps"], r["latency_us"]["p99"], "%.1f us/req" % (r["proxy_cpu_seconds"]*1e6/r["ok"]) if r["ok"] else "-", r["error_count"]))' \
     || echo "    $p $label: run failed" >&2

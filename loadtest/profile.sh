@@ -3,6 +3,7 @@
 #
 #   loadtest/profile.sh perf MODE [load options]        # perf record of the proxy under load
 #   loadtest/profile.sh callgrind MODE [load options]   # userspace instructions per request
+#   loadtest/profile.sh ops MODE [load options]         # io_uring operations and system calls per request
 #
 # MODE is keepalive | handshake | resume. Same configuration and certificates as bench.sh
 # (loadtest/conf/portcullis.toml.in), the proxy pinned to PROXY_CPU, backend and load
@@ -18,10 +19,13 @@
 #   takes io_uring_enter for a call that does not block: a worker waiting in it holds valgrind's
 #   lock and starves the other threads. Under valgrind the proxy therefore runs on the epoll
 #   driver (`driver = "epoll"`): the proxy's own code is the same, the runtime's differs.
+# ops: N2 requests under perf's io_uring and system-call tracepoints; prints, per request, the
+#   io_uring operations submitted (by opcode), the receives that found nothing and armed a poll,
+#   and the system calls made (by name), io_uring_enter among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOL=${1:?perf or callgrind}; MODE=${2:?keepalive, handshake or resume}; shift 2
+TOOL=${1:?perf, callgrind or ops}; MODE=${2:?keepalive, handshake or resume}; shift 2
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 SECONDS_=${DURATION:-8}
@@ -92,5 +96,34 @@ case $TOOL in
     echo "$MODE: $(( (b - a) / (N2 - N1) )) instructions per request (userspace; runs of $N1 and $N2: $a, $b)"
     echo "callgrind_annotate $(ls -t "$OUT/callgrind.$N2.out".* | head -1)   # for where they go"
     ;;
-  *) echo "unknown tool $TOOL (perf or callgrind)" >&2; exit 2;;
+  ops)
+    taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/portcullis.toml" >"$OUT/proxy.log" 2>&1 &
+    proxy=$!; PIDS+=($proxy)
+    wait_log "$OUT/proxy.log"
+    load 200 -d 30s -w 0s "$@" >/dev/null   # warm: pools, caches, sessions
+    perf record -q -e io_uring:io_uring_submit_req -e io_uring:io_uring_poll_arm -e raw_syscalls:sys_enter \
+      -p "$proxy" -o "$OUT/ops.data" >/dev/null 2>&1 &
+    rec=$!
+    sleep 1
+    load "$N2" -d 300s -w 0s "$@" | sed -n 1p
+    kill -INT "$rec"; wait "$rec" 2>/dev/null || true
+    perf script -i "$OUT/ops.data" -F event,trace 2>/dev/null | N="$N2" python3 -c '
+import collections, os, re, sys
+n = int(os.environ["N"]); ops = collections.Counter(); calls = collections.Counter(); arms = 0
+names = {}
+for line in open("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"):
+    m = re.match(r"#define __NR_(\w+) (\d+)", line)
+    if m: names[int(m.group(2))] = m.group(1)
+for line in sys.stdin:
+    if "io_uring_submit_req" in line:
+        m = re.search(r"opcode (\w+)", line); ops[m.group(1) if m else "?"] += 1
+    elif "io_uring_poll_arm" in line: arms += 1
+    elif "sys_enter" in line:
+        m = re.search(r"NR (\d+)", line); calls[names.get(int(m.group(1)), m.group(1)) if m else "?"] += 1
+print("per request, over %d requests:" % n)
+print("  io_uring operations %.2f: %s" % (sum(ops.values()) / n, ", ".join("%s %.2f" % (k, v / n) for k, v in ops.most_common())))
+print("  polls armed %.2f" % (arms / n))
+print("  system calls %.2f: %s" % (sum(calls.values()) / n, ", ".join("%s %.2f" % (k, v / n) for k, v in calls.most_common(8))))'
+    ;;
+  *) echo "unknown tool $TOOL (perf, callgrind or ops)" >&2; exit 2;;
 esac

@@ -95,6 +95,16 @@ fn raise_fd_limit() {
     }
 }
 
+/// Writes to standard output; a reader that went away (`| head`) is not an error worth a panic.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
@@ -168,9 +178,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 for (k, val) in tags {
                     v[k] = serde_json::Value::String(val.to_owned());
                 }
-                println!("{v}");
+                emit(&format!("{v}\n"))?;
             } else {
-                print!("{report}");
+                emit(&report.to_string())?;
             }
             Ok(if report.ok == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
@@ -181,12 +191,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Pki { dir } => {
             portcullis_loadtest::pki::write(&dir)?;
-            println!("benchmark PKI written to {}", dir.display());
+            emit(&format!("benchmark PKI written to {}\n", dir.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Summarize { file } => {
             let text = std::fs::read_to_string(&file)?;
-            print!("{}", portcullis_loadtest::summarize::summarize(&text)?);
+            emit(&portcullis_loadtest::summarize::summarize(&text)?)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -323,14 +323,16 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
             )));
         }
         // CPU of the watched processes over the measured window (and their memory at its end).
+        // A run that ends early (--requests) does not wait for the window's end: what the
+        // watcher has not sampled by then is sampled when the last task is done.
+        let before = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         let watcher = {
-            let (opts, window) = (opts.clone(), window.clone());
+            let (opts, window, before) = (opts.clone(), window.clone(), before.clone());
             tokio::spawn(async move {
                 sleep_until(window.measure_from).await;
-                let before = cpu_ticks(&opts.watch_pids);
+                before.store(cpu_ticks(&opts.watch_pids), std::sync::atomic::Ordering::Release);
                 sleep_until(window.end - Duration::from_millis(50).min(opts.duration / 4)).await;
-                let rss = rss_kib(&opts.watch_pids);
-                (before, rss)
+                rss_kib(&opts.watch_pids)
             })
         };
         let mut total = Stats::new();
@@ -341,7 +343,16 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         }
         let after = cpu_ticks(&opts.watch_pids);
         let elapsed = Instant::now().min(window.end) - window.measure_from;
-        let (before, rss) = watcher.await.unwrap_or((after, None));
+        let rss = if watcher.is_finished() {
+            watcher.await.ok().flatten()
+        } else {
+            watcher.abort();
+            rss_kib(&opts.watch_pids)
+        };
+        let before = match before.load(std::sync::atomic::Ordering::Acquire) {
+            u64::MAX => after,
+            b => b,
+        };
         (total, elapsed, (after.saturating_sub(before)) as f64 / CLOCK_TICKS_PER_SECOND, rss)
     });
     let (stats, elapsed, cpu_seconds, rss) = stats;
