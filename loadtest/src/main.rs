@@ -31,7 +31,8 @@ enum Command {
         /// Leading part of the run that is not measured.
         #[arg(short, long, default_value = "1s")]
         warmup: String,
-        /// Open loop: total requests per second, sent on schedule. Default: closed loop.
+        /// Open loop: total requests per second (at least 0.01), sent on schedule; latency counts
+        /// from the scheduled time. Default: closed loop.
         #[arg(short, long)]
         rate: Option<f64>,
         /// Stop after this many measured requests.
@@ -55,7 +56,8 @@ enum Command {
         /// Extra request header, `Name: value` (repeatable).
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
-        /// Per-request timeout.
+        /// Per-request timeout (at most 60s). A request still going when the run ends is cut there
+        /// and not counted.
         #[arg(long, default_value = "10s")]
         timeout: String,
         #[arg(long, default_value_t = 1)]

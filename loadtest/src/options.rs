@@ -8,6 +8,10 @@ use anyhow::{Context as _, bail};
 
 /// The longest run allowed: every run is bounded.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);
+/// The longest a request may take (`--timeout`).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// The lowest open-loop rate, in requests per second.
+pub const MIN_RATE: f64 = 0.01;
 
 /// How connections are used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,10 +165,17 @@ impl Options {
         if self.warmup >= self.duration {
             bail!("--warmup must be shorter than --duration");
         }
+        // A run lasts at most its duration plus one request's timeout.
+        if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
+            bail!("--timeout must be between 1ms and {}s", MAX_TIMEOUT.as_secs());
+        }
         if let Some(r) = self.rate
-            && !(r.is_finite() && r > 0.0)
+            && !(r.is_finite() && r >= MIN_RATE)
         {
-            bail!("--rate must be a positive number of requests per second");
+            bail!("--rate must be at least {MIN_RATE} requests per second");
+        }
+        if self.max_requests == Some(0) {
+            bail!("--requests must be at least 1");
         }
         if self.cert.is_some() != self.key.is_some() {
             bail!("--cert and --key go together");
@@ -192,7 +203,7 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
         "m" => n * 60.0,
         other => bail!("{s:?}: unknown unit {other:?} (use ms, s or m)"),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| anyhow::anyhow!("{s:?} is not a usable duration"))
 }
 
 #[cfg(test)]
@@ -219,5 +230,6 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("99999999999999999999999").is_err(), "too large, not a panic");
     }
 }

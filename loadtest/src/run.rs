@@ -13,12 +13,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::options::{Group, Mode, Options, TlsVersions};
 use crate::report::Report;
+
+/// The pause after a keep-alive connection could not be made, before the next attempt.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
 
 /// What one task measured.
 struct Stats {
@@ -111,68 +114,138 @@ fn client_config(opts: &Options) -> anyhow::Result<ClientConfig> {
     Ok(config)
 }
 
-/// Reads one response; returns its status. `buf` keeps bytes beyond it.
-async fn read_response(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<u16> {
+/// What one response said about itself.
+struct Response {
+    status: u16,
+    /// The server will close the connection after it (`Connection: close`, HTTP/1.0).
+    closes: bool,
+}
+
+/// How a response's body is delimited (RFC 9112 §6.3).
+enum Body {
+    None,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// Reads more of the response into `buf`; the end of the stream is an error.
+async fn more(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<()> {
     let mut chunk = [0u8; 16 * 1024];
-    let (status, head_len, content_length, chunked) = loop {
+    let n = tls.read(&mut chunk).await?;
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Reads one response (interim ones skipped). `buf` keeps bytes beyond it.
+async fn read_response(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<Response> {
+    let (response, head_len, body) = loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut res = httparse::Response::new(&mut headers);
         match res.parse(buf) {
             Ok(httparse::Status::Complete(n)) => {
-                let mut length = None;
-                let mut chunked = false;
-                for h in res.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("content-length") {
-                        length =
-                            std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
-                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                        chunked = h.value.eq_ignore_ascii_case(b"chunked");
-                    }
-                }
-                let code = res.code.unwrap_or(0);
-                if (100..200).contains(&code) {
+                let status = res.code.unwrap_or(0);
+                if (100..200).contains(&status) {
                     buf.drain(..n);
                     continue;
                 }
-                break (code, n, length, chunked);
+                let (mut length, mut coding) = (None, None);
+                let (mut says_close, mut says_keep_alive) = (false, false);
+                for h in res.headers.iter() {
+                    let value = std::str::from_utf8(h.value).map_err(|_| invalid("header value"))?;
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        length = Some(value.trim().parse::<usize>().map_err(|_| invalid("Content-Length"))?);
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        coding = value.rsplit(',').next().map(|c| c.trim().eq_ignore_ascii_case("chunked"));
+                    } else if h.name.eq_ignore_ascii_case("connection") {
+                        for token in value.split(',').map(str::trim) {
+                            says_close |= token.eq_ignore_ascii_case("close");
+                            says_keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+                        }
+                    }
+                }
+                let close = says_close || (res.version == Some(0) && !says_keep_alive);
+                // Transfer-Encoding overrides Content-Length; 204 and 304 never have a body.
+                let body = match (status, coding, length) {
+                    (204 | 304, _, _) => Body::None,
+                    (_, Some(true), _) => Body::Chunked,
+                    (_, Some(false), _) => Body::UntilClose,
+                    (_, None, Some(len)) => Body::Length(len),
+                    (_, None, None) => Body::UntilClose,
+                };
+                break (Response { status, closes: close }, n, body);
             }
-            Ok(httparse::Status::Partial) => {}
+            Ok(httparse::Status::Partial) => more(tls, buf).await?,
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
         }
-        let n = tls.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
     };
     buf.drain(..head_len);
-    if let Some(len) = content_length {
-        while buf.len() < len {
-            let n = tls.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+    match body {
+        Body::None => {}
+        Body::Length(len) => skip(tls, buf, len).await?,
+        Body::Chunked => skip_chunked(tls, buf).await?,
+        Body::UntilClose => {
+            while more(tls, buf).await.is_ok() {
+                buf.clear();
             }
-            buf.extend_from_slice(&chunk[..n]);
+            buf.clear();
+            return Ok(Response { closes: true, ..response });
         }
-        buf.drain(..len);
-    } else if chunked {
-        // Skim chunks until the last one and its empty trailer line.
-        loop {
-            if let Some(end) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
-                buf.drain(..end + 5);
-                break;
-            }
-            let n = tls.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    } else {
-        while tls.read(&mut chunk).await? > 0 {}
-        buf.clear();
     }
-    Ok(status)
+    Ok(response)
+}
+
+/// Reads a line ending in CRLF from the front of `buf`, and removes it.
+async fn line(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = buf[..end].to_vec();
+            buf.drain(..end + 2);
+            return Ok(line);
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(invalid("line too long in chunked body"));
+        }
+        more(tls, buf).await?;
+    }
+}
+
+/// Skips a chunked body: each chunk by its size, then the trailer section (RFC 9112 §7.1).
+async fn skip_chunked(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<()> {
+    loop {
+        let size_line = line(tls, buf).await?;
+        let digits = size_line.split(|&b| b == b';').next().unwrap_or_default();
+        let size = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| usize::from_str_radix(d.trim(), 16).ok())
+            .ok_or_else(|| invalid("chunk size"))?;
+        if size == 0 {
+            while !line(tls, buf).await?.is_empty() {}
+            return Ok(());
+        }
+        skip(tls, buf, size).await?;
+        if !line(tls, buf).await?.is_empty() {
+            return Err(invalid("chunk not followed by CRLF"));
+        }
+    }
+}
+
+/// Drops the next `n` bytes of the stream (`buf` first), without holding them all at once.
+async fn skip(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>, mut n: usize) -> io::Result<()> {
+    while buf.len() < n {
+        n -= buf.len();
+        buf.clear();
+        more(tls, buf).await?;
+    }
+    buf.drain(..n);
+    Ok(())
 }
 
 async fn connect(
@@ -223,15 +296,44 @@ async fn task(
     // Open loop: this task's share of the rate, phase-shifted so tasks do not fire together.
     let interval = opts.rate.map(|r| Duration::from_secs_f64(opts.connections as f64 / r));
     let mut next = interval.map(|i| window.start + i.mul_f64(id as f64 / opts.connections as f64));
+    // Keep-alive and idle connections are made ahead of their first request: the handshake is
+    // no request's latency. In handshake and resume modes it is part of every request.
+    let connect_ahead = matches!(opts.mode, Mode::KeepAlive | Mode::Idle);
+    // What ends inside the measured window counts (idle mode counts its warm-up too).
+    let counts = |started: Instant, done: Instant| {
+        (started >= window.measure_from || opts.mode == Mode::Idle) && done <= window.end
+    };
     loop {
+        // Nothing starts after the end, however far behind its schedule an open loop is.
+        if Instant::now() >= window.end {
+            break;
+        }
+        if connect_ahead && conn.is_none() {
+            let started = Instant::now();
+            let own_deadline = started + opts.timeout;
+            let connecting = connect(&connector, &opts, &name, &mut stats);
+            let failure = match timeout_at(own_deadline.min(window.end), connecting).await {
+                Ok(Ok(c)) => {
+                    conn = Some(c);
+                    None
+                }
+                Ok(Err(kind)) => Some(kind),
+                Err(_) if own_deadline < window.end => Some("timeout_connect".to_owned()),
+                Err(_) => None,
+            };
+            if let Some(kind) = failure {
+                if counts(started, Instant::now()) {
+                    stats.error(kind);
+                }
+                // A connect that fails at once (refused, out of descriptors) must not spin.
+                sleep_until((Instant::now() + CONNECT_RETRY).min(window.end)).await;
+            }
+            continue;
+        }
         let scheduled = match (&mut next, interval) {
             (Some(at), Some(i)) => {
                 let t = *at;
                 *at += i;
-                if t >= window.end {
-                    break;
-                }
-                sleep_until(t).await;
                 t
             }
             _ => Instant::now(),
@@ -243,7 +345,12 @@ async fn task(
         if measured && budget.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0 {
             break;
         }
-        let result = timeout(opts.timeout, async {
+        if interval.is_some() {
+            sleep_until(scheduled).await;
+        }
+        // A request still going at the end is cut there: it would not count anyway.
+        let own_deadline = Instant::now() + opts.timeout;
+        let result = timeout_at(own_deadline.min(window.end), async {
             if conn.is_none() {
                 conn = Some(connect(&connector, &opts, &name, &mut stats).await?);
             }
@@ -254,38 +361,41 @@ async fn task(
         })
         .await;
         let done = Instant::now();
+        let counted = counts(scheduled, done);
         match result {
-            Ok(Ok(status)) if (200..400).contains(&status) => {
-                if (measured || opts.mode == Mode::Idle) && done <= window.end {
+            Ok(Ok(r)) if (200..400).contains(&r.status) => {
+                if counted {
                     stats.ok += 1;
-                    let _ = stats.latency.record((done - scheduled).as_micros().max(1) as u64);
+                    stats.latency.saturating_record((done - scheduled).as_micros().max(1) as u64);
                 }
                 if opts.mode == Mode::Idle {
                     // Hold the connection open, doing nothing, until the end.
                     sleep_until(window.end).await;
                     break;
                 }
-                if opts.mode != Mode::KeepAlive {
+                if opts.mode != Mode::KeepAlive || r.closes {
                     // A new connection for the next request; say goodbye properly.
                     if let Some(mut tls) = conn.take() {
-                        let _ = tls.shutdown().await;
+                        let _ = timeout_at(window.end, tls.shutdown()).await;
                     }
                 }
             }
-            Ok(Ok(status)) => {
-                if measured {
-                    stats.error(format!("http_{status}"));
+            Ok(Ok(r)) => {
+                if counted {
+                    stats.error(format!("http_{}", r.status));
                 }
                 conn = None;
             }
             Ok(Err(kind)) => {
-                if measured {
+                if counted {
                     stats.error(kind);
                 }
                 conn = None;
+                // Let the other tasks run even when every attempt fails at once.
+                tokio::task::yield_now().await;
             }
             Err(_) => {
-                if measured {
+                if counted && own_deadline < window.end {
                     stats.error("timeout".to_owned());
                 }
                 conn = None;

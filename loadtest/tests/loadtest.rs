@@ -98,6 +98,35 @@ fn an_open_loop_run_is_bounded_by_its_duration() {
     assert_eq!(report.error_count(), 0);
 }
 
+/// An open loop behind its schedule (here every answer takes 3 s, at 100 requests a second)
+/// stops at the end of its duration, not once every slot it fell behind on has had its turn.
+#[test]
+fn an_open_loop_run_against_a_slow_server_ends_with_its_duration() {
+    let s = setup();
+    let mut o = options(&s, Mode::KeepAlive, "client");
+    o.path = "/slow/3000".to_owned();
+    o.max_requests = None;
+    o.rate = Some(100.0);
+    o.duration = Duration::from_millis(1500);
+    o.warmup = Duration::from_millis(100);
+    let report = run_within(o, Duration::from_secs(60)).expect("the run went on past its duration");
+    assert_eq!(report.ok, 0);
+}
+
+/// Responses framed every way the proxy frames them are read whole, so a keep-alive
+/// connection stays in step: chunked bodies, and a 204 that has no length and no body.
+#[test]
+fn chunked_and_bodiless_responses_keep_the_connection_in_step() {
+    let s = setup();
+    for path in ["/chunked/100000", "/status/204"] {
+        let mut o = options(&s, Mode::KeepAlive, "client");
+        o.path = path.to_owned();
+        let report = run_within(o, Duration::from_secs(60)).expect("the run did not end");
+        assert_eq!((report.ok, report.error_count()), (60, 0), "{path}: {report}");
+        assert_eq!(report.handshakes, 4, "{path}: one connection per task, {report}");
+    }
+}
+
 #[test]
 fn refused_certificates_are_counted_as_errors() {
     let s = setup();
@@ -116,13 +145,17 @@ fn argument_errors_are_reported() {
     let s = setup();
     let ca = s.dir.join("root.pem");
     let ca = ca.to_str().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["run", "https://192.0.2.1:443/", "--ca", ca], "only targets loopback"),
         (&["run", "http://127.0.0.1:1/", "--ca", ca], "only https://"),
         (&["run", "https://127.0.0.1:1/", "--ca", "/nonexistent.pem"], "no such file"),
         (&["run", "https://127.0.0.1:1/", "--ca", ca, "-d", "700s"], "--duration"),
         (&["run", "https://127.0.0.1:1/", "--ca", ca, "-d", "1s", "-w", "2s"], "--warmup"),
         (&["run", "https://127.0.0.1:1/", "--ca", ca, "--mode", "fast"], "unknown mode"),
+        (&["run", "https://127.0.0.1:1/", "--ca", ca, "--timeout", "0s"], "--timeout"),
+        (&["run", "https://127.0.0.1:1/", "--ca", ca, "--timeout", "2m"], "--timeout"),
+        (&["run", "https://127.0.0.1:1/", "--ca", ca, "--rate", "0.000001"], "--rate"),
+        (&["run", "https://127.0.0.1:1/", "--ca", ca, "-n", "0"], "--requests"),
     ];
     for (args, expected) in cases {
         let out = tool(args);
