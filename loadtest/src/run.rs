@@ -13,6 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -131,12 +132,10 @@ enum Body {
 
 /// Reads more of the response into `buf`; the end of the stream is an error.
 async fn more(tls: &mut TlsStream<TcpStream>, buf: &mut Vec<u8>) -> io::Result<()> {
-    let mut chunk = [0u8; 16 * 1024];
-    let n = tls.read(&mut chunk).await?;
-    if n == 0 {
+    buf.reserve(8 * 1024);
+    if tls.read_buf(buf).await? == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    buf.extend_from_slice(&chunk[..n]);
     Ok(())
 }
 
@@ -271,7 +270,7 @@ struct Window {
 }
 
 async fn task(
-    id: usize,
+    mut slots: Option<UnboundedReceiver<Instant>>,
     opts: Arc<Options>,
     config: Arc<ClientConfig>,
     window: Arc<Window>,
@@ -293,9 +292,6 @@ async fn task(
     let mut stats = Stats::new();
     let mut conn: Option<TlsStream<TcpStream>> = None;
     let mut buf = Vec::with_capacity(4096);
-    // Open loop: this task's share of the rate, phase-shifted so tasks do not fire together.
-    let interval = opts.rate.map(|r| Duration::from_secs_f64(opts.connections as f64 / r));
-    let mut next = interval.map(|i| window.start + i.mul_f64(id as f64 / opts.connections as f64));
     // Keep-alive and idle connections are made ahead of their first request: the handshake is
     // no request's latency. In handshake and resume modes it is part of every request.
     let connect_ahead = matches!(opts.mode, Mode::KeepAlive | Mode::Idle);
@@ -330,13 +326,14 @@ async fn task(
             }
             continue;
         }
-        let scheduled = match (&mut next, interval) {
-            (Some(at), Some(i)) => {
-                let t = *at;
-                *at += i;
-                t
-            }
-            _ => Instant::now(),
+        // Open loop: the pacer's next slot for this connection (it may be past already: the
+        // latency counts from it all the same). Closed loop: now.
+        let scheduled = match &mut slots {
+            Some(rx) => match rx.recv().await {
+                Some(t) => t,
+                None => break,
+            },
+            None => Instant::now(),
         };
         if scheduled >= window.end {
             break;
@@ -344,9 +341,6 @@ async fn task(
         let measured = scheduled >= window.measure_from;
         if measured && budget.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0 {
             break;
-        }
-        if interval.is_some() {
-            sleep_until(scheduled).await;
         }
         // A request still going at the end is cut there: it would not count anyway.
         let own_deadline = Instant::now() + opts.timeout;
@@ -405,6 +399,58 @@ async fn task(
     stats
 }
 
+/// Open loop: a thread that hands out send times at a steady total rate, one connection after
+/// the other. The runtime's timers tick in milliseconds, too coarse for the intervals of a
+/// constant rate: a sleeping thread wakes within tens of microseconds, and a connection still
+/// busy with its previous request finds its slots waiting (their latency counts from them).
+struct Pacer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pacer {
+    /// Longest sleep between two looks at `stop`.
+    const NAP: Duration = Duration::from_millis(10);
+
+    fn start(rate: f64, connections: usize, window: &Window) -> (Pacer, Vec<UnboundedReceiver<Instant>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..connections).map(|_| unbounded_channel()).unzip();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (start, end) = (window.start.into_std(), window.end.into_std());
+        let every = Duration::from_secs_f64(1.0 / rate);
+        let halt = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut at = start;
+            for tx in senders.iter().cycle() {
+                if at >= end {
+                    break;
+                }
+                loop {
+                    if halt.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    if now >= at {
+                        break;
+                    }
+                    std::thread::sleep((at - now).min(Self::NAP));
+                }
+                let _ = tx.send(Instant::from_std(at));
+                at += every;
+            }
+        });
+        (Pacer { stop, thread: Some(thread) }, receivers)
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs the load described by `opts` and reports what happened.
 pub fn run(opts: Options) -> anyhow::Result<Report> {
     opts.validate()?;
@@ -422,10 +468,17 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
         let budget = Arc::new(std::sync::atomic::AtomicI64::new(
             opts.max_requests.map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX)),
         ));
+        let (pacer, mut slots) = match opts.rate {
+            Some(rate) => {
+                let (pacer, slots) = Pacer::start(rate, opts.connections, &window);
+                (Some(pacer), slots.into_iter().map(Some).collect())
+            }
+            None => (None, Vec::new()),
+        };
         let mut handles = Vec::with_capacity(opts.connections);
         for id in 0..opts.connections {
             handles.push(tokio::spawn(task(
-                id,
+                slots.get_mut(id).and_then(Option::take),
                 opts.clone(),
                 config.clone(),
                 window.clone(),
@@ -451,6 +504,7 @@ pub fn run(opts: Options) -> anyhow::Result<Report> {
                 total.merge(s);
             }
         }
+        drop(pacer);
         let after = cpu_ticks(&opts.watch_pids);
         let elapsed = Instant::now().min(window.end) - window.measure_from;
         let rss = if watcher.is_finished() {
