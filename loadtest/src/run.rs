@@ -269,6 +269,24 @@ struct Window {
     end: Instant,
 }
 
+/// Runs `work` under the per-request `timeout`, and cuts it at the end of the run: a request
+/// still going then would not count anyway. `Err(Some(kind))`: it failed, or timed out
+/// (`timed_out`); `Err(None)`: the run ended first.
+async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, String>>,
+    timeout: Duration,
+    end: Instant,
+    timed_out: &str,
+) -> Result<T, Option<String>> {
+    let own = Instant::now() + timeout;
+    match timeout_at(own.min(end), work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(kind)) => Err(Some(kind)),
+        Err(_) if own < end => Err(Some(timed_out.to_owned())),
+        Err(_) => Err(None),
+    }
+}
+
 async fn task(
     mut slots: Option<UnboundedReceiver<Instant>>,
     opts: Arc<Options>,
@@ -306,23 +324,18 @@ async fn task(
         }
         if connect_ahead && conn.is_none() {
             let started = Instant::now();
-            let own_deadline = started + opts.timeout;
             let connecting = connect(&connector, &opts, &name, &mut stats);
-            let failure = match timeout_at(own_deadline.min(window.end), connecting).await {
-                Ok(Ok(c)) => {
-                    conn = Some(c);
-                    None
+            match bounded(connecting, opts.timeout, window.end, "timeout_connect").await {
+                Ok(c) => conn = Some(c),
+                Err(cut) => {
+                    if let Some(kind) = cut
+                        && counts(started, Instant::now())
+                    {
+                        stats.error(kind);
+                    }
+                    // A connect that fails at once (refused, out of descriptors) must not spin.
+                    sleep_until((Instant::now() + CONNECT_RETRY).min(window.end)).await;
                 }
-                Ok(Err(kind)) => Some(kind),
-                Err(_) if own_deadline < window.end => Some("timeout_connect".to_owned()),
-                Err(_) => None,
-            };
-            if let Some(kind) = failure {
-                if counts(started, Instant::now()) {
-                    stats.error(kind);
-                }
-                // A connect that fails at once (refused, out of descriptors) must not spin.
-                sleep_until((Instant::now() + CONNECT_RETRY).min(window.end)).await;
             }
             continue;
         }
@@ -342,9 +355,7 @@ async fn task(
         if measured && budget.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) <= 0 {
             break;
         }
-        // A request still going at the end is cut there: it would not count anyway.
-        let own_deadline = Instant::now() + opts.timeout;
-        let result = timeout_at(own_deadline.min(window.end), async {
+        let exchange = async {
             if conn.is_none() {
                 conn = Some(connect(&connector, &opts, &name, &mut stats).await?);
             }
@@ -352,12 +363,12 @@ async fn task(
             tls.write_all(&request).await.map_err(|e| classify(&e, "write"))?;
             buf.clear();
             read_response(tls, &mut buf).await.map_err(|e| classify(&e, "response"))
-        })
-        .await;
+        };
+        let result = bounded(exchange, opts.timeout, window.end, "timeout").await;
         let done = Instant::now();
         let counted = counts(scheduled, done);
         match result {
-            Ok(Ok(r)) if (200..400).contains(&r.status) => {
+            Ok(r) if (200..400).contains(&r.status) => {
                 if counted {
                     stats.ok += 1;
                     stats.latency.saturating_record((done - scheduled).as_micros().max(1) as u64);
@@ -374,25 +385,21 @@ async fn task(
                     }
                 }
             }
-            Ok(Ok(r)) => {
+            Ok(r) => {
                 if counted {
                     stats.error(format!("http_{}", r.status));
                 }
                 conn = None;
             }
-            Ok(Err(kind)) => {
-                if counted {
+            Err(cut) => {
+                if let Some(kind) = cut
+                    && counted
+                {
                     stats.error(kind);
                 }
                 conn = None;
                 // Let the other tasks run even when every attempt fails at once.
                 tokio::task::yield_now().await;
-            }
-            Err(_) => {
-                if counted && own_deadline < window.end {
-                    stats.error("timeout".to_owned());
-                }
-                conn = None;
             }
         }
     }
