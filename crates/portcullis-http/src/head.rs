@@ -63,19 +63,31 @@ struct Span {
 }
 
 impl Span {
-    /// The span of `part` inside `base`; `part` must be a sub-slice of `base`.
+    /// The span of `part` inside `base`, found by checked address arithmetic. A `part` that does
+    /// not lie inside `base` (httparse hands out a static `""` for an absent or obs-text reason
+    /// phrase) yields the empty span: nothing outside `base` is ever addressed through it.
     fn within(base: &[u8], part: &[u8]) -> Span {
-        let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
-        debug_assert!(start + part.len() <= base.len());
-        Span { start: start as u32, end: (start + part.len()) as u32 }
+        let offset = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize);
+        match offset {
+            Some(start) if start <= base.len() && part.len() <= base.len() - start => {
+                // Heads are bounded far below 4 GiB by `Limits`; saturate rather than wrap.
+                let start32 = u32::try_from(start).unwrap_or(u32::MAX);
+                let end32 = u32::try_from(start + part.len()).unwrap_or(u32::MAX);
+                Span { start: start32, end: end32 }
+            }
+            _ => Span::default(),
+        }
     }
 
+    /// The bytes of the span in `raw`; empty when the span does not fit (never panics).
     fn get(self, raw: &[u8]) -> &[u8] {
-        &raw[self.start as usize..self.end as usize]
+        raw.get(self.start as usize..self.end as usize).unwrap_or_default()
     }
 
     fn sub(self, from: usize, to: usize) -> Span {
-        Span { start: self.start + from as u32, end: self.start + to as u32 }
+        let start = self.start.saturating_add(from as u32);
+        let end = self.start.saturating_add(to as u32).max(start);
+        Span { start, end: end.min(self.end) }
     }
 }
 
@@ -720,8 +732,10 @@ impl ResponseHead {
         let (Some(status), Some(reason)) = (res.code, res.reason) else {
             return Err(HeadError::Malformed("incomplete status line"));
         };
-        if !(100..=999).contains(&status) {
-            return Err(HeadError::Malformed("invalid status code"));
+        // RFC 9110 §15: the status code is three digits, 100 to 599; anything else has no
+        // defined meaning for the client and is not passed on.
+        if !(100..=599).contains(&status) {
+            return Err(HeadError::Malformed("status code outside 100-599"));
         }
         let version = version_of(res.version)?;
         let mut framing = FramingFields::default();
@@ -765,8 +779,14 @@ impl ResponseHead {
         self.status
     }
 
+    /// The reason phrase to send on: the backend's, or the canonical one for the status when the
+    /// backend sent none (valid, RFC 9112 §4) or one with obs-text, which httparse does not hand
+    /// out.
     pub fn reason(&self) -> &[u8] {
-        self.reason.get(&self.raw)
+        match self.reason.get(&self.raw) {
+            b"" => crate::write::reason_phrase(self.status).as_bytes(),
+            r => r,
+        }
     }
 
     pub fn version(&self) -> Version {
@@ -1088,5 +1108,41 @@ mod tests {
             parse_response("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn reason_phrases_absent_or_with_obs_text_become_canonical() {
+        for (raw, reason) in [
+            ("HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n", &b"OK"[..]),
+            ("HTTP/1.1 404 \r\n\r\n", b"Not Found"),
+            ("HTTP/1.1 421\r\n\r\n", b"Misdirected Request"),
+            ("HTTP/1.1 200 Fine\tThanks\r\n\r\n", b"Fine\tThanks"),
+        ] {
+            let r = parse_response(raw).expect(raw);
+            assert_eq!(r.reason(), reason, "{raw:?}");
+        }
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 \xe9t\xe9\r\n\r\n"[..]);
+        let len = HeadScanner::default().scan(&mut buf, 1024).expect("scan").expect("whole");
+        let mut head = ResponseHead::default();
+        head.parse(&mut buf, len, &Limits::default()).expect("obs-text is valid");
+        assert_eq!(head.reason(), b"OK");
+    }
+
+    #[test]
+    fn status_codes_outside_100_to_599_are_refused() {
+        for raw in ["HTTP/1.1 099 X\r\n\r\n", "HTTP/1.1 600 X\r\n\r\n", "HTTP/1.1 999 X\r\n\r\n"] {
+            assert!(parse_response(raw).is_err(), "{raw:?}");
+        }
+        assert!(parse_response("HTTP/1.1 599 X\r\n\r\n").is_ok());
+        assert!(parse_response("HTTP/1.1 100 X\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn spans_outside_their_base_are_empty_never_out_of_bounds() {
+        let base = b"HTTP/1.1 200 OK";
+        let outside: &'static [u8] = b"";
+        assert_eq!(Span::within(base, outside).get(base), b"");
+        assert_eq!(Span::within(base, &base[9..12]).get(base), b"200");
+        assert_eq!(Span { start: 10, end: 99 }.get(base), b"");
     }
 }

@@ -28,6 +28,8 @@ const VIA: &[u8] = b"1.1 portcullis";
 const SHRINK_AFTER: Duration = Duration::from_secs(2);
 /// Longest a write to a client may block (a client that does not read is dropped).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Interim (1xx) responses accepted before the final one.
+const MAX_INTERIM_RESPONSES: u32 = 16;
 /// How long a backend that stopped taking a request body gets to show the answer it sent.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// After a response to a request that was not read whole, how long (and how much) to keep
@@ -75,6 +77,7 @@ pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, 
         edits: HeaderEdits::default(),
         path: Vec::new(),
         unread_input: false,
+        interim_sent: false,
         acceptor,
         idle_timer: Timer::new(),
         io_timer: Timer::new(),
@@ -229,6 +232,9 @@ struct Conn<S> {
     /// The client may have sent bytes the proxy will not read (a body left unread): close with
     /// lingering.
     unread_input: bool,
+    /// An interim response of the current exchange has gone to the client: the request can no
+    /// longer be repeated on another connection.
+    interim_sent: bool,
     /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
     /// that knows its hostnames.
     acceptor: portcullis_tls::TlsAcceptor,
@@ -609,6 +615,7 @@ impl<S: Stream> Conn<S> {
             && !self.head.expect_continue();
         let mut attempt = 0;
         let mut answered_early = false;
+        self.interim_sent = false;
         let mut upstream = loop {
             attempt += 1;
             let (up, reused) = match self.checkout(backend).await {
@@ -662,7 +669,7 @@ impl<S: Stream> Conn<S> {
                 }
                 Err(e) => Err(UpstreamError::RequestBody(e)),
             };
-            let retry = reused && attempt == 1 && repeatable;
+            let retry = reused && attempt == 1 && repeatable && !self.interim_sent;
             match result {
                 // What a pooled connection says when the backend timed it out while it was idle
                 // (an unsolicited 408, then close) is not the answer to this request.
@@ -834,6 +841,7 @@ impl<S: Stream> Conn<S> {
     ) -> Result<(), UpstreamError> {
         let mut scanner = HeadScanner::default();
         let mut received = false;
+        let mut interim = 0;
         self.ubuf.clear();
         // The whole head (interim responses included) within the timeout, not each read.
         let deadline = Instant::now() + response_timeout;
@@ -849,9 +857,18 @@ impl<S: Stream> Conn<S> {
                         )));
                     }
                     if self.resp.is_informational() {
+                        // A backend that only ever says "wait" is bounded by count as well as by
+                        // the deadline: each interim response costs a parse and a client write.
+                        interim += 1;
+                        if interim > MAX_INTERIM_RESPONSES {
+                            return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                                "too many interim responses",
+                            )));
+                        }
                         // Forwarded to an HTTP/1.1 client (RFC 9110 §15.2: 103 Early Hints, 102),
                         // but for 100 Continue, which the proxy answers itself.
                         if self.resp.status() != 100 && self.head.version() == Version::Http11 {
+                            self.interim_sent = true;
                             self.forward_interim().await;
                         }
                         continue;
@@ -1053,7 +1070,16 @@ async fn relay_body<R: Stream, W: Stream>(
         BodyMode::Chunked(output) => {
             let mut decoder = ChunkedDecoder::new(output);
             loop {
-                let progress = decoder.decode(sbuf, out).map_err(RelayError::SourceFraming)?;
+                let progress = match decoder.decode(sbuf, out) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // What was decoded before the fault goes out (the head with it, when
+                        // nothing has been sent yet); the connection then ends where the body
+                        // broke, never with a made-up end.
+                        let _ = flush(dst, out, timer, write_timeout).await;
+                        return Err(RelayError::SourceFraming(e));
+                    }
+                };
                 if progress == Decoded::Done {
                     return flush(dst, out, timer, write_timeout).await;
                 }

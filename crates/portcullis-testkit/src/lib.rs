@@ -4,6 +4,7 @@
 //!   a CRL) with rcgen;
 //! - [`backend`]: an HTTP/1.1 backend on 127.0.0.1 with behaviours chosen by path;
 //! - [`client`]: a rustls client that presents certificates, resumes sessions and sends raw bytes;
+//! - [`scripted`]: a backend that answers with exact bytes, for responses no server should send;
 //! - [`proxy`]: the proxy started in-process, or the real binary as a child process.
 //!
 //! No mocks: real sockets on 127.0.0.1, real TLS on both sides. The demo (`portcullis demo`) is
@@ -14,8 +15,10 @@ pub mod backend;
 pub mod client;
 pub mod pki;
 pub mod proxy;
+pub mod scripted;
 
 pub use backend::Backend;
 pub use client::{Conn, Response, TlsClient, Versions};
 pub use pki::{Identity, Pki, PkiPaths};
 pub use proxy::{ProxyProcess, TestProxy};
+pub use scripted::{Reply, ScriptedBackend, Then};
