@@ -6,6 +6,7 @@ mod backend_responses;
 mod common;
 mod config;
 mod conformance;
+mod containment;
 mod framing;
 mod lifecycle;
 mod policy;

@@ -1,6 +1,7 @@
 //! One client connection: handshake, then request after request — read the head, route, run
 //! policy, forward to the backend, relay the response.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -40,7 +41,16 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// Limits for backend response heads: backends are trusted more than clients, not blindly.
 const RESPONSE_LIMITS: Limits = Limits { max_head_size: 64 * 1024, max_headers: 256 };
 
-pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, listener: usize) {
+/// The id of the request a connection is serving, for the log line should it panic.
+pub(crate) type CurrentRequest = Rc<Cell<Option<[u8; 16]>>>;
+
+pub(crate) async fn serve(
+    worker: Rc<Worker>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    current: CurrentRequest,
+) {
     let snap = worker.snapshot();
     let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
     let handshake_timeout = snap.server.handshake_timeout;
@@ -78,6 +88,7 @@ pub(crate) async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr, 
         path: Vec::new(),
         unread_input: false,
         interim_sent: false,
+        current,
         acceptor,
         idle_timer: Timer::new(),
         io_timer: Timer::new(),
@@ -235,6 +246,7 @@ struct Conn<S> {
     /// An interim response of the current exchange has gone to the client: the request can no
     /// longer be repeated on another connection.
     interim_sent: bool,
+    current: CurrentRequest,
     /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
     /// that knows its hostnames.
     acceptor: portcullis_tls::TlsAcceptor,
@@ -447,6 +459,13 @@ impl<S: Stream> Conn<S> {
         let snap = self.worker.snapshot();
         let mut id = [0u8; 16];
         self.worker.next_request_id(&mut id);
+        self.current.set(Some(id));
+        #[cfg(feature = "fault-injection")]
+        match self.head.header(b"x-portcullis-fault") {
+            Some(b"panic") => panic!("fault injection: this connection panics"),
+            Some(b"kill-worker") => self.worker.doomed.set(true),
+            _ => {}
+        }
         // Read only for the access log (a clock read per request is not free).
         let started = snap.server.access_log.then(Instant::now);
         let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {

@@ -2,7 +2,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::{fmt, io};
@@ -102,6 +103,8 @@ impl Server {
         let shared = Arc::new(Shared {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             draining: AtomicBool::new(false),
+            lost_workers: AtomicUsize::new(0),
+            on_lost_worker: OnceLock::new(),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(workers);
@@ -110,7 +113,10 @@ impl Server {
             let ready = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("portcullis-w{id}"))
-                .spawn(move || worker::run(id, shared, listeners, driver, ready))
+                .spawn(move || {
+                    let _watch = worker::ExitWatch { id, shared: shared.clone() };
+                    worker::run(id, shared, listeners, driver, ready)
+                })
                 .map_err(|e| StartError::Io(format!("cannot start worker thread: {e}")))?;
             handles.push(handle);
         }
@@ -143,6 +149,24 @@ impl Server {
     /// The addresses actually bound, one per `[[listener]]` (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Calls `notify` (from the dying worker's thread) as soon as a worker thread ends while the
+    /// server is not stopping — at once if one already has. The process should then exit
+    /// non-zero, so that its service manager starts a whole one again. Set once; later calls
+    /// are ignored.
+    pub fn on_lost_worker(&self, notify: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shared.on_lost_worker.set(Box::new(notify));
+        if self.lost_workers() > 0
+            && let Some(n) = self.shared.on_lost_worker.get()
+        {
+            n();
+        }
+    }
+
+    /// Worker threads that ended while the server was not stopping.
+    pub fn lost_workers(&self) -> usize {
+        self.shared.lost_workers.load(Ordering::Acquire)
     }
 
     /// The generation of the snapshot being served (1 at start, +1 per successful reload).

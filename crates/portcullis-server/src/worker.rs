@@ -1,10 +1,14 @@
 //! A worker: one thread, one monoio runtime, its own listening sockets and backend pool.
 
 use std::cell::{Cell, RefCell};
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::pin;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Cache};
@@ -16,10 +20,44 @@ use crate::pool::Pool;
 use crate::snapshot::Snapshot;
 
 /// State shared by all workers and the control thread.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
     pub(crate) draining: AtomicBool,
+    /// Workers that ended while the server was not stopping (a panic outside any connection,
+    /// a runtime failure): the process must not serve on with fewer.
+    pub(crate) lost_workers: AtomicUsize,
+    /// Told when a worker is lost (set once, by whoever runs the process).
+    pub(crate) on_lost_worker: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("draining", &self.draining)
+            .field("lost_workers", &self.lost_workers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lives on a worker thread's stack: when the thread ends — by returning or by unwinding — while
+/// the server is not stopping, the loss is counted, logged and reported at once.
+pub(crate) struct ExitWatch {
+    pub(crate) id: usize,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Drop for ExitWatch {
+    fn drop(&mut self) {
+        if self.shared.draining.load(Ordering::Acquire) {
+            return;
+        }
+        self.shared.lost_workers.fetch_add(1, Ordering::AcqRel);
+        let how = if std::thread::panicking() { "panicked" } else { "returned" };
+        tracing::error!(worker = self.id, how, "worker thread exited while serving");
+        if let Some(notify) = self.shared.on_lost_worker.get() {
+            notify();
+        }
+    }
 }
 
 /// How often a worker looks at the shared shutdown flag and sweeps its pool.
@@ -34,6 +72,11 @@ pub(crate) struct Worker {
     active: Cell<usize>,
     requests: Cell<u64>,
     request_id_base: u64,
+    /// Connections ended by a panic while serving them (the worker served on).
+    pub(crate) panics: Cell<u64>,
+    /// Set by the fault-injection hook: the worker's own loop panics at its next tick.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) doomed: Cell<bool>,
 }
 
 impl Worker {
@@ -97,6 +140,9 @@ pub(crate) fn run(
         active: Cell::new(0),
         requests: Cell::new(0),
         request_id_base: base,
+        panics: Cell::new(0),
+        #[cfg(feature = "fault-injection")]
+        doomed: Cell::new(false),
     });
     let fut = serve(worker, listeners, ready.clone());
     let use_uring = match driver {
@@ -174,6 +220,10 @@ async fn serve(
         if worker.shared.draining.load(Ordering::Acquire) {
             break;
         }
+        #[cfg(feature = "fault-injection")]
+        if worker.doomed.get() {
+            panic!("fault injection: worker {} dies", worker.id);
+        }
         let snap = worker.snapshot();
         worker.pool.borrow_mut().sweep(|addr| {
             snap.backends.iter().find(|b| b.addr == addr).map_or(Duration::ZERO, |b| b.idle_timeout)
@@ -221,7 +271,35 @@ fn spawn_connection(worker: &Rc<Worker>, stream: TcpStream, peer: SocketAddr, li
     let worker = worker.clone();
     // Detached: the task runs to completion on its own; its handle is not needed.
     drop(monoio::spawn(async move {
-        crate::conn::serve(worker, stream, peer, listener).await;
+        let request_id = Rc::new(Cell::new(None));
+        let mut conn = pin!(crate::conn::serve(worker.clone(), stream, peer, listener, request_id.clone()));
+        // A panic while serving one connection ends that connection, never the worker: each
+        // poll runs under `catch_unwind`, and the future is dropped (its sockets closed) when one
+        // unwinds. Whatever it held in the worker (a pool borrow, a counter) is released by the
+        // unwinding itself.
+        let outcome = poll_fn(|cx| match catch_unwind(AssertUnwindSafe(|| conn.as_mut().poll(cx))) {
+            Ok(Poll::Ready(())) => Poll::Ready(Ok(())),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(payload)),
+        })
+        .await;
+        if let Err(payload) = outcome {
+            worker.panics.set(worker.panics.get() + 1);
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_owned());
+            let id = request_id.get().map(|id: [u8; 16]| String::from_utf8_lossy(&id).into_owned());
+            tracing::error!(
+                worker = worker.id,
+                %peer,
+                request_id = id.as_deref().unwrap_or("-"),
+                panic = %message,
+                panics = worker.panics.get(),
+                "connection ended by a panic; the worker serves on"
+            );
+        }
         drop(guard);
     }));
 }

@@ -181,6 +181,10 @@ fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    // A lost worker ends the signal loop: the process then exits non-zero instead of serving on
+    // with fewer workers (and, with one, with none).
+    let handle = signals.handle();
+    server.on_lost_worker(move || handle.close());
     let mut reloads: u64 = 0;
     let signal = wait_for_signals(&mut signals, || {
         reloads += 1;
@@ -204,10 +208,21 @@ fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
             }
         }
     })?;
-    tracing::info!(signal, "shutting down: draining in-flight requests");
+    let lost = server.lost_workers();
+    if lost > 0 {
+        tracing::error!(
+            lost,
+            "a worker thread is gone; stopping so that the service manager restarts the proxy"
+        );
+    } else {
+        tracing::info!(signal, "shutting down: draining in-flight requests");
+    }
     let result = server.shutdown();
     if let Some(p) = pid_file {
         let _ = std::fs::remove_file(p);
+    }
+    if lost > 0 {
+        return Ok(ExitCode::from(70)); // EX_SOFTWARE
     }
     result.context("shutting down")?;
     tracing::info!("stopped");
