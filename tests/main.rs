@@ -9,6 +9,7 @@ mod conformance;
 mod containment;
 mod framing;
 mod lifecycle;
+mod operator;
 mod policy;
 mod proxy;
 mod reload;

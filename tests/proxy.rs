@@ -657,8 +657,22 @@ fn sni_and_host_must_agree() {
     let r = c.request("GET", "/", &[("X-Ignored", "1")], b"").unwrap();
     assert_eq!(r.status, 200, "its own host is fine");
     c.write_raw(b"GET / HTTP/1.1\r\nHost: devices.localhost:443\r\n\r\n").unwrap();
+    assert_eq!(c.read_line().unwrap(), "HTTP/1.1 421 Misdirected Request");
+    let mut length = 0;
+    loop {
+        let line = c.read_line().unwrap();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("Content-Length: ") {
+            length = v.parse().unwrap();
+        }
+    }
+    c.read_body_streaming(length, |_| {}).unwrap();
+    c.write_raw(b"GET / HTTP/1.1\r\nHost: devices.localhost:443\r\n\r\n").unwrap();
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 421);
+    assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT") && d.len() == 29), "{:?}", r.headers);
     assert_eq!(r.text(), r#"{"statusCode":421,"message":"Misdirected request"}"#);
     assert_eq!(env.backend.requests(), 1);
 }

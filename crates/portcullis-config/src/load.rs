@@ -194,6 +194,9 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
             "drain_timeout",
             "body_timeout",
             "access_log",
+            "max_connections",
+            "allow_underscores_in_headers",
+            "max_body_size",
         ],
     );
     if let Some(v) = get(t, "workers") {
@@ -229,6 +232,18 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
     }
     if let Some(v) = get(t, "access_log") {
         s.access_log = r.boolean(v, "server.access_log").unwrap_or(s.access_log);
+    }
+    if let Some(v) = get(t, "max_connections") {
+        s.max_connections =
+            r.integer(v, "server.max_connections", 1..10_000_001).map(|n| n as usize).or(s.max_connections);
+    }
+    if let Some(v) = get(t, "allow_underscores_in_headers") {
+        s.allow_underscores_in_headers =
+            r.boolean(v, "server.allow_underscores_in_headers").unwrap_or(s.allow_underscores_in_headers);
+    }
+    if let Some(v) = get(t, "max_body_size") {
+        s.max_body_size =
+            r.integer(v, "server.max_body_size", 0..i64::MAX).map(|n| n as u64).or(s.max_body_size);
     }
     s
 }

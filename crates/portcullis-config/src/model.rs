@@ -67,6 +67,14 @@ pub struct Server {
     pub body_timeout: Duration,
     /// One log line per request (target `portcullis::access`).
     pub access_log: bool,
+    /// Open client connections per worker; more wait in the kernel's accept queue. `None`:
+    /// sized from the open-file limit when the server starts.
+    pub max_connections: Option<usize>,
+    /// Forward request header fields whose names contain `_` (dropped by default: CGI/WSGI
+    /// backends read `X_Foo` and `X-Foo` as one variable).
+    pub allow_underscores_in_headers: bool,
+    /// Largest request body, in bytes; a larger one is refused with 413. `None`: no limit.
+    pub max_body_size: Option<u64>,
 }
 
 impl Default for Server {
@@ -82,6 +90,9 @@ impl Default for Server {
             drain_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
             access_log: false,
+            max_connections: None,
+            allow_underscores_in_headers: false,
+            max_body_size: None,
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct ChunkedDecoder {
     digits: u32,
     line_len: usize,
     trailer_len: usize,
+    /// Data bytes the chunk sizes read so far announce (saturating).
+    announced: u64,
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -104,11 +106,25 @@ fn is_field_vchar(b: u8) -> bool {
 
 impl ChunkedDecoder {
     pub fn new(output: ChunkedOutput) -> Self {
-        ChunkedDecoder { state: State::Size, output, size: 0, digits: 0, line_len: 0, trailer_len: 0 }
+        ChunkedDecoder {
+            state: State::Size,
+            output,
+            size: 0,
+            digits: 0,
+            line_len: 0,
+            trailer_len: 0,
+            announced: 0,
+        }
     }
 
     pub fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// The body's length as announced by the chunk sizes read so far: known as soon as a chunk's
+    /// size line is, before its data arrives (for a body size limit).
+    pub fn announced_len(&self) -> u64 {
+        self.announced
     }
 
     /// Consumes what it can of `src`, appending the decoded (or re-encoded) body to `out`.
@@ -220,6 +236,7 @@ impl ChunkedDecoder {
             (SizeLf, b'\n') => {
                 self.line_len = 0;
                 self.digits = 0;
+                self.announced = self.announced.saturating_add(self.size);
                 if self.size == 0 { TrailerStart } else { Data }
             }
             (SizeLf, _) => return Err(ChunkedError("chunk line not ended by CRLF")),

@@ -179,6 +179,7 @@ pub fn json_response(
     json_escaped(&mut body, message);
     body.put_slice(b"\"}");
     status_line(out, Version::Http11, status, reason_phrase(status).as_bytes());
+    date(out);
     out.put_slice(b"Content-Type: application/json\r\n");
     content_length(out, body.len() as u64);
     connection.write(out);
@@ -253,5 +254,77 @@ mod tests {
             decimal(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());
         }
+    }
+}
+
+/// An IMF-fixdate (RFC 9110 §5.6.7) for a time in seconds since the Unix epoch:
+/// `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(unix: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] =
+        [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Civil date from a day count (Howard Hinnant's algorithm), in the era-based form.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = (yoe + era * 400 + i64::from(month <= 2)).clamp(0, 9999) as u64;
+    let mut d = [0u8; 29];
+    let two = |v: u64| [b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8];
+    d[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    d[3..5].copy_from_slice(b", ");
+    d[5..7].copy_from_slice(&two(day as u64));
+    d[7] = b' ';
+    d[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
+    d[11] = b' ';
+    d[12..14].copy_from_slice(&two(year / 100));
+    d[14..16].copy_from_slice(&two(year % 100));
+    d[16] = b' ';
+    d[17..19].copy_from_slice(&two(secs / 3600));
+    d[19] = b':';
+    d[20..22].copy_from_slice(&two(secs / 60 % 60));
+    d[22] = b':';
+    d[23..25].copy_from_slice(&two(secs % 60));
+    d[25..29].copy_from_slice(b" GMT");
+    d
+}
+
+/// `Date: <now>\r\n`, formatted at most once a second per thread.
+pub fn date(out: &mut BytesMut) {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let text = CACHE.with(|c| {
+        let (at, text) = c.get();
+        if at == now {
+            return text;
+        }
+        let text = http_date(now);
+        c.set((now, text));
+        text
+    });
+    out.put_slice(b"Date: ");
+    out.put_slice(&text);
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod date_tests {
+    use super::http_date;
+
+    #[test]
+    fn imf_fixdates() {
+        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&http_date(951_782_400), b"Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(&http_date(1_798_761_599), b"Thu, 31 Dec 2026 23:59:59 GMT");
     }
 }

@@ -110,6 +110,8 @@ enum RelayError {
     SourceTimeout,
     SourceClosed,
     SourceFraming(ChunkedError),
+    /// More than `server.max_body_size`.
+    SourceTooLarge,
     Destination(io::Error),
 }
 
@@ -120,6 +122,7 @@ impl std::fmt::Display for RelayError {
             RelayError::SourceTimeout => f.write_str("read timed out"),
             RelayError::SourceClosed => f.write_str("closed before the end of the body"),
             RelayError::SourceFraming(e) => write!(f, "{e}"),
+            RelayError::SourceTooLarge => f.write_str("body larger than server.max_body_size"),
             RelayError::Destination(e) => write!(f, "write failed: {e}"),
         }
     }
@@ -170,8 +173,13 @@ struct RequestFields<'a> {
     identity: &'a [Bytes],
 }
 
+/// Whether `name` is one of the identity headers, or folds to one the way CGI and WSGI fold
+/// names (`_` read as `-`, any case): `X_Client_Cert_Subject` is `X-Client-Cert-Subject` to them.
 fn is_identity(identity: &[Bytes], name: &[u8]) -> bool {
-    identity.iter().any(|n| n.eq_ignore_ascii_case(name))
+    identity.iter().any(|n| {
+        n.len() == name.len()
+            && n.iter().zip(name).all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (a == b'-' && b == b'_'))
+    })
 }
 
 impl HeaderList for RequestFields<'_> {
@@ -472,6 +480,13 @@ impl<S: Stream> Conn<S> {
             let rest = route.rest_of(self.head.path_only());
             Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
         });
+        if let (Some(max), Framing::Length(n)) = (snap.server.max_body_size, self.head.framing())
+            && n > max
+        {
+            tracing::info!(peer = %self.peer, length = n, max_body_size = max, "request body too large");
+            self.access_log(None, 413, started, &id);
+            return self.respond_local(413, "Request body too large", false).await;
+        }
         // The Host must belong to the TLS site the client connected to (RFC 9110 §15.5.20).
         if self.acceptor.has_sites()
             && let Some(host) = self.head.host()
@@ -531,6 +546,7 @@ impl<S: Stream> Conn<S> {
             None => write::reason_phrase(response.status).as_bytes(),
         };
         write::status_line(out, Version::Http11, response.status, reason);
+        write::date(out);
         if let Some(ct) = &response.content_type {
             write::header(out, b"Content-Type", ct);
         }
@@ -572,7 +588,13 @@ impl<S: Stream> Conn<S> {
     }
 
     /// Writes the request head for the backend into `out`.
-    fn write_upstream_head(&mut self, route: &Route, backend: &Backend, identity: &[Bytes]) {
+    fn write_upstream_head(
+        &mut self,
+        route: &Route,
+        backend: &Backend,
+        identity: &[Bytes],
+        underscores: bool,
+    ) {
         let out = &mut self.out;
         out.clear();
         forwarded_path(route, backend, self.head.path(), &mut self.path);
@@ -584,6 +606,7 @@ impl<S: Stream> Conn<S> {
             if hop
                 || self.edits.is_removed(i)
                 || is_identity(identity, name)
+                || (!underscores && name.contains(&b'_'))
                 || is_forwarding_header(name)
                 || name.eq_ignore_ascii_case(b"content-length")
             {
@@ -644,7 +667,7 @@ impl<S: Stream> Conn<S> {
                 }
             };
             let mut up = PlainStream::new(up);
-            self.write_upstream_head(route, backend, identity);
+            self.write_upstream_head(route, backend, identity, snap.server.allow_underscores_in_headers);
             if self.head.expect_continue() {
                 let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
                 let written =
@@ -658,7 +681,7 @@ impl<S: Stream> Conn<S> {
                 Framing::Length(n) => BodyMode::Length(n),
                 Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
             };
-            let timeouts = (snap.server.body_timeout, backend.response_timeout);
+            let timeouts = (snap.server.body_timeout, backend.response_timeout, snap.server.max_body_size);
             let sent = relay_body(
                 body,
                 (&mut self.client, &mut self.rbuf),
@@ -738,7 +761,7 @@ impl<S: Stream> Conn<S> {
             (&mut upstream, &mut self.ubuf),
             &mut self.client,
             &mut self.out,
-            (backend.response_timeout, WRITE_TIMEOUT),
+            (backend.response_timeout, WRITE_TIMEOUT, None),
             &mut self.io_timer,
             false,
         )
@@ -775,6 +798,10 @@ impl<S: Stream> Conn<S> {
         let out = &mut self.out;
         out.clear();
         write::status_line(out, Version::Http11, self.resp.status(), self.resp.reason());
+        // A recipient with a clock adds the Date an origin left out (RFC 9110 §6.6.1).
+        if self.resp.header(b"date").is_none() {
+            write::date(out);
+        }
         for i in 0..self.resp.field_count() {
             let (name, value, hop) = self.resp.field(i);
             if hop || self.edits.is_removed(i) || name.eq_ignore_ascii_case(b"content-length") {
@@ -936,6 +963,7 @@ impl<S: Stream> Conn<S> {
             UpstreamError::ConnectTimeout | UpstreamError::Timeout => (504, "Gateway timeout"),
             UpstreamError::RequestBody(RelayError::SourceTimeout) => (408, "Request timeout"),
             UpstreamError::RequestBody(RelayError::SourceFraming(_)) => (400, "Bad request"),
+            UpstreamError::RequestBody(RelayError::SourceTooLarge) => (413, "Request body too large"),
             UpstreamError::RequestBody(RelayError::SourceClosed | RelayError::SourceIo(_)) => {
                 tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
                 return (false, 0);
@@ -961,7 +989,7 @@ async fn relay_body<R: Stream, W: Stream>(
     (src, sbuf): (&mut R, &mut BytesMut),
     dst: &mut W,
     out: &mut BytesMut,
-    (read_timeout, write_timeout): (Duration, Duration),
+    (read_timeout, write_timeout, max_len): (Duration, Duration, Option<u64>),
     timer: &mut Timer,
     watch_dst: bool,
 ) -> Result<(), RelayError> {
@@ -1092,6 +1120,10 @@ async fn relay_body<R: Stream, W: Stream>(
                 let progress = match decoder.decode(sbuf, out) {
                     Ok(p) => p,
                     Err(e) => {
+                        if max_len.is_some() {
+                            // A request body: nothing of it is worth sending on.
+                            return Err(RelayError::SourceFraming(e));
+                        }
                         // What was decoded before the fault goes out (the head with it, when
                         // nothing has been sent yet); the connection then ends where the body
                         // broke, never with a made-up end.
@@ -1099,6 +1131,9 @@ async fn relay_body<R: Stream, W: Stream>(
                         return Err(RelayError::SourceFraming(e));
                     }
                 };
+                if max_len.is_some_and(|max| decoder.announced_len() > max) {
+                    return Err(RelayError::SourceTooLarge);
+                }
                 if progress == Decoded::Done {
                     return flush(dst, out, timer, write_timeout).await;
                 }

@@ -78,10 +78,7 @@ impl Server {
     pub fn start(config: &Config) -> Result<Server, StartError> {
         let keys = TicketKeys::generate();
         let snapshot = Snapshot::compile(config, &keys, 1).map_err(StartError::Config)?;
-        let workers = match config.server.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let workers = crate::snapshot::worker_count(&config.server);
         // Bind everything before starting anything, so that an address in use is reported as
         // such. Port 0 is resolved by the first socket and reused by the others.
         let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =

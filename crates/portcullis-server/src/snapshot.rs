@@ -119,6 +119,26 @@ pub struct Snapshot {
     pub(crate) policies: PolicySet,
     pub(crate) limits: Limits,
     pub(crate) server: portcullis_config::Server,
+    /// Open client connections per worker before accepting waits (`server.max_connections`, or
+    /// sized from the open-file limit).
+    pub(crate) max_connections: usize,
+}
+
+/// Connections per worker when `server.max_connections` is not set: the open-file limit, less a
+/// reserve for listeners, files and logs, split between the workers, two descriptors a
+/// connection (the client's and a backend's).
+pub(crate) fn default_max_connections(workers: usize) -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1 << 20);
+    let usable = usize::try_from(soft).unwrap_or(usize::MAX).saturating_sub(256);
+    (usable / 2 / workers.max(1)).max(16)
+}
+
+/// Worker threads for a configuration (`0`: one per available core).
+pub(crate) fn worker_count(server: &portcullis_config::Server) -> usize {
+    match server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -223,6 +243,10 @@ impl Snapshot {
                 max_headers: config.server.max_headers,
             },
             server: config.server.clone(),
+            max_connections: config
+                .server
+                .max_connections
+                .unwrap_or_else(|| default_max_connections(worker_count(&config.server))),
         };
         errors.into_result(snapshot)
     }

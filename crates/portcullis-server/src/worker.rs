@@ -8,7 +8,7 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Cache};
@@ -60,6 +60,9 @@ impl Drop for ExitWatch {
     }
 }
 
+/// At most one "connection limit reached" line per worker per this interval.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// How often a worker looks at the shared shutdown flag and sweeps its pool.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -70,6 +73,8 @@ pub(crate) struct Worker {
     pub(crate) pool: RefCell<Pool>,
     pub(crate) shutdown: Event,
     active: Cell<usize>,
+    /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
+    room_waiters: RefCell<Vec<Waker>>,
     requests: Cell<u64>,
     request_id_base: u64,
     /// Connections ended by a panic while serving them (the worker served on).
@@ -115,6 +120,26 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        // Only full workers have waiters: the common case is one empty-Vec check.
+        if !self.0.room_waiters.borrow().is_empty() {
+            for w in std::mem::take(&mut *self.0.room_waiters.borrow_mut()) {
+                w.wake();
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Resolves once fewer than `cap` connections are open.
+    async fn room(&self, cap: usize) {
+        poll_fn(|cx| {
+            if self.active.get() < cap {
+                return Poll::Ready(());
+            }
+            self.room_waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
     }
 }
 
@@ -138,6 +163,7 @@ pub(crate) fn run(
         pool: RefCell::new(Pool::default()),
         shutdown: Event::default(),
         active: Cell::new(0),
+        room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),
         request_id_base: base,
         panics: Cell::new(0),
@@ -247,7 +273,29 @@ async fn serve(
 }
 
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, index: usize) {
+    let mut full_since: Option<Instant> = None;
     loop {
+        // Back-pressure: at the cap, stop accepting; new connections wait in the kernel's accept
+        // queue (and past it, their SYNs are retried by the client) until one ends here.
+        let cap = worker.snapshot().max_connections;
+        if worker.active.get() >= cap {
+            if full_since.is_none_or(|t| t.elapsed() >= FULL_LOG_EVERY) {
+                tracing::warn!(
+                    worker = worker.id,
+                    max_connections = cap,
+                    "connection limit reached; accepting paused"
+                );
+                full_since = Some(Instant::now());
+            }
+            let room = monoio::select! {
+                _ = worker.room(cap) => true,
+                _ = worker.shutdown.wait() => false,
+            };
+            if !room {
+                break;
+            }
+            continue;
+        }
         let accepted = monoio::select! {
             r = listener.accept() => Some(r),
             _ = worker.shutdown.wait() => None,

@@ -372,7 +372,16 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for TlsStre
         while offset < src.len() {
             match self.ssl.ssl_write(&src[offset..]) {
                 Ok(n) => offset += n,
-                Err(e) if e.code() == ErrorCode::WANT_WRITE => {}
+                Err(e) if e.code() == ErrorCode::WANT_WRITE => {
+                    // The staging buffer takes every byte, so BoringSSL can only mean "send what
+                    // you have first". With nothing to send, no progress is possible: fail
+                    // rather than spin.
+                    if self.ssl.get_ref().tx.is_empty() {
+                        return Err(io::Error::other("TLS write made no progress"));
+                    }
+                    Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await?;
+                    continue;
+                }
                 Err(e) => return Err(tls_io_error(e)),
             }
             if self.ssl.get_ref().tx.len() >= TX_FLUSH_AT {

@@ -25,7 +25,7 @@ use foreign_types::{ForeignType, ForeignTypeRef};
 use crate::facts::{ClientCert, VerifyError, now_unix, unix_time};
 use crate::pki::RevocationSet;
 
-/// Most verification results a worker keeps; beyond it the cache starts over.
+/// Most verification results a worker keeps; beyond it, a few entries make room for each new one.
 const CACHE_CAPACITY: usize = 16 * 1024;
 /// A cached result is re-verified after this long, so that a CA or a clock change is noticed.
 const CACHE_TTL_SECS: i64 = 300;
@@ -52,6 +52,39 @@ struct CacheEntry {
 
 thread_local! {
     static CACHE: RefCell<HashMap<(u64, [u8; 32]), CacheEntry>> = RefCell::new(HashMap::new());
+}
+
+/// Entries looked at to make room for one more.
+const EVICTION_SAMPLE: usize = 32;
+
+/// Makes room in a full cache without emptying it (emptying would send every client of a busy
+/// worker through a full verification at once): of a few entries, in the map's hash order, the
+/// expired ones go, or else the first one.
+fn make_room<K: Copy + Eq + std::hash::Hash, V>(
+    c: &mut HashMap<K, V>,
+    now: i64,
+    recheck_at: impl Fn(&V) -> i64,
+) {
+    let mut expired = [None; EVICTION_SAMPLE];
+    let mut n_expired = 0;
+    let mut first = None;
+    for (k, e) in c.iter().take(EVICTION_SAMPLE) {
+        if recheck_at(e) <= now {
+            expired[n_expired] = Some(*k);
+            n_expired += 1;
+        } else if first.is_none() {
+            first = Some(*k);
+        }
+    }
+    if n_expired == 0 {
+        if let Some(k) = first {
+            c.remove(&k);
+        }
+        return;
+    }
+    for k in expired.into_iter().flatten() {
+        c.remove(&k);
+    }
 }
 
 fn errors_index() -> boring::ex_data::Index<X509StoreContext, Vec<VerifyError>> {
@@ -125,7 +158,7 @@ impl ClientVerifier {
             CACHE.with(|c| {
                 let mut c = c.borrow_mut();
                 if c.len() >= CACHE_CAPACITY {
-                    c.clear();
+                    make_room(&mut c, now, |e| e.recheck_at);
                 }
                 c.insert((self.id, key), CacheEntry { facts: facts.clone(), recheck_at });
             });
@@ -209,5 +242,29 @@ fn parse_exact(der: &[u8]) -> Option<X509> {
         }
         let x = X509::from_ptr(x);
         (p == der.as_ptr().add(der.len())).then_some(x)
+    }
+}
+
+#[cfg(test)]
+mod eviction_tests {
+    use super::*;
+
+    fn entry(recheck_at: i64) -> i64 {
+        recheck_at
+    }
+
+    #[test]
+    fn a_full_cache_loses_a_few_entries_not_all() {
+        let mut c: HashMap<u32, i64> = (0..1000).map(|k| (k, entry(100))).collect();
+        make_room(&mut c, 50, |e| *e);
+        assert_eq!(c.len(), 999, "one live entry makes room");
+        for k in 0..10 {
+            c.insert(k + 5000, entry(10));
+        }
+        make_room(&mut c, 50, |e| *e);
+        assert!(c.len() >= 999 - EVICTION_SAMPLE && c.len() < 1009, "{}", c.len());
+        let mut c: HashMap<u32, i64> = (0..10).map(|k| (k, entry(10))).collect();
+        make_room(&mut c, 50, |e| *e);
+        assert!(c.is_empty(), "expired entries are all dropped when seen");
     }
 }

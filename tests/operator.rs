@@ -1,0 +1,66 @@
+//! What an operator trying the proxy found, one test each.
+
+use crate::common::{Env, raw_exchange, status_of};
+
+const SUBJECT_API: &str = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  set_header = { name = "X-Client-Cert-Subject", value = "{client_cert.subject}" }
+"#;
+
+/// `X_Client_Cert_Subject` reaches a CGI/WSGI backend as the proxy's own identity header: it
+/// never passes, and by default no name with `_` does.
+#[test]
+fn underscore_variants_of_identity_headers_never_reach_the_backend() {
+    let env = Env::new();
+    let headers =
+        [("X_Client_Cert_Subject", "CN=admin"), ("x_client_cert_SUBJECT", "CN=root"), ("X_Trace", "1")];
+    let proxy = env.proxy("require", SUBJECT_API);
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/", &headers, b"").unwrap();
+    assert_eq!(r.status, 200);
+    let echoed = r.text();
+    assert!(!echoed.contains("CN=admin") && !echoed.contains("CN=root"), "{echoed}");
+    assert_eq!(r.echoed_header("X_Trace"), None, "underscore names are dropped by default: {echoed}");
+    assert_eq!(r.echoed_header_count("X-Client-Cert-Subject"), 1, "{echoed}");
+    drop(proxy);
+
+    let proxy =
+        env.proxy("require", &format!("[server]\nallow_underscores_in_headers = true\n{SUBJECT_API}"));
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    let r = c.request("GET", "/", &headers, b"").unwrap();
+    let echoed = r.text();
+    assert_eq!(r.echoed_header("X_Trace").as_deref(), Some("1"), "{echoed}");
+    assert!(!echoed.contains("CN=admin") && !echoed.contains("CN=root"), "{echoed}");
+}
+
+#[test]
+fn bodies_over_max_body_size_get_413() {
+    let env = Env::new();
+    let proxy = env.proxy("require", "[server]\nworkers = 1\nmax_body_size = 10\n");
+    let client = env.client(Some(&env.pki.client));
+    let mut c = client.connect(proxy.addr).unwrap();
+    assert_eq!(c.request("POST", "/upload", &[], b"0123456789").unwrap().status, 200, "at the limit");
+    let before = env.backend.requests();
+    let text = raw_exchange(
+        &client,
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 11\r\n\r\n01234567890",
+    )
+    .unwrap();
+    assert_eq!(status_of(&text), Some(413), "{text}");
+    assert!(text.contains("Connection: close"), "{text}");
+    assert!(text.ends_with(r#"{"statusCode":413,"message":"Request body too large"}"#), "{text}");
+    assert_eq!(env.backend.requests(), before, "a refused body reached the backend");
+    let text = raw_exchange(
+        &client,
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n012345\r\n6\r\n678901\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(status_of(&text), Some(413), "{text}");
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+}
