@@ -96,6 +96,37 @@ fn a_crl_revoking_a_connected_client_applies_to_its_connection() {
     assert_eq!(again.request("GET", "/", &[], b"").unwrap().status, 403);
 }
 
+/// Under `require` without any policy step, the handshake's verdict is not the last word: a CRL
+/// loaded since ends the open connection at its next request, and a resumed session with it.
+#[test]
+fn under_require_without_a_step_a_reloaded_crl_ends_open_connections() {
+    let env = Env::new();
+    let config = env.write_config("p.toml", &env.config("require", "[server]\nworkers = 2\n"));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    let mut c = client.connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
+    let mut other = env.client(Some(&env.pki.client2)).connect(proxy.addr).unwrap();
+    assert_eq!(other.request("GET", "/", &[], b"").unwrap().status, 200);
+
+    std::fs::write(&env.paths.crl, env.pki.intermediate.crl(&[&env.pki.revoked, &env.pki.client])).unwrap();
+    reload(&proxy, 2);
+    let r = c.request("GET", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 403, "revoked on the open connection");
+    assert_eq!(r.text(), r#"{"statusCode":403,"message":"Invalid client certificate"}"#);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.request("GET", "/", &[], b"").is_err(), "the connection was closed");
+    assert!(proxy.wait_for_log("client certificate revoked", WAIT).is_some());
+    // A certificate the CRL does not name carries on, on its open connection.
+    assert_eq!(other.request("GET", "/", &[], b"").unwrap().status, 200);
+    // A resumed session of the revoked certificate is refused too: at the handshake or at its
+    // first request, never served.
+    if let Ok(mut again) = client.connect(proxy.addr) {
+        let r = again.request("GET", "/", &[], b"");
+        assert!(r.as_ref().map_or(true, |r| r.status == 403), "resumed={} {r:?}", again.resumed());
+    }
+}
+
 #[test]
 fn a_crl_revoking_the_intermediate_applies_to_open_connections() {
     let env = Env::new();

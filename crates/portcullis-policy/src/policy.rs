@@ -405,6 +405,11 @@ impl PolicySet {
         })
     }
 
+    /// Whether a CRL of the current configuration revokes `cert` (or a CA of its chain).
+    pub fn revokes(&self, cert: &ClientCert) -> bool {
+        self.revoked.revokes(cert)
+    }
+
     /// APIM's `validate-client-certificate`: every enabled check passes, and the certificate
     /// matches all attributes of at least one identity (if any are listed). `Err` says which
     /// check failed.

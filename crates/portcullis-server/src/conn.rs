@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use monoio::time::{Instant, timeout, timeout_at};
+use portcullis_config::ClientCertMode;
 use portcullis_http::{
     ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded, Framing, HeadError, HeadScanner, Limits,
     RequestHead, ResponseHead, Version, write,
@@ -88,6 +89,7 @@ pub(crate) async fn serve(
         path: Vec::new(),
         unread_input: false,
         interim_sent: false,
+        connection_refused: false,
         current,
         acceptor,
         idle_timer: Timer::new(),
@@ -254,6 +256,9 @@ struct Conn<S> {
     /// An interim response of the current exchange has gone to the client: the request can no
     /// longer be repeated on another connection.
     interim_sent: bool,
+    /// The connection itself is no longer accepted (its certificate was revoked since the
+    /// handshake): close after the response.
+    connection_refused: bool,
     current: CurrentRequest,
     /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
     /// that knows its hostnames.
@@ -442,7 +447,7 @@ impl<S: Stream> Conn<S> {
 
     /// Whether the client connection stays open once this response is out.
     fn client_keeps_alive(&self) -> bool {
-        self.head.keep_alive() && !self.worker.draining()
+        self.head.keep_alive() && !self.worker.draining() && !self.connection_refused
     }
 
     /// Sends a response the proxy makes itself. Returns whether the connection stays open:
@@ -486,6 +491,26 @@ impl<S: Stream> Conn<S> {
             tracing::info!(peer = %self.peer, length = n, max_body_size = max, "request body too large");
             self.access_log(None, 413, started, &id);
             return self.respond_local(413, "Request body too large", false).await;
+        }
+        // What `require` established at the handshake holds on every request, as a policy step
+        // would check it: a CRL loaded since (on an open keep-alive connection, or for a session
+        // resumed from a ticket) or an expiry that passed ends the connection.
+        if self.info.client_mode == ClientCertMode::Require
+            && let Some(cert) = &self.info.client_cert
+        {
+            let why = if snap.policies.revokes(cert) {
+                Some("client certificate revoked")
+            } else if portcullis_tls::now_unix() > cert.not_after {
+                Some("client certificate expired")
+            } else {
+                None
+            };
+            if let Some(reason) = why {
+                tracing::info!(peer = %self.peer, reason, client_cert = %cert.thumbprint, "request refused: certificate no longer valid");
+                self.access_log(None, 403, started, &id);
+                self.connection_refused = true;
+                return self.respond_local(403, "Invalid client certificate", false).await;
+            }
         }
         // The Host must belong to the TLS site the client connected to (RFC 9110 §15.5.20).
         if self.acceptor.has_sites()
