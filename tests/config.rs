@@ -93,3 +93,98 @@ fn a_crl_from_an_unknown_issuer_is_an_error() {
     };
     assert!(errors.contains("is not one of the client_ca certificates"), "{errors}");
 }
+
+fn check(path: &Path) -> (Option<i32>, Vec<String>) {
+    let out = Command::new(binary()).args(["check", "-c"]).arg(path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let errors = stderr.lines().filter(|l| l.starts_with("error: ")).map(str::to_owned).collect();
+    (out.status.code(), errors)
+}
+
+/// Model errors and file errors in one pass, each once, with a true count; a missing SNI
+/// certificate shows beside a missing listener CA.
+#[test]
+fn check_reports_every_error_in_one_pass_each_once() {
+    let env = Env::new();
+    let p = |p: &Path| p.display().to_string();
+    let sni = format!(
+        "\n  [[listener.sni]]\n  hostnames = [\"devices.localhost\"]\n  certificate = {{ cert = \"{}\", key = \"{}\" }}\n",
+        p(&env.dir().join("missing-sni.pem")),
+        p(&env.paths.sni_key)
+    );
+    let text = env
+        .config("require", "")
+        .replacen(&p(&env.paths.root), &p(&env.dir().join("missing-root.pem")), 1)
+        .replacen("\n[[backend]]", &format!("{sni}\n[[backend]]"), 1)
+        .replacen("backend = \"app\"", "backend = \"nope\"", 1);
+    let path = env.write_config("all.toml", &text);
+    let (code, errors) = check(&path);
+    assert_eq!(code, Some(1));
+    let has = |needle: &str| errors.iter().filter(|e| e.contains(needle)).count();
+    assert_eq!(has("missing-root.pem"), 1, "{errors:#?}");
+    assert_eq!(has("missing-sni.pem"), 1, "{errors:#?}");
+    assert_eq!(has("no backend named \"nope\""), 1, "{errors:#?}");
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{} error(s)", errors.len())), "{stderr}");
+}
+
+#[test]
+fn a_syntax_error_is_one_error() {
+    let env = Env::new();
+    let text = format!("[server\nworkers = 1\n{}", env.config("require", ""));
+    let (code, errors) = check(&env.write_config("syntax.toml", &text));
+    assert_eq!(code, Some(1));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains(":1:") && errors[0].contains("TOML syntax"), "{errors:#?}");
+}
+
+/// What was accepted silently before: each is refused with its place.
+#[test]
+fn check_refuses_what_is_almost_certainly_a_mistake() {
+    let env = Env::new();
+    let apis = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.operation]]
+  match = "GET /a"
+  [[api.operation]]
+  match = "GET /a/"
+  [[api.operation]]
+  match = "post /b"
+  [[api.inbound]]
+  validate_client_certificate = { identities = [ { subject = "admin" } ] }
+
+[[api]]
+name = "app"
+path = "/other"
+backend = "app"
+"#;
+    let text = env.config("require", apis);
+    let path = env.write_config("mistakes.toml", &text);
+    let (code, errors) = check(&path);
+    assert_eq!(code, Some(1));
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let at = |line: usize, needle: &str| {
+        errors.iter().any(|e| e.contains(&format!(":{line}:")) && e.contains(needle))
+    };
+    assert!(at(line_of("\"GET /a/\""), "repeats the one at line"), "{errors:#?}");
+    assert!(at(line_of("\"post /b\""), "did you mean \"POST\""), "{errors:#?}");
+    assert!(at(line_of("subject = \"admin\""), "is not a distinguished name"), "{errors:#?}");
+    assert!(at(line_of("path = \"/other\"") - 1, "API \"app\" is defined twice"), "{errors:#?}");
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+}
+
+#[test]
+fn a_leaf_certificate_given_as_client_ca_is_refused() {
+    let env = Env::new();
+    std::fs::write(&env.paths.intermediate, env.pki.client.cert_pem.as_bytes()).unwrap();
+    let (code, errors) = check(&env.write_config("leaf.toml", &env.config("require", "")));
+    assert_eq!(code, Some(1));
+    assert!(
+        errors.iter().any(|e| e.contains("client_ca[1]") && e.contains("is not a CA certificate")),
+        "{errors:#?}"
+    );
+}

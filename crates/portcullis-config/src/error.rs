@@ -78,6 +78,13 @@ impl ConfigErrors {
         });
     }
 
+    /// Drops repeated errors (the same message at the same place, as when one file is named for
+    /// a listener and each of its SNI entries), keeping the first of each.
+    pub fn dedup(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        self.0.retain(|e| seen.insert((e.loc.file.clone(), e.loc.line, e.loc.column, e.message.clone())));
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
         self.0.iter()
     }

@@ -15,7 +15,7 @@ mod model;
 mod reader;
 
 pub use error::{ConfigError, ConfigErrors, Loc};
-pub use load::{load, parse, portcullis_max_headers};
+pub use load::{load, load_partial, parse, parse_partial, portcullis_max_headers};
 pub use model::*;
 
 #[cfg(test)]

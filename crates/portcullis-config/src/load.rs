@@ -22,16 +22,40 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses configuration text as if read from `path` (relative paths resolve against its
 /// directory).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    match parse_partial(path, text) {
+        (Some(config), errors) => errors.into_result(config),
+        (None, errors) => Err(errors),
+    }
+}
+
+/// Reads and parses a configuration file like [`load`], but keeps going past errors: when the
+/// TOML itself is sound, the configuration is returned without the parts that were wrong,
+/// with every error found, so that `check` can look at the files it names too and report all
+/// problems in one pass.
+pub fn load_partial(path: &Path) -> (Option<Config>, ConfigErrors) {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_partial(path, &text),
+        Err(e) => (
+            None,
+            ConfigError {
+                loc: Loc { file: path.into(), line: 0, column: 0, field: String::new() },
+                message: format!("cannot read configuration: {e}"),
+            }
+            .into(),
+        ),
+    }
+}
+
+/// [`parse`], keeping the partial configuration (see [`load_partial`]). A TOML syntax error is
+/// reported alone, the first one only: what a parser recovers after it is mostly echoes.
+pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) {
     let mut r = Reader::new(path, text);
     let (doc, syntax) = DeTable::parse_recoverable(text);
-    for e in syntax {
+    if let Some(e) = syntax.first() {
         let span = e.span().unwrap_or(0..0);
-        r.error(&span, "", format!("TOML syntax: {}", e.message().trim()));
-    }
-    if !r.errors.is_empty() {
-        let mut errors = std::mem::take(&mut r.errors);
-        errors.sort();
-        return Err(errors);
+        let more = if syntax.len() > 1 { " (later syntax errors may follow from this one)" } else { "" };
+        r.error(&span, "", format!("TOML syntax: {}{more}", e.message().trim()));
+        return (None, std::mem::take(&mut r.errors));
     }
     let root = doc.get_ref();
     r.check_keys(
@@ -75,7 +99,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         outbound,
     };
     cross_check(&mut r, &config);
-    r.errors.into_result(config)
+    let mut errors = r.errors;
+    errors.sort();
+    errors.dedup();
+    (Some(config), errors)
 }
 
 /// Rules that span sections: unique names, references that resolve, no two listeners on one
@@ -131,7 +158,52 @@ fn cross_check(r: &mut Reader, c: &Config) {
                         attribute.loc.error(format!("no certificate named \"{name}\" in [certificates]")),
                     );
                 }
+                IdentityAttribute::Subject(dn) | IdentityAttribute::IssuerSubject(dn)
+                    if !looks_like_dn(dn) =>
+                {
+                    r.errors.push(attribute.loc.error(format!(
+                        "\"{dn}\" is not a distinguished name (expected attribute=value pairs, e.g. \"CN=device-1, O=Contoso\")"
+                    )));
+                }
                 _ => {}
+            }
+        }
+    }
+    let mut names: HashMap<&str, &Loc> = HashMap::new();
+    for a in &c.apis {
+        if let Some(first) = names.insert(&a.name.value, &a.name.loc) {
+            r.errors.push(
+                a.name.loc.error(format!(
+                    "API \"{}\" is defined twice (first at line {})",
+                    a.name.value, first.line
+                )),
+            );
+        }
+        let mut operations: HashMap<(String, String), &Loc> = HashMap::new();
+        let patterns = a.operations.iter().map(|o| &o.pattern);
+        for pattern in patterns {
+            let Some((method, path)) = pattern.value.trim().split_once(' ') else { continue };
+            let known = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+            if method != method.to_ascii_uppercase() && known.iter().any(|k| k.eq_ignore_ascii_case(method)) {
+                r.errors.push(pattern.loc.error(format!(
+                    "method \"{method}\": methods are case-sensitive (RFC 9110 §9.1); did you mean \"{}\"?",
+                    method.to_ascii_uppercase()
+                )));
+            }
+            // A trailing slash does not matter to matching, so "GET /a" and "GET /a/" are one.
+            let path = path.trim();
+            let key = (
+                method.to_owned(),
+                path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path).to_owned(),
+            );
+            // Exact repeats are reported where operations are compiled.
+            if let Some(first) = operations.insert(key, &pattern.loc)
+                && !first_text_equal(a, first, &pattern.value)
+            {
+                r.errors.push(pattern.loc.error(format!(
+                    "operation \"{}\" repeats the one at line {} (a trailing slash does not matter)",
+                    pattern.value, first.line
+                )));
             }
         }
     }
@@ -911,6 +983,47 @@ fn return_response(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<ReturnR
         r.error(&b.span(), &join(field, "body"), format!("a {code} response has no body"));
     }
     Some(ReturnResponse { status: status?, reason, headers, body })
+}
+
+/// Whether `dn` reads as a distinguished name: `attribute=value` pairs separated by commas (RFC
+/// 4514; a backslash escapes a comma inside a value), or by slashes in the OpenSSL one-line form.
+fn looks_like_dn(dn: &str) -> bool {
+    let dn = dn.trim();
+    // The OpenSSL one-line form, `/C=US/O=Contoso/CN=x`, separates with slashes.
+    let slashes = dn.starts_with('/');
+    let dn = dn.trim_start_matches('/');
+    if dn.is_empty() {
+        return false;
+    }
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut escaped = false;
+    for ch in dn.chars() {
+        match ch {
+            _ if escaped => {
+                current.push(ch);
+                escaped = false;
+            }
+            '\\' => escaped = true,
+            '/' if slashes => parts.push(std::mem::take(&mut current)),
+            ',' | '+' | ';' if !slashes => parts.push(std::mem::take(&mut current)),
+            _ => current.push(ch),
+        }
+    }
+    parts.push(current);
+    parts.iter().all(|p| {
+        p.split_once('=').is_some_and(|(k, _)| {
+            let k = k.trim();
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        })
+    })
+}
+
+/// Whether the operation declared at `loc` in `api` is written exactly as `text`.
+fn first_text_equal(api: &Api, loc: &Loc, text: &str) -> bool {
+    api.operations.iter().any(|o| {
+        o.pattern.loc.line == loc.line && o.pattern.loc.column == loc.column && o.pattern.value == text
+    })
 }
 
 #[cfg(test)]

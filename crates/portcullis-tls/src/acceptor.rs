@@ -174,6 +174,13 @@ fn load_trust(site: usize, client: &ClientAuth, errors: &mut ConfigErrors) -> Op
         Ok(c) => c,
         Err(e) => {
             errors.extend(e);
+            // The CRLs cannot be checked against CAs that did not load; that they can be read
+            // is still worth knowing in the same pass.
+            for crl in &client.crl {
+                if let Err(e) = std::fs::read(&crl.value) {
+                    errors.push(crl.loc.error(format!("cannot read {}: {e}", crl.value.display())));
+                }
+            }
             return None;
         }
     };
@@ -382,7 +389,15 @@ impl TlsAcceptor {
         let mut sites = Vec::new();
         let mut revoked = Vec::new();
         for (i, sni) in listener.sni.iter().enumerate() {
-            let Some(trust) = load_trust(i + 1, &sni.client, &mut errors) else { continue };
+            let Some(trust) = load_trust(i + 1, &sni.client, &mut errors) else {
+                // Its certificate and key are still loaded, so that their errors show in this pass.
+                let off = Trust {
+                    cas: Vec::new(),
+                    auth: Arc::new(SiteAuth { site: i + 1, mode: ClientCertMode::Off, verifier: None }),
+                };
+                let _ = site_context(&sni.certificate, &off, &[0; 32], listener.tls_min_version, &mut errors);
+                continue;
+            };
             if let Some(v) = &trust.auth.verifier {
                 revoked.push(v.revoked().clone());
             }

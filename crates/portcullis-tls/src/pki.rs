@@ -56,6 +56,16 @@ pub fn load_ca_bundle(paths: &[Located<PathBuf>]) -> Result<Vec<X509>, ConfigErr
         match load_certificates(path) {
             Ok(certs) => {
                 for cert in certs {
+                    // SAFETY: `cert` is a live X509; X509_check_ca only reads its extensions.
+                    let is_ca = unsafe { ffi::X509_check_ca(cert.as_ptr()) } != 0;
+                    if !is_ca {
+                        errors.push(path.loc.error(format!(
+                            "{}: \"{}\" is not a CA certificate (no basicConstraints CA:TRUE); client_ca takes the CAs that issue client certificates, not a client's own certificate",
+                            path.value.display(),
+                            dn_string(cert.subject_name())
+                        )));
+                        continue;
+                    }
                     if unix_time(cert.not_after()) < now {
                         tracing::warn!(
                             file = %path.value.display(),
