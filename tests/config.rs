@@ -19,26 +19,31 @@ fn the_example_configuration_parses() {
 
 #[test]
 fn the_example_configuration_compiles_with_its_files() {
-    // Copy it next to a PKI with the file names it expects, then run the real `check`.
+    // The documented first step: `portcullis demo --write DIR` next to a copy of the example,
+    // then the real `check`.
     let env = Env::new();
     let dir = env.dir().join("example");
-    std::fs::create_dir_all(dir.join("pki")).unwrap();
-    std::fs::copy(example(), dir.join("portcullis.toml")).unwrap();
-    let pki = dir.join("pki");
-    for (from, to) in [
-        (&env.paths.server_chain, "server.pem"),
-        (&env.paths.server_key, "server.key"),
-        (&env.paths.sni_chain, "devices.pem"),
-        (&env.paths.sni_key, "devices.key"),
-        (&env.paths.root, "root.pem"),
-        (&env.paths.intermediate, "intermediate.pem"),
-        (&env.paths.crl, "intermediate.crl"),
-    ] {
-        std::fs::copy(from, pki.join(to)).unwrap();
-    }
     std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::copy(example(), dir.join("portcullis.toml")).unwrap();
     std::fs::copy(example().with_file_name("data").join("devices.sha1"), dir.join("data/devices.sha1"))
         .unwrap();
+    let out = Command::new(binary()).args(["check", "-c"]).arg(dir.join("portcullis.toml")).output().unwrap();
+    assert!(!out.status.success(), "the example checks without its PKI");
+    let out = Command::new(binary()).args(["demo", "--write"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for name in [
+        "root.pem",
+        "intermediate.pem",
+        "intermediate.crl",
+        "server.pem",
+        "server.key",
+        "devices.pem",
+        "devices.key",
+        "client.pem",
+        "client.key",
+    ] {
+        assert!(dir.join("pki").join(name).is_file(), "{name}");
+    }
     let out = Command::new(binary()).args(["check", "-c"]).arg(dir.join("portcullis.toml")).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

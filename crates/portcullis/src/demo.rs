@@ -5,6 +5,41 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use portcullis_testkit::{Backend, Pki};
 
+/// Writes a fresh demo PKI into `dir/pki` under the names `config/portcullis.toml` uses, and
+/// client identities to try it with.
+pub(crate) fn write(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let pki_dir = dir.join("pki");
+    let pki = Pki::generate();
+    let paths = pki.write(&pki_dir).with_context(|| format!("writing {}", pki_dir.display()))?;
+    let rename = |from: &std::path::Path, to: &str| {
+        let target = pki_dir.join(to);
+        std::fs::rename(from, &target).with_context(|| format!("writing {}", target.display()))
+    };
+    rename(&paths.server_chain, "server.pem")?;
+    rename(&paths.server_key, "server.key")?;
+    rename(&paths.sni_chain, "devices.pem")?;
+    rename(&paths.sni_key, "devices.key")?;
+    let (client_cert, client_key) = pki.client.write(&pki_dir)?;
+    let (revoked_cert, revoked_key) = pki.revoked.write(&pki_dir)?;
+    // A line for a thumbprint list, so that the example's allow-list can be made to admit it.
+    let listed = pki_dir.join("client.sha1");
+    std::fs::write(
+        &listed,
+        format!("{}   # demo client (portcullis demo --write)\n", pki.client.thumbprint()),
+    )
+    .with_context(|| format!("writing {}", listed.display()))?;
+    println!(
+        "wrote a demo PKI to {d}:\n  root.pem intermediate.pem intermediate.crl (CAs and the CRL revoking {rc})\n  server.pem server.key (localhost) devices.pem devices.key (devices.localhost)\n  {cc} {ck} (a client, thumbprint {tp}, also in client.sha1)\n  {rc} {rk} (a revoked client)",
+        d = pki_dir.display(),
+        cc = client_cert.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        ck = client_key.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        rc = revoked_cert.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        rk = revoked_key.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        tp = pki.client.thumbprint(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) fn run(port: u16) -> anyhow::Result<ExitCode> {
     let mut signals = crate::signals()?;
     let dir = tempfile::Builder::new()

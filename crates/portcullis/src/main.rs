@@ -4,6 +4,7 @@
 //! This thread is the control thread: it loads configuration, starts the workers, and then waits
 //! for signals — SIGHUP reloads, SIGTERM and SIGINT drain and exit.
 
+#[cfg(feature = "demo")]
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -55,6 +56,9 @@ enum Command {
     Demo {
         #[arg(long, default_value_t = 8443)]
         port: u16,
+        /// Write a demo PKI into DIR/pki (the file names config/portcullis.toml uses), then exit.
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
     },
 }
 
@@ -86,7 +90,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config, pid_file } => run(&config, pid_file.as_deref()),
         Command::Check { config } => Ok(check(&config)),
-        Command::Demo { port } => demo::run(port),
+        #[cfg(feature = "demo")]
+        Command::Demo { port, write: None } => demo::run(port),
+        #[cfg(feature = "demo")]
+        Command::Demo { write: Some(dir), .. } => demo::write(&dir),
+        #[cfg(not(feature = "demo"))]
+        Command::Demo { .. } => Err(anyhow::anyhow!("this binary was built without the `demo` feature")),
     };
     match result {
         Ok(code) => code,
