@@ -165,3 +165,22 @@ fn the_demo_prints_commands_that_work() {
     unsafe { libc::kill(demo.0.id() as i32, libc::SIGTERM) };
     assert_eq!(demo.0.wait().unwrap().code(), Some(0), "Ctrl-C or SIGTERM ends the demo cleanly");
 }
+
+/// SO_REUSEPORT would let a second instance share the address and take requests at random:
+/// it refuses to start instead, naming the address.
+#[test]
+fn a_second_instance_on_the_same_address_refuses_to_start() {
+    let env = Env::new();
+    let config = env.write_config("p.toml", &env.config("require", "[server]\nworkers = 2\n"));
+    let first = ProxyProcess::spawn(&binary(), &config);
+    let taken = first.addr;
+    let text = env.config("require", "").replacen("127.0.0.1:0", &taken.to_string(), 1);
+    let second_config = env.write_config("second.toml", &text);
+    let out = std::process::Command::new(binary()).args(["run", "-c"]).arg(&second_config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on {taken}")), "{stderr}");
+    assert!(stderr.contains("another process already listens there"), "{stderr}");
+    // The first instance is untouched.
+    assert_eq!(env.client(Some(&env.pki.client)).get(taken, "/").unwrap().status, 200);
+}

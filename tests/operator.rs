@@ -64,3 +64,42 @@ fn bodies_over_max_body_size_get_413() {
     assert_eq!(status_of(&text), Some(413), "{text}");
     assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
 }
+
+/// Every refused request reaches the access log with its reason: bad heads, oversized heads,
+/// bodies over the limit, unknown paths, and handshakes refused for want of a certificate.
+#[test]
+fn refused_requests_reach_the_access_log_with_their_reason() {
+    use portcullis_testkit::ProxyProcess;
+    use std::time::Duration;
+    let env = Env::new();
+    let extra = "[server]\nworkers = 1\naccess_log = true\nmax_body_size = 4\n[[api]]\nname = \"app\"\npath = \"/app\"\nbackend = \"app\"\n";
+    let config = env.write_config("p.toml", &env.config("require", extra));
+    let proxy = ProxyProcess::spawn(&crate::common::binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    let bad =
+        raw_exchange(&client, proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n").unwrap();
+    assert_eq!(status_of(&bad), Some(400));
+    let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    assert_eq!(status_of(&raw_exchange(&client, proxy.addr, big.as_bytes()).unwrap()), Some(431));
+    let body =
+        raw_exchange(&client, proxy.addr, b"POST /app HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n12345")
+            .unwrap();
+    assert_eq!(status_of(&body), Some(413));
+    assert_eq!(client.get(proxy.addr, "/elsewhere").unwrap().status, 404);
+    assert_eq!(client.get(proxy.addr, "/app/x").unwrap().status, 200);
+    assert!(env.client(None).get(proxy.addr, "/app").is_err());
+    for (status, why) in [
+        ("status=400", "refused="),
+        ("status=431", "refused="),
+        ("status=413", "refused=\"body larger than max_body_size\""),
+        ("status=404", "refused=\"no API or operation\""),
+        ("status=200", "refused=\"-\""),
+        ("status=\"-\"", "refused=client certificate rejected"),
+    ] {
+        let found = proxy.wait_for_log(status, Duration::from_secs(10));
+        let line = found.unwrap_or_else(|| panic!("no {status} line: {:#?}", proxy.log()));
+        assert!(line.contains(why), "{line}");
+    }
+    let handshake = proxy.log().into_iter().find(|l| l.contains("status=\"-\"")).unwrap();
+    assert!(handshake.contains("certificate"), "{handshake}");
+}

@@ -55,6 +55,7 @@ pub(crate) async fn serve(
     let snap = worker.snapshot();
     let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
     let handshake_timeout = snap.server.handshake_timeout;
+    let access_log = snap.server.access_log;
     drop(snap);
     let tls = match timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -62,13 +63,19 @@ pub(crate) async fn serve(
             match &e {
                 portcullis_tls::HandshakeError::CertificateRejected(_) => {
                     tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    if access_log {
+                        tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %e);
+                    }
                 }
                 _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
             }
             return;
         }
         Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
+            tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
+            if access_log {
+                tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = "TLS handshake timed out");
+            }
             return;
         }
     };
@@ -278,16 +285,29 @@ impl<S: Stream> Conn<S> {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(failure) => {
-                    let (status, message) = match failure {
+                    let (status, message, why) = match &failure {
                         HeadFailure::Invalid(e) => {
                             tracing::info!(peer = %self.peer, error = %e, "request refused");
-                            (e.status(), e.client_message())
+                            (e.status(), e.client_message(), e.to_string())
                         }
                         HeadFailure::Timeout => {
                             tracing::info!(peer = %self.peer, "request head not received in time");
-                            (408, "Request timeout")
+                            (408, "Request timeout", "head not received in time".to_owned())
                         }
                     };
+                    if self.worker.snapshot().server.access_log {
+                        tracing::info!(
+                            target: "portcullis::access",
+                            id = "-",
+                            peer = %self.peer,
+                            method = "-",
+                            path = "-",
+                            api = "-",
+                            status,
+                            client_cert = self.info.client_cert.as_ref().map_or("-", |c| c.thumbprint.as_str()),
+                            refused = %why,
+                        );
+                    }
                     self.out.clear();
                     write::json_response(&mut self.out, status, message, write::Connection::Close, false);
                     let _ = self
@@ -489,7 +509,7 @@ impl<S: Stream> Conn<S> {
             && n > max
         {
             tracing::info!(peer = %self.peer, length = n, max_body_size = max, "request body too large");
-            self.access_log(None, 413, started, &id);
+            self.access_log(None, 413, started, &id, "body larger than max_body_size");
             return self.respond_local(413, "Request body too large", false).await;
         }
         // What `require` established at the handshake holds on every request, as a policy step
@@ -507,7 +527,7 @@ impl<S: Stream> Conn<S> {
             };
             if let Some(reason) = why {
                 tracing::info!(peer = %self.peer, reason, client_cert = %cert.thumbprint, "request refused: certificate no longer valid");
-                self.access_log(None, 403, started, &id);
+                self.access_log(None, 403, started, &id, reason);
                 self.connection_refused = true;
                 return self.respond_local(403, "Invalid client certificate", false).await;
             }
@@ -518,11 +538,11 @@ impl<S: Stream> Conn<S> {
             && self.acceptor.site_for_host(strip_port(host)) != self.info.site
         {
             tracing::info!(peer = %self.peer, host = %String::from_utf8_lossy(host), sni = ?self.info.server_name, "request for a host of another TLS site");
-            self.access_log(None, 421, started, &id);
+            self.access_log(None, 421, started, &id, "host of another TLS site");
             return self.respond_local(421, "Misdirected request", false).await;
         }
         let Some((route, policy)) = routed else {
-            self.access_log(None, 404, started, &id);
+            self.access_log(None, 404, started, &id, "no API or operation");
             return self.respond_local(404, "Resource not found", false).await;
         };
         let request_id = std::str::from_utf8(&id).unwrap_or("");
@@ -551,12 +571,12 @@ impl<S: Stream> Conn<S> {
                     "request refused by policy"
                 );
             }
-            self.access_log(Some(route), response.status, started, &id);
+            self.access_log(Some(route), response.status, started, &id, reason);
             return self.respond_policy(response).await;
         }
         let backend = &snap.backends[route.backend];
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
-        self.access_log(Some(route), status, started, &id);
+        self.access_log(Some(route), status, started, &id, "-");
         keep
     }
 
@@ -597,7 +617,15 @@ impl<S: Stream> Conn<S> {
         keep
     }
 
-    fn access_log(&self, route: Option<&Route>, status: u16, started: Option<Instant>, id: &[u8; 16]) {
+    /// One access-log line; `refused` says why the proxy answered itself (`-` when it did not).
+    fn access_log(
+        &self,
+        route: Option<&Route>,
+        status: u16,
+        started: Option<Instant>,
+        id: &[u8; 16],
+        refused: &str,
+    ) {
         let Some(started) = started else { return };
         tracing::info!(
             target: "portcullis::access",
@@ -609,6 +637,7 @@ impl<S: Stream> Conn<S> {
             status,
             micros = started.elapsed().as_micros() as u64,
             client_cert = self.info.client_cert.as_ref().map_or("-", |c| c.thumbprint.as_str()),
+            refused,
         );
     }
 

@@ -9,6 +9,7 @@
 //! [`Server::reload`] swaps in a new snapshot (on error the old one stays); requests already
 //! being served finish on the snapshot they started with. [`Server::shutdown`] stops accepting,
 //! closes idle connections, lets in-flight requests finish within the drain timeout, and returns.
+#![forbid(unsafe_code)]
 
 mod conn;
 mod event;

@@ -56,6 +56,29 @@ impl fmt::Debug for Server {
     }
 }
 
+/// Fails when another socket already listens on `addr`. The workers' own sockets share the
+/// address through SO_REUSEPORT, which would also let a second instance (another config, an
+/// old binary) join in silently, and requests would land on either at random. A socket that
+/// does not ask for SO_REUSEPORT cannot bind beside such listeners: that is the probe.
+fn ensure_unclaimed(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Connections of an earlier run in TIME_WAIT do not count.
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    match probe.bind(&addr.into()) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another process already listens there (is another instance running?)",
+        )),
+        other => other,
+    }
+}
+
 /// A listening socket with SO_REUSEPORT, so every worker can have its own.
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -84,6 +107,11 @@ impl Server {
         let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =
             (0..workers).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            ensure_unclaimed(l.bind.value).map_err(|e| {
+                StartError::Io(format!("{}: cannot listen on {}: {e}", l.bind.loc, l.bind.value))
+            })?;
+        }
         for (i, l) in config.listeners.iter().enumerate() {
             let mut addr = l.bind.value;
             for (w, sockets) in per_worker.iter_mut().enumerate() {
