@@ -12,7 +12,6 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portcullis_config::{Loc, Located};
 use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, ThumbprintSet, Verdict};
 use portcullis_testkit::Pki;
-use portcullis_tls::{ClientCert, RevocationSet};
 
 /// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
 fn million_line_list(extra: &str) -> Vec<u8> {
@@ -125,10 +124,10 @@ backend = "b"
     let issuer = X509::from_pem(pki.intermediate.cert_pem.as_bytes()).unwrap();
     let paths = pki.write(&dir).unwrap();
     let crl = Located::new(paths.crl.clone(), Loc::builtin("crl"));
-    let revoked = Arc::new(RevocationSet::load(&[crl], std::slice::from_ref(&issuer)).unwrap());
+    let revoked = Arc::new(portcullis_tls::load_revocations(&[crl], std::slice::from_ref(&issuer)).unwrap());
     assert_eq!(revoked.len(), 1);
     let policies = portcullis_policy::compile(&config, &Inputs { revoked, ..Inputs::default() }).unwrap();
-    let cert = Arc::new(ClientCert::from_x509(&leaf, &[&*issuer], Vec::new()));
+    let cert = Arc::new(portcullis_tls::client_cert_from_x509(&leaf, &[&*issuer], Vec::new()));
     let fields = Fields(vec![
         (Bytes::from_static(b"Host"), Bytes::from_static(b"api.example.com")),
         (Bytes::from_static(b"Accept"), Bytes::from_static(b"application/json")),

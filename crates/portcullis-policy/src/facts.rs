@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
-use portcullis_tls::ClientCert;
+use portcullis_facts::ClientCert;
 
 /// What policy may look at for one request.
 #[derive(Debug, Clone, Copy)]

@@ -9,7 +9,7 @@ use portcullis_config::{
     Config, ConfigErrors, IdentityAttribute, Loc, ReturnResponse, SetHeaderAction, Step as StepConfig,
     StepKind, ValidateClientCertificate,
 };
-use portcullis_tls::{ClientCert, RevocationSet, VerifyError, normalize_dn};
+use portcullis_facts::{ClientCert, RevocationSet, VerifyError, normalize_dn};
 
 use crate::facts::{Facts, HeaderEdits, HeaderList};
 use crate::operations::OperationPattern;

@@ -17,8 +17,12 @@ use foreign_types::{ForeignType, ForeignTypeRef};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use portcullis_config::{CertKey, ClientAuth, ClientCertMode, ConfigErrors, Listener, TlsVersion};
 
-use crate::facts::{ClientCert, now_unix, unix_time};
-use crate::pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
+use portcullis_facts::{ClientCert, now_unix};
+
+use crate::facts::unix_time;
+use portcullis_facts::RevocationSet;
+
+use crate::pki::{load_ca_bundle, load_certificates, load_private_key, load_revocations};
 use crate::stream::{Staging, TlsStream, Wire};
 use crate::tickets::{TicketKeys, ticket_facts_index};
 use crate::verify::ClientVerifier;
@@ -184,7 +188,7 @@ fn load_trust(site: usize, client: &ClientAuth, errors: &mut ConfigErrors) -> Op
             return None;
         }
     };
-    let revoked = match RevocationSet::load(&client.crl, &cas) {
+    let revoked = match load_revocations(&client.crl, &cas) {
         Ok(r) => Arc::new(r),
         Err(e) => {
             errors.extend(e);
@@ -367,7 +371,7 @@ fn alert_for(facts: &ClientCert) -> std::ffi::c_int {
         Some(e) if e.is_expired() || e.is_not_yet_valid() => ffi::SSL_AD_CERTIFICATE_EXPIRED,
         Some(e)
             if matches!(
-                e.code,
+                e.kind.code(),
                 ffi::X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
                     | ffi::X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
                     | ffi::X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT

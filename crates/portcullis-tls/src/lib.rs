@@ -19,8 +19,11 @@ mod tickets;
 mod verify;
 
 pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor};
-pub use facts::{ClientCert, RevocationId, VerifyError, dn_string, hex_upper, normalize_dn, now_unix};
-pub use pki::{RevocationSet, load_ca_bundle, load_certificates, load_private_key};
+pub use facts::{client_cert_from_x509, dn_string};
+pub use pki::{is_cert_revoked, load_ca_bundle, load_certificates, load_private_key, load_revocations};
+pub use portcullis_facts::{
+    ClientCert, RevocationId, RevocationSet, VerifyError, VerifyErrorKind, hex_upper, normalize_dn, now_unix,
+};
 pub use stream::{PlainStream, Readiness, Stream, TlsStream, is_canceled};
 pub use tickets::TicketKeys;
 pub use verify::ClientVerifier;

@@ -5,7 +5,6 @@ use std::ffi::c_long;
 use std::path::PathBuf;
 use std::ptr;
 
-use ahash::AHashSet;
 use boring::bn::BigNum;
 use boring::pkey::{PKey, Private};
 use boring::x509::{X509, X509NameRef, X509Ref};
@@ -13,7 +12,9 @@ use boring_sys as ffi;
 use foreign_types::{ForeignType, ForeignTypeRef};
 use portcullis_config::{ConfigError, ConfigErrors, Located};
 
-use crate::facts::{ClientCert, dn_string, now_unix, revocation_id, unix_time};
+use portcullis_facts::{RevocationSet, now_unix};
+
+use crate::facts::{dn_string, revocation_id, unix_time};
 
 fn read(path: &Located<PathBuf>) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(&path.value)
@@ -82,146 +83,63 @@ pub fn load_ca_bundle(paths: &[Located<PathBuf>]) -> Result<Vec<X509>, ConfigErr
     errors.into_result(cas)
 }
 
-/// Revoked serial numbers (magnitude bytes) of one issuer.
-type Serials = AHashSet<Box<[u8]>>;
-
-/// Revoked certificates, as (issuer name DER, serial) pairs compiled from CRLs.
-///
-/// The handshake checks the client chain against it, and policy checks it again on every request,
-/// so that a CRL loaded by a reload applies to connections that were already open.
-#[derive(Debug, Default)]
-pub struct RevocationSet {
-    /// Per issuer (name DER), its revoked serials. A handful of issuers at most: comparing their
-    /// names beats hashing a 70-byte DER on every lookup.
-    by_issuer: Vec<(Box<[u8]>, Serials)>,
-    crls: usize,
-    entries: usize,
+/// Whether `cert` itself is listed in `set` (the chain check at the handshake).
+pub fn is_cert_revoked(set: &RevocationSet, cert: &X509Ref) -> bool {
+    !set.is_empty() && revocation_id(cert).is_some_and(|(issuer, serial)| set.is_revoked(&issuer, &serial))
 }
 
-impl RevocationSet {
-    /// Whether the certificate with this issuer (name DER) and serial (magnitude bytes) is revoked.
-    pub fn is_revoked(&self, issuer_der: &[u8], serial: &[u8]) -> bool {
-        self.by_issuer.iter().any(|(issuer, serials)| &issuer[..] == issuer_der && serials.contains(serial))
-    }
-
-    /// Same, for a certificate at hand.
-    pub fn is_cert_revoked(&self, cert: &X509Ref) -> bool {
-        if self.by_issuer.is_empty() {
-            return false;
-        }
-        revocation_id(cert).is_some_and(|(issuer, serial)| self.is_revoked(&issuer, &serial))
-    }
-
-    /// Whether the client certificate, or a CA certificate its chain was verified through, is
-    /// revoked. Checked with the facts kept for the connection, so it holds for open and resumed
-    /// connections after a reload brings new CRLs.
-    pub fn revokes(&self, cert: &ClientCert) -> bool {
-        !self.by_issuer.is_empty()
-            && (self.is_revoked(&cert.issuer_der, &cert.serial_bytes)
-                || cert.ca_ids.iter().any(|(issuer, serial)| self.is_revoked(issuer, serial)))
-    }
-
-    /// Adds every entry of `other` (CRLs of other listeners, say): entries are keyed by issuer,
-    /// so sets from different CAs never collide.
-    pub fn merge(&mut self, other: &RevocationSet) {
-        for (issuer, serials) in &other.by_issuer {
-            let mine = Self::serials_of(&mut self.by_issuer, issuer);
-            for serial in serials {
-                if mine.insert(serial.clone()) {
-                    self.entries += 1;
-                }
-            }
-        }
-        self.crls += other.crls;
-    }
-
-    fn serials_of<'a>(by_issuer: &'a mut Vec<(Box<[u8]>, Serials)>, issuer: &[u8]) -> &'a mut Serials {
-        let i = match by_issuer.iter().position(|(i, _)| &i[..] == issuer) {
-            Some(i) => i,
-            None => {
-                by_issuer.push((issuer.into(), AHashSet::new()));
-                by_issuer.len() - 1
+/// Loads CRLs (PEM, several per file allowed, or DER) into a [`RevocationSet`]. Each must be
+/// issued by one of `cas` and carry a valid signature from it; a CRL past its nextUpdate is
+/// loaded with a warning.
+pub fn load_revocations(paths: &[Located<PathBuf>], cas: &[X509]) -> Result<RevocationSet, ConfigErrors> {
+    let mut set = RevocationSet::default();
+    let mut errors = ConfigErrors::default();
+    for path in paths {
+        let data = match read(path) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(e);
+                continue;
             }
         };
-        &mut by_issuer[i].1
-    }
-
-    /// Number of CRLs loaded.
-    pub fn crl_count(&self) -> usize {
-        self.crls
-    }
-
-    /// Number of revoked serials across all CRLs.
-    pub fn len(&self) -> usize {
-        self.entries
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries == 0
-    }
-
-    /// Loads CRLs (PEM, several per file allowed, or DER). Each must be issued by one of `cas` and
-    /// carry a valid signature from it; a CRL past its nextUpdate is loaded with a warning.
-    pub fn load(paths: &[Located<PathBuf>], cas: &[X509]) -> Result<RevocationSet, ConfigErrors> {
-        let mut set = RevocationSet::default();
-        let mut errors = ConfigErrors::default();
-        for path in paths {
-            let data = match read(path) {
-                Ok(d) => d,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
-            let crls = match parse_crls(&data) {
-                Ok(c) if !c.is_empty() => c,
-                Ok(_) => {
-                    errors.push(path.loc.error(format!("{}: no CRL in the file", path.value.display())));
-                    continue;
-                }
-                Err(msg) => {
-                    errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
-                    continue;
-                }
-            };
-            for crl in crls {
-                if let Err(msg) = set.add(&crl, cas) {
-                    errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
-                }
+        let crls = match parse_crls(&data) {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => {
+                errors.push(path.loc.error(format!("{}: no CRL in the file", path.value.display())));
+                continue;
+            }
+            Err(msg) => {
+                errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
+                continue;
+            }
+        };
+        for crl in crls {
+            if let Err(msg) = add_crl(&mut set, &crl, cas) {
+                errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
             }
         }
-        errors.into_result(set)
     }
+    errors.into_result(set)
+}
 
-    fn add(&mut self, crl: &Crl, cas: &[X509]) -> Result<(), String> {
-        let issuer = crl.issuer();
-        let ca =
-            cas.iter().find(|ca| ca.subject_name().try_cmp(issuer).is_ok_and(|o| o.is_eq())).ok_or_else(
-                || format!("CRL issuer \"{}\" is not one of the client_ca certificates", dn_string(issuer)),
-            )?;
-        let key = ca.public_key().map_err(|e| format!("issuer key unusable: {e}"))?;
-        // SAFETY: both pointers are valid for the call; X509_CRL_verify only reads them.
-        if unsafe { ffi::X509_CRL_verify(crl.0, key.as_ptr()) } != 1 {
-            return Err(format!(
-                "CRL signature does not verify against \"{}\"",
-                dn_string(ca.subject_name())
-            ));
-        }
-        if let Some(next) = crl.next_update()
-            && next < now_unix()
-        {
-            tracing::warn!(issuer = %dn_string(issuer), "CRL is past its nextUpdate; loading it anyway, publish a fresh one");
-        }
-        let issuer_der = ca.subject_name().to_der().map_err(|e| e.to_string())?.into_boxed_slice();
-        let serials = Self::serials_of(&mut self.by_issuer, &issuer_der);
-        for serial in crl.revoked_serials() {
-            if serials.insert(serial) {
-                self.entries += 1;
-            }
-        }
-        self.crls += 1;
-        Ok(())
+fn add_crl(set: &mut RevocationSet, crl: &Crl, cas: &[X509]) -> Result<(), String> {
+    let issuer = crl.issuer();
+    let ca = cas.iter().find(|ca| ca.subject_name().try_cmp(issuer).is_ok_and(|o| o.is_eq())).ok_or_else(
+        || format!("CRL issuer \"{}\" is not one of the client_ca certificates", dn_string(issuer)),
+    )?;
+    let key = ca.public_key().map_err(|e| format!("issuer key unusable: {e}"))?;
+    // SAFETY: both pointers are valid for the call; X509_CRL_verify only reads them.
+    if unsafe { ffi::X509_CRL_verify(crl.0, key.as_ptr()) } != 1 {
+        return Err(format!("CRL signature does not verify against \"{}\"", dn_string(ca.subject_name())));
     }
+    if let Some(next) = crl.next_update()
+        && next < now_unix()
+    {
+        tracing::warn!(issuer = %dn_string(issuer), "CRL is past its nextUpdate; loading it anyway, publish a fresh one");
+    }
+    let issuer_der = ca.subject_name().to_der().map_err(|e| e.to_string())?.into_boxed_slice();
+    set.insert_crl(&issuer_der, crl.revoked_serials());
+    Ok(())
 }
 
 /// An owned `X509_CRL` (boring has no safe CRL type).

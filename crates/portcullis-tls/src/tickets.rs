@@ -22,7 +22,7 @@ use boring::ssl::{Ssl, SslContextBuilder, SslRef};
 use boring_sys as ffi;
 use foreign_types::ForeignTypeRef;
 
-use crate::facts::ClientCert;
+use portcullis_facts::ClientCert;
 
 const ID_LEN: usize = 4;
 const NONCE_LEN: usize = 12;

@@ -22,8 +22,10 @@ use boring::x509::{X509, X509Ref, X509StoreContext, X509StoreContextRef};
 use boring_sys as ffi;
 use foreign_types::{ForeignType, ForeignTypeRef};
 
-use crate::facts::{ClientCert, VerifyError, now_unix, unix_time};
-use crate::pki::RevocationSet;
+use portcullis_facts::{ClientCert, RevocationSet, VerifyError, VerifyErrorKind, now_unix};
+
+use crate::facts::{client_cert_from_x509, unix_time};
+use crate::pki::is_cert_revoked;
 
 /// Most verification results a worker keeps; beyond it, a few entries make room for each new one.
 const CACHE_CAPACITY: usize = 16 * 1024;
@@ -104,7 +106,7 @@ extern "C" fn collect_error(ok: c_int, ctx: *mut ffi::X509_STORE_CTX) -> c_int {
             Ok(()) => ffi::X509_V_ERR_UNSPECIFIED,
             Err(e) => e.as_raw(),
         };
-        let error = VerifyError { depth: ctx.error_depth(), code };
+        let error = VerifyError { depth: ctx.error_depth(), kind: VerifyErrorKind::from_code(code) };
         if let Some(errors) = ctx.ex_data_mut(errors_index())
             && !errors.contains(&error)
         {
@@ -153,7 +155,7 @@ impl ClientVerifier {
         }
         let (errors, cas, recheck_at) = self.verify_chain(&leaf, &presented, now);
         let cas: Vec<&X509Ref> = cas.iter().map(|c| &**c).collect();
-        let facts = Arc::new(ClientCert::from_x509(&leaf, &cas, errors));
+        let facts = Arc::new(client_cert_from_x509(&leaf, &cas, errors));
         if let Some(key) = key {
             CACHE.with(|c| {
                 let mut c = c.borrow_mut();
@@ -188,8 +190,8 @@ impl ClientVerifier {
                 let mut cas = Vec::new();
                 if let Some(built) = ctx.chain() {
                     for (depth, cert) in built.iter().enumerate() {
-                        if self.revoked.is_cert_revoked(cert) {
-                            let e = VerifyError { depth: depth as u32, code: VerifyError::CERT_REVOKED };
+                        if is_cert_revoked(&self.revoked, cert) {
+                            let e = VerifyError { depth: depth as u32, kind: VerifyErrorKind::Revoked };
                             if !errors.contains(&e) {
                                 errors.push(e);
                             }
@@ -214,7 +216,7 @@ impl ClientVerifier {
 }
 
 fn unspecified() -> VerifyError {
-    VerifyError { depth: 0, code: ffi::X509_V_ERR_UNSPECIFIED }
+    VerifyError { depth: 0, kind: VerifyErrorKind::from_code(ffi::X509_V_ERR_UNSPECIFIED) }
 }
 
 /// SHA-256 over the digests of the leaf and every certificate presented with it.
