@@ -25,6 +25,8 @@ mod template;
 mod thumbprints;
 
 pub use facts::{Facts, HeaderEdits, HeaderList};
-pub use policy::{ApiPolicy, ApiRoutes, Inputs, PolicySet, Response, Verdict, compile, load_thumbprints};
+pub use policy::{
+    ApiPolicy, ApiRoutes, Inputs, Need, PolicySet, Response, Verdict, compile, load_thumbprints,
+};
 pub use template::Template;
 pub use thumbprints::ThumbprintSet;

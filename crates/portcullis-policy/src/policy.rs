@@ -36,7 +36,17 @@ pub enum Verdict<'p> {
     /// Answer with this response; its headers are in the edits' added list. `reason` says why,
     /// for the log (never for the client).
     Respond { response: &'p Response, reason: &'static str },
+    /// Inbound step `step` needs something from outside first (a callout's answer, an identity
+    /// provider's keys, a shared counter). Evaluation stays sans-IO: the server gets what `need`
+    /// says without blocking its worker, keeps it for the step, and calls
+    /// [`PolicySet::inbound_from`] with `step` to resume there.
+    Wait { step: usize, need: &'p Need },
 }
+
+/// What a waiting step needs. The steps that wait (`send_request`, `validate_jwt` with an
+/// OpenID provider, counters shared through Redis) add their variants; none waits yet.
+#[derive(Debug)]
+pub enum Need {}
 
 #[derive(Debug)]
 struct SetHeader {
@@ -443,7 +453,20 @@ impl PolicySet {
         headers: &dyn HeaderList,
         edits: &mut HeaderEdits,
     ) -> Verdict<'p> {
-        for step in &policy.inbound {
+        self.inbound_from(policy, 0, facts, headers, edits)
+    }
+
+    /// Runs a route's inbound steps from step `from` on: `0` for a new request, or the step a
+    /// [`Verdict::Wait`] named, once what it waited for is there.
+    pub fn inbound_from<'p>(
+        &self,
+        policy: &'p ApiPolicy,
+        from: usize,
+        facts: &Facts<'_>,
+        headers: &dyn HeaderList,
+        edits: &mut HeaderEdits,
+    ) -> Verdict<'p> {
+        for step in policy.inbound.iter().skip(from) {
             match step {
                 Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
                 Step::ValidateClientCertificate(v) => {

@@ -14,9 +14,11 @@
 mod conn;
 mod event;
 mod pool;
+mod relay;
 mod server;
 mod snapshot;
 mod timer;
+mod upstream;
 mod worker;
 
 pub use server::{Server, StartError};

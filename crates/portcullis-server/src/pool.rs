@@ -1,29 +1,34 @@
 //! Per-worker keep-alive pool of backend connections. No locks: each worker has its own.
 
-use std::net::SocketAddr;
-
-use ahash::AHashMap;
 use std::time::{Duration, Instant};
 
-use monoio::net::TcpStream;
+use ahash::AHashMap;
+use bytes::Bytes;
 
-#[derive(Debug)]
+use crate::upstream::{BackendStream, PoolKey};
+
 struct Idle {
-    stream: TcpStream,
+    stream: BackendStream,
     since: Instant,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Pool {
-    idle: AHashMap<SocketAddr, Vec<Idle>>,
+    idle: AHashMap<PoolKey, Vec<Idle>>,
     /// New connections opened, for tests and metrics.
     pub(crate) opened: u64,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("keys", &self.idle.len()).field("opened", &self.opened).finish()
+    }
+}
+
 impl Pool {
-    /// The most recently used idle connection to `addr` that has not been idle too long.
-    pub(crate) fn take(&mut self, addr: SocketAddr, idle_timeout: Duration) -> Option<TcpStream> {
-        let list = self.idle.get_mut(&addr)?;
+    /// The most recently used idle connection for `key` that has not been idle too long.
+    pub(crate) fn take(&mut self, key: &PoolKey, idle_timeout: Duration) -> Option<BackendStream> {
+        let list = self.idle.get_mut(key)?;
         while let Some(idle) = list.pop() {
             if idle.since.elapsed() < idle_timeout {
                 return Some(idle.stream);
@@ -33,17 +38,20 @@ impl Pool {
     }
 
     /// Keeps a connection for reuse, unless `max_idle` are already kept.
-    pub(crate) fn put(&mut self, addr: SocketAddr, stream: TcpStream, max_idle: usize) {
-        let list = self.idle.entry(addr).or_default();
+    pub(crate) fn put(&mut self, key: &PoolKey, stream: BackendStream, max_idle: usize) {
+        let list = match self.idle.get_mut(key) {
+            Some(list) => list,
+            None => self.idle.entry(key.clone()).or_default(),
+        };
         if list.len() < max_idle {
             list.push(Idle { stream, since: Instant::now() });
         }
     }
 
-    /// Closes connections idle for longer than `idle_timeout`.
-    pub(crate) fn sweep(&mut self, idle_timeout: impl Fn(SocketAddr) -> Duration) {
-        for (addr, list) in self.idle.iter_mut() {
-            let limit = idle_timeout(*addr);
+    /// Closes connections idle for longer than their backend's idle timeout.
+    pub(crate) fn sweep(&mut self, idle_timeout: impl Fn(&PoolKey) -> Duration) {
+        for (key, list) in self.idle.iter_mut() {
+            let limit = idle_timeout(key);
             list.retain(|i| i.since.elapsed() < limit);
         }
         self.idle.retain(|_, list| !list.is_empty());
@@ -52,4 +60,9 @@ impl Pool {
     pub(crate) fn clear(&mut self) {
         self.idle.clear();
     }
+}
+
+/// Key of the pooled connections for one backend.
+pub(crate) fn key_of(addr: std::net::SocketAddr, authority: &Bytes) -> PoolKey {
+    PoolKey { addr, authority: authority.clone() }
 }

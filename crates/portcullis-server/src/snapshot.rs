@@ -25,6 +25,8 @@ pub(crate) struct Backend {
     pub(crate) response_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_idle: usize,
+    /// Its connections in the worker's pool.
+    pub(crate) pool_key: crate::upstream::PoolKey,
 }
 
 #[derive(Debug)]
@@ -176,10 +178,12 @@ impl Snapshot {
                 }
                 continue;
             }
+            let authority = Bytes::from(b.authority.clone().into_bytes());
             backends.push(Backend {
                 name: b.name.value.clone(),
                 addr,
-                authority: Bytes::from(b.authority.clone().into_bytes()),
+                pool_key: crate::pool::key_of(addr, &authority),
+                authority,
                 base_path: Bytes::from(b.base_path.clone().into_bytes()),
                 connect_timeout: b.connect_timeout,
                 response_timeout: b.response_timeout,
@@ -311,6 +315,7 @@ mod tests {
             response_timeout: Duration::ZERO,
             idle_timeout: Duration::ZERO,
             max_idle: 0,
+            pool_key: crate::pool::key_of("127.0.0.1:1".parse().expect("addr"), &Bytes::new()),
         };
         let fwd = |prefix: &str, base: &str, path: &str| {
             let mut out = Vec::new();

@@ -251,8 +251,8 @@ async fn serve(
             panic!("fault injection: worker {} dies", worker.id);
         }
         let snap = worker.snapshot();
-        worker.pool.borrow_mut().sweep(|addr| {
-            snap.backends.iter().find(|b| b.addr == addr).map_or(Duration::ZERO, |b| b.idle_timeout)
+        worker.pool.borrow_mut().sweep(|key| {
+            snap.backends.iter().find(|b| &b.pool_key == key).map_or(Duration::ZERO, |b| b.idle_timeout)
         });
     }
     worker.shutdown.set();

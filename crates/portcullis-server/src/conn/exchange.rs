@@ -1,0 +1,446 @@
+//! One exchange: a request routed, run through policy, forwarded to its backend, and the
+//! backend's response relayed back (or the proxy's own answer when a step or the backend says
+//! no).
+
+use std::pin::pin;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use monoio::time::Instant;
+use portcullis_config::ClientCertMode;
+use portcullis_http::{ChunkedOutput, Framing, HeadError, Version, write};
+use portcullis_policy::{ApiPolicy, Facts, Verdict};
+use portcullis_tls::Stream;
+
+use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, VIA, WRITE_TIMEOUT, is_identity};
+use crate::relay::{BodyMode, RelayError, relay_body};
+use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
+use crate::upstream::{HeadProgress, MAX_INTERIM_RESPONSES, Upstream, UpstreamError, is_idempotent};
+
+fn is_forwarding_header(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"x-forwarded-for") || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+}
+
+impl<S: Stream> Conn<S> {
+    /// One request/response exchange. Returns whether to read another request.
+    pub(super) async fn exchange(&mut self) -> bool {
+        let snap = self.worker.snapshot();
+        let mut id = [0u8; 16];
+        self.worker.next_request_id(&mut id);
+        self.current.set(Some(id));
+        #[cfg(feature = "fault-injection")]
+        match self.head.header(b"x-portcullis-fault") {
+            Some(b"panic") => panic!("fault injection: this connection panics"),
+            Some(b"kill-worker") => self.worker.doomed.set(true),
+            _ => {}
+        }
+        // Read only for the access log (a clock read per request is not free).
+        let started = snap.server.access_log.then(Instant::now);
+        let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {
+            let rest = route.rest_of(self.head.path_only());
+            Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
+        });
+        if let (Some(max), Framing::Length(n)) = (snap.server.max_body_size, self.head.framing())
+            && n > max
+        {
+            tracing::info!(peer = %self.peer, length = n, max_body_size = max, "request body too large");
+            self.access_log(None, 413, started, &id, "body larger than max_body_size");
+            return self.respond_local(413, "Request body too large", false).await;
+        }
+        // What `require` established at the handshake holds on every request, as a policy step
+        // would check it: a CRL loaded since (on an open keep-alive connection, or for a session
+        // resumed from a ticket) or an expiry that passed ends the connection.
+        if self.info.client_mode == ClientCertMode::Require
+            && let Some(cert) = &self.info.client_cert
+        {
+            let why = if snap.policies.revokes(cert) {
+                Some("client certificate revoked")
+            } else if portcullis_tls::now_unix() > cert.not_after {
+                Some("client certificate expired")
+            } else {
+                None
+            };
+            if let Some(reason) = why {
+                tracing::info!(peer = %self.peer, reason, client_cert = %cert.thumbprint, "request refused: certificate no longer valid");
+                self.access_log(None, 403, started, &id, reason);
+                self.connection_refused = true;
+                return self.respond_local(403, "Invalid client certificate", false).await;
+            }
+        }
+        // The Host must belong to the TLS site the client connected to (RFC 9110 §15.5.20).
+        if self.acceptor.has_sites()
+            && let Some(host) = self.head.host()
+            && self.acceptor.site_for_host(strip_port(host)) != self.info.site
+        {
+            tracing::info!(peer = %self.peer, host = %String::from_utf8_lossy(host), sni = ?self.info.server_name, "request for a host of another TLS site");
+            self.access_log(None, 421, started, &id, "host of another TLS site");
+            return self.respond_local(421, "Misdirected request", false).await;
+        }
+        let Some((route, policy)) = routed else {
+            self.access_log(None, 404, started, &id, "no API or operation");
+            return self.respond_local(404, "Resource not found", false).await;
+        };
+        let request_id = std::str::from_utf8(&id).unwrap_or("");
+        let cert = self.info.client_cert.clone();
+        let peer_ip = self.peer_ip.clone();
+        let facts = Facts {
+            client_cert: cert.as_deref(),
+            client_addr: self.peer,
+            client_ip: &peer_ip,
+            request_id,
+            now: portcullis_tls::now_unix(),
+        };
+        let identity = &snap.policies.identity_headers;
+        self.edits.reset(self.head.field_count());
+        let fields = RequestFields { head: &self.head, identity };
+        let verdict = match snap.policies.inbound(policy, &facts, &fields, &mut self.edits) {
+            // What a waiting step needs is fetched here, without blocking the worker, and the
+            // evaluation resumed with `inbound_from` at that step. No step waits yet.
+            Verdict::Wait { need, .. } => match *need {},
+            v => v,
+        };
+        if let Verdict::Respond { response, reason } = verdict {
+            if response.status >= 400 {
+                tracing::info!(
+                    peer = %self.peer,
+                    api = %route.name,
+                    status = response.status,
+                    reason,
+                    client_cert = facts.client_cert.map_or("-", |c| c.thumbprint.as_str()),
+                    "request refused by policy"
+                );
+            }
+            self.access_log(Some(route), response.status, started, &id, reason);
+            return self.respond_policy(response).await;
+        }
+        let backend = &snap.backends[route.backend];
+        let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
+        self.access_log(Some(route), status, started, &id, "-");
+        keep
+    }
+
+    /// Writes the request head for the backend into `out`.
+    fn write_upstream_head(
+        &mut self,
+        route: &Route,
+        backend: &Backend,
+        identity: &[Bytes],
+        underscores: bool,
+    ) {
+        let out = &mut self.out;
+        out.clear();
+        forwarded_path(route, backend, self.head.path(), &mut self.path);
+        write::request_line(out, self.head.method(), &self.path);
+        let absolute = self.head.is_absolute_form();
+        let mut host_written = false;
+        for i in 0..self.head.field_count() {
+            let (name, value, hop) = self.head.field(i);
+            if hop
+                || self.edits.is_removed(i)
+                || is_identity(identity, name)
+                || (!underscores && name.contains(&b'_'))
+                || is_forwarding_header(name)
+                || name.eq_ignore_ascii_case(b"content-length")
+            {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"host") {
+                if absolute {
+                    continue;
+                }
+                host_written = true;
+            }
+            write::header(out, name, value);
+        }
+        if !host_written {
+            write::header(out, b"Host", self.head.host().unwrap_or(&backend.authority));
+        }
+        for (name, value) in self.edits.added() {
+            write::header(out, name, value);
+        }
+        write::header(out, b"X-Forwarded-For", self.peer_ip.as_bytes());
+        write::header(out, b"X-Forwarded-Proto", b"https");
+        write::header(out, b"Via", VIA);
+        // Framing is written from what the parser decided, never copied: one value, one meaning.
+        match self.head.framing() {
+            Framing::Length(n) => write::content_length(out, n),
+            Framing::Chunked => write::header(out, b"Transfer-Encoding", b"chunked"),
+            Framing::None if self.head.declares_empty_body() => write::content_length(out, 0),
+            Framing::None | Framing::UntilClose => {}
+        }
+        write::end_head(out);
+    }
+
+    /// Forwards the request and relays the response. Returns (keep client open, status sent).
+    async fn forward(
+        &mut self,
+        snap: &Snapshot,
+        route: &Route,
+        policy: &ApiPolicy,
+        backend: &Backend,
+        facts: &Facts<'_>,
+    ) -> (bool, u16) {
+        let identity = &snap.policies.identity_headers;
+        // A request that may be sent again (RFC 9110 §9.2.2) and has no body to lose is repeated
+        // once if the pooled connection it went out on turns out dead after all (a close or a
+        // 408 that arrived just after the check in `checkout`).
+        let repeatable = self.head.framing() == Framing::None
+            && is_idempotent(self.head.method())
+            && !self.head.expect_continue();
+        let mut attempt = 0;
+        let mut answered_early = false;
+        self.interim_sent = false;
+        let mut upstream = loop {
+            attempt += 1;
+            let mut up = match Upstream::checkout(&self.worker.pool, backend).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return self.upstream_failed(backend, e, false).await;
+                }
+            };
+            let reused = up.reused;
+            self.write_upstream_head(route, backend, identity, snap.server.allow_underscores_in_headers);
+            if self.head.expect_continue() {
+                let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
+                let written =
+                    self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut cont))).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    return (false, 0);
+                }
+            }
+            let body = match self.head.framing() {
+                Framing::None | Framing::UntilClose => BodyMode::None,
+                Framing::Length(n) => BodyMode::Length(n),
+                Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
+            };
+            let timeouts = (snap.server.body_timeout, backend.response_timeout, snap.server.max_body_size);
+            let sent = relay_body(
+                body,
+                (&mut self.client, &mut self.rbuf),
+                &mut up.stream,
+                &mut self.out,
+                timeouts,
+                &mut self.io_timer,
+                true,
+            )
+            .await;
+            // Only a body read whole leaves the client connection in step with its requests.
+            let body_whole = sent.is_ok();
+            let result = match sent {
+                Ok(()) => self.read_response_head(&mut up, backend.response_timeout).await,
+                // The backend stopped taking the body: it may have answered already (a 413, a
+                // 401 before the upload), and that answer is the client's.
+                Err(RelayError::Destination(e)) => {
+                    let wait = EARLY_ANSWER_WAIT.min(backend.response_timeout);
+                    match self.read_response_head(&mut up, wait).await {
+                        Ok(()) => {
+                            tracing::debug!(backend = %backend.name, status = self.resp.status(), error = %e, "backend answered before taking the whole body");
+                            answered_early = true;
+                            Ok(())
+                        }
+                        Err(_) => Err(UpstreamError::Lost(e)),
+                    }
+                }
+                Err(e) => Err(UpstreamError::RequestBody(e)),
+            };
+            let retry = reused && attempt == 1 && repeatable && !self.interim_sent;
+            match result {
+                // What a pooled connection says when the backend timed it out while it was idle
+                // (an unsolicited 408, then close) is not the answer to this request.
+                Ok(()) if retry && self.resp.status() == 408 => {
+                    tracing::debug!(backend = %backend.name, "pooled connection answered 408; retrying");
+                    continue;
+                }
+                Ok(()) => break up,
+                // Closed, reset, or bytes that are no response: a pooled connection the backend
+                // had given up on.
+                Err(e @ (UpstreamError::Lost(_) | UpstreamError::BadResponse(_))) if retry => {
+                    tracing::debug!(backend = %backend.name, error = %e, "pooled connection was stale; retrying");
+                    continue;
+                }
+                Err(e) => return self.upstream_failed(backend, e, body_whole).await,
+            }
+        };
+
+        let status = self.resp.status();
+        let client_http10 = self.head.version() == Version::Http10;
+        // After an early answer, the rest of the client's body is unread: the client connection
+        // ends after the response (lingering), and the backend's is not reused.
+        self.unread_input |= answered_early;
+        let mut keep = self.client_keeps_alive() && !answered_early;
+        let mode = match self.resp.framing(self.head.is_head()) {
+            Framing::None => BodyMode::None,
+            Framing::Length(n) => BodyMode::Length(n),
+            Framing::Chunked if client_http10 => {
+                keep = false;
+                BodyMode::Chunked(ChunkedOutput::DataOnly)
+            }
+            Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
+            Framing::UntilClose => {
+                if client_http10 {
+                    keep = false;
+                }
+                BodyMode::UntilClose { chunk: !client_http10 }
+            }
+        };
+        self.edits.reset(self.resp.field_count());
+        if policy.has_outbound() {
+            snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &mut self.edits);
+        }
+        self.write_response_head(mode, keep, client_http10);
+        let relayed = relay_body(
+            mode,
+            (&mut upstream.stream, &mut self.ubuf),
+            &mut self.client,
+            &mut self.out,
+            (backend.response_timeout, WRITE_TIMEOUT, None),
+            &mut self.io_timer,
+            false,
+        )
+        .await;
+        match relayed {
+            Ok(()) => {
+                // Not after HEAD: a backend that wrongly sends a body would poison the next
+                // response on the connection.
+                let reusable = self.resp.keep_alive()
+                    && !answered_early
+                    && !matches!(mode, BodyMode::UntilClose { .. })
+                    && self.ubuf.is_empty()
+                    && !self.head.is_head();
+                if reusable {
+                    upstream.release(&self.worker.pool, backend);
+                }
+                self.ubuf.clear();
+                (keep, status)
+            }
+            Err(RelayError::Destination(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "client went away during the response");
+                self.ubuf.clear();
+                (false, status)
+            }
+            Err(e) => {
+                tracing::warn!(backend = %backend.name, error = %e, "backend response body failed; response truncated");
+                self.ubuf.clear();
+                (false, status)
+            }
+        }
+    }
+
+    fn write_response_head(&mut self, mode: BodyMode, keep: bool, client_http10: bool) {
+        let out = &mut self.out;
+        out.clear();
+        write::status_line(out, Version::Http11, self.resp.status(), self.resp.reason());
+        // A recipient with a clock adds the Date an origin left out (RFC 9110 §6.6.1).
+        if self.resp.header(b"date").is_none() {
+            write::date(out);
+        }
+        for i in 0..self.resp.field_count() {
+            let (name, value, hop) = self.resp.field(i);
+            if hop || self.edits.is_removed(i) || name.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
+            write::header(out, name, value);
+        }
+        for (name, value) in self.edits.added() {
+            write::header(out, name, value);
+        }
+        // Framing from the parsed head, as for requests.
+        match mode {
+            BodyMode::Length(n) => write::content_length(out, n),
+            BodyMode::Chunked(ChunkedOutput::Reencode) | BodyMode::UntilClose { chunk: true } => {
+                write::header(out, b"Transfer-Encoding", b"chunked");
+            }
+            BodyMode::None if self.head.is_head() || self.resp.status() == 304 => {
+                // The length the body would have had (RFC 9110 §8.6).
+                if let Some(n) = self.resp.content_length() {
+                    write::content_length(out, n);
+                }
+            }
+            // An empty body (`Content-Length: 0` from the backend) must still say so: a response
+            // without a length is read until the connection closes (RFC 9112 §6.3). 1xx and 204
+            // have no body by definition and must not carry the field (RFC 9110 §8.6).
+            BodyMode::None if self.resp.status() != 204 && !self.resp.is_informational() => {
+                write::content_length(out, 0);
+            }
+            _ => {}
+        }
+        write::Connection::for_client(keep, client_http10).write(out);
+        write::end_head(out);
+    }
+
+    /// Sends the interim response in `self.resp` on to the client (hop-by-hop fields dropped).
+    /// A failure shows again, and is handled, when the final response is written.
+    async fn forward_interim(&mut self) {
+        let out = &mut self.out;
+        out.clear();
+        write::status_line(out, Version::Http11, self.resp.status(), self.resp.reason());
+        for i in 0..self.resp.field_count() {
+            let (name, value, hop) = self.resp.field(i);
+            if !hop {
+                write::header(out, name, value);
+            }
+        }
+        write::end_head(out);
+        let _ = self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out))).await;
+    }
+
+    /// Reads the backend's final response head into `self.resp`, interim ones forwarded or
+    /// skipped, all of them within `response_timeout`.
+    async fn read_response_head(
+        &mut self,
+        up: &mut Upstream,
+        response_timeout: Duration,
+    ) -> Result<(), UpstreamError> {
+        let deadline = Instant::now() + response_timeout;
+        let mut progress = HeadProgress::default();
+        let mut interim = 0;
+        self.ubuf.clear();
+        loop {
+            up.read_head(&mut self.ubuf, &mut self.resp, &mut progress, &mut self.io_timer, deadline).await?;
+            if !self.resp.is_informational() {
+                return Ok(());
+            }
+            // A backend that only ever says "wait" is bounded by count as well as by the
+            // deadline: each interim response costs a parse and a client write.
+            interim += 1;
+            if interim > MAX_INTERIM_RESPONSES {
+                return Err(UpstreamError::BadResponse(HeadError::Malformed("too many interim responses")));
+            }
+            // Forwarded to an HTTP/1.1 client (RFC 9110 §15.2: 103 Early Hints, 102), but for
+            // 100 Continue, which the proxy answers itself.
+            if self.resp.status() != 100 && self.head.version() == Version::Http11 {
+                self.interim_sent = true;
+                self.forward_interim().await;
+            }
+        }
+    }
+
+    /// Answers for a backend that failed; details go to the log only.
+    async fn upstream_failed(
+        &mut self,
+        backend: &Backend,
+        e: UpstreamError,
+        body_consumed: bool,
+    ) -> (bool, u16) {
+        let (status, message) = match &e {
+            UpstreamError::ConnectTimeout | UpstreamError::Timeout => (504, "Gateway timeout"),
+            UpstreamError::RequestBody(RelayError::SourceTimeout) => (408, "Request timeout"),
+            UpstreamError::RequestBody(RelayError::SourceFraming(_)) => (400, "Bad request"),
+            UpstreamError::RequestBody(RelayError::SourceTooLarge) => (413, "Request body too large"),
+            UpstreamError::RequestBody(RelayError::SourceClosed | RelayError::SourceIo(_)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
+                return (false, 0);
+            }
+            _ => (502, "Bad gateway"),
+        };
+        match &e {
+            UpstreamError::RequestBody(err) => {
+                tracing::info!(peer = %self.peer, error = %err, status, "request body refused")
+            }
+            _ => {
+                tracing::warn!(backend = %backend.name, addr = %backend.addr, error = %e, status, "backend failed")
+            }
+        }
+        (self.respond_local(status, message, body_consumed).await, status)
+    }
+}
