@@ -5,6 +5,8 @@
 #   apt-get install -y haproxy nginx curl          # once
 #   loadtest/bench.sh                              # ROUNDS=5 DURATION=10 by default
 #   ROUNDS=3 DURATION=5 MODES="keepalive" PROXIES="portcullis haproxy" loadtest/bench.sh
+#   BASE_BIN=/path/to/older/portcullis PROXIES="portcullis portcullis-base haproxy" loadtest/bench.sh
+#                                                  # a change and what it replaces, same run
 #
 # The work: client certificate required and verified against root + intermediate with CRLs, a
 # SHA-1 thumbprint allow-list, the client DN sent to the backend, X-Powered-By removed from the
@@ -32,7 +34,7 @@ IDLE_CONNS=${IDLE_CONNS:-8000}     # 0 skips the memory runs (HAProxy's maxconn 
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
-declare -A ADDR=([portcullis]=127.0.0.1:18446 [haproxy]=127.0.0.1:18443 [nginx]=127.0.0.1:18444)
+declare -A ADDR=([portcullis]=127.0.0.1:18446 [portcullis-base]=127.0.0.1:18447 [haproxy]=127.0.0.1:18443 [nginx]=127.0.0.1:18444)
 OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
 BIN=target/release
 RUN=$OUT/run
@@ -47,6 +49,7 @@ LOAD=$BIN/portcullis-load
 for p in $PROXIES; do
   case $p in
     haproxy|nginx) command -v "$p" >/dev/null || { echo "$p is not installed (apt-get install -y $p)" >&2; exit 1; };;
+    portcullis-base) [ -x "${BASE_BIN:-}" ] || { echo "portcullis-base needs BASE_BIN=<an earlier portcullis binary>" >&2; exit 1; };;
   esac
 done
 
@@ -63,7 +66,7 @@ trap 'exit 130' INT TERM
 
 render() { # render PROXY -> path of its rendered configuration
   local tpl out
-  tpl=$(ls "loadtest/conf/$1".*.in)
+  tpl=$(ls "loadtest/conf/${1%-base}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
   sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" "$tpl" > "$out"
   echo "$out"
@@ -85,9 +88,11 @@ start() {
   local p=$1 conf
   conf=$(render "$p")
   case $p in
-    portcullis)
-      "$BIN/portcullis" check -c "$conf" >/dev/null
-      taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
+    portcullis|portcullis-base)
+      local bin=$BIN/portcullis
+      [ "$p" = portcullis-base ] && bin=$BASE_BIN
+      "$bin" check -c "$conf" >/dev/null
+      taskset -c "$PROXY_CPU" "$bin" run -c "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
     haproxy)
       haproxy -c -q -f "$conf"
       taskset -c "$PROXY_CPU" haproxy -db -f "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;

@@ -193,3 +193,28 @@ fn a_leaf_certificate_given_as_client_ca_is_refused() {
         "{errors:#?}"
     );
 }
+
+/// BoringSSL cannot load RSA-PSS keys (PKCS#8 with the RSASSA-PSS algorithm): the error says so
+/// instead of "not a private key".
+#[test]
+fn an_rsa_pss_key_gets_an_error_that_names_it() {
+    use base64::Engine as _;
+    let env = Env::new();
+    // A PKCS#8 PrivateKeyInfo whose algorithm is id-RSASSA-PSS (1.2.840.113549.1.1.10); the key
+    // itself does not matter, the algorithm is what BoringSSL refuses.
+    let mut der = vec![0x30, 0x14, 0x02, 0x01, 0x00, 0x30, 0x0b, 0x06, 0x09];
+    der.extend_from_slice(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a, 0x05, 0x00]);
+    der.extend_from_slice(&[0x04, 0x02, 0x30, 0x00]);
+    der[1] = (der.len() - 2) as u8;
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&der)
+    );
+    std::fs::write(&env.paths.server_key, pem).unwrap();
+    let (code, errors) = check(&env.write_config("pss.toml", &env.config("require", "")));
+    assert_eq!(code, Some(1));
+    assert!(
+        errors.iter().any(|e| e.contains("listener[0].certificate") && e.contains("RSA-PSS")),
+        "{errors:#?}"
+    );
+}

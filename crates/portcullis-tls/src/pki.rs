@@ -43,9 +43,33 @@ pub fn load_certificates(path: &Located<PathBuf>) -> Result<Vec<X509>, ConfigErr
 /// A PEM private key.
 pub fn load_private_key(path: &Located<PathBuf>) -> Result<PKey<Private>, ConfigError> {
     let data = read(path)?;
-    PKey::private_key_from_pem(&data)
-        .or_else(|_| PKey::private_key_from_der(&data))
-        .map_err(|e| path.loc.error(format!("{}: not a private key (PEM or DER): {e}", path.value.display())))
+    PKey::private_key_from_pem(&data).or_else(|_| PKey::private_key_from_der(&data)).map_err(|e| {
+        if is_rsa_pss_key(&data) {
+            path.loc.error(format!(
+                "{}: an RSA-PSS key (OID 1.2.840.113549.1.1.10), which BoringSSL cannot load; issue the certificate for an RSA (rsaEncryption) or ECDSA key instead — RSA-PSS signatures are still used with RSA keys in TLS 1.3",
+                path.value.display()
+            ))
+        } else {
+            path.loc.error(format!("{}: not a private key (PEM or DER): {e}", path.value.display()))
+        }
+    })
+}
+
+/// Whether a key file (PEM or DER) holds a key whose algorithm is RSASSA-PSS.
+fn is_rsa_pss_key(data: &[u8]) -> bool {
+    const RSA_PSS_OID: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a];
+    let has_oid = |der: &[u8]| der.windows(RSA_PSS_OID.len()).take(64).any(|w| w == RSA_PSS_OID);
+    if has_oid(data) {
+        return true;
+    }
+    let Ok(text) = std::str::from_utf8(data) else { return false };
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    boring::base64::decode_block(&body).is_ok_and(|der| has_oid(&der))
 }
 
 /// All the CA certificates of a `client_ca` list, each checked to be within its validity.

@@ -36,6 +36,7 @@ impl<S: Stream> Conn<S> {
         }
         // Read only for the access log (a clock read per request is not free).
         let started = snap.server.access_log.then(Instant::now);
+        let now = portcullis_tls::now_unix();
         let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {
             let rest = route.rest_of(self.head.path_only());
             Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
@@ -55,7 +56,7 @@ impl<S: Stream> Conn<S> {
         {
             let why = if snap.policies.revokes(cert) {
                 Some("client certificate revoked")
-            } else if portcullis_tls::now_unix() > cert.not_after {
+            } else if now > cert.not_after {
                 Some("client certificate expired")
             } else {
                 None
@@ -88,7 +89,7 @@ impl<S: Stream> Conn<S> {
             client_addr: self.peer,
             client_ip: &peer_ip,
             request_id,
-            now: portcullis_tls::now_unix(),
+            now,
         };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
