@@ -1,5 +1,28 @@
 use std::fmt;
 
+/// Whose fault an error was: it decides the log level (a client's mistakes are routine, a
+/// backend's are an operator's concern, the proxy's own are bugs) and which side is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client (downstream) sent something wrong, or went away.
+    Client,
+    /// The backend (upstream), or another service the proxy asked.
+    Backend,
+    /// The proxy itself.
+    Internal,
+}
+
+/// What the proxy does about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaction {
+    /// Answer with this status (a JSON body the client may read), then close.
+    Respond(u16, &'static str),
+    /// Send this TLS alert, then close.
+    Alert(u8),
+    /// Close without a word: nobody is left to tell.
+    Close,
+}
+
 /// Why a message head was refused. Each variant knows the status the proxy answers with; after
 /// any of them the connection is closed, because the framing of what follows is in doubt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +43,12 @@ pub enum HeadError {
 }
 
 impl HeadError {
+    /// What the proxy does when a client's request head has this error. (On a backend's
+    /// response every head error is the backend's fault and a 502.)
+    pub fn reaction(&self) -> Reaction {
+        Reaction::Respond(self.status(), self.client_message())
+    }
+
     /// The status code of the response the proxy sends for this error on a request.
     pub fn status(&self) -> u16 {
         match self {

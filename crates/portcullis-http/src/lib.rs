@@ -25,7 +25,7 @@ mod path;
 pub mod write;
 
 pub use chunked::{ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded};
-pub use error::HeadError;
+pub use error::{HeadError, Reaction, Side};
 pub use head::{
     Framing, HeadScanner, Limits, MAX_HEADERS_CAP, RequestHead, ResponseHead, Version, is_hop_by_hop_name,
 };

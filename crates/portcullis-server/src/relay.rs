@@ -7,7 +7,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use portcullis_http::{ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded, write};
+use portcullis_http::{ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded, Side, write};
 use portcullis_tls::Stream;
 
 use crate::timer::Timer;
@@ -22,6 +22,17 @@ pub(crate) enum RelayError {
     /// More than `server.max_body_size`.
     SourceTooLarge,
     Destination(io::Error),
+}
+
+impl RelayError {
+    /// Which side failed, for a request body (client → backend). For a response body the
+    /// sides are the other way round, and the caller says so.
+    pub(crate) fn side(&self) -> Side {
+        match self {
+            RelayError::Destination(_) => Side::Backend,
+            _ => Side::Client,
+        }
+    }
 }
 
 impl std::fmt::Display for RelayError {

@@ -11,7 +11,7 @@ use std::pin::pin;
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use monoio::time::{Instant, timeout};
-use portcullis_http::{HeadError, HeadScanner, Limits, ResponseHead};
+use portcullis_http::{HeadError, HeadScanner, Limits, Reaction, ResponseHead, Side};
 use portcullis_tls::{PlainStream, Stream};
 
 use crate::pool::Pool;
@@ -153,6 +153,35 @@ pub(crate) enum UpstreamError {
     BadResponse(HeadError),
     /// The request body could not be relayed; the response is already decided.
     RequestBody(RelayError),
+}
+
+impl UpstreamError {
+    /// Whose fault it was: the backend's, or the client's when its request body failed.
+    pub(crate) fn side(&self) -> Side {
+        match self {
+            UpstreamError::RequestBody(e) => e.side(),
+            _ => Side::Backend,
+        }
+    }
+
+    /// What the client is told. Backend details go to the log only.
+    pub(crate) fn reaction(&self) -> Reaction {
+        match self {
+            UpstreamError::ConnectTimeout | UpstreamError::Timeout => {
+                Reaction::Respond(504, "Gateway timeout")
+            }
+            UpstreamError::RequestBody(RelayError::SourceTimeout) => {
+                Reaction::Respond(408, "Request timeout")
+            }
+            UpstreamError::RequestBody(RelayError::SourceFraming(_)) => Reaction::Respond(400, "Bad request"),
+            UpstreamError::RequestBody(RelayError::SourceTooLarge) => {
+                Reaction::Respond(413, "Request body too large")
+            }
+            // The client went away while sending the body: nobody to answer.
+            UpstreamError::RequestBody(RelayError::SourceClosed | RelayError::SourceIo(_)) => Reaction::Close,
+            _ => Reaction::Respond(502, "Bad gateway"),
+        }
+    }
 }
 
 impl std::fmt::Display for UpstreamError {

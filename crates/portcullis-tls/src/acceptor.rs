@@ -120,8 +120,75 @@ pub enum HandshakeError {
     Closed,
     /// The client certificate was refused (`require` mode); the text says why.
     CertificateRejected(String),
-    /// Anything else TLS refused: no shared version or cipher, a missing certificate, garbage.
-    Protocol(String),
+    /// Anything else TLS refused, classified by BoringSSL's reason code; `detail` is its text.
+    Protocol { fault: TlsFault, detail: String },
+    /// The proxy could not set the connection up (out of memory, say).
+    Internal(String),
+}
+
+/// What a client got wrong in a handshake, from BoringSSL's reason codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsFault {
+    /// No cipher suite both sides accept.
+    NoSharedCipher,
+    /// No key-exchange group both sides accept.
+    NoSharedGroup,
+    /// A protocol version the listener does not accept (below `tls_min_version`, say).
+    UnsupportedVersion,
+    /// Not TLS at all: plain HTTP, or bytes that are no TLS record.
+    NotTls,
+    /// Anything else.
+    Other,
+}
+
+impl TlsFault {
+    fn of(e: &boring::ssl::Error) -> TlsFault {
+        let lib_ssl = ffi::ERR_LIB_SSL.0 as std::ffi::c_int;
+        let Some(stack) = e.ssl_error() else { return TlsFault::Other };
+        for err in stack.errors() {
+            if err.library_code() != lib_ssl {
+                continue;
+            }
+            return match err.reason_code() {
+                ffi::SSL_R_NO_SHARED_CIPHER => TlsFault::NoSharedCipher,
+                ffi::SSL_R_NO_SHARED_GROUP => TlsFault::NoSharedGroup,
+                ffi::SSL_R_UNSUPPORTED_PROTOCOL => TlsFault::UnsupportedVersion,
+                ffi::SSL_R_HTTP_REQUEST
+                | ffi::SSL_R_HTTPS_PROXY_REQUEST
+                | ffi::SSL_R_WRONG_VERSION_NUMBER => TlsFault::NotTls,
+                _ => continue,
+            };
+        }
+        TlsFault::Other
+    }
+}
+
+impl fmt::Display for TlsFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsFault::NoSharedCipher => "no shared cipher suite",
+            TlsFault::NoSharedGroup => "no shared key-exchange group",
+            TlsFault::UnsupportedVersion => "unsupported TLS version",
+            TlsFault::NotTls => "not TLS",
+            TlsFault::Other => "refused",
+        })
+    }
+}
+
+/// Whether BoringSSL's error stack holds `reason` from library `lib`.
+fn has_reason(stack: &ErrorStack, lib: std::ffi::c_int, reason: std::ffi::c_int) -> bool {
+    stack.errors().iter().any(|e| e.library_code() == lib && e.reason_code() == reason)
+}
+
+impl HandshakeError {
+    /// Whose fault it was: the client's, but for the proxy's own failures.
+    pub fn side(&self) -> portcullis_http::Side {
+        match self {
+            HandshakeError::Internal(_) => portcullis_http::Side::Internal,
+            _ => portcullis_http::Side::Client,
+        }
+    }
 }
 
 impl fmt::Display for HandshakeError {
@@ -130,7 +197,8 @@ impl fmt::Display for HandshakeError {
             HandshakeError::Io(e) => write!(f, "i/o error during handshake: {e}"),
             HandshakeError::Closed => f.write_str("client closed the connection during the handshake"),
             HandshakeError::CertificateRejected(why) => write!(f, "client certificate rejected: {why}"),
-            HandshakeError::Protocol(why) => write!(f, "handshake failed: {why}"),
+            HandshakeError::Protocol { fault, detail } => write!(f, "handshake failed: {fault} ({detail})"),
+            HandshakeError::Internal(why) => write!(f, "cannot set up the connection: {why}"),
         }
     }
 }
@@ -339,15 +407,17 @@ fn site_context(
         };
         if set != 1 {
             let e = ErrorStack::get();
-            return Err(if e.to_string().contains("KEY_VALUES_MISMATCH") {
-                format!(
-                    "the key in {} does not match the certificate in {}",
-                    cert.key.value.display(),
-                    cert.cert.value.display()
-                )
-            } else {
-                format!("{}: {e}", cert.key.value.display())
-            });
+            return Err(
+                if has_reason(&e, ffi::ERR_LIB_X509.0 as std::ffi::c_int, ffi::X509_R_KEY_VALUES_MISMATCH) {
+                    format!(
+                        "the key in {} does not match the certificate in {}",
+                        cert.key.value.display(),
+                        cert.cert.value.display()
+                    )
+                } else {
+                    format!("{}: {e}", cert.key.value.display())
+                },
+            );
         }
         b.set_session_id_context(sid_ctx).map_err(|e| e.to_string())?;
         if !trust.cas.is_empty() {
@@ -474,11 +544,11 @@ impl TlsAcceptor {
         &self,
         mut io: S,
     ) -> Result<TlsStream<S>, HandshakeError> {
-        let mut ssl = Ssl::new(&self.ctx).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+        let mut ssl = Ssl::new(&self.ctx).map_err(|e| HandshakeError::Internal(e.to_string()))?;
         // The verification callback's trust (the SNI callback may move the connection elsewhere).
         ssl.set_ex_data(auth_index(), self.default_auth.clone());
         let mut ssl =
-            SslStream::new(ssl, Staging::default()).map_err(|e| HandshakeError::Protocol(e.to_string()))?;
+            SslStream::new(ssl, Staging::default()).map_err(|e| HandshakeError::Internal(e.to_string()))?;
         loop {
             match ssl.accept() {
                 Ok(()) => break,
@@ -509,13 +579,18 @@ impl TlsAcceptor {
                     if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() {
                         return Err(HandshakeError::Closed);
                     }
-                    let why = describe(&e);
-                    if why.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") {
+                    if e.ssl_error().is_some_and(|stack| {
+                        has_reason(
+                            stack,
+                            ffi::ERR_LIB_SSL.0 as std::ffi::c_int,
+                            ffi::SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE,
+                        )
+                    }) {
                         return Err(HandshakeError::CertificateRejected(
                             "no client certificate presented".to_owned(),
                         ));
                     }
-                    return Err(HandshakeError::Protocol(why));
+                    return Err(HandshakeError::Protocol { fault: TlsFault::of(&e), detail: describe(&e) });
                 }
             }
         }

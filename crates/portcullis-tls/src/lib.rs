@@ -18,7 +18,7 @@ mod stream;
 mod tickets;
 mod verify;
 
-pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor};
+pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor, TlsFault};
 pub use facts::{client_cert_from_x509, dn_string};
 pub use pki::{is_cert_revoked, load_ca_bundle, load_certificates, load_private_key, load_revocations};
 pub use portcullis_facts::{

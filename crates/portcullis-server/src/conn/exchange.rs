@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::time::Instant;
 use portcullis_config::ClientCertMode;
-use portcullis_http::{ChunkedOutput, Framing, HeadError, Version, write};
+use portcullis_http::{ChunkedOutput, Framing, HeadError, Reaction, Side, Version, write};
 use portcullis_policy::{ApiPolicy, Facts, Verdict};
 use portcullis_tls::Stream;
 
@@ -423,22 +423,13 @@ impl<S: Stream> Conn<S> {
         e: UpstreamError,
         body_consumed: bool,
     ) -> (bool, u16) {
-        let (status, message) = match &e {
-            UpstreamError::ConnectTimeout | UpstreamError::Timeout => (504, "Gateway timeout"),
-            UpstreamError::RequestBody(RelayError::SourceTimeout) => (408, "Request timeout"),
-            UpstreamError::RequestBody(RelayError::SourceFraming(_)) => (400, "Bad request"),
-            UpstreamError::RequestBody(RelayError::SourceTooLarge) => (413, "Request body too large"),
-            UpstreamError::RequestBody(RelayError::SourceClosed | RelayError::SourceIo(_)) => {
-                tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
-                return (false, 0);
-            }
-            _ => (502, "Bad gateway"),
+        let Reaction::Respond(status, message) = e.reaction() else {
+            tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
+            return (false, 0);
         };
-        match &e {
-            UpstreamError::RequestBody(err) => {
-                tracing::info!(peer = %self.peer, error = %err, status, "request body refused")
-            }
-            _ => {
+        match e.side() {
+            Side::Client => tracing::info!(peer = %self.peer, error = %e, status, "request body refused"),
+            Side::Backend | Side::Internal => {
                 tracing::warn!(backend = %backend.name, addr = %backend.addr, error = %e, status, "backend failed")
             }
         }
