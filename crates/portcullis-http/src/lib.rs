@@ -20,6 +20,7 @@
 
 mod chunked;
 mod error;
+pub mod forward;
 mod head;
 mod path;
 pub mod write;

@@ -7,7 +7,8 @@ use std::pin::pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use portcullis_http::{ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded, Side, write};
+use portcullis_http::forward::BodyMode;
+use portcullis_http::{ChunkedDecoder, ChunkedError, Decoded, Side, write};
 use portcullis_tls::Stream;
 
 use crate::timer::Timer;
@@ -46,18 +47,6 @@ impl std::fmt::Display for RelayError {
             RelayError::Destination(e) => write!(f, "write failed: {e}"),
         }
     }
-}
-
-/// How a body is delimited on the way in and re-delimited on the way out.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum BodyMode {
-    None,
-    Length(u64),
-    Chunked(ChunkedOutput),
-    /// Until the source closes; `chunk` re-frames it as chunked for the destination.
-    UntilClose {
-        chunk: bool,
-    },
 }
 
 /// Moves one body from `src` to `dst`, re-delimiting it as `mode` says. `out` may already hold

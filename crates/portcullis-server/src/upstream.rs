@@ -202,8 +202,3 @@ impl std::fmt::Display for UpstreamError {
 pub(crate) fn idle_connection_is_clean(stream: &BackendStream) -> bool {
     matches!(stream.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
-
-/// Methods that may be sent again when a connection fails before any answer (RFC 9110 §9.2.2).
-pub(crate) fn is_idempotent(method: &[u8]) -> bool {
-    matches!(method, b"GET" | b"HEAD" | b"OPTIONS" | b"TRACE" | b"PUT" | b"DELETE")
-}

@@ -8,18 +8,15 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::time::Instant;
 use portcullis_config::ClientCertMode;
-use portcullis_http::{ChunkedOutput, Framing, HeadError, Reaction, Side, Version, write};
+use portcullis_http::forward::{self, BodyMode};
+use portcullis_http::{Framing, HeadError, Reaction, Side, Version, write};
 use portcullis_policy::{ApiPolicy, Facts, Verdict};
 use portcullis_tls::Stream;
 
-use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, VIA, WRITE_TIMEOUT, is_identity};
-use crate::relay::{BodyMode, RelayError, relay_body};
+use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
+use crate::relay::{RelayError, relay_body};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
-use crate::upstream::{HeadProgress, MAX_INTERIM_RESPONSES, Upstream, UpstreamError, is_idempotent};
-
-fn is_forwarding_header(name: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(b"x-forwarded-for") || name.eq_ignore_ascii_case(b"x-forwarded-proto")
-}
+use crate::upstream::{HeadProgress, MAX_INTERIM_RESPONSES, Upstream, UpstreamError};
 
 impl<S: Stream> Conn<S> {
     /// One request/response exchange. Returns whether to read another request.
@@ -140,7 +137,7 @@ impl<S: Stream> Conn<S> {
                 || self.edits.is_removed(i)
                 || is_identity(identity, name)
                 || (!underscores && name.contains(&b'_'))
-                || is_forwarding_header(name)
+                || forward::is_forwarding_field(name)
                 || name.eq_ignore_ascii_case(b"content-length")
             {
                 continue;
@@ -159,16 +156,8 @@ impl<S: Stream> Conn<S> {
         for (name, value) in self.edits.added() {
             write::header(out, name, value);
         }
-        write::header(out, b"X-Forwarded-For", self.peer_ip.as_bytes());
-        write::header(out, b"X-Forwarded-Proto", b"https");
-        write::header(out, b"Via", VIA);
-        // Framing is written from what the parser decided, never copied: one value, one meaning.
-        match self.head.framing() {
-            Framing::Length(n) => write::content_length(out, n),
-            Framing::Chunked => write::header(out, b"Transfer-Encoding", b"chunked"),
-            Framing::None if self.head.declares_empty_body() => write::content_length(out, 0),
-            Framing::None | Framing::UntilClose => {}
-        }
+        forward::write_forwarding_fields(out, self.peer_ip.as_bytes());
+        forward::write_request_framing(out, &self.head);
         write::end_head(out);
     }
 
@@ -186,7 +175,7 @@ impl<S: Stream> Conn<S> {
         // once if the pooled connection it went out on turns out dead after all (a close or a
         // 408 that arrived just after the check in `checkout`).
         let repeatable = self.head.framing() == Framing::None
-            && is_idempotent(self.head.method())
+            && forward::is_idempotent(self.head.method())
             && !self.head.expect_continue();
         let mut attempt = 0;
         let mut answered_early = false;
@@ -209,11 +198,7 @@ impl<S: Stream> Conn<S> {
                     return (false, 0);
                 }
             }
-            let body = match self.head.framing() {
-                Framing::None | Framing::UntilClose => BodyMode::None,
-                Framing::Length(n) => BodyMode::Length(n),
-                Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
-            };
+            let body = forward::request_body(&self.head);
             let timeouts = (snap.server.body_timeout, backend.response_timeout, snap.server.max_body_size);
             let sent = relay_body(
                 body,
@@ -269,21 +254,8 @@ impl<S: Stream> Conn<S> {
         // ends after the response (lingering), and the backend's is not reused.
         self.unread_input |= answered_early;
         let mut keep = self.client_keeps_alive() && !answered_early;
-        let mode = match self.resp.framing(self.head.is_head()) {
-            Framing::None => BodyMode::None,
-            Framing::Length(n) => BodyMode::Length(n),
-            Framing::Chunked if client_http10 => {
-                keep = false;
-                BodyMode::Chunked(ChunkedOutput::DataOnly)
-            }
-            Framing::Chunked => BodyMode::Chunked(ChunkedOutput::Reencode),
-            Framing::UntilClose => {
-                if client_http10 {
-                    keep = false;
-                }
-                BodyMode::UntilClose { chunk: !client_http10 }
-            }
-        };
+        let (mode, mode_keeps) = forward::response_body(&self.resp, self.head.is_head(), client_http10);
+        keep &= mode_keeps;
         self.edits.reset(self.resp.field_count());
         if policy.has_outbound() {
             snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &mut self.edits);
@@ -346,25 +318,7 @@ impl<S: Stream> Conn<S> {
             write::header(out, name, value);
         }
         // Framing from the parsed head, as for requests.
-        match mode {
-            BodyMode::Length(n) => write::content_length(out, n),
-            BodyMode::Chunked(ChunkedOutput::Reencode) | BodyMode::UntilClose { chunk: true } => {
-                write::header(out, b"Transfer-Encoding", b"chunked");
-            }
-            BodyMode::None if self.head.is_head() || self.resp.status() == 304 => {
-                // The length the body would have had (RFC 9110 §8.6).
-                if let Some(n) = self.resp.content_length() {
-                    write::content_length(out, n);
-                }
-            }
-            // An empty body (`Content-Length: 0` from the backend) must still say so: a response
-            // without a length is read until the connection closes (RFC 9112 §6.3). 1xx and 204
-            // have no body by definition and must not carry the field (RFC 9110 §8.6).
-            BodyMode::None if self.resp.status() != 204 && !self.resp.is_informational() => {
-                write::content_length(out, 0);
-            }
-            _ => {}
-        }
+        forward::write_response_framing(out, mode, &self.resp, self.head.is_head());
         write::Connection::for_client(keep, client_http10).write(out);
         write::end_head(out);
     }

@@ -22,9 +22,6 @@ use crate::worker::Worker;
 
 mod exchange;
 
-/// Added to every request forwarded (RFC 9110 §7.6.3).
-pub(super) const VIA: &[u8] = b"1.1 portcullis";
-
 /// How long an idle client connection keeps its buffers before giving them back.
 const SHRINK_AFTER: Duration = Duration::from_secs(2);
 /// Longest a write to a client may block (a client that does not read is dropped).
