@@ -244,3 +244,28 @@ fn a_hundred_reloads_under_load_lose_no_request() {
     assert!(ok.load(Ordering::Acquire) > 100, "the load kept going during the reloads");
     assert!(proxy.count_log("reload=100") >= 1);
 }
+
+/// A CRL with a lower CRL number than the loaded one would un-revoke certificates: the reload
+/// is refused, says why, and the revocation stays.
+#[test]
+fn a_reload_with_an_older_crl_is_refused() {
+    let env = Env::new();
+    let revoked = vec![env.pki.client.serial.clone()];
+    std::fs::write(&env.paths.crl, env.pki.intermediate.crl_numbered(&revoked, 20)).unwrap();
+    let config = env.write_config("p.toml", &env.config("request", VALIDATING));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    let client = env.client(Some(&env.pki.client));
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 403);
+
+    std::fs::write(&env.paths.crl, env.pki.intermediate.crl_numbered(&[], 19)).unwrap();
+    proxy.signal(libc::SIGHUP);
+    let line = proxy.wait_for_log("CRL number 19, older than the loaded 20", WAIT);
+    assert!(line.is_some(), "{}", proxy.log().join("\n"));
+    assert!(proxy.wait_for_log("reload failed", WAIT).is_some());
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 403, "the revocation holds");
+
+    // A newer CRL is taken.
+    std::fs::write(&env.paths.crl, env.pki.intermediate.crl_numbered(&[], 21)).unwrap();
+    reload(&proxy, 2);
+    assert_eq!(client.get(proxy.addr, "/").unwrap().status, 200);
+}

@@ -445,8 +445,43 @@ pub struct RevocationSet {
     /// Per issuer (name DER), its revoked serials. A handful of issuers at most: comparing their
     /// names beats hashing a 70-byte DER on every lookup.
     by_issuer: Vec<(Box<[u8]>, Serials)>,
+    /// Per issuer, the highest CRL number loaded (RFC 5280 §5.2.3), to refuse going back.
+    numbers: Vec<CrlNumber>,
     crls: usize,
     entries: usize,
+}
+
+/// The CRL number of an issuer's CRL: its name (DER, and as text for messages) and the number
+/// (big-endian magnitude, without leading zeros).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlNumber {
+    pub issuer_der: Box<[u8]>,
+    pub issuer: String,
+    pub number: Box<[u8]>,
+}
+
+/// Compares two big-endian magnitudes.
+fn cmp_magnitude(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let strip = |x: &[u8]| {
+        let start = x.iter().position(|&b| b != 0).unwrap_or(x.len());
+        x[start..].to_vec()
+    };
+    let (a, b) = (strip(a), strip(b));
+    a.len().cmp(&b.len()).then_with(|| a.cmp(&b))
+}
+
+/// A magnitude as decimal text, for messages (numbers past 128 bits show as hex).
+pub fn magnitude_text(m: &[u8]) -> String {
+    let start = m.iter().position(|&b| b != 0).unwrap_or(m.len());
+    let m = &m[start..];
+    if m.len() > 16 {
+        return format!("0x{}", hex_upper(m));
+    }
+    let mut v: u128 = 0;
+    for &b in m {
+        v = (v << 8) | u128::from(b);
+    }
+    v.to_string()
 }
 
 impl RevocationSet {
@@ -475,6 +510,35 @@ impl RevocationSet {
         self.crls += 1;
     }
 
+    /// Notes the CRL number of a CRL of `issuer_der` (kept: the highest seen).
+    pub fn note_crl_number(&mut self, issuer_der: &[u8], issuer: &str, number: &[u8]) {
+        match self.numbers.iter_mut().find(|n| &n.issuer_der[..] == issuer_der) {
+            Some(n) if cmp_magnitude(number, &n.number).is_gt() => n.number = number.into(),
+            Some(_) => {}
+            None => self.numbers.push(CrlNumber {
+                issuer_der: issuer_der.into(),
+                issuer: issuer.to_owned(),
+                number: number.into(),
+            }),
+        }
+    }
+
+    /// The CRLs of this set that are older (a lower CRL number) than what `previous` had for the
+    /// same issuer: loading them would un-revoke certificates. Each as (issuer, new, previous).
+    pub fn older_than<'a>(&'a self, previous: &'a RevocationSet) -> Vec<(&'a str, &'a [u8], &'a [u8])> {
+        self.numbers
+            .iter()
+            .filter_map(|n| {
+                let old = previous.numbers.iter().find(|o| o.issuer_der == n.issuer_der)?;
+                cmp_magnitude(&n.number, &old.number).is_lt().then_some((
+                    n.issuer.as_str(),
+                    &n.number[..],
+                    &old.number[..],
+                ))
+            })
+            .collect()
+    }
+
     /// Adds every entry of `other` (CRLs of other listeners, say): entries are keyed by issuer,
     /// so sets from different CAs never collide.
     pub fn merge(&mut self, other: &RevocationSet) {
@@ -487,6 +551,9 @@ impl RevocationSet {
             }
         }
         self.crls += other.crls;
+        for n in &other.numbers {
+            self.note_crl_number(&n.issuer_der, &n.issuer, &n.number);
+        }
     }
 
     fn serials_of<'a>(by_issuer: &'a mut Vec<(Box<[u8]>, Serials)>, issuer: &[u8]) -> &'a mut Serials {
@@ -601,5 +668,18 @@ mod tests {
         assert!(a.is_revoked(b"issuer-b", b"\x02"));
         assert!(!a.is_revoked(b"issuer-a", b"\x02"));
         assert_eq!((a.len(), a.crl_count()), (3, 2));
+    }
+
+    #[test]
+    fn an_older_crl_number_is_found() {
+        let mut old = RevocationSet::default();
+        old.note_crl_number(b"ca", "CN=CA", &[0x01, 0x00]);
+        let mut new = RevocationSet::default();
+        new.note_crl_number(b"ca", "CN=CA", &[0x00, 0xff]);
+        assert_eq!(new.older_than(&old), vec![("CN=CA", &[0x00, 0xff][..], &[0x01, 0x00][..])]);
+        assert!(old.older_than(&new).is_empty());
+        new.note_crl_number(b"ca", "CN=CA", &[0x01, 0x00]);
+        assert!(new.older_than(&old).is_empty(), "the same number is no step back");
+        assert_eq!(magnitude_text(&[0x01, 0x00]), "256");
     }
 }

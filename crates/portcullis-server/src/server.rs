@@ -219,6 +219,26 @@ impl Server {
                 .into());
         }
         let snapshot = Snapshot::compile(config, &self.keys, self.generation + 1)?;
+        // A CRL older than the one it replaces (a lower CRL number, RFC 5280 §5.2.3) would
+        // un-revoke what the newer one revoked: a stale copy deployed by mistake, or a replay.
+        let current = self.shared.snapshot.load();
+        let older = snapshot.revoked.older_than(&current.revoked);
+        if !older.is_empty() {
+            let loc = config
+                .listeners
+                .iter()
+                .find_map(|l| l.client.crl.first().map(|c| c.loc.clone()))
+                .unwrap_or_else(|| portcullis_config::Loc::builtin("listener.crl"));
+            let mut errors = ConfigErrors::default();
+            for (issuer, new, old) in older {
+                errors.push(loc.error(format!(
+                    "the CRL of \"{issuer}\" has CRL number {}, older than the loaded {}; it would un-revoke certificates, so it is refused (publish a newer CRL)",
+                    portcullis_facts::magnitude_text(new),
+                    portcullis_facts::magnitude_text(old)
+                )));
+            }
+            return Err(errors);
+        }
         self.generation += 1;
         self.shared.snapshot.store(Arc::new(snapshot));
         Ok(self.generation)

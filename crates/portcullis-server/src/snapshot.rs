@@ -124,6 +124,8 @@ pub struct Snapshot {
     /// Open client connections per worker before accepting waits (`server.max_connections`, or
     /// sized from the open-file limit).
     pub(crate) max_connections: usize,
+    /// Every CRL of this configuration, merged (with each issuer's CRL number).
+    pub(crate) revoked: Arc<RevocationSet>,
 }
 
 /// Connections per worker when `server.max_connections` is not set: the open-file limit, less a
@@ -217,7 +219,8 @@ impl Snapshot {
                 errors.push(e);
             }
         }
-        let inputs = Inputs { certificates, revoked: Arc::new(revoked) };
+        let revoked = Arc::new(revoked);
+        let inputs = Inputs { certificates, revoked: revoked.clone() };
         let policies = match portcullis_policy::compile(config, &inputs) {
             Ok(p) => p,
             Err(e) => {
@@ -251,6 +254,7 @@ impl Snapshot {
                 .server
                 .max_connections
                 .unwrap_or_else(|| default_max_connections(worker_count(&config.server))),
+            revoked,
         };
         errors.into_result(snapshot)
     }

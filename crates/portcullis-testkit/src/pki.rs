@@ -211,11 +211,16 @@ impl Ca {
 
     /// A CRL revoking the certificates with these serials (a CA's, say).
     pub fn crl_of(&self, serials: &[Vec<u8>]) -> String {
+        self.crl_numbered(serials, OffsetDateTime::now_utc().unix_timestamp() as u64)
+    }
+
+    /// A CRL revoking `serials` with CRL number `number` (RFC 5280 §5.2.3).
+    pub fn crl_numbered(&self, serials: &[Vec<u8>], number: u64) -> String {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::hours(1),
             next_update: now + Duration::days(1),
-            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs: serials
                 .iter()

@@ -163,6 +163,9 @@ fn add_crl(set: &mut RevocationSet, crl: &Crl, cas: &[X509]) -> Result<(), Strin
     }
     let issuer_der = ca.subject_name().to_der().map_err(|e| e.to_string())?.into_boxed_slice();
     set.insert_crl(&issuer_der, crl.revoked_serials());
+    if let Some(number) = crl.number() {
+        set.note_crl_number(&issuer_der, &dn_string(issuer), &number);
+    }
     Ok(())
 }
 
@@ -180,6 +183,25 @@ impl Crl {
     fn issuer(&self) -> &X509NameRef {
         // SAFETY: the issuer name lives as long as the CRL, which `self` keeps alive.
         unsafe { X509NameRef::from_ptr(ffi::X509_CRL_get_issuer(self.0)) }
+    }
+
+    /// The CRL number extension (RFC 5280 §5.2.3), as big-endian magnitude bytes.
+    fn number(&self) -> Option<Vec<u8>> {
+        // SAFETY: X509_CRL_get_ext_d2i returns a new ASN1_INTEGER (or null) that we own and free;
+        // ASN1_INTEGER_to_BN with a null BIGNUM returns a new one, which BigNum takes over.
+        unsafe {
+            let n = ffi::X509_CRL_get_ext_d2i(self.0, ffi::NID_crl_number, ptr::null_mut(), ptr::null_mut())
+                as *mut ffi::ASN1_INTEGER;
+            if n.is_null() {
+                return None;
+            }
+            let bn = ffi::ASN1_INTEGER_to_BN(n, ptr::null_mut());
+            ffi::ASN1_INTEGER_free(n);
+            if bn.is_null() {
+                return None;
+            }
+            Some(BigNum::from_ptr(bn).to_vec())
+        }
     }
 
     fn next_update(&self) -> Option<i64> {
