@@ -364,3 +364,37 @@ fn pem_to_der(pem: &str) -> Vec<u8> {
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
 }
+
+/// A chain deeper than the verifier's limit (8 CAs) is refused for what it is, not as an
+/// unknown issuer.
+#[test]
+fn a_chain_past_the_depth_limit_is_refused_as_too_long() {
+    let env = Env::new();
+    let root = portcullis_testkit::pki::Ca::root("Deep Root");
+    let mut ca = root.intermediate_ca("Deep CA 1");
+    for i in 2..=10 {
+        ca = ca.intermediate_ca(&format!("Deep CA {i}"));
+    }
+    let leaf = ca.issue("deep", &portcullis_testkit::pki::LeafOptions::client("deep-client"));
+    let root_path = env.dir().join("deep-root.pem");
+    std::fs::write(&root_path, &root.cert_pem).unwrap();
+    let crl_path = env.dir().join("deep-root.crl");
+    std::fs::write(&crl_path, root.crl(&[])).unwrap();
+    let text = env
+        .config("request", FACTS)
+        .replacen(&format!("\"{}\"", env.paths.root.display()), &format!("\"{}\"", root_path.display()), 1)
+        .replacen(&format!("\"{}\"", env.paths.crl.display()), &format!("\"{}\"", crl_path.display()), 1)
+        .replacen(&format!(", \"{}\"", env.paths.intermediate.display()), "", 1);
+    let proxy = portcullis_testkit::TestProxy::start(env.dir(), &text);
+    let chain = ca.full_chain_pem(&leaf);
+    let client = TlsClient::from_pem(
+        &env.pki.root.cert_pem,
+        Some((&chain, &leaf.key_pem)),
+        Versions::Both,
+        "localhost",
+    );
+    let r = client.get(proxy.addr, "/").unwrap();
+    let errors = r.echoed_header("X-Cert-Errors").unwrap_or_default();
+    assert!(errors.contains("certificate chain too long"), "{errors}");
+    assert!(!errors.contains("unable to get local issuer"), "{errors}");
+}

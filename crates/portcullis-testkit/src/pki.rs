@@ -148,10 +148,24 @@ impl Ca {
     }
 
     pub fn intermediate(&self, name: &str) -> Ca {
+        self.intermediate_with(name, BasicConstraints::Constrained(0))
+    }
+
+    /// An intermediate that may itself issue intermediates (for chains of any depth).
+    pub fn intermediate_ca(&self, name: &str) -> Ca {
+        self.intermediate_with(name, BasicConstraints::Unconstrained)
+    }
+
+    /// The chain a client of this CA presents: `id`'s certificate, this CA and every CA above.
+    pub fn full_chain_pem(&self, id: &Identity) -> String {
+        format!("{}{}", id.chain_pem, self.chain_pem)
+    }
+
+    fn intermediate_with(&self, name: &str, constraints: BasicConstraints) -> Ca {
         let key = KeyPair::generate().unwrap_or_else(|e| panic!("key generation: {e}"));
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(name, "CAs");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.is_ca = IsCa::Ca(constraints);
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(SerialNumber::from(random_serial()));

@@ -56,6 +56,10 @@ thread_local! {
     static CACHE: RefCell<HashMap<(u64, [u8; 32]), CacheEntry>> = RefCell::new(HashMap::new());
 }
 
+/// Most CA certificates between a client certificate and its trust anchor (documented in
+/// config/README.md).
+const MAX_CHAIN_DEPTH: c_int = 8;
+
 /// Entries looked at to make room for one more.
 const EVICTION_SAMPLE: usize = 32;
 
@@ -180,12 +184,19 @@ impl ClientVerifier {
                 // `collect_error` has the signature BoringSSL expects.
                 unsafe {
                     ffi::X509_STORE_CTX_set_default(ctx.as_ptr(), c"ssl_client".as_ptr());
-                    ffi::X509_STORE_CTX_set_depth(ctx.as_ptr(), 8);
+                    ffi::X509_STORE_CTX_set_depth(ctx.as_ptr(), MAX_CHAIN_DEPTH);
                     ffi::X509_STORE_CTX_set_verify_cb(ctx.as_ptr(), Some(collect_error));
                 }
                 ctx.set_ex_data(errors_index(), Vec::new());
                 let _ = ctx.verify_cert();
                 let mut errors = ctx.ex_data_mut(errors_index()).map(std::mem::take).unwrap_or_default();
+                // At the depth limit the verifier stops building and reports the issuer it did
+                // not look for as missing: say what happened instead.
+                if ctx.chain().is_some_and(|c| c.len() > MAX_CHAIN_DEPTH as usize) {
+                    for e in errors.iter_mut().filter(|e| e.kind == VerifyErrorKind::UnknownIssuer) {
+                        e.kind = VerifyErrorKind::ChainTooLong;
+                    }
+                }
                 let mut recheck_at = now + CACHE_TTL_SECS;
                 let mut cas = Vec::new();
                 if let Some(built) = ctx.chain() {
