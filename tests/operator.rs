@@ -103,3 +103,22 @@ fn refused_requests_reach_the_access_log_with_their_reason() {
     let handshake = proxy.log().into_iter().find(|l| l.contains("status=\"-\"")).unwrap();
     assert!(handshake.contains("certificate"), "{handshake}");
 }
+
+/// A client that connects and never finishes its handshake is logged when the handshake
+/// timeout closes it.
+#[test]
+fn a_handshake_timeout_is_logged() {
+    use portcullis_testkit::ProxyProcess;
+    use std::time::Duration;
+    let env = Env::new();
+    let config =
+        env.write_config("p.toml", &env.config("require", "[server]\nhandshake_timeout = \"200ms\"\n"));
+    let proxy = ProxyProcess::spawn(&crate::common::binary(), &config);
+    let mut silent = std::net::TcpStream::connect(proxy.addr).unwrap();
+    let line = proxy.wait_for_log("TLS handshake timed out", Duration::from_secs(20));
+    assert!(line.is_some_and(|l| l.contains("timeout_ms=200")), "{:#?}", proxy.log());
+    // And the connection is gone.
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(std::io::Read::read(&mut silent, &mut buf), Ok(0) | Err(_)));
+}
