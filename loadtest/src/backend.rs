@@ -14,8 +14,11 @@ pub fn serve(addr: SocketAddr, size: usize) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        // A Date, as every real origin sends (RFC 9110 §6.6.1): fixed, since no client reads
+        // it, and without it a proxy that adds the missing field writes more than one that
+        // does not.
         let mut response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Powered-By: bench-backend\r\nContent-Length: {size}\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nDate: Wed, 02 Dec 2026 00:00:00 GMT\r\nContent-Type: application/octet-stream\r\nX-Powered-By: bench-backend\r\nContent-Length: {size}\r\n\r\n"
         )
         .into_bytes();
         response.extend((0..size).map(|i| b"abcdefghijklmnopqrstuvwxyz"[i % 26]));
@@ -57,7 +60,7 @@ async fn connection(mut stream: TcpStream, response: &'static [u8]) -> std::io::
                 let head = &buf[..head_len];
                 out.extend_from_slice(
                     format!(
-                        "HTTP/1.1 200 OK\r\nX-Powered-By: bench-backend\r\nContent-Length: {}\r\n\r\n",
+                        "HTTP/1.1 200 OK\r\nDate: Wed, 02 Dec 2026 00:00:00 GMT\r\nX-Powered-By: bench-backend\r\nContent-Length: {}\r\n\r\n",
                         head.len()
                     )
                     .as_bytes(),
