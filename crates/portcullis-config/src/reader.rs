@@ -133,7 +133,12 @@ impl Reader {
         };
         let digits = i.as_str().replace('_', "");
         let parsed = match digits.strip_prefix('+').unwrap_or(&digits) {
-            d if i.radix() != 10 => i64::from_str_radix(&d[2..], i.radix()).ok(),
+            // The prefix may or may not be there, and the digits may be missing (`0x` alone
+            // reaches here): never slice, let the parse refuse.
+            d if i.radix() != 10 => {
+                let d = ["0x", "0o", "0b"].iter().find_map(|p| d.strip_prefix(p)).unwrap_or(d);
+                i64::from_str_radix(d, i.radix()).ok()
+            }
             d => d.parse::<i64>().ok(),
         };
         match parsed {
