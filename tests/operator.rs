@@ -87,17 +87,24 @@ fn refused_requests_reach_the_access_log_with_their_reason() {
     assert_eq!(status_of(&body), Some(413));
     assert_eq!(client.get(proxy.addr, "/elsewhere").unwrap().status, 404);
     assert_eq!(client.get(proxy.addr, "/app/x").unwrap().status, 200);
+    assert_eq!(client.get(proxy.addr, "/app/reset").unwrap().status, 502);
     assert!(env.client(None).get(proxy.addr, "/app").is_err());
     for (status, why) in [
-        ("status=400", "refused="),
-        ("status=431", "refused="),
+        ("status=400", "refused=malformed head"),
+        ("status=431", "refused=head exceeds the size limit"),
         ("status=413", "refused=\"body larger than max_body_size\""),
         ("status=404", "refused=\"no API or operation\""),
         ("status=200", "refused=\"-\""),
+        ("status=502", "refused=\"backend closed before responding\""),
         ("status=\"-\"", "refused=client certificate rejected"),
     ] {
-        let found = proxy.wait_for_log(status, Duration::from_secs(10));
-        let line = found.unwrap_or_else(|| panic!("no {status} line: {:#?}", proxy.log()));
+        assert!(proxy.wait_for_log("refused=", Duration::from_secs(10)).is_some());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !proxy.log().iter().any(|l| l.contains(status) && l.contains("refused=")) {
+            assert!(std::time::Instant::now() < deadline, "no access line with {status}: {:#?}", proxy.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let line = proxy.log().into_iter().find(|l| l.contains(status) && l.contains("refused=")).unwrap();
         assert!(line.contains(why), "{line}");
     }
     let handshake = proxy.log().into_iter().find(|l| l.contains("status=\"-\"")).unwrap();

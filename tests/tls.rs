@@ -372,8 +372,13 @@ fn a_chain_past_the_depth_limit_is_refused_as_too_long() {
     let env = Env::new();
     let root = portcullis_testkit::pki::Ca::root("Deep Root");
     let mut ca = root.intermediate_ca("Deep CA 1");
+    let mut within = None;
     for i in 2..=10 {
         ca = ca.intermediate_ca(&format!("Deep CA {i}"));
+        if i == 6 {
+            let leaf = ca.issue("within", &portcullis_testkit::pki::LeafOptions::client("within-client"));
+            within = Some((ca.full_chain_pem(&leaf), leaf.key_pem));
+        }
     }
     let leaf = ca.issue("deep", &portcullis_testkit::pki::LeafOptions::client("deep-client"));
     let root_path = env.dir().join("deep-root.pem");
@@ -397,4 +402,10 @@ fn a_chain_past_the_depth_limit_is_refused_as_too_long() {
     let errors = r.echoed_header("X-Cert-Errors").unwrap_or_default();
     assert!(errors.contains("certificate chain too long"), "{errors}");
     assert!(!errors.contains("unable to get local issuer"), "{errors}");
+    // Six CAs deep is within the limit: verified, no error.
+    let (chain, key) = within.unwrap();
+    let client =
+        TlsClient::from_pem(&env.pki.root.cert_pem, Some((&chain, &key)), Versions::Both, "localhost");
+    let r = client.get(proxy.addr, "/").unwrap();
+    assert_eq!(r.echoed_header("X-Cert-Errors").as_deref(), Some("[]"), "{}", r.text());
 }

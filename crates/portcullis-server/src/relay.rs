@@ -58,7 +58,9 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
     out: &mut BytesMut,
     (read_timeout, write_timeout, max_len): (Duration, Duration, Option<u64>),
     timer: &mut Timer,
-    watch_dst: bool,
+    // A request body (client → backend): watched for the backend's early refusal, and after a
+    // framing fault nothing of it is sent on.
+    request: bool,
 ) -> Result<(), RelayError> {
     /// Like `fill`, but gives up (a `Destination` error) when the backend refuses the body
     /// first: it closes, or sends an error response (RFC 9112 §9.5). Anything else it sends
@@ -163,7 +165,7 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
         }
     }
     // Watching `dst` while waiting for `src`, until it has said something that is no refusal.
-    let mut watching = watch_dst;
+    let mut watching = request;
     match mode {
         BodyMode::None => flush(dst, out, timer, write_timeout).await,
         BodyMode::Length(mut remaining) => loop {
@@ -187,7 +189,7 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
                 let progress = match decoder.decode(sbuf, out) {
                     Ok(p) => p,
                     Err(e) => {
-                        if max_len.is_some() {
+                        if request {
                             // A request body: nothing of it is worth sending on.
                             return Err(RelayError::SourceFraming(e));
                         }

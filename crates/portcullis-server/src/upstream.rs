@@ -164,6 +164,22 @@ impl UpstreamError {
         }
     }
 
+    /// Why the proxy answered itself, for the access log's `refused` field.
+    pub(crate) fn refusal(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "backend unreachable",
+            UpstreamError::ConnectTimeout => "backend connect timed out",
+            UpstreamError::Lost(_) => "backend closed before responding",
+            UpstreamError::Timeout => "backend response timed out",
+            UpstreamError::BadResponse(_) => "invalid backend response",
+            UpstreamError::RequestBody(RelayError::SourceTimeout) => "request body timed out",
+            UpstreamError::RequestBody(RelayError::SourceFraming(_)) => "malformed request body",
+            UpstreamError::RequestBody(RelayError::SourceTooLarge) => "body larger than max_body_size",
+            UpstreamError::RequestBody(RelayError::Destination(_)) => "backend stopped reading the body",
+            UpstreamError::RequestBody(_) => "client went away during the body",
+        }
+    }
+
     /// What the client is told. Backend details go to the log only.
     pub(crate) fn reaction(&self) -> Reaction {
         match self {

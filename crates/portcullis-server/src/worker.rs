@@ -82,6 +82,11 @@ pub(crate) struct Worker {
     /// Set by the fault-injection hook: the worker's own loop panics at its next tick.
     #[cfg(feature = "fault-injection")]
     pub(crate) doomed: Cell<bool>,
+    /// The fault-injection hook answers only when the process was started with
+    /// `PORTCULLIS_FAULT_INJECTION=1` as well: a binary that a test build left behind with the
+    /// feature does not obey the header.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) faults: bool,
 }
 
 impl Worker {
@@ -169,6 +174,8 @@ pub(crate) fn run(
         panics: Cell::new(0),
         #[cfg(feature = "fault-injection")]
         doomed: Cell::new(false),
+        #[cfg(feature = "fault-injection")]
+        faults: std::env::var_os("PORTCULLIS_FAULT_INJECTION").is_some_and(|v| v == "1"),
     });
     let fut = serve(worker, listeners, ready.clone());
     let use_uring = match driver {

@@ -110,6 +110,8 @@ impl ProxyProcess {
             .args(["run", "-c"])
             .arg(config)
             .env("PORTCULLIS_LOG", "info")
+            // Lets the fault-injection hook of a test build answer (ignored otherwise).
+            .env("PORTCULLIS_FAULT_INJECTION", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

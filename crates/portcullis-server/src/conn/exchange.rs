@@ -26,7 +26,7 @@ impl<S: Stream> Conn<S> {
         self.worker.next_request_id(&mut id);
         self.current.set(Some(id));
         #[cfg(feature = "fault-injection")]
-        match self.head.header(b"x-portcullis-fault") {
+        match self.head.header(b"x-portcullis-fault").filter(|_| self.worker.faults) {
             Some(b"panic") => panic!("fault injection: this connection panics"),
             Some(b"kill-worker") => self.worker.doomed.set(true),
             _ => {}
@@ -112,8 +112,9 @@ impl<S: Stream> Conn<S> {
             return self.respond_policy(response).await;
         }
         let backend = &snap.backends[route.backend];
+        self.refusal = "-";
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
-        self.access_log(Some(route), status, started, &id, "-");
+        self.access_log(Some(route), status, started, &id, self.refusal);
         keep
     }
 
@@ -377,6 +378,7 @@ impl<S: Stream> Conn<S> {
         e: UpstreamError,
         body_consumed: bool,
     ) -> (bool, u16) {
+        self.refusal = e.refusal();
         let Reaction::Respond(status, message) = e.reaction() else {
             tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
             return (false, 0);

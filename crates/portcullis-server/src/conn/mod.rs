@@ -58,6 +58,14 @@ pub(crate) async fn serve(
                         tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %e);
                     }
                 }
+                // Refused by TLS (version, ciphers, not TLS at all): routine on an open port, so
+                // debug in the log, but a line in the access log when there is one.
+                portcullis_tls::HandshakeError::Protocol { .. } => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    if access_log {
+                        tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %e);
+                    }
+                }
                 _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
             }
             return;
@@ -88,6 +96,7 @@ pub(crate) async fn serve(
         unread_input: false,
         interim_sent: false,
         connection_refused: false,
+        refusal: "-",
         current,
         acceptor,
         idle_timer: Timer::new(),
@@ -176,6 +185,9 @@ struct Conn<S> {
     /// The connection itself is no longer accepted (its certificate was revoked since the
     /// handshake): close after the response.
     connection_refused: bool,
+    /// Why the proxy answered this exchange itself (`-`: the backend answered), for the
+    /// access log.
+    refusal: &'static str,
     current: CurrentRequest,
     /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
     /// that knows its hostnames.
