@@ -202,6 +202,8 @@ struct Conn<S> {
 impl<S: Stream> Conn<S> {
     async fn run(&mut self) {
         loop {
+            // Between requests a panic belongs to no request.
+            self.current.set(None);
             match self.read_head().await {
                 Ok(true) => {}
                 Ok(false) => break,
