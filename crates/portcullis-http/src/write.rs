@@ -257,6 +257,20 @@ mod tests {
     }
 }
 
+/// The civil (proleptic Gregorian) date of a day count since 1970-01-01: (year, month 1-12,
+/// day 1-31), by Howard Hinnant's era-based algorithm.
+pub fn civil_date(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month as u32, day as u32)
+}
+
 /// An IMF-fixdate (RFC 9110 §5.6.7) for a time in seconds since the Unix epoch:
 /// `Sun, 06 Nov 1994 08:49:37 GMT`.
 pub fn http_date(unix: u64) -> [u8; 29] {
@@ -265,16 +279,8 @@ pub fn http_date(unix: u64) -> [u8; 29] {
         [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
     let days = unix / 86_400;
     let secs = unix % 86_400;
-    // Civil date from a day count (Howard Hinnant's algorithm), in the era-based form.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = (yoe + era * 400 + i64::from(month <= 2)).clamp(0, 9999) as u64;
+    let (year, month, day) = civil_date(days as i64);
+    let year = year.clamp(0, 9999) as u64;
     let mut d = [0u8; 29];
     let two = |v: u64| [b'0' + (v / 10 % 10) as u8, b'0' + (v % 10) as u8];
     d[..3].copy_from_slice(DAYS[(days % 7) as usize]);
