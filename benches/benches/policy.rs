@@ -10,7 +10,7 @@ use boring::x509::X509;
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portcullis_config::{Loc, Located};
-use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, ThumbprintSet, Verdict};
+use portcullis_policy::{Answers, Facts, HeaderEdits, HeaderList, Inputs, ThumbprintSet, Verdict};
 use portcullis_testkit::Pki;
 
 /// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
@@ -141,6 +141,7 @@ backend = "b"
         client_ip: "10.1.2.3",
         request_id: "0123456789abcdef",
         now: portcullis_tls::now_unix(),
+        answers: Answers::none(),
     };
     let mut edits = HeaderEdits::default();
     // What is timed is the allow path: every step runs and the request goes on.

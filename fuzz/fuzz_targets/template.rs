@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use portcullis_config::Loc;
-use portcullis_policy::{Facts, HeaderList, Template};
+use portcullis_policy::{Answers, Facts, HeaderList, Template};
 
 struct Headers;
 
@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         client_ip: "127.0.0.1",
         request_id: "0123456789abcdef",
         now: 1_800_000_000,
+        answers: Answers::none(),
     };
     let mut out = BytesMut::new();
     let _ = template.render(&facts, &Headers, &mut out);

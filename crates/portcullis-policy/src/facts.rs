@@ -17,6 +17,51 @@ pub struct Facts<'a> {
     pub request_id: &'a str,
     /// Now, in seconds since the Unix epoch (read once per request).
     pub now: i64,
+    /// What the request's waiting steps were given so far.
+    pub answers: &'a Answers,
+}
+
+/// The answer to what a waiting step needed (see [`Verdict::Wait`]): a response from outside.
+///
+/// [`Verdict::Wait`]: crate::Verdict::Wait
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// Answers for one request's waiting steps, by step. The server fills it between a
+/// [`Verdict::Wait`] and the resumption; a step that finds its answer here goes on with it.
+///
+/// [`Verdict::Wait`]: crate::Verdict::Wait
+#[derive(Debug, Default)]
+pub struct Answers {
+    by_step: Vec<(usize, Answer)>,
+}
+
+static NO_ANSWERS: Answers = Answers { by_step: Vec::new() };
+
+impl Answers {
+    /// Answers of a request none of whose steps waited.
+    pub fn none() -> &'static Answers {
+        &NO_ANSWERS
+    }
+
+    /// Forgets every answer (a new request).
+    pub fn clear(&mut self) {
+        self.by_step.clear();
+    }
+
+    /// Keeps `answer` for inbound step `step`, replacing an earlier one.
+    pub fn put(&mut self, step: usize, answer: Answer) {
+        self.by_step.retain(|(s, _)| *s != step);
+        self.by_step.push((step, answer));
+    }
+
+    /// The answer for inbound step `step`, if it has one.
+    pub fn get(&self, step: usize) -> Option<&Answer> {
+        self.by_step.iter().find(|(s, _)| *s == step).map(|(_, a)| a)
+    }
 }
 
 /// A message's header fields as the server holds them (the policy crate does not parse HTTP).

@@ -24,7 +24,7 @@ mod policy;
 mod template;
 mod thumbprints;
 
-pub use facts::{Facts, HeaderEdits, HeaderList};
+pub use facts::{Answer, Answers, Facts, HeaderEdits, HeaderList};
 pub use policy::{
     ApiPolicy, ApiRoutes, Inputs, Need, PolicySet, Response, Verdict, compile, load_thumbprints,
 };

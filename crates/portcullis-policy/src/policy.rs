@@ -43,10 +43,14 @@ pub enum Verdict<'p> {
     Wait { step: usize, need: &'p Need },
 }
 
-/// What a waiting step needs. The steps that wait (`send_request`, `validate_jwt` with an
-/// OpenID provider, counters shared through Redis) add their variants; none waits yet.
+/// What a waiting step needs. The steps that wait (`send_request`, and any other step that
+/// cannot decide without a round trip) add their variants; no configurable step waits yet.
 #[derive(Debug)]
-pub enum Need {}
+pub enum Need {
+    /// The step of this crate's tests that stands for one which waits.
+    #[cfg(test)]
+    Probe,
+}
 
 #[derive(Debug)]
 struct SetHeader {
@@ -92,6 +96,13 @@ enum Step {
     SetHeader(SetHeader),
     ValidateClientCertificate(ValidateStep),
     ReturnResponse(Response),
+    /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
+    /// otherwise.
+    #[cfg(test)]
+    Probe {
+        allow: u16,
+        reject: Response,
+    },
 }
 
 /// The steps one route runs: the global scope's, the API's, the operation's (each scope may
@@ -247,8 +258,11 @@ impl Compiler<'_> {
             let mut attributes = Vec::with_capacity(identity.attributes.len());
             for a in &identity.attributes {
                 // A name that resolves to nothing is an error, never an attribute left out: an
-                // identity missing one of its attributes would match more than it says.
-                let unknown = |what: &str, name: &str| a.loc.error(format!("no {what} named \"{name}\""));
+                // identity missing one of its attributes would match more than it says. (Worded
+                // as the configuration's own check words it, so that `check` shows it once.)
+                let unknown = |what: &str, name: &str, table: &str| {
+                    a.loc.error(format!("no {what} named \"{name}\" in {table}"))
+                };
                 attributes.push(match &a.value {
                     IdentityAttribute::Thumbprint(h) => Attribute::Sha1(hex_bytes(h)),
                     IdentityAttribute::ThumbprintSha256(h) => Attribute::Sha256(hex_bytes(h)),
@@ -257,14 +271,14 @@ impl Compiler<'_> {
                         match self.list_names.iter().position(|n| n == name) {
                             Some(i) => Attribute::InList(i),
                             None => {
-                                self.errors.push(unknown("[thumbprints] list", name));
+                                self.errors.push(unknown("thumbprint list", name, "[thumbprints]"));
                                 continue;
                             }
                         }
                     }
                     IdentityAttribute::Certificate(name) | IdentityAttribute::IssuerCertificate(name) => {
                         let Some(sha1) = self.inputs.certificates.get(name) else {
-                            self.errors.push(unknown("[certificates] entry", name));
+                            self.errors.push(unknown("certificate", name, "[certificates]"));
                             continue;
                         };
                         if matches!(a.value, IdentityAttribute::Certificate(_)) {
@@ -466,7 +480,8 @@ impl PolicySet {
         headers: &dyn HeaderList,
         edits: &mut HeaderEdits,
     ) -> Verdict<'p> {
-        for step in policy.inbound.iter().skip(from) {
+        for (index, step) in policy.inbound.iter().enumerate().skip(from) {
+            let _ = index; // read only by steps that wait
             match step {
                 Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
                 Step::ValidateClientCertificate(v) => {
@@ -484,6 +499,15 @@ impl PolicySet {
                     }
                     return Verdict::Respond { response: r, reason: "return_response" };
                 }
+                #[cfg(test)]
+                Step::Probe { allow, reject } => match facts.answers.get(index) {
+                    None => return Verdict::Wait { step: index, need: &Need::Probe },
+                    Some(a) if a.status == *allow => {}
+                    Some(_) => {
+                        edits.clear_added();
+                        return Verdict::Respond { response: reject, reason: "probe refused" };
+                    }
+                },
             }
         }
         Verdict::Continue
@@ -501,6 +525,8 @@ impl PolicySet {
             match step {
                 Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
                 Step::ValidateClientCertificate(_) | Step::ReturnResponse(_) => {}
+                #[cfg(test)]
+                Step::Probe { .. } => {}
             }
         }
     }
@@ -521,4 +547,110 @@ impl ApiPolicy {
 /// Reads a thumbprint list the way `compile` does (for benches and tools).
 pub fn load_thumbprints(path: &Path) -> Result<ThumbprintSet, ConfigErrors> {
     ThumbprintSet::load(path, &Loc::builtin("thumbprints"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts::{Answer, Answers};
+
+    struct NoHeaders;
+
+    impl HeaderList for NoHeaders {
+        fn count(&self) -> usize {
+            0
+        }
+        fn name(&self, _: usize) -> &[u8] {
+            b""
+        }
+        fn value(&self, _: usize) -> &[u8] {
+            b""
+        }
+    }
+
+    fn add(name: &'static str, value: &str) -> Step {
+        Step::SetHeader(SetHeader {
+            name: Bytes::from_static(name.as_bytes()),
+            action: SetHeaderAction::Append,
+            value: Some(Template::parse(value, &Loc::builtin("test")).expect("template")),
+        })
+    }
+
+    fn facts(answers: &Answers) -> Facts<'_> {
+        Facts {
+            client_cert: None,
+            client_addr: "127.0.0.1:9".parse().expect("addr"),
+            client_ip: "127.0.0.1",
+            request_id: "0123456789abcdef",
+            now: 1_800_000_000,
+            answers,
+        }
+    }
+
+    fn added(edits: &HeaderEdits) -> Vec<(String, String)> {
+        edits
+            .added()
+            .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
+
+    /// A step that waits stops evaluation with `Wait` naming it; resumed there with its answer,
+    /// evaluation goes on after it, and what the steps before it did is kept, not done twice.
+    #[test]
+    fn a_waiting_step_resumes_where_it_stopped() {
+        let set = PolicySet::default();
+        let policy = ApiPolicy {
+            inbound: vec![
+                add("X-Before", "{request.id}"),
+                Step::Probe { allow: 200, reject: json_response(403, "Forbidden") },
+                add("X-After", "1"),
+            ],
+            outbound: Vec::new(),
+        };
+        let mut edits = HeaderEdits::default();
+        edits.reset(0);
+        let mut answers = Answers::default();
+        let step = match set.inbound(&policy, &facts(&answers), &NoHeaders, &mut edits) {
+            Verdict::Wait { step, need: Need::Probe } => step,
+            v => panic!("expected Wait, got {v:?}"),
+        };
+        assert_eq!(step, 1);
+        assert_eq!(added(&edits), [("X-Before".into(), "0123456789abcdef".into())]);
+
+        // Resumed without the answer, it waits again at the same step.
+        assert!(matches!(
+            set.inbound_from(&policy, step, &facts(&answers), &NoHeaders, &mut edits),
+            Verdict::Wait { step: 1, .. }
+        ));
+
+        answers.put(step, Answer { status: 200, body: Bytes::new() });
+        assert!(matches!(
+            set.inbound_from(&policy, step, &facts(&answers), &NoHeaders, &mut edits),
+            Verdict::Continue
+        ));
+        assert_eq!(
+            added(&edits),
+            [("X-Before".into(), "0123456789abcdef".into()), ("X-After".into(), "1".into())]
+        );
+
+        // Another answer: the step refuses, and nothing prepared for the backend goes out.
+        let mut edits = HeaderEdits::default();
+        edits.reset(0);
+        answers.clear();
+        assert!(matches!(
+            set.inbound(&policy, &facts(&answers), &NoHeaders, &mut edits),
+            Verdict::Wait { step: 1, .. }
+        ));
+        answers.put(1, Answer { status: 500, body: Bytes::from_static(b"down") });
+        answers.put(1, Answer { status: 404, body: Bytes::new() });
+        assert_eq!(answers.get(1).map(|a| a.status), Some(404), "a later answer replaces an earlier one");
+        match set.inbound_from(&policy, 1, &facts(&answers), &NoHeaders, &mut edits) {
+            Verdict::Respond { response, reason } => {
+                assert_eq!((response.status, reason), (403, "probe refused"));
+            }
+            v => panic!("expected Respond, got {v:?}"),
+        }
+        assert!(added(&edits).is_empty());
+        assert!(Answers::none().get(1).is_none());
+    }
 }

@@ -1,15 +1,16 @@
 //! Per-worker keep-alive pool of backend connections. No locks: each worker has its own.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ahash::AHashMap;
-use bytes::Bytes;
 
-use crate::upstream::{BackendStream, PoolKey};
+use crate::upstream::{BackendStream, PoolKey, Target};
 
 struct Idle {
     stream: BackendStream,
-    since: Instant,
+    /// Closed once idle this long (its target's `idle_timeout`, kept with it: a callout's
+    /// target is no configured backend to look the value up in).
+    until: Instant,
 }
 
 #[derive(Default)]
@@ -27,32 +28,33 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// The most recently used idle connection for `key` that has not been idle too long.
-    pub(crate) fn take(&mut self, key: &PoolKey, idle_timeout: Duration) -> Option<BackendStream> {
+    pub(crate) fn take(&mut self, key: &PoolKey) -> Option<BackendStream> {
         let list = self.idle.get_mut(key)?;
+        let now = Instant::now();
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() < idle_timeout {
+            if now < idle.until {
                 return Some(idle.stream);
             }
         }
         None
     }
 
-    /// Keeps a connection for reuse, unless `max_idle` are already kept.
-    pub(crate) fn put(&mut self, key: &PoolKey, stream: BackendStream, max_idle: usize) {
-        let list = match self.idle.get_mut(key) {
+    /// Keeps a connection for reuse, unless `target.max_idle` are already kept.
+    pub(crate) fn put(&mut self, target: &Target, stream: BackendStream) {
+        let list = match self.idle.get_mut(&target.key) {
             Some(list) => list,
-            None => self.idle.entry(key.clone()).or_default(),
+            None => self.idle.entry(target.key.clone()).or_default(),
         };
-        if list.len() < max_idle {
-            list.push(Idle { stream, since: Instant::now() });
+        if list.len() < target.max_idle {
+            list.push(Idle { stream, until: Instant::now() + target.idle_timeout });
         }
     }
 
-    /// Closes connections idle for longer than their backend's idle timeout.
-    pub(crate) fn sweep(&mut self, idle_timeout: impl Fn(&PoolKey) -> Duration) {
-        for (key, list) in self.idle.iter_mut() {
-            let limit = idle_timeout(key);
-            list.retain(|i| i.since.elapsed() < limit);
+    /// Closes connections idle for longer than their target's idle timeout.
+    pub(crate) fn sweep(&mut self) {
+        let now = Instant::now();
+        for list in self.idle.values_mut() {
+            list.retain(|i| now < i.until);
         }
         self.idle.retain(|_, list| !list.is_empty());
     }
@@ -60,9 +62,4 @@ impl Pool {
     pub(crate) fn clear(&mut self) {
         self.idle.clear();
     }
-}
-
-/// Key of the pooled connections for one backend.
-pub(crate) fn key_of(addr: std::net::SocketAddr, authority: &Bytes) -> PoolKey {
-    PoolKey { addr, authority: authority.clone() }
 }

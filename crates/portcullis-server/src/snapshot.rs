@@ -1,7 +1,7 @@
 //! Everything compiled from one configuration, swapped as a whole on reload.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,21 +12,19 @@ use portcullis_http::Limits;
 use portcullis_policy::{Inputs, PolicySet};
 use portcullis_tls::{RevocationSet, TicketKeys, TlsAcceptor};
 
+use crate::upstream::{PoolKey, Target};
+
 /// A backend, resolved.
 #[derive(Debug)]
 pub(crate) struct Backend {
     pub(crate) name: String,
-    pub(crate) addr: SocketAddr,
     /// `host:port`, sent as `Host` when the client sent none.
     pub(crate) authority: Bytes,
     /// Prepended to forwarded paths ("" for none).
     pub(crate) base_path: Bytes,
-    pub(crate) connect_timeout: Duration,
     pub(crate) response_timeout: Duration,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) max_idle: usize,
-    /// Its connections in the worker's pool.
-    pub(crate) pool_key: crate::upstream::PoolKey,
+    /// Where its connections go, and how the worker's pool keeps them.
+    pub(crate) target: Target,
 }
 
 #[derive(Debug)]
@@ -183,14 +181,15 @@ impl Snapshot {
             let authority = Bytes::from(b.authority.clone().into_bytes());
             backends.push(Backend {
                 name: b.name.value.clone(),
-                addr,
-                pool_key: crate::pool::key_of(addr, &authority),
+                target: Target {
+                    key: PoolKey { addr, authority: authority.clone() },
+                    connect_timeout: b.connect_timeout,
+                    idle_timeout: b.idle_timeout,
+                    max_idle: b.max_idle,
+                },
                 authority,
                 base_path: Bytes::from(b.base_path.clone().into_bytes()),
-                connect_timeout: b.connect_timeout,
                 response_timeout: b.response_timeout,
-                idle_timeout: b.idle_timeout,
-                max_idle: b.max_idle,
             });
         }
         // Revocation is checked again on every request, against every CRL of this configuration.
@@ -312,14 +311,15 @@ mod tests {
     fn forwarded_paths() {
         let backend = |base: &str| Backend {
             name: String::new(),
-            addr: "127.0.0.1:1".parse().expect("addr"),
             authority: Bytes::new(),
             base_path: Bytes::from(base.to_owned()),
-            connect_timeout: Duration::ZERO,
             response_timeout: Duration::ZERO,
-            idle_timeout: Duration::ZERO,
-            max_idle: 0,
-            pool_key: crate::pool::key_of("127.0.0.1:1".parse().expect("addr"), &Bytes::new()),
+            target: Target {
+                key: PoolKey { addr: "127.0.0.1:1".parse().expect("addr"), authority: Bytes::new() },
+                connect_timeout: Duration::ZERO,
+                idle_timeout: Duration::ZERO,
+                max_idle: 0,
+            },
         };
         let fwd = |prefix: &str, base: &str, path: &str| {
             let mut out = Vec::new();

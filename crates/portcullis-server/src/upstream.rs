@@ -7,16 +7,19 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use monoio::time::{Instant, timeout};
-use portcullis_http::{HeadError, HeadScanner, Limits, Reaction, ResponseHead, Side};
+use portcullis_http::forward::BodyMode;
+use portcullis_http::{
+    ChunkedDecoder, ChunkedOutput, Decoded, HeadError, HeadScanner, Limits, Reaction, ResponseHead, Side,
+};
 use portcullis_tls::{PlainStream, Stream};
 
 use crate::pool::Pool;
 use crate::relay::RelayError;
-use crate::snapshot::Backend;
 use crate::timer::Timer;
 
 /// A stream to a backend. Plain TCP today; a TLS stream takes this place for backends with
@@ -30,6 +33,18 @@ pub(crate) type BackendStream = PlainStream<TcpStream>;
 pub(crate) struct PoolKey {
     pub(crate) addr: SocketAddr,
     pub(crate) authority: Bytes,
+}
+
+/// Where upstream connections go and how they are kept: a configured backend's, or a service
+/// the proxy calls on its own account (an auth callout, an identity provider).
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) key: PoolKey,
+    pub(crate) connect_timeout: Duration,
+    /// How long an idle connection is kept in the pool.
+    pub(crate) idle_timeout: Duration,
+    /// Idle connections kept per worker.
+    pub(crate) max_idle: usize,
 }
 
 /// A connection to a backend, for one exchange at a time.
@@ -48,13 +63,22 @@ pub(crate) struct HeadProgress {
     /// Some byte of a response arrived: a close from now on is a broken response, not a stale
     /// connection.
     received: bool,
+    /// Interim responses read so far.
+    interim: u32,
+}
+
+/// A whole response to a request of the proxy's own: its head, and its body decoded.
+#[derive(Debug, Default)]
+pub(crate) struct Fetched {
+    pub(crate) head: ResponseHead,
+    pub(crate) body: BytesMut,
 }
 
 impl Upstream {
-    /// A pooled connection to `backend` that has nothing to say, or a new one.
-    pub(crate) async fn checkout(pool: &RefCell<Pool>, backend: &Backend) -> Result<Upstream, UpstreamError> {
+    /// A pooled connection to `target` that has nothing to say, or a new one.
+    pub(crate) async fn checkout(pool: &RefCell<Pool>, target: &Target) -> Result<Upstream, UpstreamError> {
         loop {
-            let Some(stream) = pool.borrow_mut().take(&backend.pool_key, backend.idle_timeout) else {
+            let Some(stream) = pool.borrow_mut().take(&target.key) else {
                 break;
             };
             // Every time, however short the idle spell (one non-blocking syscall): a close or a
@@ -64,9 +88,9 @@ impl Upstream {
             if idle_connection_is_clean(&stream) {
                 return Ok(Upstream { stream, reused: true });
             }
-            tracing::debug!(backend = %backend.name, "pooled connection closed or sent unsolicited bytes; discarded");
+            tracing::debug!(addr = %target.key.addr, "pooled connection closed or sent unsolicited bytes; discarded");
         }
-        match timeout(backend.connect_timeout, TcpStream::connect_addr(backend.addr)).await {
+        match timeout(target.connect_timeout, TcpStream::connect_addr(target.key.addr)).await {
             Ok(Ok(c)) => {
                 let _ = c.set_nodelay(true);
                 pool.borrow_mut().opened += 1;
@@ -77,13 +101,30 @@ impl Upstream {
         }
     }
 
-    /// Gives the connection back to the pool for `backend`.
-    pub(crate) fn release(self, pool: &RefCell<Pool>, backend: &Backend) {
-        pool.borrow_mut().put(&backend.pool_key, self.stream, backend.max_idle);
+    /// Gives the connection back to the pool for `target`.
+    pub(crate) fn release(self, pool: &RefCell<Pool>, target: &Target) {
+        pool.borrow_mut().put(target, self.stream);
+    }
+
+    /// Sends what `out` holds (a request head, and a body if any) by `deadline`. A connection
+    /// that fails here has answered nothing: `Lost`, which a caller may retry if it was reused.
+    pub(crate) async fn send(
+        &mut self,
+        out: &mut BytesMut,
+        timer: &mut Timer,
+        deadline: Instant,
+    ) -> Result<(), UpstreamError> {
+        match timer.until(deadline, pin!(self.stream.write_all_buf(out))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(UpstreamError::Lost(e)),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
     }
 
     /// Reads the next response head (interim or final) into `head`, from `buf` and then the
-    /// connection, by `deadline`. A `101` is refused: the proxy does not switch protocols.
+    /// connection, by `deadline`. A `101` is refused: the proxy does not switch protocols. More
+    /// than [`MAX_INTERIM_RESPONSES`] interim responses are refused too: a backend that only
+    /// ever says "wait" is bounded by count as well as by the deadline.
     pub(crate) async fn read_head(
         &mut self,
         buf: &mut BytesMut,
@@ -101,6 +142,14 @@ impl Upstream {
                         return Err(UpstreamError::BadResponse(HeadError::Malformed(
                             "101 Switching Protocols",
                         )));
+                    }
+                    if head.is_informational() {
+                        progress.interim += 1;
+                        if progress.interim > MAX_INTERIM_RESPONSES {
+                            return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                                "too many interim responses",
+                            )));
+                        }
                     }
                     return Ok(());
                 }
@@ -129,6 +178,115 @@ impl Upstream {
                         } else {
                             "read error in the middle of the head"
                         },
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One request of the proxy's own (an auth callout, a key fetch) to `target`: `request`
+    /// (head and body, written by the caller) sent on a pooled or new connection, the final
+    /// response read into `into` with interim responses skipped, its body decoded and bounded by
+    /// `max_body` bytes, everything by `response_timeout`. The connection goes back to the pool
+    /// when the response left it reusable. A stale pooled connection is replaced once, as for
+    /// forwarded requests; the caller's request must be safe to repeat.
+    #[cfg_attr(not(test), expect(dead_code, reason = "its first callers are the proxy's own requests"))]
+    pub(crate) async fn fetch(
+        pool: &RefCell<Pool>,
+        target: &Target,
+        request: &Bytes,
+        into: &mut Fetched,
+        max_body: usize,
+        timer: &mut Timer,
+        response_timeout: Duration,
+    ) -> Result<(), UpstreamError> {
+        let deadline = Instant::now() + response_timeout;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut up = loop {
+            let mut up = Upstream::checkout(pool, target).await?;
+            let mut out = BytesMut::from(&request[..]);
+            buf.clear();
+            let mut progress = HeadProgress::default();
+            let result = async {
+                up.send(&mut out, timer, deadline).await?;
+                loop {
+                    up.read_head(&mut buf, &mut into.head, &mut progress, timer, deadline).await?;
+                    if !into.head.is_informational() {
+                        return Ok(());
+                    }
+                }
+            }
+            .await;
+            match result {
+                Ok(()) => break up,
+                Err(UpstreamError::Lost(_)) if up.reused => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let (mode, _) = portcullis_http::forward::response_body(&into.head, false, false);
+        into.body.clear();
+        let reusable = up.read_body(mode, &mut buf, &mut into.body, max_body, timer, deadline).await?;
+        if reusable && into.head.keep_alive() && buf.is_empty() {
+            up.release(pool, target);
+        }
+        Ok(())
+    }
+
+    /// Reads a response body as `mode` frames it into `body` (decoded), after what `buf` already
+    /// holds. Returns whether the connection is at a message boundary (reusable).
+    async fn read_body(
+        &mut self,
+        mode: BodyMode,
+        buf: &mut BytesMut,
+        body: &mut BytesMut,
+        max_body: usize,
+        timer: &mut Timer,
+        deadline: Instant,
+    ) -> Result<bool, UpstreamError> {
+        let too_large = || UpstreamError::BadResponse(HeadError::Malformed("response body too large"));
+        let mut chunked = match mode {
+            BodyMode::None => return Ok(true),
+            BodyMode::Length(n) if n > max_body as u64 => return Err(too_large()),
+            BodyMode::Chunked(_) => Some(ChunkedDecoder::new(ChunkedOutput::DataOnly)),
+            _ => None,
+        };
+        loop {
+            match (&mode, chunked.as_mut()) {
+                (BodyMode::Length(n), _) if buf.len() as u64 >= *n => {
+                    body.extend_from_slice(&buf.split_to(*n as usize));
+                    return Ok(true);
+                }
+                (_, Some(decoder)) => {
+                    let done = decoder
+                        .decode(buf, body)
+                        .map_err(|e| UpstreamError::BadResponse(HeadError::Malformed(e.0)))?;
+                    if body.len() > max_body {
+                        return Err(too_large());
+                    }
+                    if done == Decoded::Done {
+                        return Ok(true);
+                    }
+                }
+                (BodyMode::UntilClose { .. }, None) if buf.len() > max_body => return Err(too_large()),
+                _ => {}
+            }
+            let read = timer.until(deadline, pin!(self.stream.read_buf(buf))).await;
+            match read {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Ok(0)) if matches!(mode, BodyMode::UntilClose { .. }) => {
+                    body.extend_from_slice(buf);
+                    buf.clear();
+                    return Ok(false);
+                }
+                Ok(Ok(0)) => {
+                    return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                        "closed in the middle of the body",
+                    )));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => {
+                    return Err(UpstreamError::BadResponse(HeadError::Malformed(
+                        "read error in the middle of the body",
                     )));
                 }
             }
@@ -217,4 +375,164 @@ impl std::fmt::Display for UpstreamError {
 /// bytes nobody asked for (a late 408, say) must not answer the next client's request.
 pub(crate) fn idle_connection_is_clean(stream: &BackendStream) -> bool {
     matches!(stream.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A service on 127.0.0.1 that answers each request it reads with the next of `replies`,
+    /// closing the connection after a reply that ends in `None`. Sends each request it read,
+    /// tagged with the number of the connection it came on, to the returned channel.
+    fn service(replies: Vec<(&'static [u8], bool)>) -> (SocketAddr, mpsc::Receiver<(usize, Vec<u8>)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut replies = replies.into_iter();
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { return };
+                loop {
+                    let mut request = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !request.ends_with(b"\r\n\r\n") {
+                        match conn.read(&mut byte) {
+                            Ok(1) => request.push(byte[0]),
+                            _ => break,
+                        }
+                    }
+                    if request.is_empty() {
+                        break;
+                    }
+                    let _ = tx.send((n, request));
+                    let Some((reply, keep)) = replies.next() else { return };
+                    let _ = conn.write_all(reply);
+                    if !keep {
+                        break;
+                    }
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    fn target(addr: SocketAddr) -> Target {
+        Target {
+            key: PoolKey { addr, authority: Bytes::from_static(b"devauth.internal") },
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            max_idle: 4,
+        }
+    }
+
+    fn run<F: Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    const REQUEST: &[u8] = b"GET /check?deviceId=7 HTTP/1.1\r\nHost: devauth.internal\r\n\r\n";
+
+    async fn fetch(pool: &RefCell<Pool>, target: &Target, into: &mut Fetched) -> Result<(), UpstreamError> {
+        let request = Bytes::from_static(REQUEST);
+        Upstream::fetch(pool, target, &request, into, 64, &mut Timer::new(), Duration::from_secs(5)).await
+    }
+
+    #[test]
+    fn fetches_from_a_target_that_is_no_backend_and_reuses_the_connection() {
+        let (addr, requests) = service(vec![
+            (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ok\"\r\n1\r\n}\r\n0\r\n\r\n", true),
+            (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno", true),
+        ]);
+        let pool = RefCell::new(Pool::default());
+        let target = target(addr);
+        let mut got = Fetched::default();
+        run(async {
+            fetch(&pool, &target, &mut got).await.expect("first");
+            assert_eq!(got.head.status(), 200);
+            assert_eq!(&got.body[..], b"{\"ok\"}");
+            fetch(&pool, &target, &mut got).await.expect("second");
+            assert_eq!(got.head.status(), 403);
+            assert_eq!(&got.body[..], b"no");
+        });
+        assert_eq!(pool.borrow().opened, 1, "the second request reused the pooled connection");
+        let seen: Vec<_> = requests.try_iter().collect();
+        assert_eq!(seen, vec![(0, REQUEST.to_vec()), (0, REQUEST.to_vec())]);
+    }
+
+    #[test]
+    fn a_connection_the_service_closed_is_replaced() {
+        // The first reply says keep-alive, and the service closes anyway: the pooled connection
+        // is found closed (or fails on use) and the request goes out on a new one.
+        let (addr, requests) = service(vec![
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", true),
+        ]);
+        let pool = RefCell::new(Pool::default());
+        let target = target(addr);
+        let mut got = Fetched::default();
+        run(async {
+            fetch(&pool, &target, &mut got).await.expect("first");
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            fetch(&pool, &target, &mut got).await.expect("second");
+            assert_eq!(&got.body[..], b"b");
+        });
+        assert_eq!(pool.borrow().opened, 2);
+        assert_eq!(requests.try_iter().map(|(n, _)| n).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn odd_answers_are_errors_and_the_connection_is_not_kept() {
+        let interim: &'static [u8] = {
+            let mut v = b"HTTP/1.1 102 Processing\r\n\r\n".repeat(MAX_INTERIM_RESPONSES as usize + 1);
+            v.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            v.leak()
+        };
+        let cases: [(&'static [u8], &str); 5] = [
+            (interim, "too many interim responses"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 65\r\n\r\n", "response body too large"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "closed in the middle of the body"),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid"),
+            (b"HTTP/1.1 200 OK\r\n\r\n0123456789012345678901234567890123456789012345678901234567890123456789", "response body too large"),
+        ];
+        for (reply, expected) in cases {
+            let (addr, _requests) = service(vec![(reply, false)]);
+            let pool = RefCell::new(Pool::default());
+            let target = target(addr);
+            let mut got = Fetched::default();
+            let err = run(fetch(&pool, &target, &mut got)).expect_err(expected);
+            assert!(matches!(err, UpstreamError::BadResponse(_)), "{expected}: {err}");
+            assert!(err.to_string().contains(expected), "{expected}: {err}");
+            assert!(pool.borrow_mut().take(&target.key).is_none(), "{expected}: kept");
+        }
+    }
+
+    #[test]
+    fn a_service_that_does_not_answer_times_out_and_one_that_is_gone_is_unreachable() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pool = RefCell::new(Pool::default());
+        let request = Bytes::from_static(REQUEST);
+        let mut got = Fetched::default();
+        let err = run(Upstream::fetch(
+            &pool,
+            &target(addr),
+            &request,
+            &mut got,
+            64,
+            &mut Timer::new(),
+            Duration::from_millis(100),
+        ))
+        .expect_err("silent service");
+        assert!(matches!(err, UpstreamError::Timeout), "{err}");
+        drop(listener);
+        let err = run(fetch(&pool, &target(addr), &mut got)).expect_err("closed port");
+        assert!(matches!(err, UpstreamError::Connect(_)), "{err}");
+    }
 }

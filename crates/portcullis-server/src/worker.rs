@@ -257,10 +257,7 @@ async fn serve(
         if worker.doomed.get() {
             panic!("fault injection: worker {} dies", worker.id);
         }
-        let snap = worker.snapshot();
-        worker.pool.borrow_mut().sweep(|key| {
-            snap.backends.iter().find(|b| &b.pool_key == key).map_or(Duration::ZERO, |b| b.idle_timeout)
-        });
+        worker.pool.borrow_mut().sweep();
     }
     worker.shutdown.set();
     worker.pool.borrow_mut().clear();

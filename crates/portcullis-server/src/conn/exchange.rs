@@ -9,14 +9,14 @@ use bytes::{Bytes, BytesMut};
 use monoio::time::Instant;
 use portcullis_config::ClientCertMode;
 use portcullis_http::forward::{self, BodyMode};
-use portcullis_http::{Framing, HeadError, Reaction, Side, Version, write};
-use portcullis_policy::{ApiPolicy, Facts, Verdict};
+use portcullis_http::{Framing, Reaction, Side, Version, write};
+use portcullis_policy::{Answers, ApiPolicy, Facts, Verdict};
 use portcullis_tls::Stream;
 
 use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
 use crate::relay::{RelayError, relay_body};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
-use crate::upstream::{HeadProgress, MAX_INTERIM_RESPONSES, Upstream, UpstreamError};
+use crate::upstream::{HeadProgress, Upstream, UpstreamError};
 
 impl<S: Stream> Conn<S> {
     /// One request/response exchange. Returns whether to read another request.
@@ -87,6 +87,7 @@ impl<S: Stream> Conn<S> {
             client_ip: &peer_ip,
             request_id,
             now,
+            answers: Answers::none(),
         };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
@@ -183,7 +184,7 @@ impl<S: Stream> Conn<S> {
         self.interim_sent = false;
         let mut upstream = loop {
             attempt += 1;
-            let mut up = match Upstream::checkout(&self.worker.pool, backend).await {
+            let mut up = match Upstream::checkout(&self.worker.pool, &backend.target).await {
                 Ok(c) => c,
                 Err(e) => {
                     return self.upstream_failed(backend, e, false).await;
@@ -282,7 +283,7 @@ impl<S: Stream> Conn<S> {
                     && self.ubuf.is_empty()
                     && !self.head.is_head();
                 if reusable {
-                    upstream.release(&self.worker.pool, backend);
+                    upstream.release(&self.worker.pool, &backend.target);
                 }
                 self.ubuf.clear();
                 (keep, status)
@@ -349,18 +350,12 @@ impl<S: Stream> Conn<S> {
     ) -> Result<(), UpstreamError> {
         let deadline = Instant::now() + response_timeout;
         let mut progress = HeadProgress::default();
-        let mut interim = 0;
         self.ubuf.clear();
         loop {
+            // Interim responses are bounded by count there, as well as by the deadline.
             up.read_head(&mut self.ubuf, &mut self.resp, &mut progress, &mut self.io_timer, deadline).await?;
             if !self.resp.is_informational() {
                 return Ok(());
-            }
-            // A backend that only ever says "wait" is bounded by count as well as by the
-            // deadline: each interim response costs a parse and a client write.
-            interim += 1;
-            if interim > MAX_INTERIM_RESPONSES {
-                return Err(UpstreamError::BadResponse(HeadError::Malformed("too many interim responses")));
             }
             // Forwarded to an HTTP/1.1 client (RFC 9110 §15.2: 103 Early Hints, 102), but for
             // 100 Continue, which the proxy answers itself.
@@ -386,7 +381,7 @@ impl<S: Stream> Conn<S> {
         match e.side() {
             Side::Client => tracing::info!(peer = %self.peer, error = %e, status, "request body refused"),
             Side::Backend | Side::Internal => {
-                tracing::warn!(backend = %backend.name, addr = %backend.addr, error = %e, status, "backend failed")
+                tracing::warn!(backend = %backend.name, addr = %backend.target.key.addr, error = %e, status, "backend failed")
             }
         }
         (self.respond_local(status, message, body_consumed).await, status)
