@@ -144,6 +144,39 @@ fn a_syntax_error_is_one_error() {
     assert!(errors[0].contains(":1:") && errors[0].contains("TOML syntax"), "{errors:#?}");
 }
 
+/// A step of the global or API scope is compiled into every operation's policy; its error is
+/// still reported once.
+#[test]
+fn a_policy_error_shared_by_operations_is_reported_once() {
+    let env = Env::new();
+    let apis = r#"
+[[inbound]]
+set_header = { name = "X-Who", value = "{client_cert.nickname}" }
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_client_certificate = { identities = [ { thumbprint_in = "nowhere" } ] }
+  [[api.operation]]
+  match = "GET /a"
+  [[api.operation]]
+  match = "GET /b"
+  [[api.operation]]
+  match = "GET /c"
+    [[api.operation.inbound]]
+    set_header = { name = "X-Op", value = "c" }
+"#;
+    let text = env.config("require", apis);
+    let (code, errors) = check(&env.write_config("shared.toml", &text));
+    assert_eq!(code, Some(1));
+    let has = |needle: &str| errors.iter().filter(|e| e.contains(needle)).count();
+    assert_eq!(has("client_cert.nickname"), 1, "{errors:#?}");
+    assert_eq!(has("no thumbprint list named \"nowhere\""), 1, "{errors:#?}");
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+}
+
 /// What was accepted silently before: each is refused with its place.
 #[test]
 fn check_refuses_what_is_almost_certainly_a_mistake() {

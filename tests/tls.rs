@@ -409,3 +409,87 @@ fn a_chain_past_the_depth_limit_is_refused_as_too_long() {
     let r = client.get(proxy.addr, "/").unwrap();
     assert_eq!(r.echoed_header("X-Cert-Errors").as_deref(), Some("[]"), "{}", r.text());
 }
+
+/// A ClientHello record written byte by byte (RFC 8446 §4.1.2), to offer what no TLS library
+/// would: `legacy_version`, cipher suites, and, when `versions` is not empty, the
+/// `supported_versions`, `supported_groups` and an empty `key_share`.
+fn client_hello(legacy: u16, suites: &[u16], versions: &[u16], groups: &[u16]) -> Vec<u8> {
+    fn put16(v: &mut Vec<u8>, n: usize) {
+        v.extend_from_slice(&(n as u16).to_be_bytes());
+    }
+    fn extension(out: &mut Vec<u8>, kind: u16, body: &[u8]) {
+        out.extend_from_slice(&kind.to_be_bytes());
+        put16(out, body.len());
+        out.extend_from_slice(body);
+    }
+    let list16 = |items: &[u16]| {
+        let mut v = Vec::new();
+        put16(&mut v, items.len() * 2);
+        items.iter().for_each(|i| v.extend_from_slice(&i.to_be_bytes()));
+        v
+    };
+    let mut ext = Vec::new();
+    extension(&mut ext, 0x000d, &list16(&[0x0403, 0x0804, 0x0401])); // signature_algorithms
+    extension(&mut ext, 0x000a, &list16(groups)); // supported_groups
+    extension(&mut ext, 0x000b, &[1, 0]); // ec_point_formats: uncompressed
+    if !versions.is_empty() {
+        let mut v = vec![(versions.len() * 2) as u8];
+        versions.iter().for_each(|x| v.extend_from_slice(&x.to_be_bytes()));
+        extension(&mut ext, 0x002b, &v); // supported_versions
+        extension(&mut ext, 0x0033, &[0, 0]); // key_share: no shares
+    }
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&legacy.to_be_bytes());
+    hello.extend_from_slice(&[7u8; 32]); // random
+    hello.push(0); // session id
+    hello.extend_from_slice(&list16(suites));
+    hello.extend_from_slice(&[1, 0]); // compression: null
+    put16(&mut hello, ext.len());
+    hello.extend_from_slice(&ext);
+    let mut handshake = vec![1u8]; // client_hello
+    handshake.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    put16(&mut record, handshake.len());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+/// Handshakes refused for want of common ground are told apart by BoringSSL's reason codes,
+/// and the access log says which it was.
+#[test]
+fn refused_handshakes_are_classified() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use portcullis_testkit::ProxyProcess;
+
+    let env = Env::new();
+    let config = env.write_config("p.toml", &env.config("off", "[server]\naccess_log = true\n"));
+    let proxy = ProxyProcess::spawn(&crate::common::binary(), &config);
+    let cases: [(Vec<u8>, &str); 4] = [
+        // TLS 1.2 with RC4-SHA and AES128-SHA only: BoringSSL knows the second, the proxy does
+        // not offer it.
+        (client_hello(0x0303, &[0x0005, 0x002f], &[], &[0x001d, 0x0017]), "no shared cipher suite"),
+        // TLS 1.3 with finite-field groups only.
+        (client_hello(0x0303, &[0x1301], &[0x0304], &[0x0100, 0x0101]), "no shared key-exchange group"),
+        // TLS 1.0 at most.
+        (client_hello(0x0301, &[0xc02f, 0xc013], &[], &[0x001d]), "unsupported TLS version"),
+        (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(), "not TLS"),
+    ];
+    for (bytes, fault) in &cases {
+        let mut c = std::net::TcpStream::connect(proxy.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        // An alert record, or nothing (for bytes that are not TLS); never a ServerHello.
+        assert!(answer.first().is_none_or(|&t| t == 0x15), "{fault}: answered {answer:?}");
+        let needle = format!("handshake failed: {fault} (");
+        let line = proxy.wait_for_log(&needle, Duration::from_secs(10));
+        assert!(line.as_deref().is_some_and(|l| l.contains("refused=")), "{fault}: {:#?}", proxy.log());
+    }
+    // None of them was a fault the proxy could not name.
+    assert!(!proxy.log().iter().any(|l| l.contains("handshake failed: refused")), "{:#?}", proxy.log());
+    assert_eq!(env.client(None).get(proxy.addr, "/").unwrap().status, 200);
+}

@@ -451,13 +451,14 @@ pub struct RevocationSet {
     entries: usize,
 }
 
-/// The CRL number of an issuer's CRL: its name (DER, and as text for messages) and the number
-/// (big-endian magnitude, without leading zeros).
+/// The CRL number of an issuer's CRL: its name (DER, and as text for messages), the number
+/// (big-endian magnitude, without leading zeros) and the file it was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrlNumber {
     pub issuer_der: Box<[u8]>,
     pub issuer: String,
     pub number: Box<[u8]>,
+    pub source: String,
 }
 
 /// Compares two big-endian magnitudes.
@@ -510,31 +511,32 @@ impl RevocationSet {
         self.crls += 1;
     }
 
-    /// Notes the CRL number of a CRL of `issuer_der` (kept: the highest seen).
-    pub fn note_crl_number(&mut self, issuer_der: &[u8], issuer: &str, number: &[u8]) {
+    /// Notes the CRL number of a CRL of `issuer_der`, read from `source` (kept: the highest
+    /// seen, with its file).
+    pub fn note_crl_number(&mut self, issuer_der: &[u8], issuer: &str, number: &[u8], source: &str) {
         match self.numbers.iter_mut().find(|n| &n.issuer_der[..] == issuer_der) {
-            Some(n) if cmp_magnitude(number, &n.number).is_gt() => n.number = number.into(),
+            Some(n) if cmp_magnitude(number, &n.number).is_gt() => {
+                n.number = number.into();
+                source.clone_into(&mut n.source);
+            }
             Some(_) => {}
             None => self.numbers.push(CrlNumber {
                 issuer_der: issuer_der.into(),
                 issuer: issuer.to_owned(),
                 number: number.into(),
+                source: source.to_owned(),
             }),
         }
     }
 
     /// The CRLs of this set that are older (a lower CRL number) than what `previous` had for the
-    /// same issuer: loading them would un-revoke certificates. Each as (issuer, new, previous).
-    pub fn older_than<'a>(&'a self, previous: &'a RevocationSet) -> Vec<(&'a str, &'a [u8], &'a [u8])> {
+    /// same issuer: loading them would un-revoke certificates. Each as (new, previous).
+    pub fn older_than<'a>(&'a self, previous: &'a RevocationSet) -> Vec<(&'a CrlNumber, &'a CrlNumber)> {
         self.numbers
             .iter()
             .filter_map(|n| {
                 let old = previous.numbers.iter().find(|o| o.issuer_der == n.issuer_der)?;
-                cmp_magnitude(&n.number, &old.number).is_lt().then_some((
-                    n.issuer.as_str(),
-                    &n.number[..],
-                    &old.number[..],
-                ))
+                cmp_magnitude(&n.number, &old.number).is_lt().then_some((n, old))
             })
             .collect()
     }
@@ -552,7 +554,7 @@ impl RevocationSet {
         }
         self.crls += other.crls;
         for n in &other.numbers {
-            self.note_crl_number(&n.issuer_der, &n.issuer, &n.number);
+            self.note_crl_number(&n.issuer_der, &n.issuer, &n.number, &n.source);
         }
     }
 
@@ -673,12 +675,19 @@ mod tests {
     #[test]
     fn an_older_crl_number_is_found() {
         let mut old = RevocationSet::default();
-        old.note_crl_number(b"ca", "CN=CA", &[0x01, 0x00]);
+        old.note_crl_number(b"ca", "CN=CA", &[0x01, 0x00], "old.crl");
         let mut new = RevocationSet::default();
-        new.note_crl_number(b"ca", "CN=CA", &[0x00, 0xff]);
-        assert_eq!(new.older_than(&old), vec![("CN=CA", &[0x00, 0xff][..], &[0x01, 0x00][..])]);
+        new.note_crl_number(b"ca", "CN=CA", &[0x00, 0xff], "new.crl");
+        let older = new.older_than(&old);
+        assert_eq!(older.len(), 1);
+        let (n, o) = older[0];
+        assert_eq!(
+            (n.issuer.as_str(), &n.number[..], n.source.as_str()),
+            ("CN=CA", &[0x00, 0xff][..], "new.crl")
+        );
+        assert_eq!((&o.number[..], o.source.as_str()), (&[0x01, 0x00][..], "old.crl"));
         assert!(old.older_than(&new).is_empty());
-        new.note_crl_number(b"ca", "CN=CA", &[0x01, 0x00]);
+        new.note_crl_number(b"ca", "CN=CA", &[0x01, 0x00], "newer.crl");
         assert!(new.older_than(&old).is_empty(), "the same number is no step back");
         assert_eq!(magnitude_text(&[0x01, 0x00]), "256");
     }

@@ -12,13 +12,12 @@ pub enum Side {
     Internal,
 }
 
-/// What the proxy does about an error.
+/// What the proxy does about an error. (A refused TLS handshake has no reaction of the
+/// proxy's choosing: BoringSSL sends the alert the protocol prescribes.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reaction {
     /// Answer with this status (a JSON body the client may read), then close.
     Respond(u16, &'static str),
-    /// Send this TLS alert, then close.
-    Alert(u8),
     /// Close without a word: nobody is left to tell.
     Close,
 }
@@ -50,7 +49,7 @@ impl HeadError {
     }
 
     /// The status code of the response the proxy sends for this error on a request.
-    pub fn status(&self) -> u16 {
+    fn status(&self) -> u16 {
         match self {
             HeadError::TooLarge | HeadError::TooManyHeaders => 431,
             HeadError::Malformed(_) => 400,
@@ -62,7 +61,7 @@ impl HeadError {
 
     /// The message put in the JSON body sent to the client: generic on purpose, the details go
     /// to the log only.
-    pub fn client_message(&self) -> &'static str {
+    fn client_message(&self) -> &'static str {
         match self {
             HeadError::TooLarge => "Request header fields too large",
             HeadError::TooManyHeaders => "Too many request header fields",

@@ -224,17 +224,22 @@ impl Server {
         let current = self.shared.snapshot.load();
         let older = snapshot.revoked.older_than(&current.revoked);
         if !older.is_empty() {
-            let loc = config
-                .listeners
-                .iter()
-                .find_map(|l| l.client.crl.first().map(|c| c.loc.clone()))
-                .unwrap_or_else(|| portcullis_config::Loc::builtin("listener.crl"));
             let mut errors = ConfigErrors::default();
-            for (issuer, new, old) in older {
+            for (new, old) in older {
+                // At the `crl` entry that named the file (the first, when several did).
+                let loc = config
+                    .listeners
+                    .iter()
+                    .flat_map(|l| l.client.crl.iter().chain(l.sni.iter().flat_map(|s| s.client.crl.iter())))
+                    .find(|c| c.value.display().to_string() == new.source)
+                    .map_or_else(|| portcullis_config::Loc::builtin("listener.crl"), |c| c.loc.clone());
                 errors.push(loc.error(format!(
-                    "the CRL of \"{issuer}\" has CRL number {}, older than the loaded {}; it would un-revoke certificates, so it is refused (publish a newer CRL)",
-                    portcullis_facts::magnitude_text(new),
-                    portcullis_facts::magnitude_text(old)
+                    "{}: the CRL of \"{}\" has CRL number {}, older than the loaded {} (from {}); it would un-revoke certificates, so it is refused (publish a newer CRL)",
+                    new.source,
+                    new.issuer,
+                    portcullis_facts::magnitude_text(&new.number),
+                    portcullis_facts::magnitude_text(&old.number),
+                    old.source,
                 )));
             }
             return Err(errors);

@@ -181,16 +181,6 @@ fn has_reason(stack: &ErrorStack, lib: std::ffi::c_int, reason: std::ffi::c_int)
     stack.errors().iter().any(|e| e.library_code() == lib && e.reason_code() == reason)
 }
 
-impl HandshakeError {
-    /// Whose fault it was: the client's, but for the proxy's own failures.
-    pub fn side(&self) -> portcullis_http::Side {
-        match self {
-            HandshakeError::Internal(_) => portcullis_http::Side::Internal,
-            _ => portcullis_http::Side::Client,
-        }
-    }
-}
-
 impl fmt::Display for HandshakeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

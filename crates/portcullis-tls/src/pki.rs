@@ -137,8 +137,9 @@ pub fn load_revocations(paths: &[Located<PathBuf>], cas: &[X509]) -> Result<Revo
                 continue;
             }
         };
+        let source = path.value.display().to_string();
         for crl in crls {
-            if let Err(msg) = add_crl(&mut set, &crl, cas) {
+            if let Err(msg) = add_crl(&mut set, &crl, cas, &source) {
                 errors.push(path.loc.error(format!("{}: {msg}", path.value.display())));
             }
         }
@@ -146,7 +147,7 @@ pub fn load_revocations(paths: &[Located<PathBuf>], cas: &[X509]) -> Result<Revo
     errors.into_result(set)
 }
 
-fn add_crl(set: &mut RevocationSet, crl: &Crl, cas: &[X509]) -> Result<(), String> {
+fn add_crl(set: &mut RevocationSet, crl: &Crl, cas: &[X509], source: &str) -> Result<(), String> {
     let issuer = crl.issuer();
     let ca = cas.iter().find(|ca| ca.subject_name().try_cmp(issuer).is_ok_and(|o| o.is_eq())).ok_or_else(
         || format!("CRL issuer \"{}\" is not one of the client_ca certificates", dn_string(issuer)),
@@ -164,7 +165,7 @@ fn add_crl(set: &mut RevocationSet, crl: &Crl, cas: &[X509]) -> Result<(), Strin
     let issuer_der = ca.subject_name().to_der().map_err(|e| e.to_string())?.into_boxed_slice();
     set.insert_crl(&issuer_der, crl.revoked_serials());
     if let Some(number) = crl.number() {
-        set.note_crl_number(&issuer_der, &dn_string(issuer), &number);
+        set.note_crl_number(&issuer_der, &dn_string(issuer), &number, source);
     }
     Ok(())
 }

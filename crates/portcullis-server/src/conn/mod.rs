@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use monoio::time::{Instant, timeout, timeout_at};
-use portcullis_http::{Framing, HeadError, HeadScanner, RequestHead, ResponseHead, Version, write};
+use portcullis_http::{Framing, HeadError, HeadScanner, Reaction, RequestHead, ResponseHead, Version, write};
 use portcullis_policy::{HeaderEdits, HeaderList, Response};
 use portcullis_tls::{SessionInfo, Stream};
 
@@ -211,7 +211,8 @@ impl<S: Stream> Conn<S> {
                     let (status, message, why) = match &failure {
                         HeadFailure::Invalid(e) => {
                             tracing::info!(peer = %self.peer, error = %e, "request refused");
-                            (e.status(), e.client_message(), e.to_string())
+                            let Reaction::Respond(status, message) = e.reaction() else { break };
+                            (status, message, e.to_string())
                         }
                         HeadFailure::Timeout => {
                             tracing::info!(peer = %self.peer, "request head not received in time");
