@@ -128,9 +128,9 @@ fn under_require_without_a_step_a_reloaded_crl_ends_open_connections() {
     assert!(line.is_some_and(|l| l.contains("certificate revoked")), "{:#?}", proxy.log());
 }
 
-#[test]
-fn a_crl_revoking_the_intermediate_applies_to_open_connections() {
-    let env = Env::new();
+/// The validating configuration with the root's CRL (revoking nothing) listed before the
+/// intermediate's: its text, and the root CRL's path.
+fn with_root_crl(env: &Env) -> (String, std::path::PathBuf) {
     let root_crl = env.dir().join("root.crl");
     std::fs::write(&root_crl, env.pki.root.crl_of(&[])).unwrap();
     let text = env.config("request", VALIDATING).replacen(
@@ -138,6 +138,13 @@ fn a_crl_revoking_the_intermediate_applies_to_open_connections() {
         &format!("crl = [\"{}\", \"", root_crl.display()),
         1,
     );
+    (text, root_crl)
+}
+
+#[test]
+fn a_crl_revoking_the_intermediate_applies_to_open_connections() {
+    let env = Env::new();
+    let (text, root_crl) = with_root_crl(&env);
     let config = env.write_config("p.toml", &text);
     let proxy = ProxyProcess::spawn(&binary(), &config);
     let client = env.client(Some(&env.pki.client));
@@ -254,13 +261,7 @@ fn a_reload_with_an_older_crl_is_refused() {
     let revoked = vec![env.pki.client.serial.clone()];
     std::fs::write(&env.paths.crl, env.pki.intermediate.crl_numbered(&revoked, 20)).unwrap();
     // The root's CRL comes first in the list: the error must point at the intermediate's.
-    let root_crl = env.dir().join("root.crl");
-    std::fs::write(&root_crl, env.pki.root.crl_of(&[])).unwrap();
-    let text = env.config("request", VALIDATING).replacen(
-        "crl = [\"",
-        &format!("crl = [\"{}\", \"", root_crl.display()),
-        1,
-    );
+    let (text, _) = with_root_crl(&env);
     let config = env.write_config("p.toml", &text);
     let proxy = ProxyProcess::spawn(&binary(), &config);
     let client = env.client(Some(&env.pki.client));

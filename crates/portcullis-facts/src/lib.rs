@@ -174,7 +174,50 @@ pub struct ClientCert {
     pub verify_errors: Vec<VerifyError>,
 }
 
+/// What a certificate says (or verification found) that cannot be derived from the rest: the
+/// input of [`ClientCert::new`].
+#[derive(Debug)]
+pub struct CertFields {
+    pub sha1: [u8; 20],
+    pub sha256: [u8; 32],
+    pub subject: String,
+    pub issuer: String,
+    pub common_name: Option<String>,
+    pub serial_bytes: Box<[u8]>,
+    pub issuer_der: Box<[u8]>,
+    pub issuer_sha1: Option<[u8; 20]>,
+    pub ca_ids: Vec<RevocationId>,
+    pub dns_names: Vec<String>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub verify_errors: Vec<VerifyError>,
+}
+
 impl ClientCert {
+    /// The facts of a certificate, with the derived forms (hex, normalised names) computed once.
+    pub fn new(f: CertFields) -> ClientCert {
+        ClientCert {
+            thumbprint: hex_upper(&f.sha1),
+            thumbprint_sha256: hex_upper(&f.sha256),
+            sha1: f.sha1,
+            sha256: f.sha256,
+            subject_normalized: normalize_dn(&f.subject),
+            issuer_normalized: normalize_dn(&f.issuer),
+            subject: f.subject,
+            issuer: f.issuer,
+            common_name: f.common_name,
+            serial: serial_hex(&f.serial_bytes),
+            serial_bytes: f.serial_bytes,
+            issuer_der: f.issuer_der,
+            issuer_sha1: f.issuer_sha1,
+            ca_ids: f.ca_ids,
+            dns_names: f.dns_names,
+            not_before: f.not_before,
+            not_after: f.not_after,
+            verify_errors: f.verify_errors,
+        }
+    }
+
     /// Serialises the facts that cannot be derived from others (for session tickets, which
     /// carry them so that a resumed session knows its certificate without keeping it).
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -290,17 +333,12 @@ impl ClientCert {
         if !r.0.is_empty() {
             return None;
         }
-        Some(ClientCert {
-            thumbprint: hex_upper(&sha1),
-            thumbprint_sha256: hex_upper(&sha256),
+        Some(ClientCert::new(CertFields {
             sha1,
             sha256,
-            subject_normalized: normalize_dn(&subject),
-            issuer_normalized: normalize_dn(&issuer),
             subject,
             issuer,
             common_name,
-            serial: serial_hex(&serial_bytes),
             serial_bytes,
             issuer_der,
             issuer_sha1,
@@ -309,7 +347,7 @@ impl ClientCert {
             not_before,
             not_after,
             verify_errors,
-        })
+        }))
     }
 
     /// Whether verification found nothing wrong.

@@ -7,9 +7,7 @@ use boring::nid::Nid;
 use boring::x509::{X509NameRef, X509Ref};
 use boring_sys as ffi;
 use foreign_types::ForeignTypeRef;
-use portcullis_facts::{
-    ClientCert, RevocationId, VerifyError, hex_upper, normalize_dn, push_dn_value, serial_hex,
-};
+use portcullis_facts::{CertFields, ClientCert, RevocationId, VerifyError, push_dn_value};
 
 /// Computes the facts of `leaf`. `cas` are the CA certificates verification built the chain
 /// through, the issuer of `leaf` first (empty when no chain was found).
@@ -18,8 +16,6 @@ pub fn client_cert_from_x509(
     cas: &[&X509Ref],
     verify_errors: Vec<VerifyError>,
 ) -> ClientCert {
-    let sha1: [u8; 20] = digest(leaf, MessageDigest::sha1());
-    let sha256: [u8; 32] = digest(leaf, MessageDigest::sha256());
     let serial_bytes: Box<[u8]> =
         leaf.serial_number().to_bn().map(|bn| bn.to_vec().into_boxed_slice()).unwrap_or_default();
     let common_name = leaf
@@ -32,19 +28,12 @@ pub fn client_cert_from_x509(
         .subject_alt_names()
         .map(|names| names.iter().filter_map(|n| n.dnsname().map(str::to_owned)).collect())
         .unwrap_or_default();
-    let subject = dn_string(leaf.subject_name());
-    let issuer = dn_string(leaf.issuer_name());
-    ClientCert {
-        thumbprint: hex_upper(&sha1),
-        thumbprint_sha256: hex_upper(&sha256),
-        sha1,
-        sha256,
-        subject_normalized: normalize_dn(&subject),
-        issuer_normalized: normalize_dn(&issuer),
-        subject,
-        issuer,
+    ClientCert::new(CertFields {
+        sha1: digest(leaf, MessageDigest::sha1()),
+        sha256: digest(leaf, MessageDigest::sha256()),
+        subject: dn_string(leaf.subject_name()),
+        issuer: dn_string(leaf.issuer_name()),
         common_name,
-        serial: serial_hex(&serial_bytes),
         serial_bytes,
         issuer_der: leaf.issuer_name().to_der().map(Vec::into_boxed_slice).unwrap_or_default(),
         issuer_sha1: cas.first().map(|i| digest(i, MessageDigest::sha1())),
@@ -53,7 +42,7 @@ pub fn client_cert_from_x509(
         not_before: unix_time(leaf.not_before()),
         not_after: unix_time(leaf.not_after()),
         verify_errors,
-    }
+    })
 }
 
 /// The [`RevocationId`] of a certificate.
