@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = (e.status(), e.client_message());
+                    let _ = e.reaction();
                     return;
                 }
             }
