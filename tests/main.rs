@@ -8,6 +8,7 @@ mod config;
 mod conformance;
 mod containment;
 mod framing;
+mod jose;
 mod lifecycle;
 mod operator;
 mod policy;

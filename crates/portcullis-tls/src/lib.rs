@@ -8,11 +8,14 @@
 //! - [`ClientCert`]: thumbprints, DNs, serial, SANs, validity and *every* verification error of a
 //!   client certificate, computed once per connection (and found again for resumed sessions).
 //! - [`RevocationSet`]: CRLs compiled into revoked (issuer, serial) pairs.
+//! - [`BoringCrypto`]: the signature math of JSON Web Tokens (RSA, ECDSA, Ed25519, HMAC), and
+//!   the checks that refuse unsafe keys.
 //!
 //! It knows nothing of HTTP or policy: it says what a certificate is, never what it may do.
 
 mod acceptor;
 mod facts;
+mod jose;
 mod pki;
 mod stream;
 mod tickets;
@@ -20,6 +23,7 @@ mod verify;
 
 pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor, TlsFault};
 pub use facts::{client_cert_from_x509, dn_string};
+pub use jose::{BoringCrypto, public_key_der_from_pem, public_key_der_of};
 pub use pki::{is_cert_revoked, load_ca_bundle, load_certificates, load_private_key, load_revocations};
 pub use portcullis_facts::{
     ClientCert, RevocationId, RevocationSet, VerifyError, VerifyErrorKind, hex_upper, normalize_dn, now_unix,
