@@ -10,7 +10,7 @@ use boring::x509::X509;
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portcullis_config::{Loc, Located};
-use portcullis_policy::{Answers, Facts, HeaderEdits, HeaderList, Inputs, ThumbprintSet, Verdict};
+use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, RequestState, ThumbprintSet, Verdict};
 use portcullis_testkit::Pki;
 
 /// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
@@ -141,12 +141,13 @@ backend = "b"
         client_ip: "10.1.2.3",
         request_id: "0123456789abcdef",
         now: portcullis_tls::now_unix(),
-        answers: Answers::none(),
+        query: b"",
     };
     let mut edits = HeaderEdits::default();
+    let mut state = RequestState::default();
     // What is timed is the allow path: every step runs and the request goes on.
     edits.reset(fields.count());
-    assert!(matches!(policies.inbound(policy, &facts, &fields, &mut edits), Verdict::Continue));
+    assert!(matches!(policies.inbound(policy, &facts, &fields, &mut state, &mut edits), Verdict::Continue));
     assert_eq!(edits.added().count(), 3);
     assert!(edits.is_removed(3), "X-Debug deleted");
     c.bench_function("policy_inbound_5_steps", |b| {
@@ -154,7 +155,8 @@ backend = "b"
             || (),
             |_| {
                 edits.reset(fields.count());
-                let v = policies.inbound(policy, black_box(&facts), &fields, &mut edits);
+                state.clear();
+                let v = policies.inbound(policy, black_box(&facts), &fields, &mut state, &mut edits);
                 black_box(matches!(v, Verdict::Continue))
             },
             BatchSize::SmallInput,

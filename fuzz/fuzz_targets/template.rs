@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use portcullis_config::Loc;
-use portcullis_policy::{Answers, Facts, HeaderList, Template};
+use portcullis_policy::{Context, Facts, HeaderList, PolicySet, RequestState, Template};
 
 struct Headers;
 
@@ -30,8 +30,12 @@ fuzz_target!(|data: &[u8]| {
         client_ip: "127.0.0.1",
         request_id: "0123456789abcdef",
         now: 1_800_000_000,
-        answers: Answers::none(),
+        query: b"a=1&b",
     };
+    let (state, set) = (RequestState::default(), PolicySet::default());
     let mut out = BytesMut::new();
-    let _ = template.render(&facts, &Headers, &mut out);
+    let rendered =
+        template.render(&Context { facts: &facts, state: &state, set: &set, headers: &Headers }, &mut out);
+    // Whatever the template, a rendered value is safe in a header: no CR, LF or NUL.
+    assert!(!rendered || !out.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0));
 });

@@ -9,11 +9,13 @@
 //! their errors against the [`Loc`] kept beside each value.
 #![forbid(unsafe_code)]
 
+mod callers;
 mod error;
 mod load;
 mod model;
 mod reader;
 
+pub use callers::{https_url, subscription_key_problem};
 pub use error::{ConfigError, ConfigErrors, Loc};
 pub use load::{load, load_partial, parse, parse_partial, portcullis_max_headers};
 pub use model::*;

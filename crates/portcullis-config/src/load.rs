@@ -6,6 +6,7 @@ use std::path::Path;
 
 use toml::de::DeTable;
 
+use crate::callers::{openid, product, subscription};
 use crate::error::{ConfigError, ConfigErrors, Loc};
 use crate::model::*;
 use crate::reader::{Reader, Value, get, join};
@@ -61,7 +62,20 @@ pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) 
     r.check_keys(
         root,
         "",
-        &["server", "listener", "certificates", "thumbprints", "backend", "api", "inbound", "outbound"],
+        &[
+            "server",
+            "listener",
+            "certificates",
+            "thumbprints",
+            "backend",
+            "api",
+            "product",
+            "subscriptions",
+            "subscription",
+            "openid",
+            "inbound",
+            "outbound",
+        ],
     );
     let server = match get(root, "server") {
         Some(v) => server(&mut r, v),
@@ -75,13 +89,30 @@ pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) 
         r.error(&(0..0), "listener", "at least one [[listener]] is required");
     }
     let certificates = get(root, "certificates").map(|v| certificates(&mut r, v)).unwrap_or_default();
-    let thumbprints = get(root, "thumbprints").map(|v| thumbprints(&mut r, v)).unwrap_or_default();
+    let thumbprints =
+        get(root, "thumbprints").map(|v| named_files(&mut r, v, "thumbprints")).unwrap_or_default();
     let backends: Vec<Backend> = match get(root, "backend") {
         Some(v) => r.tables(v, "backend").into_iter().filter_map(|(v, f)| backend(&mut r, v, &f)).collect(),
         None => Vec::new(),
     };
     let apis: Vec<Api> = match get(root, "api") {
         Some(v) => r.tables(v, "api").into_iter().filter_map(|(v, f)| api(&mut r, v, &f)).collect(),
+        None => Vec::new(),
+    };
+    let products: Vec<Product> = match get(root, "product") {
+        Some(v) => r.tables(v, "product").into_iter().filter_map(|(v, f)| product(&mut r, v, &f)).collect(),
+        None => Vec::new(),
+    };
+    let subscription_files =
+        get(root, "subscriptions").map(|v| named_files(&mut r, v, "subscriptions")).unwrap_or_default();
+    let subscriptions: Vec<Subscription> = match get(root, "subscription") {
+        Some(v) => {
+            r.tables(v, "subscription").into_iter().filter_map(|(v, f)| subscription(&mut r, v, &f)).collect()
+        }
+        None => Vec::new(),
+    };
+    let openid: Vec<OpenId> = match get(root, "openid") {
+        Some(v) => r.tables(v, "openid").into_iter().filter_map(|(v, f)| openid(&mut r, v, &f)).collect(),
         None => Vec::new(),
     };
     let inbound = get(root, "inbound").map(|v| steps(&mut r, v, "inbound")).unwrap_or_default();
@@ -95,10 +126,15 @@ pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) 
         thumbprints,
         backends,
         apis,
+        products,
+        subscription_files,
+        subscriptions,
+        openid,
         inbound,
         outbound,
     };
     cross_check(&mut r, &config);
+    crate::callers::cross_check(&mut r.errors, &config);
     let mut errors = r.errors;
     errors.sort();
     errors.dedup();
@@ -235,7 +271,7 @@ fn cross_check(r: &mut Reader, c: &Config) {
     }
 }
 
-fn required<'v, 'a>(
+pub(crate) fn required<'v, 'a>(
     r: &mut Reader,
     t: &'v DeTable<'a>,
     span: &Value<'_>,
@@ -496,11 +532,12 @@ fn certificates(r: &mut Reader, v: &Value<'_>) -> Vec<NamedCertificate> {
     out
 }
 
-fn thumbprints(r: &mut Reader, v: &Value<'_>) -> Vec<NamedFile> {
-    let Some(t) = r.table(v, "thumbprints") else { return Vec::new() };
+/// A table of named files (`[thumbprints]`, `[subscriptions]`).
+fn named_files(r: &mut Reader, v: &Value<'_>, section: &str) -> Vec<NamedFile> {
+    let Some(t) = r.table(v, section) else { return Vec::new() };
     let mut out = Vec::new();
     for (key, value) in t.iter() {
-        let field = format!("thumbprints.{}", key.get_ref());
+        let field = format!("{section}.{}", key.get_ref());
         let name = Located::new(key.get_ref().to_string(), r.loc(&key.span(), &field));
         if let Some(path) = r.path(value, &field) {
             out.push(NamedFile { name, path });
@@ -607,7 +644,20 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
     r.check_keys(
         t,
         field,
-        &["name", "path", "host", "backend", "inherit", "inbound", "outbound", "operations", "operation"],
+        &[
+            "name",
+            "path",
+            "host",
+            "backend",
+            "inherit",
+            "inbound",
+            "outbound",
+            "operations",
+            "operation",
+            "subscription_required",
+            "subscription_key_header",
+            "subscription_key_query",
+        ],
     );
     let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
     let path = required(r, t, v, field, "path").and_then(|p| {
@@ -649,6 +699,32 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
             }
         }
     }
+    let subscription_required = flag(r, t, field, "subscription_required", false);
+    let subscription_key_header = match get(t, "subscription_key_header") {
+        Some(h) => r.non_empty_string(h, &join(field, "subscription_key_header")).and_then(|h| {
+            if is_token(&h.value) {
+                Some(h.value)
+            } else {
+                r.errors.push(h.loc.error(format!("\"{}\" is not a valid header name", h.value)));
+                None
+            }
+        }),
+        None => None,
+    };
+    let subscription_key_query = match get(t, "subscription_key_query") {
+        Some(q) => r.non_empty_string(q, &join(field, "subscription_key_query")).and_then(|q| {
+            if q.value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+                Some(q.value)
+            } else {
+                r.errors.push(q.loc.error(format!(
+                    "\"{}\" is not a query parameter name (letters, digits and -._~)",
+                    q.value
+                )));
+                None
+            }
+        }),
+        None => None,
+    };
     let mut seen: Vec<&str> = Vec::new();
     for op in &operations {
         if seen.contains(&op.pattern.value.as_str()) {
@@ -666,6 +742,10 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
         inbound,
         outbound,
         operations,
+        subscription_required,
+        subscription_key_header: subscription_key_header
+            .unwrap_or_else(|| "Ocp-Apim-Subscription-Key".to_owned()),
+        subscription_key_query: subscription_key_query.unwrap_or_else(|| "subscription-key".to_owned()),
         loc: r.loc(&v.span(), field),
     })
 }
@@ -726,9 +806,10 @@ fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
     Some(Operation { pattern: pattern?, inherit, inbound, outbound })
 }
 
-const STEP_KINDS: [&str; 3] = ["set_header", "validate_client_certificate", "return_response"];
+const STEP_KINDS: [&str; 4] =
+    ["set_header", "validate_client_certificate", "return_response", "validate_jwt"];
 
-fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
+pub(crate) fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
     r.tables(v, field).into_iter().filter_map(|(v, f)| step(r, v, &f)).collect()
 }
 
@@ -747,12 +828,13 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
             StepKind::ValidateClientCertificate(validate_client_certificate(r, body, &field)?)
         }
         "return_response" => StepKind::ReturnResponse(return_response(r, body, &field)?),
+        "validate_jwt" => StepKind::ValidateJwt(Box::new(crate::callers::validate_jwt(r, body, &field)?)),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })
 }
 
-fn is_token(s: &str) -> bool {
+pub(crate) fn is_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
@@ -815,7 +897,7 @@ fn set_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<SetHeader> {
     Some(SetHeader { name: name?, value, action })
 }
 
-fn flag(r: &mut Reader, t: &DeTable<'_>, field: &str, key: &str, default: bool) -> bool {
+pub(crate) fn flag(r: &mut Reader, t: &DeTable<'_>, field: &str, key: &str, default: bool) -> bool {
     match get(t, key) {
         Some(b) => r.boolean(b, &join(field, key)).unwrap_or(default),
         None => default,

@@ -31,6 +31,14 @@ pub struct Config {
     pub thumbprints: Vec<NamedFile>,
     pub backends: Vec<Backend>,
     pub apis: Vec<Api>,
+    /// `[[product]]`: groups of APIs that subscriptions grant, with policy of their own.
+    pub products: Vec<Product>,
+    /// `[subscriptions]`: per product, a file of subscriptions.
+    pub subscription_files: Vec<NamedFile>,
+    /// `[[subscription]]`: subscriptions written in the configuration.
+    pub subscriptions: Vec<Subscription>,
+    /// `[[openid]]`: identity providers whose keys `validate_jwt` uses.
+    pub openid: Vec<OpenId>,
     /// Steps of the global scope, applied to every API before its own.
     pub inbound: Vec<Step>,
     pub outbound: Vec<Step>,
@@ -210,6 +218,86 @@ pub struct Api {
     pub outbound: Vec<Step>,
     /// When not empty, only requests matching one of these reach the backend (others get 404).
     pub operations: Vec<Operation>,
+    /// A request needs a subscription key (unless an open product grants the API).
+    pub subscription_required: bool,
+    /// Header that carries the subscription key.
+    pub subscription_key_header: String,
+    /// Query parameter that carries the key when the header is absent.
+    pub subscription_key_query: String,
+    pub loc: Loc,
+}
+
+/// `[[product]]`: APIs granted together, by subscriptions to the product or (when the product is
+/// open) to anyone.
+#[derive(Debug, Clone)]
+pub struct Product {
+    pub name: Located<String>,
+    /// Names of the APIs it grants.
+    pub apis: Vec<Located<String>>,
+    /// `false`: an open product, its APIs reachable without a key (its steps still run).
+    pub subscription_required: bool,
+    /// Steps of the product scope: after the global scope's, before the API's.
+    pub inbound: Vec<Step>,
+    pub outbound: Vec<Step>,
+    pub loc: Loc,
+}
+
+/// What a subscription grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionScope {
+    /// The APIs of a product (its steps run for the subscription's requests).
+    Product(String),
+    /// One API.
+    Api(String),
+    /// Every API.
+    AllApis,
+}
+
+/// A subscription's state: only active ones grant access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionState {
+    Active,
+    Suspended,
+    Cancelled,
+    Expired,
+}
+
+impl SubscriptionState {
+    pub const NAMES: [(&'static str, SubscriptionState); 4] = [
+        ("active", SubscriptionState::Active),
+        ("suspended", SubscriptionState::Suspended),
+        ("cancelled", SubscriptionState::Cancelled),
+        ("expired", SubscriptionState::Expired),
+    ];
+}
+
+/// `[[subscription]]`.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: Located<String>,
+    pub scope: Located<SubscriptionScope>,
+    pub primary_key: Located<String>,
+    pub secondary_key: Option<Located<String>>,
+    pub state: SubscriptionState,
+    pub loc: Loc,
+}
+
+/// `[[openid]]`: an OpenID Connect provider, its keys fetched off the data path.
+#[derive(Debug, Clone)]
+pub struct OpenId {
+    pub name: Located<String>,
+    /// The discovery document (`…/.well-known/openid-configuration`), https.
+    pub url: Located<String>,
+    /// CA certificates the provider's TLS certificate must chain to; empty: the system's store.
+    pub ca: Vec<Located<PathBuf>>,
+    /// How often the keys are fetched again.
+    pub refresh: Duration,
+    /// Least time between two refetches asked for by tokens with an unknown `kid`.
+    pub min_refetch: Duration,
+    /// How long a request whose token named an unknown `kid` waits for the refetch.
+    pub refetch_wait: Duration,
+    /// Time for one fetch (connect, TLS, request and response).
+    pub timeout: Duration,
     pub loc: Loc,
 }
 
@@ -236,6 +324,7 @@ pub enum StepKind {
     SetHeader(SetHeader),
     ValidateClientCertificate(ValidateClientCertificate),
     ReturnResponse(ReturnResponse),
+    ValidateJwt(Box<ValidateJwt>),
 }
 
 /// `validate_client_certificate`: APIM's policy of the same name.
@@ -309,4 +398,75 @@ pub struct SetHeader {
     /// A template: `{client_cert.subject}`, `{request.ip}`, `{header.NAME}`…
     pub value: Option<Located<String>>,
     pub action: SetHeaderAction,
+}
+
+/// Where `validate_jwt` finds the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A header; `scheme` (e.g. `Bearer`) must precede the token when given.
+    Header { name: String, scheme: Option<String> },
+    /// A query parameter.
+    Query(String),
+    /// A template (`token_value`).
+    Value(Located<String>),
+}
+
+/// One of `issuer_signing_keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SigningKeySource {
+    /// A PEM file: a public key or a certificate.
+    Pem(PathBuf),
+    /// A `[certificates]` entry's public key.
+    Certificate(String),
+    /// A JWK Set file.
+    Jwks(PathBuf),
+    /// An RSA key's modulus and exponent, base64url.
+    Rsa { n: String, e: String },
+    /// An HMAC secret, base64.
+    Secret(String),
+}
+
+/// A key `validate_jwt` verifies with.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    pub source: SigningKeySource,
+    pub kid: Option<String>,
+    /// The one algorithm the key verifies (else implied by the key's type).
+    pub alg: Option<String>,
+    pub loc: Loc,
+}
+
+/// One of `required_claims`.
+#[derive(Debug, Clone)]
+pub struct RequiredClaim {
+    pub name: String,
+    pub values: Vec<String>,
+    /// `match = "all"` (every value) or `"any"`.
+    pub match_all: bool,
+    /// Splits a string claim into values (`" "` for `scope`).
+    pub separator: Option<String>,
+    pub loc: Loc,
+}
+
+/// `validate_jwt`: API Management's `validate-jwt`.
+#[derive(Debug, Clone)]
+pub struct ValidateJwt {
+    pub source: TokenSource,
+    /// Names of `[[openid]]` providers whose keys verify tokens.
+    pub openid: Vec<Located<String>>,
+    pub keys: Vec<SigningKey>,
+    /// Any one of these must be in `aud` (when given).
+    pub audiences: Vec<String>,
+    /// `iss` must be one of these (when given; else an OpenID provider's issuer, when used).
+    pub issuers: Vec<String>,
+    pub required_claims: Vec<RequiredClaim>,
+    pub clock_skew: Duration,
+    pub require_expiration_time: bool,
+    /// Only binds tokens to the TLS client certificate (RFC 8705 `cnf.x5t#S256`) when set.
+    pub require_certificate_binding: bool,
+    /// Largest token accepted, in bytes.
+    pub max_token_size: usize,
+    pub status: u16,
+    /// When set, the message of every failure; else one that says what failed.
+    pub message: Option<String>,
 }

@@ -30,4 +30,4 @@ pub use error::{HeadError, Reaction, Side};
 pub use head::{
     Framing, HeadScanner, Limits, MAX_HEADERS_CAP, RequestHead, ResponseHead, Version, is_hop_by_hop_name,
 };
-pub use path::normalize_path;
+pub use path::{normalize_path, remove_query_parameter};

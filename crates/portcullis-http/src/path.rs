@@ -99,9 +99,49 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// Removes every `name` parameter (`name=…` or a bare `name`) from the query of `target`, in
+/// place; the `?` goes too when nothing is left. Names are compared as received (not decoded).
+pub fn remove_query_parameter(target: &mut Vec<u8>, name: &[u8]) {
+    let Some(q) = target.iter().position(|&b| b == b'?') else { return };
+    let query = target.split_off(q + 1);
+    let mut first = true;
+    for pair in query.split(|&b| b == b'&') {
+        let key = pair.split(|&b| b == b'=').next().unwrap_or(pair);
+        if key == name {
+            continue;
+        }
+        if !first {
+            target.push(b'&');
+        }
+        target.extend_from_slice(pair);
+        first = false;
+    }
+    if first {
+        target.pop(); // the '?'
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::normalize_path;
+    use super::{normalize_path, remove_query_parameter};
+
+    #[test]
+    fn query_parameters_are_removed() {
+        let strip = |t: &str| {
+            let mut v = t.as_bytes().to_vec();
+            remove_query_parameter(&mut v, b"subscription-key");
+            String::from_utf8(v).expect("ascii")
+        };
+        assert_eq!(strip("/a?subscription-key=k"), "/a");
+        assert_eq!(strip("/a?x=1&subscription-key=k&y=2"), "/a?x=1&y=2");
+        assert_eq!(strip("/a?subscription-key=k&subscription-key=j&y"), "/a?y");
+        assert_eq!(strip("/a?subscription-key"), "/a");
+        assert_eq!(strip("/a?subscription-keys=1"), "/a?subscription-keys=1");
+        assert_eq!(strip("/a?x=subscription-key"), "/a?x=subscription-key");
+        assert_eq!(strip("/a"), "/a");
+        assert_eq!(strip("/a?"), "/a?");
+        assert_eq!(strip("/a?&subscription-key=1&"), "/a?&");
+    }
 
     fn norm(p: &str) -> String {
         match normalize_path(p.as_bytes()).expect("valid") {

@@ -2,7 +2,7 @@
 //! characters of the other alphabet, and no set bits after the last whole byte.
 
 use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
 /// Why a text is not base64url.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,11 @@ pub fn decode(text: &[u8]) -> Result<Vec<u8>, NotBase64> {
 pub fn decode_into(text: &[u8], out: &mut Vec<u8>) -> Result<(), NotBase64> {
     out.clear();
     URL_SAFE_NO_PAD.decode_vec(text, out).map_err(|_| NotBase64)
+}
+
+/// Decodes standard base64 with padding (RFC 4648 §4), as secrets are written in configurations.
+pub fn decode_standard(text: &[u8]) -> Result<Vec<u8>, NotBase64> {
+    STANDARD.decode(text).map_err(|_| NotBase64)
 }
 
 /// Encodes `bytes` (for tests and tools that make tokens).

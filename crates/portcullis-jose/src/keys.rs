@@ -50,8 +50,12 @@ pub enum KeyType {
 /// Makes keys. The library refuses keys that are unsafe to verify with (RSA under 2048 bits, a
 /// public exponent that is not odd and at least 3, a modulus with the ROCA fingerprint, a point
 /// off its curve, an empty secret).
-pub trait Crypto: Send + Sync {
+pub trait Crypto: Send + Sync + fmt::Debug {
     fn key(&self, material: &Material<'_>) -> Result<(KeyType, Arc<dyn Verify>), String>;
+
+    /// The DER `SubjectPublicKeyInfo` of a PEM file's public key (a `PUBLIC KEY` block, or a
+    /// certificate's key).
+    fn public_key_der_from_pem(&self, pem: &[u8]) -> Result<Vec<u8>, String>;
 }
 
 /// A key that verifies token signatures, with the algorithms it may verify.

@@ -26,15 +26,19 @@ pub struct RemoteKeys {
     attempts: AtomicU64,
     /// When a refetch was last granted (ms since the epoch): grants are `min_refetch` apart.
     granted_at: AtomicI64,
-    /// A granted refetch the fetcher has not started yet.
+    /// A granted refetch the fetcher has not finished yet.
     wanted: AtomicBool,
+    /// A fetch is under way (a scheduled one, or the first): a demand joins it.
+    fetching: AtomicBool,
     min_refetch: Duration,
+    /// How long a request waits for a refetch it asked for.
+    refetch_wait: Duration,
     /// The fetcher's thread, woken when a refetch is wanted.
     fetcher: OnceLock<Thread>,
 }
 
 impl RemoteKeys {
-    pub fn new(name: &str, url: &str, min_refetch: Duration) -> Arc<RemoteKeys> {
+    pub fn new(name: &str, url: &str, min_refetch: Duration, refetch_wait: Duration) -> Arc<RemoteKeys> {
         Arc::new(RemoteKeys {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -44,7 +48,9 @@ impl RemoteKeys {
             attempts: AtomicU64::new(0),
             granted_at: AtomicI64::new(i64::MIN / 2),
             wanted: AtomicBool::new(false),
+            fetching: AtomicBool::new(false),
             min_refetch,
+            refetch_wait,
             fetcher: OnceLock::new(),
         })
     }
@@ -59,6 +65,11 @@ impl RemoteKeys {
 
     pub fn min_refetch(&self) -> Duration {
         self.min_refetch
+    }
+
+    /// How long a request whose token named an unknown `kid` waits for the refetch.
+    pub fn refetch_wait(&self) -> Duration {
+        self.refetch_wait
     }
 
     /// The current keys (empty until the first fetch succeeds).
@@ -89,8 +100,8 @@ impl RemoteKeys {
     /// past this", `None` that no refetch is coming (one was granted too recently and is done).
     pub fn demand_refetch(&self, now_ms: i64) -> Option<u64> {
         let seen = self.attempts();
-        // A refetch already granted and not finished: wait for it too.
-        if self.wanted.load(Ordering::Acquire) {
+        // A fetch under way, or a refetch already granted: wait for it too, at no cost.
+        if self.wanted.load(Ordering::Acquire) || self.fetching.load(Ordering::Acquire) {
             return Some(seen);
         }
         let last = self.granted_at.load(Ordering::Acquire);
@@ -126,6 +137,12 @@ impl RemoteKeys {
         self.wanted.load(Ordering::Acquire)
     }
 
+    /// Marks a fetch as under way (from before the fetcher starts, so that requests made while
+    /// the first keys are on their way join that fetch).
+    pub fn fetch_started(&self) {
+        self.fetching.store(true, Ordering::Release);
+    }
+
     /// Publishes a fetched set and the issuer, and counts the attempt.
     pub fn publish(&self, keys: KeySet, issuer: Option<String>) {
         self.keys.store(Arc::new(keys));
@@ -138,6 +155,7 @@ impl RemoteKeys {
     /// wanted refetch.
     pub fn attempt_done(&self) {
         self.wanted.store(false, Ordering::Release);
+        self.fetching.store(false, Ordering::Release);
         self.attempts.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -148,21 +166,30 @@ mod tests {
 
     #[test]
     fn refetches_are_granted_once_per_interval() {
-        let r =
-            RemoteKeys::new("p", "https://idp/.well-known/openid-configuration", Duration::from_secs(300));
+        let r = RemoteKeys::new(
+            "p",
+            "https://idp/.well-known/openid-configuration",
+            Duration::from_secs(300),
+            Duration::from_secs(2),
+        );
         assert!(!r.is_loaded() && r.keys().is_empty());
+        // A demand while a fetch is under way joins it, and takes no grant.
+        r.fetch_started();
+        assert_eq!(r.demand_refetch(999_000), Some(0));
+        assert!(!r.is_wanted());
+        r.attempt_done();
         // The first demand is granted; others while it is pending wait for the same attempt.
-        assert_eq!(r.demand_refetch(1_000_000), Some(0));
+        assert_eq!(r.demand_refetch(1_000_000), Some(1));
         assert!(r.is_wanted());
-        assert_eq!(r.demand_refetch(1_000_001), Some(0));
+        assert_eq!(r.demand_refetch(1_000_001), Some(1));
         r.attempt_done();
         // Done, and too soon for another: nobody waits.
         assert_eq!(r.demand_refetch(1_000_002), None);
         assert_eq!(r.demand_refetch(1_000_000 + 299_999), None);
         // An interval later, granted again.
-        assert_eq!(r.demand_refetch(1_000_000 + 300_000), Some(1));
+        assert_eq!(r.demand_refetch(1_000_000 + 300_000), Some(2));
         r.publish(KeySet::empty(), Some("iss".into()));
-        assert!(r.is_loaded() && r.attempts() == 2);
+        assert!(r.is_loaded() && r.attempts() == 3);
         assert_eq!(r.issuer().as_deref().map(String::as_str), Some("iss"));
     }
 }

@@ -3,8 +3,13 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use bytes::{Bytes, BytesMut};
 use portcullis_facts::ClientCert;
+
+use crate::jwt::{TokenCache, Verified};
 
 /// What policy may look at for one request.
 #[derive(Debug, Clone, Copy)]
@@ -17,50 +22,70 @@ pub struct Facts<'a> {
     pub request_id: &'a str,
     /// Now, in seconds since the Unix epoch (read once per request).
     pub now: i64,
-    /// What the request's waiting steps were given so far.
-    pub answers: &'a Answers,
+    /// The request target's query, after `?` (empty when there is none), as received.
+    pub query: &'a [u8],
 }
 
-/// The answer to what a waiting step needed (see [`Verdict::Wait`]): a response from outside.
+/// The answer to what a waiting step needed (see [`Verdict::Wait`]).
 ///
 /// [`Verdict::Wait`]: crate::Verdict::Wait
 #[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub body: Bytes,
+pub enum Answer {
+    /// A response from outside (a callout).
+    Response { status: u16, body: Bytes },
+    /// The identity providers' keys were fetched again, or the wait for them is over: the step
+    /// decides with the keys there are now.
+    KeysRefreshed,
 }
 
-/// Answers for one request's waiting steps, by step. The server fills it between a
-/// [`Verdict::Wait`] and the resumption; a step that finds its answer here goes on with it.
-///
-/// [`Verdict::Wait`]: crate::Verdict::Wait
+/// What evaluation learns and keeps for one request: the answers of its waiting steps, the
+/// subscription and product it runs under, the token it proved. The server keeps one per
+/// connection and clears it per request; it holds the worker's token cache.
 #[derive(Debug, Default)]
-pub struct Answers {
-    by_step: Vec<(usize, Answer)>,
+pub struct RequestState {
+    answers: Vec<(usize, Answer)>,
+    /// Index of the subscription whose key the request carried.
+    pub(crate) subscription: Option<u32>,
+    /// Index of the product the request runs under (a product subscription's, or an open one).
+    pub(crate) product: Option<u32>,
+    /// The last token a `validate_jwt` step accepted.
+    pub(crate) token: Option<Rc<Verified>>,
+    /// The request's query carried the API's subscription-key parameter: not forwarded.
+    pub(crate) strip_query: bool,
+    /// Where steps copy what they read (a token), reused across requests.
+    pub(crate) scratch: BytesMut,
+    pub(crate) cache: Rc<RefCell<TokenCache>>,
 }
 
-static NO_ANSWERS: Answers = Answers { by_step: Vec::new() };
-
-impl Answers {
-    /// Answers of a request none of whose steps waited.
-    pub fn none() -> &'static Answers {
-        &NO_ANSWERS
+impl RequestState {
+    /// A state for a connection served by the worker whose token cache is `cache`.
+    pub fn new(cache: Rc<RefCell<TokenCache>>) -> RequestState {
+        RequestState { cache, ..RequestState::default() }
     }
 
-    /// Forgets every answer (a new request).
+    /// Starts over for a new request (the cache stays).
     pub fn clear(&mut self) {
-        self.by_step.clear();
+        self.answers.clear();
+        self.subscription = None;
+        self.product = None;
+        self.token = None;
+        self.strip_query = false;
     }
 
     /// Keeps `answer` for inbound step `step`, replacing an earlier one.
     pub fn put(&mut self, step: usize, answer: Answer) {
-        self.by_step.retain(|(s, _)| *s != step);
-        self.by_step.push((step, answer));
+        self.answers.retain(|(s, _)| *s != step);
+        self.answers.push((step, answer));
     }
 
     /// The answer for inbound step `step`, if it has one.
-    pub fn get(&self, step: usize) -> Option<&Answer> {
-        self.by_step.iter().find(|(s, _)| *s == step).map(|(_, a)| a)
+    pub fn answer(&self, step: usize) -> Option<&Answer> {
+        self.answers.iter().find(|(s, _)| *s == step).map(|(_, a)| a)
+    }
+
+    /// The claim `name` of the token a `validate_jwt` step accepted.
+    pub fn token_claim(&self, name: &str) -> Option<&portcullis_jose::Json> {
+        self.token.as_ref()?.claims.get(name)
     }
 }
 

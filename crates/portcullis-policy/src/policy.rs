@@ -7,17 +7,20 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use portcullis_config::{
     Config, ConfigErrors, IdentityAttribute, Loc, ReturnResponse, SetHeaderAction, Step as StepConfig,
-    StepKind, ValidateClientCertificate,
+    StepKind, SubscriptionScope, ValidateClientCertificate,
 };
 use portcullis_facts::{ClientCert, RevocationSet, VerifyError, normalize_dn};
+use portcullis_jose::{Crypto, RemoteKeys};
 
-use crate::facts::{Facts, HeaderEdits, HeaderList};
+use crate::facts::{Facts, HeaderEdits, HeaderList, RequestState};
+use crate::jwt::{JwtStep, KeyInputs, Outcome, percent_decode, query_value};
 use crate::operations::OperationPattern;
-use crate::template::Template;
+use crate::subscriptions::{Builder, Grant, Subscriptions};
+use crate::template::{Context, Template};
 use crate::thumbprints::ThumbprintSet;
 
 /// A response the policy answers with instead of forwarding the request.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Response {
     pub status: u16,
     /// Reason phrase; the standard one when `None`.
@@ -25,7 +28,7 @@ pub struct Response {
     pub content_type: Option<Bytes>,
     pub body: Bytes,
     /// Header templates, rendered into the request's [`HeaderEdits`] when the step runs.
-    headers: Vec<(Bytes, Template)>,
+    pub(crate) headers: Vec<(Bytes, Template)>,
 }
 
 /// What a request may do next.
@@ -38,15 +41,18 @@ pub enum Verdict<'p> {
     Respond { response: &'p Response, reason: &'static str },
     /// Inbound step `step` needs something from outside first (a callout's answer, an identity
     /// provider's keys, a shared counter). Evaluation stays sans-IO: the server gets what `need`
-    /// says without blocking its worker, keeps it for the step, and calls
-    /// [`PolicySet::inbound_from`] with `step` to resume there.
-    Wait { step: usize, need: &'p Need },
+    /// says without blocking its worker, keeps the answer in the request's [`RequestState`], and
+    /// calls [`PolicySet::inbound_from`] with `step` to resume there.
+    Wait { step: usize, need: Need<'p> },
 }
 
-/// What a waiting step needs. The steps that wait (`send_request`, and any other step that
-/// cannot decide without a round trip) add their variants; no configurable step waits yet.
-#[derive(Debug)]
-pub enum Need {
+/// What a waiting step needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Need<'p> {
+    /// A token named a `kid` no current key has: ask these providers to fetch their keys again
+    /// ([`RemoteKeys::demand_refetch`]), wait for the fetch (at most each provider's
+    /// `refetch_wait`), then answer [`Answer::KeysRefreshed`](crate::Answer::KeysRefreshed).
+    Keys(&'p [Arc<RemoteKeys>]),
     /// The step of this crate's tests that stands for one which waits.
     #[cfg(test)]
     Probe,
@@ -96,6 +102,7 @@ enum Step {
     SetHeader(SetHeader),
     ValidateClientCertificate(ValidateStep),
     ReturnResponse(Response),
+    ValidateJwt(Box<JwtStep>),
     /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
     /// otherwise.
     #[cfg(test)]
@@ -105,12 +112,44 @@ enum Step {
     },
 }
 
-/// The steps one route runs: the global scope's, the API's, the operation's (each scope may
-/// leave out its parents' with `inherit = false`).
+/// The steps one route runs: the API's and the operation's; before them, unless a scope left
+/// them out with `inherit = false`, the global scope's and the request's product's.
 #[derive(Debug, Default)]
 pub struct ApiPolicy {
+    /// Index of the API (into `PolicySet::apis`).
+    api: usize,
+    /// Whether the global and product scopes run first.
+    parents: bool,
     inbound: Vec<Step>,
     outbound: Vec<Step>,
+}
+
+/// Steps of a scope that is not an API's: the global scope, a product.
+#[derive(Debug, Default)]
+struct Scope {
+    inbound: Vec<Step>,
+    outbound: Vec<Step>,
+}
+
+/// A compiled `[[product]]`.
+#[derive(Debug)]
+struct Product {
+    name: Box<str>,
+    steps: Scope,
+}
+
+/// How an API takes subscription keys.
+#[derive(Debug, Default)]
+struct Keys {
+    /// A request needs a key (unless an open product grants the API).
+    required: bool,
+    /// Lower case.
+    header: Bytes,
+    query: Bytes,
+    /// The open product that grants the API to callers without a key.
+    open_product: Option<u32>,
+    /// Products that grant the API.
+    products: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -126,6 +165,7 @@ pub struct ApiRoutes {
     all: ApiPolicy,
     /// When not empty, a request must match one of these.
     operations: Vec<Operation>,
+    keys: Keys,
 }
 
 impl ApiRoutes {
@@ -144,22 +184,38 @@ impl ApiRoutes {
 pub struct PolicySet {
     /// Indexed like `Config::apis`.
     pub apis: Vec<ApiRoutes>,
-    /// Lower-case names of the headers the proxy derives from a certificate: removed from every
-    /// incoming request before anything else looks at it.
+    /// Lower-case names of the headers the proxy derives from who the caller is (certificate,
+    /// subscription, token claims): removed from every incoming request before anything else
+    /// looks at it.
     pub identity_headers: Vec<Bytes>,
+    global: Scope,
+    products: Vec<Product>,
+    subscriptions: Subscriptions,
+    /// Whether the configuration uses subscriptions at all (else keys are not looked for).
+    subscriptions_in_use: bool,
+    missing_key: Response,
+    invalid_key: Response,
     /// Compiled `[thumbprints]` lists.
     lists: Vec<ThumbprintSet>,
     /// Revoked certificates from every CRL of the configuration, checked on every request.
     revoked: Arc<RevocationSet>,
 }
 
-/// What compiling needs from outside: named certificates' SHA-1 thumbprints (loaded by the TLS
-/// crate) and the revocation set.
+/// What compiling needs from outside: named certificates' SHA-1 thumbprints and public keys
+/// (loaded by the TLS crate), the revocation set, the crypto library that makes token keys, and
+/// the `[[openid]]` providers' shared keys (kept by the server across reloads), by name.
 #[derive(Debug, Default)]
 pub struct Inputs {
     pub certificates: HashMap<String, [u8; 20]>,
+    /// DER `SubjectPublicKeyInfo` of each `[certificates]` entry.
+    pub certificate_keys: HashMap<String, Vec<u8>>,
     pub revoked: Arc<RevocationSet>,
+    pub crypto: Option<Arc<dyn Crypto>>,
+    pub providers: Vec<(String, Arc<RemoteKeys>)>,
 }
+
+const MISSING_KEY: &str = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
+const INVALID_KEY: &str = "Access denied due to invalid subscription key. Make sure to provide a valid key for an active subscription.";
 
 fn hex_bytes<const N: usize>(hex: &str) -> [u8; N] {
     let mut out = [0u8; N];
@@ -171,7 +227,7 @@ fn hex_bytes<const N: usize>(hex: &str) -> [u8; N] {
 }
 
 /// A JSON error response, built once.
-fn json_response(status: u16, message: &str) -> Response {
+pub(crate) fn json_response(status: u16, message: &str) -> Response {
     let mut body = BytesMut::new();
     body.put_slice(b"{\"statusCode\":");
     body.put_slice(status.to_string().as_bytes());
@@ -202,6 +258,15 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
+    fn scope(&mut self, inbound: &[StepConfig], outbound: &[StepConfig]) -> Scope {
+        Scope {
+            inbound: self.steps(&inbound.iter().collect::<Vec<_>>(), true),
+            outbound: self.steps(&outbound.iter().collect::<Vec<_>>(), false),
+        }
+    }
+}
+
+impl Compiler<'_> {
     fn template(&mut self, text: &str, loc: &Loc) -> Option<Template> {
         match Template::parse(text, loc) {
             Ok(t) => Some(t),
@@ -223,7 +288,7 @@ impl Compiler<'_> {
                     Some(v) => Some(self.template(&v.value, &v.loc)?),
                     None => None,
                 };
-                if inbound && value.as_ref().is_some_and(Template::uses_client_cert) {
+                if inbound && value.as_ref().is_some_and(Template::is_identity) {
                     let lower = Bytes::from(s.name.value.to_ascii_lowercase().into_bytes());
                     if !self.identity.contains(&lower) {
                         self.identity.push(lower);
@@ -248,6 +313,19 @@ impl Compiler<'_> {
                     return None;
                 }
                 Some(Step::ReturnResponse(self.return_response(r)))
+            }
+            StepKind::ValidateJwt(v) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("validate_jwt is an inbound step"));
+                    return None;
+                }
+                let keys = KeyInputs {
+                    crypto: self.inputs.crypto.as_deref(),
+                    certificate_keys: &self.inputs.certificate_keys,
+                    providers: &self.inputs.providers,
+                };
+                JwtStep::compile(v, &step.loc, &keys, &mut self.errors)
+                    .map(|j| Step::ValidateJwt(Box::new(j)))
             }
         }
     }
@@ -332,8 +410,8 @@ impl Compiler<'_> {
     }
 }
 
-/// Compiles the policy of every API in `config`, loading its thumbprint lists; reports every
-/// error. `inputs` brings what other crates loaded.
+/// Compiles the policy of every API in `config`, loading its thumbprint lists and subscription
+/// files; reports every error. `inputs` brings what other crates loaded.
 pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErrors> {
     let mut errors = ConfigErrors::default();
     let mut lists = Vec::with_capacity(config.thumbprints.len());
@@ -348,58 +426,127 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         list_names.push(named.name.value.clone());
     }
     let mut c = Compiler { inputs, list_names: &list_names, errors, identity: Vec::new() };
+    let global = c.scope(&config.inbound, &config.outbound);
+    let products: Vec<Product> = config
+        .products
+        .iter()
+        .map(|p| Product { name: p.name.value.as_str().into(), steps: c.scope(&p.inbound, &p.outbound) })
+        .collect();
+    let product_index =
+        |name: &str| config.products.iter().position(|p| p.name.value == name).map(|i| i as u32);
+    let api_index = |name: &str| config.apis.iter().position(|a| a.name.value == name).map(|i| i as u32);
     let mut apis = Vec::with_capacity(config.apis.len());
-    for api in &config.apis {
-        let scope = |inherit: bool, global: &'_ [StepConfig], own: &'_ [StepConfig]| -> Vec<StepConfig> {
-            let mut v: Vec<StepConfig> = if inherit { global.to_vec() } else { Vec::new() };
-            v.extend(own.iter().cloned());
-            v
+    for (index, api) in config.apis.iter().enumerate() {
+        let own = |c: &mut Compiler<'_>,
+                   parents: bool,
+                   inbound: Vec<&StepConfig>,
+                   outbound: Vec<&StepConfig>| ApiPolicy {
+            api: index,
+            parents,
+            inbound: c.steps(&inbound, true),
+            outbound: c.steps(&outbound, false),
         };
-        let api_in = scope(api.inherit, &config.inbound, &api.inbound);
-        let api_out = scope(api.inherit, &config.outbound, &api.outbound);
-        let all = ApiPolicy {
-            inbound: c.steps(&api_in.iter().collect::<Vec<_>>(), true),
-            outbound: c.steps(&api_out.iter().collect::<Vec<_>>(), false),
-        };
+        let all = own(&mut c, api.inherit, api.inbound.iter().collect(), api.outbound.iter().collect());
         let mut operations = Vec::with_capacity(api.operations.len());
         for op in &api.operations {
-            let policy = if op.inbound.is_empty() && op.outbound.is_empty() && op.inherit {
-                ApiPolicy {
-                    inbound: c.steps(&api_in.iter().collect::<Vec<_>>(), true),
-                    outbound: c.steps(&api_out.iter().collect::<Vec<_>>(), false),
-                }
+            // An operation that inherits runs the API's steps, then its own; one that does not,
+            // only its own (and no global or product steps either).
+            let (inbound, outbound, parents) = if op.inherit {
+                (
+                    api.inbound.iter().chain(&op.inbound).collect(),
+                    api.outbound.iter().chain(&op.outbound).collect(),
+                    api.inherit,
+                )
             } else {
-                let inbound = scope(op.inherit, &api_in, &op.inbound);
-                let outbound = scope(op.inherit, &api_out, &op.outbound);
-                ApiPolicy {
-                    inbound: c.steps(&inbound.iter().collect::<Vec<_>>(), true),
-                    outbound: c.steps(&outbound.iter().collect::<Vec<_>>(), false),
-                }
+                (op.inbound.iter().collect(), op.outbound.iter().collect(), false)
             };
+            let policy = own(&mut c, parents, inbound, outbound);
             operations.push(Operation { pattern: OperationPattern::parse(&op.pattern.value), policy });
         }
         operations.sort_by_key(|op| std::cmp::Reverse(op.pattern.specificity()));
-        apis.push(ApiRoutes { all, operations });
+        let granting: Vec<u32> = config
+            .products
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.apis.iter().any(|a| a.value == api.name.value))
+            .map(|(i, _)| i as u32)
+            .collect();
+        let keys = Keys {
+            required: api.subscription_required,
+            header: Bytes::from(api.subscription_key_header.to_ascii_lowercase().into_bytes()),
+            query: Bytes::from(api.subscription_key_query.clone().into_bytes()),
+            open_product: granting
+                .iter()
+                .copied()
+                .find(|&p| !config.products[p as usize].subscription_required),
+            products: granting,
+        };
+        apis.push(ApiRoutes { all, operations, keys });
     }
-    // Steps of the global scope name identity headers even for APIs that opted out.
-    let global: Vec<&StepConfig> = config.inbound.iter().collect();
-    let _ = c.steps(&global, true);
-    let Compiler { errors, identity, .. } = c;
-    errors.into_result(PolicySet { apis, identity_headers: identity, lists, revoked: inputs.revoked.clone() })
+    let mut subs = Builder::new();
+    for s in &config.subscriptions {
+        let grant = match &s.scope.value {
+            SubscriptionScope::Product(name) => product_index(name).map(Grant::Product),
+            SubscriptionScope::Api(name) => api_index(name).map(Grant::Api),
+            SubscriptionScope::AllApis => Some(Grant::AllApis),
+        };
+        // A name that resolves to nothing was reported by the configuration's check.
+        let Some(grant) = grant else { continue };
+        let secondary = s.secondary_key.as_ref().map(|k| k.value.as_bytes());
+        subs.add(&s.id.value, grant, s.state, s.primary_key.value.as_bytes(), secondary, || s.id.loc.clone());
+    }
+    for file in &config.subscription_files {
+        if let Some(product) = product_index(&file.name.value) {
+            subs.load_file(&file.path.value, product, &file.path.loc);
+        }
+    }
+    let (subscriptions, sub_errors) = subs.finish();
+    let Compiler { mut errors, identity, .. } = c;
+    errors.extend(sub_errors);
+    let subscriptions_in_use = !config.products.is_empty()
+        || !config.subscriptions.is_empty()
+        || !config.subscription_files.is_empty()
+        || config.apis.iter().any(|a| a.subscription_required);
+    errors.into_result(PolicySet {
+        apis,
+        identity_headers: identity,
+        global,
+        products,
+        subscriptions,
+        subscriptions_in_use,
+        missing_key: json_response(401, MISSING_KEY),
+        invalid_key: json_response(401, INVALID_KEY),
+        lists,
+        revoked: inputs.revoked.clone(),
+    })
 }
 
-fn run_set_header(s: &SetHeader, facts: &Facts<'_>, headers: &dyn HeaderList, edits: &mut HeaderEdits) {
+fn run_set_header(s: &SetHeader, cx: &Context<'_>, edits: &mut HeaderEdits) {
     match s.action {
-        SetHeaderAction::Delete => edits.remove_named(headers, &s.name),
-        SetHeaderAction::Skip if edits.is_present(headers, &s.name) => {}
+        SetHeaderAction::Delete => edits.remove_named(cx.headers, &s.name),
+        SetHeaderAction::Skip if edits.is_present(cx.headers, &s.name) => {}
         action => {
             let Some(template) = &s.value else { return };
             if action == SetHeaderAction::Override {
-                edits.remove_named(headers, &s.name);
+                edits.remove_named(cx.headers, &s.name);
             }
-            edits.add_with(&s.name, |out| template.render(facts, headers, out));
+            edits.add_with(&s.name, |out| template.render(cx, out));
         }
     }
+}
+
+/// Prepares a refusal: nothing prepared for the backend goes out; the response's own headers do.
+fn refuse<'p>(
+    response: &'p Response,
+    reason: &'static str,
+    cx: &Context<'_>,
+    edits: &mut HeaderEdits,
+) -> Verdict<'p> {
+    edits.clear_added();
+    for (name, template) in &response.headers {
+        edits.add_with(name, |out| template.render(cx, out));
+    }
+    Verdict::Respond { response, reason }
 }
 
 /// Errors that are about the chain, not about the client certificate's own dates or about
@@ -458,59 +605,189 @@ impl PolicySet {
         }
     }
 
+    /// The steps a request runs on `policy`, scope by scope: global, product, API and operation.
+    fn scopes<'p>(&'p self, policy: &'p ApiPolicy, state: &RequestState, inbound: bool) -> [&'p [Step]; 3] {
+        let pick = |s: &'p Scope| if inbound { &s.inbound[..] } else { &s.outbound[..] };
+        let own = if inbound { &policy.inbound[..] } else { &policy.outbound[..] };
+        if !policy.parents {
+            return [&[], &[], own];
+        }
+        let product =
+            state.product.and_then(|p| self.products.get(p as usize)).map_or(&[][..], |p| pick(&p.steps));
+        [pick(&self.global), product, own]
+    }
+
+    /// API Management's subscription check, before any step: a key from the header (else the
+    /// query) must belong to an active subscription that grants the API; without a valid key, an
+    /// open product that grants the API lets the request through under that product, and an API
+    /// that does not require a subscription lets it through alone. The key is not forwarded.
+    fn check_subscription<'p>(
+        &'p self,
+        policy: &ApiPolicy,
+        facts: &Facts<'_>,
+        headers: &dyn HeaderList,
+        state: &mut RequestState,
+        edits: &mut HeaderEdits,
+    ) -> Result<(), Verdict<'p>> {
+        let keys = &self.apis[policy.api].keys;
+        let mut scratch = std::mem::take(&mut state.scratch);
+        scratch.clear();
+        let from_header = (0..headers.count())
+            .find(|&i| headers.name(i).eq_ignore_ascii_case(&keys.header))
+            .map(|i| headers.value(i).trim_ascii())
+            .filter(|v| !v.is_empty());
+        if let Some(v) = from_header {
+            scratch.extend_from_slice(v);
+        }
+        edits.remove_named(headers, &keys.header);
+        if let Some(raw) = query_value(facts.query, &keys.query) {
+            state.strip_query = true;
+            if from_header.is_none() && percent_decode(raw, &mut scratch).is_err() {
+                scratch.clear();
+                scratch.extend_from_slice(b"%");
+            }
+        }
+        let presented = !scratch.is_empty();
+        let valid = if presented {
+            self.subscriptions.find(&scratch).filter(|&i| {
+                let sub = self.subscriptions.get(i);
+                sub.active
+                    && match sub.grant {
+                        Grant::AllApis => true,
+                        Grant::Api(a) => a as usize == policy.api,
+                        Grant::Product(p) => keys.products.contains(&p),
+                    }
+            })
+        } else {
+            None
+        };
+        state.scratch = scratch;
+        if let Some(i) = valid {
+            state.subscription = Some(i);
+            // Product steps run for product subscriptions only (API Management: not for API or
+            // all-APIs subscriptions).
+            if let Grant::Product(p) = self.subscriptions.get(i).grant {
+                state.product = Some(p);
+            }
+            return Ok(());
+        }
+        if let Some(open) = keys.open_product {
+            state.product = Some(open);
+            return Ok(());
+        }
+        let cx = Context { facts, state, set: self, headers };
+        if presented {
+            return Err(refuse(&self.invalid_key, "subscription key invalid", &cx, edits));
+        }
+        if keys.required {
+            return Err(refuse(&self.missing_key, "subscription key missing", &cx, edits));
+        }
+        Ok(())
+    }
+
     /// Runs a route's inbound steps. Header changes for the upstream request (or, on
-    /// `Respond`, the response's headers) go to `edits`.
+    /// `Respond`, the response's headers) go to `edits`; what the request proves (its
+    /// subscription, its token) goes to `state`.
     pub fn inbound<'p>(
-        &self,
+        &'p self,
         policy: &'p ApiPolicy,
         facts: &Facts<'_>,
         headers: &dyn HeaderList,
+        state: &mut RequestState,
         edits: &mut HeaderEdits,
     ) -> Verdict<'p> {
-        self.inbound_from(policy, 0, facts, headers, edits)
+        self.inbound_from(policy, 0, facts, headers, state, edits)
     }
 
     /// Runs a route's inbound steps from step `from` on: `0` for a new request, or the step a
-    /// [`Verdict::Wait`] named, once what it waited for is there.
+    /// [`Verdict::Wait`] named, once what it waited for is in `state`.
     pub fn inbound_from<'p>(
-        &self,
+        &'p self,
         policy: &'p ApiPolicy,
         from: usize,
         facts: &Facts<'_>,
         headers: &dyn HeaderList,
+        state: &mut RequestState,
         edits: &mut HeaderEdits,
     ) -> Verdict<'p> {
-        for (index, step) in policy.inbound.iter().enumerate().skip(from) {
-            let _ = index; // read only by steps that wait
-            match step {
-                Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
-                Step::ValidateClientCertificate(v) => {
-                    if let Err(reason) = self.validate(v, facts)
-                        && !v.ignore_error
-                    {
-                        edits.clear_added();
-                        return Verdict::Respond { response: &v.reject, reason };
-                    }
+        if from == 0
+            && self.subscriptions_in_use
+            && let Err(refusal) = self.check_subscription(policy, facts, headers, state, edits)
+        {
+            return refusal;
+        }
+        let mut index = 0;
+        for steps in self.scopes(policy, state, true) {
+            for step in steps {
+                index += 1;
+                if index - 1 < from {
+                    continue;
                 }
-                Step::ReturnResponse(r) => {
-                    edits.clear_added();
-                    for (name, template) in &r.headers {
-                        edits.add_with(name, |out| template.render(facts, headers, out));
-                    }
-                    return Verdict::Respond { response: r, reason: "return_response" };
+                if let Some(verdict) = self.run(step, index - 1, facts, headers, state, edits) {
+                    return verdict;
                 }
-                #[cfg(test)]
-                Step::Probe { allow, reject } => match facts.answers.get(index) {
-                    None => return Verdict::Wait { step: index, need: &Need::Probe },
-                    Some(a) if a.status == *allow => {}
-                    Some(_) => {
-                        edits.clear_added();
-                        return Verdict::Respond { response: reject, reason: "probe refused" };
-                    }
-                },
             }
         }
         Verdict::Continue
+    }
+
+    /// Runs one inbound step; `Some` when it decides the request.
+    fn run<'p>(
+        &'p self,
+        step: &'p Step,
+        index: usize,
+        facts: &Facts<'_>,
+        headers: &dyn HeaderList,
+        state: &mut RequestState,
+        edits: &mut HeaderEdits,
+    ) -> Option<Verdict<'p>> {
+        match step {
+            Step::SetHeader(s) => run_set_header(s, &Context { facts, state, set: self, headers }, edits),
+            Step::ValidateClientCertificate(v) => {
+                if let Err(reason) = self.validate(v, facts)
+                    && !v.ignore_error
+                {
+                    return Some(refuse(
+                        &v.reject,
+                        reason,
+                        &Context { facts, state, set: self, headers },
+                        edits,
+                    ));
+                }
+            }
+            Step::ReturnResponse(r) => {
+                return Some(refuse(
+                    r,
+                    "return_response",
+                    &Context { facts, state, set: self, headers },
+                    edits,
+                ));
+            }
+            Step::ValidateJwt(j) => match j.run(index, self, facts, headers, state) {
+                Outcome::Valid(token) => state.token = Some(token),
+                Outcome::WaitForKeys => {
+                    return Some(Verdict::Wait { step: index, need: Need::Keys(&j.providers) });
+                }
+                Outcome::Refused(failure) => {
+                    let cx = Context { facts, state, set: self, headers };
+                    return Some(refuse(j.response(failure), failure.reason(), &cx, edits));
+                }
+            },
+            #[cfg(test)]
+            Step::Probe { allow, reject } => match state.answer(index) {
+                None => return Some(Verdict::Wait { step: index, need: Need::Probe }),
+                Some(crate::facts::Answer::Response { status, .. }) if status == allow => {}
+                Some(_) => {
+                    return Some(refuse(
+                        reject,
+                        "probe refused",
+                        &Context { facts, state, set: self, headers },
+                        edits,
+                    ));
+                }
+            },
+        }
+        None
     }
 
     /// Runs a route's outbound steps on a backend's response headers.
@@ -519,16 +796,39 @@ impl PolicySet {
         policy: &ApiPolicy,
         facts: &Facts<'_>,
         headers: &dyn HeaderList,
+        state: &RequestState,
         edits: &mut HeaderEdits,
     ) {
-        for step in &policy.outbound {
+        let cx = Context { facts, state, set: self, headers };
+        for step in self.scopes(policy, state, false).into_iter().flatten() {
             match step {
-                Step::SetHeader(s) => run_set_header(s, facts, headers, edits),
-                Step::ValidateClientCertificate(_) | Step::ReturnResponse(_) => {}
+                Step::SetHeader(s) => run_set_header(s, &cx, edits),
+                Step::ValidateClientCertificate(_) | Step::ReturnResponse(_) | Step::ValidateJwt(_) => {}
                 #[cfg(test)]
                 Step::Probe { .. } => {}
             }
         }
+    }
+
+    /// The query parameter that carried this request's subscription key: left out of the
+    /// forwarded request.
+    pub fn stripped_query_parameter(&self, policy: &ApiPolicy, state: &RequestState) -> Option<&[u8]> {
+        state.strip_query.then(|| &self.apis[policy.api].keys.query[..])
+    }
+
+    /// The id of the request's subscription.
+    pub fn subscription_id(&self, state: &RequestState) -> Option<&str> {
+        state.subscription.map(|i| &*self.subscriptions.get(i).id)
+    }
+
+    /// The name of the product the request runs under.
+    pub fn product_name(&self, state: &RequestState) -> Option<&str> {
+        state.product.and_then(|p| self.products.get(p as usize)).map(|p| &*p.name)
+    }
+
+    /// Number of subscriptions (for the reload log line).
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
     }
 
     /// Number of thumbprints across all lists (for the reload log line).
@@ -537,10 +837,11 @@ impl PolicySet {
     }
 }
 
-impl ApiPolicy {
-    /// Whether the outbound side has anything to do (the server skips the walk otherwise).
-    pub fn has_outbound(&self) -> bool {
-        !self.outbound.is_empty()
+impl PolicySet {
+    /// Whether a request on `policy` has outbound steps to run (the server skips the walk
+    /// otherwise).
+    pub fn has_outbound(&self, policy: &ApiPolicy, state: &RequestState) -> bool {
+        self.scopes(policy, state, false).iter().any(|s| !s.is_empty())
     }
 }
 
@@ -552,7 +853,7 @@ pub fn load_thumbprints(path: &Path) -> Result<ThumbprintSet, ConfigErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::facts::{Answer, Answers};
+    use crate::facts::Answer;
 
     struct NoHeaders;
 
@@ -576,14 +877,14 @@ mod tests {
         })
     }
 
-    fn facts(answers: &Answers) -> Facts<'_> {
+    fn facts() -> Facts<'static> {
         Facts {
             client_cert: None,
             client_addr: "127.0.0.1:9".parse().expect("addr"),
             client_ip: "127.0.0.1",
             request_id: "0123456789abcdef",
             now: 1_800_000_000,
-            answers,
+            query: b"",
         }
     }
 
@@ -600,6 +901,8 @@ mod tests {
     fn a_waiting_step_resumes_where_it_stopped() {
         let set = PolicySet::default();
         let policy = ApiPolicy {
+            api: 0,
+            parents: false,
             inbound: vec![
                 add("X-Before", "{request.id}"),
                 Step::Probe { allow: 200, reject: json_response(403, "Forbidden") },
@@ -609,8 +912,8 @@ mod tests {
         };
         let mut edits = HeaderEdits::default();
         edits.reset(0);
-        let mut answers = Answers::default();
-        let step = match set.inbound(&policy, &facts(&answers), &NoHeaders, &mut edits) {
+        let mut state = RequestState::default();
+        let step = match set.inbound(&policy, &facts(), &NoHeaders, &mut state, &mut edits) {
             Verdict::Wait { step, need: Need::Probe } => step,
             v => panic!("expected Wait, got {v:?}"),
         };
@@ -619,13 +922,13 @@ mod tests {
 
         // Resumed without the answer, it waits again at the same step.
         assert!(matches!(
-            set.inbound_from(&policy, step, &facts(&answers), &NoHeaders, &mut edits),
+            set.inbound_from(&policy, step, &facts(), &NoHeaders, &mut state, &mut edits),
             Verdict::Wait { step: 1, .. }
         ));
 
-        answers.put(step, Answer { status: 200, body: Bytes::new() });
+        state.put(step, Answer::Response { status: 200, body: Bytes::new() });
         assert!(matches!(
-            set.inbound_from(&policy, step, &facts(&answers), &NoHeaders, &mut edits),
+            set.inbound_from(&policy, step, &facts(), &NoHeaders, &mut state, &mut edits),
             Verdict::Continue
         ));
         assert_eq!(
@@ -636,21 +939,25 @@ mod tests {
         // Another answer: the step refuses, and nothing prepared for the backend goes out.
         let mut edits = HeaderEdits::default();
         edits.reset(0);
-        answers.clear();
+        state.clear();
         assert!(matches!(
-            set.inbound(&policy, &facts(&answers), &NoHeaders, &mut edits),
+            set.inbound(&policy, &facts(), &NoHeaders, &mut state, &mut edits),
             Verdict::Wait { step: 1, .. }
         ));
-        answers.put(1, Answer { status: 500, body: Bytes::from_static(b"down") });
-        answers.put(1, Answer { status: 404, body: Bytes::new() });
-        assert_eq!(answers.get(1).map(|a| a.status), Some(404), "a later answer replaces an earlier one");
-        match set.inbound_from(&policy, 1, &facts(&answers), &NoHeaders, &mut edits) {
+        state.put(1, Answer::Response { status: 500, body: Bytes::from_static(b"down") });
+        state.put(1, Answer::Response { status: 404, body: Bytes::new() });
+        assert!(
+            matches!(state.answer(1), Some(Answer::Response { status: 404, .. })),
+            "a later answer replaces an earlier one"
+        );
+        match set.inbound_from(&policy, 1, &facts(), &NoHeaders, &mut state, &mut edits) {
             Verdict::Respond { response, reason } => {
                 assert_eq!((response.status, reason), (403, "probe refused"));
             }
             v => panic!("expected Respond, got {v:?}"),
         }
         assert!(added(&edits).is_empty());
-        assert!(Answers::none().get(1).is_none());
+        state.clear();
+        assert!(state.answer(1).is_none());
     }
 }

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use bytes::{BufMut, Bytes, BytesMut};
 use portcullis_config::{ConfigError, Loc};
 
-use crate::facts::{Facts, HeaderList};
+use crate::facts::{Facts, HeaderList, RequestState};
+use crate::policy::PolicySet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Var {
@@ -21,11 +22,15 @@ enum Var {
     CertVerifyErrors,
     RequestIp,
     RequestId,
+    SubscriptionId,
+    ProductName,
     /// Index into `Template::header_names`.
     Header(usize),
+    /// Index into `Template::claim_names`.
+    Claim(usize),
 }
 
-const VARIABLES: [(&str, Var); 11] = [
+const VARIABLES: [(&str, Var); 13] = [
     ("client_cert.subject", Var::CertSubject),
     ("client_cert.issuer", Var::CertIssuer),
     ("client_cert.thumbprint", Var::CertThumbprint),
@@ -37,7 +42,25 @@ const VARIABLES: [(&str, Var); 11] = [
     ("client_cert.verify_errors", Var::CertVerifyErrors),
     ("request.ip", Var::RequestIp),
     ("request.id", Var::RequestId),
+    ("subscription.id", Var::SubscriptionId),
+    ("product.name", Var::ProductName),
 ];
+
+/// What a template is rendered against: the request, what evaluation has learnt of it, and the
+/// policy set (whose subscriptions and products those are).
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub facts: &'a Facts<'a>,
+    pub state: &'a RequestState,
+    pub set: &'a PolicySet,
+    pub headers: &'a dyn HeaderList,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("facts", self.facts).finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Part {
@@ -50,7 +73,10 @@ enum Part {
 pub struct Template {
     parts: Vec<Part>,
     header_names: Vec<Bytes>,
+    claim_names: Vec<String>,
     uses_client_cert: bool,
+    /// Uses the subscription, the product or a token claim.
+    uses_caller: bool,
 }
 
 impl Template {
@@ -58,6 +84,7 @@ impl Template {
     pub fn parse(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
         let mut parts = Vec::new();
         let mut header_names = Vec::new();
+        let mut claim_names = Vec::new();
         let mut literal = String::new();
         let mut chars = text.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
@@ -90,12 +117,18 @@ impl Template {
                         }
                         header_names.push(Bytes::copy_from_slice(header.to_ascii_lowercase().as_bytes()));
                         Var::Header(header_names.len() - 1)
+                    } else if let Some(claim) = name.strip_prefix("jwt.claim.") {
+                        if claim.is_empty() || claim.chars().any(|c| c.is_control() || c == '{' || c == '}') {
+                            return Err(loc.error(format!("\"{claim}\" is not a claim name in {{{name}}}")));
+                        }
+                        claim_names.push(claim.to_owned());
+                        Var::Claim(claim_names.len() - 1)
                     } else if let Some((_, v)) = VARIABLES.iter().find(|(n, _)| *n == name) {
                         *v
                     } else {
                         let known: Vec<&str> = VARIABLES.iter().map(|(n, _)| *n).collect();
                         return Err(loc.error(format!(
-                            "unknown variable {{{name}}}; known: {}, header.NAME",
+                            "unknown variable {{{name}}}; known: {}, header.NAME, jwt.claim.NAME",
                             known.join(", ")
                         )));
                     };
@@ -134,31 +167,50 @@ impl Template {
                 )
             )
         });
-        Ok(Template { parts, header_names, uses_client_cert })
+        let uses_caller = parts
+            .iter()
+            .any(|p| matches!(p, Part::Var(Var::SubscriptionId | Var::ProductName | Var::Claim(_))));
+        Ok(Template { parts, header_names, claim_names, uses_client_cert, uses_caller })
     }
 
-    /// Whether the value comes (partly) from the client certificate: such a header is an
-    /// identity header, never taken from the client.
+    /// Whether the value comes (partly) from the client certificate.
     pub fn uses_client_cert(&self) -> bool {
         self.uses_client_cert
     }
 
-    /// Renders into `out`. Returns false (and leaves `out` as it was) when a certificate variable
-    /// is used and there is no certificate: the header is then not set at all.
-    pub fn render(&self, facts: &Facts<'_>, headers: &dyn HeaderList, out: &mut BytesMut) -> bool {
-        if self.uses_client_cert && facts.client_cert.is_none() {
+    /// Whether the value says who the caller is (certificate, subscription, product, token
+    /// claims): such a header is an identity header, never taken from the client.
+    pub fn is_identity(&self) -> bool {
+        self.uses_client_cert || self.uses_caller
+    }
+
+    /// Renders into `out`. Returns false (and leaves `out` as it was) when a variable has no
+    /// value for this request — no certificate, no subscription or product, no token or not
+    /// that claim: the header is then not set at all.
+    pub fn render(&self, cx: &Context<'_>, out: &mut BytesMut) -> bool {
+        if self.uses_client_cert && cx.facts.client_cert.is_none() {
             return false;
         }
+        let start = out.len();
         for part in &self.parts {
-            match part {
-                Part::Literal(l) => out.put_slice(l),
-                Part::Var(v) => self.render_var(*v, facts, headers, out),
+            let present = match part {
+                Part::Literal(l) => {
+                    out.put_slice(l);
+                    true
+                }
+                Part::Var(v) => self.render_var(*v, cx, out),
+            };
+            if !present {
+                out.truncate(start);
+                return false;
             }
         }
         true
     }
 
-    fn render_var(&self, var: Var, facts: &Facts<'_>, headers: &dyn HeaderList, out: &mut BytesMut) {
+    /// Writes one variable; false when it has no value.
+    fn render_var(&self, var: Var, cx: &Context<'_>, out: &mut BytesMut) -> bool {
+        let (facts, headers) = (cx.facts, cx.headers);
         let cert = facts.client_cert;
         match var {
             Var::CertSubject => put_safe(out, cert.map_or("", |c| &c.subject).as_bytes()),
@@ -185,7 +237,25 @@ impl Template {
                     put_safe(out, headers.value(v));
                 }
             }
+            Var::SubscriptionId => match cx.set.subscription_id(cx.state) {
+                Some(id) => put_safe(out, id.as_bytes()),
+                None => return false,
+            },
+            Var::ProductName => match cx.set.product_name(cx.state) {
+                Some(name) => put_safe(out, name.as_bytes()),
+                None => return false,
+            },
+            Var::Claim(i) => match cx.state.token_claim(&self.claim_names[i]) {
+                None => return false,
+                Some(portcullis_jose::Json::String(s)) => put_safe(out, s.as_bytes()),
+                Some(other) => {
+                    let mut text = Vec::new();
+                    other.write_compact(&mut text);
+                    put_safe(out, &text);
+                }
+            },
         }
+        true
     }
 }
 

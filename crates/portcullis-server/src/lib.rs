@@ -13,6 +13,7 @@
 
 mod conn;
 mod event;
+mod keys;
 mod pool;
 mod relay;
 mod server;
@@ -23,3 +24,12 @@ mod worker;
 
 pub use server::{Server, StartError};
 pub use snapshot::Snapshot;
+
+/// What `portcullis check` runs: compiles `config` and everything it names (errors), then
+/// fetches each identity provider's keys once (warnings: the proxy would start, and refuse that
+/// provider's tokens until its keys arrive).
+pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcullis_config::ConfigErrors> {
+    let providers = keys::KeyFetchers::default().prepare(config);
+    Snapshot::compile(config, &portcullis_tls::TicketKeys::generate(), 0, providers)?;
+    Ok(keys::check_providers(config))
+}

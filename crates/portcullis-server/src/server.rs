@@ -13,6 +13,7 @@ use portcullis_config::{Config, ConfigErrors};
 use portcullis_tls::TicketKeys;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::keys::KeyFetchers;
 use crate::snapshot::Snapshot;
 use crate::worker::{self, Shared};
 
@@ -39,6 +40,8 @@ impl std::error::Error for StartError {}
 /// A running proxy: its workers, and the handle to reload or stop them.
 pub struct Server {
     shared: Arc<Shared>,
+    /// The identity providers' key fetchers (they outlive reloads that keep a provider).
+    fetchers: KeyFetchers,
     workers: Vec<JoinHandle<io::Result<()>>>,
     local_addrs: Vec<SocketAddr>,
     configured_binds: Vec<SocketAddr>,
@@ -100,7 +103,9 @@ impl Server {
     /// Compiles `config`, binds every listener once per worker and starts the workers.
     pub fn start(config: &Config) -> Result<Server, StartError> {
         let keys = TicketKeys::generate();
-        let snapshot = Snapshot::compile(config, &keys, 1).map_err(StartError::Config)?;
+        let mut fetchers = KeyFetchers::default();
+        let providers = fetchers.prepare(config);
+        let snapshot = Snapshot::compile(config, &keys, 1, providers.clone()).map_err(StartError::Config)?;
         let workers = crate::snapshot::worker_count(&config.server);
         // Bind everything before starting anything, so that an address in use is reported as
         // such. Port 0 is resolved by the first socket and reused by the others.
@@ -146,8 +151,12 @@ impl Server {
             handles.push(handle);
         }
         drop(ready_tx);
+        // Keys are fetched from now on; requests do not wait for them (a provider that is down
+        // only refuses its tokens).
+        fetchers.commit(config, &providers);
         let mut server = Server {
             shared,
+            fetchers,
             workers: handles,
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
@@ -218,7 +227,8 @@ impl Server {
                 ))
                 .into());
         }
-        let snapshot = Snapshot::compile(config, &self.keys, self.generation + 1)?;
+        let providers = self.fetchers.prepare(config);
+        let snapshot = Snapshot::compile(config, &self.keys, self.generation + 1, providers.clone())?;
         // A CRL older than the one it replaces (a lower CRL number, RFC 5280 §5.2.3) would
         // un-revoke what the newer one revoked: a stale copy deployed by mistake, or a replay.
         let current = self.shared.snapshot.load();
@@ -246,6 +256,7 @@ impl Server {
         }
         self.generation += 1;
         self.shared.snapshot.store(Arc::new(snapshot));
+        self.fetchers.commit(config, &providers);
         Ok(self.generation)
     }
 
@@ -257,6 +268,7 @@ impl Server {
 
     fn stop(&mut self) -> io::Result<()> {
         self.shared.draining.store(true, Ordering::Release);
+        self.fetchers.stop();
         let mut result = Ok(());
         for handle in self.workers.drain(..) {
             match handle.join() {

@@ -9,8 +9,9 @@ use boring::hash::MessageDigest;
 use bytes::Bytes;
 use portcullis_config::{Config, ConfigErrors};
 use portcullis_http::Limits;
+use portcullis_jose::RemoteKeys;
 use portcullis_policy::{Inputs, PolicySet};
-use portcullis_tls::{RevocationSet, TicketKeys, TlsAcceptor};
+use portcullis_tls::{BoringCrypto, RevocationSet, TicketKeys, TlsAcceptor};
 
 use crate::upstream::{PoolKey, Target};
 
@@ -151,7 +152,13 @@ impl std::fmt::Debug for Snapshot {
 
 impl Snapshot {
     /// Loads every file the configuration names and compiles it; reports every error.
-    pub fn compile(config: &Config, keys: &TicketKeys, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    /// `providers` are the `[[openid]]` providers' shared keys, by name (see `KeyFetchers`).
+    pub fn compile(
+        config: &Config,
+        keys: &TicketKeys,
+        generation: u64,
+        providers: Vec<(String, Arc<RemoteKeys>)>,
+    ) -> Result<Snapshot, ConfigErrors> {
         let mut errors = ConfigErrors::default();
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -200,16 +207,25 @@ impl Snapshot {
             }
         }
         let mut certificates = HashMap::new();
+        let mut certificate_keys = HashMap::new();
         for named in &config.certificates {
             match portcullis_tls::load_certificates(&named.cert) {
-                Ok(certs) => match certs[0].digest(MessageDigest::sha1()) {
-                    Ok(d) => {
-                        let mut sha1 = [0u8; 20];
-                        sha1.copy_from_slice(&d);
-                        certificates.insert(named.name.value.clone(), sha1);
+                Ok(certs) => {
+                    match certs[0].digest(MessageDigest::sha1()) {
+                        Ok(d) => {
+                            let mut sha1 = [0u8; 20];
+                            sha1.copy_from_slice(&d);
+                            certificates.insert(named.name.value.clone(), sha1);
+                        }
+                        Err(e) => errors.push(named.cert.loc.error(e.to_string())),
                     }
-                    Err(e) => errors.push(named.cert.loc.error(e.to_string())),
-                },
+                    match portcullis_tls::public_key_der_of(&certs[0]) {
+                        Ok(der) => {
+                            certificate_keys.insert(named.name.value.clone(), der);
+                        }
+                        Err(e) => errors.push(named.cert.loc.error(e)),
+                    }
+                }
                 Err(e) => errors.push(e),
             }
             if let Some(key) = &named.key
@@ -219,7 +235,13 @@ impl Snapshot {
             }
         }
         let revoked = Arc::new(revoked);
-        let inputs = Inputs { certificates, revoked: revoked.clone() };
+        let inputs = Inputs {
+            certificates,
+            certificate_keys,
+            revoked: revoked.clone(),
+            crypto: Some(Arc::new(BoringCrypto)),
+            providers,
+        };
         let policies = match portcullis_policy::compile(config, &inputs) {
             Ok(p) => p,
             Err(e) => {

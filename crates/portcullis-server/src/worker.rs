@@ -71,6 +71,8 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     cache: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub(crate) pool: RefCell<Pool>,
+    /// Tokens this worker verified (see `portcullis_policy::TokenCache`).
+    pub(crate) tokens: Rc<RefCell<portcullis_policy::TokenCache>>,
     pub(crate) shutdown: Event,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
@@ -166,6 +168,7 @@ pub(crate) fn run(
         cache: RefCell::new(Cache::new(shared.snapshot.clone())),
         shared,
         pool: RefCell::new(Pool::default()),
+        tokens: portcullis_policy::TokenCache::shared(),
         shutdown: Event::default(),
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),

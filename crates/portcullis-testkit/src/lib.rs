@@ -5,6 +5,8 @@
 //! - [`backend`]: an HTTP/1.1 backend on 127.0.0.1 with behaviours chosen by path;
 //! - [`client`]: a rustls client that presents certificates, resumes sessions and sends raw bytes;
 //! - [`scripted`]: a backend that answers with exact bytes, for responses no server should send;
+//! - [`idp`]: an OpenID Connect provider over HTTPS whose keys the test rotates, and keys that
+//!   sign tokens;
 //! - [`proxy`]: the proxy started in-process, or the real binary as a child process.
 //!
 //! No mocks: real sockets on 127.0.0.1, real TLS on both sides. The demo (`portcullis demo`) is
@@ -13,12 +15,14 @@
 
 pub mod backend;
 pub mod client;
+pub mod idp;
 pub mod pki;
 pub mod proxy;
 pub mod scripted;
 
 pub use backend::Backend;
 pub use client::{Conn, Response, TlsClient, Versions};
+pub use idp::{Idp, SigningKey};
 pub use pki::{Identity, Pki, PkiPaths};
 pub use proxy::{ProxyProcess, TestProxy};
 pub use scripted::{Reply, ScriptedBackend, Then};

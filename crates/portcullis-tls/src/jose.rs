@@ -239,6 +239,10 @@ impl Crypto for BoringCrypto {
             }
         }
     }
+
+    fn public_key_der_from_pem(&self, pem: &[u8]) -> Result<Vec<u8>, String> {
+        public_key_der_from_pem(pem)
+    }
 }
 
 /// The `SubjectPublicKeyInfo` (DER) of a PEM file's public key: a `PUBLIC KEY` block, or the key

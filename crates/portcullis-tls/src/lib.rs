@@ -8,12 +8,14 @@
 //! - [`ClientCert`]: thumbprints, DNs, serial, SANs, validity and *every* verification error of a
 //!   client certificate, computed once per connection (and found again for resumed sessions).
 //! - [`RevocationSet`]: CRLs compiled into revoked (issuer, serial) pairs.
+//! - [`ClientTls`]: a blocking TLS client for the control side (identity providers' keys).
 //! - [`BoringCrypto`]: the signature math of JSON Web Tokens (RSA, ECDSA, Ed25519, HMAC), and
 //!   the checks that refuse unsafe keys.
 //!
 //! It knows nothing of HTTP or policy: it says what a certificate is, never what it may do.
 
 mod acceptor;
+mod client;
 mod facts;
 mod jose;
 mod pki;
@@ -22,6 +24,7 @@ mod tickets;
 mod verify;
 
 pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor, TlsFault};
+pub use client::ClientTls;
 pub use facts::{client_cert_from_x509, dn_string};
 pub use jose::{BoringCrypto, public_key_der_from_pem, public_key_der_of};
 pub use pki::{is_cert_revoked, load_ca_bundle, load_certificates, load_private_key, load_revocations};

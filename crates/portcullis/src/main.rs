@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use portcullis_config::ConfigErrors;
-use portcullis_server::{Server, Snapshot, StartError};
+use portcullis_server::{Server, StartError};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -110,24 +110,25 @@ fn main() -> ExitCode {
 /// from what was sound of it), each once, in file order.
 fn check(path: &Path) -> ExitCode {
     let (config, mut errors) = portcullis_config::load_partial(path);
-    if let Some(config) = config
-        && let Err(e) = Snapshot::compile(&config, &portcullis_tls_keys(), 0)
-    {
-        errors.extend(e);
+    let mut warnings = Vec::new();
+    if let Some(config) = config {
+        match portcullis_server::check(&config) {
+            Ok(w) => warnings = w,
+            Err(e) => errors.extend(e),
+        }
     }
     errors.sort();
     errors.dedup();
     if errors.is_empty() {
+        for w in &warnings {
+            eprintln!("{w}");
+        }
         println!("ok");
         return ExitCode::SUCCESS;
     }
     print_errors(&errors);
     eprintln!("{} error(s) in {}", errors.iter().count(), path.display());
     ExitCode::FAILURE
-}
-
-fn portcullis_tls_keys() -> portcullis_tls::TicketKeys {
-    portcullis_tls::TicketKeys::generate()
 }
 
 /// Starts a server on `config` and reports where it listens.

@@ -5,12 +5,13 @@
 use std::pin::pin;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use monoio::time::Instant;
 use portcullis_config::ClientCertMode;
 use portcullis_http::forward::{self, BodyMode};
-use portcullis_http::{Framing, Reaction, Side, Version, write};
-use portcullis_policy::{Answers, ApiPolicy, Facts, Verdict};
+use portcullis_http::{Framing, Reaction, Side, Version, remove_query_parameter, write};
+use portcullis_jose::RemoteKeys;
+use portcullis_policy::{Answer, ApiPolicy, Facts, Need, Verdict};
 use portcullis_tls::Stream;
 
 use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
@@ -81,22 +82,36 @@ impl<S: Stream> Conn<S> {
         let request_id = std::str::from_utf8(&id).unwrap_or("");
         let cert = self.info.client_cert.clone();
         let peer_ip = self.peer_ip.clone();
+        let target = self.head.path();
         let facts = Facts {
             client_cert: cert.as_deref(),
             client_addr: self.peer,
             client_ip: &peer_ip,
             request_id,
             now,
-            answers: Answers::none(),
+            query: target.iter().position(|&b| b == b'?').map_or(&b""[..], |q| &target[q + 1..]),
         };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
+        self.state.clear();
         let fields = RequestFields { head: &self.head, identity };
-        let verdict = match snap.policies.inbound(policy, &facts, &fields, &mut self.edits) {
-            // What a waiting step needs is fetched here, without blocking the worker, and the
-            // evaluation resumed with `inbound_from` at that step. No step waits yet.
-            Verdict::Wait { need, .. } => match *need {},
-            v => v,
+        let mut from = 0;
+        let verdict = loop {
+            match snap.policies.inbound_from(policy, from, &facts, &fields, &mut self.state, &mut self.edits)
+            {
+                // What a waiting step needs is got here, without blocking the worker, and the
+                // evaluation resumed at that step.
+                Verdict::Wait { step, need } => {
+                    match need {
+                        Need::Keys(providers) => {
+                            refetched(providers).await;
+                            self.state.put(step, Answer::KeysRefreshed);
+                        }
+                    }
+                    from = step;
+                }
+                v => break v,
+            }
         };
         if let Verdict::Respond { response, reason } = verdict {
             if response.status >= 400 {
@@ -114,22 +129,30 @@ impl<S: Stream> Conn<S> {
         }
         let backend = &snap.backends[route.backend];
         self.refusal = "-";
+        // Outbound steps do not read the query (and the head is read again while forwarding).
+        let facts = Facts {
+            client_cert: cert.as_deref(),
+            client_addr: self.peer,
+            client_ip: &peer_ip,
+            request_id,
+            now,
+            query: b"",
+        };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         self.access_log(Some(route), status, started, &id, self.refusal);
         keep
     }
 
     /// Writes the request head for the backend into `out`.
-    fn write_upstream_head(
-        &mut self,
-        route: &Route,
-        backend: &Backend,
-        identity: &[Bytes],
-        underscores: bool,
-    ) {
+    fn write_upstream_head(&mut self, snap: &Snapshot, route: &Route, policy: &ApiPolicy, backend: &Backend) {
+        let identity = &snap.policies.identity_headers;
+        let underscores = snap.server.allow_underscores_in_headers;
         let out = &mut self.out;
         out.clear();
         forwarded_path(route, backend, self.head.path(), &mut self.path);
+        if let Some(name) = snap.policies.stripped_query_parameter(policy, &self.state) {
+            remove_query_parameter(&mut self.path, name);
+        }
         write::request_line(out, self.head.method(), &self.path);
         let absolute = self.head.is_absolute_form();
         let mut host_written = false;
@@ -172,7 +195,6 @@ impl<S: Stream> Conn<S> {
         backend: &Backend,
         facts: &Facts<'_>,
     ) -> (bool, u16) {
-        let identity = &snap.policies.identity_headers;
         // A request that may be sent again (RFC 9110 §9.2.2) and has no body to lose is repeated
         // once if the pooled connection it went out on turns out dead after all (a close or a
         // 408 that arrived just after the check in `checkout`).
@@ -191,7 +213,7 @@ impl<S: Stream> Conn<S> {
                 }
             };
             let reused = up.reused;
-            self.write_upstream_head(route, backend, identity, snap.server.allow_underscores_in_headers);
+            self.write_upstream_head(snap, route, policy, backend);
             if self.head.expect_continue() {
                 let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
                 let written =
@@ -259,8 +281,8 @@ impl<S: Stream> Conn<S> {
         let (mode, mode_keeps) = forward::response_body(&self.resp, self.head.is_head(), client_http10);
         keep &= mode_keeps;
         self.edits.reset(self.resp.field_count());
-        if policy.has_outbound() {
-            snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &mut self.edits);
+        if snap.policies.has_outbound(policy, &self.state) {
+            snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &self.state, &mut self.edits);
         }
         self.write_response_head(mode, keep, client_http10);
         let relayed = relay_body(
@@ -385,5 +407,26 @@ impl<S: Stream> Conn<S> {
             }
         }
         (self.respond_local(status, message, body_consumed).await, status)
+    }
+}
+
+/// How often a request waiting for a key refetch looks whether it is done.
+const REFETCH_POLL: Duration = Duration::from_millis(10);
+
+/// Asks `providers` to fetch their keys again (each grants it at most once per `min_refetch`)
+/// and waits, at most the longest `refetch_wait`, until the fetches it was granted (or joined)
+/// are over.
+async fn refetched(providers: &[std::sync::Arc<RemoteKeys>]) {
+    let now_ms = portcullis_tls::now_unix().saturating_mul(1000);
+    let mut pending: Vec<(&RemoteKeys, u64)> =
+        providers.iter().filter_map(|p| p.demand_refetch(now_ms).map(|seen| (&**p, seen))).collect();
+    let Some(wait) = pending.iter().map(|(p, _)| p.refetch_wait()).max() else { return };
+    let deadline = Instant::now() + wait;
+    loop {
+        pending.retain(|(p, seen)| p.attempts() <= *seen);
+        if pending.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        monoio::time::sleep(REFETCH_POLL).await;
     }
 }

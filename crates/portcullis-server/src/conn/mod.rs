@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use monoio::time::{Instant, timeout, timeout_at};
 use portcullis_http::{Framing, HeadError, HeadScanner, Reaction, RequestHead, ResponseHead, Version, write};
-use portcullis_policy::{HeaderEdits, HeaderList, Response};
+use portcullis_policy::{HeaderEdits, HeaderList, RequestState, Response};
 use portcullis_tls::{SessionInfo, Stream};
 
 use crate::snapshot::Route;
@@ -79,6 +79,7 @@ pub(crate) async fn serve(
         }
     };
     let info = tls.info().clone();
+    let worker_tokens = worker.tokens.clone();
     let mut conn = Conn {
         worker,
         peer,
@@ -92,6 +93,7 @@ pub(crate) async fn serve(
         head: RequestHead::default(),
         resp: ResponseHead::default(),
         edits: HeaderEdits::default(),
+        state: RequestState::new(worker_tokens),
         path: Vec::new(),
         unread_input: false,
         interim_sent: false,
@@ -175,6 +177,8 @@ struct Conn<S> {
     head: RequestHead,
     resp: ResponseHead,
     edits: HeaderEdits,
+    /// What policy learnt of the current request (its subscription, its token).
+    state: RequestState,
     path: Vec<u8>,
     /// The client may have sent bytes the proxy will not read (a body left unread): close with
     /// lingering.
