@@ -25,8 +25,9 @@ fn the_example_configuration_compiles_with_its_files() {
     let dir = env.dir().join("example");
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::fs::copy(example(), dir.join("portcullis.toml")).unwrap();
-    std::fs::copy(example().with_file_name("data").join("devices.sha1"), dir.join("data/devices.sha1"))
-        .unwrap();
+    for data in ["devices.sha1", "starter.keys"] {
+        std::fs::copy(example().with_file_name("data").join(data), dir.join("data").join(data)).unwrap();
+    }
     let out = Command::new(binary()).args(["check", "-c"]).arg(dir.join("portcullis.toml")).output().unwrap();
     assert!(!out.status.success(), "the example checks without its PKI");
     let out = Command::new(binary()).args(["demo", "--write"]).arg(&dir).output().unwrap();
@@ -41,6 +42,8 @@ fn the_example_configuration_compiles_with_its_files() {
         "devices.key",
         "client.pem",
         "client.key",
+        "token-signing.pub",
+        "example.token",
     ] {
         assert!(dir.join("pki").join(name).is_file(), "{name}");
     }
@@ -250,4 +253,105 @@ fn an_rsa_pss_key_gets_an_error_that_names_it() {
         errors.iter().any(|e| e.contains("listener[0].certificate") && e.contains("RSA-PSS")),
         "{errors:#?}"
     );
+}
+
+/// Every mistake in products, subscriptions, providers and validate_jwt is reported, located,
+/// in one pass.
+#[test]
+fn check_reports_caller_mistakes_with_their_places() {
+    let env = Env::new();
+    let keys = env.dir().join("starter.keys");
+    std::fs::write(&keys, "ok-1, goodkey1\nbad-1, has space\n").unwrap();
+    let pem = env.dir().join("short.pub");
+    std::fs::write(&pem, "not a key").unwrap();
+    let text = env.config(
+        "request",
+        &format!(
+            r#"
+[subscriptions]
+starter = "{keys}"
+nosuch = "{keys}"
+
+[[product]]
+name = "starter"
+apis = ["app", "ghost"]
+
+[[product]]
+name = "free"
+apis = ["app"]
+subscription_required = false
+
+[[product]]
+name = "free2"
+apis = ["app"]
+subscription_required = false
+
+[[subscription]]
+id = "s1"
+product = "starter"
+primary_key = "dupkey"
+
+[[subscription]]
+id = "s1"
+scope = {{ api = "nope" }}
+primary_key = "dupkey"
+
+[[subscription]]
+id = "s3"
+product = "starter"
+primary_key = "a/b"
+state = "paused"
+
+[[openid]]
+name = "idp"
+url = "http://idp.example.com/.well-known/openid-configuration"
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_jwt = {{ audiences = ["x"] }}
+  [[api.inbound]]
+  validate_jwt = {{ openid = ["missing"], decryption_keys = [], require_signed_tokens = false }}
+  [[api.inbound]]
+  validate_jwt = {{ issuer_signing_keys = [ {{ secret_base64 = "c2hvcnQ=" }}, {{ pem = "{pem}" }}, {{ certificate = "nocert" }} ] }}
+  [[api.outbound]]
+  validate_jwt = {{ issuer_signing_keys = [ {{ n = "AQAB", e = "AQAB" }} ] }}
+"#,
+            keys = keys.display(),
+            pem = pem.display()
+        ),
+    );
+    let path = env.write_config("callers.toml", &text);
+    let (code, errors) = check(&path);
+    assert_eq!(code, Some(1));
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let expect = |needle: &str, line: usize| {
+        let file = path.display().to_string();
+        assert!(
+            errors.iter().any(|e| e.contains(needle) && e.contains(&format!("{file}:{line}:"))),
+            "no error {needle:?} at line {line}:\n{errors:#?}"
+        );
+    };
+    expect("no product named \"nosuch\"", line_of("nosuch ="));
+    expect("no API named \"ghost\"", line_of("\"ghost\""));
+    expect("already in the open product \"free\"", line_of("name = \"free2\"") + 1);
+    expect("subscription \"s1\" is defined twice", line_of("scope = { api") - 1);
+    expect("no API named \"nope\"", line_of("scope = { api"));
+    expect("already a key of the subscription", line_of("scope = { api") + 1);
+    expect("only letters, digits and -._~", line_of("\"a/b\""));
+    expect("unknown value \"paused\"", line_of("\"paused\""));
+    expect("is not an https:// URL", line_of("http://idp"));
+    expect("validate_jwt needs keys", line_of("audiences = [\"x\"]"));
+    expect("no [[openid]] provider named \"missing\"", line_of("decryption_keys"));
+    expect("encrypted tokens (JWE) are not supported", line_of("decryption_keys"));
+    expect("unsigned tokens are never accepted", line_of("decryption_keys"));
+    expect("an HMAC secret of 5 bytes is too short", line_of("secret_base64"));
+    expect("short.pub: neither a PUBLIC KEY nor a CERTIFICATE", line_of("secret_base64"));
+    expect("no certificate named \"nocert\"", line_of("secret_base64"));
+    expect("validate_jwt is an inbound step", line_of("[[api.outbound]]") + 1);
+    let file_error = format!("{}:2:1: subscriptions.starter: a subscription key has only", keys.display());
+    assert!(errors.iter().any(|e| e.contains(&file_error)), "{errors:#?}");
+    assert_eq!(errors.len(), 18, "each once: {errors:#?}");
 }

@@ -82,9 +82,11 @@ fn a_broken_configuration_does_not_start() {
     assert!(stderr.contains("p.toml:2:8: listener[0].bind"), "{stderr}");
 }
 
-/// `portcullis demo` starts, and the three `curl` commands it prints do what it says: 200 with
-/// the identity headers, 403 without a certificate, 403 with the revoked one. The commands are
-/// replayed with the test client (same files, same URL), so the test needs no curl.
+/// `portcullis demo` starts, and the `curl` commands it prints do what it says: for client
+/// certificates 200 with the identity headers, 403 without a certificate, 403 with the revoked
+/// one; for subscription keys 200, 401 missing, 401 invalid; for tokens 200 with appidacr 2, 401
+/// with 1. The commands are replayed with the test client (same files, headers and URL), so the
+/// test needs no curl.
 #[test]
 fn the_demo_prints_commands_that_work() {
     use std::io::{BufRead as _, BufReader};
@@ -116,9 +118,9 @@ fn the_demo_prints_commands_that_work() {
     });
     let mut commands = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while commands.len() < 3 {
+    while commands.len() < 8 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("the demo prints three curl commands");
+        let line = rx.recv_timeout(left).expect("the demo prints eight curl commands");
         if line.starts_with("curl ") {
             commands.push(line);
         }
@@ -148,19 +150,38 @@ fn the_demo_prints_commands_that_work() {
             portcullis_testkit::Versions::Both,
             &addr.ip().to_string(),
         );
-        let r = client.get(addr, path).unwrap();
-        if r.status == 200 {
-            assert!(
+        // -H "Name: value"
+        let headers: Vec<(String, String)> = cmd
+            .split("-H \"")
+            .skip(1)
+            .filter_map(|h| h.split('"').next()?.split_once(": ").map(|(n, v)| (n.to_owned(), v.to_owned())))
+            .collect();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let r = client.connect(addr).unwrap().request("GET", path, &headers, b"").unwrap();
+        match (path, r.status) {
+            ("/hello", 200) => assert!(
                 r.echoed_header("X-Client-Cert-Subject").is_some_and(|s| s.contains("CN=")),
                 "{}",
                 r.text()
-            );
-        } else {
-            assert_eq!(r.text(), r#"{"statusCode":403,"message":"Invalid client certificate"}"#);
+            ),
+            ("/hello", _) => {
+                assert_eq!(r.text(), r#"{"statusCode":403,"message":"Invalid client certificate"}"#)
+            }
+            ("/todo/items", 200) => {
+                assert_eq!(r.echoed_header("X-Subscription-Id").as_deref(), Some("demo-subscription"));
+                assert_eq!(r.echoed_header("Ocp-Apim-Subscription-Key"), None);
+            }
+            ("/todo/items", _) => assert!(r.text().contains("subscription key"), "{}", r.text()),
+            ("/orders/1", 200) => assert_eq!(r.echoed_header("X-Token-Sub").as_deref(), Some("demo-client")),
+            (_, _) => assert!(r.text().contains("appidacr"), "{}", r.text()),
         }
         statuses.push(r.status);
     }
-    assert_eq!(statuses, [200, 403, 403], "allowed, no certificate, revoked");
+    assert_eq!(
+        statuses,
+        [200, 403, 403, 200, 401, 401, 200, 401],
+        "certificates: allowed, none, revoked; keys: valid, missing, wrong; tokens: appidacr 2, 1"
+    );
     // SAFETY: signalling our own child.
     unsafe { libc::kill(demo.0.id() as i32, libc::SIGTERM) };
     assert_eq!(demo.0.wait().unwrap().code(), Some(0), "Ctrl-C or SIGTERM ends the demo cleanly");

@@ -544,7 +544,7 @@ fn load_key(key: &portcullis_config::SigningKey, inputs: &KeyInputs<'_>) -> Resu
     match &key.source {
         SigningKeySource::Pem(path) => {
             let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let der = crypto.public_key_der_from_pem(&pem)?;
+            let der = crypto.public_key_der_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
             one(Material::Spki(&der))
         }
         SigningKeySource::Certificate(name) => {
