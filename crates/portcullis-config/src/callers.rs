@@ -12,15 +12,28 @@ use crate::reader::{Reader, Value, get, join};
 
 /// Why `key` cannot be a subscription key, if it cannot: keys travel in headers and query
 /// strings, so they are 1 to 256 URL-safe characters (letters, digits, `-._~`).
-pub fn subscription_key_problem(key: &str) -> Option<&'static str> {
+pub fn subscription_key_problem(key: &[u8]) -> Option<&'static str> {
     if key.is_empty() || key.len() > 256 {
         return Some("a subscription key has 1 to 256 characters");
     }
-    if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+    // A fold without early exit over a table: a million files' keys are checked at load.
+    if key.iter().fold(false, |bad, &b| bad | !KEY_CHARS[usize::from(b)]) {
         return Some("a subscription key has only letters, digits and -._~");
     }
     None
 }
+
+/// The characters of a subscription key (URL-unreserved).
+static KEY_CHARS: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_' || c == b'~';
+        b += 1;
+    }
+    t
+};
 
 pub(crate) fn product(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Product> {
     let t = r.table(v, field)?;
@@ -42,7 +55,7 @@ pub(crate) fn product(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Prod
 
 fn key(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Located<String>> {
     let k = r.string(v, field)?;
-    if let Some(problem) = subscription_key_problem(&k.value) {
+    if let Some(problem) = subscription_key_problem(k.value.as_bytes()) {
         r.errors.push(k.loc.error(problem));
         return None;
     }
@@ -54,9 +67,11 @@ pub(crate) fn subscription(r: &mut Reader, v: &Value<'_>, field: &str) -> Option
     r.check_keys(t, field, &["id", "product", "scope", "primary_key", "secondary_key", "state"]);
     let id = required(r, t, v, field, "id").and_then(|n| r.non_empty_string(n, &join(field, "id")));
     if let Some(id) = &id
-        && id.value.bytes().any(|b| b.is_ascii_control() || b == b',')
+        && (id.value.len() > 256 || id.value.bytes().any(|b| b.is_ascii_control() || b == b','))
     {
-        r.errors.push(id.loc.error("a subscription id cannot contain control characters or commas"));
+        r.errors.push(
+            id.loc.error("a subscription id has at most 256 characters, no control characters or commas"),
+        );
     }
     let scope = match (get(t, "product"), get(t, "scope")) {
         (Some(p), None) => r

@@ -493,7 +493,7 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         // A name that resolves to nothing was reported by the configuration's check.
         let Some(grant) = grant else { continue };
         let secondary = s.secondary_key.as_ref().map(|k| k.value.as_bytes());
-        subs.add(&s.id.value, grant, s.state, s.primary_key.value.as_bytes(), secondary, || s.id.loc.clone());
+        subs.add_inline(&s.id.value, grant, s.state, s.primary_key.value.as_bytes(), secondary, &s.id.loc);
     }
     for file in &config.subscription_files {
         if let Some(product) = product_index(&file.name.value) {
@@ -818,7 +818,7 @@ impl PolicySet {
 
     /// The id of the request's subscription.
     pub fn subscription_id(&self, state: &RequestState) -> Option<&str> {
-        state.subscription.map(|i| &*self.subscriptions.get(i).id)
+        state.subscription.map(|i| self.subscriptions.id(i))
     }
 
     /// The name of the product the request runs under.
