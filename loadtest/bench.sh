@@ -15,7 +15,9 @@
 # medians, min–max and ratios, and the proxy CPU per request (from /proc), which is what "req/s
 # per proxy core" means when the load generator, not the proxy, is the bottleneck.
 # Modes: keepalive (CONNS keep-alive connections), handshake (a new connection and a full mTLS
-# handshake per request), resume (a new connection per request, TLS 1.3 resumption). Then p99
+# handshake per request), resume (a new connection per request, TLS 1.3 resumption), jwt
+# (keep-alive, each request with the same Bearer token: validate_jwt against HAProxy's
+# jwt_verify), subscription (keep-alive, each request with a subscription key among 100,000). Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -64,9 +66,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-render() { # render PROXY -> path of its rendered configuration
-  local tpl out
-  tpl=$(ls "loadtest/conf/${1%-base}".*.in)
+render() { # render PROXY [VARIANT] -> path of its rendered configuration
+  local tpl out v=${2:-}
+  tpl=$(ls "loadtest/conf/${1%-base}${v:+-$v}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
   sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" "$tpl" > "$out"
   echo "$out"
@@ -84,9 +86,9 @@ pids_of() { # the proxy's process and its children (nginx's worker)
   echo "${PID[$1]}"; pgrep -P "${PID[$1]}" 2>/dev/null || true
 }
 
-start() {
+start() { # start PROXY [VARIANT]
   local p=$1 conf
-  conf=$(render "$p")
+  conf=$(render "$p" "${2:-}")
   case $p in
     portcullis|portcullis-base)
       local bin=$BIN/portcullis
@@ -140,6 +142,33 @@ verify() { # the same behaviour from every proxy, or the comparison means nothin
   [ $fail = 0 ] && echo "  $p: behaviour verified" || exit 1
 }
 
+# The token and subscription modes run a variant of each proxy's configuration that adds the
+# check (loadtest/conf/PROXY-VARIANT.*.in); nginx has no equivalent of either and sits them out.
+variant_of() { case $1 in jwt|subscription) echo "$1";; *) echo "";; esac; }
+BENCH_KEY=bench-key-042424-primary-0123456789
+
+verify_variant() { # the same refusals and headers from every proxy in the token and key modes
+  local p=$1 v=$2 out code fail=0
+  case $v in
+    jwt)
+      out=$(c "$p" client1 -H "Authorization: Bearer $(cat "$CERTS/token.jwt")" 2>&1)
+      echo "$out" | grep -qi '^X-Token-Sub: bench-client' || { echo "  $p: token subject not forwarded: $out" >&2; fail=1; }
+      for bad in none "Bearer $(cat "$CERTS/token-expired.jwt")" "Bearer $(cat "$CERTS/token.jwt")x"; do
+        code=$(c "$p" client1 -H "Authorization: $bad" -o /dev/null -w '%{http_code}' 2>/dev/null || true)
+        [ "$code" = 401 ] || { echo "  $p: a bad token got $code" >&2; fail=1; }
+      done;;
+    subscription)
+      out=$(c "$p" client1 -H "Ocp-Apim-Subscription-Key: $BENCH_KEY" 2>&1)
+      echo "$out" | grep -qi '^X-Subscription-Id: sub-042424' || { echo "  $p: subscription id not forwarded: $out" >&2; fail=1; }
+      echo "$out" | grep -qi '^Ocp-Apim-Subscription-Key' && { echo "  $p: the key reached the backend" >&2; fail=1; }
+      for bad in none bench-key-042424-primary-012345678X; do
+        code=$(c "$p" client1 -H "Ocp-Apim-Subscription-Key: $bad" -o /dev/null -w '%{http_code}' 2>/dev/null || true)
+        [ "$code" = 401 ] || { echo "  $p: key $bad got $code" >&2; fail=1; }
+      done;;
+  esac
+  [ $fail = 0 ] && echo "  $p ($v): behaviour verified" || exit 1
+}
+
 load() { # load PROXY MODE LABEL [extra args] -> one JSON line appended to raw.jsonl
   local p=$1 mode=$2 label=$3; shift 3
   local watch=()
@@ -158,16 +187,26 @@ read -ra ORDER <<<"$PROXIES"
 for round in $(seq "$ROUNDS"); do
   echo "== round $round/$ROUNDS"
   for p in "${ORDER[@]}"; do
-    start "$p"
-    [ "$round" = 1 ] && verify "$p"
+    current=none
     for m in $MODES; do
+      v=$(variant_of "$m")
+      [ "$p" = nginx ] && [ -n "$v" ] && continue
+      if [ "$current" != "$v" ]; then
+        [ "$current" != none ] && stop "$p"
+        start "$p" "$v"; current=$v
+        if [ "$round" = 1 ]; then
+          if [ -z "$v" ]; then verify "$p"; else verify_variant "$p" "$v"; fi
+        fi
+      fi
       case $m in
         keepalive) load "$p" keepalive keepalive -c "$CONNS";;
         handshake) load "$p" handshake handshake -c "$CONNS";;
         resume) load "$p" resume resume -c "$CONNS";;
+        jwt) load "$p" keepalive jwt -c "$CONNS" -H "Authorization: Bearer $(cat "$CERTS/token.jwt")";;
+        subscription) load "$p" keepalive subscription -c "$CONNS" -H "Ocp-Apim-Subscription-Key: $BENCH_KEY";;
       esac
     done
-    stop "$p"
+    [ "$current" != none ] && stop "$p"
   done
   ORDER=("${ORDER[@]:1}" "${ORDER[0]}")   # alternate who goes first
 done

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use portcullis_testkit::SigningKey;
 use portcullis_testkit::pki::{Ca, Identity, LeafOptions};
 
 /// Writes the benchmark PKI into `dir`:
@@ -12,6 +13,12 @@ use portcullis_testkit::pki::{Ca, Identity, LeafOptions};
 /// `client-denied` (valid, not listed), `client-revoked`, `client-expired` (both listed, so that
 /// only revocation or expiry can refuse them) as `NAME-chain.pem` + `NAME.key`, and the SHA-1
 /// allow-list as `allow-sha1.lst` (upper-case hex) and `allow-sha1.map` (nginx map).
+///
+/// For the token and subscription modes: `token-signer.pub` (an ES256 public key, PEM: what
+/// HAProxy 2.6's `jwt_verify` takes), `token.jwt` (a token it signed, for
+/// `api://bench`, valid a week), `token-expired.jwt`, `subscriptions.keys` (100,000
+/// subscriptions, `bench-key-000…` among them) and `subscriptions.map` (the same keys for
+/// HAProxy).
 pub fn write(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let root = Ca::root("Bench Root");
@@ -54,5 +61,24 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
     }
     write("allow-sha1.lst", &allow)?;
     write("allow-sha1.map", &map)?;
+    let signer = SigningKey::es256("bench");
+    write("token-signer.pub", &signer.public_pem())?;
+    let now = portcullis_testkit::idp::now();
+    let claims = |exp: i64| {
+        serde_json::json!({"iss": "https://idp.bench", "aud": "api://bench", "sub": "bench-client",
+                           "appidacr": "2", "nbf": now - 60, "exp": exp})
+    };
+    write("token.jwt", &signer.token(&claims(now + 7 * 24 * 3600)))?;
+    write("token-expired.jwt", &signer.token(&claims(now - 60)))?;
+    let mut keys = String::with_capacity(100 * 100_000);
+    let mut hmap = String::with_capacity(60 * 100_000);
+    for i in 0..100_000 {
+        keys.push_str(&format!(
+            "sub-{i:06}, bench-key-{i:06}-primary-0123456789, bench-key-{i:06}-secondary-012345678, active\n"
+        ));
+        hmap.push_str(&format!("bench-key-{i:06}-primary-0123456789 sub-{i:06}\nbench-key-{i:06}-secondary-012345678 sub-{i:06}\n"));
+    }
+    write("subscriptions.keys", &keys)?;
+    write("subscriptions.map", &hmap)?;
     Ok(())
 }
