@@ -293,8 +293,13 @@ primary_key = "dupkey"
 
 [[subscription]]
 id = "s1"
-scope = {{ api = "nope" }}
+product = "starter"
 primary_key = "dupkey"
+
+[[subscription]]
+id = "s2"
+scope = {{ api = "nope" }}
+primary_key = "otherkey"
 
 [[subscription]]
 id = "s3"
@@ -337,9 +342,10 @@ backend = "app"
     expect("no product named \"nosuch\"", line_of("nosuch ="));
     expect("no API named \"ghost\"", line_of("\"ghost\""));
     expect("already in the open product \"free\"", line_of("name = \"free2\"") + 1);
-    expect("subscription \"s1\" is defined twice", line_of("scope = { api") - 1);
+    let second_s1 = text.lines().enumerate().filter(|(_, l)| l.contains("id = \"s1\"")).nth(1).unwrap().0 + 1;
+    expect("subscription id \"s1\" is used twice", second_s1);
+    expect("a key of subscription \"s1\" is already a key of \"s1\"", second_s1);
     expect("no API named \"nope\"", line_of("scope = { api"));
-    expect("already a key of the subscription", line_of("scope = { api") + 1);
     expect("only letters, digits and -._~", line_of("\"a/b\""));
     expect("unknown value \"paused\"", line_of("\"paused\""));
     expect("is not an https:// URL", line_of("http://idp"));
@@ -354,4 +360,43 @@ backend = "app"
     let file_error = format!("{}:2:1: subscriptions.starter: a subscription key has only", keys.display());
     assert!(errors.iter().any(|e| e.contains(&file_error)), "{errors:#?}");
     assert_eq!(errors.len(), 18, "each once: {errors:#?}");
+}
+
+/// An identity provider that cannot be reached is a warning, not an error: the proxy would start
+/// and refuse its tokens until its keys arrive.
+#[test]
+fn check_warns_about_an_unreachable_identity_provider() {
+    let env = Env::new();
+    let port = portcullis_testkit::idp::free_port();
+    let text = env.config(
+        "request",
+        &format!(
+            r#"
+[[openid]]
+name = "down"
+url = "https://localhost:{port}/tenant/.well-known/openid-configuration"
+ca = ["{}"]
+timeout = "2s"
+
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  validate_jwt = {{ openid = ["down"] }}
+"#,
+            env.paths.root.display()
+        ),
+    );
+    let path = env.write_config("down.toml", &text);
+    let out = Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let line = text.lines().position(|l| l.contains("tenant/.well-known")).unwrap() + 1;
+    assert!(stderr.contains(&format!("down.toml:{line}:")), "{stderr}");
+    assert!(
+        stderr.contains("warning: openid provider \"down\"") && stderr.contains("cannot connect"),
+        "{stderr}"
+    );
 }

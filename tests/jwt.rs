@@ -407,3 +407,84 @@ fn a_broken_key_set_keeps_the_last_good_keys() {
         assert_eq!(bearer(&env, &proxy, &token).status, 200, "after {broken}");
     }
 }
+
+/// Without `issuers`, a token must carry the issuer of the provider whose key verified it: one
+/// provider's key cannot vouch for another's issuer.
+#[test]
+fn the_issuer_is_that_of_the_provider_that_signed() {
+    let env = Env::new();
+    let (ka, kb) = (SigningKey::es256("a"), SigningKey::es256("b"));
+    let (a, b) = (Idp::start(&env.pki.server, &[&ka]), Idp::start(&env.pki.server, &[&kb]));
+    let root = env.paths.root.display();
+    let extra = format!(
+        "[[openid]]\nname = \"a\"\nurl = \"{}\"\nca = [\"{root}\"]\n[[openid]]\nname = \"b\"\nurl = \"{}\"\nca = [\"{root}\"]\n",
+        a.url(),
+        b.url()
+    );
+    let proxy = proxy(&env, r#"openid = ["a", "b"]"#, r#"audiences = ["api://todo"]"#, &extra);
+    let with_iss = |key: &SigningKey, iss: String| key.token(&claims(json!({"iss": iss})));
+    eventually("both providers' keys", || {
+        bearer(&env, &proxy, &with_iss(&ka, a.issuer())).status == 200
+            && bearer(&env, &proxy, &with_iss(&kb, b.issuer())).status == 200
+    });
+    refused(&bearer(&env, &proxy, &with_iss(&ka, b.issuer())), "JWT issuer is not allowed.");
+    refused(&bearer(&env, &proxy, &with_iss(&kb, a.issuer())), "JWT issuer is not allowed.");
+}
+
+/// A token bound to a certificate (RFC 8705) is checked against the connection's certificate
+/// even where the step does not require bound tokens.
+#[test]
+fn a_bound_token_is_always_checked() {
+    let env = Env::new();
+    let key = SigningKey::es256("k1");
+    let proxy = proxy(&env, &pem_keys(&env, &key), "", "");
+    let thumbprint = portcullis_jose::b64::encode(
+        ring::digest::digest(&ring::digest::SHA256, &env.pki.client.cert_der).as_ref(),
+    );
+    let bound = key.token(&claims(json!({"cnf": {"x5t#S256": thumbprint}})));
+    let get_as = |id: Option<&portcullis_testkit::Identity>, token: &str| {
+        env.client(id)
+            .connect(proxy.addr)
+            .unwrap()
+            .request("GET", "/", &[("Authorization", &format!("Bearer {token}"))], b"")
+            .unwrap()
+    };
+    assert_eq!(get_as(Some(&env.pki.client), &bound).status, 200);
+    refused(&get_as(None, &bound), "JWT is not bound to the client certificate.");
+    refused(
+        &get_as(Some(&env.pki.client), &key.token(&claims(json!({"cnf": {"x5t#S256": "AAAA"}})))),
+        "JWT is not bound to the client certificate.",
+    );
+    assert_eq!(
+        get_as(None, &key.token(&claims(json!({})))).status,
+        200,
+        "an unbound token needs no certificate"
+    );
+}
+
+/// A token without `kid` that no key verifies asks for no refetch; an odd key in a published
+/// set is left out, and the provider's other keys serve.
+#[test]
+fn kidless_tokens_ask_for_nothing_and_odd_published_keys_are_left_out() {
+    let env = Env::new();
+    let good = SigningKey::es256("good");
+    let idp = Idp::start(&env.pki.server, &[&good]);
+    // Beside the good key: one off its curve, and an RSA key of 1024 bits.
+    let mut odd = good.jwk();
+    odd["kid"] = json!("odd");
+    odd["y"] = json!(portcullis_jose::b64::encode(&[1u8; 32]));
+    let small =
+        json!({"kty": "RSA", "kid": "small", "n": portcullis_jose::b64::encode(&[0xc3; 128]), "e": "AQAB"});
+    idp.set_jwks_text(&json!({"keys": [odd, small, good.jwk()]}).to_string());
+    let proxy = oidc_proxy(&env, &idp.url(), "");
+    let mut c = claims(json!({}));
+    c["iss"] = json!(idp.issuer());
+    eventually("the good key", || bearer(&env, &proxy, &good.token(&c)).status == 200);
+    let fetched = idp.jwks_fetches();
+    let stranger = SigningKey::es256("x");
+    refused(
+        &bearer(&env, &proxy, &stranger.token_with(json!({"kid": null}), &c)),
+        "JWT signature is invalid.",
+    );
+    assert_eq!(idp.jwks_fetches(), fetched, "no refetch for a token without kid");
+}

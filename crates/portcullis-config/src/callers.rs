@@ -166,10 +166,21 @@ pub(crate) fn openid(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<OpenI
         r.errors.push(u.loc.error(why));
     }
     let ca = get(t, "ca").map(|c| r.paths(c, &join(field, "ca"))).unwrap_or_default();
-    let refresh = duration_or(r, t, field, "refresh", Duration::from_secs(3600));
-    let min_refetch = duration_or(r, t, field, "min_refetch", Duration::from_secs(300));
-    let refetch_wait = duration_or(r, t, field, "refetch_wait", Duration::from_secs(2));
-    let timeout = duration_or(r, t, field, "timeout", Duration::from_secs(10));
+    // Bounds that keep a typo from hammering a provider, or a request from waiting for ever.
+    let bounded = |r: &mut Reader, key: &str, default: u64, min: u64, max: u64| {
+        let d = duration_or(r, t, field, key, Duration::from_secs(default));
+        if d < Duration::from_secs(min) || d > Duration::from_secs(max) {
+            if let Some(v) = get(t, key) {
+                r.error(&v.span(), &join(field, key), format!("must be between {min} s and {max} s"));
+            }
+            return Duration::from_secs(default);
+        }
+        d
+    };
+    let refresh = bounded(r, "refresh", 3600, 1, 7 * 86_400);
+    let min_refetch = bounded(r, "min_refetch", 300, 1, 86_400);
+    let refetch_wait = bounded(r, "refetch_wait", 2, 0, 30);
+    let timeout = bounded(r, "timeout", 10, 1, 60);
     Some(OpenId {
         name: name?,
         url: url?,
@@ -459,15 +470,8 @@ pub(crate) fn cross_check(errors: &mut ConfigErrors, c: &Config) {
             )));
         }
     }
-    let mut ids: HashMap<&str, &Loc> = HashMap::new();
-    let mut keys: HashMap<&str, &Loc> = HashMap::new();
+    // Repeated ids and keys are found where subscriptions are compiled, files included.
     for s in &c.subscriptions {
-        if let Some(first) = ids.insert(&s.id.value, &s.id.loc) {
-            errors.push(s.id.loc.error(format!(
-                "subscription \"{}\" is defined twice (first at line {})",
-                s.id.value, first.line
-            )));
-        }
         match &s.scope.value {
             SubscriptionScope::Product(p) if !product_known(p) => {
                 errors.push(s.scope.loc.error(format!("no product named \"{p}\"")));
@@ -476,16 +480,6 @@ pub(crate) fn cross_check(errors: &mut ConfigErrors, c: &Config) {
                 errors.push(s.scope.loc.error(format!("no API named \"{a}\"")))
             }
             _ => {}
-        }
-        for k in std::iter::once(&s.primary_key).chain(&s.secondary_key) {
-            if let Some(first) = keys.insert(&k.value, &k.loc) {
-                errors.push(
-                    k.loc.error(format!(
-                        "this key is already a key of the subscription at line {}",
-                        first.line
-                    )),
-                );
-            }
         }
     }
     let mut providers: HashMap<&str, &Loc> = HashMap::new();

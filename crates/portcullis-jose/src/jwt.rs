@@ -40,11 +40,7 @@ impl Claims {
         }
         for name in ["iss", "sub", "jti"] {
             if json.get(name).is_some_and(|v| v.as_str().is_none()) {
-                return Err(ClaimsError::WrongType(match name {
-                    "iss" => "iss",
-                    "sub" => "sub",
-                    _ => "jti",
-                }));
+                return Err(ClaimsError::WrongType(name));
             }
         }
         match json.get("aud") {

@@ -291,6 +291,10 @@ pub enum Origin {
 
 static NEXT_SET: AtomicU64 = AtomicU64::new(1);
 
+/// Most keys a published set may hold (identity providers publish a handful; more is a mistake or
+/// an attempt to make every token cost many signature checks).
+pub const MAX_PUBLISHED_KEYS: usize = 100;
+
 /// Keys that verify a token: by `kid` when the token names one, else every key that may verify
 /// its algorithm. Each set has an id of its own, so that a verdict reached with it can be told
 /// apart from one reached with a set that replaced it.
@@ -323,7 +327,10 @@ impl KeySet {
     }
 
     /// Reads a JWK Set (RFC 7517 §5). Keys that are not for signatures are left out (their
-    /// reasons are returned, for the log); a signature key that cannot be used refuses the set.
+    /// reasons are returned, for the log). A signature key that cannot be used refuses a set of
+    /// the configuration; in a published set it is left out too (one odd key must not take the
+    /// provider's others down), as long as keys remain. A published set holds no secrets and at
+    /// most [`MAX_PUBLISHED_KEYS`] keys.
     pub fn from_jwks(
         crypto: &dyn Crypto,
         text: &[u8],
@@ -334,6 +341,12 @@ impl KeySet {
         let Some(list) = list.as_array() else {
             return Err("not a JWK Set: \"keys\" is not an array".into());
         };
+        if origin == Origin::Published && list.len() > MAX_PUBLISHED_KEYS {
+            return Err(format!(
+                "the JWK Set has {} keys; at most {MAX_PUBLISHED_KEYS} are taken",
+                list.len()
+            ));
+        }
         let mut keys = Vec::with_capacity(list.len());
         let mut skipped = Vec::new();
         for (i, jwk) in list.iter().enumerate() {
@@ -345,6 +358,9 @@ impl KeySet {
                     keys.push(key);
                 }
                 Err(KeyError::NotForSignatures(why)) => skipped.push(format!("key {i} left out: {why}")),
+                Err(KeyError::Invalid(why)) if origin == Origin::Published => {
+                    skipped.push(format!("key {i} left out: {why}"));
+                }
                 Err(KeyError::Invalid(why)) => return Err(format!("key {i}: {why}")),
             }
         }

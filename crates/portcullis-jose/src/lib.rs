@@ -21,5 +21,5 @@ pub use alg::{Alg, AlgSet, Curve, Hash};
 pub use json::{Json, JsonError, MAX_DEPTH, Number};
 pub use jws::{Jws, JwsError};
 pub use jwt::{ClaimRule, Claims, ClaimsError, Match};
-pub use keys::{Crypto, Key, KeyError, KeySet, KeyType, Material, Origin, Verify};
+pub use keys::{Crypto, Key, KeyError, KeySet, KeyType, MAX_PUBLISHED_KEYS, Material, Origin, Verify};
 pub use remote::RemoteKeys;

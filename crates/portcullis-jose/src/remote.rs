@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
@@ -24,8 +24,10 @@ pub struct RemoteKeys {
     loaded: AtomicBool,
     /// Completed fetch attempts, successful or not: a waiter watches it move.
     attempts: AtomicU64,
-    /// When a refetch was last granted (ms since the epoch): grants are `min_refetch` apart.
+    /// When a refetch was last granted (ms since `created`, a monotonic clock): grants are
+    /// `min_refetch` apart.
     granted_at: AtomicI64,
+    created: Instant,
     /// A granted refetch the fetcher has not finished yet.
     wanted: AtomicBool,
     /// A fetch is under way (a scheduled one, or the first): a demand joins it.
@@ -47,6 +49,7 @@ impl RemoteKeys {
             loaded: AtomicBool::new(false),
             attempts: AtomicU64::new(0),
             granted_at: AtomicI64::new(i64::MIN / 2),
+            created: Instant::now(),
             wanted: AtomicBool::new(false),
             fetching: AtomicBool::new(false),
             min_refetch,
@@ -98,7 +101,12 @@ impl RemoteKeys {
     /// Asks for a refetch (a token named a `kid` the keys lack). Granted at most once per
     /// `min_refetch`; `Some(attempts)` then means "wait until [`attempts`](Self::attempts) moves
     /// past this", `None` that no refetch is coming (one was granted too recently and is done).
-    pub fn demand_refetch(&self, now_ms: i64) -> Option<u64> {
+    pub fn demand_refetch(&self) -> Option<u64> {
+        let now_ms = i64::try_from(self.created.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.demand_refetch_at(now_ms)
+    }
+
+    fn demand_refetch_at(&self, now_ms: i64) -> Option<u64> {
         let seen = self.attempts();
         // A fetch under way, or a refetch already granted: wait for it too, at no cost.
         if self.wanted.load(Ordering::Acquire) || self.fetching.load(Ordering::Acquire) {
@@ -111,13 +119,15 @@ impl RemoteKeys {
         }
         if self.granted_at.compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire).is_err() {
             // Another worker was granted it just now.
-            return Some(seen);
+            return Some(self.attempts());
         }
+        // Read again: a fetch may have ended since `seen`; the one granted now comes after it.
+        let before = self.attempts();
         self.wanted.store(true, Ordering::Release);
         if let Some(t) = self.fetcher.get() {
             t.unpark();
         }
-        Some(seen)
+        Some(before)
     }
 
     // The fetcher's side.
@@ -141,6 +151,16 @@ impl RemoteKeys {
     /// the first keys are on their way join that fetch).
     pub fn fetch_started(&self) {
         self.fetching.store(true, Ordering::Release);
+    }
+
+    /// Takes over another's keys and issuer (a provider whose fetch settings changed on reload
+    /// keeps serving with the keys it had).
+    pub fn seed_from(&self, other: &RemoteKeys) {
+        if other.is_loaded() {
+            self.keys.store(other.keys.load_full());
+            self.issuer.store(other.issuer.load_full());
+            self.loaded.store(true, Ordering::Release);
+        }
     }
 
     /// Publishes a fetched set and the issuer, and counts the attempt.
@@ -175,19 +195,19 @@ mod tests {
         assert!(!r.is_loaded() && r.keys().is_empty());
         // A demand while a fetch is under way joins it, and takes no grant.
         r.fetch_started();
-        assert_eq!(r.demand_refetch(999_000), Some(0));
+        assert_eq!(r.demand_refetch_at(999_000), Some(0));
         assert!(!r.is_wanted());
         r.attempt_done();
         // The first demand is granted; others while it is pending wait for the same attempt.
-        assert_eq!(r.demand_refetch(1_000_000), Some(1));
+        assert_eq!(r.demand_refetch_at(1_000_000), Some(1));
         assert!(r.is_wanted());
-        assert_eq!(r.demand_refetch(1_000_001), Some(1));
+        assert_eq!(r.demand_refetch_at(1_000_001), Some(1));
         r.attempt_done();
         // Done, and too soon for another: nobody waits.
-        assert_eq!(r.demand_refetch(1_000_002), None);
-        assert_eq!(r.demand_refetch(1_000_000 + 299_999), None);
+        assert_eq!(r.demand_refetch_at(1_000_002), None);
+        assert_eq!(r.demand_refetch_at(1_000_000 + 299_999), None);
         // An interval later, granted again.
-        assert_eq!(r.demand_refetch(1_000_000 + 300_000), Some(2));
+        assert_eq!(r.demand_refetch_at(1_000_000 + 300_000), Some(2));
         r.publish(KeySet::empty(), Some("iss".into()));
         assert!(r.is_loaded() && r.attempts() == 3);
         assert_eq!(r.issuer().as_deref().map(String::as_str), Some("iss"));

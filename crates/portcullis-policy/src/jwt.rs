@@ -22,6 +22,8 @@ const CACHE_CAPACITY: usize = 8192;
 /// How long a verified token without `exp` stays cached (its claims are checked on every request
 /// anyway; only the signature check is saved).
 const CACHE_TTL_WITHOUT_EXP: i64 = 300;
+/// Keys tried for one token (a token without `kid` is tried with every key of its algorithm).
+const MAX_ATTEMPTS: usize = 16;
 
 /// A token whose signature verified, with its claims read.
 #[derive(Debug)]
@@ -29,6 +31,8 @@ pub(crate) struct Verified {
     pub(crate) claims: Claims,
     /// The key set whose key verified it: the verdict holds while that set is current.
     keyset: u64,
+    /// The issuer of the provider whose key verified it (none for a key of the configuration).
+    issuer: Option<Arc<String>>,
 }
 
 struct Cached {
@@ -327,7 +331,7 @@ impl JwtStep {
             audiences: v.audiences.clone(),
             issuers: v.issuers.clone(),
             rules,
-            skew: v.clock_skew.as_secs() as i64,
+            skew: i64::try_from(v.clock_skew.as_secs()).unwrap_or(i64::MAX),
             require_exp: v.require_expiration_time,
             binding: v.require_certificate_binding,
             max_size: v.max_token_size,
@@ -432,8 +436,9 @@ impl JwtStep {
             Some(v) => v,
             None => match self.verify(token, index, state) {
                 Ok(v) => {
-                    let until =
-                        v.claims.exp().map_or(facts.now + CACHE_TTL_WITHOUT_EXP, |e| e as i64 + self.skew);
+                    let until = v.claims.exp().map_or(facts.now.saturating_add(CACHE_TTL_WITHOUT_EXP), |e| {
+                        (e as i64).saturating_add(self.skew)
+                    });
                     let v = Rc::new(v);
                     state.cache.borrow_mut().put(token, v.clone(), until, facts.now);
                     v
@@ -441,7 +446,7 @@ impl JwtStep {
                 Err(outcome) => return outcome,
             },
         };
-        match self.claims_hold(&verified.claims, facts) {
+        match self.claims_hold(&verified, facts) {
             Ok(()) => Outcome::Valid(verified),
             Err(f) => Outcome::Refused(f),
         }
@@ -460,37 +465,47 @@ impl JwtStep {
             })
         })?;
         let kid = jws.kid.as_deref();
-        let provider_sets: Vec<_> = self.providers.iter().map(|p| p.keys()).collect();
-        let sets = self.keys.iter().map(|k| &**k).chain(provider_sets.iter().map(|g| &***g));
-        let mut tried = false;
+        let provider_sets: Vec<_> = self.providers.iter().map(|p| (p.keys(), p.issuer())).collect();
+        let sets = self
+            .keys
+            .iter()
+            .map(|k| (&**k, None))
+            .chain(provider_sets.iter().map(|(g, issuer)| (&***g, issuer.clone())));
+        let mut attempts = 0;
         let mut named = false;
-        for set in sets {
+        for (set, issuer) in sets {
             for key in set.candidates(kid, jws.alg) {
-                tried = true;
+                attempts += 1;
+                if attempts > MAX_ATTEMPTS {
+                    return Err(Outcome::Refused(Failure::Signature));
+                }
                 if jws.verified_by(key) {
                     let payload = jws.payload().map_err(|_| Outcome::Refused(Failure::Malformed))?;
                     let claims = Claims::parse(&payload).map_err(|_| Outcome::Refused(Failure::ClaimType))?;
-                    return Ok(Verified { claims, keyset: set.id() });
+                    return Ok(Verified { claims, keyset: set.id(), issuer });
                 }
             }
             named |= kid.is_some_and(|k| set.has_kid(k));
         }
-        if tried {
+        if attempts > 0 {
             return Err(Outcome::Refused(Failure::Signature));
         }
         if named {
             // A key has the kid but does not verify this algorithm.
             return Err(Outcome::Refused(Failure::Algorithm));
         }
-        // No key at all for this token: the providers may have rotated their keys. Once.
-        if !self.providers.is_empty() && state.answer(index).is_none() {
+        // A kid no current key has: the providers may have rotated their keys, or their first
+        // keys may be on their way. Once per request; a token without kid asks for nothing.
+        let unloaded = self.providers.iter().any(|p| !p.is_loaded());
+        if !self.providers.is_empty() && (kid.is_some() || unloaded) && state.answer(index).is_none() {
             return Err(Outcome::WaitForKeys);
         }
         let loaded = self.keys.is_some() || self.providers.iter().any(|p| p.is_loaded());
         Err(Outcome::Refused(if loaded { Failure::NoKey } else { Failure::KeysUnavailable }))
     }
 
-    fn claims_hold(&self, claims: &Claims, facts: &Facts<'_>) -> Result<(), Failure> {
+    fn claims_hold(&self, verified: &Verified, facts: &Facts<'_>) -> Result<(), Failure> {
+        let claims = &verified.claims;
         if claims.exp().is_none() && self.require_exp {
             return Err(Failure::NoExpiration);
         }
@@ -507,25 +522,28 @@ impl JwtStep {
             if !claims.issuer().is_some_and(|i| self.issuers.iter().any(|x| x == i)) {
                 return Err(Failure::Issuer);
             }
-        } else if !self.providers.is_empty() {
-            // No issuers configured: the providers' own (API Management takes the issuer from the
-            // OpenID configuration).
-            let ok = claims
-                .issuer()
-                .is_some_and(|i| self.providers.iter().any(|p| p.issuer().is_some_and(|x| *x == i)));
-            if !ok {
+        } else if let Some(expected) = &verified.issuer {
+            // No issuers configured: the issuer of the provider whose key verified the token (API
+            // Management takes the issuer from the OpenID configuration).
+            if claims.issuer() != Some(expected.as_str()) {
                 return Err(Failure::Issuer);
             }
+        } else if !self.providers.is_empty() && self.keys.is_none() {
+            // Verified by a provider whose discovery document named no issuer.
+            return Err(Failure::Issuer);
         }
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.satisfied_by(claims) {
                 return Err(Failure::Claim(i));
             }
         }
-        if self.binding {
+        // A certificate-bound token (RFC 8705 §3) is checked against this connection's certificate
+        // whether or not the step requires binding; `require_certificate_binding` also refuses
+        // tokens that are not bound.
+        let claimed = claims.get("cnf").and_then(|c| c.get("x5t#S256")).is_some();
+        if claimed || self.binding {
             let bound = claims.certificate_binding();
-            let cert = facts.client_cert.map(|c| c.sha256);
-            if bound.is_none() || bound != cert {
+            if bound.is_none() || bound != facts.client_cert.map(|c| c.sha256) {
                 return Err(Failure::Binding);
             }
         }

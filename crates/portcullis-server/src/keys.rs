@@ -33,11 +33,12 @@ struct Fetcher {
 }
 
 impl Fetcher {
+    /// Tells the thread to stop and lets it go: it may be in the middle of a fetch (up to its
+    /// timeouts), and a reload or a shutdown does not wait for that.
     fn end(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
-            let _ = t.join();
         }
     }
 }
@@ -73,7 +74,19 @@ impl KeyFetchers {
             .map(|o| {
                 let keys = match self.fetchers.iter().find(|f| same_provider(&f.settings, o)) {
                     Some(f) => f.keys.clone(),
-                    None => RemoteKeys::new(&o.name.value, &o.url.value, o.min_refetch, o.refetch_wait),
+                    None => {
+                        let keys =
+                            RemoteKeys::new(&o.name.value, &o.url.value, o.min_refetch, o.refetch_wait);
+                        // Same provider, other fetch settings: its keys serve until the new fetch.
+                        if let Some(f) = self
+                            .fetchers
+                            .iter()
+                            .find(|f| f.keys.name() == o.name.value && f.keys.url() == o.url.value)
+                        {
+                            keys.seed_from(&f.keys);
+                        }
+                        keys
+                    }
                 };
                 (o.name.value.clone(), keys)
             })
@@ -126,6 +139,8 @@ fn spawn(settings: OpenId, keys: Arc<RemoteKeys>, stop: Arc<AtomicBool>) -> Opti
         }
         Err(e) => {
             tracing::error!(provider = keys.name(), error = %e, "cannot start the key fetcher thread");
+            // No fetch is under way: requests must not wait for one.
+            keys.attempt_done();
             None
         }
     }

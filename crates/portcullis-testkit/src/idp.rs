@@ -168,6 +168,8 @@ impl SigningKey {
             h.entry("alg").or_insert(json!(self.alg()));
             h.entry("kid").or_insert(json!(self.kid));
             h.entry("typ").or_insert(json!("JWT"));
+            // A null leaves the member out (a token without `kid`, say).
+            h.retain(|_, v| !v.is_null());
         }
         let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
         let sig = self.sign_bytes(input.as_bytes());

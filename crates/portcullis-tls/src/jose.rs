@@ -193,7 +193,11 @@ impl Crypto for BoringCrypto {
             Material::Rsa { n, e } => {
                 let n = BigNum::from_slice(n).map_err(|e| e.to_string())?;
                 let e = BigNum::from_slice(e).map_err(|e| e.to_string())?;
-                check_rsa(&n, &e)?;
+                // Checked before BoringSSL sees it (an exponent of 1 is refused there too), and
+                // again, with the ROCA test, by `rsa_key`.
+                if !e.is_odd() || e.num_bits() < 2 {
+                    return Err("the RSA public exponent must be odd, at least 3 and at most 33 bits".into());
+                }
                 rsa_key(Rsa::from_public_components(n, e).map_err(|e| format!("RSA key: {e}"))?)
             }
             Material::Ec { curve, x, y } => {

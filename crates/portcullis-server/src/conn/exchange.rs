@@ -417,9 +417,8 @@ const REFETCH_POLL: Duration = Duration::from_millis(10);
 /// and waits, at most the longest `refetch_wait`, until the fetches it was granted (or joined)
 /// are over.
 async fn refetched(providers: &[std::sync::Arc<RemoteKeys>]) {
-    let now_ms = portcullis_tls::now_unix().saturating_mul(1000);
     let mut pending: Vec<(&RemoteKeys, u64)> =
-        providers.iter().filter_map(|p| p.demand_refetch(now_ms).map(|seen| (&**p, seen))).collect();
+        providers.iter().filter_map(|p| p.demand_refetch().map(|seen| (&**p, seen))).collect();
     let Some(wait) = pending.iter().map(|(p, _)| p.refetch_wait()).max() else { return };
     let deadline = Instant::now() + wait;
     loop {

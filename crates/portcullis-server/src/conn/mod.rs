@@ -467,7 +467,8 @@ impl<S: Stream> Conn<S> {
             id = std::str::from_utf8(id).unwrap_or(""),
             peer = %self.peer,
             method = %String::from_utf8_lossy(self.head.method()),
-            path = %String::from_utf8_lossy(self.head.path()),
+            // Without the query: it may carry a subscription key or a token.
+            path = %String::from_utf8_lossy(self.head.path_only()),
             api = route.map_or("-", |r| r.name.as_str()),
             status,
             micros = started.elapsed().as_micros() as u64,
