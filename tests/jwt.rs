@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use portcullis_testkit::idp::{Idp, SigningKey, free_port, now};
-use portcullis_testkit::{Response, TestProxy};
+use portcullis_testkit::{Identity, Response, TestProxy};
 use serde_json::{Value, json};
 
 use crate::common::Env;
@@ -65,6 +65,15 @@ fn pem_keys(env: &Env, key: &SigningKey) -> String {
 
 fn get(env: &Env, proxy: &TestProxy, path: &str, headers: &[(&str, &str)]) -> Response {
     env.client(None).connect(proxy.addr).unwrap().request("GET", path, headers, b"").unwrap()
+}
+
+/// A request with `token` from a client presenting `id`.
+fn bearer_as(env: &Env, proxy: &TestProxy, id: Option<&Identity>, token: &str) -> Response {
+    env.client(id)
+        .connect(proxy.addr)
+        .unwrap()
+        .request("GET", "/", &[("Authorization", &format!("Bearer {token}"))], b"")
+        .unwrap()
 }
 
 fn bearer(env: &Env, proxy: &TestProxy, token: &str) -> Response {
@@ -288,13 +297,7 @@ fn certificate_bound_tokens() {
     let thumbprint =
         |der: &[u8]| portcullis_jose::b64::encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
     let bound = key.token(&claims(json!({"cnf": {"x5t#S256": thumbprint(&env.pki.client.cert_der)}})));
-    let get_as = |id: Option<&portcullis_testkit::Identity>, token: &str| {
-        env.client(id)
-            .connect(proxy.addr)
-            .unwrap()
-            .request("GET", "/", &[("Authorization", &format!("Bearer {token}"))], b"")
-            .unwrap()
-    };
+    let get_as = |id: Option<&Identity>, token: &str| bearer_as(&env, &proxy, id, token);
     assert_eq!(get_as(Some(&env.pki.client), &bound).status, 200);
     refused(&get_as(Some(&env.pki.client2), &bound), "JWT is not bound to the client certificate.");
     refused(&get_as(None, &bound), "JWT is not bound to the client certificate.");
@@ -442,13 +445,7 @@ fn a_bound_token_is_always_checked() {
         ring::digest::digest(&ring::digest::SHA256, &env.pki.client.cert_der).as_ref(),
     );
     let bound = key.token(&claims(json!({"cnf": {"x5t#S256": thumbprint}})));
-    let get_as = |id: Option<&portcullis_testkit::Identity>, token: &str| {
-        env.client(id)
-            .connect(proxy.addr)
-            .unwrap()
-            .request("GET", "/", &[("Authorization", &format!("Bearer {token}"))], b"")
-            .unwrap()
-    };
+    let get_as = |id: Option<&Identity>, token: &str| bearer_as(&env, &proxy, id, token);
     assert_eq!(get_as(Some(&env.pki.client), &bound).status, 200);
     refused(&get_as(None, &bound), "JWT is not bound to the client certificate.");
     refused(

@@ -3,6 +3,8 @@
 //! set (lookup, and loading the file).
 #![allow(missing_docs, clippy::unwrap_used, reason = "bench harness")]
 
+mod support;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,20 +16,7 @@ use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, PolicySet, Reque
 use portcullis_testkit::idp::{SigningKey, jwks, now};
 use portcullis_tls::BoringCrypto;
 use serde_json::json;
-
-struct Fields(Vec<(Bytes, Bytes)>);
-
-impl HeaderList for Fields {
-    fn count(&self) -> usize {
-        self.0.len()
-    }
-    fn name(&self, i: usize) -> &[u8] {
-        &self.0[i].0
-    }
-    fn value(&self, i: usize) -> &[u8] {
-        &self.0[i].1
-    }
-}
+use support::Fields;
 
 fn claims() -> serde_json::Value {
     json!({"iss": "https://login.example.com/tenant/v2.0", "aud": "api://todo", "sub": "user-1",

@@ -2,6 +2,8 @@
 //! whole inbound evaluation.
 #![allow(missing_docs, clippy::unwrap_used, reason = "bench harness")]
 
+mod support;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portcullis_config::{Loc, Located};
 use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, RequestState, ThumbprintSet, Verdict};
 use portcullis_testkit::Pki;
+use support::Fields;
 
 /// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
 fn million_line_list(extra: &str) -> Vec<u8> {
@@ -69,20 +72,6 @@ fn thumbprint_set(c: &mut Criterion) {
             black_box(set.contains_sha1(&keys[i]))
         })
     });
-}
-
-struct Fields(Vec<(Bytes, Bytes)>);
-
-impl HeaderList for Fields {
-    fn count(&self) -> usize {
-        self.0.len()
-    }
-    fn name(&self, i: usize) -> &[u8] {
-        &self.0[i].0
-    }
-    fn value(&self, i: usize) -> &[u8] {
-        &self.0[i].1
-    }
 }
 
 fn evaluation(c: &mut Criterion) {
