@@ -17,3 +17,4 @@ mod proxy;
 mod reload;
 mod subscriptions;
 mod tls;
+mod traffic;

@@ -14,11 +14,13 @@ mod error;
 mod load;
 mod model;
 mod reader;
+mod traffic;
 
 pub use callers::{https_url, subscription_key_problem};
 pub use error::{ConfigError, ConfigErrors, Loc};
 pub use load::{load, load_partial, parse, parse_partial, portcullis_max_headers};
 pub use model::*;
+pub use traffic::canonical_ip;
 
 #[cfg(test)]
 mod tests;

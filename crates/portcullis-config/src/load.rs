@@ -428,6 +428,8 @@ fn listener(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Listener> {
             "tls_min_version",
             "session_tickets",
             "sni",
+            "proxy_protocol",
+            "proxy_protocol_from",
         ],
     );
     let bind = required(r, t, v, field, "bind").and_then(|b| {
@@ -461,6 +463,17 @@ fn listener(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Listener> {
         Some(b) => r.boolean(b, &join(field, "session_tickets")).unwrap_or(true),
         None => true,
     };
+    let proxy_protocol = flag(r, t, field, "proxy_protocol", false);
+    let proxy_protocol_from = get(t, "proxy_protocol_from")
+        .map(|v| crate::traffic::ranges(r, v, &join(field, "proxy_protocol_from")))
+        .unwrap_or_default();
+    if !proxy_protocol && get(t, "proxy_protocol_from").is_some() {
+        r.error(
+            &v.span(),
+            &join(field, "proxy_protocol_from"),
+            "`proxy_protocol_from` goes with `proxy_protocol = true`",
+        );
+    }
     let sni = match get(t, "sni") {
         Some(s) => {
             r.tables(s, &join(field, "sni")).into_iter().filter_map(|(v, f)| sni(r, v, &f, &client)).collect()
@@ -473,6 +486,8 @@ fn listener(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Listener> {
         client,
         tls_min_version,
         session_tickets,
+        proxy_protocol,
+        proxy_protocol_from,
         sni,
         loc: r.loc(&v.span(), field),
     })
@@ -806,8 +821,14 @@ fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
     Some(Operation { pattern: pattern?, inherit, inbound, outbound })
 }
 
-const STEP_KINDS: [&str; 4] =
-    ["set_header", "validate_client_certificate", "return_response", "validate_jwt"];
+const STEP_KINDS: [&str; 6] = [
+    "set_header",
+    "validate_client_certificate",
+    "return_response",
+    "validate_jwt",
+    "ip_filter",
+    "check_header",
+];
 
 pub(crate) fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
     r.tables(v, field).into_iter().filter_map(|(v, f)| step(r, v, &f)).collect()
@@ -829,6 +850,8 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
         }
         "return_response" => StepKind::ReturnResponse(return_response(r, body, &field)?),
         "validate_jwt" => StepKind::ValidateJwt(Box::new(crate::callers::validate_jwt(r, body, &field)?)),
+        "ip_filter" => StepKind::IpFilter(crate::traffic::ip_filter(r, body, &field)?),
+        "check_header" => StepKind::CheckHeader(crate::traffic::check_header(r, body, &field)?),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })

@@ -150,6 +150,11 @@ pub struct Listener {
     pub tls_min_version: TlsVersion,
     /// Stateless session resumption (RFC 8446 tickets); the client certificate's facts survive it.
     pub session_tickets: bool,
+    /// A PROXY protocol header (v1 or v2) precedes TLS on every connection: the client's address
+    /// is the one it carries.
+    pub proxy_protocol: bool,
+    /// Who may send a PROXY protocol header (empty: anyone).
+    pub proxy_protocol_from: Vec<Located<IpRange>>,
     pub sni: Vec<Sni>,
     pub loc: Loc,
 }
@@ -325,6 +330,8 @@ pub enum StepKind {
     ValidateClientCertificate(ValidateClientCertificate),
     ReturnResponse(ReturnResponse),
     ValidateJwt(Box<ValidateJwt>),
+    IpFilter(IpFilter),
+    CheckHeader(CheckHeader),
 }
 
 /// `validate_client_certificate`: APIM's policy of the same name.
@@ -469,4 +476,42 @@ pub struct ValidateJwt {
     pub status: u16,
     /// When set, the message of every failure; else one that says what failed.
     pub message: Option<String>,
+}
+
+/// An inclusive range of addresses of one family (IPv4-mapped IPv6 addresses are IPv4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    pub from: std::net::IpAddr,
+    pub to: std::net::IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpAction {
+    /// Only the listed addresses pass.
+    Allow,
+    /// The listed addresses are refused.
+    Forbid,
+}
+
+/// `ip_filter`: API Management's `ip-filter`.
+#[derive(Debug, Clone)]
+pub struct IpFilter {
+    pub action: IpAction,
+    /// From `addresses`, `ranges` and `cidrs`.
+    pub entries: Vec<Located<IpRange>>,
+    /// Files of addresses, ranges and CIDR blocks, one a line.
+    pub lists: Vec<Located<PathBuf>>,
+    pub status: u16,
+    pub message: String,
+}
+
+/// `check_header`: API Management's `check-header`.
+#[derive(Debug, Clone)]
+pub struct CheckHeader {
+    pub name: Located<String>,
+    /// Allowed values (empty: the header must only be present).
+    pub values: Vec<String>,
+    pub ignore_case: bool,
+    pub status: u16,
+    pub message: String,
 }

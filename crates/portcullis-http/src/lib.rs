@@ -23,6 +23,7 @@ mod error;
 pub mod forward;
 mod head;
 mod path;
+pub mod proxy_protocol;
 pub mod write;
 
 pub use chunked::{ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded};

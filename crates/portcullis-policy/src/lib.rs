@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod facts;
+mod ipset;
 mod jwt;
 mod operations;
 mod policy;
@@ -32,6 +33,7 @@ mod template;
 mod thumbprints;
 
 pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState};
+pub use ipset::IpSet;
 pub use jwt::TokenCache;
 pub use policy::{
     ApiPolicy, ApiRoutes, Inputs, Need, PolicySet, Response, Verdict, compile, load_thumbprints,

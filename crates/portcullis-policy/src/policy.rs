@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use portcullis_config::{
-    Config, ConfigErrors, IdentityAttribute, Loc, ReturnResponse, SetHeaderAction, Step as StepConfig,
-    StepKind, SubscriptionScope, ValidateClientCertificate,
+    Config, ConfigErrors, IdentityAttribute, IpAction, Loc, ReturnResponse, SetHeaderAction,
+    Step as StepConfig, StepKind, SubscriptionScope, ValidateClientCertificate,
 };
 use portcullis_facts::{ClientCert, RevocationSet, VerifyError, normalize_dn};
 use portcullis_jose::{Crypto, RemoteKeys};
 
 use crate::facts::{Facts, HeaderEdits, HeaderList, RequestState};
+use crate::ipset::IpSet;
 use crate::jwt::{JwtStep, KeyInputs, Outcome, percent_decode, query_value};
 use crate::operations::OperationPattern;
 use crate::subscriptions::{Builder, Grant, Subscriptions};
@@ -98,11 +99,44 @@ struct ValidateStep {
 }
 
 #[derive(Debug)]
+struct IpFilterStep {
+    allow: bool,
+    set: IpSet,
+    reject: Response,
+}
+
+#[derive(Debug)]
+struct CheckHeaderStep {
+    /// Lower case.
+    name: Bytes,
+    values: Vec<Bytes>,
+    ignore_case: bool,
+    reject: Response,
+}
+
+impl CheckHeaderStep {
+    /// Whether the request has the header, with an allowed value when values are listed (any of
+    /// its fields may hold it).
+    fn passes(&self, headers: &dyn HeaderList) -> bool {
+        let mut fields = (0..headers.count()).filter(|&i| headers.name(i).eq_ignore_ascii_case(&self.name));
+        if self.values.is_empty() {
+            return fields.next().is_some();
+        }
+        fields.any(|i| {
+            let v = headers.value(i).trim_ascii();
+            self.values.iter().any(|a| if self.ignore_case { a.eq_ignore_ascii_case(v) } else { a == v })
+        })
+    }
+}
+
+#[derive(Debug)]
 enum Step {
     SetHeader(SetHeader),
     ValidateClientCertificate(ValidateStep),
     ReturnResponse(Response),
     ValidateJwt(Box<JwtStep>),
+    IpFilter(IpFilterStep),
+    CheckHeader(CheckHeaderStep),
     /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
     /// otherwise.
     #[cfg(test)]
@@ -326,6 +360,36 @@ impl Compiler<'_> {
                 };
                 JwtStep::compile(v, &step.loc, &keys, &mut self.errors)
                     .map(|j| Step::ValidateJwt(Box::new(j)))
+            }
+            StepKind::IpFilter(f) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("ip_filter is an inbound step"));
+                    return None;
+                }
+                let mut ranges: Vec<_> = f.entries.iter().map(|e| e.value).collect();
+                for list in &f.lists {
+                    match IpSet::read_file(&list.value, &list.loc) {
+                        Ok(more) => ranges.extend(more),
+                        Err(e) => self.errors.extend(e),
+                    }
+                }
+                Some(Step::IpFilter(IpFilterStep {
+                    allow: f.action == IpAction::Allow,
+                    set: IpSet::new(ranges),
+                    reject: json_response(f.status, &f.message),
+                }))
+            }
+            StepKind::CheckHeader(c) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("check_header is an inbound step"));
+                    return None;
+                }
+                Some(Step::CheckHeader(CheckHeaderStep {
+                    name: Bytes::from(c.name.value.to_ascii_lowercase().into_bytes()),
+                    values: c.values.iter().map(|v| Bytes::from(v.trim().to_owned().into_bytes())).collect(),
+                    ignore_case: c.ignore_case,
+                    reject: json_response(c.status, &c.message),
+                }))
             }
         }
     }
@@ -763,6 +827,26 @@ impl PolicySet {
                     edits,
                 ));
             }
+            Step::IpFilter(f) => {
+                if f.set.contains(facts.client_addr.ip()) != f.allow {
+                    return Some(refuse(
+                        &f.reject,
+                        "ip filter",
+                        &Context { facts, state, set: self, headers },
+                        edits,
+                    ));
+                }
+            }
+            Step::CheckHeader(c) => {
+                if !c.passes(headers) {
+                    return Some(refuse(
+                        &c.reject,
+                        "check header",
+                        &Context { facts, state, set: self, headers },
+                        edits,
+                    ));
+                }
+            }
             Step::ValidateJwt(j) => match j.run(index, self, facts, headers, state) {
                 Outcome::Valid(token) => state.token = Some(token),
                 Outcome::WaitForKeys => {
@@ -803,7 +887,11 @@ impl PolicySet {
         for step in self.scopes(policy, state, false).into_iter().flatten() {
             match step {
                 Step::SetHeader(s) => run_set_header(s, &cx, edits),
-                Step::ValidateClientCertificate(_) | Step::ReturnResponse(_) | Step::ValidateJwt(_) => {}
+                Step::ValidateClientCertificate(_)
+                | Step::ReturnResponse(_)
+                | Step::ValidateJwt(_)
+                | Step::IpFilter(_)
+                | Step::CheckHeader(_) => {}
                 #[cfg(test)]
                 Step::Probe { .. } => {}
             }

@@ -10,10 +10,17 @@ use bytes::Bytes;
 use portcullis_config::{Config, ConfigErrors};
 use portcullis_http::Limits;
 use portcullis_jose::RemoteKeys;
-use portcullis_policy::{Inputs, PolicySet};
+use portcullis_policy::{Inputs, IpSet, PolicySet};
 use portcullis_tls::{BoringCrypto, RevocationSet, TicketKeys, TlsAcceptor};
 
 use crate::upstream::{PoolKey, Target};
+
+/// A listener's PROXY protocol settings.
+#[derive(Debug)]
+pub(crate) struct ProxyProtocol {
+    /// Who may send the header (`None`: anyone).
+    pub(crate) from: Option<IpSet>,
+}
 
 /// A backend, resolved.
 #[derive(Debug)]
@@ -115,6 +122,9 @@ pub(crate) fn forwarded_path(route: &Route, backend: &Backend, path: &[u8], out:
 pub struct Snapshot {
     pub(crate) generation: u64,
     pub(crate) listeners: Vec<TlsAcceptor>,
+    /// Per listener (indexed like `listeners`): the PROXY protocol header that comes first, if one
+    /// does.
+    pub(crate) proxy_protocol: Vec<Option<ProxyProtocol>>,
     pub(crate) router: Router,
     pub(crate) backends: Vec<Backend>,
     pub(crate) policies: PolicySet,
@@ -167,6 +177,15 @@ impl Snapshot {
                 Err(e) => errors.extend(e),
             }
         }
+        let proxy_protocol = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let from = (!l.proxy_protocol_from.is_empty())
+                    .then(|| IpSet::new(l.proxy_protocol_from.iter().map(|r| r.value)));
+                l.proxy_protocol.then_some(ProxyProtocol { from })
+            })
+            .collect();
         let mut backends = Vec::with_capacity(config.backends.len());
         for b in &config.backends {
             let addr = match b.authority.to_socket_addrs().map(|mut a| a.next()) {
@@ -263,6 +282,7 @@ impl Snapshot {
         let snapshot = Snapshot {
             generation,
             listeners,
+            proxy_protocol,
             router: Router::new(routes),
             backends,
             policies,

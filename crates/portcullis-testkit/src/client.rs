@@ -97,10 +97,17 @@ impl TlsClient {
 
     /// Connects and completes the client side of the handshake.
     pub fn connect(&self, addr: SocketAddr) -> io::Result<Conn> {
-        let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        self.connect_after(addr, b"")
+    }
+
+    /// Connects, sends `preamble` in clear (a PROXY protocol header, as a balancer would), then
+    /// completes the handshake.
+    pub fn connect_after(&self, addr: SocketAddr, preamble: &[u8]) -> io::Result<Conn> {
+        let mut tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
         tcp.set_read_timeout(Some(IO_TIMEOUT))?;
         tcp.set_write_timeout(Some(IO_TIMEOUT))?;
         tcp.set_nodelay(true)?;
+        tcp.write_all(preamble)?;
         let conn =
             ClientConnection::new(self.config.clone(), self.server_name.clone()).map_err(io::Error::other)?;
         let mut tls = StreamOwned::new(conn, tcp);

@@ -13,6 +13,7 @@ use boring::ssl::{
 };
 use boring::x509::X509;
 use boring_sys as ffi;
+use bytes::BytesMut;
 use foreign_types::{ForeignType, ForeignTypeRef};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use portcullis_config::{CertKey, ClientAuth, ClientCertMode, ConfigErrors, Listener, TlsVersion};
@@ -532,13 +533,23 @@ impl TlsAcceptor {
     /// Runs the server side of a handshake over `io`.
     pub async fn accept<S: AsyncReadRent + AsyncWriteRent>(
         &self,
+        io: S,
+    ) -> Result<TlsStream<S>, HandshakeError> {
+        self.accept_after(io, BytesMut::new()).await
+    }
+
+    /// Runs the server side of a handshake over `io`, whose first bytes were already read into
+    /// `read` (after a PROXY protocol header, say).
+    pub async fn accept_after<S: AsyncReadRent + AsyncWriteRent>(
+        &self,
         mut io: S,
+        read: BytesMut,
     ) -> Result<TlsStream<S>, HandshakeError> {
         let mut ssl = Ssl::new(&self.ctx).map_err(|e| HandshakeError::Internal(e.to_string()))?;
         // The verification callback's trust (the SNI callback may move the connection elsewhere).
         ssl.set_ex_data(auth_index(), self.default_auth.clone());
-        let mut ssl =
-            SslStream::new(ssl, Staging::default()).map_err(|e| HandshakeError::Internal(e.to_string()))?;
+        let staging = Staging { rx: read, tx: BytesMut::new() };
+        let mut ssl = SslStream::new(ssl, staging).map_err(|e| HandshakeError::Internal(e.to_string()))?;
         loop {
             match ssl.accept() {
                 Ok(()) => break,

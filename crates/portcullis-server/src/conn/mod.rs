@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 use monoio::time::{Instant, timeout, timeout_at};
-use portcullis_http::{Framing, HeadError, HeadScanner, Reaction, RequestHead, ResponseHead, Version, write};
+use portcullis_http::{
+    Framing, HeadError, HeadScanner, Reaction, RequestHead, ResponseHead, Version, proxy_protocol, write,
+};
 use portcullis_policy::{HeaderEdits, HeaderList, RequestState, Response};
 use portcullis_tls::{SessionInfo, Stream};
 
@@ -47,8 +49,31 @@ pub(crate) async fn serve(
     let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
     let handshake_timeout = snap.server.handshake_timeout;
     let access_log = snap.server.access_log;
+    let mut tcp = tcp;
+    let mut peer = peer;
+    let mut first = BytesMut::new();
+    if let Some(pp) = snap.proxy_protocol.get(listener).and_then(Option::as_ref) {
+        let refused = |why: &dyn std::fmt::Display| {
+            tracing::info!(%peer, error = %why, "connection refused: PROXY protocol");
+            if access_log {
+                tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %why);
+            }
+        };
+        if let Some(from) = &pp.from
+            && !from.contains(peer.ip())
+        {
+            refused(&"a PROXY protocol header from an address not in proxy_protocol_from");
+            return;
+        }
+        match timeout(handshake_timeout, read_proxy_header(&mut tcp, &mut first)).await {
+            Ok(Ok(proxy_protocol::Header::Proxied { source, .. })) => peer = source,
+            Ok(Ok(proxy_protocol::Header::Local)) => {}
+            Ok(Err(e)) => return refused(&e),
+            Err(_) => return refused(&"no PROXY protocol header in time"),
+        }
+    }
     drop(snap);
-    let tls = match timeout(handshake_timeout, acceptor.accept(tcp)).await {
+    let tls = match timeout(handshake_timeout, acceptor.accept_after(tcp, first)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             match &e {
@@ -107,6 +132,34 @@ pub(crate) async fn serve(
     };
     conn.run().await;
 }
+/// Reads a PROXY protocol header from the start of the connection; what came after it stays in
+/// `buf` for TLS.
+async fn read_proxy_header(tcp: &mut TcpStream, buf: &mut BytesMut) -> io::Result<proxy_protocol::Header> {
+    use monoio::io::AsyncReadRent;
+    let mut chunk = Vec::with_capacity(1024);
+    loop {
+        match proxy_protocol::parse(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            proxy_protocol::Parsed::Done { header, len } => {
+                let _ = buf.split_to(len);
+                return Ok(header);
+            }
+            proxy_protocol::Parsed::Partial => {}
+        }
+        chunk.clear();
+        let (read, c) = tcp.read(chunk).await;
+        chunk = c;
+        match read? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before a PROXY protocol header",
+                ));
+            }
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Why reading a request head stopped short.
 enum HeadFailure {
     Invalid(HeadError),
