@@ -11,6 +11,7 @@ mod framing;
 mod jose;
 mod jwt;
 mod lifecycle;
+mod limits;
 mod operator;
 mod policy;
 mod proxy;

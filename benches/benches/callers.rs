@@ -62,6 +62,7 @@ fn facts() -> Facts<'static> {
         client_ip: "10.1.2.3",
         request_id: "0123456789abcdef",
         now: now(),
+        now_ms: now() as u64 * 1000,
         query: b"",
     }
 }

@@ -130,6 +130,7 @@ backend = "b"
         client_ip: "10.1.2.3",
         request_id: "0123456789abcdef",
         now: portcullis_tls::now_unix(),
+        now_ms: portcullis_tls::now_unix() as u64 * 1000,
         query: b"",
     };
     let mut edits = HeaderEdits::default();

@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
     if let Some(config) = config {
         let keys = portcullis_tls::TicketKeys::generate();
         // No identity providers: nothing is fetched while fuzzing.
-        if let Err(e) = Snapshot::compile(&config, &keys, 0, Vec::new()) {
+        let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
+        if let Err(e) = Snapshot::compile(&config, &keys, 0, Vec::new(), counters) {
             errors.extend(e);
         }
     }

@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         client_ip: "127.0.0.1",
         request_id: "0123456789abcdef",
         now: 1_800_000_000,
+        now_ms: 1_800_000_000_000,
         query: b"a=1&b",
     };
     let (state, set) = (RequestState::default(), PolicySet::default());

@@ -305,6 +305,7 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
             "max_connections",
             "allow_underscores_in_headers",
             "max_body_size",
+            "rate_limit_keys",
         ],
     );
     if let Some(v) = get(t, "workers") {
@@ -348,6 +349,11 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
     if let Some(v) = get(t, "allow_underscores_in_headers") {
         s.allow_underscores_in_headers =
             r.boolean(v, "server.allow_underscores_in_headers").unwrap_or(s.allow_underscores_in_headers);
+    }
+    if let Some(v) = get(t, "rate_limit_keys") {
+        s.rate_limit_keys = r
+            .integer(v, "server.rate_limit_keys", 64..(1 << 26) + 1)
+            .map_or(s.rate_limit_keys, |n| n as usize);
     }
     if let Some(v) = get(t, "max_body_size") {
         s.max_body_size =
@@ -821,13 +827,17 @@ fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
     Some(Operation { pattern: pattern?, inherit, inbound, outbound })
 }
 
-const STEP_KINDS: [&str; 6] = [
+const STEP_KINDS: [&str; 10] = [
     "set_header",
     "validate_client_certificate",
     "return_response",
     "validate_jwt",
     "ip_filter",
     "check_header",
+    "rate_limit",
+    "rate_limit_by_key",
+    "quota",
+    "quota_by_key",
 ];
 
 pub(crate) fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
@@ -852,6 +862,10 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
         "validate_jwt" => StepKind::ValidateJwt(Box::new(crate::callers::validate_jwt(r, body, &field)?)),
         "ip_filter" => StepKind::IpFilter(crate::traffic::ip_filter(r, body, &field)?),
         "check_header" => StepKind::CheckHeader(crate::traffic::check_header(r, body, &field)?),
+        "rate_limit" => StepKind::RateLimit(crate::traffic::rate_limit(r, body, &field, false)?),
+        "rate_limit_by_key" => StepKind::RateLimit(crate::traffic::rate_limit(r, body, &field, true)?),
+        "quota" => StepKind::Quota(crate::traffic::quota(r, body, &field, false)?),
+        "quota_by_key" => StepKind::Quota(crate::traffic::quota(r, body, &field, true)?),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })

@@ -83,6 +83,8 @@ pub struct Server {
     pub allow_underscores_in_headers: bool,
     /// Largest request body, in bytes; a larger one is refused with 413. `None`: no limit.
     pub max_body_size: Option<u64>,
+    /// Keys the rate-limit and quota counters hold (each kind); set at start.
+    pub rate_limit_keys: usize,
 }
 
 impl Default for Server {
@@ -101,6 +103,7 @@ impl Default for Server {
             max_connections: None,
             allow_underscores_in_headers: false,
             max_body_size: None,
+            rate_limit_keys: 65_536,
         }
     }
 }
@@ -332,6 +335,10 @@ pub enum StepKind {
     ValidateJwt(Box<ValidateJwt>),
     IpFilter(IpFilter),
     CheckHeader(CheckHeader),
+    /// `rate_limit` (per subscription) or `rate_limit_by_key`.
+    RateLimit(RateLimit),
+    /// `quota` (per subscription) or `quota_by_key`.
+    Quota(Quota),
 }
 
 /// `validate_client_certificate`: APIM's policy of the same name.
@@ -514,4 +521,44 @@ pub struct CheckHeader {
     pub ignore_case: bool,
     pub status: u16,
     pub message: String,
+}
+
+/// Status codes as inclusive ranges: when a call counts (`increment_condition`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRanges(pub Vec<(u16, u16)>);
+
+impl StatusRanges {
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|(a, b)| (*a..=*b).contains(&status))
+    }
+}
+
+/// `rate_limit` / `rate_limit_by_key`: API Management's policies of those names.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub calls: u64,
+    /// At most 300 s.
+    pub renewal_period: std::time::Duration,
+    /// A template; `None` for `rate_limit` (the subscription is the key).
+    pub counter_key: Option<Located<String>>,
+    /// When given, a call counts only when its response's status is one of these.
+    pub increment_condition: Option<StatusRanges>,
+    pub increment_count: u64,
+    pub retry_after_header_name: String,
+    pub remaining_calls_header_name: Option<String>,
+    pub total_calls_header_name: Option<String>,
+}
+
+/// `quota` / `quota_by_key`: API Management's policies of those names.
+#[derive(Debug, Clone)]
+pub struct Quota {
+    pub calls: Option<u64>,
+    pub bandwidth_kb: Option<u64>,
+    /// At least 300 s; zero: one period for ever.
+    pub renewal_period: std::time::Duration,
+    /// A template; `None` for `quota` (the subscription is the key).
+    pub counter_key: Option<Located<String>>,
+    /// Periods count from here (Unix seconds).
+    pub first_period_start: i64,
+    pub increment_condition: Option<StatusRanges>,
 }

@@ -160,17 +160,19 @@ impl Reader {
             DeValue::Integer(_) => {
                 self.integer(v, field, 0..i64::from(u32::MAX)).map(|s| Duration::from_secs(s as u64))
             }
-            DeValue::String(s) => match parse_duration(s) {
-                Some(d) => Some(d),
-                None => {
-                    self.error(
+            DeValue::String(s) => {
+                match parse_duration(s) {
+                    Some(d) => Some(d),
+                    None => {
+                        self.error(
                         &v.span(),
                         field,
-                        format!("invalid duration \"{s}\" (use e.g. \"250ms\", \"10s\", \"5m\", \"1h\")"),
+                        format!("invalid duration \"{s}\" (use e.g. \"250ms\", \"10s\", \"5m\", \"1h\", \"30d\")"),
                     );
-                    None
+                        None
+                    }
                 }
-            },
+            }
             _ => {
                 self.type_error(v, field, "a duration such as \"10s\"");
                 None
@@ -227,6 +229,7 @@ pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86_400.0,
         _ => return None,
     };
     if !secs.is_finite() || !(0.0..=4.0e9).contains(&secs) {

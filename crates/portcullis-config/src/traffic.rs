@@ -223,12 +223,237 @@ pub(crate) fn check_header(r: &mut Reader, v: &Value<'_>, field: &str) -> Option
     Some(CheckHeader { name, values, ignore_case, status, message })
 }
 
+/// `increment_condition`: `"status < 400"` (`<`, `<=`, `>`, `>=`, `==`, `!=` against a number)
+/// or a list of statuses and ranges (`["200-299", "404"]`).
+fn increment_condition(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<StatusRanges> {
+    let range = |text: &str| -> Result<(u16, u16), String> {
+        let n = |s: &str| s.trim().parse::<u16>().ok().filter(|n| (100..=599).contains(n));
+        let (a, b) = text.split_once('-').unwrap_or((text, text));
+        match (n(a), n(b)) {
+            (Some(a), Some(b)) if a <= b => Ok((a, b)),
+            _ => Err(format!("\"{text}\" is not a status or a range like \"200-299\" (100 to 599)")),
+        }
+    };
+    if let toml::de::DeValue::String(text) = v.get_ref() {
+        let parsed = (|| {
+            let rest = text.trim().strip_prefix("status")?.trim_start();
+            let (op, number) = ["<=", ">=", "==", "!=", "<", ">"]
+                .iter()
+                .find_map(|op| rest.strip_prefix(op).map(|n| (*op, n)))?;
+            let n: u16 = number.trim().parse().ok().filter(|n| (100..=599).contains(n))?;
+            Some(match op {
+                "<" => vec![(100, n.saturating_sub(1))],
+                "<=" => vec![(100, n)],
+                ">" => vec![(n + 1, 599)],
+                ">=" => vec![(n, 599)],
+                "==" => vec![(n, n)],
+                _ => vec![(100, n.saturating_sub(1)), (n + 1, 599)],
+            })
+        })();
+        return match parsed {
+            Some(ranges) => Some(StatusRanges(ranges.into_iter().filter(|(a, b)| a <= b).collect())),
+            None => {
+                r.error(
+                    &v.span(),
+                    field,
+                    format!(
+                        "\"{text}\" is not a condition like \"status < 400\" (or a list like [\"200-299\"])"
+                    ),
+                );
+                None
+            }
+        };
+    }
+    let mut out = Vec::new();
+    for s in r.strings(v, field) {
+        match range(&s.value) {
+            Ok(x) => out.push(x),
+            Err(e) => r.errors.push(s.loc.error(e)),
+        }
+    }
+    Some(StatusRanges(out))
+}
+
+fn header_name(r: &mut Reader, t: &toml::de::DeTable<'_>, field: &str, key: &str) -> Option<String> {
+    let n = get(t, key).and_then(|v| r.non_empty_string(v, &join(field, key)))?;
+    if !is_token(&n.value) {
+        r.errors.push(n.loc.error(format!("\"{}\" is not a valid header name", n.value)));
+        return None;
+    }
+    Some(n.value)
+}
+
+/// `rate_limit` (`by_key`: `rate_limit_by_key`).
+pub(crate) fn rate_limit(r: &mut Reader, v: &Value<'_>, field: &str, by_key: bool) -> Option<RateLimit> {
+    let t = r.table(v, field)?;
+    let mut known = vec![
+        "calls",
+        "renewal_period",
+        "increment_condition",
+        "increment_count",
+        "retry_after_header_name",
+        "remaining_calls_header_name",
+        "total_calls_header_name",
+    ];
+    if by_key {
+        known.push("counter_key");
+    }
+    r.check_keys(t, field, &known);
+    let calls = required(r, t, v, field, "calls")
+        .and_then(|c| r.integer(c, &join(field, "calls"), 1..i64::from(u32::MAX)));
+    let period = required(r, t, v, field, "renewal_period").and_then(|p| {
+        let f = join(field, "renewal_period");
+        let d = r.duration(p, &f)?;
+        if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(300) {
+            r.error(&p.span(), &f, "a rate limit's renewal period is 1 s to 300 s (API Management's bounds); use a quota for longer periods");
+            return None;
+        }
+        Some(d)
+    });
+    let counter_key = if by_key {
+        required(r, t, v, field, "counter_key")
+            .and_then(|k| r.non_empty_string(k, &join(field, "counter_key")))
+    } else {
+        None
+    };
+    let increment_condition = get(t, "increment_condition")
+        .and_then(|c| increment_condition(r, c, &join(field, "increment_condition")));
+    let increment_count = match get(t, "increment_count") {
+        Some(c) => r.integer(c, &join(field, "increment_count"), 1..1_000_001)? as u64,
+        None => 1,
+    };
+    let retry_after_header_name =
+        header_name(r, t, field, "retry_after_header_name").unwrap_or_else(|| "Retry-After".to_owned());
+    let remaining_calls_header_name = header_name(r, t, field, "remaining_calls_header_name");
+    let total_calls_header_name = header_name(r, t, field, "total_calls_header_name");
+    if by_key && counter_key.is_none() {
+        return None;
+    }
+    Some(RateLimit {
+        calls: calls? as u64,
+        renewal_period: period?,
+        counter_key,
+        increment_condition,
+        increment_count,
+        retry_after_header_name,
+        remaining_calls_header_name,
+        total_calls_header_name,
+    })
+}
+
+/// Unix seconds of an RFC 3339 time in UTC (`2026-01-01T00:00:00Z`, or with `+00:00`).
+pub(crate) fn parse_utc(text: &str) -> Option<i64> {
+    let t = text.trim();
+    let t = t.strip_suffix('Z').or_else(|| t.strip_suffix("+00:00"))?;
+    let (date, time) = t.split_once(['T', 't'])?;
+    let num = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<i64>().ok()).flatten()
+    };
+    let mut d = date.split('-');
+    let (y, m, day) = (num(d.next()?, 4)?, num(d.next()?, 2)?, num(d.next()?, 2)?);
+    let mut c = time.split(':');
+    let (h, min, s) = (num(c.next()?, 2)?, num(c.next()?, 2)?, num(c.next()?, 2)?);
+    if d.next().is_some() || c.next().is_some() || !(1..=12).contains(&m) || h > 23 || min > 59 || s > 59 {
+        return None;
+    }
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if day < 1 || day > days_in[(m - 1) as usize] {
+        return None;
+    }
+    // Days from 1970-01-01 (the civil-from-days inverse, Howard Hinnant's).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468) * 86_400 + h * 3600 + min * 60 + s)
+}
+
+/// `quota` (`by_key`: `quota_by_key`).
+pub(crate) fn quota(r: &mut Reader, v: &Value<'_>, field: &str, by_key: bool) -> Option<Quota> {
+    let t = r.table(v, field)?;
+    let mut known =
+        vec!["calls", "bandwidth_kb", "renewal_period", "first_period_start", "increment_condition"];
+    if by_key {
+        known.push("counter_key");
+    }
+    r.check_keys(t, field, &known);
+    let calls =
+        get(t, "calls").and_then(|c| r.integer(c, &join(field, "calls"), 1..(1 << 40))).map(|n| n as u64);
+    let bandwidth_kb = get(t, "bandwidth_kb")
+        .and_then(|c| r.integer(c, &join(field, "bandwidth_kb"), 1..(1 << 30)))
+        .map(|n| n as u64);
+    if get(t, "calls").is_none() && get(t, "bandwidth_kb").is_none() {
+        r.error(&v.span(), field, "a quota needs `calls`, `bandwidth_kb`, or both");
+    }
+    let period = required(r, t, v, field, "renewal_period").and_then(|p| {
+        let f = join(field, "renewal_period");
+        let d = r.duration(p, &f)?;
+        if !d.is_zero() && d < std::time::Duration::from_secs(300) {
+            r.error(&p.span(), &f, "a quota's renewal period is at least 300 s (0: one period for ever)");
+            return None;
+        }
+        Some(d)
+    });
+    let counter_key = if by_key {
+        required(r, t, v, field, "counter_key")
+            .and_then(|k| r.non_empty_string(k, &join(field, "counter_key")))
+    } else {
+        None
+    };
+    let first_period_start = match get(t, "first_period_start") {
+        Some(s) => {
+            let f = join(field, "first_period_start");
+            let text = r.string(s, &f)?;
+            match parse_utc(&text.value) {
+                Some(t) => t,
+                None => {
+                    r.errors.push(text.loc.error(format!(
+                        "\"{}\" is not a UTC time like \"2026-01-01T00:00:00Z\"",
+                        text.value
+                    )));
+                    return None;
+                }
+            }
+        }
+        None => 0,
+    };
+    let increment_condition = get(t, "increment_condition")
+        .and_then(|c| increment_condition(r, c, &join(field, "increment_condition")));
+    if by_key && counter_key.is_none() {
+        return None;
+    }
+    if calls.is_none() && bandwidth_kb.is_none() {
+        return None;
+    }
+    Some(Quota {
+        calls,
+        bandwidth_kb,
+        renewal_period: period?,
+        counter_key,
+        first_period_start,
+        increment_condition,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn range(s: &str) -> Result<(String, String), String> {
         IpRange::parse(s).map(|r| (r.from.to_string(), r.to.to_string()))
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(parse_utc("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_utc("2026-01-01T00:00:00Z"), Some(1_767_225_600));
+        assert_eq!(parse_utc("2000-02-29T12:30:15+00:00"), Some(951_827_415));
+        assert_eq!(parse_utc("2001-02-29T00:00:00Z"), None);
+        assert_eq!(parse_utc("2026-01-01T00:00:00"), None, "no zone");
+        assert_eq!(parse_utc("2026-01-01T24:00:00Z"), None);
+        assert_eq!(parse_utc("2026-1-01T00:00:00Z"), None);
     }
 
     #[test]

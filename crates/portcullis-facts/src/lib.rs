@@ -397,6 +397,11 @@ pub fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// A distinguished name in comparable form: attributes split on unquoted `,` (or `;`), each
 /// trimmed, the attribute type upper-cased and its usual synonyms folded (`ST` → `S`,
 /// `EMAILADDRESS` → `E`, `2.5.4.3` → `CN`…), the value lower-cased, joined with `,`.

@@ -22,6 +22,8 @@ pub struct Facts<'a> {
     pub request_id: &'a str,
     /// Now, in seconds since the Unix epoch (read once per request).
     pub now: i64,
+    /// Now, in milliseconds since the Unix epoch (the same reading).
+    pub now_ms: u64,
     /// The request target's query, after `?` (empty when there is none), as received.
     pub query: &'a [u8],
 }
@@ -54,6 +56,12 @@ pub struct RequestState {
     pub(crate) strip_query: bool,
     /// Where steps copy what they read (a token), reused across requests.
     pub(crate) scratch: BytesMut,
+    /// What the request owes the rate limits and quotas once its response is known.
+    pub(crate) pending: Vec<crate::limits::Pending>,
+    /// Headers for the response (remaining and total calls of rate limits).
+    pub(crate) response_headers: Vec<(Bytes, u64)>,
+    /// The time in a refusal's message (seconds until a limit frees up).
+    pub(crate) wait_secs: u64,
     pub(crate) cache: Rc<RefCell<TokenCache>>,
 }
 
@@ -70,6 +78,9 @@ impl RequestState {
         self.product = None;
         self.token = None;
         self.strip_query = false;
+        self.pending.clear();
+        self.response_headers.clear();
+        self.wait_secs = 0;
     }
 
     /// Keeps `answer` for inbound step `step`, replacing an earlier one.

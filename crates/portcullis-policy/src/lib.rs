@@ -23,15 +23,18 @@
 //! [`Config`]: portcullis_config::Config
 #![forbid(unsafe_code)]
 
+mod counters;
 mod facts;
 mod ipset;
 mod jwt;
+mod limits;
 mod operations;
 mod policy;
 mod subscriptions;
 mod template;
 mod thumbprints;
 
+pub use counters::Counters;
 pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState};
 pub use ipset::IpSet;
 pub use jwt::TokenCache;

@@ -6,15 +6,17 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use portcullis_config::{
-    Config, ConfigErrors, IdentityAttribute, IpAction, Loc, ReturnResponse, SetHeaderAction,
+    Config, ConfigErrors, IdentityAttribute, IpAction, Loc, ReturnResponse, SetHeaderAction, StatusRanges,
     Step as StepConfig, StepKind, SubscriptionScope, ValidateClientCertificate,
 };
 use portcullis_facts::{ClientCert, RevocationSet, VerifyError, normalize_dn};
 use portcullis_jose::{Crypto, RemoteKeys};
 
+use crate::counters::Counters;
 use crate::facts::{Facts, HeaderEdits, HeaderList, RequestState};
 use crate::ipset::IpSet;
 use crate::jwt::{JwtStep, KeyInputs, Outcome, percent_decode, query_value};
+use crate::limits::{QuotaStep, RateStep};
 use crate::operations::OperationPattern;
 use crate::subscriptions::{Builder, Grant, Subscriptions};
 use crate::template::{Context, Template};
@@ -30,6 +32,31 @@ pub struct Response {
     pub body: Bytes,
     /// Header templates, rendered into the request's [`HeaderEdits`] when the step runs.
     pub(crate) headers: Vec<(Bytes, Template)>,
+    /// A body that ends in a time, written when sent (`body` is then unused).
+    pub(crate) countdown: Option<Countdown>,
+}
+
+/// A JSON body with a time in its message: `prefix`, the time, `suffix`.
+#[derive(Debug)]
+pub(crate) struct Countdown {
+    pub(crate) prefix: Bytes,
+    pub(crate) suffix: Bytes,
+    /// `HH:MM:SS` rather than a number of seconds.
+    pub(crate) hms: bool,
+}
+
+impl Response {
+    /// The body to send for the request whose evaluation ended with this response.
+    pub fn body_for(&self, state: &RequestState) -> Bytes {
+        match &self.countdown {
+            None => self.body.clone(),
+            Some(c) => {
+                let mut out = BytesMut::with_capacity(c.prefix.len() + c.suffix.len() + 12);
+                c.render(state.wait_secs, &mut out);
+                out.freeze()
+            }
+        }
+    }
 }
 
 /// What a request may do next.
@@ -137,6 +164,8 @@ enum Step {
     ValidateJwt(Box<JwtStep>),
     IpFilter(IpFilterStep),
     CheckHeader(CheckHeaderStep),
+    RateLimit(RateStep),
+    Quota(QuotaStep),
     /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
     /// otherwise.
     #[cfg(test)]
@@ -229,6 +258,10 @@ pub struct PolicySet {
     subscriptions_in_use: bool,
     missing_key: Response,
     invalid_key: Response,
+    /// Rate-limit and quota counts of the host (kept across reloads).
+    counters: Arc<Counters>,
+    /// The limits' increment conditions, by index.
+    conditions: Vec<StatusRanges>,
     /// Compiled `[thumbprints]` lists.
     lists: Vec<ThumbprintSet>,
     /// Revoked certificates from every CRL of the configuration, checked on every request.
@@ -246,6 +279,8 @@ pub struct Inputs {
     pub revoked: Arc<RevocationSet>,
     pub crypto: Option<Arc<dyn Crypto>>,
     pub providers: Vec<(String, Arc<RemoteKeys>)>,
+    /// The host's rate-limit and quota counters (new ones when not given).
+    pub counters: Option<Arc<Counters>>,
 }
 
 const MISSING_KEY: &str = "Access denied due to missing subscription key. Make sure to include subscription key when making requests to an API.";
@@ -281,6 +316,7 @@ pub(crate) fn json_response(status: u16, message: &str) -> Response {
         content_type: Some(Bytes::from_static(b"application/json")),
         body: body.freeze(),
         headers: Vec::new(),
+        countdown: None,
     }
 }
 
@@ -289,6 +325,7 @@ struct Compiler<'a> {
     list_names: &'a [String],
     errors: ConfigErrors,
     identity: Vec<Bytes>,
+    conditions: Vec<StatusRanges>,
 }
 
 impl Compiler<'_> {
@@ -378,6 +415,20 @@ impl Compiler<'_> {
                     set: IpSet::new(ranges),
                     reject: json_response(f.status, &f.message),
                 }))
+            }
+            StepKind::RateLimit(r) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("a rate limit is an inbound step"));
+                    return None;
+                }
+                RateStep::compile(r, &mut self.conditions, &mut self.errors).map(Step::RateLimit)
+            }
+            StepKind::Quota(q) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("a quota is an inbound step"));
+                    return None;
+                }
+                QuotaStep::compile(q, &mut self.conditions, &mut self.errors).map(Step::Quota)
             }
             StepKind::CheckHeader(c) => {
                 if !inbound {
@@ -470,6 +521,7 @@ impl Compiler<'_> {
                 .then(|| Bytes::from_static(b"text/plain")),
             body: Bytes::from(r.body.clone().into_bytes()),
             headers,
+            countdown: None,
         }
     }
 }
@@ -489,7 +541,8 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         }));
         list_names.push(named.name.value.clone());
     }
-    let mut c = Compiler { inputs, list_names: &list_names, errors, identity: Vec::new() };
+    let mut c =
+        Compiler { inputs, list_names: &list_names, errors, identity: Vec::new(), conditions: Vec::new() };
     let global = c.scope(&config.inbound, &config.outbound);
     let products: Vec<Product> = config
         .products
@@ -565,7 +618,7 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         }
     }
     let (subscriptions, sub_errors) = subs.finish();
-    let Compiler { mut errors, identity, .. } = c;
+    let Compiler { mut errors, identity, conditions, .. } = c;
     errors.extend(sub_errors);
     let subscriptions_in_use = !config.products.is_empty()
         || !config.subscriptions.is_empty()
@@ -580,6 +633,8 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         subscriptions_in_use,
         missing_key: json_response(401, MISSING_KEY),
         invalid_key: json_response(401, INVALID_KEY),
+        counters: inputs.counters.clone().unwrap_or_default(),
+        conditions,
         lists,
         revoked: inputs.revoked.clone(),
     })
@@ -837,6 +892,16 @@ impl PolicySet {
                     ));
                 }
             }
+            Step::RateLimit(r) => {
+                if let Some(response) = r.run(&self.counters, facts, self, headers, state, edits) {
+                    return Some(Verdict::Respond { response, reason: "rate limit exceeded" });
+                }
+            }
+            Step::Quota(q) => {
+                if let Some(response) = q.run(&self.counters, facts, self, headers, state, edits) {
+                    return Some(Verdict::Respond { response, reason: "quota exceeded" });
+                }
+            }
             Step::CheckHeader(c) => {
                 if !c.passes(headers) {
                     return Some(refuse(
@@ -884,6 +949,14 @@ impl PolicySet {
         edits: &mut HeaderEdits,
     ) {
         let cx = Context { facts, state, set: self, headers };
+        // What the rate limits report (remaining and total calls).
+        for (name, value) in &state.response_headers {
+            edits.remove_named(headers, name);
+            edits.add_with(name, |out| {
+                out.put_slice(value.to_string().as_bytes());
+                true
+            });
+        }
         for step in self.scopes(policy, state, false).into_iter().flatten() {
             match step {
                 Step::SetHeader(s) => run_set_header(s, &cx, edits),
@@ -891,10 +964,21 @@ impl PolicySet {
                 | Step::ReturnResponse(_)
                 | Step::ValidateJwt(_)
                 | Step::IpFilter(_)
-                | Step::CheckHeader(_) => {}
+                | Step::CheckHeader(_)
+                | Step::RateLimit(_)
+                | Step::Quota(_) => {}
                 #[cfg(test)]
                 Step::Probe { .. } => {}
             }
+        }
+    }
+
+    /// Settles what the request owes the rate limits and quotas it passed, once its response's
+    /// `status` is known and `bytes` of request and response bodies went through.
+    pub fn complete(&self, state: &mut RequestState, status: u16, bytes: u64, now_ms: u64) {
+        if !state.pending.is_empty() {
+            crate::limits::settle(&self.counters, &self.conditions, &state.pending, status, bytes, now_ms);
+            state.pending.clear();
         }
     }
 
@@ -929,7 +1013,7 @@ impl PolicySet {
     /// Whether a request on `policy` has outbound steps to run (the server skips the walk
     /// otherwise).
     pub fn has_outbound(&self, policy: &ApiPolicy, state: &RequestState) -> bool {
-        self.scopes(policy, state, false).iter().any(|s| !s.is_empty())
+        !state.response_headers.is_empty() || self.scopes(policy, state, false).iter().any(|s| !s.is_empty())
     }
 }
 
@@ -972,6 +1056,7 @@ mod tests {
             client_ip: "127.0.0.1",
             request_id: "0123456789abcdef",
             now: 1_800_000_000,
+            now_ms: 1_800_000_000_000,
             query: b"",
         }
     }

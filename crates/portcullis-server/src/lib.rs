@@ -30,6 +30,7 @@ pub use snapshot::Snapshot;
 /// provider's tokens until its keys arrive).
 pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcullis_config::ConfigErrors> {
     let providers = keys::KeyFetchers::default().prepare(config);
-    Snapshot::compile(config, &portcullis_tls::TicketKeys::generate(), 0, providers)?;
+    let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
+    Snapshot::compile(config, &portcullis_tls::TicketKeys::generate(), 0, providers, counters)?;
     Ok(keys::check_providers(config))
 }

@@ -61,7 +61,7 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
     // A request body (client → backend): watched for the backend's early refusal, and after a
     // framing fault nothing of it is sent on.
     request: bool,
-) -> Result<(), RelayError> {
+) -> Result<u64, RelayError> {
     /// Like `fill`, but gives up (a `Destination` error) when the backend refuses the body
     /// first: it closes, or sends an error response (RFC 9112 §9.5). Anything else it sends
     /// early (a 1xx, a response that streams while the body comes) is left where it is for
@@ -167,22 +167,25 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
     // Watching `dst` while waiting for `src`, until it has said something that is no refusal.
     let mut watching = request;
     match mode {
-        BodyMode::None => flush(dst, out, timer, write_timeout).await,
-        BodyMode::Length(mut remaining) => loop {
-            let take = (sbuf.len() as u64).min(remaining) as usize;
-            out.extend_from_slice(&sbuf[..take]);
-            let _ = sbuf.split_to(take);
-            remaining -= take as u64;
-            if remaining == 0 {
-                return flush(dst, out, timer, write_timeout).await;
+        BodyMode::None => flush(dst, out, timer, write_timeout).await.map(|()| 0),
+        BodyMode::Length(length) => {
+            let mut remaining = length;
+            loop {
+                let take = (sbuf.len() as u64).min(remaining) as usize;
+                out.extend_from_slice(&sbuf[..take]);
+                let _ = sbuf.split_to(take);
+                remaining -= take as u64;
+                if remaining == 0 {
+                    return flush(dst, out, timer, write_timeout).await.map(|()| length);
+                }
+                if !out.is_empty() {
+                    flush(dst, out, timer, write_timeout).await?;
+                }
+                if fill_body(src, sbuf, dst, timer, read_timeout, &mut watching).await? == 0 {
+                    return Err(RelayError::SourceClosed);
+                }
             }
-            if !out.is_empty() {
-                flush(dst, out, timer, write_timeout).await?;
-            }
-            if fill_body(src, sbuf, dst, timer, read_timeout, &mut watching).await? == 0 {
-                return Err(RelayError::SourceClosed);
-            }
-        },
+        }
         BodyMode::Chunked(output) => {
             let mut decoder = ChunkedDecoder::new(output);
             loop {
@@ -204,7 +207,7 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
                     return Err(RelayError::SourceTooLarge);
                 }
                 if progress == Decoded::Done {
-                    return flush(dst, out, timer, write_timeout).await;
+                    return flush(dst, out, timer, write_timeout).await.map(|()| decoder.announced_len());
                 }
                 if !out.is_empty() {
                     flush(dst, out, timer, write_timeout).await?;
@@ -214,25 +217,29 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
                 }
             }
         }
-        BodyMode::UntilClose { chunk } => loop {
-            if !sbuf.is_empty() {
-                if chunk {
-                    write::chunk_header(out, sbuf.len());
-                    out.extend_from_slice(sbuf);
-                    out.extend_from_slice(b"\r\n");
-                } else {
-                    out.extend_from_slice(sbuf);
+        BodyMode::UntilClose { chunk } => {
+            let mut relayed = 0u64;
+            loop {
+                if !sbuf.is_empty() {
+                    relayed += sbuf.len() as u64;
+                    if chunk {
+                        write::chunk_header(out, sbuf.len());
+                        out.extend_from_slice(sbuf);
+                        out.extend_from_slice(b"\r\n");
+                    } else {
+                        out.extend_from_slice(sbuf);
+                    }
+                    sbuf.clear();
                 }
-                sbuf.clear();
-            }
-            flush(dst, out, timer, write_timeout).await?;
-            if fill(src, sbuf, timer, read_timeout).await? == 0 {
-                if chunk {
-                    out.extend_from_slice(b"0\r\n\r\n");
-                    flush(dst, out, timer, write_timeout).await?;
+                flush(dst, out, timer, write_timeout).await?;
+                if fill(src, sbuf, timer, read_timeout).await? == 0 {
+                    if chunk {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        flush(dst, out, timer, write_timeout).await?;
+                    }
+                    return Ok(relayed);
                 }
-                return Ok(());
             }
-        },
+        }
     }
 }

@@ -16,6 +16,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::keys::KeyFetchers;
 use crate::snapshot::Snapshot;
 use crate::worker::{self, Shared};
+use portcullis_policy::Counters;
 
 /// Why the server did not start.
 #[derive(Debug)]
@@ -42,6 +43,8 @@ pub struct Server {
     shared: Arc<Shared>,
     /// The identity providers' key fetchers (they outlive reloads that keep a provider).
     fetchers: KeyFetchers,
+    /// Rate-limit and quota counts (kept across reloads).
+    counters: Arc<Counters>,
     workers: Vec<JoinHandle<io::Result<()>>>,
     local_addrs: Vec<SocketAddr>,
     configured_binds: Vec<SocketAddr>,
@@ -105,7 +108,9 @@ impl Server {
         let keys = TicketKeys::generate();
         let mut fetchers = KeyFetchers::default();
         let providers = fetchers.prepare(config);
-        let snapshot = Snapshot::compile(config, &keys, 1, providers.clone()).map_err(StartError::Config)?;
+        let counters = Arc::new(Counters::with_capacity(config.server.rate_limit_keys));
+        let snapshot = Snapshot::compile(config, &keys, 1, providers.clone(), counters.clone())
+            .map_err(StartError::Config)?;
         let workers = crate::snapshot::worker_count(&config.server);
         // Bind everything before starting anything, so that an address in use is reported as
         // such. Port 0 is resolved by the first socket and reused by the others.
@@ -157,6 +162,7 @@ impl Server {
         let mut server = Server {
             shared,
             fetchers,
+            counters,
             workers: handles,
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
@@ -228,7 +234,13 @@ impl Server {
                 .into());
         }
         let providers = self.fetchers.prepare(config);
-        let snapshot = Snapshot::compile(config, &self.keys, self.generation + 1, providers.clone())?;
+        let snapshot = Snapshot::compile(
+            config,
+            &self.keys,
+            self.generation + 1,
+            providers.clone(),
+            self.counters.clone(),
+        )?;
         // A CRL older than the one it replaces (a lower CRL number, RFC 5280 §5.2.3) would
         // un-revoke what the newer one revoked: a stale copy deployed by mistake, or a replay.
         let current = self.shared.snapshot.load();

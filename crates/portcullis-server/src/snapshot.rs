@@ -10,7 +10,7 @@ use bytes::Bytes;
 use portcullis_config::{Config, ConfigErrors};
 use portcullis_http::Limits;
 use portcullis_jose::RemoteKeys;
-use portcullis_policy::{Inputs, IpSet, PolicySet};
+use portcullis_policy::{Counters, Inputs, IpSet, PolicySet};
 use portcullis_tls::{BoringCrypto, RevocationSet, TicketKeys, TlsAcceptor};
 
 use crate::upstream::{PoolKey, Target};
@@ -162,12 +162,14 @@ impl std::fmt::Debug for Snapshot {
 
 impl Snapshot {
     /// Loads every file the configuration names and compiles it; reports every error.
-    /// `providers` are the `[[openid]]` providers' shared keys, by name (see `KeyFetchers`).
+    /// `providers` are the `[[openid]]` providers' shared keys, by name (see `KeyFetchers`);
+    /// `counters` the host's rate-limit and quota counts (both outlive a reload).
     pub fn compile(
         config: &Config,
         keys: &TicketKeys,
         generation: u64,
         providers: Vec<(String, Arc<RemoteKeys>)>,
+        counters: Arc<Counters>,
     ) -> Result<Snapshot, ConfigErrors> {
         let mut errors = ConfigErrors::default();
         let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -260,6 +262,7 @@ impl Snapshot {
             revoked: revoked.clone(),
             crypto: Some(Arc::new(BoringCrypto)),
             providers,
+            counters: Some(counters),
         };
         let policies = match portcullis_policy::compile(config, &inputs) {
             Ok(p) => p,

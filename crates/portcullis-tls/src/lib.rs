@@ -30,6 +30,7 @@ pub use jose::{BoringCrypto, public_key_der_from_pem, public_key_der_of};
 pub use pki::{is_cert_revoked, load_ca_bundle, load_certificates, load_private_key, load_revocations};
 pub use portcullis_facts::{
     ClientCert, RevocationId, RevocationSet, VerifyError, VerifyErrorKind, hex_upper, normalize_dn, now_unix,
+    now_unix_ms,
 };
 pub use stream::{PlainStream, Readiness, Stream, TlsStream, is_canceled};
 pub use tickets::TicketKeys;

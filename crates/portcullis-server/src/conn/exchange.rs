@@ -34,7 +34,8 @@ impl<S: Stream> Conn<S> {
         }
         // Read only for the access log (a clock read per request is not free).
         let started = snap.server.access_log.then(Instant::now);
-        let now = portcullis_tls::now_unix();
+        let now_ms = portcullis_tls::now_unix_ms();
+        let now = (now_ms / 1000) as i64;
         let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {
             let rest = route.rest_of(self.head.path_only());
             Some((route, snap.policies.apis[route.api].select(self.head.method(), rest)?))
@@ -89,6 +90,7 @@ impl<S: Stream> Conn<S> {
             client_ip: &peer_ip,
             request_id,
             now,
+            now_ms,
             query: target.iter().position(|&b| b == b'?').map_or(&b""[..], |q| &target[q + 1..]),
         };
         let identity = &snap.policies.identity_headers;
@@ -124,11 +126,13 @@ impl<S: Stream> Conn<S> {
                     "request refused by policy"
                 );
             }
+            snap.policies.complete(&mut self.state, response.status, 0, now_ms);
             self.access_log(Some(route), response.status, started, &id, reason);
             return self.respond_policy(response).await;
         }
         let backend = &snap.backends[route.backend];
         self.refusal = "-";
+        self.body_bytes = 0;
         // Outbound steps do not read the query (and the head is read again while forwarding).
         let facts = Facts {
             client_cert: cert.as_deref(),
@@ -136,9 +140,11 @@ impl<S: Stream> Conn<S> {
             client_ip: &peer_ip,
             request_id,
             now,
+            now_ms,
             query: b"",
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
+        snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
         self.access_log(Some(route), status, started, &id, self.refusal);
         keep
     }
@@ -237,7 +243,10 @@ impl<S: Stream> Conn<S> {
             // Only a body read whole leaves the client connection in step with its requests.
             let body_whole = sent.is_ok();
             let result = match sent {
-                Ok(()) => self.read_response_head(&mut up, backend.response_timeout).await,
+                Ok(n) => {
+                    self.body_bytes = n;
+                    self.read_response_head(&mut up, backend.response_timeout).await
+                }
                 // The backend stopped taking the body: it may have answered already (a 413, a
                 // 401 before the upload), and that answer is the client's.
                 Err(RelayError::Destination(e)) => {
@@ -296,7 +305,8 @@ impl<S: Stream> Conn<S> {
         )
         .await;
         match relayed {
-            Ok(()) => {
+            Ok(n) => {
+                self.body_bytes += n;
                 // Not after HEAD: a backend that wrongly sends a body would poison the next
                 // response on the connection.
                 let reusable = self.resp.keep_alive()

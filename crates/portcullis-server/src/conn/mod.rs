@@ -124,6 +124,7 @@ pub(crate) async fn serve(
         interim_sent: false,
         connection_refused: false,
         refusal: "-",
+        body_bytes: 0,
         current,
         acceptor,
         idle_timer: Timer::new(),
@@ -242,6 +243,8 @@ struct Conn<S> {
     /// The connection itself is no longer accepted (its certificate was revoked since the
     /// handshake): close after the response.
     connection_refused: bool,
+    /// Bytes of request and response bodies relayed in this exchange (for bandwidth quotas).
+    body_bytes: u64,
     /// Why the proxy answered this exchange itself (`-`: the backend answered), for the
     /// access log.
     refusal: &'static str,
@@ -470,6 +473,7 @@ impl<S: Stream> Conn<S> {
 
     /// Sends a response a policy step decided on (its headers are in `edits`).
     async fn respond_policy(&mut self, response: &Response) -> bool {
+        let body = response.body_for(&self.state);
         self.unread_input |= self.head.framing() != Framing::None;
         let keep = self.client_keeps_alive() && self.head.framing() == Framing::None;
         let out = &mut self.out;
@@ -490,12 +494,12 @@ impl<S: Stream> Conn<S> {
         // neither has a body (the configuration refuses one).
         let bodiless = matches!(response.status, 204 | 304);
         if !bodiless {
-            write::content_length(out, response.body.len() as u64);
+            write::content_length(out, body.len() as u64);
         }
         write::Connection::for_client(keep, self.head.version() == Version::Http10).write(out);
         write::end_head(out);
         if !self.head.is_head() && !bodiless {
-            out.extend_from_slice(&response.body);
+            out.extend_from_slice(&body);
         }
         let written =
             self.io_timer.within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out))).await;

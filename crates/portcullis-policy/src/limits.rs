@@ -1,0 +1,318 @@
+//! `rate_limit`, `rate_limit_by_key`, `quota`, `quota_by_key`: API Management's semantics on the
+//! host-wide [`Counters`].
+
+use bytes::{BufMut, Bytes, BytesMut};
+use portcullis_config::{ConfigErrors, Quota, RateLimit, StatusRanges};
+
+use crate::counters::{Admit, Counters};
+use crate::facts::{Facts, HeaderEdits, RequestState};
+use crate::policy::{Countdown, Response};
+use crate::template::{Context, Template};
+
+/// Counters' clock starts here (2025-01-01T00:00:00Z, in ms), so that slot numbers stay small.
+pub(crate) const ORIGIN_MS: u64 = 1_735_689_600_000;
+
+/// What the counter of a limit is keyed by.
+#[derive(Debug)]
+enum Key {
+    /// The request's subscription (`rate_limit`, `quota`): requests without one are not limited.
+    Subscription,
+    /// A template (`…_by_key`): requests for which it renders nothing are not limited.
+    Template(Template),
+}
+
+/// A compiled rate limit.
+#[derive(Debug)]
+pub(crate) struct RateStep {
+    key: Key,
+    calls: u64,
+    period_ms: u64,
+    /// Index into the policy set's conditions.
+    condition: Option<u16>,
+    count: u64,
+    retry_after: Bytes,
+    remaining: Option<Bytes>,
+    total: Option<Bytes>,
+    refusal: Response,
+}
+
+/// A compiled quota.
+#[derive(Debug)]
+pub(crate) struct QuotaStep {
+    key: Key,
+    calls: Option<u64>,
+    bytes: Option<u64>,
+    period: i64,
+    start: i64,
+    condition: Option<u16>,
+    calls_refusal: Response,
+    bandwidth_refusal: Response,
+}
+
+/// What a request still owes its counters once its response is known.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pending {
+    /// Calls of a rate limit with an `increment_condition`.
+    Rate { hash: u64, period_ms: u64, count: u64, condition: Option<u16> },
+    /// A call of a quota with an `increment_condition` (`calls`), and the bandwidth.
+    Quota { hash: u64, index: u64, calls: bool, condition: Option<u16> },
+}
+
+/// A response whose message ends in a time (`… Try again in N seconds.`): built once, the time
+/// written when it is sent.
+fn countdown(status: u16, before: &str, after: &str, hms: bool) -> Response {
+    let mut r = crate::policy::json_response(status, "");
+    let prefix = format!("{{\"statusCode\":{status},\"message\":\"{before}");
+    let suffix = format!("{after}\"}}");
+    r.countdown = Some(Countdown {
+        prefix: Bytes::from(prefix.into_bytes()),
+        suffix: Bytes::from(suffix.into_bytes()),
+        hms,
+    });
+    r
+}
+
+/// Headers of the retry time, written into a refusal.
+fn add_number(edits: &mut HeaderEdits, name: &Bytes, n: u64) {
+    edits.add_with(name, |out| {
+        out.put_slice(n.to_string().as_bytes());
+        true
+    });
+}
+
+fn key_template(key: &Option<portcullis_config::Located<String>>, errors: &mut ConfigErrors) -> Option<Key> {
+    match key {
+        None => Some(Key::Subscription),
+        Some(k) => match Template::parse(&k.value, &k.loc) {
+            Ok(t) => Some(Key::Template(t)),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+    }
+}
+
+/// The counter of `key` for this request: `(kind, bytes)`; `None` when the request has none.
+fn key_bytes<'s>(key: &Key, cx: &Context<'_>, scratch: &'s mut BytesMut) -> Option<&'s [u8]> {
+    scratch.clear();
+    match key {
+        Key::Subscription => scratch.put_slice(cx.set.subscription_id(cx.state)?.as_bytes()),
+        Key::Template(t) => {
+            if !t.render(cx, scratch) || scratch.is_empty() {
+                return None;
+            }
+        }
+    }
+    Some(&scratch[..])
+}
+
+/// Conditions of every limit, by index (kept in the policy set; pending counts name them).
+pub(crate) fn condition_index(conditions: &mut Vec<StatusRanges>, c: &Option<StatusRanges>) -> Option<u16> {
+    let c = c.as_ref()?;
+    let i = conditions.iter().position(|x| x == c).unwrap_or_else(|| {
+        conditions.push(c.clone());
+        conditions.len() - 1
+    });
+    u16::try_from(i).ok()
+}
+
+impl RateStep {
+    pub(crate) fn compile(
+        r: &RateLimit,
+        conditions: &mut Vec<StatusRanges>,
+        errors: &mut ConfigErrors,
+    ) -> Option<RateStep> {
+        Some(RateStep {
+            key: key_template(&r.counter_key, errors)?,
+            calls: r.calls,
+            period_ms: r.renewal_period.as_millis() as u64,
+            condition: condition_index(conditions, &r.increment_condition),
+            count: r.increment_count,
+            retry_after: Bytes::from(r.retry_after_header_name.clone().into_bytes()),
+            remaining: r.remaining_calls_header_name.clone().map(|h| Bytes::from(h.into_bytes())),
+            total: r.total_calls_header_name.clone().map(|h| Bytes::from(h.into_bytes())),
+            refusal: countdown(429, "Rate limit is exceeded. Try again in ", " seconds.", false),
+        })
+    }
+
+    /// Runs the limit: `Some` with the refusal when the request is over it.
+    pub(crate) fn run<'p>(
+        &'p self,
+        counters: &Counters,
+        facts: &Facts<'_>,
+        set: &crate::PolicySet,
+        headers: &dyn crate::HeaderList,
+        state: &mut RequestState,
+        edits: &mut HeaderEdits,
+    ) -> Option<&'p Response> {
+        let mut scratch = std::mem::take(&mut state.scratch);
+        let kind = if matches!(self.key, Key::Subscription) { 2 } else { 0 };
+        let hash = key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch)
+            .map(|k| counters.hash(kind, self.period_ms, k));
+        state.scratch = scratch;
+        let hash = hash?;
+        let now = facts.now_ms.saturating_sub(ORIGIN_MS);
+        let now_count = if self.condition.is_some() { 0 } else { self.count };
+        match counters.rate(hash, self.period_ms, self.calls, now, now_count) {
+            Admit::Yes { remaining } => {
+                if self.condition.is_some() {
+                    state.pending.push(Pending::Rate {
+                        hash,
+                        period_ms: self.period_ms,
+                        count: self.count,
+                        condition: self.condition,
+                    });
+                }
+                if let Some(h) = &self.remaining {
+                    state.response_headers.push((h.clone(), remaining));
+                }
+                if let Some(h) = &self.total {
+                    state.response_headers.push((h.clone(), self.calls));
+                }
+                None
+            }
+            Admit::Untracked => None,
+            Admit::No { retry_after } => {
+                state.wait_secs = retry_after;
+                edits.clear_added();
+                add_number(edits, &self.retry_after, retry_after);
+                if let Some(h) = &self.remaining {
+                    add_number(edits, h, 0);
+                }
+                if let Some(h) = &self.total {
+                    add_number(edits, h, self.calls);
+                }
+                Some(&self.refusal)
+            }
+        }
+    }
+}
+
+impl QuotaStep {
+    pub(crate) fn compile(
+        q: &Quota,
+        conditions: &mut Vec<StatusRanges>,
+        errors: &mut ConfigErrors,
+    ) -> Option<QuotaStep> {
+        Some(QuotaStep {
+            key: key_template(&q.counter_key, errors)?,
+            calls: q.calls,
+            bytes: q.bandwidth_kb.map(|kb| kb * 1024),
+            period: q.renewal_period.as_secs() as i64,
+            start: q.first_period_start,
+            condition: condition_index(conditions, &q.increment_condition),
+            // A quota for ever (no renewal period) is never replenished: its refusal has no time.
+            calls_refusal: if q.renewal_period.is_zero() {
+                crate::policy::json_response(403, "Out of call volume quota.")
+            } else {
+                countdown(403, "Out of call volume quota. Quota will be replenished in ", ".", true)
+            },
+            bandwidth_refusal: if q.renewal_period.is_zero() {
+                crate::policy::json_response(403, "Out of bandwidth quota.")
+            } else {
+                countdown(403, "Out of bandwidth quota. Quota will be replenished in ", ".", true)
+            },
+        })
+    }
+
+    /// The period `now` is in, and the seconds until the next (`None`: a lifetime quota).
+    fn period_of(&self, now: i64) -> (u64, Option<u64>) {
+        if self.period <= 0 {
+            return (0, None);
+        }
+        let index = (now - self.start).div_euclid(self.period);
+        let next = self.start + (index + 1) * self.period;
+        (index.rem_euclid(1 << 24) as u64, Some((next - now).max(1) as u64))
+    }
+
+    pub(crate) fn run<'p>(
+        &'p self,
+        counters: &Counters,
+        facts: &Facts<'_>,
+        set: &crate::PolicySet,
+        headers: &dyn crate::HeaderList,
+        state: &mut RequestState,
+        edits: &mut HeaderEdits,
+    ) -> Option<&'p Response> {
+        let mut scratch = std::mem::take(&mut state.scratch);
+        let kind = if matches!(self.key, Key::Subscription) { 3 } else { 1 };
+        let salt = (self.period as u64) << 32 ^ self.start as u64;
+        let hash = key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch)
+            .map(|k| counters.hash(kind, salt, k));
+        state.scratch = scratch;
+        let hash = hash?;
+        let now = (facts.now_ms / 1000) as i64;
+        let (index, left) = self.period_of(now);
+        let refuse = |state: &mut RequestState, edits: &mut HeaderEdits, response: &'p Response| {
+            // A lifetime quota is never replenished: its refusal says so with no time.
+            state.wait_secs = left.unwrap_or(0);
+            edits.clear_added();
+            if let Some(left) = left {
+                add_number(edits, &Bytes::from_static(b"Retry-After"), left);
+            }
+            Some(response)
+        };
+        let (_, used_bytes) = counters.quota_used(hash, index).unwrap_or((0, 0));
+        if self.bytes.is_some_and(|b| used_bytes >= b) {
+            return refuse(state, edits, &self.bandwidth_refusal);
+        }
+        let counted_now = self.condition.is_none() && self.calls.is_some();
+        if counted_now && !counters.quota_add(hash, index, 1, self.calls, 0) {
+            return refuse(state, edits, &self.calls_refusal);
+        }
+        if !counted_now
+            && let Some(limit) = self.calls
+            && counters.quota_used(hash, index).is_some_and(|(calls, _)| calls >= limit)
+        {
+            return refuse(state, edits, &self.calls_refusal);
+        }
+        state.pending.push(Pending::Quota {
+            hash,
+            index,
+            calls: !counted_now && self.calls.is_some(),
+            condition: self.condition,
+        });
+        None
+    }
+}
+
+/// Settles what a request owes its counters once its status and body sizes are known.
+pub(crate) fn settle(
+    counters: &Counters,
+    conditions: &[StatusRanges],
+    pending: &[Pending],
+    status: u16,
+    bytes: u64,
+    now_ms: u64,
+) {
+    let holds =
+        |c: Option<u16>| c.is_none_or(|i| conditions.get(usize::from(i)).is_none_or(|r| r.contains(status)));
+    for p in pending {
+        match *p {
+            Pending::Rate { hash, period_ms, count, condition } => {
+                if holds(condition) {
+                    counters.count(hash, period_ms, now_ms.saturating_sub(ORIGIN_MS), count);
+                }
+            }
+            Pending::Quota { hash, index, calls, condition } => {
+                if holds(condition) {
+                    counters.quota_add(hash, index, u64::from(calls), None, bytes);
+                }
+            }
+        }
+    }
+}
+
+impl Countdown {
+    /// The body, with `secs` written as a number of seconds or as `HH:MM:SS`.
+    pub(crate) fn render(&self, secs: u64, out: &mut BytesMut) {
+        out.put_slice(&self.prefix);
+        if self.hms {
+            out.put_slice(format!("{:02}:{:02}:{:02}", secs / 3600, secs % 3600 / 60, secs % 60).as_bytes());
+        } else {
+            out.put_slice(secs.to_string().as_bytes());
+        }
+        out.put_slice(&self.suffix);
+    }
+}
