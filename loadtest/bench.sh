@@ -17,7 +17,10 @@
 # Modes: keepalive (CONNS keep-alive connections), handshake (a new connection and a full mTLS
 # handshake per request), resume (a new connection per request, TLS 1.3 resumption), jwt
 # (keep-alive, each request with the same Bearer token: validate_jwt against HAProxy's
-# jwt_verify), subscription (keep-alive, each request with a subscription key among 100,000). Then p99
+# jwt_verify), subscription (keep-alive, each request with a subscription key among 100,000),
+# ratelimit (keep-alive under a rate limit per client certificate that is never reached: against
+# HAProxy's stick table), ratelimit-redis (the same with the counts shared through a Redis that
+# the script starts on REDIS_ADDR: Portcullis only; the Redis calls per request are reported). Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -36,6 +39,7 @@ IDLE_CONNS=${IDLE_CONNS:-8000}     # 0 skips the memory runs (HAProxy's maxconn 
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
+REDIS_ADDR=${REDIS_ADDR:-127.0.0.1:18379}
 declare -A ADDR=([portcullis]=127.0.0.1:18446 [portcullis-base]=127.0.0.1:18447 [haproxy]=127.0.0.1:18443 [nginx]=127.0.0.1:18444)
 OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
 BIN=target/release
@@ -62,6 +66,7 @@ declare -A PID
 cleanup() {
   for p in "${!PID[@]}"; do stop "$p"; done
   [ -n "${BACKEND_PID:-}" ] && kill "$BACKEND_PID" 2>/dev/null || true
+  [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -70,7 +75,8 @@ render() { # render PROXY [VARIANT] -> path of its rendered configuration
   local tpl out v=${2:-}
   tpl=$(ls "loadtest/conf/${1%-base}${v:+-$v}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
-  sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" "$tpl" > "$out"
+  sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" \
+    -e "s|@REDIS@|$REDIS_ADDR|g" "$tpl" > "$out"
   echo "$out"
 }
 
@@ -144,7 +150,18 @@ verify() { # the same behaviour from every proxy, or the comparison means nothin
 
 # The token and subscription modes run a variant of each proxy's configuration that adds the
 # check (loadtest/conf/PROXY-VARIANT.*.in); nginx has no equivalent of either and sits them out.
-variant_of() { case $1 in jwt|subscription) echo "$1";; *) echo "";; esac; }
+# The rate-limit modes likewise; only Portcullis shares counts through Redis.
+variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis) echo "$1";; *) echo "";; esac; }
+sits_out() { # sits_out PROXY MODE: no equivalent configuration
+  case $1:$2 in
+    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis) return 0;;
+  esac
+  return 1
+}
+redis_calls() { # script calls Redis has run so far
+  redis-cli -h "${REDIS_ADDR%:*}" -p "${REDIS_ADDR##*:}" INFO commandstats \
+    | awk -F'[:=,]' '/^cmdstat_eval(sha)?:/{s+=$3} END {print s+0}'
+}
 BENCH_KEY=bench-key-042424-primary-0123456789
 
 verify_variant() { # the same refusals and headers from every proxy in the token and key modes
@@ -165,6 +182,9 @@ verify_variant() { # the same refusals and headers from every proxy in the token
         code=$(c "$p" client1 -H "Ocp-Apim-Subscription-Key: $bad" -o /dev/null -w '%{http_code}' 2>/dev/null || true)
         [ "$code" = 401 ] || { echo "  $p: key $bad got $code" >&2; fail=1; }
       done;;
+    ratelimit|ratelimit-redis)
+      out=$(c "$p" client1 -D - 2>&1)
+      echo "$out" | grep -qi '^GET /echo' || { echo "  $p: not forwarded under the limit: $out" >&2; fail=1; };;
   esac
   [ $fail = 0 ] && echo "  $p ($v): behaviour verified" || exit 1
 }
@@ -182,6 +202,12 @@ load() { # load PROXY MODE LABEL [extra args] -> one JSON line appended to raw.j
 
 taskset -c "$LOAD_CPU" "$LOAD" backend --listen "$BACKEND_ADDR" --size 1024 >"$RUN/backend.log" 2>&1 & BACKEND_PID=$!
 wait_port "$BACKEND_ADDR"
+if [[ " $MODES " == *" ratelimit-redis "* ]]; then
+  command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install -y redis-server)" >&2; exit 1; }
+  taskset -c "$LOAD_CPU" redis-server --bind "${REDIS_ADDR%:*}" --port "${REDIS_ADDR##*:}" --save "" --appendonly no \
+    --dir "$RUN" >"$RUN/redis.log" 2>&1 & REDIS_PID=$!
+  wait_port "$REDIS_ADDR"
+fi
 
 read -ra ORDER <<<"$PROXIES"
 for round in $(seq "$ROUNDS"); do
@@ -190,7 +216,7 @@ for round in $(seq "$ROUNDS"); do
     current=none
     for m in $MODES; do
       v=$(variant_of "$m")
-      [ "$p" = nginx ] && [ -n "$v" ] && continue
+      sits_out "$p" "$m" && continue
       if [ "$current" != "$v" ]; then
         [ "$current" != none ] && stop "$p"
         start "$p" "$v"; current=$v
@@ -204,6 +230,12 @@ for round in $(seq "$ROUNDS"); do
         resume) load "$p" resume resume -c "$CONNS";;
         jwt) load "$p" keepalive jwt -c "$CONNS" -H "Authorization: Bearer $(cat "$CERTS/token.jwt")";;
         subscription) load "$p" keepalive subscription -c "$CONNS" -H "Ocp-Apim-Subscription-Key: $BENCH_KEY";;
+        ratelimit) load "$p" keepalive ratelimit -c "$CONNS";;
+        ratelimit-redis)
+          before=$(redis_calls)
+          load "$p" keepalive ratelimit-redis -c "$CONNS"
+          after=$(redis_calls)
+          python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); n=int(sys.argv[3])-int(sys.argv[2]); print("    redis: %d script calls over the whole run (warm-up included), %d requests measured: %.5f calls per request" % (n, r["ok"], n/max(r["ok"],1)))' "$OUT/raw.jsonl" "$before" "$after" | tee -a "$OUT/redis.txt";;
       esac
     done
     [ "$current" != none ] && stop "$p"

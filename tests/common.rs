@@ -77,3 +77,51 @@ pub(crate) fn raw_exchange_bytes(
 pub(crate) fn status_of(text: &str) -> Option<u16> {
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// Requests `GET /` from `connections` keep-alive connections to each of `addrs` for `run`; every
+/// answer's status with the time it came.
+pub(crate) fn hammer(
+    env: &Env,
+    addrs: &[SocketAddr],
+    connections: usize,
+    run: std::time::Duration,
+) -> Vec<(std::time::Instant, SocketAddr, u16)> {
+    let until = std::time::Instant::now() + run;
+    std::thread::scope(|s| {
+        let threads: Vec<_> = addrs
+            .iter()
+            .flat_map(|&addr| std::iter::repeat_n(addr, connections))
+            .map(|addr| {
+                s.spawn(move || {
+                    let mut c = env.client(None).connect(addr).unwrap();
+                    let mut seen = Vec::new();
+                    while std::time::Instant::now() < until {
+                        let status = c.request("GET", "/", &[], b"").map_or(0, |r| r.status);
+                        seen.push((std::time::Instant::now(), addr, status));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_by_key(|e| e.0);
+        all
+    })
+}
+
+/// The most answers with status 200 in any stretch of `span` (the answers sorted by time).
+pub(crate) fn most_admitted_within(
+    answers: &[(std::time::Instant, SocketAddr, u16)],
+    span: std::time::Duration,
+) -> usize {
+    let ok: Vec<std::time::Instant> = answers.iter().filter(|a| a.2 == 200).map(|a| a.0).collect();
+    let mut most = 0;
+    let mut first = 0;
+    for (last, t) in ok.iter().enumerate() {
+        while *t - ok[first] >= span {
+            first += 1;
+        }
+        most = most.max(last + 1 - first);
+    }
+    most
+}

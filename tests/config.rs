@@ -15,6 +15,9 @@ fn the_example_configuration_parses() {
         portcullis_config::load(&example()).unwrap_or_else(|e| panic!("config/portcullis.toml:\n{e}"));
     assert_eq!(config.listeners.len(), 1);
     assert_eq!(config.apis[0].name.value, "todo");
+    // The product limits its subscriptions' calls: a rate limit and a quota.
+    let steps = format!("{:?}", config.products[0].inbound);
+    assert!(steps.contains("RateLimit") && steps.contains("Quota"), "{steps}");
 }
 
 #[test]

@@ -85,8 +85,8 @@ fn a_broken_configuration_does_not_start() {
 /// `portcullis demo` starts, and the `curl` commands it prints do what it says: for client
 /// certificates 200 with the identity headers, 403 without a certificate, 403 with the revoked
 /// one; for subscription keys 200, 401 missing, 401 invalid; for tokens 200 with appidacr 2, 401
-/// with 1. The commands are replayed with the test client (same files, headers and URL), so the
-/// test needs no curl.
+/// with 1; for the rate limit five 200s then a 429. The commands are replayed with the test
+/// client (same files, headers and URL), so the test needs no curl.
 #[test]
 fn the_demo_prints_commands_that_work() {
     use std::io::{BufRead as _, BufReader};
@@ -117,12 +117,15 @@ fn the_demo_prints_commands_that_work() {
         }
     });
     let mut commands = Vec::new();
+    let mut repeated = None;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while commands.len() < 8 {
+    while commands.len() < 8 || repeated.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("the demo prints eight curl commands");
+        let line = rx.recv_timeout(left).expect("the demo prints eight curl commands and a loop");
         if line.starts_with("curl ") {
             commands.push(line);
+        } else if line.starts_with("for i in 1 2 3 4 5 6; do curl ") {
+            repeated = Some(line);
         }
     }
     let arg = |cmd: &str, flag: &str| {
@@ -182,6 +185,26 @@ fn the_demo_prints_commands_that_work() {
         [200, 403, 403, 200, 401, 401, 200, 401],
         "certificates: allowed, none, revoked; keys: valid, missing, wrong; tokens: appidacr 2, 1"
     );
+    // The loop: six calls to the rate-limited API.
+    let repeated = repeated.unwrap();
+    let url = repeated.split_whitespace().find(|w| w.starts_with("https://")).unwrap().trim_end_matches(';');
+    assert_eq!(url, format!("https://127.0.0.1:{port}/limited/"));
+    let root = std::fs::read_to_string(arg(&repeated, "--cacert").unwrap()).unwrap();
+    let client =
+        portcullis_testkit::TlsClient::from_pem(&root, None, portcullis_testkit::Versions::Both, "127.0.0.1");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let answers: Vec<_> = (0..6)
+        .map(|_| client.connect(addr).unwrap().request("GET", "/limited/", &[], b"").unwrap())
+        .collect();
+    let codes: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429]);
+    assert_eq!(answers[4].header("X-RateLimit-Remaining"), Some("0"));
+    assert!(
+        answers[5]
+            .text()
+            .starts_with(r#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in "#)
+    );
+    assert!(answers[5].header("Retry-After").is_some());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(demo.0.id() as i32, libc::SIGTERM) };
     assert_eq!(demo.0.wait().unwrap().code(), Some(0), "Ctrl-C or SIGTERM ends the demo cleanly");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use portcullis_testkit::idp::now;
 use portcullis_testkit::{Response, TestProxy};
 
-use crate::common::Env;
+use crate::common::{Env, hammer, most_admitted_within};
 
 /// A proxy whose API runs `steps` (inline step tables, one a line), with `extra` configuration.
 fn proxy(env: &Env, steps: &[&str], extra: &str) -> TestProxy {
@@ -251,6 +251,28 @@ fn a_limit_holds_for_the_whole_host() {
         threads.into_iter().map(|t| t.join().unwrap()).sum()
     });
     assert_eq!(admitted, 100, "320 calls from 8 connections over 2 workers");
+}
+
+/// Host-wide over several windows: two workers, eight connections on one key for four periods;
+/// no stretch of one period admits more than the limit (plus one per worker).
+#[test]
+fn a_limit_holds_for_the_whole_host_window_after_window() {
+    let env = Env::new();
+    let p = proxy(
+        &env,
+        &[r#"rate_limit_by_key = { calls = 100, renewal_period = "1s", counter_key = "hot" }"#],
+        "[server]\nworkers = 2\n",
+    );
+    let answers = hammer(&env, &[p.addr], 8, Duration::from_secs(4));
+    assert!(answers.iter().all(|a| a.2 == 200 || a.2 == 429));
+    let admitted = answers.iter().filter(|a| a.2 == 200).count();
+    let most = most_admitted_within(&answers, Duration::from_millis(950));
+    eprintln!(
+        "{} requests in 4 s, {admitted} admitted, at most {most} in any 0.95 s (limit 100 per 1 s)",
+        answers.len()
+    );
+    assert!(most <= 102, "{most} admitted within one period");
+    assert!(admitted >= 300, "{admitted}: the window moved on at least three times");
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds.

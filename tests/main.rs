@@ -7,6 +7,7 @@ mod common;
 mod config;
 mod conformance;
 mod containment;
+mod fleet;
 mod framing;
 mod jose;
 mod jwt;

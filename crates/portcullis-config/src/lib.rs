@@ -20,7 +20,7 @@ pub use callers::{https_url, subscription_key_problem};
 pub use error::{ConfigError, ConfigErrors, Loc};
 pub use load::{load, load_partial, parse, parse_partial, portcullis_max_headers};
 pub use model::*;
-pub use traffic::canonical_ip;
+pub use traffic::{RedisUrl, canonical_ip, parse_redis_url};
 
 #[cfg(test)]
 mod tests;

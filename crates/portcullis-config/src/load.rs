@@ -306,6 +306,7 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
             "allow_underscores_in_headers",
             "max_body_size",
             "rate_limit_keys",
+            "redis",
         ],
     );
     if let Some(v) = get(t, "workers") {
@@ -354,6 +355,9 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
         s.rate_limit_keys = r
             .integer(v, "server.rate_limit_keys", 64..(1 << 26) + 1)
             .map_or(s.rate_limit_keys, |n| n as usize);
+    }
+    if let Some(v) = get(t, "redis") {
+        s.redis = crate::traffic::redis(r, v);
     }
     if let Some(v) = get(t, "max_body_size") {
         s.max_body_size =

@@ -85,6 +85,41 @@ pub struct Server {
     pub max_body_size: Option<u64>,
     /// Keys the rate-limit and quota counters hold (each kind); set at start.
     pub rate_limit_keys: usize,
+    /// Rate-limit and quota counts shared with other hosts through Redis (`[server.redis]`).
+    pub redis: Option<Redis>,
+}
+
+/// What limits do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisFailure {
+    /// Count on this host alone until Redis is back.
+    Local,
+    /// Refuse calls that a rate limit or quota applies to (503).
+    Deny,
+}
+
+/// `[server.redis]`: where counts are shared, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redis {
+    /// As written (`redis://` or `rediss://`), for messages; the password is not kept in it.
+    pub url: Located<String>,
+    pub host: String,
+    pub port: u16,
+    /// `rediss://`: TLS, verified against `ca` (or the system's CAs).
+    pub tls: bool,
+    pub ca: Vec<Located<PathBuf>>,
+    pub db: u32,
+    pub username: Option<String>,
+    /// From the URL.
+    pub password: Option<String>,
+    /// Read when the configuration is applied (start and reload).
+    pub password_file: Option<Located<PathBuf>>,
+    /// How often each worker shares its counts.
+    pub sync_interval: Duration,
+    /// For connecting, and for each answer.
+    pub timeout: Duration,
+    pub failure: RedisFailure,
+    pub loc: Loc,
 }
 
 impl Default for Server {
@@ -104,6 +139,7 @@ impl Default for Server {
             allow_underscores_in_headers: false,
             max_body_size: None,
             rate_limit_keys: 65_536,
+            redis: None,
         }
     }
 }

@@ -181,3 +181,68 @@ fn fuzz_regressions_parse_without_panicking() {
     }
     assert!(n > 0, "no regression inputs in {}", dir.display());
 }
+
+#[test]
+fn redis_urls() {
+    let u = parse_redis_url("redis://127.0.0.1:6380/2").expect("plain");
+    assert_eq!((u.tls, u.host.as_str(), u.port, u.db, u.password), (false, "127.0.0.1", 6380, 2, None));
+    let u = parse_redis_url("rediss://edge:p%40ss%3Aword@redis.internal").expect("tls");
+    assert_eq!((u.tls, u.port, u.db), (true, 6379, 0));
+    assert_eq!((u.username.as_deref(), u.password.as_deref()), (Some("edge"), Some("p@ss:word")));
+    let u = parse_redis_url("redis://:secret@[::1]:7000").expect("v6, password only");
+    assert_eq!(
+        (u.host.as_str(), u.port, u.username, u.password.as_deref()),
+        ("::1", 7000, None, Some("secret"))
+    );
+    for bad in [
+        "http://127.0.0.1",
+        "redis://",
+        "redis://host:0",
+        "redis://host:65536",
+        "redis://host/db",
+        "redis://host/1?timeout=3",
+        "redis://[::1",
+        "redis://[nope]:1",
+        "redis://ho st",
+        "redis://u:%zz@host",
+    ] {
+        assert!(parse_redis_url(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn server_redis_fields_and_their_errors() {
+    let text = GOOD.replace(
+        "head_timeout = \"5s\"",
+        "head_timeout = \"5s\"\n[server.redis]\nurl = \"redis://fleet:hunter2@127.0.0.1:6379/3\"\nsync_interval = \"50ms\"\ntimeout = \"2s\"\nredis_failure = \"deny\"",
+    );
+    let c = parse(Path::new("/etc/portcullis/p.toml"), &text).expect("valid");
+    let r = c.server.redis.as_ref().expect("redis");
+    assert_eq!((r.host.as_str(), r.port, r.db, r.tls), ("127.0.0.1", 6379, 3, false));
+    assert_eq!((r.username.as_deref(), r.password.as_deref()), (Some("fleet"), Some("hunter2")));
+    assert_eq!((r.sync_interval.as_millis(), r.timeout.as_secs(), r.failure), (50, 2, RedisFailure::Deny));
+    assert!(!r.url.value.contains("hunter2"), "the password is not kept in the URL: {}", r.url.value);
+    // Defaults.
+    let text = GOOD
+        .replace("head_timeout = \"5s\"", "head_timeout = \"5s\"\nredis = { url = \"redis://127.0.0.1\" }");
+    let c = parse(Path::new("p.toml"), &text).expect("valid");
+    let r = c.server.redis.as_ref().expect("redis");
+    assert_eq!((r.sync_interval.as_millis(), r.timeout.as_secs(), r.failure), (100, 1, RedisFailure::Local));
+    // Mistakes, each named.
+    for (fields, expect) in [
+        ("url = \"http://x\"", "server.redis.url"),
+        ("url = \"redis://:pw@x\"\npassword_file = \"pw.txt\"", "keep one of them"),
+        ("url = \"redis://x\"\nca = [\"ca.pem\"]", "`ca` is for rediss://"),
+        ("url = \"redis://x\"\nsync_interval = \"1ms\"", "server.redis.sync_interval"),
+        ("url = \"redis://x\"\nredis_failure = \"open\"", "server.redis.redis_failure"),
+        ("url = \"redis://x\"\nurl_typo = 1", "url_typo"),
+        ("sync_interval = \"50ms\"", "missing field `url`"),
+    ] {
+        let text = GOOD
+            .replace("head_timeout = \"5s\"", &format!("head_timeout = \"5s\"\n[server.redis]\n{fields}"));
+        let errors = parse(Path::new("p.toml"), &text).expect_err(fields);
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(all.iter().any(|e| e.contains(expect)), "{fields}: {all:?}");
+        assert!(all.iter().all(|e| !e.contains("hunter2") && !e.contains(":pw@")), "{all:?}");
+    }
+}

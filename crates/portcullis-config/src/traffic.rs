@@ -479,3 +479,194 @@ mod tests {
         assert!(range("").is_err());
     }
 }
+
+/// What a Redis URL says: `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub db: u32,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+fn percent_decoded(text: &str, what: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(b) => out.push(b),
+                None => return Err(format!("the {what} has a `%` not followed by two hex digits")),
+            }
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("the {what} is not UTF-8 once decoded"))
+}
+
+/// Parses a Redis URL (the forms `redis-cli -u` takes, without query parameters).
+pub fn parse_redis_url(url: &str) -> Result<RedisUrl, String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("redis://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("rediss://") {
+        (true, rest)
+    } else {
+        return Err("must start with redis:// (or rediss:// for TLS)".to_owned());
+    };
+    if url.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+        return Err("holds spaces or characters outside ASCII (percent-encode them)".to_owned());
+    }
+    if rest.contains(['?', '#']) {
+        return Err(
+            "query parameters and fragments are not read; use the fields of [server.redis]".to_owned()
+        );
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(u) => {
+            let (user, pass) = match u.split_once(':') {
+                Some((user, pass)) => (user, Some(pass)),
+                None => (u, None),
+            };
+            let user = (!user.is_empty()).then(|| percent_decoded(user, "user name")).transpose()?;
+            let pass = pass.map(|p| percent_decoded(p, "password")).transpose()?;
+            (user, pass)
+        }
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (inside, after) = v6.split_once(']').ok_or("has a `[` without its `]`")?;
+        if inside.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("\"{inside}\" is not an IPv6 address"));
+        }
+        match after {
+            "" => (inside, None),
+            p => (inside, Some(p.strip_prefix(':').ok_or("has text after `]` that is not a port")?)),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("names no host".to_owned());
+    }
+    if !host.contains(':')
+        && !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(format!("\"{host}\" is not a host name or address"));
+    }
+    let port = match port {
+        None => 6379,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("\"{p}\" is not a port (1 to 65535)")),
+        },
+    };
+    let db = match path {
+        "" => 0,
+        d => d.parse::<u32>().map_err(|_| format!("\"/{d}\" is not a database number"))?,
+    };
+    Ok(RedisUrl { tls, host: host.to_owned(), port, db, username, password })
+}
+
+const REDIS_KEYS: [&str; 7] =
+    ["url", "ca", "password_file", "sync_interval", "timeout", "redis_failure", "db"];
+
+/// `[server.redis]`.
+pub(crate) fn redis(r: &mut Reader, v: &Value<'_>) -> Option<Redis> {
+    let field = "server.redis";
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &REDIS_KEYS);
+    let url = required(r, t, v, field, "url").and_then(|u| r.non_empty_string(u, "server.redis.url"));
+    let parsed = url.as_ref().and_then(|u| match parse_redis_url(&u.value) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            r.errors.push(u.loc.error(format!("\"{}\" {e}", masked(&u.value))));
+            None
+        }
+    });
+    let ca = get(t, "ca").map(|c| r.paths(c, "server.redis.ca")).unwrap_or_default();
+    let password_file = get(t, "password_file").and_then(|p| r.path(p, "server.redis.password_file"));
+    let mut sync_interval = std::time::Duration::from_millis(100);
+    if let Some(d) = get(t, "sync_interval") {
+        match r.duration(d, "server.redis.sync_interval") {
+            Some(i)
+                if (std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(10))
+                    .contains(&i) =>
+            {
+                sync_interval = i;
+            }
+            Some(_) => r.error(&d.span(), "server.redis.sync_interval", "must be from 10ms to 10s"),
+            None => {}
+        }
+    }
+    let mut timeout = std::time::Duration::from_secs(1);
+    if let Some(d) = get(t, "timeout") {
+        match r.duration(d, "server.redis.timeout") {
+            Some(i) if !i.is_zero() && i <= std::time::Duration::from_secs(60) => timeout = i,
+            Some(_) => r.error(&d.span(), "server.redis.timeout", "must be more than zero and at most 60s"),
+            None => {}
+        }
+    }
+    let failure = get(t, "redis_failure")
+        .and_then(|f| {
+            r.choice(
+                f,
+                "server.redis.redis_failure",
+                &[("local", RedisFailure::Local), ("deny", RedisFailure::Deny)],
+            )
+        })
+        .unwrap_or(RedisFailure::Local);
+    let db = get(t, "db")
+        .and_then(|d| r.integer(d, "server.redis.db", 0..i64::from(u32::MAX) + 1))
+        .map(|d| d as u32);
+    let (url, parsed) = (url?, parsed?);
+    if !parsed.tls && !ca.is_empty() {
+        r.errors.push(url.loc.error("`ca` is for rediss:// (TLS); this URL is redis://"));
+    }
+    if parsed.password.is_some() && password_file.is_some() {
+        r.errors
+            .push(url.loc.error("the URL holds a password and `password_file` names one: keep one of them"));
+    }
+    Some(Redis {
+        url: Located::new(masked(&url.value), url.loc.clone()),
+        host: parsed.host,
+        port: parsed.port,
+        tls: parsed.tls,
+        ca,
+        db: db.unwrap_or(parsed.db),
+        username: parsed.username,
+        password: parsed.password,
+        password_file,
+        sync_interval,
+        timeout,
+        failure,
+        loc: r.loc(&v.span(), field),
+    })
+}
+
+/// The URL with any password replaced by `***` (for messages and logs).
+fn masked(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, _)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{}", &rest[userinfo.len() + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}

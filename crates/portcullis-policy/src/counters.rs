@@ -8,7 +8,7 @@
 //! periods from its start. Entries are found by a 64-bit hash of (kind, period, key) with a
 //! short linear probe; an entry whose counts have all left their window is taken over.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Slots per renewal period.
 pub(crate) const N: u64 = 10;
@@ -26,6 +26,8 @@ pub(crate) enum Admit {
     No { retry_after: u64 },
     /// No room in the table for this key (every entry near its home is in use): not counted.
     Untracked,
+    /// The fleet's store is unreachable and limits are set to refuse then.
+    Unavailable,
 }
 
 fn pack(epoch: u64, count: u64) -> u64 {
@@ -40,6 +42,12 @@ struct Window {
     key: AtomicU64,
     /// (slot epoch: 32 bits, calls: 32 bits).
     slots: [AtomicU64; SLOTS],
+    /// Calls of the other hosts in the window, as the last sync found them: (slot epoch of the
+    /// sync: 32 bits, calls: 32 bits).
+    others: AtomicU64,
+    /// This host's claim, granted by the last sync: (second of the sync since the origin: 32
+    /// bits, the most calls this host may count in the window until the next one: 32 bits).
+    claim: AtomicU64,
 }
 
 struct Period {
@@ -48,6 +56,12 @@ struct Period {
     calls: AtomicU64,
     /// (period index: 24 bits, bytes: 40 bits).
     bytes: AtomicU64,
+    /// The other hosts' calls and bytes in the period, as the last sync found them.
+    others_calls: AtomicU64,
+    others_bytes: AtomicU64,
+    /// This host's claim on the period's calls, granted by the last sync: (second of the sync
+    /// since the origin: 32 bits, calls: 32 bits).
+    claim: AtomicU64,
 }
 
 fn pack40(period: u64, value: u64) -> u64 {
@@ -63,6 +77,12 @@ pub struct Counters {
     windows: Box<[Window]>,
     periods: Box<[Period]>,
     hasher: ahash::RandomState,
+    /// Counts are shared with other hosts through a store (Redis).
+    fleet: AtomicBool,
+    /// The store answered the last sync.
+    fleet_up: AtomicBool,
+    /// Refuse calls on limits while the store is unreachable (else count on this host alone).
+    deny_when_down: AtomicBool,
 }
 
 impl std::fmt::Debug for Counters {
@@ -75,6 +95,19 @@ impl Default for Counters {
     fn default() -> Self {
         Counters::with_capacity(1 << 14)
     }
+}
+
+/// A claim is good for this long after its sync (the store forgets a host's claim once the host
+/// has asked for the key for two seconds no more).
+const CLAIM_SECS: u64 = 2;
+/// No claim (the store answered none: the limit is not known to it).
+const NO_CLAIM: u64 = 0xFFFF_FFFF;
+
+/// The most calls this host may have counted in a window or period: what the other hosts left
+/// (`limit - others`), and no more than its claim while it holds one.
+fn fleet_allowance(limit: u64, others: u64, claim: Option<u64>) -> u64 {
+    let left = limit.saturating_sub(others);
+    claim.map_or(left, |c| c.min(left))
 }
 
 /// Adds `delta` to the slot for `epoch`, starting it over when it held an older epoch; returns
@@ -96,12 +129,108 @@ impl Counters {
     /// Tables for about `keys` keys of each kind (rounded up to a power of two).
     pub fn with_capacity(keys: usize) -> Counters {
         let n = keys.max(64).next_power_of_two();
-        let window = || Window { key: AtomicU64::new(0), slots: std::array::from_fn(|_| AtomicU64::new(0)) };
-        let period = || Period { key: AtomicU64::new(0), calls: AtomicU64::new(0), bytes: AtomicU64::new(0) };
+        let window = || Window {
+            key: AtomicU64::new(0),
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            others: AtomicU64::new(0),
+            claim: AtomicU64::new(0),
+        };
+        let period = || Period {
+            key: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            others_calls: AtomicU64::new(0),
+            others_bytes: AtomicU64::new(0),
+            claim: AtomicU64::new(0),
+        };
         Counters {
             windows: (0..n).map(|_| window()).collect(),
             periods: (0..n).map(|_| period()).collect(),
             hasher: ahash::RandomState::new(),
+            fleet: AtomicBool::new(false),
+            // Up until a sync finds otherwise.
+            fleet_up: AtomicBool::new(true),
+            deny_when_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Shares counts with other hosts (`deny_when_down`: refuse limited calls while the store is
+    /// unreachable), or stops sharing.
+    pub fn set_fleet(&self, enabled: bool, deny_when_down: bool) {
+        self.fleet.store(enabled, Ordering::Release);
+        self.deny_when_down.store(deny_when_down, Ordering::Release);
+    }
+
+    pub fn fleet(&self) -> bool {
+        self.fleet.load(Ordering::Acquire)
+    }
+
+    /// Whether the store answered the last sync; returns what was said before.
+    pub fn set_fleet_up(&self, up: bool) -> bool {
+        self.fleet_up.swap(up, Ordering::AcqRel)
+    }
+
+    pub fn fleet_up(&self) -> bool {
+        self.fleet_up.load(Ordering::Acquire)
+    }
+
+    /// Whether the other hosts' counts (as the last sync found them) are added to this host's:
+    /// counts are shared and the store is reachable. Otherwise each host counts alone.
+    fn sharing(&self) -> bool {
+        self.fleet() && self.fleet_up()
+    }
+
+    fn refusing_for_the_store(&self) -> bool {
+        self.fleet() && !self.fleet_up() && self.deny_when_down.load(Ordering::Acquire)
+    }
+
+    /// What a sync found for a rate limit's key at `now_ms` (ms since the counters' origin):
+    /// the other hosts' calls in the window, and this host's claim (see [`crate::fleet`]).
+    pub fn set_others(&self, hash: u64, period_ms: u64, now_ms: u64, calls: u64, claim: Option<u64>) {
+        let epoch = now_ms / (period_ms / N).max(1);
+        if let Some(w) = self.window(hash, epoch) {
+            let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
+            w.claim.store(pack(now_ms / 1000, claim), Ordering::Release);
+            w.others.store(pack(epoch, calls.min(0xFFFF_FFFF)), Ordering::Release);
+        }
+    }
+
+    /// What a sync found for a quota's key in period `index`, at `now_ms` (ms since the
+    /// counters' origin): the other hosts' calls and bytes, and this host's claim.
+    pub fn set_quota_others(
+        &self,
+        hash: u64,
+        index: u64,
+        now_ms: u64,
+        (calls, bytes): (u64, u64),
+        claim: Option<u64>,
+    ) {
+        if let Some(p) = self.period(hash, index) {
+            let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
+            p.claim.store(pack(now_ms / 1000, claim), Ordering::Release);
+            p.others_calls.store(pack40(index, calls), Ordering::Release);
+            p.others_bytes.store(pack40(index, bytes), Ordering::Release);
+        }
+    }
+
+    /// A claim still good at `now_ms`.
+    fn claim_at(claim: &AtomicU64, now_ms: u64) -> Option<u64> {
+        let (at, c) = unpack(claim.load(Ordering::Acquire));
+        (c != NO_CLAIM && at + CLAIM_SECS >= (now_ms / 1000) & 0xFFFF_FFFF).then_some(c)
+    }
+
+    /// What the last sync found for a window ending in `epoch`, at `now_ms`: the other hosts'
+    /// calls and this host's claim; nothing when that sync is older than the window, or counts
+    /// are not shared.
+    fn others(&self, w: &Window, epoch: u64, now_ms: u64) -> (u64, Option<u64>) {
+        if !self.sharing() {
+            return (0, None);
+        }
+        let (e, c) = unpack(w.others.load(Ordering::Acquire));
+        if e <= epoch & 0xFFFF_FFFF && e + N >= epoch & 0xFFFF_FFFF {
+            (c, Counters::claim_at(&w.claim, now_ms))
+        } else {
+            (0, None)
         }
     }
 
@@ -126,6 +255,8 @@ impl Counters {
                     c == 0 || e + N < epoch & 0xFFFF_FFFF
                 });
             if stale && w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                // What a sync found was about the key before.
+                w.others.store(0, Ordering::Release);
                 return Some(w);
             }
         }
@@ -151,30 +282,35 @@ impl Counters {
     /// call is counted (`count` times) when admitted; without, it is only checked (the count
     /// comes later, with [`Counters::count`], once the response is known).
     pub(crate) fn rate(&self, hash: u64, period_ms: u64, limit: u64, now_ms: u64, count: u64) -> Admit {
+        if self.refusing_for_the_store() {
+            return Admit::Unavailable;
+        }
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
         let Some(w) = self.window(hash, epoch) else { return Admit::Untracked };
+        let (others, claim) = self.others(w, epoch, now_ms);
+        let allowance = fleet_allowance(limit, others, claim);
         let retry = |oldest: Option<u64>| {
             // The oldest calls leave once their slot is N + 1 slots old.
             let free_at = (oldest.unwrap_or(epoch) + N + 1) * slot_ms;
             free_at.saturating_sub(now_ms).div_ceil(1000).max(1)
         };
         if count == 0 {
-            let (total, oldest) = Counters::sum(w, epoch);
-            return if total >= limit {
+            let (own, oldest) = Counters::sum(w, epoch);
+            return if own >= allowance {
                 Admit::No { retry_after: retry(oldest) }
             } else {
-                Admit::Yes { remaining: limit - total }
+                Admit::Yes { remaining: limit - (own + others).min(limit) }
             };
         }
         let slot = &w.slots[(epoch % SLOTS as u64) as usize];
         add_to(slot, epoch, count as i64);
-        let (total, oldest) = Counters::sum(w, epoch);
-        if total > limit {
+        let (own, oldest) = Counters::sum(w, epoch);
+        if own > allowance {
             add_to(slot, epoch, -(count as i64));
             return Admit::No { retry_after: retry(oldest) };
         }
-        Admit::Yes { remaining: limit - total }
+        Admit::Yes { remaining: limit - (own + others).min(limit) }
     }
 
     /// Counts `count` calls for a rate limit after the fact (an `increment_condition` held).
@@ -202,6 +338,9 @@ impl Counters {
                 a != index && b != index
             };
             if stale && p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                for a in [&p.others_calls, &p.others_bytes, &p.claim] {
+                    a.store(0, Ordering::Release);
+                }
                 return Some(p);
             }
         }
@@ -215,20 +354,41 @@ impl Counters {
             let (i, v) = unpack40(a.load(Ordering::Acquire));
             if i == index & 0xFF_FFFF { v } else { 0 }
         };
-        Some((read(&p.calls), read(&p.bytes)))
+        // With counts shared, the other hosts' too, as the last sync found them.
+        let sharing = self.sharing();
+        let others = |a: &AtomicU64| if sharing { read(a) } else { 0 };
+        Some((read(&p.calls) + others(&p.others_calls), read(&p.bytes) + others(&p.others_bytes)))
+    }
+
+    /// Whether limited calls are refused because the store is unreachable.
+    pub(crate) fn store_refuses(&self) -> bool {
+        self.refusing_for_the_store()
     }
 
     /// Adds calls (admitted only while within `limit`, when one is given) and bytes to a quota's
-    /// period `index`. Returns false when the calls would pass the limit (nothing is added).
+    /// period `index`, at `now_ms` (ms since the origin). Returns false when the calls would pass
+    /// the limit (nothing is added).
     pub(crate) fn quota_add(
         &self,
         hash: u64,
-        index: u64,
+        (index, now_ms): (u64, u64),
         calls: u64,
         limit: Option<u64>,
         bytes: u64,
     ) -> bool {
         let Some(p) = self.period(hash, index) else { return true };
+        // With counts shared, the other hosts take their part of the limit.
+        let limit = match limit {
+            Some(l) if self.sharing() => {
+                let (i, others) = unpack40(p.others_calls.load(Ordering::Acquire));
+                if i == index & 0xFF_FFFF {
+                    Some(fleet_allowance(l, others, Counters::claim_at(&p.claim, now_ms)))
+                } else {
+                    Some(l)
+                }
+            }
+            other => other,
+        };
         let add = |a: &AtomicU64, delta: u64, cap: Option<u64>| -> bool {
             let mut current = a.load(Ordering::Acquire);
             loop {
@@ -323,12 +483,12 @@ mod tests {
     fn quotas_count_per_period() {
         let c = Counters::with_capacity(64);
         let h = c.hash(1, 300, b"sub");
-        assert!(c.quota_add(h, 7, 1, Some(2), 100));
-        assert!(c.quota_add(h, 7, 1, Some(2), 50));
-        assert!(!c.quota_add(h, 7, 1, Some(2), 0));
+        assert!(c.quota_add(h, (7, 0), 1, Some(2), 100));
+        assert!(c.quota_add(h, (7, 0), 1, Some(2), 50));
+        assert!(!c.quota_add(h, (7, 0), 1, Some(2), 0));
         assert_eq!(c.quota_used(h, 7), Some((2, 150)));
         assert_eq!(c.quota_used(h, 8), Some((0, 0)), "a new period starts empty");
-        assert!(c.quota_add(h, 8, 1, Some(2), 0));
+        assert!(c.quota_add(h, (8, 0), 1, Some(2), 0));
         assert_eq!(c.quota_used(h, 8), Some((1, 0)));
     }
 
@@ -346,5 +506,53 @@ mod tests {
         // A window later, every entry is stale: new keys find room.
         let h = c.hash(0, 1_000, b"new");
         assert_eq!(c.rate(h, 1_000, 5, 20_000, 1), Admit::Yes { remaining: 4 });
+    }
+
+    #[test]
+    fn a_claim_bounds_what_is_left() {
+        assert_eq!(fleet_allowance(100, 30, None), 70);
+        assert_eq!(fleet_allowance(100, 30, Some(40)), 40);
+        assert_eq!(fleet_allowance(100, 30, Some(90)), 70, "never past what the others left");
+        assert_eq!(fleet_allowance(100, 150, None), 0);
+    }
+
+    #[test]
+    fn other_hosts_counts_count_while_the_store_is_up() {
+        let c = Counters::with_capacity(64);
+        let h = c.hash(0, 60_000, b"shared");
+        let now = 3_600_000;
+        c.set_fleet(true, false);
+        assert!(matches!(c.rate(h, 60_000, 10, now, 1), Admit::Yes { remaining: 9 }));
+        // The others made 7 calls, and this host may have 2 until its next sync.
+        c.set_others(h, 60_000, now, 7, Some(2));
+        assert_eq!(c.rate(h, 60_000, 10, now + 1, 1), Admit::Yes { remaining: 1 });
+        assert!(matches!(c.rate(h, 60_000, 10, now + 2, 1), Admit::No { .. }));
+        // A claim goes stale with its sync: then all that the others left.
+        assert_eq!(c.rate(h, 60_000, 10, now + 3_000, 1), Admit::Yes { remaining: 0 });
+        assert!(matches!(c.rate(h, 60_000, 10, now + 3_001, 1), Admit::No { .. }));
+        // Store down, "local": this host counts alone.
+        c.set_fleet_up(false);
+        assert_eq!(c.rate(h, 60_000, 10, now + 3_002, 1), Admit::Yes { remaining: 6 });
+        // "deny": refused while down; served again once it is up.
+        c.set_fleet(true, true);
+        assert_eq!(c.rate(h, 60_000, 10, now + 3_003, 1), Admit::Unavailable);
+        assert!(c.store_refuses());
+        c.set_fleet_up(true);
+        assert!(!c.store_refuses());
+        // What a sync found goes stale once its window has passed.
+        assert!(matches!(c.rate(h, 60_000, 10, now + 3_004, 1), Admit::No { .. }));
+        assert!(matches!(c.rate(h, 60_000, 10, now + 200_000, 1), Admit::Yes { remaining: 9 }));
+        // Quotas alike; not shared, the others do not count.
+        let q = c.hash(1, 7, b"quota");
+        c.set_quota_others(q, 5, now, (8, 1000), None);
+        assert_eq!(c.quota_used(q, 5), Some((8, 1000)));
+        assert!(c.quota_add(q, (5, now), 1, Some(10), 0));
+        assert!(c.quota_add(q, (5, now), 1, Some(10), 0));
+        assert!(!c.quota_add(q, (5, now), 1, Some(10), 0), "8 + 2 of 10");
+        c.set_quota_others(q, 5, now, (6, 1000), Some(2));
+        assert!(!c.quota_add(q, (5, now), 1, Some(10), 0), "2 left, but the claim is 2");
+        c.set_fleet(false, false);
+        assert_eq!(c.quota_used(q, 5), Some((2, 0)));
+        assert!(c.quota_add(q, (5, now), 1, Some(10), 0));
     }
 }

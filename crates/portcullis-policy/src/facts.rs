@@ -9,7 +9,23 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use portcullis_facts::ClientCert;
 
+use crate::fleet::Deltas;
 use crate::jwt::{TokenCache, Verified};
+
+/// What one worker keeps across its connections: the tokens it verified, and the limited calls
+/// it has not yet shared with other hosts.
+#[derive(Debug, Default)]
+pub struct WorkerLocal {
+    pub(crate) tokens: TokenCache,
+    pub deltas: Deltas,
+}
+
+impl WorkerLocal {
+    /// A handle for one worker's connections.
+    pub fn shared() -> Rc<RefCell<WorkerLocal>> {
+        Rc::new(RefCell::new(WorkerLocal::default()))
+    }
+}
 
 /// What policy may look at for one request.
 #[derive(Debug, Clone, Copy)]
@@ -62,13 +78,13 @@ pub struct RequestState {
     pub(crate) response_headers: Vec<(Bytes, u64)>,
     /// The time in a refusal's message (seconds until a limit frees up).
     pub(crate) wait_secs: u64,
-    pub(crate) cache: Rc<RefCell<TokenCache>>,
+    pub(crate) local: Rc<RefCell<WorkerLocal>>,
 }
 
 impl RequestState {
     /// A state for a connection served by the worker whose token cache is `cache`.
-    pub fn new(cache: Rc<RefCell<TokenCache>>) -> RequestState {
-        RequestState { cache, ..RequestState::default() }
+    pub fn new(local: Rc<RefCell<WorkerLocal>>) -> RequestState {
+        RequestState { local, ..RequestState::default() }
     }
 
     /// Starts over for a new request (the cache stays).

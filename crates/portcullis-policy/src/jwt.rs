@@ -2,7 +2,6 @@
 //! OpenID Connect providers, a per-worker cache of verified tokens, and certificate-bound tokens
 //! (RFC 8705).
 
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -61,11 +60,6 @@ impl Default for TokenCache {
 }
 
 impl TokenCache {
-    /// A handle for one worker's connections.
-    pub fn shared() -> Rc<RefCell<TokenCache>> {
-        Rc::new(RefCell::new(TokenCache::default()))
-    }
-
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -429,7 +423,8 @@ impl JwtStep {
             return Outcome::Refused(Failure::TooLarge);
         }
         let cached = {
-            let cache = state.cache.borrow();
+            let local = state.local.borrow();
+            let cache = &local.tokens;
             cache.get(token, facts.now).filter(|v| self.is_current(v.keyset)).cloned()
         };
         let verified = match cached {
@@ -440,7 +435,7 @@ impl JwtStep {
                         (e as i64).saturating_add(self.skew)
                     });
                     let v = Rc::new(v);
-                    state.cache.borrow_mut().put(token, v.clone(), until, facts.now);
+                    state.local.borrow_mut().tokens.put(token, v.clone(), until, facts.now);
                     v
                 }
                 Err(outcome) => return outcome,

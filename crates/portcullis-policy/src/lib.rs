@@ -25,6 +25,7 @@
 
 mod counters;
 mod facts;
+mod fleet;
 mod ipset;
 mod jwt;
 mod limits;
@@ -35,7 +36,8 @@ mod template;
 mod thumbprints;
 
 pub use counters::Counters;
-pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState};
+pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState, WorkerLocal};
+pub use fleet::{Batch, Deltas, SCRIPT as FLEET_SCRIPT};
 pub use ipset::IpSet;
 pub use jwt::TokenCache;
 pub use policy::{

@@ -6,6 +6,7 @@ use portcullis_config::{ConfigErrors, Quota, RateLimit, StatusRanges};
 
 use crate::counters::{Admit, Counters};
 use crate::facts::{Facts, HeaderEdits, RequestState};
+use crate::fleet::{Deltas, Shape};
 use crate::policy::{Countdown, Response};
 use crate::template::{Context, Template};
 
@@ -34,6 +35,7 @@ pub(crate) struct RateStep {
     remaining: Option<Bytes>,
     total: Option<Bytes>,
     refusal: Response,
+    unavailable: Response,
 }
 
 /// A compiled quota.
@@ -47,6 +49,7 @@ pub(crate) struct QuotaStep {
     condition: Option<u16>,
     calls_refusal: Response,
     bandwidth_refusal: Response,
+    unavailable: Response,
 }
 
 /// What a request still owes its counters once its response is known.
@@ -70,6 +73,12 @@ fn countdown(status: u16, before: &str, after: &str, hms: bool) -> Response {
         hms,
     });
     r
+}
+
+/// The answer while the store that shares counts is unreachable and limits refuse then
+/// (`redis_failure = "deny"`).
+fn unavailable() -> Response {
+    crate::policy::json_response(503, "Service unavailable: the rate limit store cannot be reached.")
 }
 
 /// Headers of the retry time, written into a refusal.
@@ -133,6 +142,7 @@ impl RateStep {
             remaining: r.remaining_calls_header_name.clone().map(|h| Bytes::from(h.into_bytes())),
             total: r.total_calls_header_name.clone().map(|h| Bytes::from(h.into_bytes())),
             refusal: countdown(429, "Rate limit is exceeded. Try again in ", " seconds.", false),
+            unavailable: unavailable(),
         })
     }
 
@@ -148,13 +158,29 @@ impl RateStep {
     ) -> Option<&'p Response> {
         let mut scratch = std::mem::take(&mut state.scratch);
         let kind = if matches!(self.key, Key::Subscription) { 2 } else { 0 };
-        let hash = key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch)
-            .map(|k| counters.hash(kind, self.period_ms, k));
-        state.scratch = scratch;
-        let hash = hash?;
+        let Some(len) =
+            key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch).map(<[u8]>::len)
+        else {
+            state.scratch = scratch;
+            return None;
+        };
+        let hash = counters.hash(kind, self.period_ms, &scratch[..len]);
         let now = facts.now_ms.saturating_sub(ORIGIN_MS);
         let now_count = if self.condition.is_some() { 0 } else { self.count };
-        match counters.rate(hash, self.period_ms, self.calls, now, now_count) {
+        let admit = counters.rate(hash, self.period_ms, self.calls, now, now_count);
+        if counters.fleet() {
+            // Shared with the other hosts at the next sync (a refused key too: its count there
+            // is still wanted).
+            let counted = if matches!(admit, Admit::Yes { .. }) { now_count } else { 0 };
+            let shape = Shape::Rate { period_ms: self.period_ms, limit: self.calls };
+            let deltas = &mut state.local.borrow_mut().deltas;
+            deltas.touch(hash, kind, shape, &scratch[..len], counted, 0);
+            if !matches!(admit, Admit::Yes { .. }) {
+                deltas.hurry();
+            }
+        }
+        state.scratch = scratch;
+        match admit {
             Admit::Yes { remaining } => {
                 if self.condition.is_some() {
                     state.pending.push(Pending::Rate {
@@ -173,6 +199,10 @@ impl RateStep {
                 None
             }
             Admit::Untracked => None,
+            Admit::Unavailable => {
+                edits.clear_added();
+                Some(&self.unavailable)
+            }
             Admit::No { retry_after } => {
                 state.wait_secs = retry_after;
                 edits.clear_added();
@@ -189,7 +219,35 @@ impl RateStep {
     }
 }
 
+/// Which part of a quota is used up.
+enum Refused {
+    Calls,
+    Bandwidth,
+}
+
 impl QuotaStep {
+    /// Checks the quota, counting the call now when `count` (increment-then-check).
+    fn admit(
+        &self,
+        counters: &Counters,
+        hash: u64,
+        (index, now): (u64, u64),
+        count: bool,
+    ) -> Result<(), Refused> {
+        let (used_calls, used_bytes) = counters.quota_used(hash, index).unwrap_or((0, 0));
+        if self.bytes.is_some_and(|b| used_bytes >= b) {
+            return Err(Refused::Bandwidth);
+        }
+        if count {
+            if !counters.quota_add(hash, (index, now), 1, self.calls, 0) {
+                return Err(Refused::Calls);
+            }
+        } else if self.calls.is_some_and(|limit| used_calls >= limit) {
+            return Err(Refused::Calls);
+        }
+        Ok(())
+    }
+
     pub(crate) fn compile(
         q: &Quota,
         conditions: &mut Vec<StatusRanges>,
@@ -213,6 +271,7 @@ impl QuotaStep {
             } else {
                 countdown(403, "Out of bandwidth quota. Quota will be replenished in ", ".", true)
             },
+            unavailable: unavailable(),
         })
     }
 
@@ -238,12 +297,34 @@ impl QuotaStep {
         let mut scratch = std::mem::take(&mut state.scratch);
         let kind = if matches!(self.key, Key::Subscription) { 3 } else { 1 };
         let salt = (self.period as u64) << 32 ^ self.start as u64;
-        let hash = key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch)
-            .map(|k| counters.hash(kind, salt, k));
-        state.scratch = scratch;
-        let hash = hash?;
+        let Some(len) =
+            key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch).map(<[u8]>::len)
+        else {
+            state.scratch = scratch;
+            return None;
+        };
+        let hash = counters.hash(kind, salt, &scratch[..len]);
         let now = (facts.now_ms / 1000) as i64;
         let (index, left) = self.period_of(now);
+        if counters.store_refuses() {
+            state.scratch = scratch;
+            edits.clear_added();
+            return Some(&self.unavailable);
+        }
+        let counted_now = self.condition.is_none() && self.calls.is_some();
+        let since_origin = facts.now_ms.saturating_sub(ORIGIN_MS);
+        let admitted = self.admit(counters, hash, (index, since_origin), counted_now);
+        if counters.fleet() {
+            let limit = self.calls.unwrap_or(0);
+            let shape = Shape::Quota { period: self.period, start: self.start, index, limit };
+            let counted = u64::from(counted_now && admitted.is_ok());
+            let deltas = &mut state.local.borrow_mut().deltas;
+            deltas.touch(hash, kind, shape, &scratch[..len], counted, 0);
+            if admitted.is_err() {
+                deltas.hurry();
+            }
+        }
+        state.scratch = scratch;
         let refuse = |state: &mut RequestState, edits: &mut HeaderEdits, response: &'p Response| {
             // A lifetime quota is never replenished: its refusal says so with no time.
             state.wait_secs = left.unwrap_or(0);
@@ -253,19 +334,10 @@ impl QuotaStep {
             }
             Some(response)
         };
-        let (_, used_bytes) = counters.quota_used(hash, index).unwrap_or((0, 0));
-        if self.bytes.is_some_and(|b| used_bytes >= b) {
-            return refuse(state, edits, &self.bandwidth_refusal);
-        }
-        let counted_now = self.condition.is_none() && self.calls.is_some();
-        if counted_now && !counters.quota_add(hash, index, 1, self.calls, 0) {
-            return refuse(state, edits, &self.calls_refusal);
-        }
-        if !counted_now
-            && let Some(limit) = self.calls
-            && counters.quota_used(hash, index).is_some_and(|(calls, _)| calls >= limit)
-        {
-            return refuse(state, edits, &self.calls_refusal);
+        match admitted {
+            Err(Refused::Bandwidth) => return refuse(state, edits, &self.bandwidth_refusal),
+            Err(Refused::Calls) => return refuse(state, edits, &self.calls_refusal),
+            Ok(()) => {}
         }
         state.pending.push(Pending::Quota {
             hash,
@@ -282,9 +354,8 @@ pub(crate) fn settle(
     counters: &Counters,
     conditions: &[StatusRanges],
     pending: &[Pending],
-    status: u16,
-    bytes: u64,
-    now_ms: u64,
+    (status, bytes, now_ms): (u16, u64, u64),
+    deltas: &mut Deltas,
 ) {
     let holds =
         |c: Option<u16>| c.is_none_or(|i| conditions.get(usize::from(i)).is_none_or(|r| r.contains(status)));
@@ -293,11 +364,19 @@ pub(crate) fn settle(
             Pending::Rate { hash, period_ms, count, condition } => {
                 if holds(condition) {
                     counters.count(hash, period_ms, now_ms.saturating_sub(ORIGIN_MS), count);
+                    deltas.add(hash, count, 0);
                 }
             }
             Pending::Quota { hash, index, calls, condition } => {
                 if holds(condition) {
-                    counters.quota_add(hash, index, u64::from(calls), None, bytes);
+                    counters.quota_add(
+                        hash,
+                        (index, now_ms.saturating_sub(ORIGIN_MS)),
+                        u64::from(calls),
+                        None,
+                        bytes,
+                    );
+                    deltas.add(hash, u64::from(calls), bytes);
                 }
             }
         }

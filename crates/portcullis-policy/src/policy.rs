@@ -977,7 +977,15 @@ impl PolicySet {
     /// `status` is known and `bytes` of request and response bodies went through.
     pub fn complete(&self, state: &mut RequestState, status: u16, bytes: u64, now_ms: u64) {
         if !state.pending.is_empty() {
-            crate::limits::settle(&self.counters, &self.conditions, &state.pending, status, bytes, now_ms);
+            let mut local = state.local.borrow_mut();
+            crate::limits::settle(
+                &self.counters,
+                &self.conditions,
+                &state.pending,
+                (status, bytes, now_ms),
+                &mut local.deltas,
+            );
+            drop(local);
             state.pending.clear();
         }
     }

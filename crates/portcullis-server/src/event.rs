@@ -110,3 +110,31 @@ mod tests {
         });
     }
 }
+
+/// A worker-local wake-up call for one waiting task (the sync task): [`Nudge::wake`] before or
+/// while it waits makes its next [`Nudge::wait`] return.
+#[derive(Debug, Default)]
+pub(crate) struct Nudge {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Nudge {
+    pub(crate) fn wake(&self) {
+        if !self.set.replace(true)
+            && let Some(w) = self.waker.borrow_mut().take()
+        {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.replace(false) {
+                return Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    }
+}

@@ -13,9 +13,11 @@
 
 mod conn;
 mod event;
+mod fleet;
 mod keys;
 mod pool;
 mod relay;
+pub mod resp;
 mod server;
 mod snapshot;
 mod timer;

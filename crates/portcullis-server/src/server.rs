@@ -102,6 +102,14 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Tells the counters whether counts are shared through Redis, and what to do without it.
+fn share_counts(counters: &Counters, config: &Config) {
+    match &config.server.redis {
+        Some(r) => counters.set_fleet(true, r.failure == portcullis_config::RedisFailure::Deny),
+        None => counters.set_fleet(false, false),
+    }
+}
+
 impl Server {
     /// Compiles `config`, binds every listener once per worker and starts the workers.
     pub fn start(config: &Config) -> Result<Server, StartError> {
@@ -140,7 +148,11 @@ impl Server {
             draining: AtomicBool::new(false),
             lost_workers: AtomicUsize::new(0),
             on_lost_worker: OnceLock::new(),
+            counters: counters.clone(),
+            host_field: crate::fleet::host_field(),
+            fleet_stats: crate::fleet::FleetStats::default(),
         });
+        share_counts(&counters, config);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(workers);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -268,6 +280,7 @@ impl Server {
         }
         self.generation += 1;
         self.shared.snapshot.store(Arc::new(snapshot));
+        share_counts(&self.counters, config);
         self.fetchers.commit(config, &providers);
         Ok(self.generation)
     }

@@ -135,6 +135,8 @@ pub struct Snapshot {
     pub(crate) max_connections: usize,
     /// Every CRL of this configuration, merged (with each issuer's CRL number).
     pub(crate) revoked: Arc<RevocationSet>,
+    /// Where rate-limit and quota counts are shared with other hosts (`[server.redis]`).
+    pub(crate) fleet: Option<Arc<crate::fleet::FleetLink>>,
 }
 
 /// Connections per worker when `server.max_connections` is not set: the open-file limit, less a
@@ -255,6 +257,14 @@ impl Snapshot {
                 errors.push(e);
             }
         }
+        let fleet = match config.server.redis.as_ref().map(crate::fleet::FleetLink::compile) {
+            Some(Ok(link)) => Some(Arc::new(link)),
+            Some(Err(e)) => {
+                errors.extend(e);
+                None
+            }
+            None => None,
+        };
         let revoked = Arc::new(revoked);
         let inputs = Inputs {
             certificates,
@@ -299,6 +309,7 @@ impl Snapshot {
                 .max_connections
                 .unwrap_or_else(|| default_max_connections(worker_count(&config.server))),
             revoked,
+            fleet,
         };
         errors.into_result(snapshot)
     }

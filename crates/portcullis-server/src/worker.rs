@@ -15,7 +15,7 @@ use arc_swap::{ArcSwap, Cache};
 use monoio::net::{TcpListener, TcpStream};
 use portcullis_config::Driver;
 
-use crate::event::Event;
+use crate::event::{Event, Nudge};
 use crate::pool::Pool;
 use crate::snapshot::Snapshot;
 
@@ -28,6 +28,11 @@ pub(crate) struct Shared {
     pub(crate) lost_workers: AtomicUsize,
     /// Told when a worker is lost (set once, by whoever runs the process).
     pub(crate) on_lost_worker: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The host's rate-limit and quota counts (also reached through the snapshot's policies).
+    pub(crate) counters: Arc<portcullis_policy::Counters>,
+    /// This process's field in the counts shared through Redis.
+    pub(crate) host_field: String,
+    pub(crate) fleet_stats: crate::fleet::FleetStats,
 }
 
 impl std::fmt::Debug for Shared {
@@ -68,12 +73,14 @@ const TICK: Duration = Duration::from_millis(50);
 
 pub(crate) struct Worker {
     pub(crate) id: usize,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     cache: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     pub(crate) pool: RefCell<Pool>,
-    /// Tokens this worker verified (see `portcullis_policy::TokenCache`).
-    pub(crate) tokens: Rc<RefCell<portcullis_policy::TokenCache>>,
+    /// Tokens this worker verified, and its limited calls not yet shared with other hosts.
+    pub(crate) local: Rc<RefCell<portcullis_policy::WorkerLocal>>,
     pub(crate) shutdown: Event,
+    /// Wakes the sync task early: a key this worker had not noted came up.
+    pub(crate) fleet_nudge: Nudge,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
     room_waiters: RefCell<Vec<Waker>>,
@@ -168,8 +175,9 @@ pub(crate) fn run(
         cache: RefCell::new(Cache::new(shared.snapshot.clone())),
         shared,
         pool: RefCell::new(Pool::default()),
-        tokens: portcullis_policy::TokenCache::shared(),
+        local: portcullis_policy::WorkerLocal::shared(),
         shutdown: Event::default(),
+        fleet_nudge: Nudge::default(),
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),
@@ -248,6 +256,7 @@ async fn serve(
         };
         drop(monoio::spawn(accept_loop(worker.clone(), listener, index)));
     }
+    drop(monoio::spawn(crate::fleet::run(worker.clone())));
     let _ = ready.send(Ok(()));
     drop(ready);
     // Watch the shared flag; keep the pool tidy.

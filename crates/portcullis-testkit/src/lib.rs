@@ -7,7 +7,8 @@
 //! - [`scripted`]: a backend that answers with exact bytes, for responses no server should send;
 //! - [`idp`]: an OpenID Connect provider over HTTPS whose keys the test rotates, and keys that
 //!   sign tokens;
-//! - [`proxy`]: the proxy started in-process, or the real binary as a child process.
+//! - [`proxy`]: the proxy started in-process, or the real binary as a child process;
+//! - [`redis`]: a real `redis-server` on a free loopback port, stopped and restarted at will.
 //!
 //! No mocks: real sockets on 127.0.0.1, real TLS on both sides. The demo (`portcullis demo`) is
 //! built from the same pieces.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod idp;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 pub mod scripted;
 
 pub use backend::Backend;
@@ -25,4 +27,5 @@ pub use client::{Conn, Response, TlsClient, Versions};
 pub use idp::{Idp, SigningKey};
 pub use pki::{Identity, Pki, PkiPaths};
 pub use proxy::{ProxyProcess, TestProxy};
+pub use redis::{RedisServer, RedisTls};
 pub use scripted::{Reply, ScriptedBackend, Then};

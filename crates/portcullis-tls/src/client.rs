@@ -1,12 +1,16 @@
-//! A blocking TLS client for the control side (fetching identity providers' keys): the
-//! provider's certificate is verified against the configured CAs, or the system's store, and
-//! its name checked. Never used on a worker's loop.
+//! A TLS client: the peer's certificate is verified against the configured CAs, or the system's
+//! store, and its name checked. Blocking, for the control side (fetching identity providers'
+//! keys), or over a worker's monoio socket (the connection that shares rate-limit counts).
 
 use std::net::TcpStream;
 
-use boring::ssl::{SslConnector, SslMethod, SslStream, SslVersion};
+use boring::ssl::{ErrorCode, SslConnector, SslMethod, SslStream, SslVersion};
 use boring::x509::store::X509StoreBuilder;
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use portcullis_config::Located;
+
+use crate::acceptor::SessionInfo;
+use crate::stream::{Staging, TlsStream, Wire};
 
 /// The system's CA bundle on Debian and its derivatives (also read by BoringSSL's defaults on
 /// others, through `SSL_CTX_set_default_verify_paths`).
@@ -50,5 +54,47 @@ impl ClientTls {
     pub fn connect(&self, host: &str, tcp: TcpStream) -> Result<SslStream<TcpStream>, String> {
         let config = self.connector.configure().map_err(|e| e.to_string())?;
         config.connect(host, tcp).map_err(|e| format!("TLS handshake with {host} failed: {e}"))
+    }
+
+    /// Runs a handshake with `host` over a monoio socket (the caller bounds it in time): SNI,
+    /// chain and name verified.
+    pub async fn connect_async<S: AsyncReadRent + AsyncWriteRent>(
+        &self,
+        host: &str,
+        mut io: S,
+    ) -> Result<TlsStream<S>, String> {
+        let failed = |e: &dyn std::fmt::Display| format!("TLS handshake with {host} failed: {e}");
+        let ssl = self.connector.configure().and_then(|c| c.into_ssl(host)).map_err(|e| failed(&e))?;
+        let mut ssl = SslStream::new(ssl, Staging::default()).map_err(|e| failed(&e))?;
+        loop {
+            match ssl.connect() {
+                Ok(()) => break,
+                Err(e) if e.code() == ErrorCode::WANT_READ => {
+                    let mut wire = Wire { ssl: &mut ssl, io: &mut io };
+                    wire.flush().await.map_err(|e| failed(&e))?;
+                    if wire.fill().await.map_err(|e| failed(&e))? == 0 {
+                        return Err(failed(&"the server closed the connection"));
+                    }
+                }
+                Err(e) => {
+                    let _ = Wire { ssl: &mut ssl, io: &mut io }.flush().await;
+                    let verify = ssl.ssl().verify_result();
+                    return Err(match verify {
+                        Err(v) => failed(&format!("certificate: {v}")),
+                        Ok(()) => failed(&e),
+                    });
+                }
+            }
+        }
+        Wire { ssl: &mut ssl, io: &mut io }.flush().await.map_err(|e| failed(&e))?;
+        let info = SessionInfo {
+            client_cert: None,
+            client_mode: portcullis_config::ClientCertMode::Off,
+            server_name: Some(host.to_owned()),
+            site: 0,
+            resumed: false,
+            version: ssl.ssl().version_str(),
+        };
+        Ok(TlsStream { ssl, io, info })
     }
 }

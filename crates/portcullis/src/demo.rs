@@ -128,6 +128,19 @@ backend = "echo"
   [[api.inbound]]
   set_header = {{ name = "X-Token-Sub", value = "{{jwt.claim.sub}}" }}
 
+# Traffic policy: loopback callers only, five calls per 30 s each (sliding), and a daily quota.
+[[api]]
+name = "limited"
+path = "/limited"
+backend = "echo"
+  [[api.inbound]]
+  ip_filter = {{ action = "allow", cidrs = ["127.0.0.0/8", "::1/128"] }}
+  [[api.inbound]]
+  rate_limit_by_key = {{ calls = 5, renewal_period = "30s", counter_key = "{{request.ip}}",
+                        remaining_calls_header_name = "X-RateLimit-Remaining" }}
+  [[api.inbound]]
+  quota_by_key = {{ calls = 1000, renewal_period = "1d", counter_key = "{{request.ip}}" }}
+
 # Client certificates: the rest.
 [[api]]
 name = "echo"
@@ -193,6 +206,12 @@ curl --cacert {d}/root.pem -H "Authorization: Bearer {good}" {base}/orders/1
 
 # appidacr = 1 (a client secret): 401 "JWT claim appidacr is missing or not allowed."
 curl --cacert {d}/root.pem -H "Authorization: Bearer {bad}" {base}/orders/1
+
+Traffic policy (/limited): callers from loopback addresses only (ip_filter), five calls per
+30 seconds each (rate_limit_by_key, counted for the whole host), 1,000 a day (quota_by_key).
+
+# six calls: 200 200 200 200 200 429 (the 429 says, and Retry-After, when to come back)
+for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "%{{http_code}} " --cacert {d}/root.pem {base}/limited/; done; echo
 
 Configuration: {config}   (edit it and `kill -HUP {pid}` to reload; Ctrl-C to stop)
 "#,

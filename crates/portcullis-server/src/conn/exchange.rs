@@ -115,6 +115,10 @@ impl<S: Stream> Conn<S> {
                 v => break v,
             }
         };
+        // A limited key this worker had not seen: its sync task shares it soon.
+        if self.worker.local.borrow().deltas.has_new_key() {
+            self.worker.fleet_nudge.wake();
+        }
         if let Verdict::Respond { response, reason } = verdict {
             if response.status >= 400 {
                 tracing::info!(

@@ -104,7 +104,7 @@ pub(crate) async fn serve(
         }
     };
     let info = tls.info().clone();
-    let worker_tokens = worker.tokens.clone();
+    let worker_local = worker.local.clone();
     let mut conn = Conn {
         worker,
         peer,
@@ -118,7 +118,7 @@ pub(crate) async fn serve(
         head: RequestHead::default(),
         resp: ResponseHead::default(),
         edits: HeaderEdits::default(),
-        state: RequestState::new(worker_tokens),
+        state: RequestState::new(worker_local),
         path: Vec::new(),
         unread_input: false,
         interim_sent: false,

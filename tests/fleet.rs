@@ -1,0 +1,252 @@
+//! Rate limits and quotas shared across hosts through a real Redis (`[server.redis]`): two
+//! proxy processes, one `redis-server` started by the test, stopped and started again.
+
+use std::time::{Duration, Instant};
+
+use portcullis_testkit::{ProxyProcess, RedisServer, RedisTls, TestProxy};
+
+use crate::common::{Env, binary, hammer, most_admitted_within};
+
+/// A configuration whose API runs `step`, sharing counts through the Redis at `url` with
+/// `redis` fields added.
+fn config(env: &Env, url: &str, redis: &str, step: &str, workers: usize) -> String {
+    env.config(
+        "request",
+        &format!(
+            "[server]\nworkers = {workers}\n[server.redis]\nurl = \"{url}\"\nsync_interval = \"50ms\"\n{redis}\n\
+             [[api]]\nname = \"app\"\npath = \"/\"\nbackend = \"app\"\n  [[api.inbound]]\n  {step}\n"
+        ),
+    )
+}
+
+fn spawn(env: &Env, name: &str, text: &str) -> ProxyProcess {
+    ProxyProcess::spawn(&binary(), &env.write_config(name, text))
+}
+
+/// Statuses of `n` requests on one keep-alive connection.
+fn statuses(env: &Env, addr: std::net::SocketAddr, n: usize) -> Vec<u16> {
+    let mut c = env.client(None).connect(addr).unwrap();
+    (0..n).map(|_| c.request("GET", "/", &[], b"").map_or(0, |r| r.status)).collect()
+}
+
+/// Requests on one connection until `want` answers (or `within` passes); the last answer.
+fn until_status(
+    env: &Env,
+    addr: std::net::SocketAddr,
+    want: u16,
+    within: Duration,
+) -> portcullis_testkit::Response {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = env.client(None).connect(addr).unwrap().request("GET", "/", &[], b"").unwrap();
+        if r.status == want || Instant::now() >= deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Keys of the shared counts in Redis.
+fn stored_keys(redis: &RedisServer) -> Vec<String> {
+    redis.cli(&["--scan", "--pattern", "portcullis:*"]).lines().map(str::to_owned).collect()
+}
+
+/// The fleet: two processes of two workers each, one key hammered through both from eight
+/// connections for several windows; in no stretch of one period does the fleet admit more than
+/// 5 % over the limit.
+#[test]
+fn two_hosts_share_one_limit() {
+    let env = Env::new();
+    let redis = RedisServer::start(env.dir());
+    let step = r#"rate_limit_by_key = { calls = 200, renewal_period = "2s", counter_key = "hot" }"#;
+    let text = config(&env, &redis.url(), "", step, 2);
+    let a = spawn(&env, "a.toml", &text);
+    let b = spawn(&env, "b.toml", &text);
+    let answers = hammer(&env, &[a.addr, b.addr], 4, Duration::from_secs(5));
+    assert!(answers.iter().all(|x| x.2 == 200 || x.2 == 429), "only 200 and 429");
+    let admitted = |addr| answers.iter().filter(|x| x.1 == addr && x.2 == 200).count();
+    // The proxy's window is at least a period long: any stretch a little shorter, seen from
+    // here, lies within one.
+    let most = most_admitted_within(&answers, Duration::from_millis(1900));
+    eprintln!(
+        "{} requests in 5 s; admitted {} on a, {} on b; at most {most} in any 1.9 s, under a fleet limit of 200 per 2 s",
+        answers.len(),
+        admitted(a.addr),
+        admitted(b.addr)
+    );
+    assert!(most <= 210, "{most} admitted within one period: more than 5 % over the limit of 200");
+    assert!(most >= 150, "{most}: far under the limit (was the machine too slow to reach it?)");
+    assert!(admitted(a.addr) > 0 && admitted(b.addr) > 0, "both hosts served");
+    assert!(redis.calls_of("evalsha") + redis.calls_of("eval") > 0);
+    assert!(stored_keys(&redis).iter().any(|k| k.contains(":hot:")), "{:?}", stored_keys(&redis));
+}
+
+/// A quota shared by two hosts: what one counted, the other refuses.
+#[test]
+fn a_quota_counted_on_one_host_is_refused_on_the_other() {
+    let env = Env::new();
+    let redis = RedisServer::start(env.dir());
+    let step = r#"quota_by_key = { calls = 10, renewal_period = "3600s", counter_key = "q" }"#;
+    let text = config(&env, &redis.url(), "", step, 1);
+    let a = spawn(&env, "a.toml", &text);
+    let b = spawn(&env, "b.toml", &text);
+    assert!(statuses(&env, a.addr, 7).iter().all(|&s| s == 200));
+    // Once a's counts are in Redis, b learns them at its first sync of the key.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis.cli(&["--scan", "--pattern", "portcullis:q*"]).contains("portcullis:q") {
+        assert!(Instant::now() < deadline, "a's quota never reached Redis");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // a has gone quiet (its last calls are over two seconds old): what is left is b's to use.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(statuses(&env, b.addr, 1), [200], "b's first call, before b knows of the key");
+    std::thread::sleep(Duration::from_millis(500));
+    let on_b = statuses(&env, b.addr, 4);
+    assert_eq!(on_b, [200, 200, 403, 403], "7 on a, 3 on b: the quota of 10 is used up");
+    // a last synced the key before b's calls: its next call is let through on what it knew
+    // (the lag of one sync), and that sync tells it of b's.
+    let first = statuses(&env, a.addr, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = env.client(None).connect(a.addr).unwrap().request("GET", "/", &[], b"").unwrap();
+    assert_eq!((first[0], r.status), (200, 403), "a learns b's calls");
+    assert!(r.text().contains("Out of call volume quota"), "{}", r.text());
+}
+
+/// `redis_failure = "local"` (the default): with Redis gone, requests go on being served and
+/// counted on each host; once it is back, counts are shared again.
+#[test]
+fn without_redis_limits_count_locally_and_sharing_resumes() {
+    let env = Env::new();
+    let mut redis = RedisServer::start(env.dir());
+    let step = r#"rate_limit_by_key = { calls = 1000, renewal_period = "60s", counter_key = "k" }"#;
+    let p = spawn(&env, "p.toml", &config(&env, &redis.url(), "", step, 2));
+    assert!(statuses(&env, p.addr, 20).iter().all(|&s| s == 200));
+    redis.stop();
+    // No request fails because Redis is gone.
+    for _ in 0..4 {
+        assert!(statuses(&env, p.addr, 25).iter().all(|&s| s == 200));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line = p.wait_for_log("Redis unreachable", Duration::from_secs(10)).expect("the outage is logged");
+    assert!(line.contains("this host alone"), "{line}");
+    redis.restart();
+    assert!(stored_keys(&redis).is_empty(), "a fresh Redis");
+    // Counting resumes: new calls reach the new Redis (whose script cache is empty: EVAL first).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stored_keys(&redis).is_empty() {
+        assert!(Instant::now() < deadline, "counts never reached the restarted Redis: {:?}", p.log());
+        assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(p.wait_for_log("Redis reachable again", Duration::from_secs(10)).is_some(), "{:?}", p.log());
+    assert!(redis.calls_of("eval") > 0, "the script was sent whole to the new Redis");
+    // The count in Redis is this host's: one field, the calls made since it came back.
+    let key = stored_keys(&redis).into_iter().find(|k| k.contains(":k:")).expect("the key");
+    let fields = redis.cli(&["HGETALL", &key]);
+    assert_eq!(fields.lines().count(), 2, "{fields}");
+}
+
+/// `redis_failure = "deny"`: with Redis gone, limited calls are refused with 503; once it is
+/// back, they are served again.
+#[test]
+fn without_redis_deny_refuses_until_it_is_back() {
+    let env = Env::new();
+    let mut redis = RedisServer::start(env.dir());
+    let step = r#"rate_limit_by_key = { calls = 1000, renewal_period = "60s", counter_key = "k" }"#;
+    let p = spawn(&env, "p.toml", &config(&env, &redis.url(), "redis_failure = \"deny\"", step, 1));
+    assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200));
+    redis.stop();
+    let r = until_status(&env, p.addr, 503, Duration::from_secs(10));
+    assert_eq!(r.status, 503, "{:?}", p.log());
+    assert_eq!(
+        r.text(),
+        r#"{"statusCode":503,"message":"Service unavailable: the rate limit store cannot be reached."}"#
+    );
+    let line = p.wait_for_log("Redis unreachable", Duration::from_secs(5)).expect("logged");
+    assert!(line.contains("refused (503)"), "{line}");
+    redis.restart();
+    let r = until_status(&env, p.addr, 200, Duration::from_secs(15));
+    assert_eq!(r.status, 200, "served again once Redis is back: {:?}", p.log());
+}
+
+/// A password from a file, and a wrong one: the proxy says why it cannot share.
+#[test]
+fn a_password_from_a_file_and_a_wrong_one() {
+    let env = Env::new();
+    let redis = RedisServer::start_with(env.dir(), Some("s3cret pass"));
+    std::fs::write(env.dir().join("redis.pw"), "s3cret pass\n").unwrap();
+    std::fs::write(env.dir().join("wrong.pw"), "nope\n").unwrap();
+    let step = r#"rate_limit_by_key = { calls = 100, renewal_period = "60s", counter_key = "pw" }"#;
+    let good = spawn(&env, "good.toml", &config(&env, &redis.url(), "password_file = \"redis.pw\"", step, 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_keys(&redis).is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", good.log());
+        assert!(statuses(&env, good.addr, 3).iter().all(|&s| s == 200));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bad = spawn(&env, "bad.toml", &config(&env, &redis.url(), "password_file = \"wrong.pw\"", step, 1));
+    assert!(statuses(&env, bad.addr, 3).iter().all(|&s| s == 200), "local counting goes on");
+    let line = bad.wait_for_log("Redis unreachable", Duration::from_secs(10)).expect("logged");
+    assert!(line.contains("AUTH refused"), "{line}");
+    assert!(!bad.log().iter().any(|l| l.contains("nope")), "the password is not logged");
+}
+
+/// `rediss://`: TLS to Redis, verified against the configured CA.
+#[test]
+fn tls_to_redis_with_its_ca() {
+    let env = Env::new();
+    let tls = RedisTls {
+        chain: env.paths.server_chain.clone(),
+        key: env.paths.server_key.clone(),
+        ca: env.paths.root.clone(),
+    };
+    let redis = RedisServer::start_tls(env.dir(), tls);
+    let step = r#"rate_limit_by_key = { calls = 100, renewal_period = "60s", counter_key = "tls" }"#;
+    let ca = format!("ca = [\"{}\"]", env.paths.root.display());
+    let p = spawn(&env, "p.toml", &config(&env, &redis.url(), &ca, step, 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_keys(&redis).is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", p.log());
+        assert!(statuses(&env, p.addr, 3).iter().all(|&s| s == 200));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A CA that did not sign Redis's certificate: no connection, and the log says why.
+    let other = portcullis_testkit::Pki::generate();
+    let other_dir = env.dir().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other_paths = other.write(&other_dir).unwrap();
+    let ca = format!("ca = [\"{}\"]", other_paths.root.display());
+    let q = spawn(&env, "q.toml", &config(&env, &redis.url(), &ca, step, 1));
+    assert!(statuses(&env, q.addr, 3).iter().all(|&s| s == 200));
+    let line = q.wait_for_log("Redis unreachable", Duration::from_secs(10)).expect("logged");
+    assert!(line.contains("certificate"), "{line}");
+}
+
+/// A reload that adds, changes or removes `[server.redis]` takes effect without a restart.
+#[test]
+fn sharing_follows_a_reload() {
+    let env = Env::new();
+    let redis = RedisServer::start(env.dir());
+    let step = r#"rate_limit_by_key = { calls = 100, renewal_period = "60s", counter_key = "re" }"#;
+    let alone = env.config(
+        "request",
+        &format!(
+            "[server]\nworkers = 1\n[[api]]\nname = \"app\"\npath = \"/\"\nbackend = \"app\"\n  [[api.inbound]]\n  {step}\n"
+        ),
+    );
+    let mut p = TestProxy::start(env.dir(), &alone);
+    assert!(statuses(&env, p.addr, 3).iter().all(|&s| s == 200));
+    assert!(stored_keys(&redis).is_empty());
+    p.reload(&config(&env, &redis.url(), "", step, 1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_keys(&redis).is_empty() {
+        assert!(Instant::now() < deadline, "counts never reached Redis after the reload");
+        assert!(statuses(&env, p.addr, 3).iter().all(|&s| s == 200));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.reload(&alone).unwrap();
+    redis.cli(&["FLUSHALL"]);
+    assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(stored_keys(&redis).is_empty(), "no longer shared");
+}
