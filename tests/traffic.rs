@@ -195,3 +195,24 @@ fn only_listed_balancers_may_send_the_header() {
     );
     assert_eq!(via(&env, &ok, &v1("192.0.2.7")).unwrap().status, 200);
 }
+
+/// The access log names the client the PROXY protocol header carries, not the balancer.
+#[test]
+fn the_access_log_names_the_address_behind_the_balancer() {
+    let env = Env::new();
+    let text = env.config("request", "[server]\naccess_log = true\n").replacen(
+        "crl = [",
+        "proxy_protocol = true\ncrl = [",
+        1,
+    );
+    let p =
+        portcullis_testkit::ProxyProcess::spawn(&crate::common::binary(), &env.write_config("p.toml", &text));
+    let r =
+        env.client(None).connect_after(p.addr, &v1("192.0.2.77")).unwrap().request("GET", "/seen", &[], b"");
+    assert_eq!(r.unwrap().status, 200);
+    let line = p
+        .wait_for_log("path=/seen", std::time::Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no access line: {:?}", p.log()));
+    assert!(line.contains("192.0.2.77"), "{line}");
+    assert!(!line.contains("127.0.0.1:"), "the balancer's address is not the peer: {line}");
+}

@@ -189,6 +189,8 @@ fn redis_urls() {
     let u = parse_redis_url("rediss://edge:p%40ss%3Aword@redis.internal").expect("tls");
     assert_eq!((u.tls, u.port, u.db), (true, 6379, 0));
     assert_eq!((u.username.as_deref(), u.password.as_deref()), (Some("edge"), Some("p@ss:word")));
+    let u = parse_redis_url("redis://u:p/w@d@127.0.0.1/3").expect("a password with / and @ unencoded");
+    assert_eq!((u.password.as_deref(), u.host.as_str(), u.db), (Some("p/w@d"), "127.0.0.1", 3));
     let u = parse_redis_url("redis://:secret@[::1]:7000").expect("v6, password only");
     assert_eq!(
         (u.host.as_str(), u.port, u.username, u.password.as_deref()),
@@ -234,6 +236,8 @@ fn server_redis_fields_and_their_errors() {
         ("url = \"redis://:pw@x\"\npassword_file = \"pw.txt\"", "keep one of them"),
         ("url = \"redis://x\"\nca = [\"ca.pem\"]", "`ca` is for rediss://"),
         ("url = \"redis://x\"\nsync_interval = \"1ms\"", "server.redis.sync_interval"),
+        ("url = \"redis://x\"\nsync_interval = \"2s\"", "from 10ms to 1s"),
+        ("url = \"redis://u:hunter2/x@host:0\"", "redis://u:***@host:0"),
         ("url = \"redis://x\"\nredis_failure = \"open\"", "server.redis.redis_failure"),
         ("url = \"redis://x\"\nurl_typo = 1", "url_typo"),
         ("sync_interval = \"50ms\"", "missing field `url`"),

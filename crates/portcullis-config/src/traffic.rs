@@ -63,7 +63,11 @@ impl IpRange {
 
     /// `from` to `to` inclusive, of one family, in order.
     pub fn between(from: IpAddr, to: IpAddr) -> Result<IpRange, String> {
-        let (from, to) = (canonical_ip(from), canonical_ip(to));
+        let (a, b) = (canonical_ip(from), canonical_ip(to));
+        // An IPv6 range that runs into the IPv4-mapped block stays IPv6 (the set looks up the
+        // IPv4 addresses it holds); only both ends mapped make an IPv4 range.
+        let (from, to) =
+            if a.is_ipv4() != b.is_ipv4() && from.is_ipv6() && to.is_ipv6() { (from, to) } else { (a, b) };
         match (from, to) {
             (IpAddr::V4(a), IpAddr::V4(b)) if a <= b => Ok(IpRange { from, to }),
             (IpAddr::V6(a), IpAddr::V6(b)) if a <= b => Ok(IpRange { from, to }),
@@ -528,11 +532,13 @@ pub fn parse_redis_url(url: &str) -> Result<RedisUrl, String> {
             "query parameters and fragments are not read; use the fields of [server.redis]".to_owned()
         );
     }
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hostport) = match authority.rsplit_once('@') {
+    // The user information ends at the last `@` (a password may hold a `/` or an `@` its writer
+    // did not encode); the host, port and database follow it.
+    let (userinfo, after) = match rest.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
-        None => (None, authority),
+        None => (None, rest),
     };
+    let (hostport, path) = after.split_once('/').unwrap_or((after, ""));
     let (username, password) = match userinfo {
         None => (None, None),
         Some(u) => {
@@ -604,12 +610,12 @@ pub(crate) fn redis(r: &mut Reader, v: &Value<'_>) -> Option<Redis> {
     if let Some(d) = get(t, "sync_interval") {
         match r.duration(d, "server.redis.sync_interval") {
             Some(i)
-                if (std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(10))
+                if (std::time::Duration::from_millis(10)..=std::time::Duration::from_secs(1))
                     .contains(&i) =>
             {
                 sync_interval = i;
             }
-            Some(_) => r.error(&d.span(), "server.redis.sync_interval", "must be from 10ms to 10s"),
+            Some(_) => r.error(&d.span(), "server.redis.sync_interval", "must be from 10ms to 1s"),
             None => {}
         }
     }
@@ -658,14 +664,14 @@ pub(crate) fn redis(r: &mut Reader, v: &Value<'_>) -> Option<Redis> {
     })
 }
 
-/// The URL with any password replaced by `***` (for messages and logs).
+/// The URL with any password replaced by `***` (for messages and logs): whatever lies between the
+/// first `:` after the scheme and the last `@`, even when the URL does not parse.
 fn masked(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, _)) if userinfo.contains(':') => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{}", &rest[userinfo.len() + 1..])
+    match rest.rfind('@') {
+        Some(at) if rest[..at].contains(':') => {
+            let user = rest[..at].split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***{}", &rest[at..])
         }
         _ => url.to_owned(),
     }

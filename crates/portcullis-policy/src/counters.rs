@@ -62,6 +62,18 @@ struct Period {
     /// This host's claim on the period's calls, granted by the last sync: (second of the sync
     /// since the origin: 32 bits, calls: 32 bits).
     claim: AtomicU64,
+    /// When the latest period counted here ends (ms since the origin; `u64::MAX`: never): until
+    /// then the entry is its key's.
+    ends: AtomicU64,
+}
+
+/// A quota's period, as a check sees it: its index, the time (ms since the origin), and when the
+/// period ends (`u64::MAX` for a quota for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QuotaAt {
+    pub(crate) index: u64,
+    pub(crate) now_ms: u64,
+    pub(crate) ends_ms: u64,
 }
 
 fn pack40(period: u64, value: u64) -> u64 {
@@ -142,6 +154,7 @@ impl Counters {
             others_calls: AtomicU64::new(0),
             others_bytes: AtomicU64::new(0),
             claim: AtomicU64::new(0),
+            ends: AtomicU64::new(0),
         };
         Counters {
             windows: (0..n).map(|_| window()).collect(),
@@ -195,19 +208,19 @@ impl Counters {
         }
     }
 
-    /// What a sync found for a quota's key in period `index`, at `now_ms` (ms since the
-    /// counters' origin): the other hosts' calls and bytes, and this host's claim.
-    pub fn set_quota_others(
+    /// What a sync found for a quota's key in a period: the other hosts' calls and bytes, and
+    /// this host's claim.
+    pub(crate) fn set_quota_others(
         &self,
         hash: u64,
-        index: u64,
-        now_ms: u64,
+        at: QuotaAt,
         (calls, bytes): (u64, u64),
         claim: Option<u64>,
     ) {
-        if let Some(p) = self.period(hash, index) {
+        let index = at.index;
+        if let Some(p) = self.period(hash, at) {
             let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
-            p.claim.store(pack(now_ms / 1000, claim), Ordering::Release);
+            p.claim.store(pack(at.now_ms / 1000, claim), Ordering::Release);
             p.others_calls.store(pack40(index, calls), Ordering::Release);
             p.others_bytes.store(pack40(index, bytes), Ordering::Release);
         }
@@ -239,21 +252,32 @@ impl Counters {
         self.hasher.hash_one((kind, period, key)).max(1)
     }
 
+    /// The key's entry; a new one (an empty or stale entry taken over) when it has none. The
+    /// whole probe is searched for the key before anything is taken over, so that a key never
+    /// gets a second, empty entry in front of its own.
     fn window(&self, hash: u64, epoch: u64) -> Option<&Window> {
         let mask = self.windows.len() - 1;
         let home = hash as usize & mask;
+        let at = |i: usize| &self.windows[(home + i) & mask];
+        if let Some(i) = (0..PROBE).find(|&i| at(i).key.load(Ordering::Acquire) == hash) {
+            return Some(at(i));
+        }
+        let epoch = epoch & 0xFFFF_FFFF;
         for i in 0..PROBE {
-            let w = &self.windows[(home + i) & mask];
+            let w = at(i);
             let k = w.key.load(Ordering::Acquire);
             if k == hash {
                 return Some(w);
             }
-            // Empty, or every count older than the window: take it.
+            // Empty, or every count (this host's, and the others' from the last sync) older
+            // than the window: take it.
+            let old = |v: u64| {
+                let (e, c) = unpack(v);
+                c == 0 || e + N < epoch
+            };
             let stale = k == 0
-                || w.slots.iter().all(|s| {
-                    let (e, c) = unpack(s.load(Ordering::Relaxed));
-                    c == 0 || e + N < epoch & 0xFFFF_FFFF
-                });
+                || (w.slots.iter().all(|s| old(s.load(Ordering::Relaxed)))
+                    && old(w.others.load(Ordering::Relaxed)));
             if stale && w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 // What a sync found was about the key before.
                 w.others.store(0, Ordering::Release);
@@ -322,34 +346,36 @@ impl Counters {
         }
     }
 
-    fn period(&self, hash: u64, index: u64) -> Option<&Period> {
+    /// The key's entry, found or taken over as in [`Counters::window`]; an entry is stale once
+    /// the period it last counted has ended (a quota for ever's never is).
+    fn period(&self, hash: u64, at: QuotaAt) -> Option<&Period> {
         let mask = self.periods.len() - 1;
         let home = hash as usize & mask;
-        let index = index & 0xFF_FFFF;
-        for i in 0..PROBE {
-            let p = &self.periods[(home + i) & mask];
-            let k = p.key.load(Ordering::Acquire);
-            if k == hash {
-                return Some(p);
-            }
-            let stale = k == 0 || {
-                let (a, _) = unpack40(p.calls.load(Ordering::Relaxed));
-                let (b, _) = unpack40(p.bytes.load(Ordering::Relaxed));
-                a != index && b != index
-            };
-            if stale && p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                for a in [&p.others_calls, &p.others_bytes, &p.claim] {
-                    a.store(0, Ordering::Release);
+        let entry = |i: usize| &self.periods[(home + i) & mask];
+        let found = (0..PROBE).map(entry).find(|p| p.key.load(Ordering::Acquire) == hash);
+        let p = found.or_else(|| {
+            (0..PROBE).map(entry).find(|p| {
+                let k = p.key.load(Ordering::Acquire);
+                let stale = k == 0 || p.ends.load(Ordering::Acquire) <= at.now_ms;
+                if stale && p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    for a in [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim] {
+                        a.store(0, Ordering::Release);
+                    }
+                    return true;
                 }
-                return Some(p);
-            }
+                false
+            })
+        })?;
+        if p.ends.load(Ordering::Relaxed) < at.ends_ms {
+            p.ends.fetch_max(at.ends_ms, Ordering::AcqRel);
         }
-        None
+        Some(p)
     }
 
-    /// The calls and bytes of a quota in period `index`.
-    pub(crate) fn quota_used(&self, hash: u64, index: u64) -> Option<(u64, u64)> {
-        let p = self.period(hash, index)?;
+    /// The calls and bytes of a quota in its period.
+    pub(crate) fn quota_used(&self, hash: u64, at: QuotaAt) -> Option<(u64, u64)> {
+        let index = at.index;
+        let p = self.period(hash, at)?;
         let read = |a: &AtomicU64| {
             let (i, v) = unpack40(a.load(Ordering::Acquire));
             if i == index & 0xFF_FFFF { v } else { 0 }
@@ -366,17 +392,17 @@ impl Counters {
     }
 
     /// Adds calls (admitted only while within `limit`, when one is given) and bytes to a quota's
-    /// period `index`, at `now_ms` (ms since the origin). Returns false when the calls would pass
-    /// the limit (nothing is added).
+    /// period. Returns false when the calls would pass the limit (nothing is added).
     pub(crate) fn quota_add(
         &self,
         hash: u64,
-        (index, now_ms): (u64, u64),
+        at: QuotaAt,
         calls: u64,
         limit: Option<u64>,
         bytes: u64,
     ) -> bool {
-        let Some(p) = self.period(hash, index) else { return true };
+        let (index, now_ms) = (at.index, at.now_ms);
+        let Some(p) = self.period(hash, at) else { return true };
         // With counts shared, the other hosts take their part of the limit.
         let limit = match limit {
             Some(l) if self.sharing() => {
@@ -422,6 +448,11 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Period `index` at `now_ms`, ending an hour later.
+    fn at(index: u64, now_ms: u64) -> QuotaAt {
+        QuotaAt { index, now_ms, ends_ms: now_ms + 3_600_000 }
+    }
 
     #[test]
     fn a_sliding_window_never_admits_more_than_its_limit() {
@@ -483,13 +514,13 @@ mod tests {
     fn quotas_count_per_period() {
         let c = Counters::with_capacity(64);
         let h = c.hash(1, 300, b"sub");
-        assert!(c.quota_add(h, (7, 0), 1, Some(2), 100));
-        assert!(c.quota_add(h, (7, 0), 1, Some(2), 50));
-        assert!(!c.quota_add(h, (7, 0), 1, Some(2), 0));
-        assert_eq!(c.quota_used(h, 7), Some((2, 150)));
-        assert_eq!(c.quota_used(h, 8), Some((0, 0)), "a new period starts empty");
-        assert!(c.quota_add(h, (8, 0), 1, Some(2), 0));
-        assert_eq!(c.quota_used(h, 8), Some((1, 0)));
+        assert!(c.quota_add(h, at(7, 0), 1, Some(2), 100));
+        assert!(c.quota_add(h, at(7, 0), 1, Some(2), 50));
+        assert!(!c.quota_add(h, at(7, 0), 1, Some(2), 0));
+        assert_eq!(c.quota_used(h, at(7, 0)), Some((2, 150)));
+        assert_eq!(c.quota_used(h, at(8, 0)), Some((0, 0)), "a new period starts empty");
+        assert!(c.quota_add(h, at(8, 0), 1, Some(2), 0));
+        assert_eq!(c.quota_used(h, at(8, 0)), Some((1, 0)));
     }
 
     #[test]
@@ -506,6 +537,29 @@ mod tests {
         // A window later, every entry is stale: new keys find room.
         let h = c.hash(0, 1_000, b"new");
         assert_eq!(c.rate(h, 1_000, 5, 20_000, 1), Admit::Yes { remaining: 4 });
+    }
+
+    #[test]
+    fn a_key_keeps_its_entry_when_one_before_it_goes_stale() {
+        let c = Counters::with_capacity(64);
+        // Two keys with the same home (hashes chosen, not computed): `a` there, `k` after it.
+        let (a, k) = (5, 5 + 64);
+        assert!(matches!(c.rate(a, 1_000, 2, 100_000, 1), Admit::Yes { .. }));
+        assert!(matches!(c.rate(k, 1_000, 2, 100_900, 1), Admit::Yes { .. }));
+        assert!(matches!(c.rate(k, 1_000, 2, 100_950, 1), Admit::Yes { remaining: 0 }));
+        // `a`'s calls have left their window, `k`'s have not: `k` is still over its limit.
+        assert!(matches!(c.rate(k, 1_000, 2, 101_200, 1), Admit::No { .. }));
+        // Quotas: an entry of a quota for ever is never taken over; one whose period ended is.
+        let forever = QuotaAt { index: 0, now_ms: 1_000, ends_ms: u64::MAX };
+        assert!(c.quota_add(7, forever, 1, Some(1), 0));
+        for (i, h) in (1..=16u64).map(|i| (i, 7 + 64 * i)) {
+            let other = QuotaAt { index: i, now_ms: 5_000_000, ends_ms: 5_000_000 + 1 };
+            let _ = c.quota_add(h, other, 1, Some(1), 0);
+        }
+        let later = QuotaAt { now_ms: 9_000_000, ..forever };
+        assert!(!c.quota_add(7, later, 1, Some(1), 0), "the lifetime quota kept its count");
+        let taken = QuotaAt { index: 3, now_ms: 9_000_000, ends_ms: 9_500_000 };
+        assert!(c.quota_add(7 + 64 * 20, taken, 1, Some(1), 0), "an ended period's entry is taken over");
     }
 
     #[test]
@@ -544,15 +598,15 @@ mod tests {
         assert!(matches!(c.rate(h, 60_000, 10, now + 200_000, 1), Admit::Yes { remaining: 9 }));
         // Quotas alike; not shared, the others do not count.
         let q = c.hash(1, 7, b"quota");
-        c.set_quota_others(q, 5, now, (8, 1000), None);
-        assert_eq!(c.quota_used(q, 5), Some((8, 1000)));
-        assert!(c.quota_add(q, (5, now), 1, Some(10), 0));
-        assert!(c.quota_add(q, (5, now), 1, Some(10), 0));
-        assert!(!c.quota_add(q, (5, now), 1, Some(10), 0), "8 + 2 of 10");
-        c.set_quota_others(q, 5, now, (6, 1000), Some(2));
-        assert!(!c.quota_add(q, (5, now), 1, Some(10), 0), "2 left, but the claim is 2");
+        c.set_quota_others(q, at(5, now), (8, 1000), None);
+        assert_eq!(c.quota_used(q, at(5, now)), Some((8, 1000)));
+        assert!(c.quota_add(q, at(5, now), 1, Some(10), 0));
+        assert!(c.quota_add(q, at(5, now), 1, Some(10), 0));
+        assert!(!c.quota_add(q, at(5, now), 1, Some(10), 0), "8 + 2 of 10");
+        c.set_quota_others(q, at(5, now), (6, 1000), Some(2));
+        assert!(!c.quota_add(q, at(5, now), 1, Some(10), 0), "2 left, but the claim is 2");
         c.set_fleet(false, false);
-        assert_eq!(c.quota_used(q, 5), Some((2, 0)));
-        assert!(c.quota_add(q, (5, now), 1, Some(10), 0));
+        assert_eq!(c.quota_used(q, at(5, now)), Some((2, 0)));
+        assert!(c.quota_add(q, at(5, now), 1, Some(10), 0));
     }
 }

@@ -19,7 +19,7 @@
 
 use ahash::AHashMap;
 
-use crate::counters::{Counters, N};
+use crate::counters::{Counters, N, QuotaAt};
 use crate::limits::ORIGIN_MS;
 
 /// What a key of a limit is, in the store.
@@ -27,9 +27,9 @@ use crate::limits::ORIGIN_MS;
 pub(crate) enum Shape {
     /// A rate limit of this period and calls.
     Rate { period_ms: u64, limit: u64 },
-    /// A quota: its period in seconds (0: for ever), start, the index of the period, and its
-    /// calls (0: it limits bandwidth only).
-    Quota { period: i64, start: i64, index: u64, limit: u64 },
+    /// A quota: its period in seconds (0: for ever), start, the index of the period, its calls
+    /// (0: it limits bandwidth only), and when the period ends (ms since the counters' origin).
+    Quota { period: i64, start: i64, index: u64, limit: u64, ends_ms: u64 },
 }
 
 #[derive(Debug)]
@@ -41,6 +41,10 @@ struct Delta {
     bytes: u64,
     /// Requests that asked for the key (admitted or not).
     seen: u64,
+    /// Requests on the key whose counts come when their responses are known.
+    in_flight: u32,
+    /// Syncs since the key was last noted.
+    idle: u32,
     /// Noted since the last sync.
     fresh: bool,
 }
@@ -65,17 +69,23 @@ const LONGEST_NAME: usize = 200;
 /// Keys a worker notes between syncs at most; more wait for a later call (while the store is
 /// unreachable, this bounds what waits for it).
 pub(crate) const MOST_KEYS: usize = 1 << 16;
+/// Syncs a key with requests in flight stays noted without news (then they are taken to have
+/// ended without a word: a connection that died).
+const LONGEST_WAIT: u32 = 600;
 
 impl Deltas {
-    /// Notes a call on the key `hash` (`key` is its text): `calls` and `bytes` to add (both 0: the
-    /// key was only checked, and its other hosts' count is still wanted).
-    pub(crate) fn touch(&mut self, hash: u64, kind: u8, shape: Shape, key: &[u8], calls: u64, bytes: u64) {
+    /// Notes a call on the key `hash` (`key` is its text): `calls` to add (0: the key was only
+    /// checked, and its other hosts' count is still wanted); `awaits`: the request will add to
+    /// the key when its response is known (see [`add`](Self::add)), and the key stays noted
+    /// until then.
+    pub(crate) fn touch(&mut self, hash: u64, kind: u8, shape: Shape, key: &[u8], calls: u64, awaits: bool) {
         if let Some(entry) = self.by_key.get_mut(&hash) {
             // A quota's period may have moved on since the key was first noted.
             entry.shape = shape;
             entry.calls += calls;
-            entry.bytes += bytes;
             entry.seen += 1;
+            entry.in_flight = entry.in_flight.saturating_add(u32::from(awaits));
+            entry.idle = 0;
             entry.fresh = true;
             return;
         }
@@ -93,18 +103,41 @@ impl Deltas {
         } else {
             name.extend_from_slice(format!("#{:016x}", fnv1a(key)).as_bytes());
         }
-        let delta = Delta { name: name.into_boxed_slice(), shape, calls, bytes, seen: 1, fresh: true };
+        let delta = Delta {
+            name: name.into_boxed_slice(),
+            shape,
+            calls,
+            bytes: 0,
+            seen: 1,
+            in_flight: u32::from(awaits),
+            idle: 0,
+            fresh: true,
+        };
         self.by_key.insert(hash, delta);
         self.new_key = true;
     }
 
     /// Adds calls and bytes counted after the fact (once the response was known) to a key noted
-    /// at the request.
+    /// at the request (with `awaits`).
     pub(crate) fn add(&mut self, hash: u64, calls: u64, bytes: u64) {
         if let Some(d) = self.by_key.get_mut(&hash) {
-            d.calls += calls;
-            d.bytes += bytes;
-            d.fresh = true;
+            d.in_flight = d.in_flight.saturating_sub(1);
+            if calls > 0 || bytes > 0 {
+                d.calls += calls;
+                d.bytes += bytes;
+                d.fresh = true;
+            }
+        }
+    }
+
+    /// Forgets the rate limits' calls not yet sent (the store was unreachable): sent later, they
+    /// would land in a later slot than they were made in. Quotas' counts are kept: their period
+    /// is long, and the other hosts must learn of them.
+    pub fn drop_rate_calls(&mut self) {
+        for d in self.by_key.values_mut() {
+            if matches!(d.shape, Shape::Rate { .. }) {
+                d.calls = 0;
+            }
         }
     }
 
@@ -139,18 +172,19 @@ impl Deltas {
     }
 
     /// Takes what was noted since the last batch, as this sync's batch. A key stays noted (with
-    /// nothing to add) until a sync finds it untouched, so that what its requests count once
-    /// their responses are known still reaches the next batch.
+    /// nothing to add) until a sync finds it untouched and none of its requests waiting for
+    /// their responses, so that what those count still reaches a batch.
     pub fn take(&mut self) -> Batch {
         self.new_key = false;
         let mut keys = Vec::new();
         self.by_key.retain(|&hash, d| {
             if !d.fresh {
-                return false;
+                d.idle += 1;
+                return d.in_flight > 0 && d.idle < LONGEST_WAIT;
             }
             let delta = Delta { name: d.name.clone(), fresh: true, ..*d };
             keys.push((hash, delta));
-            (d.calls, d.bytes, d.seen, d.fresh) = (0, 0, 0, false);
+            (d.calls, d.bytes, d.seen, d.idle, d.fresh) = (0, 0, 0, 0, false);
             true
         });
         Batch { keys }
@@ -288,8 +322,9 @@ impl Batch {
             let claim = u64::try_from(answer[2]).ok();
             match d.shape {
                 Shape::Rate { period_ms, .. } => counters.set_others(*hash, period_ms, t, calls, claim),
-                Shape::Quota { index, .. } => {
-                    counters.set_quota_others(*hash, index, t, (calls, bytes), claim)
+                Shape::Quota { index, ends_ms, .. } => {
+                    let at = QuotaAt { index, now_ms: t, ends_ms };
+                    counters.set_quota_others(*hash, at, (calls, bytes), claim)
                 }
             }
         }
@@ -330,9 +365,11 @@ mod tests {
     #[test]
     fn deltas_add_up_per_key_and_name_long_keys_by_hash() {
         let mut d = Deltas::default();
-        d.touch(1, 0, Shape::Rate { period_ms: 60_000, limit: 100 }, b"10.0.0.1", 1, 0);
-        d.touch(1, 0, Shape::Rate { period_ms: 60_000, limit: 100 }, b"10.0.0.1", 2, 0);
-        d.touch(2, 1, Shape::Quota { period: 3600, start: 0, index: 7, limit: 0 }, &[b'x'; 300], 1, 500);
+        d.touch(1, 0, Shape::Rate { period_ms: 60_000, limit: 100 }, b"10.0.0.1", 1, false);
+        d.touch(1, 0, Shape::Rate { period_ms: 60_000, limit: 100 }, b"10.0.0.1", 2, false);
+        let quota = Shape::Quota { period: 3600, start: 0, index: 7, limit: 0, ends_ms: 9_000_000 };
+        d.touch(2, 1, quota, &[b'x'; 300], 1, true);
+        d.add(2, 0, 500);
         let batch = d.take();
         assert!(d.is_idle() && batch.len() == 2);
         let calls = batch.calls("host-a", ORIGIN_MS + 120_000);
@@ -348,5 +385,30 @@ mod tests {
             .position(|a| a.starts_with("portcullis:q1:0:3600:#"))
             .expect("quota key named by hash");
         assert_eq!(&text[quota + 1..quota + 9], ["q", "7", "1", "3660000", "1", "500", "1", "0"]);
+    }
+
+    #[test]
+    fn a_key_waits_for_its_responses_and_then_goes() {
+        let mut d = Deltas::default();
+        let rate = Shape::Rate { period_ms: 60_000, limit: 10 };
+        d.touch(1, 0, rate, b"slow", 0, true);
+        d.touch(2, 0, rate, b"quick", 1, false);
+        assert_eq!(d.take().len(), 2);
+        // Nothing new: the key with a response still to come stays, the other goes.
+        assert_eq!(d.take().len(), 0);
+        assert_eq!(d.len(), 1);
+        // The slow response counts: it reaches the next batch, and then the key goes too.
+        d.add(1, 1, 0);
+        let batch = d.take();
+        let args = &batch.calls("h", ORIGIN_MS)[0];
+        assert_eq!(String::from_utf8_lossy(&args[2]), "portcullis:r0:60000:slow");
+        assert_eq!(String::from_utf8_lossy(&args[7]), "1", "the call counted after the fact");
+        assert_eq!(d.take().len(), 0);
+        assert!(d.is_empty());
+        // Calls noted while the store was unreachable are not sent late into a later slot.
+        d.touch(3, 0, rate, b"k", 5, false);
+        d.drop_rate_calls();
+        let batch = d.take();
+        assert_eq!(String::from_utf8_lossy(&batch.calls("h", ORIGIN_MS)[0][7]), "0");
     }
 }

@@ -1,5 +1,7 @@
 //! Sets of addresses: ranges merged into two sorted lists (IPv4, IPv6), looked up by binary search
-//! (O(log n) for thousands of entries), IPv4-mapped IPv6 addresses compared as IPv4.
+//! (O(log n) for thousands of entries), IPv4-mapped IPv6 addresses compared as IPv4. An IPv6 range
+//! that covers part of the mapped block (`::ffff:0:0/96`; `::/0` covers all of it) covers those
+//! IPv4 addresses too: it holds them, in their IPv6 spelling.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -42,7 +44,16 @@ impl IpSet {
         for r in ranges {
             match (r.from, r.to) {
                 (IpAddr::V4(a), IpAddr::V4(b)) => v4.push((u32::from(a), u32::from(b))),
-                (IpAddr::V6(a), IpAddr::V6(b)) => v6.push((u128::from(a), u128::from(b))),
+                (IpAddr::V6(a), IpAddr::V6(b)) => {
+                    let (a, b) = (u128::from(a), u128::from(b));
+                    v6.push((a, b));
+                    // The IPv4 addresses it holds as ::ffff:a.b.c.d.
+                    const MAPPED: (u128, u128) = (0xffff_0000_0000, 0xffff_ffff_ffff);
+                    if a <= MAPPED.1 && b >= MAPPED.0 {
+                        let (from, to) = (a.max(MAPPED.0) - MAPPED.0, b.min(MAPPED.1) - MAPPED.0);
+                        v4.push((from as u32, to as u32));
+                    }
+                }
                 _ => {} // IpRange never mixes families
             }
         }
@@ -152,5 +163,19 @@ mod tests {
         assert!(IpSet::default().is_empty() && !has(&IpSet::default(), "10.0.0.1"));
         let all = set(&["0.0.0.0/0", "::/0"]);
         assert!(has(&all, "1.2.3.4") && has(&all, "::") && has(&all, "ffff::1"));
+    }
+
+    #[test]
+    fn ipv6_ranges_over_the_mapped_block_hold_those_ipv4_addresses() {
+        // Found by fuzzing: ::/80 ends at ::ffff:255.255.255.255, so it holds every IPv4 address.
+        let s = set(&["::/80"]);
+        assert!(has(&s, "10.0.0.1") && has(&s, "::ffff:10.0.0.1") && has(&s, "::1"));
+        assert!(!has(&s, "2001:db8::1"));
+        let part = set(&["::ffff:0.0.0.0-::ffff:10.0.0.255"]);
+        assert!(has(&part, "10.0.0.255") && !has(&part, "10.0.1.0"));
+        let part = set(&["::fffe:ffff:ffff-::ffff:0.0.0.9"]);
+        assert!(has(&part, "0.0.0.9") && !has(&part, "0.0.0.10") && has(&part, "::fffe:ffff:ffff"));
+        assert!(has(&set(&["::/0"]), "192.0.2.1"), "::/0 is every address");
+        assert!(!has(&set(&["2001:db8::/32", "::1"]), "0.0.0.1"));
     }
 }

@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use portcullis_config::{ConfigErrors, Quota, RateLimit, StatusRanges};
 
-use crate::counters::{Admit, Counters};
+use crate::counters::{Admit, Counters, QuotaAt};
 use crate::facts::{Facts, HeaderEdits, RequestState};
 use crate::fleet::{Deltas, Shape};
 use crate::policy::{Countdown, Response};
@@ -58,7 +58,7 @@ pub(crate) enum Pending {
     /// Calls of a rate limit with an `increment_condition`.
     Rate { hash: u64, period_ms: u64, count: u64, condition: Option<u16> },
     /// A call of a quota with an `increment_condition` (`calls`), and the bandwidth.
-    Quota { hash: u64, index: u64, calls: bool, condition: Option<u16> },
+    Quota { hash: u64, at: QuotaAt, calls: bool, condition: Option<u16> },
 }
 
 /// A response whose message ends in a time (`… Try again in N seconds.`): built once, the time
@@ -174,8 +174,10 @@ impl RateStep {
             let counted = if matches!(admit, Admit::Yes { .. }) { now_count } else { 0 };
             let shape = Shape::Rate { period_ms: self.period_ms, limit: self.calls };
             let deltas = &mut state.local.borrow_mut().deltas;
-            deltas.touch(hash, kind, shape, &scratch[..len], counted, 0);
-            if !matches!(admit, Admit::Yes { .. }) {
+            let admitted = matches!(admit, Admit::Yes { .. });
+            // With a condition, the call is counted when its response is known.
+            deltas.touch(hash, kind, shape, &scratch[..len], counted, admitted && self.condition.is_some());
+            if !admitted {
                 deltas.hurry();
             }
         }
@@ -227,19 +229,13 @@ enum Refused {
 
 impl QuotaStep {
     /// Checks the quota, counting the call now when `count` (increment-then-check).
-    fn admit(
-        &self,
-        counters: &Counters,
-        hash: u64,
-        (index, now): (u64, u64),
-        count: bool,
-    ) -> Result<(), Refused> {
-        let (used_calls, used_bytes) = counters.quota_used(hash, index).unwrap_or((0, 0));
+    fn admit(&self, counters: &Counters, hash: u64, at: QuotaAt, count: bool) -> Result<(), Refused> {
+        let (used_calls, used_bytes) = counters.quota_used(hash, at).unwrap_or((0, 0));
         if self.bytes.is_some_and(|b| used_bytes >= b) {
             return Err(Refused::Bandwidth);
         }
         if count {
-            if !counters.quota_add(hash, (index, now), 1, self.calls, 0) {
+            if !counters.quota_add(hash, at, 1, self.calls, 0) {
                 return Err(Refused::Calls);
             }
         } else if self.calls.is_some_and(|limit| used_calls >= limit) {
@@ -313,13 +309,16 @@ impl QuotaStep {
         }
         let counted_now = self.condition.is_none() && self.calls.is_some();
         let since_origin = facts.now_ms.saturating_sub(ORIGIN_MS);
-        let admitted = self.admit(counters, hash, (index, since_origin), counted_now);
+        let ends_ms = left.map_or(u64::MAX, |l| since_origin + l * 1000);
+        let at = QuotaAt { index, now_ms: since_origin, ends_ms };
+        let admitted = self.admit(counters, hash, at, counted_now);
         if counters.fleet() {
             let limit = self.calls.unwrap_or(0);
-            let shape = Shape::Quota { period: self.period, start: self.start, index, limit };
+            let shape = Shape::Quota { period: self.period, start: self.start, index, limit, ends_ms };
             let counted = u64::from(counted_now && admitted.is_ok());
             let deltas = &mut state.local.borrow_mut().deltas;
-            deltas.touch(hash, kind, shape, &scratch[..len], counted, 0);
+            // Its bytes (and its call, under a condition) are counted when the response is known.
+            deltas.touch(hash, kind, shape, &scratch[..len], counted, admitted.is_ok());
             if admitted.is_err() {
                 deltas.hurry();
             }
@@ -341,7 +340,7 @@ impl QuotaStep {
         }
         state.pending.push(Pending::Quota {
             hash,
-            index,
+            at,
             calls: !counted_now && self.calls.is_some(),
             condition: self.condition,
         });
@@ -365,18 +364,16 @@ pub(crate) fn settle(
                 if holds(condition) {
                     counters.count(hash, period_ms, now_ms.saturating_sub(ORIGIN_MS), count);
                     deltas.add(hash, count, 0);
+                } else {
+                    deltas.add(hash, 0, 0);
                 }
             }
-            Pending::Quota { hash, index, calls, condition } => {
+            Pending::Quota { hash, at, calls, condition } => {
                 if holds(condition) {
-                    counters.quota_add(
-                        hash,
-                        (index, now_ms.saturating_sub(ORIGIN_MS)),
-                        u64::from(calls),
-                        None,
-                        bytes,
-                    );
+                    counters.quota_add(hash, at, u64::from(calls), None, bytes);
                     deltas.add(hash, u64::from(calls), bytes);
+                } else {
+                    deltas.add(hash, 0, 0);
                 }
             }
         }

@@ -134,6 +134,8 @@ struct Connection {
     io: Io,
     rx: BytesMut,
     tx: BytesMut,
+    /// A reply has come since the flag was cleared.
+    answered: bool,
 }
 
 impl Connection {
@@ -146,8 +148,8 @@ impl Connection {
             None => Io::Plain(PlainStream::new(tcp)),
             Some(tls) => Io::Tls(Box::new(tls.connect_async(&link.redis.host, tcp).await?)),
         };
-        let mut conn =
-            Connection { io, rx: BytesMut::with_capacity(4096), tx: BytesMut::with_capacity(4096) };
+        let (rx, tx) = (BytesMut::with_capacity(4096), BytesMut::with_capacity(4096));
+        let mut conn = Connection { io, rx, tx, answered: false };
         let mut expected = 0;
         if let Some(pw) = &link.password {
             match &link.redis.username {
@@ -180,7 +182,10 @@ impl Connection {
     async fn reply(&mut self) -> Result<Reply, String> {
         loop {
             match next_reply(&mut self.rx) {
-                Ok(Some(r)) => return Ok(r),
+                Ok(Some(r)) => {
+                    self.answered = true;
+                    return Ok(r);
+                }
                 Ok(None) => {}
                 Err(e) => return Err(format!("Redis sent what is not RESP: {}", e.0)),
             }
@@ -265,14 +270,20 @@ impl SyncState {
         self.failures = self.failures.saturating_add(1);
         let pause = Duration::from_millis(100).saturating_mul(1 << self.failures.min(6).saturating_sub(1));
         self.retry_at = Instant::now() + pause.min(MAX_RETRY);
-        worker.shared.fleet_stats.failures.fetch_add(1, Ordering::Relaxed);
+        let failed_syncs = worker.shared.fleet_stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
         // One line per change of state, host-wide: whichever worker finds it out first.
         if worker.shared.counters.set_fleet_up(false) {
             let then = match link.redis.failure {
                 RedisFailure::Local => "limits count on this host alone until it is back",
                 RedisFailure::Deny => "calls under rate limits and quotas are refused (503) until it is back",
             };
-            tracing::warn!(redis = %link.redis.url.value, worker = worker.id, error, "Redis unreachable; {then}");
+            tracing::warn!(
+                redis = %link.redis.url.value,
+                worker = worker.id,
+                error,
+                failed_syncs,
+                "Redis unreachable; {then}"
+            );
         } else {
             tracing::debug!(redis = %link.redis.url.value, worker = worker.id, error, "Redis still unreachable");
         }
@@ -281,7 +292,21 @@ impl SyncState {
     fn succeeded(&mut self, worker: &Worker, link: &FleetLink) {
         self.failures = 0;
         if !worker.shared.counters.set_fleet_up(true) {
-            tracing::info!(redis = %link.redis.url.value, "Redis reachable again; counts are shared");
+            let failed_syncs = worker.shared.fleet_stats.failures.load(Ordering::Relaxed);
+            tracing::info!(redis = %link.redis.url.value, failed_syncs, "Redis reachable again; counts are shared");
+        }
+    }
+
+    async fn connect(&mut self, worker: &Worker, link: &FleetLink) -> Result<(), String> {
+        let timeout = link.redis.timeout;
+        match monoio::time::timeout(timeout, Connection::open(link)).await {
+            Ok(Ok(c)) => {
+                self.conn = Some(c);
+                self.succeeded(worker, link);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("no connection within {timeout:?}")),
         }
     }
 
@@ -294,28 +319,42 @@ impl SyncState {
             self.link = Some(link.clone());
         }
         let timeout = link.redis.timeout;
+        // A connection that sat idle may have been closed by Redis meanwhile: if it fails before
+        // any answer, one fresh connection is tried before the sync counts as failed.
+        let mut reused = self.conn.is_some();
         if self.conn.is_none() {
-            if Instant::now() < self.retry_at {
-                return;
-            }
-            match monoio::time::timeout(timeout, Connection::open(link)).await {
-                Ok(Ok(c)) => {
-                    self.conn = Some(c);
-                    self.succeeded(worker, link);
+            let due = Instant::now() >= self.retry_at;
+            let connected = if due { self.connect(worker, link).await } else { Err(String::new()) };
+            if let Err(e) = connected {
+                // Calls that cannot be sent now would land in a later slot than they were made in.
+                worker.local.borrow_mut().deltas.drop_rate_calls();
+                if due {
+                    self.failed(worker, link, &e);
                 }
-                Ok(Err(e)) => return self.failed(worker, link, &e),
-                Err(_) => return self.failed(worker, link, &format!("no connection within {timeout:?}")),
+                return;
             }
         }
         let batch = worker.local.borrow_mut().deltas.take();
         if batch.is_empty() {
             return;
         }
-        let Some(conn) = self.conn.as_mut() else { return };
-        match monoio::time::timeout(timeout, conn.sync(link, worker, &batch)).await {
-            Ok(Ok(())) => self.succeeded(worker, link),
-            Ok(Err(e)) => self.failed(worker, link, &e),
-            Err(_) => self.failed(worker, link, &format!("no answer within {timeout:?}")),
+        loop {
+            let Some(conn) = self.conn.as_mut() else { return };
+            conn.answered = false;
+            let error = match monoio::time::timeout(timeout, conn.sync(link, worker, &batch)).await {
+                Ok(Ok(())) => return self.succeeded(worker, link),
+                Ok(Err(e)) if reused && !conn.answered => {
+                    reused = false;
+                    self.conn = None;
+                    match self.connect(worker, link).await {
+                        Ok(()) => continue,
+                        Err(again) => format!("{e}; a new connection: {again}"),
+                    }
+                }
+                Ok(Err(e)) => e,
+                Err(_) => format!("no answer within {timeout:?}"),
+            };
+            return self.failed(worker, link, &error);
         }
     }
 }

@@ -31,9 +31,11 @@ pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a backend that stopped taking a request body gets to show the answer it sent.
 pub(super) const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// After a response to a request that was not read whole, how long (and how much) to keep
-/// reading and dropping the client's bytes before closing.
+/// reading and dropping the client's bytes before closing. A client still sending a large body
+/// (several hundred KiB in flight on a busy host) would otherwise get a reset that destroys the
+/// response it has not read yet; the time bounds what a hostile sender can make us read.
 const LINGER: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_BYTES: usize = 4 * 1024 * 1024;
 
 /// The id of the request a connection is serving, for the log line should it panic.
 pub(crate) type CurrentRequest = Rc<Cell<Option<[u8; 16]>>>;
