@@ -493,3 +493,70 @@ fn refused_handshakes_are_classified() {
     assert!(!proxy.log().iter().any(|l| l.contains("handshake failed: refused")), "{:#?}", proxy.log());
     assert_eq!(env.client(None).get(proxy.addr, "/").unwrap().status, 200);
 }
+
+/// The client certificate forwarded for backends that authorise by it: as nginx's escaped PEM,
+/// as the base64 DER of `X-ARR-ClientCert`, and as Envoy's `X-Forwarded-Client-Cert`; forged
+/// copies from the client are stripped, and a resumed session forwards the same.
+#[test]
+fn the_certificate_itself_reaches_the_backend() {
+    use base64::Engine as _;
+    let env = Env::new();
+    let steps = r#"
+[[api]]
+name = "app"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  set_header = { name = "X-SSL-Client-Cert", value = "{client_cert.pem_urlencoded}" }
+  [[api.inbound]]
+  set_header = { name = "X-ARR-ClientCert", value = "{client_cert.der_base64}" }
+  [[api.inbound]]
+  set_header = { name = "X-Forwarded-Client-Cert", value = "{client_cert.xfcc}" }
+"#;
+    let proxy = env.proxy("require", steps);
+    let client = TlsClient::with(&env.pki, Some(&env.pki.client), Versions::Tls13);
+    let forged = [
+        ("X-SSL-Client-Cert", "forged"),
+        ("X-ARR-ClientCert", "Zm9yZ2Vk"),
+        ("X-Forwarded-Client-Cert", "Hash=00;Subject=\"CN=admin\""),
+    ];
+    let der = &env.pki.client.cert_der;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for resumed in [false, true] {
+        let mut c = client.connect(proxy.addr).unwrap();
+        let r = c.request("GET", "/", &forged, b"").unwrap();
+        assert_eq!(c.resumed(), resumed);
+        assert_eq!(r.status, 200);
+        let seen = |name: &str| {
+            assert_eq!(r.echoed_header_count(name), 1, "{name} exactly once: {}", r.text());
+            r.echoed_header(name).unwrap()
+        };
+        assert_eq!(b64.decode(seen("X-ARR-ClientCert")).unwrap(), *der);
+        // The escaped PEM: percent-decoded, the certificate's PEM.
+        let escaped = seen("X-SSL-Client-Cert");
+        let mut pem = Vec::new();
+        let mut bytes = escaped.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'%' {
+                let hex = [bytes.next().unwrap(), bytes.next().unwrap()];
+                pem.push(u8::from_str_radix(std::str::from_utf8(&hex).unwrap(), 16).unwrap());
+            } else {
+                pem.push(b);
+            }
+        }
+        let pem = String::from_utf8(pem).unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(
+            pem.starts_with("-----BEGIN CERTIFICATE-----\n") && pem.ends_with("-----END CERTIFICATE-----\n")
+        );
+        assert_eq!(b64.decode(body).unwrap(), *der);
+        assert_eq!(
+            seen("X-Forwarded-Client-Cert"),
+            format!(
+                "Hash={};Subject=\"CN=client1,OU=Clients,O=Portcullis Test,C=XX\"",
+                env.pki.client.thumbprint_sha256().to_ascii_lowercase()
+            )
+        );
+        c.close();
+    }
+}

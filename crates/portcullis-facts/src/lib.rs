@@ -10,6 +10,7 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ahash::AHashSet;
+use base64::Engine as _;
 
 /// What verification found wrong with a certificate of a chain. The codes are the `X509_V_ERR_*`
 /// values of the OpenSSL family's ABI (stable, shared by BoringSSL), kept for logs and for the
@@ -172,6 +173,13 @@ pub struct ClientCert {
     pub not_after: i64,
     /// Every problem verification found, in the order found; empty when the chain is valid.
     pub verify_errors: Vec<VerifyError>,
+    /// The certificate itself (DER), for backends that read it (see [`ClientCert::pem`]).
+    pub der: Box<[u8]>,
+    /// URI subject alternative names (SPIFFE IDs and the like).
+    pub uris: Vec<String>,
+    /// The subject as RFC 2253 writes it (`CN=device1,O=Contoso,C=US`), as Envoy's
+    /// `X-Forwarded-Client-Cert` carries it.
+    pub subject_rfc2253: String,
 }
 
 /// What a certificate says (or verification found) that cannot be derived from the rest: the
@@ -191,6 +199,9 @@ pub struct CertFields {
     pub not_before: i64,
     pub not_after: i64,
     pub verify_errors: Vec<VerifyError>,
+    pub der: Box<[u8]>,
+    pub uris: Vec<String>,
+    pub subject_rfc2253: String,
 }
 
 impl ClientCert {
@@ -215,6 +226,9 @@ impl ClientCert {
             not_before: f.not_before,
             not_after: f.not_after,
             verify_errors: f.verify_errors,
+            der: f.der,
+            uris: f.uris,
+            subject_rfc2253: f.subject_rfc2253,
         }
     }
 
@@ -225,7 +239,7 @@ impl ClientCert {
             out.extend_from_slice(&(b.len().min(u16::MAX as usize) as u16).to_be_bytes());
             out.extend_from_slice(&b[..b.len().min(u16::MAX as usize)]);
         }
-        out.push(2); // format version
+        out.push(3); // format version
         out.extend_from_slice(&self.sha1);
         out.extend_from_slice(&self.sha256);
         bytes(out, self.subject.as_bytes());
@@ -262,6 +276,13 @@ impl ClientCert {
             out.extend_from_slice(&e.depth.to_be_bytes());
             out.extend_from_slice(&e.kind.code().to_be_bytes());
         }
+        // Version 3: the certificate, its URIs and the RFC 2253 subject (for forwarding).
+        bytes(out, &self.der);
+        out.extend_from_slice(&(self.uris.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        for uri in self.uris.iter().take(u16::MAX as usize) {
+            bytes(out, uri.as_bytes());
+        }
+        bytes(out, self.subject_rfc2253.as_bytes());
     }
 
     /// The inverse of [`encode`](Self::encode); `None` for anything malformed.
@@ -294,7 +315,8 @@ impl ClientCert {
             }
         }
         let mut r = R(input);
-        if r.u8()? != 2 {
+        let version = r.u8()?;
+        if version != 2 && version != 3 {
             return None;
         }
         let sha1: [u8; 20] = r.take(20)?.try_into().ok()?;
@@ -330,6 +352,17 @@ impl ClientCert {
             let code = i32::from_be_bytes(r.take(4)?.try_into().ok()?);
             verify_errors.push(VerifyError { depth, kind: VerifyErrorKind::from_code(code) });
         }
+        // A version 2 ticket (from before an upgrade) has no certificate to forward.
+        let (mut der, mut uris, mut subject_rfc2253): (Box<[u8]>, Vec<String>, String) = Default::default();
+        if version == 3 {
+            der = r.bytes()?.into();
+            let n = r.u16()?;
+            uris = Vec::with_capacity(n);
+            for _ in 0..n {
+                uris.push(r.string()?);
+            }
+            subject_rfc2253 = r.string()?;
+        }
         if !r.0.is_empty() {
             return None;
         }
@@ -347,7 +380,59 @@ impl ClientCert {
             not_before,
             not_after,
             verify_errors,
+            der,
+            uris,
+            subject_rfc2253,
         }))
+    }
+
+    /// The certificate in PEM (64-character lines, a final newline); empty when it is not known
+    /// (a session resumed from a ticket older than the certificate's forwarding).
+    pub fn pem(&self) -> String {
+        if self.der.is_empty() {
+            return String::new();
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.der);
+        let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 64);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+        out
+    }
+
+    /// [`pem`](Self::pem), percent-encoded as a URI component (what nginx's
+    /// `$ssl_client_escaped_cert` holds).
+    pub fn pem_urlencoded(&self) -> String {
+        percent_encoded(self.pem().as_bytes())
+    }
+
+    /// The DER in standard base64 on one line (the `X-ARR-ClientCert` header ASP.NET reads).
+    pub fn der_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.der)
+    }
+
+    /// An `X-Forwarded-Client-Cert` element as Envoy writes it:
+    /// `Hash=<SHA-256, hex>;Subject="<RFC 2253>";URI=<each URI SAN>;DNS=<each DNS SAN>`.
+    pub fn xfcc(&self) -> String {
+        let mut out = String::with_capacity(128);
+        out.push_str("Hash=");
+        for b in self.sha256 {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out.push_str(";Subject=");
+        xfcc_value(&mut out, &self.subject_rfc2253, true);
+        for uri in &self.uris {
+            out.push_str(";URI=");
+            xfcc_value(&mut out, uri, false);
+        }
+        for dns in &self.dns_names {
+            out.push_str(";DNS=");
+            xfcc_value(&mut out, dns, false);
+        }
+        out
     }
 
     /// Whether verification found nothing wrong.
@@ -627,6 +712,36 @@ impl RevocationSet {
     }
 }
 
+/// Every byte outside RFC 3986's unreserved set as `%XX`.
+fn percent_encoded(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 3 / 2);
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A value of an `X-Forwarded-Client-Cert` pair: in double quotes (with `"` and `\` escaped)
+/// when `quoted` or when it holds a character that separates pairs or elements.
+fn xfcc_value(out: &mut String, value: &str, quoted: bool) {
+    if !quoted && !value.contains([',', ';', '=', '"', '\\']) {
+        out.push_str(value);
+        return;
+    }
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,15 +778,65 @@ mod tests {
                 VerifyError { depth: 1, kind: VerifyErrorKind::Revoked },
                 VerifyError { depth: 2, kind: VerifyErrorKind::Other(99) },
             ],
+            der: vec![0x30, 0x82, 0x01, 0x0a].into(),
+            uris: vec!["spiffe://example.org/device/1".to_owned()],
+            subject_rfc2253: "CN=dévice,O=A\\, B".to_owned(),
         };
         let mut out = Vec::new();
         c.encode(&mut out);
-        assert_eq!(ClientCert::decode(&out), Some(c));
+        assert_eq!(ClientCert::decode(&out).as_ref(), Some(&c));
+        // A version 2 ticket (written before the certificate was kept) still reads, without it.
+        let mut v2 = out.clone();
+        v2[0] = 2;
+        let tail = 2 + c.der.len() + 2 + (2 + c.uris[0].len()) + 2 + c.subject_rfc2253.len();
+        v2.truncate(v2.len() - tail);
+        let old = ClientCert::decode(&v2).expect("version 2");
+        assert!(old.der.is_empty() && old.uris.is_empty() && old.thumbprint == c.thumbprint);
         for cut in 0..out.len() {
             assert_eq!(ClientCert::decode(&out[..cut]), None, "truncated at {cut}");
         }
         out.push(0);
         assert_eq!(ClientCert::decode(&out), None, "trailing bytes");
+    }
+
+    #[test]
+    fn forwarding_forms() {
+        let mut c = ClientCert::new(CertFields {
+            sha1: [1; 20],
+            sha256: [0xab; 32],
+            subject: "CN=d".to_owned(),
+            issuer: "CN=CA".to_owned(),
+            common_name: None,
+            serial_bytes: vec![1].into(),
+            issuer_der: vec![].into(),
+            issuer_sha1: None,
+            ca_ids: vec![],
+            dns_names: vec!["a.example".to_owned(), "odd;name".to_owned()],
+            not_before: 0,
+            not_after: 0,
+            verify_errors: vec![],
+            der: (0..=255u8).collect::<Vec<u8>>().into(),
+            uris: vec!["spiffe://example.org/ns/a".to_owned()],
+            subject_rfc2253: "CN=dev \"1\",O=A\\, B".to_owned(),
+        });
+        let pem = c.pem();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\nAAECAwQF"), "{pem}");
+        assert!(pem.ends_with("\n-----END CERTIFICATE-----\n"));
+        assert!(pem.lines().all(|l| l.len() <= 64));
+        assert_eq!(pem.lines().count(), 2 + 256_usize.div_ceil(3) * 4 / 64 + 1);
+        let encoded = c.pem_urlencoded();
+        assert!(encoded.starts_with("-----BEGIN%20CERTIFICATE-----%0AAAECAwQF"), "{encoded}");
+        assert!(!encoded.contains(['+', '/', '=', '\n', ' ']), "{encoded}");
+        assert!(c.der_base64().starts_with("AAECAwQFBgcICQ") && c.der_base64().ends_with("/w=="));
+        assert_eq!(
+            c.xfcc(),
+            format!(
+                "Hash={};Subject=\"CN=dev \\\"1\\\",O=A\\\\, B\";URI=spiffe://example.org/ns/a;DNS=a.example;DNS=\"odd;name\"",
+                "ab".repeat(32)
+            )
+        );
+        c.der = Box::default();
+        assert_eq!((c.pem(), c.der_base64()), (String::new(), String::new()));
     }
 
     #[test]

@@ -20,6 +20,9 @@ enum Var {
     CertNotAfter,
     CertCommonName,
     CertVerifyErrors,
+    CertPemUrlencoded,
+    CertDerBase64,
+    CertXfcc,
     RequestIp,
     RequestId,
     SubscriptionId,
@@ -30,7 +33,7 @@ enum Var {
     Claim(usize),
 }
 
-const VARIABLES: [(&str, Var); 13] = [
+const VARIABLES: [(&str, Var); 16] = [
     ("client_cert.subject", Var::CertSubject),
     ("client_cert.issuer", Var::CertIssuer),
     ("client_cert.thumbprint", Var::CertThumbprint),
@@ -40,6 +43,9 @@ const VARIABLES: [(&str, Var); 13] = [
     ("client_cert.not_after", Var::CertNotAfter),
     ("client_cert.common_name", Var::CertCommonName),
     ("client_cert.verify_errors", Var::CertVerifyErrors),
+    ("client_cert.pem_urlencoded", Var::CertPemUrlencoded),
+    ("client_cert.der_base64", Var::CertDerBase64),
+    ("client_cert.xfcc", Var::CertXfcc),
     ("request.ip", Var::RequestIp),
     ("request.id", Var::RequestId),
     ("subscription.id", Var::SubscriptionId),
@@ -164,6 +170,9 @@ impl Template {
                         | Var::CertNotAfter
                         | Var::CertCommonName
                         | Var::CertVerifyErrors
+                        | Var::CertPemUrlencoded
+                        | Var::CertDerBase64
+                        | Var::CertXfcc
                 )
             )
         });
@@ -227,6 +236,16 @@ impl Template {
             Var::CertVerifyErrors => {
                 if let Some(c) = cert {
                     let _ = c.write_verify_summary(out);
+                }
+            }
+            // The certificate itself, for backends that authorise by it (nothing when it is not
+            // known: a session resumed from a ticket written before it was kept).
+            Var::CertPemUrlencoded | Var::CertDerBase64 | Var::CertXfcc => {
+                let Some(c) = cert.filter(|c| !c.der.is_empty()) else { return false };
+                match var {
+                    Var::CertPemUrlencoded => out.put_slice(c.pem_urlencoded().as_bytes()),
+                    Var::CertDerBase64 => out.put_slice(c.der_base64().as_bytes()),
+                    _ => put_safe(out, c.xfcc().as_bytes()),
                 }
             }
             Var::RequestIp => out.put_slice(facts.client_ip.as_bytes()),

@@ -24,9 +24,14 @@ pub fn client_cert_from_x509(
         .next()
         .and_then(|e| e.data().as_utf8().ok())
         .map(|s| s.to_string());
-    let dns_names = leaf
-        .subject_alt_names()
+    let sans = leaf.subject_alt_names();
+    let dns_names = sans
+        .as_ref()
         .map(|names| names.iter().filter_map(|n| n.dnsname().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let uris = sans
+        .as_ref()
+        .map(|names| names.iter().filter_map(|n| n.uri().map(str::to_owned)).collect())
         .unwrap_or_default();
     ClientCert::new(CertFields {
         sha1: digest(leaf, MessageDigest::sha1()),
@@ -42,6 +47,9 @@ pub fn client_cert_from_x509(
         not_before: unix_time(leaf.not_before()),
         not_after: unix_time(leaf.not_after()),
         verify_errors,
+        der: leaf.to_der().map(Vec::into_boxed_slice).unwrap_or_default(),
+        uris,
+        subject_rfc2253: leaf.subject_name().print_ex(ffi::XN_FLAG_RFC2253).unwrap_or_default(),
     })
 }
 
