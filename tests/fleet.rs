@@ -46,9 +46,10 @@ fn until_status(
     }
 }
 
-/// Keys of the shared counts in Redis.
+/// Keys of the shared counts in Redis (not the hosts' heartbeats).
 fn stored_keys(redis: &RedisServer) -> Vec<String> {
-    redis.cli(&["--scan", "--pattern", "portcullis:*"]).lines().map(str::to_owned).collect()
+    let all = redis.cli(&["--scan", "--pattern", "portcullis:*"]);
+    all.lines().filter(|k| *k != "portcullis:hosts").map(str::to_owned).collect()
 }
 
 /// The fleet: two processes of two workers each, one key hammered through both from eight
@@ -74,7 +75,21 @@ fn two_hosts_share_one_limit() {
         admitted(a.addr),
         admitted(b.addr)
     );
-    assert!(most <= 210, "{most} admitted within one period: more than 5 % over the limit of 200");
+    let t0 = answers[0].0;
+    let mut hist = std::collections::BTreeMap::new();
+    for (t, addr, st) in &answers {
+        if *st == 200 {
+            let e = hist.entry((*t - t0).as_millis() / 250).or_insert((0, 0));
+            if *addr == a.addr { e.0 += 1 } else { e.1 += 1 }
+        }
+    }
+    eprintln!("admitted per 250 ms (host a, host b): {hist:?}");
+    let redis_lines: Vec<String> =
+        a.log().into_iter().chain(b.log()).filter(|l| l.contains("Redis")).collect();
+    assert!(
+        most <= 210,
+        "{most} admitted within one period: more than 5 % over the limit of 200; {redis_lines:#?}"
+    );
     assert!(most >= 150, "{most}: far under the limit (was the machine too slow to reach it?)");
     assert!(admitted(a.addr) > 0 && admitted(b.addr) > 0, "both hosts served");
     assert!(redis.calls_of("evalsha") + redis.calls_of("eval") > 0);
@@ -130,10 +145,15 @@ fn without_redis_limits_count_locally_and_sharing_resumes() {
     let line = p.wait_for_log("Redis unreachable", Duration::from_secs(10)).expect("the outage is logged");
     assert!(line.contains("this host alone"), "{line}");
     redis.restart();
-    assert!(stored_keys(&redis).is_empty(), "a fresh Redis");
     // Counting resumes: new calls reach the new Redis (whose script cache is empty: EVAL first).
+    // The key's count is its hash for the current slot (`…:k:<slot>`).
+    let counts = |redis: &RedisServer| -> Vec<String> {
+        let slot =
+            |k: &String| k.rsplit_once(":k:").is_some_and(|(_, s)| s.bytes().all(|b| b.is_ascii_digit()));
+        stored_keys(redis).into_iter().filter(slot).collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(15);
-    while stored_keys(&redis).is_empty() {
+    while counts(&redis).is_empty() {
         assert!(Instant::now() < deadline, "counts never reached the restarted Redis: {:?}", p.log());
         assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200));
         std::thread::sleep(Duration::from_millis(100));
@@ -141,9 +161,10 @@ fn without_redis_limits_count_locally_and_sharing_resumes() {
     assert!(p.wait_for_log("Redis reachable again", Duration::from_secs(10)).is_some(), "{:?}", p.log());
     assert!(redis.calls_of("eval") > 0, "the script was sent whole to the new Redis");
     // The count in Redis is this host's: one field, the calls made since it came back.
-    let key = stored_keys(&redis).into_iter().find(|k| k.contains(":k:")).expect("the key");
+    let key = counts(&redis).into_iter().next().expect("the key");
     let fields = redis.cli(&["HGETALL", &key]);
     assert_eq!(fields.lines().count(), 2, "{fields}");
+    assert!(fields.lines().nth(1).is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0)), "{fields}");
 }
 
 /// `redis_failure = "deny"`: with Redis gone, limited calls are refused with 503; once it is
@@ -245,6 +266,8 @@ fn sharing_follows_a_reload() {
         std::thread::sleep(Duration::from_millis(50));
     }
     p.reload(&alone).unwrap();
+    // A sync already under way when the reload landed may still write: let it end.
+    std::thread::sleep(Duration::from_millis(300));
     redis.cli(&["FLUSHALL"]);
     assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200));
     std::thread::sleep(Duration::from_millis(300));

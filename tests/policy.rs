@@ -448,3 +448,72 @@ backend = "app"
     assert_eq!(r.header("X-Trace").map(str::len), Some(16));
     assert_eq!(r.header("Content-Type"), None);
 }
+
+/// `{route.NAME}`: the path segment an operation's `{NAME}` matched, percent-decoded, in any
+/// template (here headers and a rate limit's key).
+#[test]
+fn route_parameters_reach_templates() {
+    let env = Env::new();
+    let api = app_api(
+        "/devices",
+        r#"
+  [[api.operation]]
+  match = "GET /{deviceId}/telemetry"
+    [[api.operation.inbound]]
+    set_header = { name = "X-Device", value = "{route.deviceId}" }
+    [[api.operation.inbound]]
+    rate_limit_by_key = { calls = 2, renewal_period = "60s", counter_key = "{route.deviceId}" }
+  [[api.operation]]
+  match = "GET /{deviceId}/firmware/{version}"
+    [[api.operation.inbound]]
+    set_header = { name = "X-Firmware", value = "{route.version} for {route.deviceId}" }
+  [[api.operation]]
+  match = "GET /list"
+"#,
+    );
+    let proxy = env.proxy("request", &api);
+    let get =
+        |path: &str| env.client(None).connect(proxy.addr).unwrap().request("GET", path, &[], b"").unwrap();
+    let r = get("/devices/dev%201/telemetry");
+    assert_eq!((r.status, r.echoed_header("X-Device").as_deref()), (200, Some("dev 1")));
+    let r = get("/devices/d7/firmware/2.1/");
+    assert_eq!(r.echoed_header("X-Firmware").as_deref(), Some("2.1 for d7"));
+    let r = get("/devices/list");
+    assert_eq!((r.status, r.echoed_header("X-Device")), (200, None));
+    // A control character decoded from the path cannot split the header.
+    let r = get("/devices/a%0D%0AX-Evil:%201/telemetry");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echoed_header("X-Evil"), None, "{}", r.text());
+    // One counter per device.
+    assert_eq!(get("/devices/dev%201/telemetry").status, 200);
+    assert_eq!(get("/devices/dev%201/telemetry").status, 429);
+    assert_eq!(get("/devices/other/telemetry").status, 200);
+}
+
+/// A `{route.NAME}` that an operation does not declare is refused at load, located: in the
+/// operation's own steps, and in the API's steps, which run in every operation.
+#[test]
+fn route_parameters_an_operation_lacks_are_refused() {
+    let env = Env::new();
+    for (policy, operation) in [
+        (
+            "  [[api.operation]]\n  match = \"GET /{id}\"\n    [[api.operation.inbound]]\n    set_header = { name = \"X-A\", value = \"{route.ident}\" }\n",
+            "operation \"GET /{id}\" has no parameter {ident}",
+        ),
+        (
+            "  [[api.inbound]]\n  set_header = { name = \"X-A\", value = \"{route.id}\" }\n  [[api.operation]]\n  match = \"GET /{id}\"\n  [[api.operation]]\n  match = \"GET /all\"\n",
+            "operation \"GET /all\" has no parameter {id}",
+        ),
+        (
+            "  [[api.inbound]]\n  set_header = { name = \"X-A\", value = \"{route.id}\" }\n",
+            "API \"app\" (it declares no operations) has no parameter {id}",
+        ),
+    ] {
+        let text = env.config("request", &app_api("/", policy));
+        let errors = portcullis_testkit::TestProxy::try_start(env.dir(), &text).expect_err(policy);
+        let all: Vec<String> = errors.to_string().lines().map(str::to_owned).collect();
+        let line = all.iter().find(|e| e.contains(operation)).unwrap_or_else(|| panic!("{all:#?}"));
+        assert!(line.contains(".set_header.value: {route."), "located at the template: {line}");
+        assert_eq!(all.iter().filter(|e| e.contains("route.")).count(), 1, "one error: {all:#?}");
+    }
+}

@@ -64,6 +64,7 @@ fn facts() -> Facts<'static> {
         now: now(),
         now_ms: now() as u64 * 1000,
         query: b"",
+        route: Default::default(),
     }
 }
 

@@ -132,6 +132,7 @@ backend = "b"
         now: portcullis_tls::now_unix(),
         now_ms: portcullis_tls::now_unix() as u64 * 1000,
         query: b"",
+        route: Default::default(),
     };
     let mut edits = HeaderEdits::default();
     let mut state = RequestState::default();

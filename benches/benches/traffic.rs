@@ -106,6 +106,7 @@ fn limits(c: &mut Criterion) {
                         now: (now_ms / 1000) as i64,
                         now_ms,
                         query: b"",
+                        route: Default::default(),
                     };
                     edits.reset(fields.count());
                     state.clear();

@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
         now: 1_800_000_000,
         now_ms: 1_800_000_000_000,
         query: b"a=1&b",
+        route: Default::default(),
     };
     let (state, set) = (RequestState::default(), PolicySet::default());
     let mut out = BytesMut::new();

@@ -95,6 +95,9 @@ pub struct Counters {
     fleet_up: AtomicBool,
     /// Refuse calls on limits while the store is unreachable (else count on this host alone).
     deny_when_down: AtomicBool,
+    /// Other hosts that synced lately (as the last sync found): a key this host has not synced
+    /// yet may use only its part of a limit until it has.
+    fleet_hosts: AtomicU64,
 }
 
 impl std::fmt::Debug for Counters {
@@ -164,6 +167,7 @@ impl Counters {
             // Up until a sync finds otherwise.
             fleet_up: AtomicBool::new(true),
             deny_when_down: AtomicBool::new(false),
+            fleet_hosts: AtomicU64::new(0),
         }
     }
 
@@ -185,6 +189,18 @@ impl Counters {
 
     pub fn fleet_up(&self) -> bool {
         self.fleet_up.load(Ordering::Acquire)
+    }
+
+    /// How many other hosts synced lately, as the last sync found.
+    pub fn set_fleet_hosts(&self, hosts: u64) {
+        self.fleet_hosts.store(hosts, Ordering::Relaxed);
+    }
+
+    /// The part of `limit` a key this host knows nothing of yet may use: an equal share among
+    /// the hosts that synced lately (all of it when there are none, or counts are not shared).
+    fn unsynced_share(&self, limit: u64) -> u64 {
+        let hosts = if self.sharing() { self.fleet_hosts.load(Ordering::Relaxed) } else { 0 };
+        limit.div_ceil(hosts + 1)
     }
 
     /// Whether the other hosts' counts (as the last sync found them) are added to this host's:
@@ -235,16 +251,13 @@ impl Counters {
     /// What the last sync found for a window ending in `epoch`, at `now_ms`: the other hosts'
     /// calls and this host's claim; nothing when that sync is older than the window, or counts
     /// are not shared.
-    fn others(&self, w: &Window, epoch: u64, now_ms: u64) -> (u64, Option<u64>) {
+    fn others(&self, w: &Window, epoch: u64, now_ms: u64) -> Option<(u64, Option<u64>)> {
         if !self.sharing() {
-            return (0, None);
+            return Some((0, None));
         }
         let (e, c) = unpack(w.others.load(Ordering::Acquire));
-        if e <= epoch & 0xFFFF_FFFF && e + N >= epoch & 0xFFFF_FFFF {
-            (c, Counters::claim_at(&w.claim, now_ms))
-        } else {
-            (0, None)
-        }
+        (e > 0 && e <= epoch & 0xFFFF_FFFF && e + N >= epoch & 0xFFFF_FFFF)
+            .then(|| (c, Counters::claim_at(&w.claim, now_ms)))
     }
 
     /// The hash a key is filed under (never 0, the empty mark).
@@ -312,7 +325,8 @@ impl Counters {
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
         let Some(w) = self.window(hash, epoch) else { return Admit::Untracked };
-        let (others, claim) = self.others(w, epoch, now_ms);
+        // A key no sync has told about yet: its share among the hosts syncing lately.
+        let (others, claim) = self.others(w, epoch, now_ms).unwrap_or((0, Some(self.unsynced_share(limit))));
         let allowance = fleet_allowance(limit, others, claim);
         let retry = |oldest: Option<u64>| {
             // The oldest calls leave once their slot is N + 1 slots old.
@@ -407,10 +421,11 @@ impl Counters {
         let limit = match limit {
             Some(l) if self.sharing() => {
                 let (i, others) = unpack40(p.others_calls.load(Ordering::Acquire));
-                if i == index & 0xFF_FFFF {
+                if i == index & 0xFF_FFFF && p.claim.load(Ordering::Acquire) != 0 {
                     Some(fleet_allowance(l, others, Counters::claim_at(&p.claim, now_ms)))
                 } else {
-                    Some(l)
+                    // No sync has told about the key in this period yet.
+                    Some(self.unsynced_share(l))
                 }
             }
             other => other,
@@ -560,6 +575,31 @@ mod tests {
         assert!(!c.quota_add(7, later, 1, Some(1), 0), "the lifetime quota kept its count");
         let taken = QuotaAt { index: 3, now_ms: 9_000_000, ends_ms: 9_500_000 };
         assert!(c.quota_add(7 + 64 * 20, taken, 1, Some(1), 0), "an ended period's entry is taken over");
+    }
+
+    #[test]
+    fn a_key_not_yet_synced_gets_its_share_among_the_hosts() {
+        let c = Counters::with_capacity(64);
+        c.set_fleet(true, false);
+        c.set_fleet_hosts(1);
+        let h = c.hash(0, 60_000, b"fresh");
+        let now = 7_200_000;
+        let admitted =
+            (0..10).filter(|i| matches!(c.rate(h, 60_000, 9, now + i, 1), Admit::Yes { .. })).count();
+        assert_eq!(admitted, 5, "half of 9, rounded up, before the first sync");
+        // The sync: the other host has 1 call; this one may go to 8.
+        c.set_others(h, 60_000, now + 10, 1, Some(8));
+        let more =
+            (0..10).filter(|i| matches!(c.rate(h, 60_000, 9, now + 11 + i, 1), Admit::Yes { .. })).count();
+        assert_eq!(more, 3);
+        // Alone in the fleet: all of it.
+        c.set_fleet_hosts(0);
+        let q = c.hash(1, 9, b"fresh-quota");
+        let at = QuotaAt { index: 1, now_ms: now, ends_ms: now + 1_000_000 };
+        assert_eq!((0..10).filter(|_| c.quota_add(q, at, 1, Some(4), 0)).count(), 4);
+        c.set_fleet_hosts(3);
+        let q = c.hash(1, 9, b"other-quota");
+        assert_eq!((0..10).filter(|_| c.quota_add(q, at, 1, Some(4), 0)).count(), 1);
     }
 
     #[test]

@@ -42,6 +42,26 @@ pub struct Facts<'a> {
     pub now_ms: u64,
     /// The request target's query, after `?` (empty when there is none), as received.
     pub query: &'a [u8],
+    /// The path the API's operation matched, and where its parameters are.
+    pub route: RouteMatch<'a>,
+}
+
+/// The path after the API's prefix (no query) and the matched operation's parameters: each
+/// name with the index of the path segment it stands for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteMatch<'a> {
+    pub path: &'a [u8],
+    pub params: &'a [(Bytes, usize)],
+}
+
+impl RouteMatch<'_> {
+    /// The raw (still percent-encoded) segment of parameter `name`.
+    pub fn param(&self, name: &[u8]) -> Option<&[u8]> {
+        let &(_, index) = self.params.iter().find(|(n, _)| n.as_ref() == name)?;
+        let path =
+            if self.path.len() > 1 { self.path.strip_suffix(b"/").unwrap_or(self.path) } else { self.path };
+        path.strip_prefix(b"/").unwrap_or(path).split(|&b| b == b'/').nth(index)
+    }
 }
 
 /// The answer to what a waiting step needed (see [`Verdict::Wait`]).

@@ -202,11 +202,22 @@ pub struct Batch {
 /// `ARGV[1]`: this host's field; `ARGV[2]`: the time (Unix seconds); then per key nine
 /// arguments: name, kind (`r` or `q`), position (the current slot, or the period index), span
 /// (slots in a window; 1 for a quota), TTL in ms, the calls and the bytes to add, the requests
-/// that asked for the key, and its limit of calls (0: none). Answers, per key, the other hosts'
-/// calls and bytes, and this host's claim (-1: none).
+/// that asked for the key, and its limit of calls (0: none). Answers how many other hosts synced
+/// in the last two seconds, then per key the other hosts' calls and bytes, and this host's claim
+/// (-1: none). With no keys, it registers the host and counts the others (a heartbeat).
 pub const SCRIPT: &str = r#"
 local host, now = ARGV[1], tonumber(ARGV[2])
-local out = {}
+-- The hosts that synced in the last two seconds, this one now among them.
+redis.call('HSET', 'portcullis:hosts', host, now)
+redis.call('EXPIRE', 'portcullis:hosts', 60)
+local live = 0
+local all_hosts = redis.call('HGETALL', 'portcullis:hosts')
+for j = 1, #all_hosts, 2 do
+  local at = tonumber(all_hosts[j + 1]) or 0
+  if all_hosts[j] ~= host and at >= now - 2 then live = live + 1 end
+  if at < now - 60 then redis.call('HDEL', 'portcullis:hosts', all_hosts[j]) end
+end
+local out = {live}
 local i = 3
 while i + 8 <= #ARGV do
   local name, kind = ARGV[i], ARGV[i + 1]
@@ -303,8 +314,11 @@ impl Batch {
     }
 
     /// The script calls for this batch: per call, its arguments for host `host` at `now_ms`
-    /// (Unix ms).
+    /// (Unix ms). An empty batch makes one call with no keys (a heartbeat).
     pub fn calls(&self, host: &str, now_ms: u64) -> Vec<Vec<Vec<u8>>> {
+        if self.keys.is_empty() {
+            return vec![arguments(&[], host, now_ms)];
+        }
         self.keys.chunks(KEYS_PER_CALL).map(|keys| arguments(keys, host, now_ms)).collect()
     }
 
@@ -314,9 +328,11 @@ impl Batch {
     pub fn apply(&self, call: usize, counters: &Counters, answer: &[i64], now_ms: u64) {
         let t = now_ms.saturating_sub(ORIGIN_MS);
         let keys = self.keys.chunks(KEYS_PER_CALL).nth(call).unwrap_or_default();
+        let Some((&hosts, answer)) = answer.split_first() else { return };
         if answer.len() != 3 * keys.len() {
             return;
         }
+        counters.set_fleet_hosts(u64::try_from(hosts).unwrap_or(0));
         for ((hash, d), answer) in keys.iter().zip(answer.chunks_exact(3)) {
             let [calls, bytes] = [answer[0], answer[1]].map(|n| n.max(0) as u64);
             let claim = u64::try_from(answer[2]).ok();

@@ -36,7 +36,7 @@ mod template;
 mod thumbprints;
 
 pub use counters::Counters;
-pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState, WorkerLocal};
+pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState, RouteMatch, WorkerLocal};
 pub use fleet::{Batch, Deltas, SCRIPT as FLEET_SCRIPT};
 pub use ipset::IpSet;
 pub use jwt::TokenCache;

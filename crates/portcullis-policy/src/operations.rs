@@ -15,17 +15,23 @@ pub(crate) struct OperationPattern {
     /// `None` matches any method.
     method: Option<Bytes>,
     segments: Vec<Segment>,
+    /// Each `{name}` with the index of its segment.
+    pub(crate) params: Vec<(Bytes, usize)>,
 }
 
 impl OperationPattern {
     /// Parses a pattern the configuration crate has already validated.
     pub(crate) fn parse(pattern: &str) -> OperationPattern {
         let (method, template) = pattern.split_once(' ').unwrap_or(("*", pattern));
+        let mut params = Vec::new();
         let segments = template
             .split('/')
             .skip(1)
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 if s.starts_with('{') {
+                    let name = s.trim_start_matches('{').trim_end_matches('}');
+                    params.push((Bytes::copy_from_slice(name.as_bytes()), i));
                     Segment::Param
                 } else {
                     Segment::Literal(Bytes::copy_from_slice(s.as_bytes()))
@@ -33,7 +39,7 @@ impl OperationPattern {
             })
             .collect();
         let method = (method != "*").then(|| Bytes::copy_from_slice(method.as_bytes()));
-        OperationPattern { method, segments }
+        OperationPattern { method, segments, params }
     }
 
     /// More literal segments first, so `/items/special` wins over `/items/{id}`.

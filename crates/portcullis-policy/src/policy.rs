@@ -181,10 +181,19 @@ enum Step {
 pub struct ApiPolicy {
     /// Index of the API (into `PolicySet::apis`).
     api: usize,
+    /// The operation's route parameters, each with the index of its path segment.
+    params: Vec<(Bytes, usize)>,
     /// Whether the global and product scopes run first.
     parents: bool,
     inbound: Vec<Step>,
     outbound: Vec<Step>,
+}
+
+impl ApiPolicy {
+    /// The route parameters of the operation (for [`crate::RouteMatch`]).
+    pub fn route_params(&self) -> &[(Bytes, usize)] {
+        &self.params
+    }
 }
 
 /// Steps of a scope that is not an API's: the global scope, a product.
@@ -326,6 +335,12 @@ struct Compiler<'a> {
     errors: ConfigErrors,
     identity: Vec<Bytes>,
     conditions: Vec<StatusRanges>,
+    /// While compiling an API's or an operation's steps: the route parameters they may read,
+    /// and the operation they belong to (for messages). `None`: not checked (global and product
+    /// steps, which run for many APIs).
+    route: Option<(Vec<String>, String)>,
+    /// Route errors already reported (an API's step is compiled once per operation).
+    route_errors: ahash::AHashSet<(String, String)>,
 }
 
 impl Compiler<'_> {
@@ -340,7 +355,21 @@ impl Compiler<'_> {
 impl Compiler<'_> {
     fn template(&mut self, text: &str, loc: &Loc) -> Option<Template> {
         match Template::parse(text, loc) {
-            Ok(t) => Some(t),
+            Ok(t) => {
+                if let Some((params, operation)) = &self.route {
+                    for name in t.route_names() {
+                        if params.iter().any(|p| p == name)
+                            || !self.route_errors.insert((loc.to_string(), name.to_owned()))
+                        {
+                            continue;
+                        }
+                        self.errors.push(loc.error(format!(
+                            "{{route.{name}}}: {operation} has no parameter {{{name}}} (an API's steps run in every operation: give the step to the operations that have it)"
+                        )));
+                    }
+                }
+                Some(t)
+            }
             Err(e) => {
                 self.errors.push(e);
                 None
@@ -541,8 +570,15 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         }));
         list_names.push(named.name.value.clone());
     }
-    let mut c =
-        Compiler { inputs, list_names: &list_names, errors, identity: Vec::new(), conditions: Vec::new() };
+    let mut c = Compiler {
+        inputs,
+        list_names: &list_names,
+        errors,
+        identity: Vec::new(),
+        conditions: Vec::new(),
+        route: None,
+        route_errors: Default::default(),
+    };
     let global = c.scope(&config.inbound, &config.outbound);
     let products: Vec<Product> = config
         .products
@@ -557,13 +593,21 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         let own = |c: &mut Compiler<'_>,
                    parents: bool,
                    inbound: Vec<&StepConfig>,
-                   outbound: Vec<&StepConfig>| ApiPolicy {
+                   outbound: Vec<&StepConfig>,
+                   params: Vec<(Bytes, usize)>| ApiPolicy {
             api: index,
+            params,
             parents,
             inbound: c.steps(&inbound, true),
             outbound: c.steps(&outbound, false),
         };
-        let all = own(&mut c, api.inherit, api.inbound.iter().collect(), api.outbound.iter().collect());
+        // An API with operations runs their policies, not this one (its steps are checked there).
+        c.route = api
+            .operations
+            .is_empty()
+            .then(|| (Vec::new(), format!("API \"{}\" (it declares no operations)", api.name.value)));
+        let all =
+            own(&mut c, api.inherit, api.inbound.iter().collect(), api.outbound.iter().collect(), Vec::new());
         let mut operations = Vec::with_capacity(api.operations.len());
         for op in &api.operations {
             // An operation that inherits runs the API's steps, then its own; one that does not,
@@ -577,9 +621,13 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
             } else {
                 (op.inbound.iter().collect(), op.outbound.iter().collect(), false)
             };
-            let policy = own(&mut c, parents, inbound, outbound);
-            operations.push(Operation { pattern: OperationPattern::parse(&op.pattern.value), policy });
+            let pattern = OperationPattern::parse(&op.pattern.value);
+            let names = pattern.params.iter().map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect();
+            c.route = Some((names, format!("operation \"{}\"", op.pattern.value)));
+            let policy = own(&mut c, parents, inbound, outbound, pattern.params.clone());
+            operations.push(Operation { pattern, policy });
         }
+        c.route = None;
         operations.sort_by_key(|op| std::cmp::Reverse(op.pattern.specificity()));
         let granting: Vec<u32> = config
             .products
@@ -1066,6 +1114,7 @@ mod tests {
             now: 1_800_000_000,
             now_ms: 1_800_000_000_000,
             query: b"",
+            route: Default::default(),
         }
     }
 
@@ -1083,6 +1132,7 @@ mod tests {
         let set = PolicySet::default();
         let policy = ApiPolicy {
             api: 0,
+            params: Vec::new(),
             parents: false,
             inbound: vec![
                 add("X-Before", "{request.id}"),

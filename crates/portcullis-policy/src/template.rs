@@ -31,6 +31,8 @@ enum Var {
     Header(usize),
     /// Index into `Template::claim_names`.
     Claim(usize),
+    /// Index into `Template::route_names`.
+    Route(usize),
 }
 
 const VARIABLES: [(&str, Var); 16] = [
@@ -80,6 +82,7 @@ pub struct Template {
     parts: Vec<Part>,
     header_names: Vec<Bytes>,
     claim_names: Vec<String>,
+    route_names: Vec<Bytes>,
     uses_client_cert: bool,
     /// Uses the subscription, the product or a token claim.
     uses_caller: bool,
@@ -91,6 +94,7 @@ impl Template {
         let mut parts = Vec::new();
         let mut header_names = Vec::new();
         let mut claim_names = Vec::new();
+        let mut route_names: Vec<Bytes> = Vec::new();
         let mut literal = String::new();
         let mut chars = text.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
@@ -129,12 +133,22 @@ impl Template {
                         }
                         claim_names.push(claim.to_owned());
                         Var::Claim(claim_names.len() - 1)
+                    } else if let Some(param) = name.strip_prefix("route.") {
+                        if param.is_empty()
+                            || !param.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                        {
+                            return Err(
+                                loc.error(format!("\"{param}\" is not a route parameter name in {{{name}}}"))
+                            );
+                        }
+                        route_names.push(Bytes::copy_from_slice(param.as_bytes()));
+                        Var::Route(route_names.len() - 1)
                     } else if let Some((_, v)) = VARIABLES.iter().find(|(n, _)| *n == name) {
                         *v
                     } else {
                         let known: Vec<&str> = VARIABLES.iter().map(|(n, _)| *n).collect();
                         return Err(loc.error(format!(
-                            "unknown variable {{{name}}}; known: {}, header.NAME, jwt.claim.NAME",
+                            "unknown variable {{{name}}}; known: {}, header.NAME, jwt.claim.NAME, route.NAME",
                             known.join(", ")
                         )));
                     };
@@ -179,7 +193,12 @@ impl Template {
         let uses_caller = parts
             .iter()
             .any(|p| matches!(p, Part::Var(Var::SubscriptionId | Var::ProductName | Var::Claim(_))));
-        Ok(Template { parts, header_names, claim_names, uses_client_cert, uses_caller })
+        Ok(Template { parts, header_names, claim_names, route_names, uses_client_cert, uses_caller })
+    }
+
+    /// The route parameters the template reads (`{route.NAME}`).
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.route_names.iter().map(|n| std::str::from_utf8(n).unwrap_or_default())
     }
 
     /// Whether the value comes (partly) from the client certificate.
@@ -264,6 +283,11 @@ impl Template {
                 Some(name) => put_safe(out, name.as_bytes()),
                 None => return false,
             },
+            // The segment of the path the operation's `{NAME}` matched, percent-decoded.
+            Var::Route(i) => match facts.route.param(&self.route_names[i]) {
+                Some(raw) => put_safe(out, &percent_decoded(raw)),
+                None => return false,
+            },
             Var::Claim(i) => match cx.state.token_claim(&self.claim_names[i]) {
                 None => return false,
                 Some(portcullis_jose::Json::String(s)) => put_safe(out, s.as_bytes()),
@@ -289,6 +313,29 @@ fn is_header_safe(v: &[u8]) -> bool {
 
 /// Copies a value that may come from a certificate or a client: a control character in it
 /// (a CN of "x\r\nX-Admin: 1", say) becomes a space, so it can never split a header.
+/// `%XX` escapes decoded (a `%` not followed by two hex digits is kept as it is).
+fn percent_decoded(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !raw.contains(&b'%') {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(h << 4 | l);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn put_safe(out: &mut BytesMut, v: &[u8]) {
     if is_header_safe(v) {
         out.put_slice(v);
@@ -345,5 +392,20 @@ mod tests {
         let mut out = BytesMut::new();
         put_safe(&mut out, b"CN=x\r\nX-Admin: 1");
         assert_eq!(&out[..], b"CN=x  X-Admin: 1");
+    }
+
+    #[test]
+    fn route_parameters_are_decoded_segments() {
+        assert_eq!(&*percent_decoded(b"a%20b%zz%4"), b"a b%zz%4");
+        assert_eq!(&*percent_decoded(b"plain"), b"plain");
+        let params = [(Bytes::from_static(b"id"), 1), (Bytes::from_static(b"v"), 3)];
+        let route = crate::RouteMatch { path: b"/devices/d%2F7/firmware/", params: &params };
+        assert_eq!(route.param(b"id"), Some(&b"d%2F7"[..]));
+        assert_eq!(route.param(b"v"), None, "past the end of the path");
+        assert_eq!(route.param(b"other"), None);
+        let t = Template::parse("{route.id}", &Loc::builtin("t")).expect("template");
+        assert_eq!(t.route_names().collect::<Vec<_>>(), ["id"]);
+        assert!(Template::parse("{route.}", &Loc::builtin("t")).is_err());
+        assert!(Template::parse("{route.a b}", &Loc::builtin("t")).is_err());
     }
 }

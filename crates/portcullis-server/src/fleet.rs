@@ -6,8 +6,10 @@
 //! one connection: one script call per batch (`EVALSHA`, `EVAL` when Redis does not have the
 //! script yet), several pipelined when a batch is large. The script adds this host's counts and
 //! answers what the other hosts counted, which the host's counters then add to their own. A key
-//! new to a worker is synced at once (at most every tenth of the interval), so that hosts that
-//! start on a key together learn of each other within a round trip.
+//! new to a worker is synced at once (at most one sync a millisecond), so that hosts that start on
+//! a key together learn of each other within a round trip. Until then the key may use only its
+//! share of the limit among the hosts that synced lately: the first worker sends a heartbeat
+//! every interval, and every worker connects (and the host registers) before it serves.
 //!
 //! When Redis cannot be reached, every worker's limits count on this host alone
 //! (`redis_failure = "local"`) or refuse (`"deny"`), with one log line per change of state; the
@@ -31,6 +33,8 @@ use crate::worker::Worker;
 
 /// Longest pause between attempts to reach Redis.
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Least time between two syncs of a worker when new keys or refusals bring one forward.
+const NUDGED_GAP: Duration = Duration::from_millis(1);
 /// Largest reply buffered (a batch's answers are three integers per key).
 const MAX_REPLY: usize = 8 << 20;
 
@@ -335,7 +339,9 @@ impl SyncState {
             }
         }
         let batch = worker.local.borrow_mut().deltas.take();
-        if batch.is_empty() {
+        // With nothing to send, the first worker still says the host is there (and learns how
+        // many others are): a heartbeat, one a sync interval per host.
+        if batch.is_empty() && worker.id != 0 {
             return;
         }
         loop {
@@ -363,6 +369,8 @@ impl SyncState {
 pub(crate) async fn run(worker: Rc<Worker>) {
     let mut state = SyncState { link: None, conn: None, failures: 0, retry_at: Instant::now() };
     let mut last = monoio::time::Instant::now();
+    // The first round at once: the host registers before its first request.
+    let mut first = true;
     loop {
         let link = worker.snapshot().fleet.clone();
         let Some(link) = link else {
@@ -375,17 +383,23 @@ pub(crate) async fn run(worker: Rc<Worker>) {
             }
         };
         let interval = link.redis.sync_interval;
-        let stop = monoio::select! {
+        let stop = if std::mem::take(&mut first) {
+            false
+        } else {
+            monoio::select! {
             _ = monoio::time::sleep_until(last + interval) => false,
             _ = worker.fleet_nudge.wait() => {
-                // A new key: sync soon, but not more often than a tenth of the interval.
-                monoio::time::sleep_until(last + (interval / 10).max(Duration::from_millis(2))).await;
+                // A new key (or a refusal): sync at once, but not more than once a millisecond
+                // (many new keys then share one call).
+                monoio::time::sleep_until(last + NUDGED_GAP).await;
                 false
             }
             _ = worker.shutdown.wait() => true,
+            }
         };
         last = monoio::time::Instant::now();
         state.round(&worker, &link).await;
+        worker.fleet_ready.set();
         if stop {
             return;
         }

@@ -81,6 +81,9 @@ pub(crate) struct Worker {
     pub(crate) shutdown: Event,
     /// Wakes the sync task early: a key this worker had not noted came up.
     pub(crate) fleet_nudge: Nudge,
+    /// Set once the sync task's first round is over (connected, and the host registered with the
+    /// fleet), or there is no fleet: the worker serves after it.
+    pub(crate) fleet_ready: Event,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
     room_waiters: RefCell<Vec<Waker>>,
@@ -178,6 +181,7 @@ pub(crate) fn run(
         local: portcullis_policy::WorkerLocal::shared(),
         shutdown: Event::default(),
         fleet_nudge: Nudge::default(),
+        fleet_ready: Event::default(),
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),
@@ -246,6 +250,16 @@ async fn serve(
     listeners: Vec<(usize, std::net::TcpListener)>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) -> std::io::Result<()> {
+    // With counts shared through Redis, the worker connects (and the host registers with the
+    // fleet) before it serves, so that its first calls on a limit know of the other hosts;
+    // Redis unreachable delays the start by its timeout at most.
+    drop(monoio::spawn(crate::fleet::run(worker.clone())));
+    if let Some(link) = worker.snapshot().fleet.clone() {
+        monoio::select! {
+            _ = worker.fleet_ready.wait() => {}
+            _ = monoio::time::sleep(link.redis.timeout + Duration::from_millis(100)) => {}
+        }
+    }
     for (index, std_listener) in listeners {
         let listener = match TcpListener::from_std(std_listener) {
             Ok(l) => l,
@@ -256,7 +270,6 @@ async fn serve(
         };
         drop(monoio::spawn(accept_loop(worker.clone(), listener, index)));
     }
-    drop(monoio::spawn(crate::fleet::run(worker.clone())));
     let _ = ready.send(Ok(()));
     drop(ready);
     // Watch the shared flag; keep the pool tidy.

@@ -11,7 +11,7 @@ use portcullis_config::ClientCertMode;
 use portcullis_http::forward::{self, BodyMode};
 use portcullis_http::{Framing, Reaction, Side, Version, remove_query_parameter, write};
 use portcullis_jose::RemoteKeys;
-use portcullis_policy::{Answer, ApiPolicy, Facts, Need, Verdict};
+use portcullis_policy::{Answer, ApiPolicy, Facts, Need, RouteMatch, Verdict};
 use portcullis_tls::Stream;
 
 use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
@@ -80,6 +80,14 @@ impl<S: Stream> Conn<S> {
             self.access_log(None, 404, started, &id, "no API or operation");
             return self.respond_local(404, "Resource not found", false).await;
         };
+        // What `{route.NAME}` reads, kept apart from the head (which forwarding rewrites); only
+        // for operations with parameters.
+        let route_path = if policy.route_params().is_empty() {
+            Vec::new()
+        } else {
+            route.rest_of(self.head.path_only()).to_vec()
+        };
+        let route_match = RouteMatch { path: &route_path, params: policy.route_params() };
         let request_id = std::str::from_utf8(&id).unwrap_or("");
         let cert = self.info.client_cert.clone();
         let peer_ip = self.peer_ip.clone();
@@ -92,6 +100,7 @@ impl<S: Stream> Conn<S> {
             now,
             now_ms,
             query: target.iter().position(|&b| b == b'?').map_or(&b""[..], |q| &target[q + 1..]),
+            route: route_match,
         };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
@@ -146,6 +155,7 @@ impl<S: Stream> Conn<S> {
             now,
             now_ms,
             query: b"",
+            route: route_match,
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
