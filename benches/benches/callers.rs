@@ -6,7 +6,6 @@
 mod support;
 
 use std::hint::black_box;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, PolicySet, Reque
 use portcullis_testkit::idp::{SigningKey, jwks, now};
 use portcullis_tls::BoringCrypto;
 use serde_json::json;
-use support::Fields;
+use support::{Fields, LISTENER};
 
 fn claims() -> serde_json::Value {
     json!({"iss": "https://login.example.com/tenant/v2.0", "aud": "api://todo", "sub": "user-1",
@@ -39,21 +38,9 @@ fn signatures(c: &mut Criterion) {
     }
 }
 
-fn compile(dir: &Path, text: &str) -> PolicySet {
-    let path = dir.join("bench.toml");
-    let config = portcullis_config::parse(&path, text).unwrap();
-    let inputs = Inputs { crypto: Some(Arc::new(BoringCrypto)), ..Inputs::default() };
-    portcullis_policy::compile(&config, &inputs).unwrap()
+fn compile(text: &str) -> PolicySet {
+    support::compile(text, &Inputs { crypto: Some(Arc::new(BoringCrypto)), ..Inputs::default() })
 }
-
-const LISTENER: &str = r#"
-[[listener]]
-bind = "127.0.0.1:0"
-certificate = { cert = "x.pem", key = "x.key" }
-[[backend]]
-name = "app"
-url = "http://127.0.0.1:1"
-"#;
 
 fn facts() -> Facts<'static> {
     Facts {
@@ -89,7 +76,7 @@ backend = "app"
 "#,
         dir.join("k1.pub").display()
     );
-    let set = compile(&dir, &text);
+    let set = compile(&text);
     let policy = set.apis[0].select(b"GET", b"/").unwrap();
     let token = key.token(&claims());
     let fields = Fields(vec![
@@ -104,12 +91,7 @@ backend = "app"
     assert!(matches!(set.inbound(policy, &facts, &fields, &mut state, &mut edits), Verdict::Continue));
     c.bench_function("jwt_cached_validate_jwt_step", |b| {
         b.iter(|| {
-            edits.reset(fields.count());
-            state.clear();
-            black_box(matches!(
-                set.inbound(policy, black_box(&facts), &fields, &mut state, &mut edits),
-                Verdict::Continue
-            ))
+            black_box(support::inbound(&set, policy, black_box(&facts), &fields, &mut state, &mut edits))
         })
     });
     let _ = std::fs::remove_dir_all(&dir);
@@ -147,10 +129,10 @@ subscription_required = true
     let mut group = c.benchmark_group("subscriptions");
     group.sample_size(10);
     group.bench_function("subscription_file_load_1M", |b| {
-        b.iter(|| black_box(compile(&dir, &text).subscription_count()))
+        b.iter(|| black_box(compile(&text).subscription_count()))
     });
     group.finish();
-    let set = compile(&dir, &text);
+    let set = compile(&text);
     assert_eq!(set.subscription_count(), 1_000_001);
     let policy = set.apis[0].select(b"GET", b"/").unwrap();
     let facts = facts();
@@ -169,12 +151,7 @@ subscription_required = true
         assert_eq!(matches!(v, Verdict::Continue), expect_ok, "{name}");
         c.bench_function(name, |b| {
             b.iter(|| {
-                edits.reset(fields.count());
-                state.clear();
-                black_box(matches!(
-                    set.inbound(policy, black_box(&facts), &fields, &mut state, &mut edits),
-                    Verdict::Continue
-                ))
+                black_box(support::inbound(&set, policy, black_box(&facts), &fields, &mut state, &mut edits))
             })
         });
     }

@@ -14,7 +14,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use portcullis_config::{Loc, Located};
 use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, RequestState, ThumbprintSet, Verdict};
 use portcullis_testkit::Pki;
-use support::Fields;
+use support::{Fields, LISTENER};
 
 /// A million distinct SHA-1 thumbprints (the first eight bytes count up, the rest are noise).
 fn million_line_list(extra: &str) -> Vec<u8> {
@@ -81,19 +81,13 @@ fn evaluation(c: &mut Criterion) {
     let list = dir.join("allowed.sha1");
     std::fs::write(&list, million_line_list(&pki.client.thumbprint())).unwrap();
     let config_text = format!(
-        r#"
-[[listener]]
-bind = "127.0.0.1:0"
-certificate = {{ cert = "x.pem", key = "x.key" }}
+        r#"{LISTENER}
 [thumbprints]
 allowed = "{}"
-[[backend]]
-name = "b"
-url = "http://127.0.0.1:1"
 [[api]]
 name = "a"
 path = "/"
-backend = "b"
+backend = "app"
   [[api.inbound]]
   validate_client_certificate = {{ identities = [ {{ issuer_subject = "CN=Nobody" }}, {{ thumbprint_in = "allowed" }} ] }}
   [[api.inbound]]
@@ -107,7 +101,6 @@ backend = "b"
 "#,
         list.display()
     );
-    let config = portcullis_config::parse(&dir.join("p.toml"), &config_text).unwrap();
     // A real CRL (it revokes another client), so the revocation lookup is done, not skipped.
     let leaf = X509::from_pem(pki.client.cert_pem.as_bytes()).unwrap();
     let issuer = X509::from_pem(pki.intermediate.cert_pem.as_bytes()).unwrap();
@@ -115,7 +108,7 @@ backend = "b"
     let crl = Located::new(paths.crl.clone(), Loc::builtin("crl"));
     let revoked = Arc::new(portcullis_tls::load_revocations(&[crl], std::slice::from_ref(&issuer)).unwrap());
     assert_eq!(revoked.len(), 1);
-    let policies = portcullis_policy::compile(&config, &Inputs { revoked, ..Inputs::default() }).unwrap();
+    let policies = support::compile(&config_text, &Inputs { revoked, ..Inputs::default() });
     let cert = Arc::new(portcullis_tls::client_cert_from_x509(&leaf, &[&*issuer], Vec::new()));
     let fields = Fields(vec![
         (Bytes::from_static(b"Host"), Bytes::from_static(b"api.example.com")),
@@ -145,10 +138,14 @@ backend = "b"
         b.iter_batched_ref(
             || (),
             |_| {
-                edits.reset(fields.count());
-                state.clear();
-                let v = policies.inbound(policy, black_box(&facts), &fields, &mut state, &mut edits);
-                black_box(matches!(v, Verdict::Continue))
+                black_box(support::inbound(
+                    &policies,
+                    policy,
+                    black_box(&facts),
+                    &fields,
+                    &mut state,
+                    &mut edits,
+                ))
             },
             BatchSize::SmallInput,
         )

@@ -12,10 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use portcullis_config::IpRange;
-use portcullis_policy::{
-    Counters, Facts, HeaderEdits, HeaderList, Inputs, IpSet, PolicySet, RequestState, Verdict,
-};
-use support::Fields;
+use portcullis_policy::{Counters, Facts, HeaderEdits, Inputs, IpSet, PolicySet, RequestState};
+use support::{Fields, LISTENER};
 
 /// 10,000 disjoint /28-sized ranges spread over the IPv4 space; lookups of addresses inside
 /// and between them.
@@ -45,24 +43,12 @@ fn ip_filter(c: &mut Criterion) {
     });
 }
 
-const CONFIG: &str = r#"
-[[listener]]
-bind = "127.0.0.1:0"
-certificate = { cert = "x.pem", key = "x.key" }
-[[backend]]
-name = "app"
-url = "http://127.0.0.1:1"
-[[api]]
-name = "app"
-path = "/"
-backend = "app"
-"#;
-
+/// One API running `step`.
 fn compile(step: &str, counters: Arc<Counters>) -> PolicySet {
-    let text = format!("{CONFIG}  [[api.inbound]]\n  {step}\n");
-    let config = portcullis_config::parse(std::path::Path::new("/bench.toml"), &text).unwrap();
-    let inputs = Inputs { counters: Some(counters), ..Inputs::default() };
-    portcullis_policy::compile(&config, &inputs).unwrap()
+    let text = format!(
+        "{LISTENER}[[api]]\nname = \"app\"\npath = \"/\"\nbackend = \"app\"\n  [[api.inbound]]\n  {step}\n"
+    );
+    support::compile(&text, &Inputs { counters: Some(counters), ..Inputs::default() })
 }
 
 /// One limit step through `PolicySet::inbound`, keyed by the client's address (a limit that is
@@ -108,11 +94,10 @@ fn limits(c: &mut Criterion) {
                         query: b"",
                         route: Default::default(),
                     };
-                    edits.reset(fields.count());
-                    state.clear();
-                    let v = set.inbound(policy, black_box(&facts), &fields, &mut state, &mut edits);
+                    let go_on =
+                        support::inbound(&set, policy, black_box(&facts), &fields, &mut state, &mut edits);
                     set.complete(&mut state, 200, 0, now_ms);
-                    black_box(matches!(v, Verdict::Continue))
+                    black_box(go_on)
                 })
             });
         }

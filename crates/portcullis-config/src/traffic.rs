@@ -288,6 +288,20 @@ fn header_name(r: &mut Reader, t: &toml::de::DeTable<'_>, field: &str, key: &str
 }
 
 /// `rate_limit` (`by_key`: `rate_limit_by_key`).
+/// The `counter_key` of a `…_by_key` limit (required there); `None` for the subscription's.
+fn counter_key(
+    r: &mut Reader,
+    t: &toml::de::DeTable<'_>,
+    v: &Value<'_>,
+    field: &str,
+    by_key: bool,
+) -> Option<Located<String>> {
+    if !by_key {
+        return None;
+    }
+    required(r, t, v, field, "counter_key").and_then(|k| r.non_empty_string(k, &join(field, "counter_key")))
+}
+
 pub(crate) fn rate_limit(r: &mut Reader, v: &Value<'_>, field: &str, by_key: bool) -> Option<RateLimit> {
     let t = r.table(v, field)?;
     let mut known = vec![
@@ -314,12 +328,7 @@ pub(crate) fn rate_limit(r: &mut Reader, v: &Value<'_>, field: &str, by_key: boo
         }
         Some(d)
     });
-    let counter_key = if by_key {
-        required(r, t, v, field, "counter_key")
-            .and_then(|k| r.non_empty_string(k, &join(field, "counter_key")))
-    } else {
-        None
-    };
+    let counter_key = counter_key(r, t, v, field, by_key);
     let increment_condition = get(t, "increment_condition")
         .and_then(|c| increment_condition(r, c, &join(field, "increment_condition")));
     let increment_count = match get(t, "increment_count") {
@@ -400,12 +409,7 @@ pub(crate) fn quota(r: &mut Reader, v: &Value<'_>, field: &str, by_key: bool) ->
         }
         Some(d)
     });
-    let counter_key = if by_key {
-        required(r, t, v, field, "counter_key")
-            .and_then(|k| r.non_empty_string(k, &join(field, "counter_key")))
-    } else {
-        None
-    };
+    let counter_key = counter_key(r, t, v, field, by_key);
     let first_period_start = match get(t, "first_period_start") {
         Some(s) => {
             let f = join(field, "first_period_start");

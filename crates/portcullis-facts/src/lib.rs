@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ahash::AHashSet;
@@ -420,7 +421,7 @@ impl ClientCert {
         let mut out = String::with_capacity(128);
         out.push_str("Hash=");
         for b in self.sha256 {
-            out.push_str(&format!("{b:02x}"));
+            let _ = write!(out, "{b:02x}");
         }
         out.push_str(";Subject=");
         xfcc_value(&mut out, &self.subject_rfc2253, true);
@@ -719,7 +720,7 @@ fn percent_encoded(bytes: &[u8]) -> String {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out

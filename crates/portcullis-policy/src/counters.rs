@@ -209,7 +209,8 @@ impl Counters {
         self.fleet() && self.fleet_up()
     }
 
-    fn refusing_for_the_store(&self) -> bool {
+    /// Whether limited calls are refused because the store is unreachable.
+    pub(crate) fn store_refuses(&self) -> bool {
         self.fleet() && !self.fleet_up() && self.deny_when_down.load(Ordering::Acquire)
     }
 
@@ -319,7 +320,7 @@ impl Counters {
     /// call is counted (`count` times) when admitted; without, it is only checked (the count
     /// comes later, with [`Counters::count`], once the response is known).
     pub(crate) fn rate(&self, hash: u64, period_ms: u64, limit: u64, now_ms: u64, count: u64) -> Admit {
-        if self.refusing_for_the_store() {
+        if self.store_refuses() {
             return Admit::Unavailable;
         }
         let slot_ms = (period_ms / N).max(1);
@@ -398,11 +399,6 @@ impl Counters {
         let sharing = self.sharing();
         let others = |a: &AtomicU64| if sharing { read(a) } else { 0 };
         Some((read(&p.calls) + others(&p.others_calls), read(&p.bytes) + others(&p.others_bytes)))
-    }
-
-    /// Whether limited calls are refused because the store is unreachable.
-    pub(crate) fn store_refuses(&self) -> bool {
-        self.refusing_for_the_store()
     }
 
     /// Adds calls (admitted only while within `limit`, when one is given) and bytes to a quota's

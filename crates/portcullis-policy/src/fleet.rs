@@ -49,6 +49,18 @@ struct Delta {
     fresh: bool,
 }
 
+/// What a check noted of a call.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Noted {
+    /// Calls to add (0: the key was only checked; the other hosts' count is still wanted).
+    pub(crate) calls: u64,
+    /// The request will add to the key when its response is known (see [`Deltas::add`]): the
+    /// key stays noted until then.
+    pub(crate) awaits: bool,
+    /// The call was refused.
+    pub(crate) refused: bool,
+}
+
 /// What one worker's limited calls added since its last sync, by key. A worker records into its
 /// own (no sharing); its sync task takes a batch from it.
 #[derive(Debug, Default)]
@@ -74,11 +86,11 @@ pub(crate) const MOST_KEYS: usize = 1 << 16;
 const LONGEST_WAIT: u32 = 600;
 
 impl Deltas {
-    /// Notes a call on the key `hash` (`key` is its text): `calls` to add (0: the key was only
-    /// checked, and its other hosts' count is still wanted); `awaits`: the request will add to
-    /// the key when its response is known (see [`add`](Self::add)), and the key stays noted
-    /// until then.
-    pub(crate) fn touch(&mut self, hash: u64, kind: u8, shape: Shape, key: &[u8], calls: u64, awaits: bool) {
+    /// Notes a call on the key `hash` (`key` is its text).
+    pub(crate) fn touch(&mut self, hash: u64, kind: u8, shape: Shape, key: &[u8], noted: Noted) {
+        let Noted { calls, awaits, refused } = noted;
+        // A refused call may be let through once a sync grants a new claim: sync soon.
+        self.new_key |= refused;
         if let Some(entry) = self.by_key.get_mut(&hash) {
             // A quota's period may have moved on since the key was first noted.
             entry.shape = shape;
@@ -146,22 +158,20 @@ impl Deltas {
         self.new_key
     }
 
-    /// Asks for a sync soon (a call was refused: its claim may be renewed).
-    pub(crate) fn hurry(&mut self) {
-        self.new_key = true;
-    }
-
     /// Whether the next batch would be empty.
-    pub fn is_idle(&self) -> bool {
+    #[cfg(test)]
+    fn is_idle(&self) -> bool {
         !self.by_key.values().any(|d| d.fresh)
     }
 
     /// Keys noted (fresh or kept from the last batch).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.by_key.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
 
@@ -309,7 +319,8 @@ impl Batch {
         self.keys.is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.keys.len()
     }
 
@@ -381,10 +392,22 @@ mod tests {
     #[test]
     fn deltas_add_up_per_key_and_name_long_keys_by_hash() {
         let mut d = Deltas::default();
-        d.touch(1, 0, Shape::Rate { period_ms: 60_000, limit: 100 }, b"10.0.0.1", 1, false);
-        d.touch(1, 0, Shape::Rate { period_ms: 60_000, limit: 100 }, b"10.0.0.1", 2, false);
+        d.touch(
+            1,
+            0,
+            Shape::Rate { period_ms: 60_000, limit: 100 },
+            b"10.0.0.1",
+            Noted { calls: 1, awaits: false, refused: false },
+        );
+        d.touch(
+            1,
+            0,
+            Shape::Rate { period_ms: 60_000, limit: 100 },
+            b"10.0.0.1",
+            Noted { calls: 2, awaits: false, refused: false },
+        );
         let quota = Shape::Quota { period: 3600, start: 0, index: 7, limit: 0, ends_ms: 9_000_000 };
-        d.touch(2, 1, quota, &[b'x'; 300], 1, true);
+        d.touch(2, 1, quota, &[b'x'; 300], Noted { calls: 1, awaits: true, refused: false });
         d.add(2, 0, 500);
         let batch = d.take();
         assert!(d.is_idle() && batch.len() == 2);
@@ -407,8 +430,8 @@ mod tests {
     fn a_key_waits_for_its_responses_and_then_goes() {
         let mut d = Deltas::default();
         let rate = Shape::Rate { period_ms: 60_000, limit: 10 };
-        d.touch(1, 0, rate, b"slow", 0, true);
-        d.touch(2, 0, rate, b"quick", 1, false);
+        d.touch(1, 0, rate, b"slow", Noted { calls: 0, awaits: true, refused: false });
+        d.touch(2, 0, rate, b"quick", Noted { calls: 1, awaits: false, refused: false });
         assert_eq!(d.take().len(), 2);
         // Nothing new: the key with a response still to come stays, the other goes.
         assert_eq!(d.take().len(), 0);
@@ -422,7 +445,7 @@ mod tests {
         assert_eq!(d.take().len(), 0);
         assert!(d.is_empty());
         // Calls noted while the store was unreachable are not sent late into a later slot.
-        d.touch(3, 0, rate, b"k", 5, false);
+        d.touch(3, 0, rate, b"k", Noted { calls: 5, awaits: false, refused: false });
         d.drop_rate_calls();
         let batch = d.take();
         assert_eq!(String::from_utf8_lossy(&batch.calls("h", ORIGIN_MS)[0][7]), "0");

@@ -5,12 +5,10 @@
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use portcullis_config::{ConfigErrors, IpRange, Loc, canonical_ip};
 
-/// Errors listed for one file before the rest are summarised.
-const MAX_REPORTED: usize = 20;
+use crate::list_file::read_entries;
 
 /// A set of addresses.
 #[derive(Debug, Default, Clone)]
@@ -81,41 +79,11 @@ impl IpSet {
     pub fn read_file(path: &Path, loc: &Loc) -> Result<Vec<IpRange>, ConfigErrors> {
         let text =
             std::fs::read(path).map_err(|e| loc.error(format!("cannot read {}: {e}", path.display())))?;
-        let file: Arc<Path> = Arc::from(path);
         let mut out = Vec::new();
-        let mut errors = ConfigErrors::default();
-        let mut bad = 0usize;
-        for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-            let line = match raw.iter().position(|&b| b == b'#') {
-                Some(hash) => &raw[..hash],
-                None => raw,
-            };
-            let line = line.trim_ascii();
-            if line.is_empty() {
-                continue;
-            }
-            let parsed =
-                std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned()).and_then(IpRange::parse);
-            match parsed {
-                Ok(r) => out.push(r),
-                Err(message) => {
-                    bad += 1;
-                    if bad <= MAX_REPORTED {
-                        let at = Loc {
-                            file: file.clone(),
-                            line: i as u32 + 1,
-                            column: 1,
-                            field: loc.field.clone(),
-                        };
-                        errors.push(at.error(message));
-                    }
-                }
-            }
-        }
-        if bad > MAX_REPORTED {
-            let at = Loc { file: file.clone(), line: 0, column: 0, field: loc.field.clone() };
-            errors.push(at.error(format!("… and {} more invalid lines", bad - MAX_REPORTED)));
-        }
+        let errors = read_entries(&text, path, loc, |line| {
+            out.push(std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned()).and_then(IpRange::parse)?);
+            Ok(())
+        });
         errors.into_result(out)
     }
 }

@@ -29,6 +29,7 @@ mod fleet;
 mod ipset;
 mod jwt;
 mod limits;
+mod list_file;
 mod operations;
 mod policy;
 mod subscriptions;

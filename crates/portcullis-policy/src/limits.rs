@@ -1,12 +1,14 @@
 //! `rate_limit`, `rate_limit_by_key`, `quota`, `quota_by_key`: API Management's semantics on the
 //! host-wide [`Counters`].
 
+use std::cell::RefCell;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use portcullis_config::{ConfigErrors, Quota, RateLimit, StatusRanges};
 
 use crate::counters::{Admit, Counters, QuotaAt};
-use crate::facts::{Facts, HeaderEdits, RequestState};
-use crate::fleet::{Deltas, Shape};
+use crate::facts::{Facts, HeaderEdits, RequestState, WorkerLocal};
+use crate::fleet::{Deltas, Noted, Shape};
 use crate::policy::{Countdown, Response};
 use crate::template::{Context, Template};
 
@@ -116,6 +118,24 @@ fn key_bytes<'s>(key: &Key, cx: &Context<'_>, scratch: &'s mut BytesMut) -> Opti
     Some(&scratch[..])
 }
 
+/// Renders a limit's key into the state's scratch buffer and hands it to `f` with its hash (in
+/// the table of `kind`, under `salt`) and the worker's own state; `None` when the key renders
+/// nothing (the request is not limited).
+fn with_key<R>(
+    key: &Key,
+    (kind, salt): (u8, u64),
+    counters: &Counters,
+    (facts, set, headers): (&Facts<'_>, &crate::PolicySet, &dyn crate::HeaderList),
+    state: &mut RequestState,
+    f: impl FnOnce(u64, &[u8], &RefCell<WorkerLocal>) -> R,
+) -> Option<R> {
+    let mut scratch = std::mem::take(&mut state.scratch);
+    let rendered = key_bytes(key, &Context { facts, state, set, headers }, &mut scratch).is_some();
+    let out = rendered.then(|| f(counters.hash(kind, salt, &scratch), &scratch, &state.local));
+    state.scratch = scratch;
+    out
+}
+
 /// Conditions of every limit, by index (kept in the policy set; pending counts name them).
 pub(crate) fn condition_index(conditions: &mut Vec<StatusRanges>, c: &Option<StatusRanges>) -> Option<u16> {
     let c = c.as_ref()?;
@@ -156,32 +176,31 @@ impl RateStep {
         state: &mut RequestState,
         edits: &mut HeaderEdits,
     ) -> Option<&'p Response> {
-        let mut scratch = std::mem::take(&mut state.scratch);
         let kind = if matches!(self.key, Key::Subscription) { 2 } else { 0 };
-        let Some(len) =
-            key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch).map(<[u8]>::len)
-        else {
-            state.scratch = scratch;
-            return None;
-        };
-        let hash = counters.hash(kind, self.period_ms, &scratch[..len]);
         let now = facts.now_ms.saturating_sub(ORIGIN_MS);
         let now_count = if self.condition.is_some() { 0 } else { self.count };
-        let admit = counters.rate(hash, self.period_ms, self.calls, now, now_count);
-        if counters.fleet() {
-            // Shared with the other hosts at the next sync (a refused key too: its count there
-            // is still wanted).
-            let counted = if matches!(admit, Admit::Yes { .. }) { now_count } else { 0 };
-            let shape = Shape::Rate { period_ms: self.period_ms, limit: self.calls };
-            let deltas = &mut state.local.borrow_mut().deltas;
-            let admitted = matches!(admit, Admit::Yes { .. });
-            // With a condition, the call is counted when its response is known.
-            deltas.touch(hash, kind, shape, &scratch[..len], counted, admitted && self.condition.is_some());
-            if !admitted {
-                deltas.hurry();
-            }
-        }
-        state.scratch = scratch;
+        let (hash, admit) = with_key(
+            &self.key,
+            (kind, self.period_ms),
+            counters,
+            (facts, set, headers),
+            state,
+            |hash, key, local| {
+                let admit = counters.rate(hash, self.period_ms, self.calls, now, now_count);
+                if counters.fleet() {
+                    let admitted = matches!(admit, Admit::Yes { .. });
+                    let shape = Shape::Rate { period_ms: self.period_ms, limit: self.calls };
+                    // With a condition, the call is counted when its response is known.
+                    let noted = Noted {
+                        calls: if admitted { now_count } else { 0 },
+                        awaits: admitted && self.condition.is_some(),
+                        refused: !admitted,
+                    };
+                    local.borrow_mut().deltas.touch(hash, kind, shape, key, noted);
+                }
+                (hash, admit)
+            },
+        )?;
         match admit {
             Admit::Yes { remaining } => {
                 if self.condition.is_some() {
@@ -221,15 +240,20 @@ impl RateStep {
     }
 }
 
-/// Which part of a quota is used up.
+/// Why a quota refuses a call.
 enum Refused {
     Calls,
     Bandwidth,
+    /// The store that shares counts is unreachable and limits refuse then.
+    Unavailable,
 }
 
 impl QuotaStep {
     /// Checks the quota, counting the call now when `count` (increment-then-check).
     fn admit(&self, counters: &Counters, hash: u64, at: QuotaAt, count: bool) -> Result<(), Refused> {
+        if counters.store_refuses() {
+            return Err(Refused::Unavailable);
+        }
         let (used_calls, used_bytes) = counters.quota_used(hash, at).unwrap_or((0, 0));
         if self.bytes.is_some_and(|b| used_bytes >= b) {
             return Err(Refused::Bandwidth);
@@ -290,40 +314,31 @@ impl QuotaStep {
         state: &mut RequestState,
         edits: &mut HeaderEdits,
     ) -> Option<&'p Response> {
-        let mut scratch = std::mem::take(&mut state.scratch);
         let kind = if matches!(self.key, Key::Subscription) { 3 } else { 1 };
         let salt = (self.period as u64) << 32 ^ self.start as u64;
-        let Some(len) =
-            key_bytes(&self.key, &Context { facts, state, set, headers }, &mut scratch).map(<[u8]>::len)
-        else {
-            state.scratch = scratch;
-            return None;
-        };
-        let hash = counters.hash(kind, salt, &scratch[..len]);
-        let now = (facts.now_ms / 1000) as i64;
-        let (index, left) = self.period_of(now);
-        if counters.store_refuses() {
-            state.scratch = scratch;
-            edits.clear_added();
-            return Some(&self.unavailable);
-        }
-        let counted_now = self.condition.is_none() && self.calls.is_some();
+        let (index, left) = self.period_of((facts.now_ms / 1000) as i64);
         let since_origin = facts.now_ms.saturating_sub(ORIGIN_MS);
         let ends_ms = left.map_or(u64::MAX, |l| since_origin + l * 1000);
         let at = QuotaAt { index, now_ms: since_origin, ends_ms };
-        let admitted = self.admit(counters, hash, at, counted_now);
-        if counters.fleet() {
-            let limit = self.calls.unwrap_or(0);
-            let shape = Shape::Quota { period: self.period, start: self.start, index, limit, ends_ms };
-            let counted = u64::from(counted_now && admitted.is_ok());
-            let deltas = &mut state.local.borrow_mut().deltas;
-            // Its bytes (and its call, under a condition) are counted when the response is known.
-            deltas.touch(hash, kind, shape, &scratch[..len], counted, admitted.is_ok());
-            if admitted.is_err() {
-                deltas.hurry();
-            }
-        }
-        state.scratch = scratch;
+        let counted_now = self.condition.is_none() && self.calls.is_some();
+        let (hash, admitted) =
+            with_key(&self.key, (kind, salt), counters, (facts, set, headers), state, |hash, key, local| {
+                let admitted = self.admit(counters, hash, at, counted_now);
+                if counters.fleet() {
+                    let limit = self.calls.unwrap_or(0);
+                    let shape =
+                        Shape::Quota { period: self.period, start: self.start, index, limit, ends_ms };
+                    // Its bytes (and its call, under a condition) are counted when the response is
+                    // known.
+                    let noted = Noted {
+                        calls: u64::from(counted_now && admitted.is_ok()),
+                        awaits: admitted.is_ok(),
+                        refused: admitted.is_err(),
+                    };
+                    local.borrow_mut().deltas.touch(hash, kind, shape, key, noted);
+                }
+                (hash, admitted)
+            })?;
         let refuse = |state: &mut RequestState, edits: &mut HeaderEdits, response: &'p Response| {
             // A lifetime quota is never replenished: its refusal says so with no time.
             state.wait_secs = left.unwrap_or(0);
@@ -336,6 +351,10 @@ impl QuotaStep {
         match admitted {
             Err(Refused::Bandwidth) => return refuse(state, edits, &self.bandwidth_refusal),
             Err(Refused::Calls) => return refuse(state, edits, &self.calls_refusal),
+            Err(Refused::Unavailable) => {
+                edits.clear_added();
+                return Some(&self.unavailable);
+            }
             Ok(()) => {}
         }
         state.pending.push(Pending::Quota {

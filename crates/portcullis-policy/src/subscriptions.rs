@@ -8,8 +8,7 @@ use ahash::RandomState;
 use hashbrown::HashTable;
 use portcullis_config::{ConfigError, ConfigErrors, Loc, SubscriptionState, subscription_key_problem};
 
-/// Errors listed for one file before the rest are summarised.
-const MAX_REPORTED: usize = 20;
+use crate::list_file::MAX_REPORTED;
 
 /// What a subscription grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

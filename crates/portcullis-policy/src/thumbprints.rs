@@ -1,13 +1,11 @@
 //! Thumbprint allow-lists: files of hex thumbprints compiled into hash sets of fixed-size arrays.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use ahash::AHashSet;
 use portcullis_config::{ConfigErrors, Loc};
 
-/// Errors listed for one file before the rest are summarised.
-const MAX_REPORTED: usize = 20;
+use crate::list_file::read_entries;
 
 /// A compiled `[thumbprints]` list.
 ///
@@ -52,44 +50,25 @@ impl ThumbprintSet {
     /// point at the file's own lines.
     pub fn parse(text: &[u8], file: &Path, loc: &Loc) -> Result<ThumbprintSet, ConfigErrors> {
         let mut set = ThumbprintSet::default();
-        let mut errors = ConfigErrors::default();
-        let mut bad = 0usize;
-        let file: Arc<Path> = Arc::from(file);
-        for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
-            let line = match raw.iter().position(|&b| b == b'#') {
-                Some(hash) => &raw[..hash],
-                None => raw,
-            };
-            let line = line.trim_ascii();
-            if line.is_empty() {
-                continue;
-            }
+        let errors = read_entries(text, file, loc, |line| {
             let mut bytes = [0u8; 32];
             let message = match decode(line, &mut bytes) {
                 Some(40) => {
                     let mut t = [0u8; 20];
                     t.copy_from_slice(&bytes[..20]);
                     set.sha1.insert(t);
-                    continue;
+                    return Ok(());
                 }
                 Some(64) => {
                     set.sha256.insert(bytes);
-                    continue;
+                    return Ok(());
                 }
                 Some(n) => format!("{n} hex digits; a thumbprint has 40 (SHA-1) or 64 (SHA-256)"),
                 None => "not a hex thumbprint".to_owned(),
             };
-            bad += 1;
-            if bad <= MAX_REPORTED {
-                let shown: String = String::from_utf8_lossy(line).chars().take(80).collect();
-                let at = Loc { file: file.clone(), line: i as u32 + 1, column: 1, field: loc.field.clone() };
-                errors.push(at.error(format!("\"{shown}\": {message}")));
-            }
-        }
-        if bad > MAX_REPORTED {
-            let at = Loc { file: file.clone(), line: 0, column: 0, field: loc.field.clone() };
-            errors.push(at.error(format!("… and {} more invalid lines", bad - MAX_REPORTED)));
-        }
+            let shown: String = String::from_utf8_lossy(line).chars().take(80).collect();
+            Err(format!("\"{shown}\": {message}"))
+        });
         errors.into_result(set)
     }
 

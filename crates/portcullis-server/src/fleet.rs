@@ -19,7 +19,7 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -103,15 +103,6 @@ pub(crate) fn host_field() -> String {
     format!("{}:{}:{:08x}", name.trim(), std::process::id(), u32::from_le_bytes(random))
 }
 
-/// What the sync tasks did, host-wide (for logs and metrics).
-#[derive(Debug, Default)]
-pub(crate) struct FleetStats {
-    /// Script calls sent.
-    pub(crate) calls: AtomicU64,
-    /// Syncs that failed (Redis unreachable, refusing, or answering nonsense).
-    pub(crate) failures: AtomicU64,
-}
-
 enum Io {
     Plain(PlainStream<TcpStream>),
     Tls(Box<TlsStream<TcpStream>>),
@@ -154,21 +145,22 @@ impl Connection {
         };
         let (rx, tx) = (BytesMut::with_capacity(4096), BytesMut::with_capacity(4096));
         let mut conn = Connection { io, rx, tx, answered: false };
-        let mut expected = 0;
+        // What was sent, in order: each answer is checked against it.
+        let mut sent = Vec::with_capacity(2);
         if let Some(pw) = &link.password {
             match &link.redis.username {
                 Some(user) => encode_command(&mut conn.tx, &[b"AUTH", user.as_bytes(), pw.as_bytes()]),
                 None => encode_command(&mut conn.tx, &[b"AUTH", pw.as_bytes()]),
             }
-            expected += 1;
+            sent.push("AUTH");
         }
         if link.redis.db != 0 {
             encode_command(&mut conn.tx, &[b"SELECT", link.redis.db.to_string().as_bytes()]);
-            expected += 1;
+            sent.push("SELECT");
         }
-        if expected > 0 {
+        if !sent.is_empty() {
             conn.send().await?;
-            for what in ["AUTH", "SELECT"].iter().skip(usize::from(link.password.is_none())).take(expected) {
+            for what in sent {
                 match conn.reply().await? {
                     Reply::Simple(_) => {}
                     Reply::Error(e) => return Err(format!("{what} refused: {e}")),
@@ -209,12 +201,10 @@ impl Connection {
         let now_ms = unix_ms();
         let calls = batch.calls(&worker.shared.host_field, now_ms);
         let counters = &worker.shared.counters;
-        let stats = &worker.shared.fleet_stats;
         for args in &calls {
             script_call(&mut self.tx, b"EVALSHA", link.sha.as_bytes(), args);
         }
         self.send().await?;
-        stats.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
         let mut unknown = Vec::new();
         for i in 0..calls.len() {
             match self.reply().await? {
@@ -233,7 +223,6 @@ impl Connection {
             script_call(&mut self.tx, b"EVAL", FLEET_SCRIPT.as_bytes(), &calls[i]);
         }
         self.send().await?;
-        stats.calls.fetch_add(unknown.len() as u64, Ordering::Relaxed);
         for &i in &unknown {
             match self.reply().await? {
                 Reply::Integers(v) => batch.apply(i, counters, &v, now_ms),
@@ -274,7 +263,7 @@ impl SyncState {
         self.failures = self.failures.saturating_add(1);
         let pause = Duration::from_millis(100).saturating_mul(1 << self.failures.min(6).saturating_sub(1));
         self.retry_at = Instant::now() + pause.min(MAX_RETRY);
-        let failed_syncs = worker.shared.fleet_stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let failed_syncs = worker.shared.failed_syncs.fetch_add(1, Ordering::Relaxed) + 1;
         // One line per change of state, host-wide: whichever worker finds it out first.
         if worker.shared.counters.set_fleet_up(false) {
             let then = match link.redis.failure {
@@ -296,7 +285,7 @@ impl SyncState {
     fn succeeded(&mut self, worker: &Worker, link: &FleetLink) {
         self.failures = 0;
         if !worker.shared.counters.set_fleet_up(true) {
-            let failed_syncs = worker.shared.fleet_stats.failures.load(Ordering::Relaxed);
+            let failed_syncs = worker.shared.failed_syncs.load(Ordering::Relaxed);
             tracing::info!(redis = %link.redis.url.value, failed_syncs, "Redis reachable again; counts are shared");
         }
     }

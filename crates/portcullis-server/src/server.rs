@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::{fmt, io};
@@ -150,7 +150,7 @@ impl Server {
             on_lost_worker: OnceLock::new(),
             counters: counters.clone(),
             host_field: crate::fleet::host_field(),
-            fleet_stats: crate::fleet::FleetStats::default(),
+            failed_syncs: AtomicU64::new(0),
         });
         share_counts(&counters, config);
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -32,7 +32,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<portcullis_policy::Counters>,
     /// This process's field in the counts shared through Redis.
     pub(crate) host_field: String,
-    pub(crate) fleet_stats: crate::fleet::FleetStats,
+    /// Syncs with Redis that failed (unreachable, refusing, or answering nonsense), host-wide.
+    pub(crate) failed_syncs: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {

@@ -87,7 +87,6 @@ impl<S: Stream> Conn<S> {
         } else {
             route.rest_of(self.head.path_only()).to_vec()
         };
-        let route_match = RouteMatch { path: &route_path, params: policy.route_params() };
         let request_id = std::str::from_utf8(&id).unwrap_or("");
         let cert = self.info.client_cert.clone();
         let peer_ip = self.peer_ip.clone();
@@ -100,7 +99,7 @@ impl<S: Stream> Conn<S> {
             now,
             now_ms,
             query: target.iter().position(|&b| b == b'?').map_or(&b""[..], |q| &target[q + 1..]),
-            route: route_match,
+            route: RouteMatch { path: &route_path, params: policy.route_params() },
         };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
@@ -146,7 +145,8 @@ impl<S: Stream> Conn<S> {
         let backend = &snap.backends[route.backend];
         self.refusal = "-";
         self.body_bytes = 0;
-        // Outbound steps do not read the query (and the head is read again while forwarding).
+        // Outbound steps do not read the query (and the head is read again while forwarding):
+        // built anew, since `facts` borrows the head for its query.
         let facts = Facts {
             client_cert: cert.as_deref(),
             client_addr: self.peer,
@@ -155,7 +155,7 @@ impl<S: Stream> Conn<S> {
             now,
             now_ms,
             query: b"",
-            route: route_match,
+            route: RouteMatch { path: &route_path, params: policy.route_params() },
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
