@@ -273,3 +273,90 @@ fn sharing_follows_a_reload() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(stored_keys(&redis).is_empty(), "no longer shared");
 }
+
+/// Under `"deny"`, a quota refuses with the same 503 as a rate limit while Redis is gone.
+#[test]
+fn without_redis_deny_refuses_quotas_too() {
+    let env = Env::new();
+    let mut redis = RedisServer::start(env.dir());
+    let step = r#"quota_by_key = { calls = 1000, renewal_period = "3600s", counter_key = "q" }"#;
+    let p = spawn(&env, "p.toml", &config(&env, &redis.url(), "redis_failure = \"deny\"", step, 1));
+    assert_eq!(statuses(&env, p.addr, 3), [200, 200, 200]);
+    redis.stop();
+    let r = until_status(&env, p.addr, 503, Duration::from_secs(10));
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (
+            503,
+            r#"{"statusCode":503,"message":"Service unavailable: the rate limit store cannot be reached."}"#
+        )
+    );
+    redis.restart();
+    assert_eq!(until_status(&env, p.addr, 200, Duration::from_secs(15)).status, 200);
+}
+
+/// A database other than 0 (`/2` in the URL): counts go there (`SELECT`), not to database 0.
+#[test]
+fn counts_go_to_the_database_the_url_names() {
+    let env = Env::new();
+    let redis = RedisServer::start(env.dir());
+    let step = r#"rate_limit_by_key = { calls = 100, renewal_period = "60s", counter_key = "db" }"#;
+    let p = spawn(&env, "p.toml", &config(&env, &format!("{}/2", redis.url()), "", step, 1));
+    let in_db2 = || redis.cli(&["-n", "2", "--scan", "--pattern", "portcullis:r*"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_db2().is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", p.log());
+        assert!(statuses(&env, p.addr, 3).iter().all(|&s| s == 200));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stored_keys(&redis).is_empty(), "nothing in database 0");
+}
+
+/// What `[server.redis]` names but cannot be loaded stops the start, located: a password file
+/// that is missing or empty, a host that does not resolve.
+#[test]
+fn redis_settings_that_cannot_load_are_refused_at_start() {
+    let env = Env::new();
+    std::fs::write(env.dir().join("empty.pw"), "\n").unwrap();
+    let step = r#"rate_limit_by_key = { calls = 1, renewal_period = "60s", counter_key = "x" }"#;
+    for (url, extra, expect) in [
+        ("redis://127.0.0.1:1", "password_file = \"missing.pw\"", "missing.pw: No such file"),
+        ("redis://127.0.0.1:1", "password_file = \"empty.pw\"", "empty.pw: the file is empty"),
+        ("redis://no-such-host.invalid:6379", "", "cannot resolve \"no-such-host.invalid\""),
+    ] {
+        let errors = TestProxy::try_start(env.dir(), &config(&env, url, extra, step, 1)).expect_err(expect);
+        let text = errors.to_string();
+        assert!(text.contains(expect) && text.contains("server.redis"), "{text}");
+    }
+}
+
+/// A "Redis" that answers with something other than RESP, or with arrays nested without end,
+/// is not believed: the sync fails with the reason logged, and requests are served on.
+#[test]
+fn a_peer_that_does_not_speak_resp_is_not_believed() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let step = r#"rate_limit_by_key = { calls = 1000, renewal_period = "60s", counter_key = "k" }"#;
+    for (answer, reason) in [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), "not RESP"),
+        (b"*1\r\n".repeat(100_000), "nested too deep"),
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut buf = [0u8; 4096];
+                if conn.read(&mut buf).is_ok_and(|n| n > 0) {
+                    let _ = conn.write_all(&answer);
+                }
+            }
+        });
+        let p = spawn(&env, "p.toml", &config(&env, &url, "", step, 1));
+        assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200), "served on");
+        let line = p
+            .wait_for_log("Redis unreachable", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{:?}", p.log()));
+        assert!(line.contains(reason), "{line}");
+    }
+}
