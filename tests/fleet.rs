@@ -330,29 +330,35 @@ fn redis_settings_that_cannot_load_are_refused_at_start() {
     }
 }
 
-/// A "Redis" that answers with something other than RESP, or with arrays nested without end,
-/// is not believed: the sync fails with the reason logged, and requests are served on.
+/// A "Redis" that answers with something other than RESP, with arrays nested without end, or
+/// not at all, is not believed: the sync fails with the reason logged, and requests are served
+/// on (a key's first call waits for its sync no longer than `timeout`).
 #[test]
 fn a_peer_that_does_not_speak_resp_is_not_believed() {
     use std::io::{Read, Write};
     let env = Env::new();
     let step = r#"rate_limit_by_key = { calls = 1000, renewal_period = "60s", counter_key = "k" }"#;
     for (answer, reason) in [
-        (b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), "not RESP"),
-        (b"*1\r\n".repeat(100_000), "nested too deep"),
+        (Some(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()), "not RESP"),
+        (Some(b"*1\r\n".repeat(100_000)), "nested too deep"),
+        (None, "no answer within"),
     ] {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("redis://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
+            let mut silent = Vec::new();
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
                 let mut buf = [0u8; 4096];
                 if conn.read(&mut buf).is_ok_and(|n| n > 0) {
-                    let _ = conn.write_all(&answer);
+                    match &answer {
+                        Some(answer) => drop(conn.write_all(answer)),
+                        None => silent.push(conn),
+                    }
                 }
             }
         });
-        let p = spawn(&env, "p.toml", &config(&env, &url, "", step, 1));
+        let p = spawn(&env, "p.toml", &config(&env, &url, "timeout = \"300ms\"", step, 1));
         assert!(statuses(&env, p.addr, 5).iter().all(|&s| s == 200), "served on");
         let line = p
             .wait_for_log("Redis unreachable", Duration::from_secs(10))

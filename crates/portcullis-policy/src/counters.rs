@@ -261,6 +261,23 @@ impl Counters {
             .then(|| (c, Counters::claim_at(&w.claim, now_ms)))
     }
 
+    /// Whether this host may decide on a rate limit's key now: counts are not shared, or a sync
+    /// has told about the key within its window (or the table has no room for it). Otherwise the
+    /// first call waits for a sync, so that no host spends what another was granted.
+    pub(crate) fn rate_known(&self, hash: u64, period_ms: u64, now_ms: u64) -> bool {
+        let epoch = now_ms / (period_ms / N).max(1);
+        !self.sharing() || self.window(hash, epoch).is_none_or(|w| self.others(w, epoch, now_ms).is_some())
+    }
+
+    /// As [`Counters::rate_known`], for a quota's key in its period.
+    pub(crate) fn quota_known(&self, hash: u64, at: QuotaAt) -> bool {
+        !self.sharing()
+            || self.period(hash, at).is_none_or(|p| {
+                let (i, _) = unpack40(p.others_calls.load(Ordering::Acquire));
+                i == at.index & 0xFF_FFFF && p.claim.load(Ordering::Acquire) != 0
+            })
+    }
+
     /// The hash a key is filed under (never 0, the empty mark).
     pub(crate) fn hash(&self, kind: u8, period: u64, key: &[u8]) -> u64 {
         self.hasher.hash_one((kind, period, key)).max(1)
@@ -596,6 +613,27 @@ mod tests {
         c.set_fleet_hosts(3);
         let q = c.hash(1, 9, b"other-quota");
         assert_eq!((0..10).filter(|_| c.quota_add(q, at, 1, Some(4), 0)).count(), 1);
+    }
+
+    #[test]
+    fn a_key_waits_for_its_first_sync_only_while_counts_are_shared() {
+        let c = Counters::with_capacity(64);
+        let h = c.hash(0, 60_000, b"new");
+        let now = 7_200_000;
+        assert!(c.rate_known(h, 60_000, now), "not shared: nothing to wait for");
+        c.set_fleet(true, false);
+        assert!(!c.rate_known(h, 60_000, now));
+        c.set_others(h, 60_000, now, 0, Some(5));
+        assert!(c.rate_known(h, 60_000, now + 1));
+        assert!(!c.rate_known(h, 60_000, now + 70_000), "a sync older than the window says nothing");
+        c.set_fleet_up(false);
+        assert!(c.rate_known(h, 60_000, now + 70_000), "the store is down: nothing to wait for");
+        c.set_fleet_up(true);
+        let q = c.hash(1, 9, b"q");
+        assert!(!c.quota_known(q, at(5, now)));
+        c.set_quota_others(q, at(5, now), (0, 0), Some(3));
+        assert!(c.quota_known(q, at(5, now)));
+        assert!(!c.quota_known(q, at(6, now + 1)), "a new period is synced anew");
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub enum Answer {
     /// The identity providers' keys were fetched again, or the wait for them is over: the step
     /// decides with the keys there are now.
     KeysRefreshed,
+    /// The worker synced its counts with the fleet (or the wait for it is over): the limit
+    /// decides with what is known now.
+    Synced,
 }
 
 /// What evaluation learns and keeps for one request: the answers of its waiting steps, the

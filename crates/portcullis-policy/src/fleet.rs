@@ -39,7 +39,8 @@ struct Delta {
     shape: Shape,
     calls: u64,
     bytes: u64,
-    /// Requests that asked for the key (admitted or not).
+    /// Requests that asked for the key (admitted or not; one that waited for a sync asks
+    /// twice): the store records which hosts ask for a key.
     seen: u64,
     /// Requests on the key whose counts come when their responses are known.
     in_flight: u32,

@@ -63,6 +63,18 @@ pub(crate) enum Pending {
     Quota { hash: u64, at: QuotaAt, calls: bool, condition: Option<u16> },
 }
 
+/// What a limit decided.
+#[derive(Debug)]
+pub(crate) enum Decision<'p> {
+    /// Within the limit (or not limited).
+    Pass,
+    /// Over it: this response.
+    Refuse(&'p Response),
+    /// Counts are shared and no sync has told this host about the key yet: wait for one (see
+    /// [`Need::Sync`](crate::Need::Sync)), then run the step again.
+    Sync,
+}
+
 /// A response whose message ends in a time (`… Try again in N seconds.`): built once, the time
 /// written when it is sent.
 fn countdown(status: u16, before: &str, after: &str, hms: bool) -> Response {
@@ -166,30 +178,36 @@ impl RateStep {
         })
     }
 
-    /// Runs the limit: `Some` with the refusal when the request is over it.
+    /// Runs the limit. `may_wait`: the request has not waited for a sync on this step yet.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run<'p>(
         &'p self,
+        may_wait: bool,
         counters: &Counters,
         facts: &Facts<'_>,
         set: &crate::PolicySet,
         headers: &dyn crate::HeaderList,
         state: &mut RequestState,
         edits: &mut HeaderEdits,
-    ) -> Option<&'p Response> {
+    ) -> Decision<'p> {
         let kind = if matches!(self.key, Key::Subscription) { 2 } else { 0 };
         let now = facts.now_ms.saturating_sub(ORIGIN_MS);
         let now_count = if self.condition.is_some() { 0 } else { self.count };
-        let (hash, admit) = with_key(
+        let shape = Shape::Rate { period_ms: self.period_ms, limit: self.calls };
+        let decided = with_key(
             &self.key,
             (kind, self.period_ms),
             counters,
             (facts, set, headers),
             state,
             |hash, key, local| {
+                if may_wait && !counters.rate_known(hash, self.period_ms, now) {
+                    local.borrow_mut().deltas.touch(hash, kind, shape, key, Noted::default());
+                    return None;
+                }
                 let admit = counters.rate(hash, self.period_ms, self.calls, now, now_count);
                 if counters.fleet() {
                     let admitted = matches!(admit, Admit::Yes { .. });
-                    let shape = Shape::Rate { period_ms: self.period_ms, limit: self.calls };
                     // With a condition, the call is counted when its response is known.
                     let noted = Noted {
                         calls: if admitted { now_count } else { 0 },
@@ -198,9 +216,14 @@ impl RateStep {
                     };
                     local.borrow_mut().deltas.touch(hash, kind, shape, key, noted);
                 }
-                (hash, admit)
+                Some((hash, admit))
             },
-        )?;
+        );
+        let (hash, admit) = match decided {
+            None => return Decision::Pass,
+            Some(None) => return Decision::Sync,
+            Some(Some(decided)) => decided,
+        };
         match admit {
             Admit::Yes { remaining } => {
                 if self.condition.is_some() {
@@ -217,12 +240,12 @@ impl RateStep {
                 if let Some(h) = &self.total {
                     state.response_headers.push((h.clone(), self.calls));
                 }
-                None
+                Decision::Pass
             }
-            Admit::Untracked => None,
+            Admit::Untracked => Decision::Pass,
             Admit::Unavailable => {
                 edits.clear_added();
-                Some(&self.unavailable)
+                Decision::Refuse(&self.unavailable)
             }
             Admit::No { retry_after } => {
                 state.wait_secs = retry_after;
@@ -234,7 +257,7 @@ impl RateStep {
                 if let Some(h) = &self.total {
                     add_number(edits, h, self.calls);
                 }
-                Some(&self.refusal)
+                Decision::Refuse(&self.refusal)
             }
         }
     }
@@ -305,15 +328,18 @@ impl QuotaStep {
         (index.rem_euclid(1 << 24) as u64, Some((next - now).max(1) as u64))
     }
 
+    /// Runs the quota. `may_wait`: as for [`RateStep::run`].
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run<'p>(
         &'p self,
+        may_wait: bool,
         counters: &Counters,
         facts: &Facts<'_>,
         set: &crate::PolicySet,
         headers: &dyn crate::HeaderList,
         state: &mut RequestState,
         edits: &mut HeaderEdits,
-    ) -> Option<&'p Response> {
+    ) -> Decision<'p> {
         let kind = if matches!(self.key, Key::Subscription) { 3 } else { 1 };
         let salt = (self.period as u64) << 32 ^ self.start as u64;
         let (index, left) = self.period_of((facts.now_ms / 1000) as i64);
@@ -321,13 +347,16 @@ impl QuotaStep {
         let ends_ms = left.map_or(u64::MAX, |l| since_origin + l * 1000);
         let at = QuotaAt { index, now_ms: since_origin, ends_ms };
         let counted_now = self.condition.is_none() && self.calls.is_some();
-        let (hash, admitted) =
+        let limit = self.calls.unwrap_or(0);
+        let shape = Shape::Quota { period: self.period, start: self.start, index, limit, ends_ms };
+        let decided =
             with_key(&self.key, (kind, salt), counters, (facts, set, headers), state, |hash, key, local| {
+                if may_wait && !counters.quota_known(hash, at) {
+                    local.borrow_mut().deltas.touch(hash, kind, shape, key, Noted::default());
+                    return None;
+                }
                 let admitted = self.admit(counters, hash, at, counted_now);
                 if counters.fleet() {
-                    let limit = self.calls.unwrap_or(0);
-                    let shape =
-                        Shape::Quota { period: self.period, start: self.start, index, limit, ends_ms };
                     // Its bytes (and its call, under a condition) are counted when the response is
                     // known.
                     let noted = Noted {
@@ -337,8 +366,13 @@ impl QuotaStep {
                     };
                     local.borrow_mut().deltas.touch(hash, kind, shape, key, noted);
                 }
-                (hash, admitted)
-            })?;
+                Some((hash, admitted))
+            });
+        let (hash, admitted) = match decided {
+            None => return Decision::Pass,
+            Some(None) => return Decision::Sync,
+            Some(Some(decided)) => decided,
+        };
         let refuse = |state: &mut RequestState, edits: &mut HeaderEdits, response: &'p Response| {
             // A lifetime quota is never replenished: its refusal says so with no time.
             state.wait_secs = left.unwrap_or(0);
@@ -346,14 +380,14 @@ impl QuotaStep {
             if let Some(left) = left {
                 add_number(edits, &Bytes::from_static(b"Retry-After"), left);
             }
-            Some(response)
+            Decision::Refuse(response)
         };
         match admitted {
             Err(Refused::Bandwidth) => return refuse(state, edits, &self.bandwidth_refusal),
             Err(Refused::Calls) => return refuse(state, edits, &self.calls_refusal),
             Err(Refused::Unavailable) => {
                 edits.clear_added();
-                return Some(&self.unavailable);
+                return Decision::Refuse(&self.unavailable);
             }
             Ok(()) => {}
         }
@@ -363,7 +397,7 @@ impl QuotaStep {
             calls: !counted_now && self.calls.is_some(),
             condition: self.condition,
         });
-        None
+        Decision::Pass
     }
 }
 

@@ -16,7 +16,7 @@ use crate::counters::Counters;
 use crate::facts::{Facts, HeaderEdits, HeaderList, RequestState};
 use crate::ipset::IpSet;
 use crate::jwt::{JwtStep, KeyInputs, Outcome, percent_decode, query_value};
-use crate::limits::{QuotaStep, RateStep};
+use crate::limits::{Decision, QuotaStep, RateStep};
 use crate::operations::OperationPattern;
 use crate::subscriptions::{Builder, Grant, Subscriptions};
 use crate::template::{Context, Template};
@@ -81,6 +81,12 @@ pub enum Need<'p> {
     /// ([`RemoteKeys::demand_refetch`]), wait for the fetch (at most each provider's
     /// `refetch_wait`), then answer [`Answer::KeysRefreshed`](crate::Answer::KeysRefreshed).
     Keys(&'p [Arc<RemoteKeys>]),
+    /// Counts are shared across hosts and a rate limit's or quota's key is new to this host (or
+    /// has not been synced within its window): have the worker sync at once, wait for that sync
+    /// (or the store's timeout), then answer [`Answer::Synced`](crate::Answer::Synced). The key
+    /// is already noted for the sync. No host then spends a key's limit before it has learnt
+    /// what the others hold of it; a host's first call on a key pays one round trip.
+    Sync,
     /// The step of this crate's tests that stands for one which waits.
     #[cfg(test)]
     Probe,
@@ -941,13 +947,23 @@ impl PolicySet {
                 }
             }
             Step::RateLimit(r) => {
-                if let Some(response) = r.run(&self.counters, facts, self, headers, state, edits) {
-                    return Some(Verdict::Respond { response, reason: "rate limit exceeded" });
+                let may_wait = state.answer(index).is_none();
+                match r.run(may_wait, &self.counters, facts, self, headers, state, edits) {
+                    Decision::Pass => {}
+                    Decision::Refuse(response) => {
+                        return Some(Verdict::Respond { response, reason: "rate limit exceeded" });
+                    }
+                    Decision::Sync => return Some(Verdict::Wait { step: index, need: Need::Sync }),
                 }
             }
             Step::Quota(q) => {
-                if let Some(response) = q.run(&self.counters, facts, self, headers, state, edits) {
-                    return Some(Verdict::Respond { response, reason: "quota exceeded" });
+                let may_wait = state.answer(index).is_none();
+                match q.run(may_wait, &self.counters, facts, self, headers, state, edits) {
+                    Decision::Pass => {}
+                    Decision::Refuse(response) => {
+                        return Some(Verdict::Respond { response, reason: "quota exceeded" });
+                    }
+                    Decision::Sync => return Some(Verdict::Wait { step: index, need: Need::Sync }),
                 }
             }
             Step::CheckHeader(c) => {

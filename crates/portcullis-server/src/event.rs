@@ -109,6 +109,65 @@ mod tests {
             assert!(event.is_set());
         });
     }
+
+    #[test]
+    fn a_wait_for_a_round_ends_with_a_round_begun_after_it() {
+        let mut rt =
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().expect("runtime");
+        rt.block_on(async {
+            let rounds = std::rc::Rc::new(Rounds::default());
+            let ms = std::time::Duration::from_millis;
+            // A round is under way when the wait begins: its end is not enough.
+            let current = rounds.begin();
+            let r = rounds.clone();
+            let waiter = monoio::spawn(async move { monoio::time::timeout(ms(200), r.next()).await.is_ok() });
+            monoio::time::sleep(ms(1)).await;
+            rounds.end(current);
+            monoio::time::sleep(ms(1)).await;
+            let next = rounds.begin();
+            rounds.end(next);
+            assert!(waiter.await, "woken by the end of the round begun after it");
+            // Nothing begun: the wait goes on.
+            assert!(monoio::time::timeout(ms(5), rounds.next()).await.is_err());
+        });
+    }
+}
+
+/// Numbered rounds of a worker-local task (the sync task): a round is begun, then ended, and
+/// any number of tasks wait for the end of a round begun after they asked.
+#[derive(Debug, Default)]
+pub(crate) struct Rounds {
+    begun: Cell<u64>,
+    ended: Cell<u64>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Rounds {
+    /// A round begins; returns its number.
+    pub(crate) fn begin(&self) -> u64 {
+        self.begun.set(self.begun.get() + 1);
+        self.begun.get()
+    }
+
+    /// Round `n` ended: wakes every waiter (those waiting for a later one wait again).
+    pub(crate) fn end(&self, n: u64) {
+        self.ended.set(self.ended.get().max(n));
+        for w in std::mem::take(&mut *self.waiters.borrow_mut()) {
+            w.wake();
+        }
+    }
+
+    /// Waits until a round begun after this call has ended.
+    pub(crate) fn next(&self) -> impl Future<Output = ()> + '_ {
+        let want = self.begun.get() + 1;
+        std::future::poll_fn(move |cx| {
+            if self.ended.get() >= want {
+                return Poll::Ready(());
+            }
+            self.waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+    }
 }
 
 /// A worker-local wake-up call for one waiting task (the sync task): [`Nudge::wake`] before or

@@ -1,15 +1,18 @@
 //! Rate-limit and quota counts shared with the other hosts of a fleet through Redis
 //! (`[server.redis]`).
 //!
-//! Requests never wait for Redis. Each worker notes what its limited calls added (per key, in
-//! its own `Deltas`) and a task of the worker sends them every `sync_interval` over the worker's
-//! one connection: one script call per batch (`EVALSHA`, `EVAL` when Redis does not have the
-//! script yet), several pipelined when a batch is large. The script adds this host's counts and
-//! answers what the other hosts counted, which the host's counters then add to their own. A key
-//! new to a worker is synced at once (at most one sync a millisecond), so that hosts that start on
-//! a key together learn of each other within a round trip. Until then the key may use only its
-//! share of the limit among the hosts that synced lately: the first worker sends a heartbeat
-//! every interval, and every worker connects (and the host registers) before it serves.
+//! Requests do not wait for Redis, but for a key's first call on this host. Each worker notes
+//! what its limited calls added (per key, in its own `Deltas`) and a task of the worker sends
+//! them every `sync_interval` over the worker's one connection: one script call per batch
+//! (`EVALSHA`, `EVAL` when Redis does not have the script yet), several pipelined when a batch
+//! is large. The script adds this host's counts and answers what the other hosts counted, which
+//! the host's counters then add to their own, and this host's claim on the key. A key new to the
+//! host (or not synced within its window) is synced at once (at most one sync a millisecond, many
+//! new keys in one call) and its first call waits for that sync ([`synced`]), so that no host
+//! spends what another was granted. Should the sync not answer within the store's timeout, the
+//! key may use its share of the limit among the hosts that synced lately: the first worker sends
+//! a heartbeat every interval, and every worker connects (and the host registers) before it
+//! serves.
 //!
 //! When Redis cannot be reached, every worker's limits count on this host alone
 //! (`redis_failure = "local"`) or refuse (`"deny"`), with one log line per change of state; the
@@ -28,6 +31,7 @@ use portcullis_config::{ConfigErrors, Redis, RedisFailure};
 use portcullis_policy::{Batch, FLEET_SCRIPT};
 use portcullis_tls::{ClientTls, PlainStream, Stream, TlsStream};
 
+use crate::event::Rounds;
 use crate::resp::{Reply, encode_command, next_reply};
 use crate::worker::Worker;
 
@@ -328,6 +332,9 @@ impl SyncState {
             }
         }
         let batch = worker.local.borrow_mut().deltas.take();
+        // Requests waiting for a sync of keys this batch holds go on when the round is over,
+        // however it ends.
+        let _round = RoundEnd(&worker.fleet_rounds, worker.fleet_rounds.begin());
         // With nothing to send, the first worker still says the host is there (and learns how
         // many others are): a heartbeat, one a sync interval per host.
         if batch.is_empty() && worker.id != 0 {
@@ -352,6 +359,24 @@ impl SyncState {
             return self.failed(worker, link, &error);
         }
     }
+}
+
+/// Ends a sync round when dropped.
+struct RoundEnd<'a>(&'a Rounds, u64);
+
+impl Drop for RoundEnd<'_> {
+    fn drop(&mut self) {
+        self.0.end(self.1);
+    }
+}
+
+/// Waits until this worker has synced what it noted so far (a round is started at once), at
+/// most the store's timeout and a little: a request whose limit key is new to the host.
+pub(crate) async fn synced(worker: &Worker) {
+    let Some(link) = worker.snapshot().fleet.clone() else { return };
+    let next = worker.fleet_rounds.next();
+    worker.fleet_nudge.wake();
+    let _ = monoio::time::timeout(link.redis.timeout + NUDGED_GAP, next).await;
 }
 
 /// A worker's sync task: runs until the worker shuts down, sending one last batch then.

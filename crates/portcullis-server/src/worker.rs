@@ -15,7 +15,7 @@ use arc_swap::{ArcSwap, Cache};
 use monoio::net::{TcpListener, TcpStream};
 use portcullis_config::Driver;
 
-use crate::event::{Event, Nudge};
+use crate::event::{Event, Nudge, Rounds};
 use crate::pool::Pool;
 use crate::snapshot::Snapshot;
 
@@ -85,6 +85,9 @@ pub(crate) struct Worker {
     /// Set once the sync task's first round is over (connected, and the host registered with the
     /// fleet), or there is no fleet: the worker serves after it.
     pub(crate) fleet_ready: Event,
+    /// The sync task's rounds: a request whose limit key is new to the host waits for the end of
+    /// the next one.
+    pub(crate) fleet_rounds: Rounds,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
     room_waiters: RefCell<Vec<Waker>>,
@@ -183,6 +186,7 @@ pub(crate) fn run(
         shutdown: Event::default(),
         fleet_nudge: Nudge::default(),
         fleet_ready: Event::default(),
+        fleet_rounds: Rounds::default(),
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),

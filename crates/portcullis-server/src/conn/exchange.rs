@@ -117,6 +117,10 @@ impl<S: Stream> Conn<S> {
                             refetched(providers).await;
                             self.state.put(step, Answer::KeysRefreshed);
                         }
+                        Need::Sync => {
+                            crate::fleet::synced(&self.worker).await;
+                            self.state.put(step, Answer::Synced);
+                        }
                     }
                     from = step;
                 }
