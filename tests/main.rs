@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a panic is a failed test")]
 
 mod backend_responses;
+mod backend_tls;
 mod common;
 mod config;
 mod conformance;

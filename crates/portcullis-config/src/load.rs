@@ -256,7 +256,7 @@ fn cross_check(r: &mut Reader, c: &Config) {
         }
     }
     for b in &c.backends {
-        if let Some(name) = &b.client_certificate {
+        if let Some(name) = b.tls.as_ref().and_then(|t| t.certificate.as_ref()) {
             match c.certificates.iter().find(|cert| cert.name.value == name.value) {
                 None => r.errors.push(
                     name.loc.error(format!("no certificate named \"{}\" in [certificates]", name.value)),
@@ -572,13 +572,14 @@ fn named_files(r: &mut Reader, v: &Value<'_>, section: &str) -> Vec<NamedFile> {
 }
 
 /// Splits `http://host:port/base` into `host:port` and `/base`.
-fn parse_backend_url(url: &str) -> Result<(String, String), String> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err("https backends are not supported yet; use http://".to_owned());
+/// `(authority with port, base path, https)` of a backend URL.
+fn parse_backend_url(url: &str) -> Result<(String, String, bool), String> {
+    let (rest, https) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true)
     } else {
-        return Err(format!("\"{url}\" is not an http:// URL"));
+        return Err(format!("\"{url}\" is not an http:// or https:// URL"));
     };
     let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => rest.split_at(i),
@@ -594,12 +595,71 @@ fn parse_backend_url(url: &str) -> Result<(String, String), String> {
         Some(i) => !authority[i..].contains(']'),
         None => false,
     };
-    let authority = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    let default_port = if https { 443 } else { 80 };
+    let authority = if has_port { authority.to_owned() } else { format!("{authority}:{default_port}") };
     let port_ok = authority.rsplit(':').next().is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
     if !port_ok {
         return Err(format!("\"{url}\" has an invalid port"));
     }
-    Ok((authority, path.trim_end_matches('/').to_owned()))
+    Ok((authority, path.trim_end_matches('/').to_owned(), https))
+}
+
+/// The host of `host:port` (an IPv6 address without its brackets).
+fn host_of(authority: &str) -> &str {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// `[[backend]] tls`, for an `https://` backend whose host is `host`.
+fn backend_tls(
+    r: &mut Reader,
+    t: &DeTable<'_>,
+    field: &str,
+    host: &str,
+    client_certificate: Option<Located<String>>,
+) -> BackendTls {
+    let mut tls = BackendTls {
+        ca: Vec::new(),
+        server_name: host.to_owned(),
+        certificate: client_certificate,
+        certificate_thumbprint: None,
+        verify: true,
+    };
+    let Some(v) = get(t, "tls") else { return tls };
+    let field = join(field, "tls");
+    let Some(t) = r.table(v, &field) else { return tls };
+    r.check_keys(t, &field, &["ca", "server_name", "certificate", "certificate_thumbprint", "verify"]);
+    tls.ca = get(t, "ca").map(|c| r.paths(c, &join(&field, "ca"))).unwrap_or_default();
+    if let Some(name) =
+        get(t, "server_name").and_then(|n| r.non_empty_string(n, &join(&field, "server_name")))
+    {
+        tls.server_name = name.value;
+    }
+    if let Some(c) = get(t, "certificate").and_then(|c| r.non_empty_string(c, &join(&field, "certificate"))) {
+        if tls.certificate.is_some() {
+            r.errors.push(
+                c.loc.error("give the backend's certificate once: `tls.certificate` or `client_certificate`"),
+            );
+        }
+        tls.certificate = Some(c);
+    }
+    if let Some(v) = get(t, "certificate_thumbprint") {
+        let f = join(&field, "certificate_thumbprint");
+        if let Some(mut thumb) = r.non_empty_string(v, &f) {
+            thumb.value = thumb.value.replace([':', ' '], "").to_ascii_uppercase();
+            if thumb.value.len() != 40 || !thumb.value.bytes().all(|b| b.is_ascii_hexdigit()) {
+                r.error(&v.span(), &f, "must be a SHA-1 thumbprint: 40 hexadecimal digits");
+            } else if tls.certificate.is_some() {
+                r.error(&v.span(), &f, "give either `certificate` or `certificate_thumbprint`");
+            } else {
+                tls.certificate_thumbprint = Some(thumb);
+            }
+        }
+    }
+    if let Some(v) = get(t, "verify") {
+        tls.verify = r.boolean(v, &join(&field, "verify")).unwrap_or(true);
+    }
+    tls
 }
 
 fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
@@ -615,6 +675,7 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
             "idle_timeout",
             "max_idle",
             "client_certificate",
+            "tls",
         ],
     );
     let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
@@ -649,7 +710,17 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
     };
     let client_certificate =
         get(t, "client_certificate").and_then(|c| r.non_empty_string(c, &join(field, "client_certificate")));
-    let (authority, base_path) = parts?;
+    let (authority, base_path, https) = parts?;
+    let tls = if https {
+        Some(backend_tls(r, t, field, host_of(&authority), client_certificate))
+    } else {
+        for key in ["tls", "client_certificate"] {
+            if let Some(v) = get(t, key) {
+                r.error(&v.span(), &join(field, key), "TLS to the backend needs an https:// URL");
+            }
+        }
+        None
+    };
     Some(Backend {
         name: name?,
         url: url?,
@@ -659,7 +730,7 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
         response_timeout,
         idle_timeout,
         max_idle,
-        client_certificate,
+        tls,
         loc: r.loc(&v.span(), field),
     })
 }
@@ -1155,10 +1226,14 @@ mod tests {
 
     #[test]
     fn backend_urls() {
-        assert_eq!(parse_backend_url("http://127.0.0.1:5000"), Ok(("127.0.0.1:5000".into(), "".into())));
-        assert_eq!(parse_backend_url("http://svc/api/v1/"), Ok(("svc:80".into(), "/api/v1".into())));
-        assert_eq!(parse_backend_url("http://[::1]:81/x"), Ok(("[::1]:81".into(), "/x".into())));
-        assert_eq!(parse_backend_url("http://[::1]"), Ok(("[::1]:80".into(), "".into())));
+        let ok = |a: &str, p: &str, https| Ok((a.to_owned(), p.to_owned(), https));
+        assert_eq!(parse_backend_url("http://127.0.0.1:5000"), ok("127.0.0.1:5000", "", false));
+        assert_eq!(parse_backend_url("http://svc/api/v1/"), ok("svc:80", "/api/v1", false));
+        assert_eq!(parse_backend_url("http://[::1]:81/x"), ok("[::1]:81", "/x", false));
+        assert_eq!(parse_backend_url("http://[::1]"), ok("[::1]:80", "", false));
+        assert_eq!(parse_backend_url("https://svc/a"), ok("svc:443", "/a", true));
+        assert_eq!(parse_backend_url("https://[::1]:8443"), ok("[::1]:8443", "", true));
+        assert_eq!((host_of("[::1]:8443"), host_of("svc:443")), ("::1", "svc"));
         assert!(parse_backend_url("ftp://x").is_err());
         assert!(parse_backend_url("http://x:99999").is_err());
         assert!(parse_backend_url("http://x/?q").is_err());

@@ -241,9 +241,26 @@ pub struct Backend {
     pub idle_timeout: Duration,
     /// Idle connections kept per worker.
     pub max_idle: usize,
-    /// Name in `[certificates]` that the proxy presents to the backend (mutual TLS upstream).
-    pub client_certificate: Option<Located<String>>,
+    /// TLS to the backend (`https://` URLs).
+    pub tls: Option<BackendTls>,
     pub loc: Loc,
+}
+
+/// `[[backend]] tls = { … }`: how the proxy speaks TLS to an `https://` backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendTls {
+    /// CAs the backend's chain must lead to (the system's when empty).
+    pub ca: Vec<Located<PathBuf>>,
+    /// The name sent as SNI and checked against the backend's certificate (the URL's host).
+    pub server_name: String,
+    /// The certificate the proxy presents (mutual TLS): a name in `[certificates]`, given as
+    /// `certificate` (or the older `client_certificate` of the backend)…
+    pub certificate: Option<Located<String>>,
+    /// …or as the SHA-1 thumbprint of one (APIM's `authentication-certificate thumbprint`), in
+    /// upper-case hex without separators.
+    pub certificate_thumbprint: Option<Located<String>>,
+    /// Verify the backend's chain and name (`false` only with a warning at every load).
+    pub verify: bool,
 }
 
 /// `[[api]]`.

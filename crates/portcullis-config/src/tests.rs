@@ -88,7 +88,7 @@ client_certificate = "require"
 
 [[backend]]
 name = "b"
-url = "https://x"
+url = "gopher://x"
 connect_timeout = "soon"
 "#;
     let errors = parse(Path::new("p.toml"), text).expect_err("invalid");
@@ -96,7 +96,7 @@ connect_timeout = "soon"
     assert!(all.contains("listener[0].bind: \"nowhere\" is not an address"), "{all}");
     assert!(all.contains("listener[0].certificate: missing field `certificate`"), "{all}");
     assert!(all.contains("needs `client_ca`"), "{all}");
-    assert!(all.contains("https backends are not supported yet"), "{all}");
+    assert!(all.contains("not an http:// or https:// URL"), "{all}");
     assert!(all.contains("backend[0].connect_timeout: invalid duration \"soon\""), "{all}");
 }
 
@@ -248,5 +248,59 @@ fn server_redis_fields_and_their_errors() {
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert!(all.iter().any(|e| e.contains(expect)), "{fields}: {all:?}");
         assert!(all.iter().all(|e| !e.contains("hunter2") && !e.contains(":pw@")), "{all:?}");
+    }
+}
+
+#[test]
+fn https_backends_and_their_tls_fields() {
+    let backend = |fields: &str| {
+        GOOD.replace(
+            "url = \"http://127.0.0.1:5000/base/\"",
+            &format!("{fields}\n[certificates]\ngw = {{ cert = \"gw.pem\", key = \"gw.key\" }}"),
+        )
+    };
+    let text = backend(
+        "url = \"https://backend.internal/base\"\ntls = { ca = [\"ca.pem\"], certificate = \"gw\", server_name = \"api.internal\" }",
+    );
+    let c = parse(Path::new("p.toml"), &text).expect("valid");
+    let b = &c.backends[0];
+    assert_eq!(b.authority, "backend.internal:443");
+    let tls = b.tls.as_ref().expect("tls");
+    assert_eq!((tls.server_name.as_str(), tls.verify, tls.ca.len()), ("api.internal", true, 1));
+    assert_eq!(tls.certificate.as_ref().map(|c| c.value.as_str()), Some("gw"));
+    // Defaults: the URL's host, the system's trust; the older `client_certificate` still names
+    // the certificate; a thumbprint is normalised.
+    let c = parse(Path::new("p.toml"), &backend("url = \"https://[::1]:8443\"\nclient_certificate = \"gw\""))
+        .expect("valid");
+    let tls = c.backends[0].tls.as_ref().expect("tls");
+    assert_eq!((tls.server_name.as_str(), tls.ca.is_empty()), ("::1", true));
+    assert_eq!(tls.certificate.as_ref().map(|c| c.value.as_str()), Some("gw"));
+    let thumb = "eb:92:".to_owned() + &"ab".repeat(18);
+    let text = backend(&format!("url = \"https://b\"\ntls = {{ certificate_thumbprint = \"{thumb}\" }}"));
+    let c = parse(Path::new("p.toml"), &text).expect("valid");
+    let tls = c.backends[0].tls.as_ref().expect("tls");
+    assert_eq!(
+        tls.certificate_thumbprint.as_ref().map(|t| t.value.clone()),
+        Some("EB92".to_owned() + &"AB".repeat(18))
+    );
+    assert!(
+        c.backends[0].tls.is_some()
+            && parse(Path::new("p.toml"), GOOD).expect("valid").backends[0].tls.is_none()
+    );
+    for (fields, expect) in [
+        ("url = \"http://b\"\ntls = { verify = false }", "TLS to the backend needs an https:// URL"),
+        ("url = \"ftp://b\"", "not an http:// or https:// URL"),
+        ("url = \"https://b\"\ntls = { certificate = \"nope\" }", "no certificate named \"nope\""),
+        ("url = \"https://b\"\ntls = { certificate_thumbprint = \"EB92\" }", "40 hexadecimal digits"),
+        (
+            "url = \"https://b\"\nclient_certificate = \"gw\"\ntls = { certificate = \"gw\" }",
+            "give the backend's certificate once",
+        ),
+        ("url = \"https://b\"\ntls = { verify = \"no\" }", "backend[0].tls.verify"),
+        ("url = \"https://b\"\ntls = { sni = \"x\" }", "sni"),
+    ] {
+        let errors = parse(Path::new("p.toml"), &backend(fields)).expect_err(fields);
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(all.iter().any(|e| e.contains(expect)), "{fields}: {all:?}");
     }
 }

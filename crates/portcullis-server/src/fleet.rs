@@ -18,7 +18,6 @@
 //! (`redis_failure = "local"`) or refuse (`"deny"`), with one log line per change of state; the
 //! connection is retried with a growing pause (100 ms, doubling, at most 5 s).
 
-use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -29,10 +28,11 @@ use bytes::BytesMut;
 use monoio::net::TcpStream;
 use portcullis_config::{ConfigErrors, Redis, RedisFailure};
 use portcullis_policy::{Batch, FLEET_SCRIPT};
-use portcullis_tls::{ClientTls, PlainStream, Stream, TlsStream};
+use portcullis_tls::{ClientTls, PlainStream, Stream};
 
 use crate::event::Rounds;
 use crate::resp::{Reply, encode_command, next_reply};
+use crate::upstream::BackendStream;
 use crate::worker::Worker;
 
 /// Longest pause between attempts to reach Redis.
@@ -107,30 +107,9 @@ pub(crate) fn host_field() -> String {
     format!("{}:{}:{:08x}", name.trim(), std::process::id(), u32::from_le_bytes(random))
 }
 
-enum Io {
-    Plain(PlainStream<TcpStream>),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl Io {
-    async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
-        match self {
-            Io::Plain(s) => s.write_all_buf(src).await,
-            Io::Tls(s) => s.write_all_buf(src).await,
-        }
-    }
-
-    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Io::Plain(s) => s.read_buf(dst).await,
-            Io::Tls(s) => s.read_buf(dst).await,
-        }
-    }
-}
-
 /// One worker's connection to Redis.
 struct Connection {
-    io: Io,
+    io: BackendStream,
     rx: BytesMut,
     tx: BytesMut,
     /// A reply has come since the flag was cleared.
@@ -144,8 +123,8 @@ impl Connection {
             .map_err(|e| format!("cannot connect to {}: {e}", link.addr))?;
         let _ = tcp.set_nodelay(true);
         let io = match &link.tls {
-            None => Io::Plain(PlainStream::new(tcp)),
-            Some(tls) => Io::Tls(Box::new(tls.connect_async(&link.redis.host, tcp).await?)),
+            None => BackendStream::Plain(PlainStream::new(tcp)),
+            Some(tls) => BackendStream::Tls(Box::new(tls.connect_async(&link.redis.host, tcp).await?)),
         };
         let (rx, tx) = (BytesMut::with_capacity(4096), BytesMut::with_capacity(4096));
         let mut conn = Connection { io, rx, tx, answered: false };

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use ahash::AHashMap;
+use portcullis_tls::SslSession;
 
 use crate::upstream::{BackendStream, PoolKey, Target};
 
@@ -13,11 +14,18 @@ struct Idle {
     until: Instant,
 }
 
+/// TLS sessions kept per worker (one per target).
+const MAX_SESSIONS: usize = 4096;
+
 #[derive(Default)]
 pub(crate) struct Pool {
     idle: AHashMap<PoolKey, Vec<Idle>>,
+    /// The latest TLS session granted for each key, offered when the next connection opens.
+    sessions: AHashMap<PoolKey, SslSession>,
     /// New connections opened, for tests and metrics.
     pub(crate) opened: u64,
+    /// TLS connections opened by resuming a session.
+    pub(crate) resumed: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -50,6 +58,28 @@ impl Pool {
         }
     }
 
+    pub(crate) fn session(&self, key: &PoolKey) -> Option<SslSession> {
+        self.sessions.get(key).cloned()
+    }
+
+    pub(crate) fn keep_session(&mut self, key: &PoolKey, session: SslSession) {
+        match self.sessions.get_mut(key) {
+            Some(s) => *s = session,
+            None => {
+                // Keys of contexts replaced by reloads are not pruned one by one: past a bound,
+                // all go (and the next connections make full handshakes).
+                if self.sessions.len() >= MAX_SESSIONS {
+                    self.sessions.clear();
+                }
+                self.sessions.insert(key.clone(), session);
+            }
+        }
+    }
+
+    pub(crate) fn forget_session(&mut self, key: &PoolKey) {
+        self.sessions.remove(key);
+    }
+
     /// Closes connections idle for longer than their target's idle timeout.
     pub(crate) fn sweep(&mut self) {
         let now = Instant::now();
@@ -61,5 +91,6 @@ impl Pool {
 
     pub(crate) fn clear(&mut self) {
         self.idle.clear();
+        self.sessions.clear();
     }
 }

@@ -13,7 +13,7 @@ use portcullis_jose::RemoteKeys;
 use portcullis_policy::{Counters, Inputs, IpSet, PolicySet};
 use portcullis_tls::{BoringCrypto, RevocationSet, TicketKeys, TlsAcceptor};
 
-use crate::upstream::{PoolKey, Target};
+use crate::upstream::{PoolKey, Target, UpstreamTls};
 
 /// A listener's PROXY protocol settings.
 #[derive(Debug)]
@@ -139,6 +139,68 @@ pub struct Snapshot {
     pub(crate) fleet: Option<Arc<crate::fleet::FleetLink>>,
 }
 
+/// The TLS context of a backend: its trust, the proxy's certificate (named, or found in
+/// `[certificates]` by thumbprint), the server name. A context made from the same files and
+/// settings as one still in use is that one, so that a reload which changes nothing of it keeps
+/// its pooled connections and sessions.
+fn upstream_tls(
+    t: &portcullis_config::BackendTls,
+    b: &portcullis_config::Backend,
+    config: &Config,
+    thumbprints: &HashMap<String, [u8; 20]>,
+) -> Result<Arc<UpstreamTls>, portcullis_config::ConfigError> {
+    static CONTEXTS: std::sync::Mutex<Vec<(u64, std::sync::Weak<UpstreamTls>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let named = match (&t.certificate, &t.certificate_thumbprint) {
+        (Some(name), _) => config.certificates.iter().find(|c| c.name.value == name.value),
+        (None, Some(thumb)) => {
+            let found = thumbprints
+                .iter()
+                .find(|(_, sha1)| portcullis_tls::hex_upper(&sha1[..]) == thumb.value)
+                .and_then(|(name, _)| config.certificates.iter().find(|c| &c.name.value == name));
+            if found.is_none() {
+                return Err(thumb
+                    .loc
+                    .error(format!("no certificate in [certificates] has the thumbprint {}", thumb.value)));
+            }
+            found
+        }
+        (None, None) => None,
+    };
+    let identity =
+        named.and_then(|c| c.key.as_ref().map(|key| portcullis_tls::ClientIdentity { cert: &c.cert, key }));
+    if named.is_some() && identity.is_none() {
+        return Err(b.loc.error("the backend's client certificate has no key in [certificates]"));
+    }
+    // What the context is made of, for its id.
+    let mut digest = boring::sha::Sha256::new();
+    let mut add_file = |p: &std::path::Path| {
+        digest.update(&std::fs::read(p).unwrap_or_default());
+        digest.update(&[0]);
+    };
+    t.ca.iter().for_each(|c| add_file(&c.value));
+    if let Some(id) = &identity {
+        add_file(&id.cert.value);
+        add_file(&id.key.value);
+    }
+    digest.update(t.server_name.as_bytes());
+    digest.update(&[u8::from(t.verify), u8::from(t.ca.is_empty())]);
+    let id = u64::from_le_bytes(digest.finish()[..8].try_into().unwrap_or_default()).max(1);
+    if !t.verify {
+        tracing::warn!(backend = %b.name.value, "TLS to the backend is not verified (tls.verify = false): anyone on the path can pose as it");
+    }
+    let mut contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    contexts.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(same) = contexts.iter().find(|(i, _)| *i == id).and_then(|(_, w)| w.upgrade()) {
+        return Ok(same);
+    }
+    let loc = t.ca.first().map_or(&b.url.loc, |c| &c.loc);
+    let client = portcullis_tls::ClientTls::with(&t.ca, identity, t.verify).map_err(|e| loc.error(e))?;
+    let tls = Arc::new(UpstreamTls { client, server_name: t.server_name.clone(), id });
+    contexts.push((id, Arc::downgrade(&tls)));
+    Ok(tls)
+}
+
 /// Connections per worker when `server.max_connections` is not set: the open-file limit, less a
 /// reserve for listeners, files and logs, split between the workers, two descriptors a
 /// connection (the client's and a backend's).
@@ -190,38 +252,6 @@ impl Snapshot {
                 l.proxy_protocol.then_some(ProxyProtocol { from })
             })
             .collect();
-        let mut backends = Vec::with_capacity(config.backends.len());
-        for b in &config.backends {
-            let addr = match b.authority.to_socket_addrs().map(|mut a| a.next()) {
-                Ok(Some(addr)) => addr,
-                Ok(None) | Err(_) => {
-                    errors.push(b.url.loc.error(format!("cannot resolve \"{}\"", b.authority)));
-                    continue;
-                }
-            };
-            if b.client_certificate.is_some() {
-                if let Some(c) = &b.client_certificate {
-                    errors
-                        .push(c.loc.error(
-                            "backend client certificates (mTLS to the backend) are not supported yet",
-                        ));
-                }
-                continue;
-            }
-            let authority = Bytes::from(b.authority.clone().into_bytes());
-            backends.push(Backend {
-                name: b.name.value.clone(),
-                target: Target {
-                    key: PoolKey { addr, authority: authority.clone() },
-                    connect_timeout: b.connect_timeout,
-                    idle_timeout: b.idle_timeout,
-                    max_idle: b.max_idle,
-                },
-                authority,
-                base_path: Bytes::from(b.base_path.clone().into_bytes()),
-                response_timeout: b.response_timeout,
-            });
-        }
         // Revocation is checked again on every request, against every CRL of this configuration.
         let mut revoked = RevocationSet::default();
         for acceptor in &listeners {
@@ -256,6 +286,42 @@ impl Snapshot {
             {
                 errors.push(e);
             }
+        }
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for b in &config.backends {
+            let addr = match b.authority.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => addr,
+                Ok(None) | Err(_) => {
+                    errors.push(b.url.loc.error(format!("cannot resolve \"{}\"", b.authority)));
+                    continue;
+                }
+            };
+            let tls = match b.tls.as_ref().map(|t| upstream_tls(t, b, config, &certificates)) {
+                None => None,
+                Some(Ok(tls)) => Some(tls),
+                Some(Err(e)) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let authority = Bytes::from(b.authority.clone().into_bytes());
+            backends.push(Backend {
+                name: b.name.value.clone(),
+                target: Target {
+                    key: PoolKey {
+                        addr,
+                        authority: authority.clone(),
+                        tls: tls.as_ref().map_or(0, |t| t.id),
+                    },
+                    tls,
+                    connect_timeout: b.connect_timeout,
+                    idle_timeout: b.idle_timeout,
+                    max_idle: b.max_idle,
+                },
+                authority,
+                base_path: Bytes::from(b.base_path.clone().into_bytes()),
+                response_timeout: b.response_timeout,
+            });
         }
         let fleet = match config.server.redis.as_ref().map(crate::fleet::FleetLink::compile) {
             Some(Ok(link)) => Some(Arc::new(link)),
@@ -371,7 +437,8 @@ mod tests {
             base_path: Bytes::from(base.to_owned()),
             response_timeout: Duration::ZERO,
             target: Target {
-                key: PoolKey { addr: "127.0.0.1:1".parse().expect("addr"), authority: Bytes::new() },
+                key: PoolKey { addr: "127.0.0.1:1".parse().expect("addr"), authority: Bytes::new(), tls: 0 },
+                tls: None,
                 connect_timeout: Duration::ZERO,
                 idle_timeout: Duration::ZERO,
                 max_idle: 0,

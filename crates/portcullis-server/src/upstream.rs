@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,23 +17,113 @@ use portcullis_http::forward::BodyMode;
 use portcullis_http::{
     ChunkedDecoder, ChunkedOutput, Decoded, HeadError, HeadScanner, Limits, Reaction, ResponseHead, Side,
 };
-use portcullis_tls::{PlainStream, Stream};
+use portcullis_tls::{ClientTls, PlainStream, Stream, TlsStream};
 
 use crate::pool::Pool;
 use crate::relay::RelayError;
 use crate::timer::Timer;
 
-/// A stream to a backend. Plain TCP today; a TLS stream takes this place for backends with
-/// `tls`, behind the same [`Stream`] interface.
-pub(crate) type BackendStream = PlainStream<TcpStream>;
+/// A connection the proxy opened: to a backend, a service it calls, Redis. Plain TCP or TLS,
+/// behind the one [`Stream`] interface.
+pub(crate) enum BackendStream {
+    Plain(PlainStream<TcpStream>),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream for BackendStream {
+    async fn read_buf(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            BackendStream::Plain(s) => s.read_buf(dst).await,
+            BackendStream::Tls(s) => s.read_buf(dst).await,
+        }
+    }
+
+    async fn write_all_buf(&mut self, src: &mut BytesMut) -> io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.write_all_buf(src).await,
+            BackendStream::Tls(s) => s.write_all_buf(src).await,
+        }
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.close().await,
+            BackendStream::Tls(s) => s.close().await,
+        }
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.finish().await,
+            BackendStream::Tls(s) => s.finish().await,
+        }
+    }
+
+    async fn read_buf_cancelable(
+        &mut self,
+        dst: &mut BytesMut,
+        cancel: monoio::io::CancelHandle,
+    ) -> io::Result<usize> {
+        match self {
+            BackendStream::Plain(s) => s.read_buf_cancelable(dst, cancel).await,
+            BackendStream::Tls(s) => s.read_buf_cancelable(dst, cancel).await,
+        }
+    }
+
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.wait_readable().await,
+            BackendStream::Tls(s) => s.wait_readable().await,
+        }
+    }
+
+    async fn read_raw(&mut self, dst: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            BackendStream::Plain(s) => s.read_raw(dst).await,
+            BackendStream::Tls(s) => s.read_raw(dst).await,
+        }
+    }
+
+    fn shrink(&mut self) {
+        match self {
+            BackendStream::Plain(s) => s.shrink(),
+            BackendStream::Tls(s) => s.shrink(),
+        }
+    }
+
+    fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            BackendStream::Plain(s) => s.peek(buf),
+            BackendStream::Tls(s) => s.peek(buf),
+        }
+    }
+}
+
+/// TLS towards a target: the client context (trust, the proxy's own certificate), the name sent
+/// and checked, and an id of what the context was made from.
+pub(crate) struct UpstreamTls {
+    pub(crate) client: ClientTls,
+    pub(crate) server_name: String,
+    /// A digest of the files and settings the context was made from: pooled connections and
+    /// sessions are kept under it, so a certificate rotated on reload opens new ones.
+    pub(crate) id: u64,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).field("id", &self.id).finish()
+    }
+}
 
 /// What a pooled connection was made for: a connection is reused only for a request that would
 /// have made the same one. The address and the name it is reached by (the `Host` for plain
-/// backends; with TLS, the server name, and the client certificate and trust join the key).
+/// backends), and for TLS the id of its context (trust, client certificate, server name).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
     pub(crate) addr: SocketAddr,
     pub(crate) authority: Bytes,
+    /// [`UpstreamTls::id`]; 0 for plain TCP.
+    pub(crate) tls: u64,
 }
 
 /// Where upstream connections go and how they are kept: a configured backend's, or a service
@@ -40,6 +131,8 @@ pub(crate) struct PoolKey {
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub(crate) key: PoolKey,
+    pub(crate) tls: Option<Arc<UpstreamTls>>,
+    /// For connecting, the TLS handshake included.
     pub(crate) connect_timeout: Duration,
     /// How long an idle connection is kept in the pool.
     pub(crate) idle_timeout: Duration,
@@ -90,20 +183,46 @@ impl Upstream {
             }
             tracing::debug!(addr = %target.key.addr, "pooled connection closed or sent unsolicited bytes; discarded");
         }
-        match timeout(target.connect_timeout, TcpStream::connect_addr(target.key.addr)).await {
-            Ok(Ok(c)) => {
-                let _ = c.set_nodelay(true);
-                pool.borrow_mut().opened += 1;
-                Ok(Upstream { stream: PlainStream::new(c), reused: false })
+        let deadline = Instant::now() + target.connect_timeout;
+        let tcp = match timeout(target.connect_timeout, TcpStream::connect_addr(target.key.addr)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) => return Err(UpstreamError::ConnectTimeout),
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(tls) = &target.tls else {
+            pool.borrow_mut().opened += 1;
+            return Ok(Upstream { stream: BackendStream::Plain(PlainStream::new(tcp)), reused: false });
+        };
+        let session = pool.borrow().session(&target.key);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, tls.client.connect_resuming(&tls.server_name, tcp, session.as_ref())).await {
+            Ok(Ok(stream)) => {
+                let mut pool = pool.borrow_mut();
+                pool.opened += 1;
+                pool.resumed += u64::from(stream.info().resumed);
+                Ok(Upstream { stream: BackendStream::Tls(Box::new(stream)), reused: false })
             }
-            Ok(Err(e)) => Err(UpstreamError::Connect(e)),
+            Ok(Err(e)) => {
+                // A session the server will not take is not offered again.
+                pool.borrow_mut().forget_session(&target.key);
+                Err(UpstreamError::Handshake(e))
+            }
             Err(_) => Err(UpstreamError::ConnectTimeout),
         }
     }
 
-    /// Gives the connection back to the pool for `target`.
-    pub(crate) fn release(self, pool: &RefCell<Pool>, target: &Target) {
-        pool.borrow_mut().put(target, self.stream);
+    /// Done with the connection: the TLS session the server granted on it is kept for the next
+    /// connection to `target`, and the connection goes back to the pool when `reusable`.
+    pub(crate) fn finish(mut self, pool: &RefCell<Pool>, target: &Target, reusable: bool) {
+        if let BackendStream::Tls(s) = &mut self.stream
+            && let Some(session) = s.take_session()
+        {
+            pool.borrow_mut().keep_session(&target.key, session);
+        }
+        if reusable {
+            pool.borrow_mut().put(target, self.stream);
+        }
     }
 
     /// Sends what `out` holds (a request head, and a body if any) by `deadline`. A connection
@@ -114,11 +233,25 @@ impl Upstream {
         timer: &mut Timer,
         deadline: Instant,
     ) -> Result<(), UpstreamError> {
-        match timer.until(deadline, pin!(self.stream.write_all_buf(out))).await {
+        let written = timer.until(deadline, pin!(self.stream.write_all_buf(out))).await;
+        match written {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(UpstreamError::Lost(e)),
+            Ok(Err(e)) => Err(self.lost(e)),
             Err(_) => Err(UpstreamError::Timeout),
         }
+    }
+
+    /// The connection failed before any response byte. On a new TLS connection, a TLS error
+    /// then is the end of the handshake: in TLS 1.3 a server refuses the client's certificate
+    /// only after the client has finished, with an alert that the first read finds.
+    fn lost(&self, e: io::Error) -> UpstreamError {
+        if !self.reused
+            && matches!(self.stream, BackendStream::Tls(_))
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            return UpstreamError::Handshake(format!("TLS handshake failed: the backend sent {e}"));
+        }
+        UpstreamError::Lost(e)
     }
 
     /// Reads the next response head (interim or final) into `head`, from `buf` and then the
@@ -156,7 +289,8 @@ impl Upstream {
                 Ok(None) => {}
                 Err(e) => return Err(UpstreamError::BadResponse(e)),
             }
-            match timer.until(deadline, pin!(self.stream.read_buf(buf))).await {
+            let read = timer.until(deadline, pin!(self.stream.read_buf(buf))).await;
+            match read {
                 Err(_) => return Err(UpstreamError::Timeout),
                 Ok(Ok(0)) if !progress.received => {
                     return Err(UpstreamError::Lost(io::Error::new(
@@ -170,7 +304,7 @@ impl Upstream {
                     )));
                 }
                 Ok(Ok(_)) => progress.received = true,
-                Ok(Err(e)) if !progress.received => return Err(UpstreamError::Lost(e)),
+                Ok(Err(e)) if !progress.received => return Err(self.lost(e)),
                 Ok(Err(e)) => {
                     return Err(UpstreamError::BadResponse(HeadError::Malformed(
                         if e.kind() == io::ErrorKind::ConnectionReset {
@@ -226,9 +360,7 @@ impl Upstream {
         let (mode, _) = portcullis_http::forward::response_body(&into.head, false, false);
         into.body.clear();
         let reusable = up.read_body(mode, &mut buf, &mut into.body, max_body, timer, deadline).await?;
-        if reusable && into.head.keep_alive() && buf.is_empty() {
-            up.release(pool, target);
-        }
+        up.finish(pool, target, reusable && into.head.keep_alive() && buf.is_empty());
         Ok(())
     }
 
@@ -304,6 +436,9 @@ pub(crate) const RESPONSE_LIMITS: Limits = Limits { max_head_size: 64 * 1024, ma
 pub(crate) enum UpstreamError {
     Connect(io::Error),
     ConnectTimeout,
+    /// The TLS handshake failed: the backend's certificate was not trusted or not for its name,
+    /// it refused the proxy's, or it does not speak TLS.
+    Handshake(String),
     /// The connection failed or closed before any response byte: a stale pooled connection looks
     /// like this, and such a request may be sent again.
     Lost(io::Error),
@@ -327,6 +462,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) => "backend unreachable",
             UpstreamError::ConnectTimeout => "backend connect timed out",
+            UpstreamError::Handshake(_) => "backend TLS handshake failed",
             UpstreamError::Lost(_) => "backend closed before responding",
             UpstreamError::Timeout => "backend response timed out",
             UpstreamError::BadResponse(_) => "invalid backend response",
@@ -363,6 +499,7 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(e) => write!(f, "connect failed: {e}"),
             UpstreamError::ConnectTimeout => f.write_str("connect timed out"),
+            UpstreamError::Handshake(e) => f.write_str(e),
             UpstreamError::Lost(e) => write!(f, "connection lost before the response: {e}"),
             UpstreamError::Timeout => f.write_str("no response in time"),
             UpstreamError::BadResponse(e) => write!(f, "invalid response: {e}"),
@@ -422,7 +559,8 @@ mod tests {
 
     fn target(addr: SocketAddr) -> Target {
         Target {
-            key: PoolKey { addr, authority: Bytes::from_static(b"devauth.internal") },
+            key: PoolKey { addr, authority: Bytes::from_static(b"devauth.internal"), tls: 0 },
+            tls: None,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             max_idle: 4,

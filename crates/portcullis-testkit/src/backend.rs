@@ -25,6 +25,10 @@
 //!
 //! Every response carries `X-Backend-Conn: <n>` (which connection served it) and
 //! `X-Powered-By: test-backend`.
+//!
+//! [`Backend::start_tls`] serves the same over TLS (rustls, not the proxy's BoringSSL), asking
+//! for a client certificate from a given CA when told to, and counts resumed handshakes; the
+//! echo then starts with `tls-client: <CN>` naming the certificate the client presented.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -32,6 +36,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection, StreamOwned};
+
+use crate::pki::Identity;
 
 /// What a server that times out an idle connection may say before closing it.
 const UNSOLICITED_408: &[u8] =
@@ -43,18 +54,73 @@ pub struct Backend {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
+    /// TLS handshakes that resumed a session, and those that failed.
+    resumed: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// A connection the backend serves: TCP, or TLS over it.
+trait Duplex: Read + Write {
+    /// Ends the connection (TLS: close_notify first).
+    fn close(&mut self);
+}
+
+impl Duplex for TcpStream {
+    fn close(&mut self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Duplex for StreamOwned<ServerConnection, TcpStream> {
+    fn close(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
 impl Backend {
     pub fn start() -> Backend {
+        Backend::start_with(None)
+    }
+
+    /// Over TLS with `server`'s certificate; with `client_ca` (PEM), a client certificate that
+    /// chains to it is required.
+    pub fn start_tls(server: &Identity, client_ca: Option<&str>) -> Backend {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(server.chain_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let config = match client_ca {
+            Some(pem) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+                builder.with_client_cert_verifier(verifier).with_single_cert(chain, key).unwrap()
+            }
+            None => builder.with_no_client_auth().with_single_cert(chain, key).unwrap(),
+        };
+        Backend::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<ServerConfig>>) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("backend bind: {e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("backend addr: {e}"));
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
+        let resumed = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, r, s) = (connections.clone(), requests.clone(), stop.clone());
+        let (resumed2, refused2) = (resumed.clone(), refused.clone());
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if s.load(Ordering::Acquire) {
@@ -62,13 +128,41 @@ impl Backend {
                 }
                 let Ok(stream) = stream else { continue };
                 let n = c.fetch_add(1, Ordering::AcqRel) + 1;
-                let r = r.clone();
+                let (r, tls) = (r.clone(), tls.clone());
+                let (resumed, refused) = (resumed2.clone(), refused2.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, n, &r);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+                    let _ = stream.set_nodelay(true);
+                    let Some(config) = tls else {
+                        let _ = serve(stream, n, &r, None);
+                        return;
+                    };
+                    let mut tls = StreamOwned::new(ServerConnection::new(config).unwrap(), stream);
+                    while tls.conn.is_handshaking() {
+                        if tls.conn.complete_io(&mut tls.sock).is_err() {
+                            refused.fetch_add(1, Ordering::AcqRel);
+                            return;
+                        }
+                    }
+                    if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        resumed.fetch_add(1, Ordering::AcqRel);
+                    }
+                    let peer = tls.conn.peer_certificates().and_then(|c| c.first()).map(|c| common_name(c));
+                    let _ = serve(tls, n, &r, peer);
                 });
             }
         });
-        Backend { addr, connections, requests, stop, thread: Some(thread) }
+        Backend { addr, connections, requests, resumed, refused, stop, thread: Some(thread) }
+    }
+
+    /// TLS handshakes that resumed a session.
+    pub fn resumed(&self) -> usize {
+        self.resumed.load(Ordering::Acquire)
+    }
+
+    /// TLS handshakes that failed (a client certificate missing or not trusted, say).
+    pub fn refused_handshakes(&self) -> usize {
+        self.refused.load(Ordering::Acquire)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -96,14 +190,29 @@ impl Drop for Backend {
     }
 }
 
+/// The common name in a DER certificate (found by its OID, not parsed in full).
+fn common_name(der: &[u8]) -> String {
+    // id-at-commonName, then a string's tag and length.
+    let oid = [0x06, 0x03, 0x55, 0x04, 0x03];
+    // The issuer's name comes before the subject's: the last one is the subject's.
+    der.windows(oid.len())
+        .rposition(|w| w == oid)
+        .and_then(|i| {
+            let len = *der.get(i + oid.len() + 1)? as usize;
+            let start = i + oid.len() + 2;
+            der.get(start..start + len).map(|b| String::from_utf8_lossy(b).into_owned())
+        })
+        .unwrap_or_default()
+}
+
 /// Buffered reading of a byte stream.
-struct Input {
-    stream: TcpStream,
+struct Input<S> {
+    stream: S,
     buf: Vec<u8>,
     pos: usize,
 }
 
-impl Input {
+impl<S: Read> Input<S> {
     fn fill(&mut self) -> io::Result<bool> {
         if self.pos > 0 {
             self.buf.drain(..self.pos);
@@ -157,7 +266,7 @@ impl Request {
     }
 }
 
-fn read_request(input: &mut Input) -> io::Result<Option<Request>> {
+fn read_request<S: Read>(input: &mut Input<S>) -> io::Result<Option<Request>> {
     let mut lines = Vec::new();
     loop {
         let line = match input.line() {
@@ -183,7 +292,7 @@ fn read_request(input: &mut Input) -> io::Result<Option<Request>> {
 }
 
 /// Reads the request body, handing each piece to `sink`.
-fn read_body(input: &mut Input, req: &Request, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
+fn read_body<S: Read>(input: &mut Input<S>, req: &Request, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
     if req.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
         loop {
             let line = input.line()?;
@@ -218,31 +327,29 @@ fn pattern(offset: usize, len: usize) -> Vec<u8> {
     (offset..offset + len).map(|i| (i % 251) as u8).collect()
 }
 
-fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.set_nodelay(true)?;
-    let mut out = stream.try_clone()?;
+/// Serves requests on one connection; `peer`: the common name of the client's certificate.
+fn serve<S: Duplex>(stream: S, conn: usize, requests: &AtomicUsize, peer: Option<String>) -> io::Result<()> {
     let mut input = Input { stream, buf: Vec::new(), pos: 0 };
     let mut timed_out = false;
     while let Some(req) = read_request(&mut input)? {
         if timed_out {
-            out.write_all(UNSOLICITED_408)?;
-            let _ = out.shutdown(Shutdown::Both);
+            input.stream.write_all(UNSOLICITED_408)?;
+            input.stream.close();
             return Ok(());
         }
         timed_out = req.path == "/next-gets-408";
         if req.path == "/early-hints" {
-            out.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")?;
+            input.stream.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")?;
         }
         if req.path == "/early-413" {
-            out.write_all(
+            input.stream.write_all(
                 b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large",
             )?;
-            let _ = out.shutdown(Shutdown::Both);
+            input.stream.close();
             return Ok(());
         }
         if req.path == "/early-close" || req.path == "/reset" {
-            let _ = out.shutdown(Shutdown::Both);
+            input.stream.close();
             return Ok(());
         }
         let mut body_len = 0usize;
@@ -262,72 +369,80 @@ fn serve(stream: TcpStream, conn: usize, requests: &AtomicUsize) -> io::Result<(
             while matches!(input.stream.read(&mut sink), Ok(n) if n > 0) {}
             return Ok(());
         } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
-            write!(out, "HTTP/1.1 200 OK\r\n{common}Content-Length: {n}\r\n\r\n")?;
+            write!(input.stream, "HTTP/1.1 200 OK\r\n{common}Content-Length: {n}\r\n\r\n")?;
             let mut sent = if head_only { n } else { 0 };
             while sent < n {
                 let piece = pattern(sent, (n - sent).min(64 * 1024));
-                out.write_all(&piece)?;
+                input.stream.write_all(&piece)?;
                 sent += piece.len();
             }
         } else if let Some(n) = path.strip_prefix("/chunked/").and_then(|n| n.parse::<usize>().ok()) {
-            write!(out, "HTTP/1.1 200 OK\r\n{common}Transfer-Encoding: chunked\r\n\r\n")?;
+            write!(input.stream, "HTTP/1.1 200 OK\r\n{common}Transfer-Encoding: chunked\r\n\r\n")?;
             let mut sent = 0;
             while sent < n {
                 let piece = pattern(sent, (n - sent).min(8 * 1024 + 13));
-                write!(out, "{:x}\r\n", piece.len())?;
-                out.write_all(&piece)?;
-                out.write_all(b"\r\n")?;
+                write!(input.stream, "{:x}\r\n", piece.len())?;
+                input.stream.write_all(&piece)?;
+                input.stream.write_all(b"\r\n")?;
                 sent += piece.len();
             }
-            out.write_all(b"0\r\n\r\n")?;
+            input.stream.write_all(b"0\r\n\r\n")?;
         } else if let Some(code) = path.strip_prefix("/status/").and_then(|n| n.parse::<u16>().ok()) {
             let body = format!("status {code}");
-            write!(out, "HTTP/1.1 {code} Whatever\r\n{common}Content-Length: {}\r\n\r\n{body}", body.len())?;
+            write!(
+                input.stream,
+                "HTTP/1.1 {code} Whatever\r\n{common}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )?;
         } else if path == "/garbage" {
-            out.write_all(b"HELLO THERE\r\n\r\n")?;
+            input.stream.write_all(b"HELLO THERE\r\n\r\n")?;
         } else if path == "/switch" {
             write!(
-                out,
+                input.stream,
                 "HTTP/1.1 101 Switching Protocols\r\n{common}Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
             )?;
         } else if path == "/gzip" {
-            write!(out, "HTTP/1.1 200 OK\r\n{common}Transfer-Encoding: gzip\r\n\r\nnot really gzip")?;
+            write!(
+                input.stream,
+                "HTTP/1.1 200 OK\r\n{common}Transfer-Encoding: gzip\r\n\r\nnot really gzip"
+            )?;
             close = true;
         } else if path == "/conn-cl" {
             write!(
-                out,
+                input.stream,
                 "HTTP/1.1 200 OK\r\n{common}Connection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
             )?;
         } else if path == "/upload" {
             let digest = hasher.finish();
             let body =
                 format!("bytes={body_len} sha256={}", crate::pki::hex_upper(digest.as_ref()).to_lowercase());
-            write!(out, "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n{body}", body.len())?;
+            write!(input.stream, "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n{body}", body.len())?;
         } else {
             if let Some(ms) = path.strip_prefix("/slow/").and_then(|n| n.parse::<u64>().ok()) {
                 std::thread::sleep(Duration::from_millis(ms));
             }
             close = path == "/close";
             let conn_header = if close { "Connection: close\r\n" } else { "" };
-            let body = format!("{}body-bytes: {body_len}\n", req.head_text);
+            let tls_client = peer.as_ref().map(|cn| format!("tls-client: {cn}\n")).unwrap_or_default();
+            let body = format!("{tls_client}{}body-bytes: {body_len}\n", req.head_text);
             write!(
-                out,
+                input.stream,
                 "HTTP/1.1 200 OK\r\n{common}{conn_header}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             )?;
         }
-        out.flush()?;
+        input.stream.flush()?;
         if path == "/then-close" || path == "/then-408" {
             std::thread::sleep(Duration::from_millis(50));
             if path == "/then-408" {
-                let _ = out.write_all(UNSOLICITED_408);
-                let _ = out.flush();
+                let _ = input.stream.write_all(UNSOLICITED_408);
+                let _ = input.stream.flush();
             }
-            let _ = out.shutdown(Shutdown::Both);
+            input.stream.close();
             return Ok(());
         }
         if close || req.header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
-            let _ = out.shutdown(Shutdown::Both);
+            input.stream.close();
             return Ok(());
         }
     }

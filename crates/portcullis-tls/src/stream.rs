@@ -51,8 +51,9 @@ pub trait Stream {
     async fn read_raw(&mut self, dst: &mut BytesMut) -> io::Result<usize>;
     /// Gives back buffer memory while the connection is idle (no read may be pending).
     fn shrink(&mut self) {}
-    /// What is waiting to be read, copied into `buf` and left in place, without waiting; on a
-    /// plain connection only (TLS records cannot be looked into this way).
+    /// What is waiting to be read, copied into `buf` and left in place, without waiting. Over
+    /// TLS, the ciphertext waiting (records cannot be looked into this way: an alert, a late
+    /// session ticket and stray bytes all count), and 1 for what is already buffered.
     fn peek(&self, _buf: &mut [u8]) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
@@ -390,6 +391,13 @@ impl<S: CancelableAsyncReadRent + AsyncWriteRent + Readiness> Stream for TlsStre
         }
         src.clear();
         Wire { ssl: &mut self.ssl, io: &mut self.io }.flush().await
+    }
+
+    fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ssl.ssl().pending() > 0 || !self.ssl.get_ref().rx.is_empty() {
+            return Ok(1);
+        }
+        self.io.peek(buf)
     }
 
     fn shrink(&mut self) {

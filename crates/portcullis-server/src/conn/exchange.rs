@@ -332,9 +332,7 @@ impl<S: Stream> Conn<S> {
                     && !matches!(mode, BodyMode::UntilClose { .. })
                     && self.ubuf.is_empty()
                     && !self.head.is_head();
-                if reusable {
-                    upstream.release(&self.worker.pool, &backend.target);
-                }
+                upstream.finish(&self.worker.pool, &backend.target, reusable);
                 self.ubuf.clear();
                 (keep, status)
             }
