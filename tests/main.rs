@@ -4,6 +4,7 @@
 
 mod backend_responses;
 mod backend_tls;
+mod callout;
 mod common;
 mod config;
 mod conformance;

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod callers;
+mod callout;
 mod error;
 mod load;
 mod model;

@@ -573,7 +573,7 @@ fn named_files(r: &mut Reader, v: &Value<'_>, section: &str) -> Vec<NamedFile> {
 
 /// Splits `http://host:port/base` into `host:port` and `/base`.
 /// `(authority with port, base path, https)` of a backend URL.
-fn parse_backend_url(url: &str) -> Result<(String, String, bool), String> {
+pub(crate) fn parse_backend_url(url: &str) -> Result<(String, String, bool), String> {
     let (rest, https) = if let Some(rest) = url.strip_prefix("http://") {
         (rest, false)
     } else if let Some(rest) = url.strip_prefix("https://") {
@@ -605,15 +605,15 @@ fn parse_backend_url(url: &str) -> Result<(String, String, bool), String> {
 }
 
 /// The host of `host:port` (an IPv6 address without its brackets).
-fn host_of(authority: &str) -> &str {
+pub(crate) fn host_of(authority: &str) -> &str {
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// `[[backend]] tls`, for an `https://` backend whose host is `host`.
-fn backend_tls(
+/// `[[backend]] tls` (or a callout's `key`), for an `https://` URL whose host is `host`.
+pub(crate) fn backend_tls(
     r: &mut Reader,
-    t: &DeTable<'_>,
+    (t, key): (&DeTable<'_>, &str),
     field: &str,
     host: &str,
     client_certificate: Option<Located<String>>,
@@ -625,8 +625,8 @@ fn backend_tls(
         certificate_thumbprint: None,
         verify: true,
     };
-    let Some(v) = get(t, "tls") else { return tls };
-    let field = join(field, "tls");
+    let Some(v) = get(t, key) else { return tls };
+    let field = join(field, key);
     let Some(t) = r.table(v, &field) else { return tls };
     r.check_keys(t, &field, &["ca", "server_name", "certificate", "certificate_thumbprint", "verify"]);
     tls.ca = get(t, "ca").map(|c| r.paths(c, &join(&field, "ca"))).unwrap_or_default();
@@ -712,7 +712,7 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
         get(t, "client_certificate").and_then(|c| r.non_empty_string(c, &join(field, "client_certificate")));
     let (authority, base_path, https) = parts?;
     let tls = if https {
-        Some(backend_tls(r, t, field, host_of(&authority), client_certificate))
+        Some(backend_tls(r, (t, "tls"), field, host_of(&authority), client_certificate))
     } else {
         for key in ["tls", "client_certificate"] {
             if let Some(v) = get(t, key) {
@@ -902,7 +902,7 @@ fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
     Some(Operation { pattern: pattern?, inherit, inbound, outbound })
 }
 
-const STEP_KINDS: [&str; 10] = [
+const STEP_KINDS: [&str; 11] = [
     "set_header",
     "validate_client_certificate",
     "return_response",
@@ -913,6 +913,7 @@ const STEP_KINDS: [&str; 10] = [
     "rate_limit_by_key",
     "quota",
     "quota_by_key",
+    "send_request",
 ];
 
 pub(crate) fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
@@ -941,6 +942,7 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
         "rate_limit_by_key" => StepKind::RateLimit(crate::traffic::rate_limit(r, body, &field, true)?),
         "quota" => StepKind::Quota(crate::traffic::quota(r, body, &field, false)?),
         "quota_by_key" => StepKind::Quota(crate::traffic::quota(r, body, &field, true)?),
+        "send_request" => StepKind::SendRequest(Box::new(crate::callout::send_request(r, body, &field)?)),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })
@@ -953,7 +955,7 @@ pub(crate) fn is_token(s: &str) -> bool {
 /// Fields the proxy writes from a message's framing, never from a policy: a second
 /// `Content-Length` or a `Connection` that names another field would change how the message is
 /// delimited.
-fn refuse_framing_field(r: &mut Reader, name: &Located<String>) {
+pub(crate) fn refuse_framing_field(r: &mut Reader, name: &Located<String>) {
     const FRAMING: [&str; 8] = [
         "content-length",
         "transfer-encoding",

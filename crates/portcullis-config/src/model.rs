@@ -392,6 +392,42 @@ pub enum StepKind {
     RateLimit(RateLimit),
     /// `quota` (per subscription) or `quota_by_key`.
     Quota(Quota),
+    SendRequest(Box<SendRequest>),
+}
+
+/// `send_request`: APIM's `send-request` as an authorisation callout. The request waits for the
+/// service's answer; a status in `expect_status` lets it through (with `set_headers` rendered
+/// from the answer), anything else gets the refusal.
+#[derive(Debug, Clone)]
+pub struct SendRequest {
+    /// Names the answer for templates: `{callout.NAME.status}`, `{callout.NAME.json.PATH}`.
+    pub name: Located<String>,
+    pub method: String,
+    pub url: Located<String>,
+    /// `host:port` of the URL (literal: no template there), and whether it is `https://`.
+    pub authority: String,
+    pub https: bool,
+    /// The URL's path and query, a template whose values are percent-encoded.
+    pub path: String,
+    /// Request headers (templates); the callout carries nothing else of the client's request.
+    pub headers: Vec<(Located<String>, Located<String>)>,
+    pub body: Option<Located<String>>,
+    /// For the whole callout: connecting, the TLS handshake, the answer.
+    pub timeout: Duration,
+    /// Carry on when the callout fails or refuses, with its fields empty.
+    pub ignore_error: bool,
+    /// TLS to the service (`https://` only; `backend_tls = { … }`, as a backend's `tls`).
+    pub tls: Option<BackendTls>,
+    /// Answers are kept this long per rendered request (method, URL, headers and body).
+    pub cache_ttl: Option<Duration>,
+    /// Statuses that let the request through (default: 200–299).
+    pub expect_status: StatusRanges,
+    pub status: u16,
+    pub message: String,
+    /// Headers set on the forwarded request from the answer (templates).
+    pub set_headers: Vec<(Located<String>, Located<String>)>,
+    /// Longest answer body read (default 64 KiB).
+    pub max_response_size: usize,
 }
 
 /// `validate_client_certificate`: APIM's policy of the same name.

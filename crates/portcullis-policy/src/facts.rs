@@ -18,6 +18,8 @@ use crate::jwt::{TokenCache, Verified};
 pub struct WorkerLocal {
     pub(crate) tokens: TokenCache,
     pub deltas: Deltas,
+    /// Callouts' answers kept for their `cache_ttl`.
+    pub(crate) callouts: crate::callout::CalloutCache,
 }
 
 impl WorkerLocal {
@@ -74,6 +76,9 @@ pub enum Answer {
     /// The identity providers' keys were fetched again, or the wait for them is over: the step
     /// decides with the keys there are now.
     KeysRefreshed,
+    /// What was needed could not be had (a callout that failed: unreachable, timed out, an
+    /// answer that is no HTTP); the details are in the server's log.
+    Failed(&'static str),
     /// The worker synced its counts with the fleet (or the wait for it is over): the limit
     /// decides with what is known now.
     Synced,
@@ -101,6 +106,11 @@ pub struct RequestState {
     pub(crate) response_headers: Vec<(Bytes, u64)>,
     /// The time in a refusal's message (seconds until a limit frees up).
     pub(crate) wait_secs: u64,
+    /// The request a waiting callout step wants sent (head and body), kept until its answer is
+    /// read (it is the key of the answer in the cache).
+    pub(crate) callout_request: Option<Bytes>,
+    /// The answers of the request's callouts, by name.
+    pub(crate) callouts: Vec<(Box<str>, crate::callout::CalloutAnswer)>,
     pub(crate) local: Rc<RefCell<WorkerLocal>>,
 }
 
@@ -120,6 +130,18 @@ impl RequestState {
         self.pending.clear();
         self.response_headers.clear();
         self.wait_secs = 0;
+        self.callout_request = None;
+        self.callouts.clear();
+    }
+
+    /// The request a callout step waits to have sent ([`Need::Callout`](crate::Need::Callout)).
+    pub fn callout_request(&self) -> Option<&Bytes> {
+        self.callout_request.as_ref()
+    }
+
+    /// The answer of the request's callout `name`.
+    pub(crate) fn callout(&self, name: &str) -> Option<&crate::callout::CalloutAnswer> {
+        self.callouts.iter().rev().find(|(n, _)| &**n == name).map(|(_, a)| a)
     }
 
     /// Keeps `answer` for inbound step `step`, replacing an earlier one.

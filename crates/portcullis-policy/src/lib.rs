@@ -23,6 +23,7 @@
 //! [`Config`]: portcullis_config::Config
 #![forbid(unsafe_code)]
 
+mod callout;
 mod counters;
 mod facts;
 mod fleet;
@@ -36,6 +37,7 @@ mod subscriptions;
 mod template;
 mod thumbprints;
 
+pub use callout::CalloutTarget;
 pub use counters::Counters;
 pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState, RouteMatch, WorkerLocal};
 pub use fleet::{Batch, Deltas, SCRIPT as FLEET_SCRIPT};

@@ -12,6 +12,7 @@ use portcullis_config::{
 use portcullis_facts::{ClientCert, RevocationSet, VerifyError, normalize_dn};
 use portcullis_jose::{Crypto, RemoteKeys};
 
+use crate::callout::{CalloutStep, CalloutTarget};
 use crate::counters::Counters;
 use crate::facts::{Facts, HeaderEdits, HeaderList, RequestState};
 use crate::ipset::IpSet;
@@ -87,17 +88,23 @@ pub enum Need<'p> {
     /// is already noted for the sync. No host then spends a key's limit before it has learnt
     /// what the others hold of it; a host's first call on a key pays one round trip.
     Sync,
+    /// A `send_request` step's callout: send the request in
+    /// [`RequestState::callout_request`](crate::RequestState::callout_request) to callout target
+    /// `target` (see [`PolicySet::callout_targets`]), read at most `max_response` bytes of its
+    /// body, and answer [`Answer::Response`](crate::Answer::Response), or
+    /// [`Answer::Failed`](crate::Answer::Failed) when there was no answer.
+    Callout { target: usize, max_response: usize },
     /// The step of this crate's tests that stands for one which waits.
     #[cfg(test)]
     Probe,
 }
 
 #[derive(Debug)]
-struct SetHeader {
+pub(crate) struct SetHeader {
     /// As configured (its case is what the backend or client sees).
-    name: Bytes,
-    action: SetHeaderAction,
-    value: Option<Template>,
+    pub(crate) name: Bytes,
+    pub(crate) action: SetHeaderAction,
+    pub(crate) value: Option<Template>,
 }
 
 /// One attribute of an identity, compiled to the form it is compared in.
@@ -172,6 +179,7 @@ enum Step {
     CheckHeader(CheckHeaderStep),
     RateLimit(RateStep),
     Quota(QuotaStep),
+    SendRequest(Box<CalloutStep>),
     /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
     /// otherwise.
     #[cfg(test)]
@@ -281,6 +289,17 @@ pub struct PolicySet {
     lists: Vec<ThumbprintSet>,
     /// Revoked certificates from every CRL of the configuration, checked on every request.
     revoked: Arc<RevocationSet>,
+    /// Where the callouts go, by index (their steps name it).
+    callout_targets: Vec<CalloutTarget>,
+    /// Tells policy sets apart (what a worker cached under an earlier one is dropped).
+    pub(crate) instance: u64,
+}
+
+impl PolicySet {
+    /// Where the configuration's callouts go, by the index [`Need::Callout`] names.
+    pub fn callout_targets(&self) -> &[CalloutTarget] {
+        &self.callout_targets
+    }
 }
 
 /// What compiling needs from outside: named certificates' SHA-1 thumbprints and public keys
@@ -341,6 +360,11 @@ struct Compiler<'a> {
     errors: ConfigErrors,
     identity: Vec<Bytes>,
     conditions: Vec<StatusRanges>,
+    /// Where callouts go (equal targets share an index).
+    callout_targets: Vec<CalloutTarget>,
+    /// Callouts defined (`send_request` names), and those templates read, with where.
+    callouts_defined: Vec<String>,
+    callouts_read: Vec<(String, Loc)>,
     /// While compiling an API's or an operation's steps: the route parameters they may read,
     /// and the operation they belong to (for messages). `None`: not checked (global and product
     /// steps, which run for many APIs).
@@ -359,9 +383,82 @@ impl Compiler<'_> {
 }
 
 impl Compiler<'_> {
+    fn send_request(&mut self, s: &portcullis_config::SendRequest) -> Option<CalloutStep> {
+        let name = s.name.value.as_str();
+        if !self.callouts_defined.iter().any(|n| n == name) {
+            self.callouts_defined.push(name.to_owned());
+        }
+        let path = self.template_as(&s.path, &s.url.loc, true);
+        let headers: Vec<_> = s
+            .headers
+            .iter()
+            .map(|(n, v)| Some((Bytes::from(n.value.clone().into_bytes()), self.template(&v.value, &v.loc)?)))
+            .collect();
+        let body = match &s.body {
+            Some(b) => Some(self.template(&b.value, &b.loc)?),
+            None => None,
+        };
+        let mut set_headers = Vec::with_capacity(s.set_headers.len());
+        for (n, v) in &s.set_headers {
+            let value = self.template(&v.value, &v.loc)?;
+            // What a callout says of the caller is an identity header: never the client's.
+            let lower = Bytes::from(n.value.to_ascii_lowercase().into_bytes());
+            if !self.identity.contains(&lower) {
+                self.identity.push(lower);
+            }
+            set_headers.push(SetHeader {
+                name: Bytes::from(n.value.clone().into_bytes()),
+                action: SetHeaderAction::Override,
+                value: Some(value),
+            });
+        }
+        let wants_json = set_headers.iter().any(|h| h.value.as_ref().is_some_and(|t| t.reads_json_of(name)));
+        let target = CalloutTarget {
+            authority: s.authority.clone(),
+            https: s.https,
+            tls: s.tls.clone(),
+            timeout: s.timeout,
+            loc: s.url.loc.clone(),
+        };
+        let target = match self.callout_targets.iter().position(|t| *t == target) {
+            Some(i) => i,
+            None => {
+                self.callout_targets.push(target);
+                self.callout_targets.len() - 1
+            }
+        };
+        let default_port = if s.https { ":443" } else { ":80" };
+        let host = s.authority.strip_suffix(default_port).unwrap_or(&s.authority);
+        Some(CalloutStep {
+            name: name.into(),
+            target,
+            method: Bytes::from(s.method.clone().into_bytes()),
+            path: path?,
+            host: Bytes::from(host.to_owned().into_bytes()),
+            headers: headers.into_iter().collect::<Option<_>>()?,
+            body,
+            ignore_error: s.ignore_error,
+            cache_ttl_ms: s.cache_ttl.map_or(0, |d| d.as_millis() as u64),
+            expect: s.expect_status.clone(),
+            max_response: s.max_response_size,
+            wants_json,
+            refusal: json_response(s.status, &s.message),
+            set_headers,
+        })
+    }
+
     fn template(&mut self, text: &str, loc: &Loc) -> Option<Template> {
-        match Template::parse(text, loc) {
+        self.template_as(text, loc, false)
+    }
+
+    /// A template; `url`: for a URL's path and query (values percent-encoded).
+    fn template_as(&mut self, text: &str, loc: &Loc, url: bool) -> Option<Template> {
+        let parsed = if url { Template::parse_url(text, loc) } else { Template::parse(text, loc) };
+        match parsed {
             Ok(t) => {
+                for name in t.callout_names() {
+                    self.callouts_read.push((name.to_owned(), loc.clone()));
+                }
                 if let Some((params, operation)) = &self.route {
                     for name in t.route_names() {
                         if params.iter().any(|p| p == name)
@@ -464,6 +561,13 @@ impl Compiler<'_> {
                     return None;
                 }
                 QuotaStep::compile(q, &mut self.conditions, &mut self.errors).map(Step::Quota)
+            }
+            StepKind::SendRequest(s) => {
+                if !inbound {
+                    self.errors.push(step.loc.error("send_request is an inbound step"));
+                    return None;
+                }
+                self.send_request(s).map(|c| Step::SendRequest(Box::new(c)))
             }
             StepKind::CheckHeader(c) => {
                 if !inbound {
@@ -584,6 +688,9 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         conditions: Vec::new(),
         route: None,
         route_errors: Default::default(),
+        callout_targets: Vec::new(),
+        callouts_defined: Vec::new(),
+        callouts_read: Vec::new(),
     };
     let global = c.scope(&config.inbound, &config.outbound);
     let products: Vec<Product> = config
@@ -672,7 +779,16 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         }
     }
     let (subscriptions, sub_errors) = subs.finish();
-    let Compiler { mut errors, identity, conditions, .. } = c;
+    let Compiler {
+        mut errors, identity, conditions, callout_targets, callouts_defined, callouts_read, ..
+    } = c;
+    let mut reported = ahash::AHashSet::new();
+    for (name, loc) in callouts_read {
+        if !callouts_defined.contains(&name) && reported.insert((name.clone(), loc.to_string())) {
+            errors.push(loc.error(format!("{{callout.{name}…}}: no send_request is named \"{name}\"")));
+        }
+    }
+    static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     errors.extend(sub_errors);
     let subscriptions_in_use = !config.products.is_empty()
         || !config.subscriptions.is_empty()
@@ -691,10 +807,12 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
         conditions,
         lists,
         revoked: inputs.revoked.clone(),
+        callout_targets,
+        instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     })
 }
 
-fn run_set_header(s: &SetHeader, cx: &Context<'_>, edits: &mut HeaderEdits) {
+pub(crate) fn run_set_header(s: &SetHeader, cx: &Context<'_>, edits: &mut HeaderEdits) {
     match s.action {
         SetHeaderAction::Delete => edits.remove_named(cx.headers, &s.name),
         SetHeaderAction::Skip if edits.is_present(cx.headers, &s.name) => {}
@@ -709,7 +827,7 @@ fn run_set_header(s: &SetHeader, cx: &Context<'_>, edits: &mut HeaderEdits) {
 }
 
 /// Prepares a refusal: nothing prepared for the backend goes out; the response's own headers do.
-fn refuse<'p>(
+pub(crate) fn refuse<'p>(
     response: &'p Response,
     reason: &'static str,
     cx: &Context<'_>,
@@ -976,6 +1094,7 @@ impl PolicySet {
                     ));
                 }
             }
+            Step::SendRequest(c) => return c.run(index, self, facts, headers, state, edits),
             Step::ValidateJwt(j) => match j.run(index, self, facts, headers, state) {
                 Outcome::Valid(token) => state.token = Some(token),
                 Outcome::WaitForKeys => {
@@ -1030,7 +1149,8 @@ impl PolicySet {
                 | Step::IpFilter(_)
                 | Step::CheckHeader(_)
                 | Step::RateLimit(_)
-                | Step::Quota(_) => {}
+                | Step::Quota(_)
+                | Step::SendRequest(_) => {}
                 #[cfg(test)]
                 Step::Probe { .. } => {}
             }

@@ -33,6 +33,57 @@ enum Var {
     Claim(usize),
     /// Index into `Template::route_names`.
     Route(usize),
+    /// Index into `Template::callouts`.
+    Callout(usize),
+}
+
+/// What of a callout's answer a template reads (`{callout.NAME.FIELD}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CalloutField {
+    Status,
+    Body,
+    /// A value in the JSON body, by member names and array indexes (`json.a.b.0`, or the JSON
+    /// pointer `json/a/b/0`).
+    Json(Vec<Box<str>>),
+}
+
+/// A callout's answer a template reads.
+#[derive(Debug, Clone)]
+pub(crate) struct CalloutRef {
+    pub(crate) name: Box<str>,
+    pub(crate) field: CalloutField,
+}
+
+/// `NAME.status`, `NAME.body`, `NAME.json.a.b`, `NAME.json/a/b`.
+fn callout_ref(text: &str) -> Result<CalloutRef, String> {
+    let (name, _) = text.split_once(['.', '/']).ok_or("a callout's field is missing")?;
+    let field = &text[name.len()..];
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(format!("\"{name}\" is not a callout name"));
+    }
+    let field = match field {
+        ".status" => CalloutField::Status,
+        ".body" => CalloutField::Body,
+        ".json" | "/json" => CalloutField::Json(Vec::new()),
+        f => {
+            if let Some(path) = f.strip_prefix(".json.") {
+                CalloutField::Json(path.split('.').map(Box::from).collect())
+            } else if let Some(pointer) = f.strip_prefix(".json/") {
+                // RFC 6901: `~1` is '/', `~0` is '~'.
+                CalloutField::Json(
+                    pointer.split('/').map(|s| s.replace("~1", "/").replace("~0", "~").into()).collect(),
+                )
+            } else {
+                return Err("a callout's field is status, body, json.PATH or json/POINTER".to_owned());
+            }
+        }
+    };
+    if let CalloutField::Json(path) = &field
+        && path.iter().any(|s| s.is_empty())
+    {
+        return Err("an empty name in the JSON path".to_owned());
+    }
+    Ok(CalloutRef { name: name.into(), field })
 }
 
 const VARIABLES: [(&str, Var); 16] = [
@@ -83,15 +134,28 @@ pub struct Template {
     header_names: Vec<Bytes>,
     claim_names: Vec<String>,
     route_names: Vec<Bytes>,
+    callouts: Vec<CalloutRef>,
     uses_client_cert: bool,
-    /// Uses the subscription, the product or a token claim.
+    /// Uses the subscription, the product, a token claim or a callout's answer.
     uses_caller: bool,
+    /// Values go into a URL: percent-encoded (all but RFC 3986's unreserved characters).
+    url: bool,
 }
 
 impl Template {
     /// Parses `{name}` variables; `{{` and `}}` stand for literal braces.
     pub fn parse(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
+        Template::parse_as(text, loc, false)
+    }
+
+    /// A template for a URL's path and query: the values of its variables are percent-encoded.
+    pub fn parse_url(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
+        Template::parse_as(text, loc, true)
+    }
+
+    fn parse_as(text: &str, loc: &Loc, url: bool) -> Result<Template, ConfigError> {
         let mut parts = Vec::new();
+        let mut callouts = Vec::new();
         let mut header_names = Vec::new();
         let mut claim_names = Vec::new();
         let mut route_names: Vec<Bytes> = Vec::new();
@@ -143,12 +207,16 @@ impl Template {
                         }
                         route_names.push(Bytes::copy_from_slice(param.as_bytes()));
                         Var::Route(route_names.len() - 1)
+                    } else if let Some(callout) = name.strip_prefix("callout.") {
+                        callouts
+                            .push(callout_ref(callout).map_err(|e| loc.error(format!("{{{name}}}: {e}")))?);
+                        Var::Callout(callouts.len() - 1)
                     } else if let Some((_, v)) = VARIABLES.iter().find(|(n, _)| *n == name) {
                         *v
                     } else {
                         let known: Vec<&str> = VARIABLES.iter().map(|(n, _)| *n).collect();
                         return Err(loc.error(format!(
-                            "unknown variable {{{name}}}; known: {}, header.NAME, jwt.claim.NAME, route.NAME",
+                            "unknown variable {{{name}}}; known: {}, header.NAME, jwt.claim.NAME, route.NAME, callout.NAME.FIELD",
                             known.join(", ")
                         )));
                     };
@@ -190,10 +258,29 @@ impl Template {
                 )
             )
         });
-        let uses_caller = parts
-            .iter()
-            .any(|p| matches!(p, Part::Var(Var::SubscriptionId | Var::ProductName | Var::Claim(_))));
-        Ok(Template { parts, header_names, claim_names, route_names, uses_client_cert, uses_caller })
+        let uses_caller = parts.iter().any(|p| {
+            matches!(p, Part::Var(Var::SubscriptionId | Var::ProductName | Var::Claim(_) | Var::Callout(_)))
+        });
+        Ok(Template {
+            parts,
+            header_names,
+            claim_names,
+            route_names,
+            callouts,
+            uses_client_cert,
+            uses_caller,
+            url,
+        })
+    }
+
+    /// The callouts whose answers the template reads, by name.
+    pub(crate) fn callout_names(&self) -> impl Iterator<Item = &str> {
+        self.callouts.iter().map(|c| &*c.name)
+    }
+
+    /// Whether the template reads a callout's JSON body.
+    pub(crate) fn reads_json_of(&self, callout: &str) -> bool {
+        self.callouts.iter().any(|c| &*c.name == callout && matches!(c.field, CalloutField::Json(_)))
     }
 
     /// The route parameters the template reads (`{route.NAME}`).
@@ -225,6 +312,13 @@ impl Template {
                 Part::Literal(l) => {
                     out.put_slice(l);
                     true
+                }
+                Part::Var(v) if self.url => {
+                    let at = out.len();
+                    let present = self.render_var(*v, cx, out);
+                    let value = out.split_off(at);
+                    put_url_encoded(out, &value);
+                    present
                 }
                 Part::Var(v) => self.render_var(*v, cx, out),
             };
@@ -288,6 +382,41 @@ impl Template {
                 Some(raw) => put_safe(out, &percent_decoded(raw)),
                 None => return false,
             },
+            Var::Callout(i) => {
+                let r = &self.callouts[i];
+                let Some(answer) = cx.state.callout(&r.name) else { return false };
+                match &r.field {
+                    CalloutField::Status => {
+                        let _ = write!(out, "{}", answer.status);
+                    }
+                    CalloutField::Body => put_safe(out, &answer.body),
+                    CalloutField::Json(path) => {
+                        let mut value = match &answer.json {
+                            Some(json) => json,
+                            None => return false,
+                        };
+                        for step in path {
+                            value = match value {
+                                portcullis_jose::Json::Object(_) => value.get(step),
+                                portcullis_jose::Json::Array(items) => {
+                                    step.parse::<usize>().ok().and_then(|i| items.get(i))
+                                }
+                                _ => None,
+                            }
+                            .unwrap_or(&portcullis_jose::Json::Null);
+                        }
+                        match value {
+                            portcullis_jose::Json::Null => return false,
+                            portcullis_jose::Json::String(s) => put_safe(out, s.as_bytes()),
+                            other => {
+                                let mut text = Vec::new();
+                                other.write_compact(&mut text);
+                                put_safe(out, &text);
+                            }
+                        }
+                    }
+                }
+            }
             Var::Claim(i) => match cx.state.token_claim(&self.claim_names[i]) {
                 None => return false,
                 Some(portcullis_jose::Json::String(s)) => put_safe(out, s.as_bytes()),
@@ -334,6 +463,18 @@ fn percent_decoded(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn put_url_encoded(out: &mut BytesMut, v: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in v {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.put_u8(b);
+        } else {
+            out.put_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
 }
 
 fn put_safe(out: &mut BytesMut, v: &[u8]) {
@@ -392,6 +533,26 @@ mod tests {
         let mut out = BytesMut::new();
         put_safe(&mut out, b"CN=x\r\nX-Admin: 1");
         assert_eq!(&out[..], b"CN=x  X-Admin: 1");
+    }
+
+    #[test]
+    fn callout_fields_and_url_values() {
+        for (text, name, field) in [
+            ("device.status", "device", CalloutField::Status),
+            ("device.body", "device", CalloutField::Body),
+            ("d-1.json.a.0.b", "d-1", CalloutField::Json(vec!["a".into(), "0".into(), "b".into()])),
+            ("d.json/a~1b/~0c", "d", CalloutField::Json(vec!["a/b".into(), "~c".into()])),
+            ("d.json", "d", CalloutField::Json(Vec::new())),
+        ] {
+            let r = callout_ref(text).expect(text);
+            assert_eq!((&*r.name, r.field), (name, field), "{text}");
+        }
+        for bad in ["device", "device.", "device.headers", "de vice.status", "d.json.a..b", ".status"] {
+            assert!(callout_ref(bad).is_err(), "{bad}");
+        }
+        let mut out = BytesMut::new();
+        put_url_encoded(&mut out, b"a b/c?d=e&f~g.h-i_j%");
+        assert_eq!(&out[..], b"a%20b%2Fc%3Fd%3De%26f~g.h-i_j%25");
     }
 
     #[test]

@@ -137,7 +137,23 @@ pub struct Snapshot {
     pub(crate) revoked: Arc<RevocationSet>,
     /// Where rate-limit and quota counts are shared with other hosts (`[server.redis]`).
     pub(crate) fleet: Option<Arc<crate::fleet::FleetLink>>,
+    /// Where callouts go, indexed like the policy set's callout targets.
+    pub(crate) callouts: Vec<Callout>,
 }
+
+/// A callout's destination, resolved.
+#[derive(Debug)]
+pub(crate) struct Callout {
+    pub(crate) target: Target,
+    /// For the whole callout.
+    pub(crate) timeout: Duration,
+    /// `host:port`, for logs.
+    pub(crate) name: String,
+}
+
+/// How long a pooled connection to a callout's service is kept idle, and how many per worker.
+const CALLOUT_IDLE: Duration = Duration::from_secs(30);
+const CALLOUT_MAX_IDLE: usize = 16;
 
 /// The TLS context of a backend: its trust, the proxy's certificate (named, or found in
 /// `[certificates]` by thumbprint), the server name. A context made from the same files and
@@ -145,14 +161,22 @@ pub struct Snapshot {
 /// its pooled connections and sessions.
 fn upstream_tls(
     t: &portcullis_config::BackendTls,
-    b: &portcullis_config::Backend,
+    (what, loc): (&str, &portcullis_config::Loc),
     config: &Config,
     thumbprints: &HashMap<String, [u8; 20]>,
 ) -> Result<Arc<UpstreamTls>, portcullis_config::ConfigError> {
     static CONTEXTS: std::sync::Mutex<Vec<(u64, std::sync::Weak<UpstreamTls>)>> =
         std::sync::Mutex::new(Vec::new());
     let named = match (&t.certificate, &t.certificate_thumbprint) {
-        (Some(name), _) => config.certificates.iter().find(|c| c.name.value == name.value),
+        (Some(name), _) => {
+            let found = config.certificates.iter().find(|c| c.name.value == name.value);
+            if found.is_none() {
+                return Err(name
+                    .loc
+                    .error(format!("no certificate named \"{}\" in [certificates]", name.value)));
+            }
+            found
+        }
         (None, Some(thumb)) => {
             let found = thumbprints
                 .iter()
@@ -170,7 +194,7 @@ fn upstream_tls(
     let identity =
         named.and_then(|c| c.key.as_ref().map(|key| portcullis_tls::ClientIdentity { cert: &c.cert, key }));
     if named.is_some() && identity.is_none() {
-        return Err(b.loc.error("the backend's client certificate has no key in [certificates]"));
+        return Err(loc.error("the client certificate has no key in [certificates]"));
     }
     // What the context is made of, for its id.
     let mut digest = boring::sha::Sha256::new();
@@ -187,14 +211,17 @@ fn upstream_tls(
     digest.update(&[u8::from(t.verify), u8::from(t.ca.is_empty())]);
     let id = u64::from_le_bytes(digest.finish()[..8].try_into().unwrap_or_default()).max(1);
     if !t.verify {
-        tracing::warn!(backend = %b.name.value, "TLS to the backend is not verified (tls.verify = false): anyone on the path can pose as it");
+        tracing::warn!(
+            to = what,
+            "TLS is not verified (verify = false): anyone on the path can pose as the server"
+        );
     }
     let mut contexts = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
     contexts.retain(|(_, w)| w.strong_count() > 0);
     if let Some(same) = contexts.iter().find(|(i, _)| *i == id).and_then(|(_, w)| w.upgrade()) {
         return Ok(same);
     }
-    let loc = t.ca.first().map_or(&b.url.loc, |c| &c.loc);
+    let loc = t.ca.first().map_or(loc, |c| &c.loc);
     let client = portcullis_tls::ClientTls::with(&t.ca, identity, t.verify).map_err(|e| loc.error(e))?;
     let tls = Arc::new(UpstreamTls { client, server_name: t.server_name.clone(), id });
     contexts.push((id, Arc::downgrade(&tls)));
@@ -296,14 +323,16 @@ impl Snapshot {
                     continue;
                 }
             };
-            let tls = match b.tls.as_ref().map(|t| upstream_tls(t, b, config, &certificates)) {
-                None => None,
-                Some(Ok(tls)) => Some(tls),
-                Some(Err(e)) => {
-                    errors.push(e);
-                    continue;
-                }
-            };
+            let what = format!("backend {}", b.name.value);
+            let tls =
+                match b.tls.as_ref().map(|t| upstream_tls(t, (&what, &b.url.loc), config, &certificates)) {
+                    None => None,
+                    Some(Ok(tls)) => Some(tls),
+                    Some(Err(e)) => {
+                        errors.push(e);
+                        continue;
+                    }
+                };
             let authority = Bytes::from(b.authority.clone().into_bytes());
             backends.push(Backend {
                 name: b.name.value.clone(),
@@ -332,6 +361,8 @@ impl Snapshot {
             None => None,
         };
         let revoked = Arc::new(revoked);
+        // Named certificates by thumbprint, for the callouts' TLS (compiled with the policies).
+        let thumbprints = certificates.clone();
         let inputs = Inputs {
             certificates,
             certificate_keys,
@@ -347,6 +378,42 @@ impl Snapshot {
                 PolicySet::default()
             }
         };
+        let mut callouts = Vec::with_capacity(policies.callout_targets().len());
+        for c in policies.callout_targets() {
+            let addr = match c.authority.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(addr)) => addr,
+                Ok(None) | Err(_) => {
+                    errors.push(c.loc.error(format!("cannot resolve \"{}\"", c.authority)));
+                    continue;
+                }
+            };
+            let what = format!("callout {}", c.authority);
+            let tls = match c.tls.as_ref().map(|t| upstream_tls(t, (&what, &c.loc), config, &thumbprints)) {
+                None => None,
+                Some(Ok(tls)) => Some(tls),
+                Some(Err(e)) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let default_port = if c.https { ":443" } else { ":80" };
+            let host = c.authority.strip_suffix(default_port).unwrap_or(&c.authority);
+            callouts.push(Callout {
+                target: Target {
+                    key: PoolKey {
+                        addr,
+                        authority: Bytes::from(host.to_owned().into_bytes()),
+                        tls: tls.as_ref().map_or(0, |t| t.id),
+                    },
+                    tls,
+                    connect_timeout: c.timeout,
+                    idle_timeout: CALLOUT_IDLE,
+                    max_idle: CALLOUT_MAX_IDLE,
+                },
+                timeout: c.timeout,
+                name: c.authority.clone(),
+            });
+        }
         let mut routes = Vec::with_capacity(config.apis.len());
         for (i, api) in config.apis.iter().enumerate() {
             let Some(backend) = backends.iter().position(|b| b.name == api.backend.value) else { continue };
@@ -376,6 +443,7 @@ impl Snapshot {
                 .unwrap_or_else(|| default_max_connections(worker_count(&config.server))),
             revoked,
             fleet,
+            callouts,
         };
         errors.into_result(snapshot)
     }

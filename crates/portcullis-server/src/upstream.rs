@@ -324,7 +324,6 @@ impl Upstream {
     /// `max_body` bytes, everything by `response_timeout`. The connection goes back to the pool
     /// when the response left it reusable. A stale pooled connection is replaced once, as for
     /// forwarded requests; the caller's request must be safe to repeat.
-    #[cfg_attr(not(test), expect(dead_code, reason = "its first callers are the proxy's own requests"))]
     pub(crate) async fn fetch(
         pool: &RefCell<Pool>,
         target: &Target,

@@ -62,7 +62,7 @@ pub struct Backend {
 }
 
 /// A connection the backend serves: TCP, or TLS over it.
-trait Duplex: Read + Write {
+pub(crate) trait Duplex: Read + Write {
     /// Ends the connection (TLS: close_notify first).
     fn close(&mut self);
 }
@@ -89,26 +89,7 @@ impl Backend {
     /// Over TLS with `server`'s certificate; with `client_ca` (PEM), a client certificate that
     /// chains to it is required.
     pub fn start_tls(server: &Identity, client_ca: Option<&str>) -> Backend {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(server.chain_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
-        let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
-        let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let config = match client_ca {
-            Some(pem) => {
-                let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    roots.add(cert.unwrap()).unwrap();
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
-                builder.with_client_cert_verifier(verifier).with_single_cert(chain, key).unwrap()
-            }
-            None => builder.with_no_client_auth().with_single_cert(chain, key).unwrap(),
-        };
-        Backend::start_with(Some(Arc::new(config)))
+        Backend::start_with(Some(server_config(server, client_ca)))
     }
 
     fn start_with(tls: Option<Arc<ServerConfig>>) -> Backend {
@@ -137,18 +118,9 @@ impl Backend {
                         let _ = serve(stream, n, &r, None);
                         return;
                     };
-                    let mut tls = StreamOwned::new(ServerConnection::new(config).unwrap(), stream);
-                    while tls.conn.is_handshaking() {
-                        if tls.conn.complete_io(&mut tls.sock).is_err() {
-                            refused.fetch_add(1, Ordering::AcqRel);
-                            return;
-                        }
+                    if let Some((tls, peer)) = handshake(config, stream, &resumed, &refused) {
+                        let _ = serve(tls, n, &r, peer);
                     }
-                    if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                        resumed.fetch_add(1, Ordering::AcqRel);
-                    }
-                    let peer = tls.conn.peer_certificates().and_then(|c| c.first()).map(|c| common_name(c));
-                    let _ = serve(tls, n, &r, peer);
                 });
             }
         });
@@ -190,6 +162,52 @@ impl Drop for Backend {
     }
 }
 
+/// A rustls server configuration with `server`'s certificate; with `client_ca` (PEM), a client
+/// certificate that chains to it is required.
+pub(crate) fn server_config(server: &Identity, client_ca: Option<&str>) -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(server.chain_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let config = match client_ca {
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+            builder.with_client_cert_verifier(verifier).with_single_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth().with_single_cert(chain, key).unwrap(),
+    };
+    Arc::new(config)
+}
+
+/// A server-side TLS handshake on `tcp`, counted in `resumed` or `refused`; the stream and the
+/// common name of the client's certificate, if it sent one.
+pub(crate) fn handshake(
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+    resumed: &AtomicUsize,
+    refused: &AtomicUsize,
+) -> Option<(StreamOwned<ServerConnection, TcpStream>, Option<String>)> {
+    let mut tls = StreamOwned::new(ServerConnection::new(config).ok()?, tcp);
+    while tls.conn.is_handshaking() {
+        if tls.conn.complete_io(&mut tls.sock).is_err() {
+            refused.fetch_add(1, Ordering::AcqRel);
+            return None;
+        }
+    }
+    if tls.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        resumed.fetch_add(1, Ordering::AcqRel);
+    }
+    let peer = tls.conn.peer_certificates().and_then(|c| c.first()).map(|c| common_name(c));
+    Some((tls, peer))
+}
+
 /// The common name in a DER certificate (found by its OID, not parsed in full).
 fn common_name(der: &[u8]) -> String {
     // id-at-commonName, then a string's tag and length.
@@ -206,10 +224,10 @@ fn common_name(der: &[u8]) -> String {
 }
 
 /// Buffered reading of a byte stream.
-struct Input<S> {
-    stream: S,
-    buf: Vec<u8>,
-    pos: usize,
+pub(crate) struct Input<S> {
+    pub(crate) stream: S,
+    pub(crate) buf: Vec<u8>,
+    pub(crate) pos: usize,
 }
 
 impl<S: Read> Input<S> {
@@ -254,19 +272,19 @@ impl<S: Read> Input<S> {
     }
 }
 
-struct Request {
-    path: String,
-    headers: Vec<(String, String)>,
-    head_text: String,
+pub(crate) struct Request {
+    pub(crate) path: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) head_text: String,
 }
 
 impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
-fn read_request<S: Read>(input: &mut Input<S>) -> io::Result<Option<Request>> {
+pub(crate) fn read_request<S: Read>(input: &mut Input<S>) -> io::Result<Option<Request>> {
     let mut lines = Vec::new();
     loop {
         let line = match input.line() {
@@ -292,7 +310,11 @@ fn read_request<S: Read>(input: &mut Input<S>) -> io::Result<Option<Request>> {
 }
 
 /// Reads the request body, handing each piece to `sink`.
-fn read_body<S: Read>(input: &mut Input<S>, req: &Request, mut sink: impl FnMut(&[u8])) -> io::Result<()> {
+pub(crate) fn read_body<S: Read>(
+    input: &mut Input<S>,
+    req: &Request,
+    mut sink: impl FnMut(&[u8]),
+) -> io::Result<()> {
     if req.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
         loop {
             let line = input.line()?;

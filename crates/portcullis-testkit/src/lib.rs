@@ -5,6 +5,7 @@
 //! - [`backend`]: an HTTP/1.1 backend on 127.0.0.1 with behaviours chosen by path;
 //! - [`client`]: a rustls client that presents certificates, resumes sessions and sends raw bytes;
 //! - [`scripted`]: a backend that answers with exact bytes, for responses no server should send;
+//! - [`devauth`]: a device-authorisation service over HTTPS, for callouts;
 //! - [`idp`]: an OpenID Connect provider over HTTPS whose keys the test rotates, and keys that
 //!   sign tokens;
 //! - [`proxy`]: the proxy started in-process, or the real binary as a child process;
@@ -16,6 +17,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod devauth;
 pub mod idp;
 pub mod pki;
 pub mod proxy;
@@ -24,6 +26,7 @@ pub mod scripted;
 
 pub use backend::Backend;
 pub use client::{Conn, Response, TlsClient, Versions};
+pub use devauth::DeviceAuth;
 pub use idp::{Idp, SigningKey};
 pub use pki::{Identity, Pki, PkiPaths};
 pub use proxy::{ProxyProcess, TestProxy};

@@ -17,7 +17,7 @@ use portcullis_tls::Stream;
 use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
 use crate::relay::{RelayError, relay_body};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
-use crate::upstream::{HeadProgress, Upstream, UpstreamError};
+use crate::upstream::{Fetched, HeadProgress, Upstream, UpstreamError};
 
 impl<S: Stream> Conn<S> {
     /// One request/response exchange. Returns whether to read another request.
@@ -120,6 +120,13 @@ impl<S: Stream> Conn<S> {
                         Need::Sync => {
                             crate::fleet::synced(&self.worker).await;
                             self.state.put(step, Answer::Synced);
+                        }
+                        Need::Callout { target, max_response } => {
+                            let request = self.state.callout_request().cloned();
+                            let c = snap.callouts.get(target);
+                            let answer =
+                                callout(&self.worker, c, request, max_response, &mut self.io_timer).await;
+                            self.state.put(step, answer);
                         }
                     }
                     from = step;
@@ -434,6 +441,40 @@ impl<S: Stream> Conn<S> {
         }
         (self.respond_local(status, message, body_consumed).await, status)
     }
+}
+
+/// Sends a callout's request to its service and reads the answer, all within the callout's
+/// timeout, on the worker's pooled connections. Failures are logged here; the step hears only
+/// that there was no answer.
+async fn callout(
+    worker: &crate::worker::Worker,
+    callout: Option<&crate::snapshot::Callout>,
+    request: Option<bytes::Bytes>,
+    max_response: usize,
+    timer: &mut crate::timer::Timer,
+) -> Answer {
+    let (Some(c), Some(request)) = (callout, request) else {
+        return Answer::Failed("callout not configured");
+    };
+    let mut into = Fetched::default();
+    let fetch = Upstream::fetch(&worker.pool, &c.target, &request, &mut into, max_response, timer, c.timeout);
+    let error = match monoio::time::timeout(c.timeout, fetch).await {
+        Ok(Ok(())) => {
+            tracing::debug!(callout = %c.name, status = into.head.status(), "callout answered");
+            return Answer::Response { status: into.head.status(), body: into.body.freeze() };
+        }
+        Ok(Err(e)) => e,
+        Err(_) => UpstreamError::Timeout,
+    };
+    let reason = match error {
+        UpstreamError::ConnectTimeout | UpstreamError::Timeout => "callout timed out",
+        UpstreamError::Connect(_) => "callout service unreachable",
+        UpstreamError::Handshake(_) => "callout TLS handshake failed",
+        UpstreamError::Lost(_) => "callout service closed the connection",
+        _ => "callout answer invalid",
+    };
+    tracing::warn!(callout = %c.name, error = %error, timeout = ?c.timeout, "{reason}");
+    Answer::Failed(reason)
 }
 
 /// How often a request waiting for a key refetch looks whether it is done.
