@@ -85,7 +85,8 @@ fn a_broken_configuration_does_not_start() {
 /// `portcullis demo` starts, and the `curl` commands it prints do what it says: for client
 /// certificates 200 with the identity headers, 403 without a certificate, 403 with the revoked
 /// one; for subscription keys 200, 401 missing, 401 invalid; for tokens 200 with appidacr 2, 401
-/// with 1; for the rate limit five 200s then a 429. The commands are replayed with the test
+/// with 1; for devices 200 with the device service's answer and 403 for another device; for
+/// the rate limit five 200s then a 429. The commands are replayed with the test
 /// client (same files, headers and URL), so the test needs no curl.
 #[test]
 fn the_demo_prints_commands_that_work() {
@@ -119,9 +120,9 @@ fn the_demo_prints_commands_that_work() {
     let mut commands = Vec::new();
     let mut repeated = None;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while commands.len() < 8 || repeated.is_none() {
+    while commands.len() < 10 || repeated.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("the demo prints eight curl commands and a loop");
+        let line = rx.recv_timeout(left).expect("the demo prints ten curl commands and a loop");
         if line.starts_with("curl ") {
             commands.push(line);
         } else if line.starts_with("for i in 1 2 3 4 5 6; do curl ") {
@@ -176,14 +177,25 @@ fn the_demo_prints_commands_that_work() {
             }
             ("/todo/items", _) => assert!(r.text().contains("subscription key"), "{}", r.text()),
             ("/orders/1", 200) => assert_eq!(r.echoed_header("X-Token-Sub").as_deref(), Some("demo-client")),
+            ("/devices/dev-1/telemetry", 200) => {
+                let context = r.echoed_header("x-request-context-data").unwrap_or_default();
+                assert!(context.starts_with("deviceId=dev-1;certificateThumbprint="), "{}", r.text());
+                assert!(r.text().starts_with("tls-client: client2\n"), "over mutual TLS: {}", r.text());
+            }
+            ("/devices/dev-2/telemetry", _) => {
+                assert_eq!(
+                    r.text(),
+                    r#"{"statusCode":403,"message":"Forbidden. Certificate was not recognized."}"#
+                )
+            }
             (_, _) => assert!(r.text().contains("appidacr"), "{}", r.text()),
         }
         statuses.push(r.status);
     }
     assert_eq!(
         statuses,
-        [200, 403, 403, 200, 401, 401, 200, 401],
-        "certificates: allowed, none, revoked; keys: valid, missing, wrong; tokens: appidacr 2, 1"
+        [200, 403, 403, 200, 401, 401, 200, 401, 200, 403],
+        "certificates: allowed, none, revoked; keys: valid, missing, wrong; tokens: appidacr 2, 1; devices: known, other"
     );
     // The loop: six calls to the rate-limited API.
     let repeated = repeated.unwrap();

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use portcullis_testkit::idp::now;
-use portcullis_testkit::{Backend, Idp, Pki, SigningKey};
+use portcullis_testkit::{Backend, DeviceAuth, Idp, Pki, SigningKey};
 use serde_json::json;
 
 /// Writes a fresh demo PKI into `dir/pki` under the names `config/portcullis.toml` uses, and
@@ -64,6 +64,13 @@ pub(crate) fn run(port: u16) -> anyhow::Result<ExitCode> {
     let (client_cert, client_key) = pki.client.write(dir.path())?;
     let (revoked_cert, revoked_key) = pki.revoked.write(dir.path())?;
     let backend = Backend::start();
+    // The device scenario: a backend over TLS that requires the gateway's own certificate (the
+    // demo PKI's client2), and a device-authorisation service (mutual TLS as well) that knows the
+    // demo client's certificate as device dev-1.
+    let (gateway_cert, gateway_key) = pki.client2.write(dir.path())?;
+    let cas = format!("{}{}", pki.root.cert_pem, pki.intermediate.cert_pem);
+    let secure_backend = Backend::start_tls(&pki.server, Some(&cas));
+    let devices = DeviceAuth::start(&pki.server, Some(&cas), &[(&pki.client.thumbprint(), "dev-1")]);
     // An identity provider over HTTPS (the demo PKI's server certificate), with one signing key,
     // and a subscription's keys.
     let token_key = SigningKey::es256("demo-key-1");
@@ -91,6 +98,16 @@ crl = ["{crl}"]
 [[backend]]
 name = "echo"
 url = "http://{backend}"
+
+# The gateway's own certificate, presented to backends and services that ask for one.
+[certificates]
+gateway = {{ cert = "{gateway_cert}", key = "{gateway_key}" }}
+
+# An echo backend over TLS that admits only the gateway's certificate.
+[[backend]]
+name = "secure-echo"
+url = "https://localhost:{secure_port}"
+tls = {{ ca = ["{root}"], certificate = "gateway" }}
 
 # Subscription keys: the todo API needs one; the starter product grants it.
 [[product]]
@@ -141,6 +158,23 @@ backend = "echo"
   [[api.inbound]]
   quota_by_key = {{ calls = 1000, renewal_period = "1d", counter_key = "{{request.ip}}" }}
 
+# Devices: the device-authorisation service must know the client's certificate as the device
+# in the URL; what it answers reaches the backend (over mutual TLS) in x-request-context-data.
+[[api]]
+name = "devices"
+path = "/devices"
+backend = "secure-echo"
+  [[api.operation]]
+  match = "GET /{{deviceId}}/telemetry"
+    [[api.operation.inbound]]
+    send_request = {{ name = "device", url = "{devices_url}/check?certificateThumbprint={{client_cert.thumbprint}}&deviceId={{route.deviceId}}",
+                     headers = {{ "X-Request-Id" = "{{request.id}}" }}, timeout = "5s",
+                     backend_tls = {{ ca = ["{root}"], certificate = "gateway" }}, expect_status = [200],
+                     status = 403, message = "Forbidden. Certificate was not recognized.",
+                     set_headers = {{ "x-request-context-data" = "deviceId={{callout.device.json.deviceId}};certificateThumbprint={{callout.device.json.certificateThumbprint}}" }} }}
+    [[api.operation.outbound]]
+    set_header = {{ name = "X-Powered-By", action = "delete" }}
+
 # Client certificates: the rest.
 [[api]]
 name = "echo"
@@ -162,6 +196,10 @@ backend = "echo"
         crl = p(&paths.crl),
         backend = backend.addr(),
         idp_url = idp.url(),
+        gateway_cert = p(&gateway_cert),
+        gateway_key = p(&gateway_key),
+        secure_port = secure_backend.addr().port(),
+        devices_url = devices.url(),
     );
     let config_path = dir.path().join("portcullis.toml");
     std::fs::write(&config_path, &config_text)?;
@@ -213,9 +251,20 @@ Traffic policy (/limited): callers from loopback addresses only (ip_filter), fiv
 # six calls: 200 200 200 200 200 429 (the 429 says, and Retry-After, when to come back)
 for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "%{{http_code}} " --cacert {d}/root.pem {base}/limited/; done; echo
 
+Devices (/devices): a device-authorisation service (on {devices_url}) must know the client's
+certificate as the device in the URL (send_request); the backend is reached over mutual TLS
+with the gateway's certificate, and sees what the service answered in x-request-context-data.
+
+# the certificate of device dev-1: 200, the echo shows x-request-context-data
+curl --cacert {d}/root.pem --cert {cc} --key {ck} {base}/devices/dev-1/telemetry
+
+# the same certificate for another device: 403 "Forbidden. Certificate was not recognized."
+curl --cacert {d}/root.pem --cert {cc} --key {ck} {base}/devices/dev-2/telemetry
+
 Configuration: {config}   (edit it and `kill -HUP {pid}` to reload; Ctrl-C to stop)
 "#,
         idp_url = idp.url(),
+        devices_url = devices.url(),
         good = token("2"),
         bad = token("1"),
         backend = backend.addr(),
@@ -235,6 +284,8 @@ Configuration: {config}   (edit it and `kill -HUP {pid}` to reload; Ctrl-C to st
     })?;
     server.shutdown().context("shutting down")?;
     drop(backend);
+    drop(secure_backend);
+    drop(devices);
     drop(idp);
     Ok(ExitCode::SUCCESS)
 }
