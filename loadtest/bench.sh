@@ -20,7 +20,9 @@
 # jwt_verify), subscription (keep-alive, each request with a subscription key among 100,000),
 # ratelimit (keep-alive under a rate limit per client certificate that is never reached: against
 # HAProxy's stick table), ratelimit-redis (the same with the counts shared through a Redis that
-# the script starts on REDIS_ADDR: Portcullis only; the Redis calls per request are reported). Then p99
+# the script starts on REDIS_ADDR: Portcullis only; the Redis calls per request are reported),
+# tls-backend (keep-alive, the backend on BACKEND_TLS_ADDR over TLS requiring the gateway's
+# certificate: against HAProxy's `ssl crt`; compare with keepalive in the same run). Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -40,6 +42,7 @@ PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
 REDIS_ADDR=${REDIS_ADDR:-127.0.0.1:18379}
+BACKEND_TLS_ADDR=${BACKEND_TLS_ADDR:-127.0.0.1:18081}
 declare -A ADDR=([portcullis]=127.0.0.1:18446 [portcullis-base]=127.0.0.1:18447 [haproxy]=127.0.0.1:18443 [nginx]=127.0.0.1:18444)
 OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
 BIN=target/release
@@ -66,6 +69,7 @@ declare -A PID
 cleanup() {
   for p in "${!PID[@]}"; do stop "$p"; done
   [ -n "${BACKEND_PID:-}" ] && kill "$BACKEND_PID" 2>/dev/null || true
+  [ -n "${BACKEND_TLS_PID:-}" ] && kill "$BACKEND_TLS_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -76,7 +80,7 @@ render() { # render PROXY [VARIANT] -> path of its rendered configuration
   tpl=$(ls "loadtest/conf/${1%-base}${v:+-$v}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
   sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" \
-    -e "s|@REDIS@|$REDIS_ADDR|g" "$tpl" > "$out"
+    -e "s|@REDIS@|$REDIS_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
   echo "$out"
 }
 
@@ -151,10 +155,10 @@ verify() { # the same behaviour from every proxy, or the comparison means nothin
 # The token and subscription modes run a variant of each proxy's configuration that adds the
 # check (loadtest/conf/PROXY-VARIANT.*.in); nginx has no equivalent of either and sits them out.
 # The rate-limit modes likewise; only Portcullis shares counts through Redis.
-variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis) echo "$1";; *) echo "";; esac; }
+variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis|tls-backend) echo "$1";; *) echo "";; esac; }
 sits_out() { # sits_out PROXY MODE: no equivalent configuration
   case $1:$2 in
-    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis) return 0;;
+    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend) return 0;;
   esac
   return 1
 }
@@ -182,7 +186,7 @@ verify_variant() { # the same refusals and headers from every proxy in the token
         code=$(c "$p" client1 -H "Ocp-Apim-Subscription-Key: $bad" -o /dev/null -w '%{http_code}' 2>/dev/null || true)
         [ "$code" = 401 ] || { echo "  $p: key $bad got $code" >&2; fail=1; }
       done;;
-    ratelimit|ratelimit-redis)
+    ratelimit|ratelimit-redis|tls-backend)
       out=$(c "$p" client1 -D - 2>&1)
       echo "$out" | grep -qi '^GET /echo' || { echo "  $p: not forwarded under the limit: $out" >&2; fail=1; };;
   esac
@@ -202,6 +206,11 @@ load() { # load PROXY MODE LABEL [extra args] -> one JSON line appended to raw.j
 
 taskset -c "$LOAD_CPU" "$LOAD" backend --listen "$BACKEND_ADDR" --size 1024 >"$RUN/backend.log" 2>&1 & BACKEND_PID=$!
 wait_port "$BACKEND_ADDR"
+if [[ " $MODES " == *" tls-backend "* ]]; then
+  taskset -c "$LOAD_CPU" "$LOAD" backend --listen "$BACKEND_TLS_ADDR" --size 1024 --tls-cert "$CERTS/server-chain.pem" \
+    --tls-key "$CERTS/server.key" --client-ca "$CERTS/root.pem" >"$RUN/backend-tls.log" 2>&1 & BACKEND_TLS_PID=$!
+  wait_port "$BACKEND_TLS_ADDR"
+fi
 if [[ " $MODES " == *" ratelimit-redis "* ]]; then
   command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install -y redis-server)" >&2; exit 1; }
   taskset -c "$LOAD_CPU" redis-server --bind "${REDIS_ADDR%:*}" --port "${REDIS_ADDR##*:}" --save "" --appendonly no \
@@ -231,6 +240,7 @@ for round in $(seq "$ROUNDS"); do
         jwt) load "$p" keepalive jwt -c "$CONNS" -H "Authorization: Bearer $(cat "$CERTS/token.jwt")";;
         subscription) load "$p" keepalive subscription -c "$CONNS" -H "Ocp-Apim-Subscription-Key: $BENCH_KEY";;
         ratelimit) load "$p" keepalive ratelimit -c "$CONNS";;
+        tls-backend) load "$p" keepalive tls-backend -c "$CONNS";;
         ratelimit-redis)
           before=$(redis_calls)
           load "$p" keepalive ratelimit-redis -c "$CONNS"

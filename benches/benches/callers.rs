@@ -1,6 +1,6 @@
 //! Who is calling: token signature checks (what a token the worker has not seen costs), a cached
-//! token through a whole `validate_jwt` step, and subscription keys in a million-subscription
-//! set (lookup, and loading the file).
+//! token through a whole `validate_jwt` step, subscription keys in a million-subscription set
+//! (lookup, and loading the file), and a `send_request` answered from the worker's cache.
 #![allow(missing_docs, clippy::unwrap_used, reason = "bench harness")]
 
 mod support;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use portcullis_jose::{Claims, Jws, KeySet, Origin};
-use portcullis_policy::{Facts, HeaderEdits, HeaderList, Inputs, PolicySet, RequestState, Verdict};
+use portcullis_policy::{Answer, Facts, HeaderEdits, HeaderList, Inputs, PolicySet, RequestState, Verdict};
 use portcullis_testkit::idp::{SigningKey, jwks, now};
 use portcullis_tls::BoringCrypto;
 use serde_json::json;
@@ -158,9 +158,57 @@ subscription_required = true
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A device callout whose answer the worker has cached: the whole step (render the request, find
+/// the answer, read two JSON fields into the header for the backend).
+fn cached_callout(c: &mut Criterion) {
+    let text = format!(
+        r#"{LISTENER}
+[[api]]
+name = "devices"
+path = "/"
+backend = "app"
+  [[api.inbound]]
+  send_request = {{ name = "device", url = "https://devauth.internal/check?ip={{request.ip}}&deviceId={{header.X-Device}}",
+                   cache_ttl = "60s", expect_status = [200],
+                   set_headers = {{ "x-request-context-data" = "deviceId={{callout.device.json.deviceId}};certificateThumbprint={{callout.device.json.certificateThumbprint}}" }} }}
+"#
+    );
+    let set = compile(&text);
+    let policy = set.apis[0].select(b"GET", b"/").unwrap();
+    let fields = Fields(vec![
+        (Bytes::from_static(b"Host"), Bytes::from_static(b"api.example.com")),
+        (Bytes::from_static(b"X-Device"), Bytes::from_static(b"dev-1")),
+    ]);
+    let facts = facts();
+    let mut state = RequestState::default();
+    let mut edits = HeaderEdits::default();
+    edits.reset(fields.count());
+    // The first request waits for the callout; its answer is then cached.
+    let step = match set.inbound(policy, &facts, &fields, &mut state, &mut edits) {
+        Verdict::Wait { step, .. } => step,
+        v => panic!("expected a wait, got {v:?}"),
+    };
+    let body = r#"{"deviceId":"dev-1","certificateThumbprint":"EB92D7C4A1B2C3D4E5F60718293A4B5C6D7E8F90","owner":{"name":"contoso"}}"#;
+    state.put(step, Answer::Response { status: 200, body: Bytes::from_static(body.as_bytes()) });
+    assert!(matches!(
+        set.inbound_from(policy, step, &facts, &fields, &mut state, &mut edits),
+        Verdict::Continue
+    ));
+    assert!(
+        support::inbound(&set, policy, &facts, &fields, &mut state, &mut edits),
+        "answered from the cache"
+    );
+    assert_eq!(edits.added().count(), 1);
+    c.bench_function("callout_cache_hit_send_request_step", |b| {
+        b.iter(|| {
+            black_box(support::inbound(&set, policy, black_box(&facts), &fields, &mut state, &mut edits))
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30);
-    targets = signatures, cached_token, subscriptions
+    targets = signatures, cached_token, subscriptions, cached_callout
 }
 criterion_main!(benches);

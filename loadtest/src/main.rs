@@ -78,6 +78,14 @@ enum Command {
         listen: std::net::SocketAddr,
         #[arg(long, default_value_t = 1024)]
         size: usize,
+        /// Serve over TLS with this certificate chain (PEM), requiring a client certificate.
+        #[arg(long, requires_all = ["tls_key", "client_ca"])]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// The CA (PEM) client certificates must chain to.
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
     },
     /// Write the benchmark PKI into DIR.
     Pki { dir: PathBuf },
@@ -186,9 +194,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
             Ok(if report.ok == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
-        Command::Backend { listen, size } => {
+        Command::Backend { listen, size, tls_cert, tls_key, client_ca } => {
             raise_fd_limit();
-            portcullis_loadtest::backend::serve(listen, size)?;
+            let tls = match (tls_cert, tls_key, client_ca) {
+                (Some(cert), Some(key), Some(client_ca)) => {
+                    Some(portcullis_loadtest::backend::BackendTls { cert, key, client_ca })
+                }
+                _ => None,
+            };
+            portcullis_loadtest::backend::serve(listen, size, tls)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki { dir } => {

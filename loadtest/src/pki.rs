@@ -61,6 +61,12 @@ pub fn write(dir: &Path) -> anyhow::Result<()> {
     }
     write("allow-sha1.lst", &allow)?;
     write("allow-sha1.map", &map)?;
+    // The gateway's own certificate, for backends that require one (the tls-backend mode):
+    // separate files for Portcullis, one bundle for HAProxy's `crt`.
+    let gateway = intermediate.issue("gateway", &LeafOptions::client("gateway"));
+    write("gateway-chain.pem", &gateway.chain_pem)?;
+    write("gateway.key", &gateway.key_pem)?;
+    write("gateway-bundle.pem", &format!("{}{}", gateway.chain_pem, gateway.key_pem))?;
     let signer = SigningKey::es256("bench");
     write("token-signer.pub", &signer.public_pem())?;
     let now = portcullis_testkit::idp::now();

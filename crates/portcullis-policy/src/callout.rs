@@ -3,6 +3,8 @@
 //! connection and hands back the answer ([`Answer::Response`], or [`Answer::Failed`]), and the
 //! step then lets the request through (setting headers from the answer) or refuses it.
 
+use std::cell::OnceCell;
+use std::rc::Rc;
 use std::time::Duration;
 
 use ahash::AHashMap;
@@ -28,16 +30,27 @@ pub struct CalloutTarget {
     pub loc: Loc,
 }
 
-/// A callout's answer, as templates read it.
-#[derive(Debug, Clone)]
+/// A callout's answer, as templates read it (shared by the cache and the requests it answers).
+#[derive(Debug)]
 pub(crate) struct CalloutAnswer {
     pub(crate) status: u16,
     pub(crate) body: Bytes,
-    /// The body, when a template reads it as JSON and it is JSON.
-    pub(crate) json: Option<Json>,
+    /// The body as JSON, read the first time a template asks (`None`: it is not JSON).
+    json: OnceCell<Option<Json>>,
 }
 
-/// Answers kept per worker, by the whole rendered request (method, URL, headers, body).
+impl CalloutAnswer {
+    fn new(status: u16, body: Bytes) -> Rc<CalloutAnswer> {
+        Rc::new(CalloutAnswer { status, body, json: OnceCell::new() })
+    }
+
+    pub(crate) fn json(&self) -> Option<&Json> {
+        self.json.get_or_init(|| Json::parse(&self.body).ok()).as_ref()
+    }
+}
+
+/// Answers kept per worker, by the callout's target and the whole rendered request (method, URL,
+/// headers, body).
 #[derive(Debug, Default)]
 pub(crate) struct CalloutCache {
     /// The policy set the answers were got under: a reload drops them all.
@@ -48,32 +61,24 @@ pub(crate) struct CalloutCache {
 #[derive(Debug)]
 struct Cached {
     until_ms: u64,
-    status: u16,
-    body: Bytes,
+    answer: Rc<CalloutAnswer>,
 }
 
 /// Answers kept per worker at most.
 const MOST_CACHED: usize = 10_000;
 
 impl CalloutCache {
-    fn get(&mut self, instance: u64, request: &[u8], now_ms: u64) -> Option<(u16, Bytes)> {
+    fn get(&mut self, instance: u64, request: &[u8], now_ms: u64) -> Option<Rc<CalloutAnswer>> {
         if self.instance != instance {
             self.entries.clear();
             self.instance = instance;
             return None;
         }
         let hit = self.entries.get(request)?;
-        (hit.until_ms > now_ms).then(|| (hit.status, hit.body.clone()))
+        (hit.until_ms > now_ms).then(|| hit.answer.clone())
     }
 
-    fn put(
-        &mut self,
-        instance: u64,
-        request: Bytes,
-        until_ms: u64,
-        (status, body): (u16, Bytes),
-        now_ms: u64,
-    ) {
+    fn put(&mut self, instance: u64, request: Bytes, until_ms: u64, answer: Rc<CalloutAnswer>, now_ms: u64) {
         if self.instance != instance {
             self.entries.clear();
             self.instance = instance;
@@ -84,7 +89,7 @@ impl CalloutCache {
                 self.entries.clear();
             }
         }
-        self.entries.insert(request, Cached { until_ms, status, body });
+        self.entries.insert(request, Cached { until_ms, answer });
     }
 
     #[cfg(test)]
@@ -96,7 +101,7 @@ impl CalloutCache {
 /// A compiled `send_request`.
 #[derive(Debug)]
 pub(crate) struct CalloutStep {
-    pub(crate) name: Box<str>,
+    pub(crate) name: std::sync::Arc<str>,
     /// Index into the policy set's callout targets.
     pub(crate) target: usize,
     pub(crate) method: Bytes,
@@ -117,14 +122,13 @@ pub(crate) struct CalloutStep {
 }
 
 impl CalloutStep {
-    /// The request the service gets; `None` when a template of its URL or body has no value
-    /// for this request (a header whose template has none is left out).
-    fn render(&self, cx: &Context<'_>) -> Option<Bytes> {
-        let mut out = BytesMut::with_capacity(256);
+    /// Appends the request the service gets to `out`; false when a template of its URL or body
+    /// has no value for this request (a header whose template has none is left out).
+    fn render(&self, cx: &Context<'_>, out: &mut BytesMut) -> bool {
         out.put_slice(&self.method);
         out.put_u8(b' ');
-        if !self.path.render(cx, &mut out) {
-            return None;
+        if !self.path.render(cx, out) {
+            return false;
         }
         out.put_slice(b" HTTP/1.1\r\nHost: ");
         out.put_slice(&self.host);
@@ -133,24 +137,26 @@ impl CalloutStep {
             let at = out.len();
             out.put_slice(name);
             out.put_slice(b": ");
-            if value.render(cx, &mut out) {
+            if value.render(cx, out) {
                 out.put_slice(b"\r\n");
             } else {
                 out.truncate(at);
             }
         }
+        let Some(t) = &self.body else {
+            if matches!(&self.method[..], b"POST" | b"PUT" | b"PATCH") {
+                out.put_slice(b"Content-Length: 0\r\n");
+            }
+            out.put_slice(b"\r\n");
+            return true;
+        };
         let mut body = BytesMut::new();
-        if let Some(t) = &self.body
-            && !t.render(cx, &mut body)
-        {
-            return None;
+        if !t.render(cx, &mut body) {
+            return false;
         }
-        if !body.is_empty() || matches!(&self.method[..], b"POST" | b"PUT" | b"PATCH") {
-            out.put_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
-        }
-        out.put_slice(b"\r\n");
+        out.put_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
         out.put_slice(&body);
-        Some(out.freeze())
+        true
     }
 
     /// Runs the step at inbound position `index`: asks for the callout, or decides on its
@@ -167,12 +173,12 @@ impl CalloutStep {
         let now = facts.now_ms;
         let answer = match state.answer(index) {
             Some(Answer::Response { status, body }) => {
-                let answer = (*status, body.clone());
+                let answer = CalloutAnswer::new(*status, body.clone());
                 // Fresh from the service: kept for the next request that renders alike (not a
                 // server error, which may be gone by then).
-                if let Some(request) = state.callout_request.take()
+                if let Some((request, _)) = state.callout_request.take()
                     && self.cache_ttl_ms > 0
-                    && answer.0 < 500
+                    && answer.status < 500
                 {
                     let until = now + self.cache_ttl_ms;
                     state.local.borrow_mut().callouts.put(set.instance, request, until, answer.clone(), now);
@@ -182,40 +188,41 @@ impl CalloutStep {
             Some(Answer::Failed(why)) => Err(*why),
             Some(_) => Err("callout not answered"),
             None => {
-                let rendered = self.render(&Context { facts, state, set, headers });
-                match rendered {
-                    None => Err("callout has no value for this request"),
-                    Some(request) => {
-                        let cached = (self.cache_ttl_ms > 0)
-                            .then(|| state.local.borrow_mut().callouts.get(set.instance, &request, now))
-                            .flatten();
-                        match cached {
-                            Some(answer) => Ok(answer),
-                            None => {
-                                state.callout_request = Some(request);
-                                let need =
-                                    Need::Callout { target: self.target, max_response: self.max_response };
-                                return Some(Verdict::Wait { step: index, need });
-                            }
-                        }
+                // The key in the cache: the target, then the request.
+                let mut out = std::mem::take(&mut state.scratch);
+                out.clear();
+                out.put_slice(&(self.target as u64).to_le_bytes());
+                let rendered = self.render(&Context { facts, state, set, headers }, &mut out);
+                let cached = (rendered && self.cache_ttl_ms > 0)
+                    .then(|| state.local.borrow_mut().callouts.get(set.instance, &out, now))
+                    .flatten();
+                let request = (rendered && cached.is_none()).then(|| Bytes::copy_from_slice(&out));
+                state.scratch = out;
+                match (cached, request) {
+                    (Some(answer), _) => Ok(answer),
+                    (None, Some(request)) => {
+                        state.callout_request = Some((request, 8));
+                        let need = Need::Callout { target: self.target, max_response: self.max_response };
+                        return Some(Verdict::Wait { step: index, need });
                     }
+                    (None, None) => Err("callout has no value for this request"),
                 }
             }
         };
         let refused = match answer {
             Err(why) => Some(why),
-            Ok((status, body)) => {
-                let json = if self.wants_json { Json::parse(&body).ok() } else { None };
-                let why = if !self.expect.contains(status) {
+            Ok(answer) => {
+                let why = if !self.expect.contains(answer.status) {
                     Some("callout refused the request")
-                } else if self.wants_json && json.is_none() {
+                } else if self.wants_json && answer.json().is_none() {
                     Some("callout answer is not JSON")
                 } else {
                     None
                 };
                 // A refusal's fields stay empty.
-                let json = if why.is_some() { None } else { json };
-                state.callouts.push((self.name.clone(), CalloutAnswer { status, body, json }));
+                if why.is_none() {
+                    state.callouts.push((self.name.clone(), answer));
+                }
                 why
             }
         };
@@ -241,14 +248,14 @@ mod tests {
     fn the_cache_keeps_answers_for_their_time_and_one_policy_set() {
         let mut cache = CalloutCache::default();
         let key = Bytes::from_static(b"GET /check?d=1 HTTP/1.1\r\nHost: a\r\n\r\n");
-        cache.put(7, key.clone(), 1_000, (200, Bytes::from_static(b"{}")), 0);
-        assert_eq!(cache.get(7, &key, 999).map(|a| a.0), Some(200));
-        assert_eq!(cache.get(7, &key, 1_000), None, "expired");
-        assert_eq!(cache.get(7, b"GET /check?d=2 HTTP/1.1\r\nHost: a\r\n\r\n", 0), None);
-        assert_eq!(cache.get(8, &key, 0), None, "another policy set: dropped");
+        cache.put(7, key.clone(), 1_000, CalloutAnswer::new(200, Bytes::from_static(b"{}")), 0);
+        assert_eq!(cache.get(7, &key, 999).map(|a| a.status), Some(200));
+        assert!(cache.get(7, &key, 1_000).is_none(), "expired");
+        assert!(cache.get(7, b"GET /check?d=2 HTTP/1.1\r\nHost: a\r\n\r\n", 0).is_none());
+        assert!(cache.get(8, &key, 0).is_none(), "another policy set: dropped");
         assert_eq!(cache.len(), 0);
         for i in 0..MOST_CACHED + 5 {
-            cache.put(8, Bytes::from(format!("k{i}")), 10, (200, Bytes::new()), 0);
+            cache.put(8, Bytes::from(format!("k{i}")), 10, CalloutAnswer::new(200, Bytes::new()), 0);
         }
         assert!(cache.len() <= MOST_CACHED, "bounded: {}", cache.len());
     }

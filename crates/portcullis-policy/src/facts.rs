@@ -106,11 +106,11 @@ pub struct RequestState {
     pub(crate) response_headers: Vec<(Bytes, u64)>,
     /// The time in a refusal's message (seconds until a limit frees up).
     pub(crate) wait_secs: u64,
-    /// The request a waiting callout step wants sent (head and body), kept until its answer is
-    /// read (it is the key of the answer in the cache).
-    pub(crate) callout_request: Option<Bytes>,
-    /// The answers of the request's callouts, by name.
-    pub(crate) callouts: Vec<(Box<str>, crate::callout::CalloutAnswer)>,
+    /// The request a waiting callout step wants sent (head and body, from the offset given),
+    /// kept until its answer is read: it is the key of the answer in the cache.
+    pub(crate) callout_request: Option<(Bytes, usize)>,
+    /// The answers of the request's callouts that let it through, by name.
+    pub(crate) callouts: Vec<(std::sync::Arc<str>, Rc<crate::callout::CalloutAnswer>)>,
     pub(crate) local: Rc<RefCell<WorkerLocal>>,
 }
 
@@ -135,13 +135,13 @@ impl RequestState {
     }
 
     /// The request a callout step waits to have sent ([`Need::Callout`](crate::Need::Callout)).
-    pub fn callout_request(&self) -> Option<&Bytes> {
-        self.callout_request.as_ref()
+    pub fn callout_request(&self) -> Option<Bytes> {
+        self.callout_request.as_ref().map(|(key, at)| key.slice(*at..))
     }
 
     /// The answer of the request's callout `name`.
     pub(crate) fn callout(&self, name: &str) -> Option<&crate::callout::CalloutAnswer> {
-        self.callouts.iter().rev().find(|(n, _)| &**n == name).map(|(_, a)| a)
+        self.callouts.iter().rev().find(|(n, _)| &**n == name).map(|(_, a)| &**a)
     }
 
     /// Keeps `answer` for inbound step `step`, replacing an earlier one.

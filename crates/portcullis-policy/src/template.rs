@@ -391,10 +391,7 @@ impl Template {
                     }
                     CalloutField::Body => put_safe(out, &answer.body),
                     CalloutField::Json(path) => {
-                        let mut value = match &answer.json {
-                            Some(json) => json,
-                            None => return false,
-                        };
+                        let Some(mut value) = answer.json() else { return false };
                         for step in path {
                             value = match value {
                                 portcullis_jose::Json::Object(_) => value.get(step),

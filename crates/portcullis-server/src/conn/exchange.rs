@@ -122,7 +122,7 @@ impl<S: Stream> Conn<S> {
                             self.state.put(step, Answer::Synced);
                         }
                         Need::Callout { target, max_response } => {
-                            let request = self.state.callout_request().cloned();
+                            let request = self.state.callout_request();
                             let c = snap.callouts.get(target);
                             let answer =
                                 callout(&self.worker, c, request, max_response, &mut self.io_timer).await;
