@@ -11,6 +11,7 @@ mod conformance;
 mod containment;
 mod fleet;
 mod framing;
+mod hiding;
 mod jose;
 mod jwt;
 mod lifecycle;

@@ -902,7 +902,7 @@ fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
     Some(Operation { pattern: pattern?, inherit, inbound, outbound })
 }
 
-const STEP_KINDS: [&str; 11] = [
+const STEP_KINDS: [&str; 13] = [
     "set_header",
     "validate_client_certificate",
     "return_response",
@@ -914,6 +914,8 @@ const STEP_KINDS: [&str; 11] = [
     "quota",
     "quota_by_key",
     "send_request",
+    "find_and_replace",
+    "redirect_content_urls",
 ];
 
 pub(crate) fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
@@ -943,9 +945,28 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
         "quota" => StepKind::Quota(crate::traffic::quota(r, body, &field, false)?),
         "quota_by_key" => StepKind::Quota(crate::traffic::quota(r, body, &field, true)?),
         "send_request" => StepKind::SendRequest(Box::new(crate::callout::send_request(r, body, &field)?)),
+        "find_and_replace" => StepKind::FindAndReplace(find_and_replace(r, body, &field)?),
+        "redirect_content_urls" => StepKind::RedirectContentUrls(r.boolean(body, &field)?),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })
+}
+
+/// Longest `from` of a `find_and_replace` (what is held back between pieces of a body).
+const MOST_FIND: usize = 4096;
+
+fn find_and_replace(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<FindAndReplace> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["from", "to"]);
+    let from = required(r, t, v, field, "from").and_then(|f| r.string(f, &join(field, "from")));
+    if let Some(f) = &from
+        && (f.value.is_empty() || f.value.len() > MOST_FIND)
+    {
+        r.errors.push(f.loc.error(format!("must be 1 to {MOST_FIND} bytes long")));
+        return None;
+    }
+    let to = required(r, t, v, field, "to").and_then(|x| r.string(x, &join(field, "to")));
+    Some(FindAndReplace { from: from?, to: to?.value })
 }
 
 pub(crate) fn is_token(s: &str) -> bool {

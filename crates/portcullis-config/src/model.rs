@@ -393,6 +393,18 @@ pub enum StepKind {
     /// `quota` (per subscription) or `quota_by_key`.
     Quota(Quota),
     SendRequest(Box<SendRequest>),
+    /// `find_and_replace = { from, to }`: in a response body (outbound).
+    FindAndReplace(FindAndReplace),
+    /// `redirect_content_urls = true`: `Location` and `Content-Location` from the backend's URL
+    /// to the public one (outbound).
+    RedirectContentUrls(bool),
+}
+
+/// `find_and_replace`: API Management's policy of that name, on response bodies.
+#[derive(Debug, Clone)]
+pub struct FindAndReplace {
+    pub from: Located<String>,
+    pub to: String,
 }
 
 /// `send_request`: APIM's `send-request` as an authorisation callout. The request waits for the

@@ -24,6 +24,7 @@ pub mod forward;
 mod head;
 mod path;
 pub mod proxy_protocol;
+mod replace;
 pub mod write;
 
 pub use chunked::{ChunkedDecoder, ChunkedError, ChunkedOutput, Decoded};
@@ -32,3 +33,4 @@ pub use head::{
     Framing, HeadScanner, Limits, MAX_HEADERS_CAP, RequestHead, ResponseHead, Version, is_hop_by_hop_name,
 };
 pub use path::{normalize_path, remove_query_parameter};
+pub use replace::{Replacer, replace_all};

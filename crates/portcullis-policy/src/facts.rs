@@ -220,6 +220,15 @@ impl HeaderEdits {
             || self.added.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
+    /// Sets field `name` to `value`, in place of whatever the list had of it.
+    pub fn replace(&mut self, headers: &dyn HeaderList, name: &Bytes, value: &[u8]) {
+        self.remove_named(headers, name);
+        self.add_with(name, |out| {
+            out.extend_from_slice(value);
+            true
+        });
+    }
+
     /// Renders a value with `render` into the arena and records it; `render` returning false
     /// means "no value", and nothing is added.
     pub(crate) fn add_with(&mut self, name: &Bytes, render: impl FnOnce(&mut BytesMut) -> bool) {

@@ -180,6 +180,10 @@ enum Step {
     RateLimit(RateStep),
     Quota(QuotaStep),
     SendRequest(Box<CalloutStep>),
+    /// Replaces `from` by `to` in the response body.
+    FindAndReplace(Bytes, Bytes),
+    /// Rewrites the backend's URL to the public one in `Location` and `Content-Location`.
+    RedirectContentUrls,
     /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
     /// otherwise.
     #[cfg(test)]
@@ -561,6 +565,25 @@ impl Compiler<'_> {
                     return None;
                 }
                 QuotaStep::compile(q, &mut self.conditions, &mut self.errors).map(Step::Quota)
+            }
+            StepKind::FindAndReplace(f) => {
+                if inbound {
+                    self.errors.push(step.loc.error(
+                        "find_and_replace works on response bodies (an outbound step); request bodies are not rewritten",
+                    ));
+                    return None;
+                }
+                Some(Step::FindAndReplace(
+                    Bytes::from(f.from.value.clone().into_bytes()),
+                    Bytes::from(f.to.clone().into_bytes()),
+                ))
+            }
+            StepKind::RedirectContentUrls(on) => {
+                if inbound {
+                    self.errors.push(step.loc.error("redirect_content_urls is an outbound step"));
+                    return None;
+                }
+                on.then_some(Step::RedirectContentUrls)
             }
             StepKind::SendRequest(s) => {
                 if !inbound {
@@ -1034,6 +1057,8 @@ impl PolicySet {
     ) -> Option<Verdict<'p>> {
         match step {
             Step::SetHeader(s) => run_set_header(s, &Context { facts, state, set: self, headers }, edits),
+            // Outbound only (refused inbound at load).
+            Step::FindAndReplace(..) | Step::RedirectContentUrls => {}
             Step::ValidateClientCertificate(v) => {
                 if let Err(reason) = self.validate(v, facts)
                     && !v.ignore_error
@@ -1150,7 +1175,9 @@ impl PolicySet {
                 | Step::CheckHeader(_)
                 | Step::RateLimit(_)
                 | Step::Quota(_)
-                | Step::SendRequest(_) => {}
+                | Step::SendRequest(_)
+                | Step::FindAndReplace(..)
+                | Step::RedirectContentUrls => {}
                 #[cfg(test)]
                 Step::Probe { .. } => {}
             }
@@ -1206,6 +1233,30 @@ impl PolicySet {
     /// otherwise).
     pub fn has_outbound(&self, policy: &ApiPolicy, state: &RequestState) -> bool {
         !state.response_headers.is_empty() || self.scopes(policy, state, false).iter().any(|s| !s.is_empty())
+    }
+
+    /// What a request on `policy` does to its response beyond headers: the `find_and_replace`
+    /// pairs for the body, in order, and whether `redirect_content_urls` rewrites its URLs.
+    pub fn response_rewrites(&self, policy: &ApiPolicy, state: &RequestState) -> (Vec<(Bytes, Bytes)>, bool) {
+        let mut pairs = Vec::new();
+        let mut redirect = false;
+        for step in self.scopes(policy, state, false).into_iter().flatten() {
+            match step {
+                Step::FindAndReplace(from, to) => pairs.push((from.clone(), to.clone())),
+                Step::RedirectContentUrls => redirect = true,
+                _ => {}
+            }
+        }
+        (pairs, redirect)
+    }
+
+    /// Whether the API's own or its operation's outbound steps, or the global ones, rewrite the
+    /// body: the proxy then asks the backend for an uncompressed one.
+    pub fn rewrites_body(&self, policy: &ApiPolicy) -> bool {
+        let any = |steps: &[Step]| steps.iter().any(|s| matches!(s, Step::FindAndReplace(..)));
+        any(&policy.outbound)
+            || policy.parents
+                && (any(&self.global.outbound) || self.products.iter().any(|p| any(&p.steps.outbound)))
     }
 }
 

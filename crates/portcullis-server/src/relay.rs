@@ -49,6 +49,130 @@ impl std::fmt::Display for RelayError {
     }
 }
 
+/// Reads more of a body into `sbuf` within `t`; 0 at the end of the stream.
+async fn fill<R: Stream>(
+    src: &mut R,
+    sbuf: &mut BytesMut,
+    timer: &mut Timer,
+    t: Duration,
+) -> Result<usize, RelayError> {
+    match timer.within(t, pin!(src.read_buf(sbuf))).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(RelayError::SourceIo(e)),
+        Err(_) => Err(RelayError::SourceTimeout),
+    }
+}
+
+/// Sends what `out` holds within `t`.
+async fn flush<W: Stream>(
+    dst: &mut W,
+    out: &mut BytesMut,
+    timer: &mut Timer,
+    t: Duration,
+) -> Result<(), RelayError> {
+    match timer.within(t, pin!(dst.write_all_buf(out))).await {
+        Ok(r) => r.map_err(RelayError::Destination),
+        Err(_) => Err(RelayError::Destination(io::Error::new(io::ErrorKind::TimedOut, "write timed out"))),
+    }
+}
+
+/// Reads a body of `length` bytes whole (after what `sbuf` holds), each read within
+/// `read_timeout`: for a body small enough to be rewritten before its head is sent.
+pub(crate) async fn read_length<R: Stream>(
+    (src, sbuf): (&mut R, &mut BytesMut),
+    length: u64,
+    read_timeout: Duration,
+    timer: &mut Timer,
+) -> Result<BytesMut, RelayError> {
+    let length = usize::try_from(length).map_err(|_| RelayError::SourceTooLarge)?;
+    while sbuf.len() < length {
+        sbuf.reserve(length - sbuf.len());
+        if fill(src, sbuf, timer, read_timeout).await? == 0 {
+            return Err(RelayError::SourceClosed);
+        }
+    }
+    Ok(sbuf.split_to(length))
+}
+
+/// Moves a response body from `src` to `dst` through `replacer`, as it comes: `mode` is how the
+/// backend framed it (a length, chunked, or until it closes); it goes out chunked (`chunk`), or
+/// as it is, delimited by the close of the connection (an HTTP/1.0 client). Memory stays
+/// bounded by what one read brings and what the replacer holds back. Returns the bytes sent.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn relay_rewritten<R: Stream, W: Stream>(
+    mode: BodyMode,
+    (src, sbuf): (&mut R, &mut BytesMut),
+    dst: &mut W,
+    out: &mut BytesMut,
+    replacer: &mut portcullis_http::Replacer,
+    (read_timeout, write_timeout): (Duration, Duration),
+    timer: &mut Timer,
+    chunk: bool,
+) -> Result<u64, RelayError> {
+    let mut decoder = matches!(mode, BodyMode::Chunked(_))
+        .then(|| ChunkedDecoder::new(portcullis_http::ChunkedOutput::DataOnly));
+    let mut remaining = if let BodyMode::Length(n) = mode { n } else { u64::MAX };
+    let (mut data, mut piece) = (BytesMut::new(), BytesMut::new());
+    let mut sent = 0u64;
+    loop {
+        let done = match (mode, decoder.as_mut()) {
+            (BodyMode::None, _) => true,
+            (BodyMode::Length(_), _) => {
+                let take = (sbuf.len() as u64).min(remaining) as usize;
+                data.extend_from_slice(&sbuf.split_to(take));
+                remaining -= take as u64;
+                remaining == 0
+            }
+            (_, Some(decoder)) => {
+                decoder.decode(sbuf, &mut data).map_err(RelayError::SourceFraming)? == Decoded::Done
+            }
+            _ => {
+                data.extend_from_slice(sbuf);
+                sbuf.clear();
+                false
+            }
+        };
+        replacer.feed(&data, &mut piece);
+        data.clear();
+        if !done {
+            emit(out, &mut piece, chunk, &mut sent);
+            if !out.is_empty() {
+                flush(dst, out, timer, write_timeout).await?;
+            }
+            if fill(src, sbuf, timer, read_timeout).await? > 0 {
+                continue;
+            }
+            // The end of the stream ends a close-delimited body, and breaks any other.
+            if !matches!(mode, BodyMode::UntilClose { .. }) {
+                return Err(RelayError::SourceClosed);
+            }
+        }
+        replacer.finish(&mut piece);
+        emit(out, &mut piece, chunk, &mut sent);
+        if chunk {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        flush(dst, out, timer, write_timeout).await?;
+        return Ok(sent);
+    }
+}
+
+/// Appends `piece` to `out`, as a chunk when `chunk`, and empties it.
+fn emit(out: &mut BytesMut, piece: &mut BytesMut, chunk: bool, sent: &mut u64) {
+    if piece.is_empty() {
+        return;
+    }
+    *sent += piece.len() as u64;
+    if chunk {
+        write::chunk_header(out, piece.len());
+        out.extend_from_slice(piece);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(piece);
+    }
+    piece.clear();
+}
+
 /// Moves one body from `src` to `dst`, re-delimiting it as `mode` says. `out` may already hold
 /// bytes for `dst` (a head): they go out with the first piece of the body, in one write.
 pub(crate) async fn relay_body<R: Stream, W: Stream>(
@@ -138,31 +262,6 @@ pub(crate) async fn relay_body<R: Stream, W: Stream>(
             }
         }
         fill(src, sbuf, timer, t).await
-    }
-    async fn fill<R: Stream>(
-        src: &mut R,
-        sbuf: &mut BytesMut,
-        timer: &mut Timer,
-        t: Duration,
-    ) -> Result<usize, RelayError> {
-        match timer.within(t, pin!(src.read_buf(sbuf))).await {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => Err(RelayError::SourceIo(e)),
-            Err(_) => Err(RelayError::SourceTimeout),
-        }
-    }
-    async fn flush<W: Stream>(
-        dst: &mut W,
-        out: &mut BytesMut,
-        timer: &mut Timer,
-        t: Duration,
-    ) -> Result<(), RelayError> {
-        match timer.within(t, pin!(dst.write_all_buf(out))).await {
-            Ok(r) => r.map_err(RelayError::Destination),
-            Err(_) => {
-                Err(RelayError::Destination(io::Error::new(io::ErrorKind::TimedOut, "write timed out")))
-            }
-        }
     }
     // Watching `dst` while waiting for `src`, until it has said something that is no refusal.
     let mut watching = request;

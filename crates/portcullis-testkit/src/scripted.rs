@@ -26,11 +26,19 @@ pub enum Then {
 pub struct Reply {
     pub bytes: Vec<u8>,
     pub then: Then,
+    /// Written one byte at a time, each in its own segment (a short pause after each), so that
+    /// the peer reads it in as many pieces as the network allows.
+    pub dribble: bool,
 }
 
 impl Reply {
     pub fn new(bytes: impl Into<Vec<u8>>, then: Then) -> Reply {
-        Reply { bytes: bytes.into(), then }
+        Reply { bytes: bytes.into(), then, dribble: false }
+    }
+
+    /// As [`Reply::new`], written byte by byte.
+    pub fn dribbled(bytes: impl Into<Vec<u8>>, then: Then) -> Reply {
+        Reply { bytes: bytes.into(), then, dribble: true }
     }
 }
 
@@ -49,9 +57,15 @@ pub struct ScriptedBackend {
 impl ScriptedBackend {
     /// Starts a backend answering `path` with its reply; other paths get [`OK`].
     pub fn start(script: Vec<(String, Reply)>) -> ScriptedBackend {
+        ScriptedBackend::start_with(|_| script)
+    }
+
+    /// As [`ScriptedBackend::start`], with a script that may name the backend's own address
+    /// (in a `Location`, say).
+    pub fn start_with(script: impl FnOnce(SocketAddr) -> Vec<(String, Reply)>) -> ScriptedBackend {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let script: Arc<HashMap<String, Reply>> = Arc::new(script.into_iter().collect());
+        let script: Arc<HashMap<String, Reply>> = Arc::new(script(addr).into_iter().collect());
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (connections.clone(), stop.clone());
@@ -114,7 +128,15 @@ fn serve(mut stream: TcpStream, script: &HashMap<String, Reply>) -> io::Result<(
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let reply = script.get(&path).cloned().unwrap_or_else(|| Reply::new(OK, Then::KeepOpen));
-        stream.write_all(&reply.bytes)?;
+        if reply.dribble {
+            stream.set_nodelay(true)?;
+            for b in &reply.bytes {
+                stream.write_all(std::slice::from_ref(b))?;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        } else {
+            stream.write_all(&reply.bytes)?;
+        }
         match reply.then {
             Then::KeepOpen => {}
             Then::Close => return Ok(()),

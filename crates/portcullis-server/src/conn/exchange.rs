@@ -5,17 +5,17 @@
 use std::pin::pin;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use monoio::time::Instant;
 use portcullis_config::ClientCertMode;
 use portcullis_http::forward::{self, BodyMode};
-use portcullis_http::{Framing, Reaction, Side, Version, remove_query_parameter, write};
+use portcullis_http::{Framing, Reaction, Replacer, Side, Version, remove_query_parameter, write};
 use portcullis_jose::RemoteKeys;
 use portcullis_policy::{Answer, ApiPolicy, Facts, Need, RouteMatch, Verdict};
 use portcullis_tls::Stream;
 
 use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
-use crate::relay::{RelayError, relay_body};
+use crate::relay::{RelayError, read_length, relay_body, relay_rewritten};
 use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
 use crate::upstream::{Fetched, HeadProgress, Upstream, UpstreamError};
 
@@ -152,6 +152,10 @@ impl<S: Stream> Conn<S> {
             snap.policies.complete(&mut self.state, response.status, 0, now_ms);
             self.access_log(Some(route), response.status, started, &id, reason);
             return self.respond_policy(response).await;
+        }
+        // The response body is rewritten on its way back: asked for without compression.
+        if snap.policies.rewrites_body(policy) {
+            self.edits.replace(&fields, &Bytes::from_static(b"Accept-Encoding"), b"identity");
         }
         let backend = &snap.backends[route.backend];
         self.refusal = "-";
@@ -315,20 +319,92 @@ impl<S: Stream> Conn<S> {
         let (mode, mode_keeps) = forward::response_body(&self.resp, self.head.is_head(), client_http10);
         keep &= mode_keeps;
         self.edits.reset(self.resp.field_count());
+        let mut rewrite = None;
         if snap.policies.has_outbound(policy, &self.state) {
             snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &self.state, &mut self.edits);
+            let (pairs, redirect) = snap.policies.response_rewrites(policy, &self.state);
+            if redirect {
+                self.redirect_content_urls(route, backend);
+            }
+            if !pairs.is_empty() && !matches!(mode, BodyMode::None) {
+                match self.resp.header(b"content-encoding").filter(|c| !c.eq_ignore_ascii_case(b"identity")) {
+                    None => rewrite = Some(Replacer::new(&pairs)),
+                    Some(coding) => {
+                        if !COMPRESSED_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::warn!(backend = %backend.name, coding = %String::from_utf8_lossy(coding), "a response to rewrite came compressed although identity was asked for: sent as it is (logged once)");
+                        }
+                    }
+                }
+            }
         }
-        self.write_response_head(mode, keep, client_http10);
-        let relayed = relay_body(
-            mode,
-            (&mut upstream.stream, &mut self.ubuf),
-            &mut self.client,
-            &mut self.out,
-            (backend.response_timeout, WRITE_TIMEOUT, None),
-            &mut self.io_timer,
-            false,
-        )
-        .await;
+        let relayed = match rewrite {
+            None => {
+                self.write_response_head(mode, keep, client_http10);
+                relay_body(
+                    mode,
+                    (&mut upstream.stream, &mut self.ubuf),
+                    &mut self.client,
+                    &mut self.out,
+                    (backend.response_timeout, WRITE_TIMEOUT, None),
+                    &mut self.io_timer,
+                    false,
+                )
+                .await
+            }
+            Some(mut replacer) => {
+                match mode {
+                    // Small enough to hold: rewritten whole, sent with its new length.
+                    BodyMode::Length(n) if n <= HOLD_TO_REWRITE => {
+                        let src = (&mut upstream.stream, &mut self.ubuf);
+                        match read_length(src, n, backend.response_timeout, &mut self.io_timer).await {
+                            Ok(body) => {
+                                let mut rewritten = BytesMut::with_capacity(body.len());
+                                replacer.feed(&body, &mut rewritten);
+                                replacer.finish(&mut rewritten);
+                                self.write_response_head(
+                                    BodyMode::Length(rewritten.len() as u64),
+                                    keep,
+                                    client_http10,
+                                );
+                                self.out.extend_from_slice(&rewritten);
+                                let sent = self
+                                    .io_timer
+                                    .within(WRITE_TIMEOUT, pin!(self.client.write_all_buf(&mut self.out)))
+                                    .await;
+                                match sent {
+                                    Ok(Ok(())) => Ok(rewritten.len() as u64),
+                                    Ok(Err(e)) => Err(RelayError::Destination(e)),
+                                    Err(_) => {
+                                        Err(RelayError::Destination(std::io::ErrorKind::TimedOut.into()))
+                                    }
+                                }
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    // Streamed: chunked for HTTP/1.1 clients, until the close for HTTP/1.0 ones.
+                    _ => {
+                        keep &= !client_http10;
+                        self.write_response_head(
+                            BodyMode::UntilClose { chunk: !client_http10 },
+                            keep,
+                            client_http10,
+                        );
+                        relay_rewritten(
+                            mode,
+                            (&mut upstream.stream, &mut self.ubuf),
+                            &mut self.client,
+                            &mut self.out,
+                            &mut replacer,
+                            (backend.response_timeout, WRITE_TIMEOUT),
+                            &mut self.io_timer,
+                            !client_http10,
+                        )
+                        .await
+                    }
+                }
+            }
+        };
         match relayed {
             Ok(n) => {
                 self.body_bytes += n;
@@ -353,6 +429,49 @@ impl<S: Stream> Conn<S> {
                 self.ubuf.clear();
                 (false, status)
             }
+        }
+    }
+
+    /// `redirect_content_urls`: a `Location` or `Content-Location` that points into the
+    /// backend's URL is rewritten to the same place under the API's public URL (the request's
+    /// `Host`, over HTTPS, under the API's path).
+    fn redirect_content_urls(&mut self, route: &Route, backend: &Backend) {
+        let Some(host) = self.head.host() else { return };
+        let scheme: &[u8] = if backend.target.tls.is_some() { b"https://" } else { b"http://" };
+        let default_port: &[u8] = if backend.target.tls.is_some() { b":443" } else { b":80" };
+        let authority = &backend.authority[..];
+        let short = authority.strip_suffix(default_port);
+        let public_prefix = if route.prefix.as_ref() == b"/" { &b""[..] } else { &route.prefix[..] };
+        for name in [&b"location"[..], b"content-location"] {
+            let Some(value) = self.resp.header(name) else { continue };
+            let Some(rest) = value
+                .get(..scheme.len())
+                .filter(|s| s.eq_ignore_ascii_case(scheme))
+                .map(|_| &value[scheme.len()..])
+            else {
+                continue;
+            };
+            let after_host = [Some(authority), short].into_iter().flatten().find_map(|a| {
+                let tail = rest.get(a.len()..)?;
+                (rest[..a.len()].eq_ignore_ascii_case(a)
+                    && matches!(tail.first(), None | Some(b'/' | b'?' | b'#')))
+                .then_some(tail)
+            });
+            let Some(path) = after_host else { continue };
+            let base = &backend.base_path[..];
+            let Some(path) = path
+                .strip_prefix(base)
+                .filter(|p| base.is_empty() || matches!(p.first(), None | Some(b'/' | b'?' | b'#')))
+            else {
+                continue;
+            };
+            let mut public = Vec::with_capacity(8 + host.len() + public_prefix.len() + path.len());
+            public.extend_from_slice(b"https://");
+            public.extend_from_slice(host);
+            public.extend_from_slice(public_prefix);
+            public.extend_from_slice(path);
+            let field = if name == b"location" { "Location" } else { "Content-Location" };
+            self.edits.replace(&ResponseFields(&self.resp), &Bytes::from_static(field.as_bytes()), &public);
         }
     }
 
@@ -442,6 +561,13 @@ impl<S: Stream> Conn<S> {
         (self.respond_local(status, message, body_consumed).await, status)
     }
 }
+
+/// Response bodies up to this long are rewritten whole and sent with their new length; longer
+/// ones (and those without a length) stream out chunked.
+const HOLD_TO_REWRITE: u64 = 256 * 1024;
+
+/// Set once a compressed response to rewrite has been logged.
+static COMPRESSED_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sends a callout's request to its service and reads the answer, all within the callout's
 /// timeout, on the worker's pooled connections. Failures are logged here; the step hears only
