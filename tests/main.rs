@@ -16,6 +16,7 @@ mod jose;
 mod jwt;
 mod lifecycle;
 mod limits;
+mod openapi;
 mod operator;
 mod policy;
 mod proxy;

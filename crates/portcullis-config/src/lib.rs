@@ -4,9 +4,10 @@
 //! errors it finds, not just the first (`portcullis check` prints them all). Relative paths are
 //! resolved against the directory of the configuration file.
 //!
-//! This crate reads only the configuration file itself. Loading what it names (certificates,
-//! keys, CRLs, thumbprint lists) is the job of the crates that understand those files; they report
-//! their errors against the [`Loc`] kept beside each value.
+//! This crate reads the configuration file itself, and the OpenAPI documents APIs are imported
+//! from (their operations are part of the configuration: [`openapi`]). Loading what else it
+//! names (certificates, keys, CRLs, thumbprint lists) is the job of the crates that understand
+//! those files; they report their errors against the [`Loc`] kept beside each value.
 #![forbid(unsafe_code)]
 
 mod callers;
@@ -14,6 +15,7 @@ mod callout;
 mod error;
 mod load;
 mod model;
+pub mod openapi;
 mod reader;
 mod traffic;
 

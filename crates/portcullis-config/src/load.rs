@@ -750,13 +750,16 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
             "outbound",
             "operations",
             "operation",
+            "openapi",
             "subscription_required",
             "subscription_key_header",
             "subscription_key_query",
         ],
     );
     let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
-    let path = required(r, t, v, field, "path").and_then(|p| {
+    let openapi = get(t, "openapi").and_then(|p| r.path(p, &join(field, "openapi")));
+    let path_value = if openapi.is_some() { get(t, "path") } else { required(r, t, v, field, "path") };
+    let path = path_value.and_then(|p| {
         let s = r.string(p, &join(field, "path"))?;
         if !s.value.starts_with('/') || s.value.contains(['?', '#', ' ']) {
             r.errors.push(s.loc.error(format!("\"{}\" is not a path prefix like \"/todo\"", s.value)));
@@ -781,6 +784,7 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
             if let Some(pattern) = operation_pattern(r, pattern) {
                 operations.push(Operation {
                     pattern,
+                    id: None,
                     inherit: true,
                     inbound: Vec::new(),
                     outbound: Vec::new(),
@@ -788,10 +792,42 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
             }
         }
     }
+    // Imported operations first: `[[api.operation]] id = "…"` tables give them their steps.
+    let mut imported_path = None;
+    if let Some(doc) = &openapi {
+        imported_path = import_operations(r, doc, &mut operations);
+    }
     if let Some(tables) = get(t, "operation") {
         for (v, f) in r.tables(tables, &join(field, "operation")) {
-            if let Some(op) = operation(r, v, &f) {
-                operations.push(op);
+            let Some(table) = operation(r, v, &f) else { continue };
+            match (table.pattern, table.id) {
+                (Some(pattern), None) => operations.push(Operation {
+                    pattern,
+                    id: None,
+                    inherit: table.inherit,
+                    inbound: table.inbound,
+                    outbound: table.outbound,
+                }),
+                (None, Some(id)) => {
+                    match operations.iter_mut().find(|o| o.id.as_deref() == Some(&id.value)) {
+                        Some(op) => {
+                            (op.inherit, op.inbound, op.outbound) =
+                                (table.inherit, table.inbound, table.outbound)
+                        }
+                        None => {
+                            let why = match &openapi {
+                            Some(doc) => format!("{} has no operation with operationId \"{}\"", doc.value.display(), id.value),
+                            None => "`id` names an operation of the API's `openapi` document, and the API has none".to_owned(),
+                        };
+                            r.errors.push(id.loc.error(why));
+                        }
+                    }
+                }
+                _ => r.error(
+                    &v.span(),
+                    &f,
+                    "an operation has `match` or `id` (an operationId of the API's `openapi` document)",
+                ),
             }
         }
     }
@@ -829,15 +865,22 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
         }
         seen.push(&op.pattern.value);
     }
+    // The path: as given, else the document's (servers or basePath), else "/".
+    let path = match (path, &openapi) {
+        (Some(p), _) => p,
+        (None, Some(doc)) => Located::new(imported_path.unwrap_or_else(|| "/".to_owned()), doc.loc.clone()),
+        (None, None) => return None,
+    };
     Some(Api {
         name: name?,
-        path: path?,
+        path,
         host,
         backend: backend?,
         inherit,
         inbound,
         outbound,
         operations,
+        openapi,
         subscription_required,
         subscription_key_header: subscription_key_header
             .unwrap_or_else(|| "Ocp-Apim-Subscription-Key".to_owned()),
@@ -871,7 +914,10 @@ fn operation_pattern(r: &mut Reader, pattern: Located<String>) -> Option<Located
         if segment.contains(['{', '}']) {
             let name = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}'));
             match name {
-                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+                Some(n)
+                    if !n.is_empty()
+                        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+                {
                     if names.contains(&n) {
                         r.errors.push(pattern.loc.error(format!("parameter {{{n}}} appears twice")));
                         return None;
@@ -880,7 +926,7 @@ fn operation_pattern(r: &mut Reader, pattern: Located<String>) -> Option<Located
                 }
                 _ => {
                     r.errors.push(pattern.loc.error(format!(
-                        "\"{segment}\": a parameter is a whole segment like {{deviceId}} (letters, digits, _)"
+                        "\"{segment}\": a parameter is a whole segment like {{deviceId}} (letters, digits, _ and -)"
                     )));
                     return None;
                 }
@@ -890,16 +936,74 @@ fn operation_pattern(r: &mut Reader, pattern: Located<String>) -> Option<Located
     Some(Located::new(format!("{method} {template}"), pattern.loc))
 }
 
-fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Operation> {
+/// An `[[api.operation]]` table: an operation of its own (`match`), or steps for one imported
+/// from the API's OpenAPI document (`id`).
+struct OperationTable {
+    pattern: Option<Located<String>>,
+    id: Option<Located<String>>,
+    inherit: bool,
+    inbound: Vec<Step>,
+    outbound: Vec<Step>,
+}
+
+/// Reads the API's OpenAPI document into `operations`; returns the API path it gives. Errors
+/// are located in the document.
+fn import_operations(
+    r: &mut Reader,
+    doc: &Located<std::path::PathBuf>,
+    operations: &mut Vec<Operation>,
+) -> Option<String> {
+    let text = match std::fs::read(&doc.value) {
+        Ok(bytes) if bytes.len() > crate::openapi::MAX_DOCUMENT => {
+            r.errors.push(doc.loc.error(format!("{}: larger than 8 MiB", doc.value.display())));
+            return None;
+        }
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => {
+                r.errors.push(doc.loc.error(format!("{}: not UTF-8", doc.value.display())));
+                return None;
+            }
+        },
+        Err(e) => {
+            r.errors.push(doc.loc.error(format!("{}: {e}", doc.value.display())));
+            return None;
+        }
+    };
+    let file: std::sync::Arc<std::path::Path> = std::sync::Arc::from(doc.value.as_path());
+    let at = |line: u32, column: u32, field: String| Loc { file: file.clone(), line, column, field };
+    let document = match crate::openapi::read(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            r.errors.push(at(e.line, e.column, "openapi".to_owned()).error(e.message));
+            return None;
+        }
+    };
+    for op in document.operations {
+        let loc = at(op.line, op.column, format!("paths.{}.{}", op.path, op.method.to_ascii_lowercase()));
+        if let Some(pattern) = operation_pattern(r, Located::new(format!("{} {}", op.method, op.path), loc)) {
+            operations.push(Operation {
+                pattern,
+                id: op.id,
+                inherit: true,
+                inbound: Vec::new(),
+                outbound: Vec::new(),
+            });
+        }
+    }
+    document.base_path
+}
+
+fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<OperationTable> {
     let t = r.table(v, field)?;
-    r.check_keys(t, field, &["match", "inherit", "inbound", "outbound"]);
-    let pattern =
-        required(r, t, v, field, "match").and_then(|m| r.non_empty_string(m, &join(field, "match")));
+    r.check_keys(t, field, &["match", "id", "inherit", "inbound", "outbound"]);
+    let pattern = get(t, "match").and_then(|m| r.non_empty_string(m, &join(field, "match")));
     let pattern = pattern.and_then(|p| operation_pattern(r, p));
+    let id = get(t, "id").and_then(|i| r.non_empty_string(i, &join(field, "id")));
     let inherit = flag(r, t, field, "inherit", true);
     let inbound = get(t, "inbound").map(|s| steps(r, s, &join(field, "inbound"))).unwrap_or_default();
     let outbound = get(t, "outbound").map(|s| steps(r, s, &join(field, "outbound"))).unwrap_or_default();
-    Some(Operation { pattern: pattern?, inherit, inbound, outbound })
+    Some(OperationTable { pattern, id, inherit, inbound, outbound })
 }
 
 const STEP_KINDS: [&str; 13] = [

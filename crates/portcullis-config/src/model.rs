@@ -279,6 +279,8 @@ pub struct Api {
     pub outbound: Vec<Step>,
     /// When not empty, only requests matching one of these reach the backend (others get 404).
     pub operations: Vec<Operation>,
+    /// The OpenAPI document the operations (and the path, unless given) come from.
+    pub openapi: Option<Located<PathBuf>>,
     /// A request needs a subscription key (unless an open product grants the API).
     pub subscription_required: bool,
     /// Header that carries the subscription key.
@@ -367,6 +369,8 @@ pub struct OpenId {
 pub struct Operation {
     /// `METHOD /template` as written; `*` as the method matches any.
     pub pattern: Located<String>,
+    /// The `operationId` of an operation imported from an OpenAPI document.
+    pub id: Option<String>,
     /// Whether the API's (and through it the global) steps run before the operation's.
     pub inherit: bool,
     pub inbound: Vec<Step>,
