@@ -19,6 +19,7 @@ mod limits;
 mod openapi;
 mod operator;
 mod policy;
+mod pools;
 mod proxy;
 mod reload;
 mod subscriptions;

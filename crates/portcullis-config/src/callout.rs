@@ -72,7 +72,7 @@ pub(crate) fn split_url(url: &str) -> Result<(String, String, bool), String> {
 }
 
 /// `expect_status`: statuses (`200`) or ranges (`"200-299"`).
-fn statuses(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<StatusRanges> {
+pub(crate) fn statuses(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<StatusRanges> {
     let DeValue::Array(items) = v.get_ref() else {
         r.error(&v.span(), field, "expected an array of statuses, like [200] or [\"200-299\"]");
         return None;

@@ -676,17 +676,68 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
             "max_idle",
             "client_certificate",
             "tls",
+            "servers",
+            "balance",
+            "eject_after",
+            "eject_for",
+            "health_check",
         ],
     );
     let name = required(r, t, v, field, "name").and_then(|n| r.non_empty_string(n, &join(field, "name")));
-    let url = required(r, t, v, field, "url").and_then(|u| r.non_empty_string(u, &join(field, "url")));
-    let parts = url.as_ref().and_then(|u| match parse_backend_url(&u.value) {
-        Ok(parts) => Some(parts),
-        Err(msg) => {
-            r.errors.push(u.loc.error(msg));
-            None
+    // `url` for one server, `servers` for several: the same scheme and base path each.
+    let urls: Vec<Located<String>> = match (get(t, "url"), get(t, "servers")) {
+        (Some(u), None) => r.non_empty_string(u, &join(field, "url")).into_iter().collect(),
+        (None, Some(list)) => {
+            let urls = r.strings(list, &join(field, "servers"));
+            if urls.is_empty() {
+                r.error(&list.span(), &join(field, "servers"), "must name at least one server");
+            }
+            urls
         }
-    });
+        (Some(_), Some(list)) => {
+            r.error(&list.span(), &join(field, "servers"), "give `url` (one server) or `servers`, not both");
+            Vec::new()
+        }
+        (None, None) => {
+            r.error(&v.span(), &join(field, "url"), "missing field `url` (or `servers`)");
+            Vec::new()
+        }
+    };
+    let mut servers = Vec::with_capacity(urls.len());
+    let mut first: Option<(String, String, bool)> = None;
+    for u in &urls {
+        match parse_backend_url(&u.value) {
+            Ok((authority, base_path, https)) => {
+                match &first {
+                    Some((_, b, h)) if *b != base_path || *h != https => {
+                        r.errors
+                            .push(u.loc.error("every server of a backend has the same scheme and base path"));
+                    }
+                    Some(_) => {}
+                    None => first = Some((authority.clone(), base_path, https)),
+                }
+                servers.push(Located::new(authority, u.loc.clone()));
+            }
+            Err(msg) => r.errors.push(u.loc.error(msg)),
+        }
+    }
+    let url = urls.first().cloned();
+    let parts = first;
+    let balance = match get(t, "balance") {
+        Some(b) => r
+            .choice(
+                b,
+                &join(field, "balance"),
+                &[("round_robin", Balance::RoundRobin), ("least_requests", Balance::LeastRequests)],
+            )
+            .unwrap_or(Balance::RoundRobin),
+        None => Balance::RoundRobin,
+    };
+    let eject_after = match get(t, "eject_after") {
+        Some(n) => r.integer(n, &join(field, "eject_after"), 0..1001).map_or(5, |n| n as u32),
+        None => 5,
+    };
+    let health_check = get(t, "health_check").and_then(|h| health_check(r, h, &join(field, "health_check")));
     let duration = |r: &mut Reader, key: &str, default: u64| match get(t, key) {
         Some(d) => {
             let f = join(field, key);
@@ -703,6 +754,7 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
     };
     let connect_timeout = duration(r, "connect_timeout", 5);
     let response_timeout = duration(r, "response_timeout", 60);
+    let eject_for = duration(r, "eject_for", 30);
     let idle_timeout = duration(r, "idle_timeout", 60);
     let max_idle = match get(t, "max_idle") {
         Some(m) => r.integer(m, &join(field, "max_idle"), 0..100_001).map_or(64, |n| n as usize),
@@ -731,8 +783,46 @@ fn backend(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Backend> {
         idle_timeout,
         max_idle,
         tls,
+        servers,
+        balance,
+        eject_after,
+        eject_for,
+        health_check,
         loc: r.loc(&v.span(), field),
     })
+}
+
+/// `health_check = { path, interval, timeout, expect_status }`.
+fn health_check(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<HealthCheck> {
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["path", "interval", "timeout", "expect_status"]);
+    let path = match get(t, "path").and_then(|p| r.non_empty_string(p, &join(field, "path"))) {
+        Some(p) if p.value.starts_with('/') && !p.value.bytes().any(|b| b <= b' ' || b == 0x7f) => p.value,
+        Some(p) => {
+            r.errors.push(p.loc.error(format!("\"{}\" is not a path like \"/healthz\"", p.value)));
+            return None;
+        }
+        None => "/".to_owned(),
+    };
+    let bounded = |r: &mut Reader, key: &str, default: u64| match get(t, key) {
+        None => Some(std::time::Duration::from_secs(default)),
+        Some(d) => {
+            let f = join(field, key);
+            let x = r.duration(d, &f)?;
+            if x < std::time::Duration::from_millis(100) || x > std::time::Duration::from_secs(3600) {
+                r.error(&d.span(), &f, "must be between 100ms and 1h");
+                return None;
+            }
+            Some(x)
+        }
+    };
+    let interval = bounded(r, "interval", 5)?;
+    let timeout = bounded(r, "timeout", 2)?;
+    let expect_status = match get(t, "expect_status") {
+        Some(s) => crate::callout::statuses(r, s, &join(field, "expect_status"))?,
+        None => StatusRanges(vec![(200, 299)]),
+    };
+    Some(HealthCheck { path, interval, timeout, expect_status })
 }
 
 fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
@@ -751,6 +841,7 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
             "operations",
             "operation",
             "openapi",
+            "timeout",
             "subscription_required",
             "subscription_key_header",
             "subscription_key_query",
@@ -770,6 +861,7 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
         Some(Located::new(if trimmed.is_empty() { "/".to_owned() } else { trimmed }, s.loc))
     });
     let host = get(t, "host").and_then(|h| r.non_empty_string(h, &join(field, "host")));
+    let timeout = get(t, "timeout").and_then(|d| positive_duration(r, d, &join(field, "timeout")));
     let backend =
         required(r, t, v, field, "backend").and_then(|b| r.non_empty_string(b, &join(field, "backend")));
     let inherit = match get(t, "inherit") {
@@ -788,6 +880,7 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
                     inherit: true,
                     inbound: Vec::new(),
                     outbound: Vec::new(),
+                    timeout: None,
                 });
             }
         }
@@ -807,12 +900,13 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
                     inherit: table.inherit,
                     inbound: table.inbound,
                     outbound: table.outbound,
+                    timeout: table.timeout,
                 }),
                 (None, Some(id)) => {
                     match operations.iter_mut().find(|o| o.id.as_deref() == Some(&id.value)) {
                         Some(op) => {
-                            (op.inherit, op.inbound, op.outbound) =
-                                (table.inherit, table.inbound, table.outbound)
+                            (op.inherit, op.inbound, op.outbound, op.timeout) =
+                                (table.inherit, table.inbound, table.outbound, table.timeout)
                         }
                         None => {
                             let why = match &openapi {
@@ -881,6 +975,7 @@ fn api(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Api> {
         outbound,
         operations,
         openapi,
+        timeout,
         subscription_required,
         subscription_key_header: subscription_key_header
             .unwrap_or_else(|| "Ocp-Apim-Subscription-Key".to_owned()),
@@ -944,6 +1039,17 @@ struct OperationTable {
     inherit: bool,
     inbound: Vec<Step>,
     outbound: Vec<Step>,
+    timeout: Option<std::time::Duration>,
+}
+
+/// A duration greater than zero.
+fn positive_duration(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<std::time::Duration> {
+    let d = r.duration(v, field)?;
+    if d.is_zero() {
+        r.error(&v.span(), field, "must be greater than zero");
+        return None;
+    }
+    Some(d)
 }
 
 /// Reads the API's OpenAPI document into `operations`; returns the API path it gives. Errors
@@ -988,6 +1094,7 @@ fn import_operations(
                 inherit: true,
                 inbound: Vec::new(),
                 outbound: Vec::new(),
+                timeout: None,
             });
         }
     }
@@ -996,14 +1103,15 @@ fn import_operations(
 
 fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<OperationTable> {
     let t = r.table(v, field)?;
-    r.check_keys(t, field, &["match", "id", "inherit", "inbound", "outbound"]);
+    r.check_keys(t, field, &["match", "id", "inherit", "inbound", "outbound", "timeout"]);
+    let timeout = get(t, "timeout").and_then(|d| positive_duration(r, d, &join(field, "timeout")));
     let pattern = get(t, "match").and_then(|m| r.non_empty_string(m, &join(field, "match")));
     let pattern = pattern.and_then(|p| operation_pattern(r, p));
     let id = get(t, "id").and_then(|i| r.non_empty_string(i, &join(field, "id")));
     let inherit = flag(r, t, field, "inherit", true);
     let inbound = get(t, "inbound").map(|s| steps(r, s, &join(field, "inbound"))).unwrap_or_default();
     let outbound = get(t, "outbound").map(|s| steps(r, s, &join(field, "outbound"))).unwrap_or_default();
-    Some(OperationTable { pattern, id, inherit, inbound, outbound })
+    Some(OperationTable { pattern, id, inherit, inbound, outbound, timeout })
 }
 
 const STEP_KINDS: [&str; 13] = [

@@ -243,7 +243,32 @@ pub struct Backend {
     pub max_idle: usize,
     /// TLS to the backend (`https://` URLs).
     pub tls: Option<BackendTls>,
+    /// Its servers (`servers`, or the one of `url`): `host:port` each, with its URL.
+    pub servers: Vec<Located<String>>,
+    pub balance: Balance,
+    /// Consecutive failures that take a server out of rotation (0: never).
+    pub eject_after: u32,
+    /// How long a server is out after its first ejection (longer after each next one).
+    pub eject_for: Duration,
+    pub health_check: Option<HealthCheck>,
     pub loc: Loc,
+}
+
+/// How a backend's server is picked for each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// The less busy of two servers picked at random (by requests in flight on the worker).
+    LeastRequests,
+}
+
+/// `health_check = { path, interval, timeout, expect_status }`: active checks of each server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub expect_status: StatusRanges,
 }
 
 /// `[[backend]] tls = { … }`: how the proxy speaks TLS to an `https://` backend.
@@ -281,6 +306,8 @@ pub struct Api {
     pub operations: Vec<Operation>,
     /// The OpenAPI document the operations (and the path, unless given) come from.
     pub openapi: Option<Located<PathBuf>>,
+    /// Overrides the backend's `response_timeout` for this API.
+    pub timeout: Option<Duration>,
     /// A request needs a subscription key (unless an open product grants the API).
     pub subscription_required: bool,
     /// Header that carries the subscription key.
@@ -375,6 +402,8 @@ pub struct Operation {
     pub inherit: bool,
     pub inbound: Vec<Step>,
     pub outbound: Vec<Step>,
+    /// Overrides the API's (or the backend's) response timeout for this operation.
+    pub timeout: Option<Duration>,
 }
 
 /// One policy step as configured.

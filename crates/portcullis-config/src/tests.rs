@@ -304,3 +304,42 @@ fn https_backends_and_their_tls_fields() {
         assert!(all.iter().any(|e| e.contains(expect)), "{fields}: {all:?}");
     }
 }
+
+#[test]
+fn backends_with_several_servers() {
+    let with = |fields: &str| GOOD.replace("url = \"http://127.0.0.1:5000/base/\"", fields);
+    let text = with(
+        "servers = [\"http://10.0.0.1:5000/base\", \"http://10.0.0.2:5000/base/\"]\nbalance = \"least_requests\"\neject_after = 3\neject_for = \"10s\"\nhealth_check = { path = \"/healthz\", interval = \"2s\", expect_status = [200, \"204-204\"] }",
+    );
+    let c = parse(Path::new("p.toml"), &text).expect("valid");
+    let b = &c.backends[0];
+    let servers: Vec<&str> = b.servers.iter().map(|s| s.value.as_str()).collect();
+    assert_eq!(servers, ["10.0.0.1:5000", "10.0.0.2:5000"]);
+    assert_eq!(
+        (b.balance, b.eject_after, b.eject_for.as_secs(), b.base_path.as_str()),
+        (Balance::LeastRequests, 3, 10, "/base")
+    );
+    let hc = b.health_check.as_ref().expect("health check");
+    assert_eq!((hc.path.as_str(), hc.interval.as_secs(), hc.timeout.as_secs()), ("/healthz", 2, 2));
+    assert!(hc.expect_status.contains(204) && !hc.expect_status.contains(500));
+    // One server by `url`: the defaults.
+    let c = parse(Path::new("p.toml"), GOOD).expect("valid");
+    assert_eq!(
+        (c.backends[0].servers.len(), c.backends[0].balance, c.backends[0].eject_after),
+        (1, Balance::RoundRobin, 5)
+    );
+    for (fields, expect) in [
+        ("servers = [\"http://a:1/x\", \"http://b:1/y\"]", "same scheme and base path"),
+        ("servers = [\"http://a:1\", \"https://b:1\"]", "same scheme and base path"),
+        ("url = \"http://a:1\"\nservers = [\"http://b:1\"]", "not both"),
+        ("servers = []", "at least one server"),
+        ("servers = [\"http://a:1\"]\nbalance = \"random\"", "backend[0].balance"),
+        ("servers = [\"http://a:1\"]\nhealth_check = { path = \"healthz\" }", "is not a path"),
+        ("servers = [\"http://a:1\"]\nhealth_check = { interval = \"1ms\" }", "between 100ms and 1h"),
+        ("name2 = 1", "missing field `url` (or `servers`)"),
+    ] {
+        let errors = parse(Path::new("p.toml"), &with(fields)).expect_err(fields);
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(all.iter().any(|e| e.contains(expect)), "{fields}: {all:?}");
+    }
+}

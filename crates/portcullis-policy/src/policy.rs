@@ -205,12 +205,19 @@ pub struct ApiPolicy {
     parents: bool,
     inbound: Vec<Step>,
     outbound: Vec<Step>,
+    /// The operation's (else the API's) response timeout, over the backend's.
+    timeout: Option<std::time::Duration>,
 }
 
 impl ApiPolicy {
     /// The route parameters of the operation (for [`crate::RouteMatch`]).
     pub fn route_params(&self) -> &[(Bytes, usize)] {
         &self.params
+    }
+
+    /// The response timeout the operation or its API sets, if either does.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.timeout
     }
 }
 
@@ -730,20 +737,28 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
                    parents: bool,
                    inbound: Vec<&StepConfig>,
                    outbound: Vec<&StepConfig>,
-                   params: Vec<(Bytes, usize)>| ApiPolicy {
+                   params: Vec<(Bytes, usize)>,
+                   timeout: Option<std::time::Duration>| ApiPolicy {
             api: index,
             params,
             parents,
             inbound: c.steps(&inbound, true),
             outbound: c.steps(&outbound, false),
+            timeout,
         };
         // An API with operations runs their policies, not this one (its steps are checked there).
         c.route = api
             .operations
             .is_empty()
             .then(|| (Vec::new(), format!("API \"{}\" (it declares no operations)", api.name.value)));
-        let all =
-            own(&mut c, api.inherit, api.inbound.iter().collect(), api.outbound.iter().collect(), Vec::new());
+        let all = own(
+            &mut c,
+            api.inherit,
+            api.inbound.iter().collect(),
+            api.outbound.iter().collect(),
+            Vec::new(),
+            api.timeout,
+        );
         let mut operations = Vec::with_capacity(api.operations.len());
         for op in &api.operations {
             // An operation that inherits runs the API's steps, then its own; one that does not,
@@ -760,7 +775,8 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
             let pattern = OperationPattern::parse(&op.pattern.value);
             let names = pattern.params.iter().map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect();
             c.route = Some((names, format!("operation \"{}\"", op.pattern.value)));
-            let policy = own(&mut c, parents, inbound, outbound, pattern.params.clone());
+            let policy =
+                own(&mut c, parents, inbound, outbound, pattern.params.clone(), op.timeout.or(api.timeout));
             operations.push(Operation { pattern, policy });
         }
         c.route = None;
@@ -1327,6 +1343,7 @@ mod tests {
                 add("X-After", "1"),
             ],
             outbound: Vec::new(),
+            timeout: None,
         };
         let mut edits = HeaderEdits::default();
         edits.reset(0);

@@ -11,9 +11,11 @@
 //! closes idle connections, lets in-flight requests finish within the drain timeout, and returns.
 #![forbid(unsafe_code)]
 
+mod balance;
 mod conn;
 mod event;
 mod fleet;
+mod health;
 mod keys;
 mod pool;
 mod relay;

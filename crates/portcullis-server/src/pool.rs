@@ -26,6 +26,8 @@ pub(crate) struct Pool {
     pub(crate) opened: u64,
     /// TLS connections opened by resuming a session.
     pub(crate) resumed: u64,
+    /// Requests in flight on each server, on this worker (for `least_requests`).
+    in_flight: AHashMap<PoolKey, u32>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -55,6 +57,22 @@ impl Pool {
         };
         if list.len() < target.max_idle {
             list.push(Idle { stream, until: Instant::now() + target.idle_timeout });
+        }
+    }
+
+    pub(crate) fn in_flight(&self, key: &PoolKey) -> u32 {
+        self.in_flight.get(key).copied().unwrap_or(0)
+    }
+
+    /// One more (or one fewer) request in flight on the server `key`.
+    pub(crate) fn count_in_flight(&mut self, key: &PoolKey, more: bool) {
+        if more {
+            *self.in_flight.entry(key.clone()).or_default() += 1;
+        } else if let Some(n) = self.in_flight.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(key);
+            }
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Server {
     /// Rate-limit and quota counts (kept across reloads).
     counters: Arc<Counters>,
     workers: Vec<JoinHandle<io::Result<()>>>,
+    /// Active health checks of backends' servers.
+    health: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
     configured_binds: Vec<SocketAddr>,
     keys: TicketKeys,
@@ -168,6 +170,8 @@ impl Server {
             handles.push(handle);
         }
         drop(ready_tx);
+        let health = crate::health::start(shared.clone())
+            .map_err(|e| StartError::Io(format!("cannot start the health-check thread: {e}")))?;
         // Keys are fetched from now on; requests do not wait for them (a provider that is down
         // only refuses its tokens).
         fetchers.commit(config, &providers);
@@ -176,6 +180,7 @@ impl Server {
             fetchers,
             counters,
             workers: handles,
+            health: Some(health),
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
             keys,
@@ -294,6 +299,9 @@ impl Server {
     fn stop(&mut self) -> io::Result<()> {
         self.shared.draining.store(true, Ordering::Release);
         self.fetchers.stop();
+        if let Some(h) = self.health.take() {
+            let _ = h.join();
+        }
         let mut result = Ok(());
         for handle in self.workers.drain(..) {
             match handle.join() {

@@ -26,13 +26,28 @@ pub(crate) struct ProxyProtocol {
 #[derive(Debug)]
 pub(crate) struct Backend {
     pub(crate) name: String,
-    /// `host:port`, sent as `Host` when the client sent none.
+    /// The first server's `host:port`, sent as `Host` when the client sent none.
     pub(crate) authority: Bytes,
     /// Prepended to forwarded paths ("" for none).
     pub(crate) base_path: Bytes,
+    /// Its servers are reached over TLS.
+    pub(crate) https: bool,
     pub(crate) response_timeout: Duration,
-    /// Where its connections go, and how the worker's pool keeps them.
+    /// Where its connections go (one per server), and how the worker's pool keeps them.
+    pub(crate) servers: Vec<Server>,
+    pub(crate) balance: portcullis_config::Balance,
+    pub(crate) eject_after: u32,
+    pub(crate) eject_for: Duration,
+    pub(crate) health_check: Option<portcullis_config::HealthCheck>,
+}
+
+/// One server of a backend.
+#[derive(Debug)]
+pub(crate) struct Server {
     pub(crate) target: Target,
+    pub(crate) health: Arc<crate::balance::Health>,
+    /// `host:port` as configured, for logs.
+    pub(crate) name: String,
 }
 
 #[derive(Debug)]
@@ -316,13 +331,6 @@ impl Snapshot {
         }
         let mut backends = Vec::with_capacity(config.backends.len());
         for b in &config.backends {
-            let addr = match b.authority.to_socket_addrs().map(|mut a| a.next()) {
-                Ok(Some(addr)) => addr,
-                Ok(None) | Err(_) => {
-                    errors.push(b.url.loc.error(format!("cannot resolve \"{}\"", b.authority)));
-                    continue;
-                }
-            };
             let what = format!("backend {}", b.name.value);
             let tls =
                 match b.tls.as_ref().map(|t| upstream_tls(t, (&what, &b.url.loc), config, &certificates)) {
@@ -333,23 +341,46 @@ impl Snapshot {
                         continue;
                     }
                 };
-            let authority = Bytes::from(b.authority.clone().into_bytes());
+            let mut servers = Vec::with_capacity(b.servers.len());
+            for s in &b.servers {
+                let addr = match s.value.to_socket_addrs().map(|mut a| a.next()) {
+                    Ok(Some(addr)) => addr,
+                    Ok(None) | Err(_) => {
+                        errors.push(s.loc.error(format!("cannot resolve \"{}\"", s.value)));
+                        continue;
+                    }
+                };
+                let key = PoolKey {
+                    addr,
+                    authority: Bytes::from(s.value.clone().into_bytes()),
+                    tls: tls.as_ref().map_or(0, |t| t.id),
+                };
+                servers.push(Server {
+                    health: crate::balance::Health::of(&key),
+                    target: Target {
+                        key,
+                        tls: tls.clone(),
+                        connect_timeout: b.connect_timeout,
+                        idle_timeout: b.idle_timeout,
+                        max_idle: b.max_idle,
+                    },
+                    name: s.value.clone(),
+                });
+            }
+            if servers.len() != b.servers.len() {
+                continue;
+            }
             backends.push(Backend {
                 name: b.name.value.clone(),
-                target: Target {
-                    key: PoolKey {
-                        addr,
-                        authority: authority.clone(),
-                        tls: tls.as_ref().map_or(0, |t| t.id),
-                    },
-                    tls,
-                    connect_timeout: b.connect_timeout,
-                    idle_timeout: b.idle_timeout,
-                    max_idle: b.max_idle,
-                },
-                authority,
+                authority: Bytes::from(b.authority.clone().into_bytes()),
                 base_path: Bytes::from(b.base_path.clone().into_bytes()),
+                https: tls.is_some(),
                 response_timeout: b.response_timeout,
+                servers,
+                balance: b.balance,
+                eject_after: b.eject_after,
+                eject_for: b.eject_for,
+                health_check: b.health_check.clone(),
             });
         }
         let fleet = match config.server.redis.as_ref().map(crate::fleet::FleetLink::compile) {
@@ -503,14 +534,13 @@ mod tests {
             name: String::new(),
             authority: Bytes::new(),
             base_path: Bytes::from(base.to_owned()),
+            https: false,
             response_timeout: Duration::ZERO,
-            target: Target {
-                key: PoolKey { addr: "127.0.0.1:1".parse().expect("addr"), authority: Bytes::new(), tls: 0 },
-                tls: None,
-                connect_timeout: Duration::ZERO,
-                idle_timeout: Duration::ZERO,
-                max_idle: 0,
-            },
+            servers: Vec::new(),
+            balance: portcullis_config::Balance::RoundRobin,
+            eject_after: 0,
+            eject_for: Duration::ZERO,
+            health_check: None,
         };
         let fwd = |prefix: &str, base: &str, path: &str| {
             let mut out = Vec::new();

@@ -88,6 +88,8 @@ pub(crate) struct Worker {
     /// The sync task's rounds: a request whose limit key is new to the host waits for the end of
     /// the next one.
     pub(crate) fleet_rounds: Rounds,
+    /// Which server of a backend takes the next request.
+    pub(crate) picker: crate::balance::Picker,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
     room_waiters: RefCell<Vec<Waker>>,
@@ -187,6 +189,7 @@ pub(crate) fn run(
         fleet_nudge: Nudge::default(),
         fleet_ready: Event::default(),
         fleet_rounds: Rounds::default(),
+        picker: crate::balance::Picker::default(),
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),

@@ -92,8 +92,17 @@ impl Backend {
         Backend::start_with(Some(server_config(server, client_ca)))
     }
 
+    /// On `port` of 127.0.0.1 (a server that comes back where it was).
+    pub fn start_on(port: u16) -> Backend {
+        Backend::start_at(port, None)
+    }
+
     fn start_with(tls: Option<Arc<ServerConfig>>) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("backend bind: {e}"));
+        Backend::start_at(0, tls)
+    }
+
+    fn start_at(port: u16, tls: Option<Arc<ServerConfig>>) -> Backend {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("backend bind: {e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("backend addr: {e}"));
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));

@@ -16,7 +16,7 @@ use portcullis_tls::Stream;
 
 use super::{Conn, EARLY_ANSWER_WAIT, RequestFields, ResponseFields, WRITE_TIMEOUT, is_identity};
 use crate::relay::{RelayError, read_length, relay_body, relay_rewritten};
-use crate::snapshot::{Backend, Route, Snapshot, forwarded_path, strip_port};
+use crate::snapshot::{Backend, Route, Server, Snapshot, forwarded_path, strip_port};
 use crate::upstream::{Fetched, HeadProgress, Upstream, UpstreamError};
 
 impl<S: Stream> Conn<S> {
@@ -239,12 +239,48 @@ impl<S: Stream> Conn<S> {
         let mut attempt = 0;
         let mut answered_early = false;
         self.interim_sent = false;
-        let mut upstream = loop {
+        // The operation's (or API's) timeout, else the backend's.
+        let response_timeout = policy.timeout().unwrap_or(backend.response_timeout);
+        let now_ms = portcullis_tls::now_unix_ms();
+        let worker = self.worker.clone();
+        let busy = |i: usize| worker.pool.borrow().in_flight(&backend.servers[i].target.key);
+        let mut server = worker.picker.pick(backend, None, now_ms, busy);
+        // Counted until the response has been relayed.
+        let mut _flight = None;
+        // A request that may be sent again goes to another server once, when the first could
+        // not be reached or dropped it before answering.
+        let mut switched = false;
+        let (upstream, server) = loop {
             attempt += 1;
-            let mut up = match Upstream::checkout(&self.worker.pool, &backend.target).await {
+            let chosen = &backend.servers[server];
+            _flight = Some(InFlight::new(&worker.pool, &chosen.target.key));
+            let failed = |e: &UpstreamError, switched: bool| {
+                let other = repeatable
+                    && !switched
+                    && backend.servers.len() > 1
+                    && matches!(
+                        e,
+                        UpstreamError::Connect(_)
+                            | UpstreamError::ConnectTimeout
+                            | UpstreamError::Handshake(_)
+                            | UpstreamError::Lost(_)
+                    );
+                if let Some(out) = chosen.health.failed(backend.eject_after, backend.eject_for, now_ms) {
+                    tracing::warn!(backend = %backend.name, server = %chosen.name, error = %e, out = ?out, "server out of rotation after consecutive failures");
+                }
+                other
+            };
+            let mut up = match Upstream::checkout(&self.worker.pool, &chosen.target).await {
                 Ok(c) => c,
                 Err(e) => {
-                    return self.upstream_failed(backend, e, false).await;
+                    if failed(&e, switched) && !self.interim_sent {
+                        tracing::info!(backend = %backend.name, server = %chosen.name, error = %e, "trying another server");
+                        switched = true;
+                        attempt = 0;
+                        server = worker.picker.pick(backend, Some(server), now_ms, |_| 0);
+                        continue;
+                    }
+                    return self.upstream_failed(backend, chosen, e, false).await;
                 }
             };
             let reused = up.reused;
@@ -258,7 +294,7 @@ impl<S: Stream> Conn<S> {
                 }
             }
             let body = forward::request_body(&self.head);
-            let timeouts = (snap.server.body_timeout, backend.response_timeout, snap.server.max_body_size);
+            let timeouts = (snap.server.body_timeout, response_timeout, snap.server.max_body_size);
             let sent = relay_body(
                 body,
                 (&mut self.client, &mut self.rbuf),
@@ -274,12 +310,12 @@ impl<S: Stream> Conn<S> {
             let result = match sent {
                 Ok(n) => {
                     self.body_bytes = n;
-                    self.read_response_head(&mut up, backend.response_timeout).await
+                    self.read_response_head(&mut up, response_timeout).await
                 }
                 // The backend stopped taking the body: it may have answered already (a 413, a
                 // 401 before the upload), and that answer is the client's.
                 Err(RelayError::Destination(e)) => {
-                    let wait = EARLY_ANSWER_WAIT.min(backend.response_timeout);
+                    let wait = EARLY_ANSWER_WAIT.min(response_timeout);
                     match self.read_response_head(&mut up, wait).await {
                         Ok(()) => {
                             tracing::debug!(backend = %backend.name, status = self.resp.status(), error = %e, "backend answered before taking the whole body");
@@ -299,16 +335,36 @@ impl<S: Stream> Conn<S> {
                     tracing::debug!(backend = %backend.name, "pooled connection answered 408; retrying");
                     continue;
                 }
-                Ok(()) => break up,
+                Ok(()) => {
+                    if matches!(self.resp.status(), 502..=504) {
+                        let e =
+                            UpstreamError::BadResponse(portcullis_http::HeadError::Malformed("a 5xx answer"));
+                        failed(&e, true);
+                    } else {
+                        chosen.health.succeeded();
+                    }
+                    break (up, server);
+                }
                 // Closed, reset, or bytes that are no response: a pooled connection the backend
                 // had given up on.
                 Err(e @ (UpstreamError::Lost(_) | UpstreamError::BadResponse(_))) if retry => {
                     tracing::debug!(backend = %backend.name, error = %e, "pooled connection was stale; retrying");
                     continue;
                 }
-                Err(e) => return self.upstream_failed(backend, e, body_whole).await,
+                Err(e) => {
+                    if e.side() == Side::Backend && failed(&e, switched) && !self.interim_sent {
+                        tracing::info!(backend = %backend.name, server = %chosen.name, error = %e, "trying another server");
+                        switched = true;
+                        attempt = 0;
+                        server = worker.picker.pick(backend, Some(server), now_ms, |_| 0);
+                        continue;
+                    }
+                    return self.upstream_failed(backend, chosen, e, body_whole).await;
+                }
             }
         };
+        let mut upstream = upstream;
+        let chosen = &backend.servers[server];
 
         let status = self.resp.status();
         let client_http10 = self.head.version() == Version::Http10;
@@ -345,7 +401,7 @@ impl<S: Stream> Conn<S> {
                     (&mut upstream.stream, &mut self.ubuf),
                     &mut self.client,
                     &mut self.out,
-                    (backend.response_timeout, WRITE_TIMEOUT, None),
+                    (response_timeout, WRITE_TIMEOUT, None),
                     &mut self.io_timer,
                     false,
                 )
@@ -356,7 +412,7 @@ impl<S: Stream> Conn<S> {
                     // Small enough to hold: rewritten whole, sent with its new length.
                     BodyMode::Length(n) if n <= HOLD_TO_REWRITE => {
                         let src = (&mut upstream.stream, &mut self.ubuf);
-                        match read_length(src, n, backend.response_timeout, &mut self.io_timer).await {
+                        match read_length(src, n, response_timeout, &mut self.io_timer).await {
                             Ok(body) => {
                                 let mut rewritten = BytesMut::with_capacity(body.len());
                                 replacer.feed(&body, &mut rewritten);
@@ -396,7 +452,7 @@ impl<S: Stream> Conn<S> {
                             &mut self.client,
                             &mut self.out,
                             &mut replacer,
-                            (backend.response_timeout, WRITE_TIMEOUT),
+                            (response_timeout, WRITE_TIMEOUT),
                             &mut self.io_timer,
                             !client_http10,
                         )
@@ -415,7 +471,7 @@ impl<S: Stream> Conn<S> {
                     && !matches!(mode, BodyMode::UntilClose { .. })
                     && self.ubuf.is_empty()
                     && !self.head.is_head();
-                upstream.finish(&self.worker.pool, &backend.target, reusable);
+                upstream.finish(&self.worker.pool, &chosen.target, reusable);
                 self.ubuf.clear();
                 (keep, status)
             }
@@ -437,8 +493,8 @@ impl<S: Stream> Conn<S> {
     /// `Host`, over HTTPS, under the API's path).
     fn redirect_content_urls(&mut self, route: &Route, backend: &Backend) {
         let Some(host) = self.head.host() else { return };
-        let scheme: &[u8] = if backend.target.tls.is_some() { b"https://" } else { b"http://" };
-        let default_port: &[u8] = if backend.target.tls.is_some() { b":443" } else { b":80" };
+        let scheme: &[u8] = if backend.https { b"https://" } else { b"http://" };
+        let default_port: &[u8] = if backend.https { b":443" } else { b":80" };
         let authority = &backend.authority[..];
         let short = authority.strip_suffix(default_port);
         let public_prefix = if route.prefix.as_ref() == b"/" { &b""[..] } else { &route.prefix[..] };
@@ -544,6 +600,7 @@ impl<S: Stream> Conn<S> {
     async fn upstream_failed(
         &mut self,
         backend: &Backend,
+        server: &Server,
         e: UpstreamError,
         body_consumed: bool,
     ) -> (bool, u16) {
@@ -555,10 +612,32 @@ impl<S: Stream> Conn<S> {
         match e.side() {
             Side::Client => tracing::info!(peer = %self.peer, error = %e, status, "request body refused"),
             Side::Backend | Side::Internal => {
-                tracing::warn!(backend = %backend.name, addr = %backend.target.key.addr, error = %e, status, "backend failed")
+                tracing::warn!(backend = %backend.name, server = %server.name, addr = %server.target.key.addr, error = %e, status, "backend failed")
             }
         }
         (self.respond_local(status, message, body_consumed).await, status)
+    }
+}
+
+/// Counts a request in flight on a server of the worker's, for as long as it lives.
+struct InFlight<'a> {
+    pool: &'a std::cell::RefCell<crate::pool::Pool>,
+    key: &'a crate::upstream::PoolKey,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(
+        pool: &'a std::cell::RefCell<crate::pool::Pool>,
+        key: &'a crate::upstream::PoolKey,
+    ) -> InFlight<'a> {
+        pool.borrow_mut().count_in_flight(key, true);
+        InFlight { pool, key }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.pool.borrow_mut().count_in_flight(self.key, false);
     }
 }
 

@@ -1,0 +1,173 @@
+//! Backends with several servers: which server a request goes to (round robin, or the less busy
+//! of two picked at random), and which are out of rotation — passively, after consecutive
+//! failures (as Envoy's outlier detection ejects them), or actively, when a health check fails.
+//!
+//! A server's health is the process's (every worker sees a failure any worker saw) and outlives
+//! reloads that keep the server. It is written only when something changes (a failure, the first
+//! success after failures), so the data path reads it and seldom writes it. What is busy is each
+//! worker's own count of its requests in flight.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use portcullis_config::Balance;
+
+use crate::snapshot::Backend;
+use crate::upstream::PoolKey;
+
+/// The most a repeated ejection multiplies `eject_for` by.
+const MOST_EJECTION_FACTOR: u32 = 10;
+
+/// One server's health, shared by the workers.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    /// Consecutive failures since the last success.
+    failures: AtomicU32,
+    /// Ejections since the last success (each next one lasts longer).
+    ejections: AtomicU32,
+    /// Out of rotation until then (ms since the Unix epoch).
+    ejected_until_ms: AtomicU64,
+    /// The last active check failed.
+    pub(crate) checked_down: AtomicBool,
+}
+
+impl Health {
+    /// The health of the server `key`: the one already kept for it, or a new one.
+    pub(crate) fn of(key: &PoolKey) -> Arc<Health> {
+        static KEPT: Mutex<Vec<(PoolKey, Weak<Health>)>> = Mutex::new(Vec::new());
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(h) = kept.iter().find(|(k, _)| k == key).and_then(|(_, w)| w.upgrade()) {
+            return h;
+        }
+        let h = Arc::new(Health::default());
+        kept.push((key.clone(), Arc::downgrade(&h)));
+        h
+    }
+
+    pub(crate) fn available(&self, now_ms: u64) -> bool {
+        !self.checked_down.load(Ordering::Relaxed) && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// A response came (not a 502, 503 or 504).
+    pub(crate) fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The server failed a request; after `eject_after` in a row it is out of rotation for
+    /// `eject_for`, times the ejections since its last success (at most ten times). Returns for
+    /// how long when this failure ejected it.
+    pub(crate) fn failed(&self, eject_after: u32, eject_for: Duration, now_ms: u64) -> Option<Duration> {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if eject_after == 0 || n < eject_after {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let k = (self.ejections.fetch_add(1, Ordering::Relaxed) + 1).min(MOST_EJECTION_FACTOR);
+        let out = eject_for * k;
+        self.ejected_until_ms.store(now_ms + out.as_millis() as u64, Ordering::Relaxed);
+        Some(out)
+    }
+}
+
+/// A worker's state for picking servers.
+#[derive(Debug)]
+pub(crate) struct Picker {
+    next: Cell<u64>,
+    random: Cell<u64>,
+}
+
+impl Default for Picker {
+    fn default() -> Picker {
+        let mut seed = [0u8; 8];
+        let _ = boring::rand::rand_bytes(&mut seed);
+        Picker { next: Cell::new(0), random: Cell::new(u64::from_le_bytes(seed) | 1) }
+    }
+}
+
+impl Picker {
+    fn random(&self) -> u64 {
+        // xorshift64
+        let mut x = self.random.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random.set(x);
+        x
+    }
+
+    /// The server of `backend` for the next request, not `exclude` (a server that just failed
+    /// it). `busy(i)`: this worker's requests in flight on server `i`. Servers out of rotation
+    /// are passed over, unless all are: then any will do (a request that may fail beats one
+    /// that surely does).
+    pub(crate) fn pick(
+        &self,
+        backend: &Backend,
+        exclude: Option<usize>,
+        now_ms: u64,
+        busy: impl Fn(usize) -> u32,
+    ) -> usize {
+        let n = backend.servers.len();
+        if n <= 1 {
+            return 0;
+        }
+        let allowed = |i: usize| Some(i) != exclude;
+        let up = |i: usize| allowed(i) && backend.servers[i].health.available(now_ms);
+        let start = self.next.get();
+        self.next.set(start.wrapping_add(1));
+        let ring = |ok: &dyn Fn(usize) -> bool| {
+            (0..n as u64).map(|k| ((start + k) % n as u64) as usize).find(|&i| ok(i))
+        };
+        match backend.balance {
+            Balance::RoundRobin => ring(&up),
+            Balance::LeastRequests => {
+                let candidates: Vec<usize> = (0..n).filter(|&i| up(i)).collect();
+                match candidates.len() {
+                    0 => None,
+                    1 => Some(candidates[0]),
+                    m => {
+                        let a = candidates[(self.random() % m as u64) as usize];
+                        let mut b = candidates[(self.random() % m as u64) as usize];
+                        if b == a {
+                            b = candidates[(candidates.iter().position(|&c| c == a).unwrap_or(0) + 1) % m];
+                        }
+                        Some(if busy(b) < busy(a) { b } else { a })
+                    }
+                }
+            }
+        }
+        .or_else(|| ring(&allowed))
+        .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_failures_eject_for_longer_each_time() {
+        let h = Health::default();
+        let d = Duration::from_secs(30);
+        assert_eq!(h.failed(3, d, 1_000), None);
+        assert_eq!(h.failed(3, d, 1_000), None);
+        h.succeeded();
+        assert_eq!(h.failed(3, d, 1_000), None, "a success starts the count over");
+        assert_eq!(h.failed(3, d, 1_000), None);
+        assert_eq!(h.failed(3, d, 1_000), Some(d));
+        assert!(!h.available(1_000) && h.available(31_000));
+        for _ in 0..3 {
+            h.failed(3, d, 31_000);
+        }
+        assert!(!h.available(31_000 + 59_999), "twice as long the second time");
+        assert!(h.available(31_000 + 60_000));
+        assert_eq!(h.failed(0, d, 0), None, "eject_after = 0: never");
+    }
+}
