@@ -207,6 +207,9 @@ pub struct ApiPolicy {
     outbound: Vec<Step>,
     /// The operation's (else the API's) response timeout, over the backend's.
     timeout: Option<std::time::Duration>,
+    /// For logs: the operation's `operationId`, else its pattern; "-" for an API without
+    /// operations.
+    operation: Box<str>,
 }
 
 impl ApiPolicy {
@@ -218,6 +221,11 @@ impl ApiPolicy {
     /// The response timeout the operation or its API sets, if either does.
     pub fn timeout(&self) -> Option<std::time::Duration> {
         self.timeout
+    }
+
+    /// The operation's name in logs: its `operationId`, else its pattern (`GET /items/{id}`).
+    pub fn operation(&self) -> &str {
+        &self.operation
     }
 }
 
@@ -738,13 +746,14 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
                    inbound: Vec<&StepConfig>,
                    outbound: Vec<&StepConfig>,
                    params: Vec<(Bytes, usize)>,
-                   timeout: Option<std::time::Duration>| ApiPolicy {
+                   (timeout, operation): (Option<std::time::Duration>, &str)| ApiPolicy {
             api: index,
             params,
             parents,
             inbound: c.steps(&inbound, true),
             outbound: c.steps(&outbound, false),
             timeout,
+            operation: operation.into(),
         };
         // An API with operations runs their policies, not this one (its steps are checked there).
         c.route = api
@@ -757,7 +766,7 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
             api.inbound.iter().collect(),
             api.outbound.iter().collect(),
             Vec::new(),
-            api.timeout,
+            (api.timeout, "-"),
         );
         let mut operations = Vec::with_capacity(api.operations.len());
         for op in &api.operations {
@@ -775,8 +784,15 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
             let pattern = OperationPattern::parse(&op.pattern.value);
             let names = pattern.params.iter().map(|(n, _)| String::from_utf8_lossy(n).into_owned()).collect();
             c.route = Some((names, format!("operation \"{}\"", op.pattern.value)));
-            let policy =
-                own(&mut c, parents, inbound, outbound, pattern.params.clone(), op.timeout.or(api.timeout));
+            let name = op.id.as_deref().unwrap_or(&op.pattern.value);
+            let policy = own(
+                &mut c,
+                parents,
+                inbound,
+                outbound,
+                pattern.params.clone(),
+                (op.timeout.or(api.timeout), name),
+            );
             operations.push(Operation { pattern, policy });
         }
         c.route = None;
@@ -1344,6 +1360,7 @@ mod tests {
             ],
             outbound: Vec::new(),
             timeout: None,
+            operation: "-".into(),
         };
         let mut edits = HeaderEdits::default();
         edits.reset(0);

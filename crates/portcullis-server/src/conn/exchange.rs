@@ -143,6 +143,7 @@ impl<S: Stream> Conn<S> {
                 tracing::info!(
                     peer = %self.peer,
                     api = %route.name,
+                    operation = policy.operation(),
                     status = response.status,
                     reason,
                     client_cert = facts.client_cert.map_or("-", |c| c.thumbprint.as_str()),
@@ -150,7 +151,7 @@ impl<S: Stream> Conn<S> {
                 );
             }
             snap.policies.complete(&mut self.state, response.status, 0, now_ms);
-            self.access_log(Some(route), response.status, started, &id, reason);
+            self.access_log(Some((route, policy)), response.status, started, &id, reason);
             return self.respond_policy(response).await;
         }
         // The response body is rewritten on its way back: asked for without compression.
@@ -174,7 +175,7 @@ impl<S: Stream> Conn<S> {
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
-        self.access_log(Some(route), status, started, &id, self.refusal);
+        self.access_log(Some((route, policy)), status, started, &id, self.refusal);
         keep
     }
 

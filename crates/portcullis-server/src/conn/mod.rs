@@ -514,7 +514,7 @@ impl<S: Stream> Conn<S> {
     /// One access-log line; `refused` says why the proxy answered itself (`-` when it did not).
     fn access_log(
         &self,
-        route: Option<&Route>,
+        route: Option<(&Route, &portcullis_policy::ApiPolicy)>,
         status: u16,
         started: Option<Instant>,
         id: &[u8; 16],
@@ -528,7 +528,8 @@ impl<S: Stream> Conn<S> {
             method = %String::from_utf8_lossy(self.head.method()),
             // Without the query: it may carry a subscription key or a token.
             path = %String::from_utf8_lossy(self.head.path_only()),
-            api = route.map_or("-", |r| r.name.as_str()),
+            api = route.map_or("-", |(r, _)| r.name.as_str()),
+            operation = route.map_or("-", |(_, p)| p.operation()),
             status,
             micros = started.elapsed().as_micros() as u64,
             client_cert = self.info.client_cert.as_ref().map_or("-", |c| c.thumbprint.as_str()),
