@@ -203,19 +203,62 @@ fn redirects_point_to_the_public_url_and_the_backends_headers_go() {
     assert!(
         r.header("Location").is_some_and(|l| l.ends_with("/basement") && l.starts_with("http://localhost:"))
     );
-    // find_and_replace and redirect_content_urls are outbound steps.
-    for step in ["find_and_replace = { from = \"a\", to = \"b\" }", "redirect_content_urls = true"] {
-        let text = env.config(
-            "request",
-            &format!("[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n  [[api.inbound]]\n  {step}\n"),
-        );
-        let path = env.write_config("bad.toml", &text);
-        let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
-        assert!(!out.status.success(), "{step}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("outbound"),
-            "{step}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // redirect_content_urls is an outbound step.
+    let step = "redirect_content_urls = true";
+    let text = env.config(
+        "request",
+        &format!("[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n  [[api.inbound]]\n  {step}\n"),
+    );
+    let path = env.write_config("bad.toml", &text);
+    let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    assert!(!out.status.success(), "{step}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outbound"),
+        "{step}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Inbound `find_and_replace`: the public URL in a request body becomes the backend's, whether
+/// the body comes with a length (rewritten whole, sent with its new length) or chunked
+/// (streamed); a compressed body goes as it is.
+#[test]
+fn request_bodies_are_rewritten_on_their_way_in() {
+    let env = Env::new();
+    let step = format!(
+        "  [[api.inbound]]\n  find_and_replace = {{ from = \"{PUBLIC_URL}\", to = \"{BACKEND_URL}\" }}\n"
+    );
+    let proxy = TestProxy::start(env.dir(), &config(&env, &format!("http://{}", env.backend.addr()), &step));
+    let body = format!("{{\"callback\":\"{PUBLIC_URL}/hooks/1\",\"other\":\"{PUBLIC_URL}\"}}");
+    let want = body.replace(PUBLIC_URL, BACKEND_URL);
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let r = c.request("POST", "/api/upload", &[], body.as_bytes()).unwrap();
+    assert_eq!(r.text(), format!("bytes={} sha256={}", want.len(), sha256_hex(want.as_bytes())));
+    // Chunked, large enough to stream, a match split across chunks.
+    let big = format!("{}{}", "x".repeat(300_000), body).repeat(2);
+    let want = big.replace(PUBLIC_URL, BACKEND_URL);
+    let mut raw = b"POST /api/upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for piece in big.as_bytes().chunks(7_001) {
+        raw.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        raw.extend_from_slice(piece);
+        raw.extend_from_slice(b"\r\n");
     }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let text = crate::common::raw_exchange(&env.client(None), proxy.addr, &raw).unwrap();
+    assert!(
+        text.ends_with(&format!("bytes={} sha256={}", want.len(), sha256_hex(want.as_bytes()))),
+        "{text}"
+    );
+    // Compressed: as it is.
+    let r = env
+        .client(None)
+        .connect(proxy.addr)
+        .unwrap()
+        .request("POST", "/api/upload", &[("Content-Encoding", "gzip")], body.as_bytes())
+        .unwrap();
+    assert_eq!(r.text(), format!("bytes={} sha256={}", body.len(), sha256_hex(body.as_bytes())));
 }

@@ -581,18 +581,10 @@ impl Compiler<'_> {
                 }
                 QuotaStep::compile(q, &mut self.conditions, &mut self.errors).map(Step::Quota)
             }
-            StepKind::FindAndReplace(f) => {
-                if inbound {
-                    self.errors.push(step.loc.error(
-                        "find_and_replace works on response bodies (an outbound step); request bodies are not rewritten",
-                    ));
-                    return None;
-                }
-                Some(Step::FindAndReplace(
-                    Bytes::from(f.from.value.clone().into_bytes()),
-                    Bytes::from(f.to.clone().into_bytes()),
-                ))
-            }
+            StepKind::FindAndReplace(f) => Some(Step::FindAndReplace(
+                Bytes::from(f.from.value.clone().into_bytes()),
+                Bytes::from(f.to.clone().into_bytes()),
+            )),
             StepKind::RedirectContentUrls(on) => {
                 if inbound {
                     self.errors.push(step.loc.error("redirect_content_urls is an outbound step"));
@@ -1280,6 +1272,17 @@ impl PolicySet {
             }
         }
         (pairs, redirect)
+    }
+
+    /// The inbound `find_and_replace` pairs for the request body, in order.
+    pub fn request_rewrites(&self, policy: &ApiPolicy, state: &RequestState) -> Vec<(Bytes, Bytes)> {
+        let mut pairs = Vec::new();
+        for step in self.scopes(policy, state, true).into_iter().flatten() {
+            if let Step::FindAndReplace(from, to) = step {
+                pairs.push((from.clone(), to.clone()));
+            }
+        }
+        pairs
     }
 
     /// Whether the API's own or its operation's outbound steps, or the global ones, rewrite the

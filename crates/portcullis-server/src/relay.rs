@@ -97,7 +97,8 @@ pub(crate) async fn read_length<R: Stream>(
 /// Moves a response body from `src` to `dst` through `replacer`, as it comes: `mode` is how the
 /// backend framed it (a length, chunked, or until it closes); it goes out chunked (`chunk`), or
 /// as it is, delimited by the close of the connection (an HTTP/1.0 client). Memory stays
-/// bounded by what one read brings and what the replacer holds back. Returns the bytes sent.
+/// bounded by what one read brings and what the replacer holds back. A body longer than
+/// `max_len` (before rewriting) is refused. Returns the bytes sent.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn relay_rewritten<R: Stream, W: Stream>(
     mode: BodyMode,
@@ -105,10 +106,11 @@ pub(crate) async fn relay_rewritten<R: Stream, W: Stream>(
     dst: &mut W,
     out: &mut BytesMut,
     replacer: &mut portcullis_http::Replacer,
-    (read_timeout, write_timeout): (Duration, Duration),
+    (read_timeout, write_timeout, max_len): (Duration, Duration, Option<u64>),
     timer: &mut Timer,
     chunk: bool,
 ) -> Result<u64, RelayError> {
+    let mut read = 0u64;
     let mut decoder = matches!(mode, BodyMode::Chunked(_))
         .then(|| ChunkedDecoder::new(portcullis_http::ChunkedOutput::DataOnly));
     let mut remaining = if let BodyMode::Length(n) = mode { n } else { u64::MAX };
@@ -132,6 +134,10 @@ pub(crate) async fn relay_rewritten<R: Stream, W: Stream>(
                 false
             }
         };
+        read += data.len() as u64;
+        if max_len.is_some_and(|max| read > max) {
+            return Err(RelayError::SourceTooLarge);
+        }
         replacer.feed(&data, &mut piece);
         data.clear();
         if !done {

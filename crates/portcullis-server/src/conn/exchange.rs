@@ -180,7 +180,16 @@ impl<S: Stream> Conn<S> {
     }
 
     /// Writes the request head for the backend into `out`.
-    fn write_upstream_head(&mut self, snap: &Snapshot, route: &Route, policy: &ApiPolicy, backend: &Backend) {
+    /// `body`: the framing of a rewritten request body (its new length, or chunked), in place of
+    /// the client's.
+    fn write_upstream_head(
+        &mut self,
+        snap: &Snapshot,
+        route: &Route,
+        policy: &ApiPolicy,
+        backend: &Backend,
+        body: Option<BodyMode>,
+    ) {
         let identity = &snap.policies.identity_headers;
         let underscores = snap.server.allow_underscores_in_headers;
         let out = &mut self.out;
@@ -218,7 +227,11 @@ impl<S: Stream> Conn<S> {
             write::header(out, name, value);
         }
         forward::write_forwarding_fields(out, self.peer_ip.as_bytes());
-        forward::write_request_framing(out, &self.head);
+        match body {
+            None => forward::write_request_framing(out, &self.head),
+            Some(BodyMode::Length(n)) => write::content_length(out, n),
+            Some(_) => write::header(out, b"Transfer-Encoding", b"chunked"),
+        }
         write::end_head(out);
     }
 
@@ -248,6 +261,19 @@ impl<S: Stream> Conn<S> {
         let mut server = worker.picker.pick(backend, None, now_ms, busy);
         // Counted until the response has been relayed.
         let mut _flight = None;
+        // Inbound find_and_replace on the request body (not on a compressed one).
+        let mut request_rewrite = {
+            let pairs = snap.policies.request_rewrites(policy, &self.state);
+            let coded =
+                self.head.header(b"content-encoding").is_some_and(|c| !c.eq_ignore_ascii_case(b"identity"));
+            if coded
+                && !pairs.is_empty()
+                && !COMPRESSED_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(api = %route.name, "a request body to rewrite came compressed: sent as it is (logged once)");
+            }
+            (!pairs.is_empty() && !coded).then(|| Replacer::new(&pairs))
+        };
         // A request that may be sent again goes to another server once, when the first could
         // not be reached or dropped it before answering.
         let mut switched = false;
@@ -285,7 +311,17 @@ impl<S: Stream> Conn<S> {
                 }
             };
             let reused = up.reused;
-            self.write_upstream_head(snap, route, policy, backend);
+            let body = forward::request_body(&self.head);
+            let rewrite = match &mut request_rewrite {
+                Some(r) if !matches!(body, BodyMode::None) => Some(r),
+                _ => None,
+            };
+            // A body rewritten whole is read before the head goes out (its length is new).
+            let held = matches!(body, BodyMode::Length(n) if n <= HOLD_TO_REWRITE) && rewrite.is_some();
+            if !held {
+                let framing = rewrite.is_some().then_some(BodyMode::UntilClose { chunk: true });
+                self.write_upstream_head(snap, route, policy, backend, framing);
+            }
             if self.head.expect_continue() {
                 let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
                 let written =
@@ -294,18 +330,32 @@ impl<S: Stream> Conn<S> {
                     return (false, 0);
                 }
             }
-            let body = forward::request_body(&self.head);
             let timeouts = (snap.server.body_timeout, response_timeout, snap.server.max_body_size);
-            let sent = relay_body(
-                body,
-                (&mut self.client, &mut self.rbuf),
-                &mut up.stream,
-                &mut self.out,
-                timeouts,
-                &mut self.io_timer,
-                true,
-            )
-            .await;
+            let sent = match rewrite {
+                None => {
+                    relay_body(
+                        body,
+                        (&mut self.client, &mut self.rbuf),
+                        &mut up.stream,
+                        &mut self.out,
+                        timeouts,
+                        &mut self.io_timer,
+                        true,
+                    )
+                    .await
+                }
+                Some(replacer) => {
+                    self.send_rewritten_request(
+                        (snap, route, policy, backend),
+                        body,
+                        held,
+                        replacer,
+                        &mut up,
+                        timeouts,
+                    )
+                    .await
+                }
+            };
             // Only a body read whole leaves the client connection in step with its requests.
             let body_whole = sent.is_ok();
             let result = match sent {
@@ -366,6 +416,7 @@ impl<S: Stream> Conn<S> {
         };
         let mut upstream = upstream;
         let chosen = &backend.servers[server];
+        drop(request_rewrite);
 
         let status = self.resp.status();
         let client_http10 = self.head.version() == Version::Http10;
@@ -453,7 +504,7 @@ impl<S: Stream> Conn<S> {
                             &mut self.client,
                             &mut self.out,
                             &mut replacer,
-                            (response_timeout, WRITE_TIMEOUT),
+                            (response_timeout, WRITE_TIMEOUT, None),
                             &mut self.io_timer,
                             !client_http10,
                         )
@@ -487,6 +538,53 @@ impl<S: Stream> Conn<S> {
                 (false, status)
             }
         }
+    }
+
+    /// Sends a request body through inbound `find_and_replace`: read whole and sent with its new
+    /// length when `held` (the head goes with it), else streamed chunked after the head already
+    /// written. Returns the bytes sent.
+    async fn send_rewritten_request(
+        &mut self,
+        (snap, route, policy, backend): (&Snapshot, &Route, &ApiPolicy, &Backend),
+        body: BodyMode,
+        held: bool,
+        replacer: &mut Replacer,
+        up: &mut Upstream,
+        (read_timeout, _, max): (Duration, Duration, Option<u64>),
+    ) -> Result<u64, RelayError> {
+        if let (true, BodyMode::Length(n)) = (held, body) {
+            let whole =
+                read_length((&mut self.client, &mut self.rbuf), n, read_timeout, &mut self.io_timer).await?;
+            let mut rewritten = BytesMut::with_capacity(whole.len());
+            replacer.feed(&whole, &mut rewritten);
+            replacer.finish(&mut rewritten);
+            self.write_upstream_head(
+                snap,
+                route,
+                policy,
+                backend,
+                Some(BodyMode::Length(rewritten.len() as u64)),
+            );
+            self.out.extend_from_slice(&rewritten);
+            let written =
+                self.io_timer.within(WRITE_TIMEOUT, pin!(up.stream.write_all_buf(&mut self.out))).await;
+            return match written {
+                Ok(Ok(())) => Ok(rewritten.len() as u64),
+                Ok(Err(e)) => Err(RelayError::Destination(e)),
+                Err(_) => Err(RelayError::Destination(std::io::ErrorKind::TimedOut.into())),
+            };
+        }
+        relay_rewritten(
+            body,
+            (&mut self.client, &mut self.rbuf),
+            &mut up.stream,
+            &mut self.out,
+            replacer,
+            (read_timeout, WRITE_TIMEOUT, max),
+            &mut self.io_timer,
+            true,
+        )
+        .await
     }
 
     /// `redirect_content_urls`: a `Location` or `Content-Location` that points into the
