@@ -77,6 +77,26 @@ impl Health {
     }
 }
 
+/// The host of `host:port` (an IPv6 address without its brackets).
+pub(crate) fn host_part(authority: &str) -> &str {
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Resolves a server's name again (`resolve` does the lookup); returns the new address when it
+/// changed. The old address's pooled connections are used until they idle out.
+pub(crate) fn refresh(
+    name: &str,
+    current: &arc_swap::ArcSwap<std::net::SocketAddr>,
+    resolve: impl Fn(&str) -> Option<std::net::SocketAddr>,
+) -> Option<std::net::SocketAddr> {
+    let found = resolve(name)?;
+    (found != **current.load()).then(|| {
+        current.store(Arc::new(found));
+        found
+    })
+}
+
 /// A worker's state for picking servers.
 #[derive(Debug)]
 pub(crate) struct Picker {
@@ -151,6 +171,26 @@ impl Picker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_that_resolves_elsewhere_moves_its_server() {
+        let current = arc_swap::ArcSwap::from_pointee("127.0.0.1:5000".parse().expect("addr"));
+        let same = |_: &str| "127.0.0.1:5000".parse().ok();
+        assert_eq!(refresh("app.internal:5000", &current, same), None);
+        let moved = |_: &str| "127.0.0.2:5000".parse().ok();
+        assert_eq!(refresh("app.internal:5000", &current, moved), "127.0.0.2:5000".parse().ok());
+        assert_eq!(current.load().to_string(), "127.0.0.2:5000");
+        assert_eq!(
+            refresh("app.internal:5000", &current, |_| None),
+            None,
+            "a failed lookup keeps the address"
+        );
+        assert_eq!(current.load().to_string(), "127.0.0.2:5000");
+        assert_eq!(
+            (host_part("[::1]:80"), host_part("a.b:1"), host_part("10.0.0.1:5")),
+            ("::1", "a.b", "10.0.0.1")
+        );
+    }
 
     #[test]
     fn consecutive_failures_eject_for_longer_each_time() {

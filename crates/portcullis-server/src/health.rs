@@ -15,6 +15,8 @@ use crate::worker::Shared;
 
 /// How often the thread looks for checks that are due (and whether to stop).
 const TICK: Duration = Duration::from_millis(100);
+/// How often servers named by a host name are resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 /// Longest answer head read.
 const MOST_HEAD: usize = 16 * 1024;
 
@@ -26,9 +28,22 @@ pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
 fn run(shared: &Shared) {
     // When each server (by its address and TLS context) is next due.
     let mut due: Vec<(crate::upstream::PoolKey, Instant)> = Vec::new();
+    let mut resolve_at = Instant::now() + RESOLVE_EVERY;
     while !shared.draining.load(Ordering::Acquire) {
         let snapshot = shared.snapshot.load_full();
         let now = Instant::now();
+        if now >= resolve_at {
+            resolve_at = now + RESOLVE_EVERY;
+            for backend in &snapshot.backends {
+                for server in &backend.servers {
+                    let Some(current) = &server.target.resolved else { continue };
+                    let lookup = |name: &str| std::net::ToSocketAddrs::to_socket_addrs(name).ok()?.next();
+                    if let Some(addr) = crate::balance::refresh(&server.name, current, lookup) {
+                        tracing::info!(backend = %backend.name, server = %server.name, %addr, "server's name resolves to another address: new connections go there");
+                    }
+                }
+            }
+        }
         for backend in &snapshot.backends {
             let Some(check) = &backend.health_check else { continue };
             for server in &backend.servers {
@@ -64,7 +79,7 @@ fn run(shared: &Shared) {
 /// One check: the answer's status, or why there was none.
 fn probe(backend: &Backend, server: &Server, path: &str, timeout: Duration) -> Result<u16, String> {
     let tcp =
-        TcpStream::connect_timeout(&server.target.key.addr, timeout).map_err(|e| format!("connect: {e}"))?;
+        TcpStream::connect_timeout(&current_addr(server), timeout).map_err(|e| format!("connect: {e}"))?;
     tcp.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let host = String::from_utf8_lossy(&backend.authority).into_owned();
@@ -106,3 +121,8 @@ fn probe(backend: &Backend, server: &Server, path: &str, timeout: Duration) -> R
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
+
+/// Where a server's connections go now.
+fn current_addr(server: &Server) -> std::net::SocketAddr {
+    server.target.resolved.as_ref().map_or(server.target.key.addr, |r| **r.load())
+}

@@ -355,10 +355,13 @@ impl Snapshot {
                     authority: Bytes::from(s.value.clone().into_bytes()),
                     tls: tls.as_ref().map_or(0, |t| t.id),
                 };
+                // A host name (not an address) is resolved again by the control side.
+                let named = crate::balance::host_part(&s.value).parse::<std::net::IpAddr>().is_err();
                 servers.push(Server {
                     health: crate::balance::Health::of(&key),
                     target: Target {
                         key,
+                        resolved: named.then(|| Arc::new(arc_swap::ArcSwap::from_pointee(addr))),
                         tls: tls.clone(),
                         connect_timeout: b.connect_timeout,
                         idle_timeout: b.idle_timeout,
@@ -436,6 +439,7 @@ impl Snapshot {
                         authority: Bytes::from(host.to_owned().into_bytes()),
                         tls: tls.as_ref().map_or(0, |t| t.id),
                     },
+                    resolved: None,
                     tls,
                     connect_timeout: c.timeout,
                     idle_timeout: CALLOUT_IDLE,

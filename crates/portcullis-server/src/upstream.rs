@@ -131,6 +131,10 @@ pub(crate) struct PoolKey {
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub(crate) key: PoolKey,
+    /// For a server named by a host name: its address as last resolved (the control side
+    /// resolves it again now and then); connections go there. `None`: `key.addr`, an address
+    /// literal.
+    pub(crate) resolved: Option<Arc<arc_swap::ArcSwap<SocketAddr>>>,
     pub(crate) tls: Option<Arc<UpstreamTls>>,
     /// For connecting, the TLS handshake included.
     pub(crate) connect_timeout: Duration,
@@ -184,7 +188,8 @@ impl Upstream {
             tracing::debug!(addr = %target.key.addr, "pooled connection closed or sent unsolicited bytes; discarded");
         }
         let deadline = Instant::now() + target.connect_timeout;
-        let tcp = match timeout(target.connect_timeout, TcpStream::connect_addr(target.key.addr)).await {
+        let addr = target.resolved.as_ref().map_or(target.key.addr, |r| **r.load());
+        let tcp = match timeout(target.connect_timeout, TcpStream::connect_addr(addr)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
             Err(_) => return Err(UpstreamError::ConnectTimeout),
@@ -559,6 +564,7 @@ mod tests {
     fn target(addr: SocketAddr) -> Target {
         Target {
             key: PoolKey { addr, authority: Bytes::from_static(b"devauth.internal"), tls: 0 },
+            resolved: None,
             tls: None,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
