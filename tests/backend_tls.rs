@@ -189,3 +189,24 @@ fn an_idle_tls_connection_the_backend_closed_is_not_used() {
     }
     assert_eq!(backend.connections(), 2, "one closed by the backend, one new");
 }
+
+/// A TLS backend that refuses a body before taking it (a 413 as soon as it has read the head):
+/// its answer reaches the client, as over plain TCP.
+#[test]
+fn an_early_refusal_over_tls_reaches_the_client() {
+    let env = Env::new();
+    gateway_is(&env, &env.pki.client);
+    let backend = mtls_backend(&env);
+    let tls = format!("tls = {{ ca = [{}], certificate = \"gw\" }}", ca_of(&env));
+    let text = config(&env, &backend, &tls).replace("/base\"", "\"");
+    let proxy = TestProxy::start(env.dir(), &text);
+    let body = vec![b'x'; 4 << 20];
+    let r = env
+        .client(None)
+        .connect(proxy.addr)
+        .unwrap()
+        .request("POST", "/secure/early-413", &[], &body)
+        .unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.text(), "too large");
+}
