@@ -230,3 +230,19 @@ fn a_plain_http_service_and_bad_callout_settings() {
         assert!(stderr.contains("bad.toml:"), "located: {stderr}");
     }
 }
+
+/// A service that asks for no client certificate, reached with `backend_tls` naming only its CA.
+#[test]
+fn a_service_without_mutual_tls() {
+    let env = Env::new();
+    gateway_is(&env, &env.pki.client2);
+    let client = &env.pki.client;
+    let service = DeviceAuth::start(&env.pki.server, None, &[(&client.thumbprint(), "dev-1")]);
+    let text = config(&env, &service, "").replace(", certificate = \"gw\" }", " }");
+    assert!(!text.contains("certificate = \"gw\" }, expect"), "no client certificate in the callout");
+    let proxy = TestProxy::start(env.dir(), &text);
+    let r = get(&env, proxy.addr, Some(client), "/devices/dev-1/telemetry");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(service.last_client(), None, "no certificate was presented");
+    assert_eq!(get(&env, proxy.addr, Some(client), "/devices/dev-9/telemetry").status, 403);
+}
