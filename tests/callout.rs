@@ -246,3 +246,27 @@ fn a_service_without_mutual_tls() {
     assert_eq!(service.last_client(), None, "no certificate was presented");
     assert_eq!(get(&env, proxy.addr, Some(client), "/devices/dev-9/telemetry").status, 403);
 }
+
+/// What a client sends cannot change the structure of a callout's JSON body: a route parameter
+/// with quotes in it stays inside its string.
+#[test]
+fn client_values_are_escaped_in_a_json_body() {
+    let env = Env::new();
+    let text = env.config(
+        "request",
+        &format!(
+            "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n  [[api.operation]]\n  match = \"GET /d/{{id}}\"\n    [[api.operation.inbound]]\n    send_request = {{ name = \"up\", method = \"POST\", url = \"http://{}/upload\", body = '{{{{\"device\":\"{{route.id}}\"}}}}', set_headers = {{ \"X-Seen\" = \"{{callout.up.body}}\" }} }}\n",
+            env.backend.addr()
+        ),
+    );
+    let proxy = TestProxy::start(env.dir(), &text);
+    let r = get(&env, proxy.addr, None, "/d/x%22,%22admin%22:true,%22a%22:%22y");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = r#"{"device":"x\",\"admin\":true,\"a\":\"y"}"#;
+    let sha: String = ring::digest::digest(&ring::digest::SHA256, sent.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(r.echoed_header("X-Seen"), Some(format!("bytes={} sha256={sha}", sent.len())));
+}

@@ -53,8 +53,8 @@ fn stored_keys(redis: &RedisServer) -> Vec<String> {
 }
 
 /// The fleet: two processes of two workers each, one key hammered through both from eight
-/// connections for several windows; in no stretch of one period does the fleet admit more than
-/// 5 % over the limit.
+/// connections for several windows; the fleet admits no more than 5 % over the limit, over the
+/// whole run and in any stretch of a period.
 #[test]
 fn two_hosts_share_one_limit() {
     let env = Env::new();
@@ -66,11 +66,18 @@ fn two_hosts_share_one_limit() {
     let answers = hammer(&env, &[a.addr, b.addr], 4, Duration::from_secs(5));
     assert!(answers.iter().all(|x| x.2 == 200 || x.2 == 429), "only 200 and 429");
     let admitted = |addr| answers.iter().filter(|x| x.1 == addr && x.2 == 200).count();
-    // The proxy's window is at least a period long: any stretch a little shorter, seen from
-    // here, lies within one.
-    let most = most_admitted_within(&answers, Duration::from_millis(1900));
+    // The proxy's window is at least a period long: any stretch shorter, seen from here, lies
+    // within one, but for how late answers are seen (a loaded machine delays some by hundreds of
+    // milliseconds): the stretch is 1.5 s for the 2 s period.
+    let most = most_admitted_within(&answers, Duration::from_millis(1500));
+    // Over the whole run, timing aside: no 2 s of it may hold more than 200 admissions, so the
+    // run (decisions between the first answer, less the time an answer takes, and the last one)
+    // holds at most 200 per 2 s it spans.
+    let span = answers[answers.len() - 1].0 - answers[0].0 + Duration::from_millis(500);
+    let periods = span.as_millis().div_ceil(2000) as usize;
+    let total = answers.iter().filter(|x| x.2 == 200).count();
     eprintln!(
-        "{} requests in 5 s; admitted {} on a, {} on b; at most {most} in any 1.9 s, under a fleet limit of 200 per 2 s",
+        "{} requests in 5 s; admitted {} on a, {} on b ({total} over {periods} periods); at most {most} in any 1.5 s, under a fleet limit of 200 per 2 s",
         answers.len(),
         admitted(a.addr),
         admitted(b.addr)
@@ -86,6 +93,10 @@ fn two_hosts_share_one_limit() {
     eprintln!("admitted per 250 ms (host a, host b): {hist:?}");
     let redis_lines: Vec<String> =
         a.log().into_iter().chain(b.log()).filter(|l| l.contains("Redis")).collect();
+    assert!(
+        total <= periods * 210,
+        "{total} admitted over {periods} periods: more than 5 % over the limit of 200; {redis_lines:#?}"
+    );
     assert!(
         most <= 210,
         "{most} admitted within one period: more than 5 % over the limit of 200; {redis_lines:#?}"

@@ -262,3 +262,29 @@ fn request_bodies_are_rewritten_on_their_way_in() {
         .unwrap();
     assert_eq!(r.text(), format!("bytes={} sha256={}", body.len(), sha256_hex(body.as_bytes())));
 }
+
+/// A body to rewrite that ends before its length: nothing went to the client yet, so it gets
+/// the proxy's 502 (not a connection closed without a word); a range request is sent whole.
+#[test]
+fn a_short_body_to_rewrite_is_a_502_and_ranges_are_not_asked_for() {
+    let env = Env::new();
+    let scripted = ScriptedBackend::start(vec![(
+        "/short".into(),
+        Reply::new("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly this", Then::Close),
+    )]);
+    let proxy =
+        TestProxy::start(env.dir(), &config(&env, &format!("http://{}", scripted.addr()), &replace_step()));
+    let r = env.client(None).connect(proxy.addr).unwrap().request("GET", "/api/short", &[], b"").unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    let proxy = TestProxy::start(
+        env.dir(),
+        &config(&env, &format!("http://{}", env.backend.addr()), &replace_step()),
+    );
+    let r = env
+        .client(None)
+        .connect(proxy.addr)
+        .unwrap()
+        .request("GET", "/api/x", &[("Range", "bytes=0-10")], b"")
+        .unwrap();
+    assert_eq!((r.status, r.echoed_header("Range")), (200, None), "{}", r.text());
+}

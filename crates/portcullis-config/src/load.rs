@@ -621,6 +621,7 @@ pub(crate) fn backend_tls(
     let mut tls = BackendTls {
         ca: Vec::new(),
         server_name: host.to_owned(),
+        server_name_given: false,
         certificate: client_certificate,
         certificate_thumbprint: None,
         verify: true,
@@ -634,6 +635,7 @@ pub(crate) fn backend_tls(
         get(t, "server_name").and_then(|n| r.non_empty_string(n, &join(&field, "server_name")))
     {
         tls.server_name = name.value;
+        tls.server_name_given = true;
     }
     if let Some(c) = get(t, "certificate").and_then(|c| r.non_empty_string(c, &join(&field, "certificate"))) {
         if tls.certificate.is_some() {

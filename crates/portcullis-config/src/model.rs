@@ -278,6 +278,8 @@ pub struct BackendTls {
     pub ca: Vec<Located<PathBuf>>,
     /// The name sent as SNI and checked against the backend's certificate (the URL's host).
     pub server_name: String,
+    /// `server_name` was given (else each server of a backend is checked against its own host).
+    pub server_name_given: bool,
     /// The certificate the proxy presents (mutual TLS): a name in `[certificates]`, given as
     /// `certificate` (or the older `client_certificate` of the backend)…
     pub certificate: Option<Located<String>>,

@@ -9,6 +9,8 @@ use saphyr_parser::{Event, Parser};
 pub const MAX_DOCUMENT: usize = 8 << 20;
 /// Deepest nesting of mappings and sequences accepted.
 const MAX_DEPTH: usize = 64;
+/// Longest server URL, its variables filled in.
+const MAX_URL: usize = 2048;
 /// Most operations one document may declare.
 const MAX_OPERATIONS: usize = 10_000;
 
@@ -72,6 +74,13 @@ fn server_path(server: &MarkedYaml<'_>) -> Result<Option<String>, DocumentError>
                 continue;
             };
             url = url.replace(&format!("{{{name}}}"), default);
+            // Defaults that name other variables could grow the URL without end.
+            if url.len() > MAX_URL {
+                return Err(error_at(
+                    server,
+                    format!("the server URL grows past {MAX_URL} bytes with its variables"),
+                ));
+            }
         }
     }
     let path = match url.find("://") {
@@ -168,9 +177,9 @@ pub fn read(text: &str) -> Result<Document, DocumentError> {
         }
     };
     if let Some(b) = &base_path
-        && !b.starts_with('/')
+        && (!b.starts_with('/') || b.bytes().any(|c| c <= b' ' || c == 0x7f))
     {
-        return Err(whole(format!("the API's path \"{b}\" does not start with '/'")));
+        return Err(whole(format!("the API's path \"{b}\" is not a path prefix like \"/todo\"")));
     }
     let mut operations = Vec::new();
     let Some(paths) = get(root, "paths") else {
@@ -296,6 +305,12 @@ mod tests {
             assert_eq!(e.line, line, "{text}: {e:?}");
             assert!(e.message.contains(message), "{text}: {e:?}");
         }
+        let grow = format!(
+            "openapi: 3.0.0\nservers:\n  - url: /{{a}}\n    variables:\n      a: {{default: '{}'}}\n      b: {{default: '{}'}}\n",
+            "{b}".repeat(100),
+            "x".repeat(100)
+        );
+        assert!(read(&grow).expect_err("grows").message.contains("grows past"));
         let deep = format!("openapi: 3.0.0\nx: {}{}\n", "[".repeat(100), "]".repeat(100));
         assert!(read(&deep).expect_err("deep").message.contains("nested deeper"));
     }

@@ -220,6 +220,11 @@ impl HeaderEdits {
             || self.added.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 
+    /// Drops every field `name` of the list (and any added one).
+    pub fn remove(&mut self, headers: &dyn HeaderList, name: &[u8]) {
+        self.remove_named(headers, name);
+    }
+
     /// Sets field `name` to `value`, in place of whatever the list had of it.
     pub fn replace(&mut self, headers: &dyn HeaderList, name: &Bytes, value: &[u8]) {
         self.remove_named(headers, name);

@@ -20,7 +20,7 @@ use crate::jwt::{JwtStep, KeyInputs, Outcome, percent_decode, query_value};
 use crate::limits::{Decision, QuotaStep, RateStep};
 use crate::operations::OperationPattern;
 use crate::subscriptions::{Builder, Grant, Subscriptions};
-use crate::template::{Context, Template};
+use crate::template::{Context, Mode, Template};
 use crate::thumbprints::ThumbprintSet;
 
 /// A response the policy answers with instead of forwarding the request.
@@ -407,14 +407,29 @@ impl Compiler<'_> {
         if !self.callouts_defined.iter().any(|n| n == name) {
             self.callouts_defined.push(name.to_owned());
         }
-        let path = self.template_as(&s.path, &s.url.loc, true);
+        let path = self.template_as(&s.path, &s.url.loc, Mode::Url);
         let headers: Vec<_> = s
             .headers
             .iter()
             .map(|(n, v)| Some((Bytes::from(n.value.clone().into_bytes()), self.template(&v.value, &v.loc)?)))
             .collect();
+        // What a client sends (a route parameter, a header) cannot change the body's structure:
+        // its values are escaped for JSON (a JSON body, or one sent as JSON) or for a form.
+        let content_type = s
+            .headers
+            .iter()
+            .find(|(n, _)| n.value.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.value.to_ascii_lowercase());
         let body = match &s.body {
-            Some(b) => Some(self.template(&b.value, &b.loc)?),
+            Some(b) => {
+                let mode = match content_type.as_deref() {
+                    Some(t) if t.contains("json") => Mode::Json,
+                    Some(t) if t.contains("x-www-form-urlencoded") => Mode::Url,
+                    _ if b.value.trim_start().starts_with(['{', '[']) => Mode::Json,
+                    _ => Mode::Plain,
+                };
+                Some(self.template_as(&b.value, &b.loc, mode)?)
+            }
             None => None,
         };
         let mut set_headers = Vec::with_capacity(s.set_headers.len());
@@ -467,13 +482,13 @@ impl Compiler<'_> {
     }
 
     fn template(&mut self, text: &str, loc: &Loc) -> Option<Template> {
-        self.template_as(text, loc, false)
+        self.template_as(text, loc, Mode::Plain)
     }
 
-    /// A template; `url`: for a URL's path and query (values percent-encoded).
-    fn template_as(&mut self, text: &str, loc: &Loc, url: bool) -> Option<Template> {
-        let parsed = if url { Template::parse_url(text, loc) } else { Template::parse(text, loc) };
-        match parsed {
+    /// A template whose values are written `mode`'s way (percent-encoded in a URL, escaped in
+    /// JSON).
+    fn template_as(&mut self, text: &str, loc: &Loc, mode: Mode) -> Option<Template> {
+        match Template::parse_as(text, loc, mode) {
             Ok(t) => {
                 for name in t.callout_names() {
                     self.callouts_read.push((name.to_owned(), loc.clone()));

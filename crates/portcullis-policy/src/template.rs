@@ -138,22 +138,36 @@ pub struct Template {
     uses_client_cert: bool,
     /// Uses the subscription, the product, a token claim or a callout's answer.
     uses_caller: bool,
-    /// Values go into a URL: percent-encoded (all but RFC 3986's unreserved characters).
-    url: bool,
+    /// How variables' values are written: as they are, percent-encoded, or JSON-escaped.
+    mode: Mode,
+}
+
+/// Where a template's text goes, and so how its variables' values are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A header value (control characters become spaces).
+    Plain,
+    /// A URL's path or query, or a form: all but RFC 3986's unreserved characters
+    /// percent-encoded.
+    Url,
+    /// Inside a JSON string: `"`, `\` and control characters escaped, so that a value can never
+    /// end the string it is in.
+    Json,
 }
 
 impl Template {
     /// Parses `{name}` variables; `{{` and `}}` stand for literal braces.
     pub fn parse(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
-        Template::parse_as(text, loc, false)
+        Template::parse_as(text, loc, Mode::Plain)
     }
 
     /// A template for a URL's path and query: the values of its variables are percent-encoded.
     pub fn parse_url(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
-        Template::parse_as(text, loc, true)
+        Template::parse_as(text, loc, Mode::Url)
     }
 
-    fn parse_as(text: &str, loc: &Loc, url: bool) -> Result<Template, ConfigError> {
+    /// A template whose text is written `mode`'s way (see [`Mode`]).
+    pub(crate) fn parse_as(text: &str, loc: &Loc, mode: Mode) -> Result<Template, ConfigError> {
         let mut parts = Vec::new();
         let mut callouts = Vec::new();
         let mut header_names = Vec::new();
@@ -269,7 +283,7 @@ impl Template {
             callouts,
             uses_client_cert,
             uses_caller,
-            url,
+            mode,
         })
     }
 
@@ -313,11 +327,14 @@ impl Template {
                     out.put_slice(l);
                     true
                 }
-                Part::Var(v) if self.url => {
+                Part::Var(v) if self.mode != Mode::Plain => {
                     let at = out.len();
                     let present = self.render_var(*v, cx, out);
                     let value = out.split_off(at);
-                    put_url_encoded(out, &value);
+                    match self.mode {
+                        Mode::Json => put_json_escaped(out, &value),
+                        _ => put_url_encoded(out, &value),
+                    }
                     present
                 }
                 Part::Var(v) => self.render_var(*v, cx, out),
@@ -462,6 +479,20 @@ fn percent_decoded(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Escapes a value for the inside of a JSON string.
+fn put_json_escaped(out: &mut BytesMut, v: &[u8]) {
+    for &b in v {
+        match b {
+            b'"' => out.put_slice(b"\\\""),
+            b'\\' => out.put_slice(b"\\\\"),
+            b if b < 0x20 || b == 0x7f => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+            b => out.put_u8(b),
+        }
+    }
+}
+
 /// Percent-encodes all but RFC 3986's unreserved characters.
 fn put_url_encoded(out: &mut BytesMut, v: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -550,6 +581,9 @@ mod tests {
         let mut out = BytesMut::new();
         put_url_encoded(&mut out, b"a b/c?d=e&f~g.h-i_j%");
         assert_eq!(&out[..], b"a%20b%2Fc%3Fd%3De%26f~g.h-i_j%25");
+        out.clear();
+        put_json_escaped(&mut out, b"x\",\"admin\":true\\\x01");
+        assert_eq!(&out[..], br#"x\",\"admin\":true\\\u0001"#);
     }
 
     #[test]

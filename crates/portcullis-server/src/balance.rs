@@ -34,16 +34,20 @@ pub(crate) struct Health {
 }
 
 impl Health {
-    /// The health of the server `key`: the one already kept for it, or a new one.
-    pub(crate) fn of(key: &PoolKey) -> Arc<Health> {
-        static KEPT: Mutex<Vec<(PoolKey, Weak<Health>)>> = Mutex::new(Vec::new());
+    /// The health of server `key` of backend `backend`: the one already kept for it (a reload
+    /// that keeps the server keeps what is known of it), or a new one. Two backends that share
+    /// a server judge it each on its own (their checks may differ).
+    pub(crate) fn of(backend: &str, key: &PoolKey) -> Arc<Health> {
+        type Kept = Vec<((String, PoolKey), Weak<Health>)>;
+        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(h) = kept.iter().find(|(k, _)| k == key).and_then(|(_, w)| w.upgrade()) {
+        let found = kept.iter().find(|((b, k), _)| b == backend && k == key).and_then(|(_, w)| w.upgrade());
+        if let Some(h) = found {
             return h;
         }
         let h = Arc::new(Health::default());
-        kept.push((key.clone(), Arc::downgrade(&h)));
+        kept.push(((backend.to_owned(), key.clone()), Arc::downgrade(&h)));
         h
     }
 

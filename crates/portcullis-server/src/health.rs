@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::snapshot::{Backend, Server};
+use crate::snapshot::Server;
 use crate::worker::Shared;
 
 /// How often the thread looks for checks that are due (and whether to stop).
@@ -26,8 +26,8 @@ pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
 }
 
 fn run(shared: &Shared) {
-    // When each server (by its address and TLS context) is next due.
-    let mut due: Vec<(crate::upstream::PoolKey, Instant)> = Vec::new();
+    // When each server of each backend is next due.
+    let mut due: Vec<((String, crate::upstream::PoolKey), Instant)> = Vec::new();
     let mut resolve_at = Instant::now() + RESOLVE_EVERY;
     while !shared.draining.load(Ordering::Acquire) {
         let snapshot = shared.snapshot.load_full();
@@ -47,14 +47,17 @@ fn run(shared: &Shared) {
         for backend in &snapshot.backends {
             let Some(check) = &backend.health_check else { continue };
             for server in &backend.servers {
-                let key = &server.target.key;
-                let next = due.iter_mut().find(|(k, _)| k == key);
+                if shared.draining.load(Ordering::Acquire) {
+                    return;
+                }
+                let key = (backend.name.clone(), server.target.key.clone());
+                let next = due.iter_mut().find(|(k, _)| *k == key);
                 match next {
                     Some((_, at)) if *at > now => continue,
                     Some((_, at)) => *at = now + check.interval,
-                    None => due.push((key.clone(), now + check.interval)),
+                    None => due.push((key, now + check.interval)),
                 }
-                let verdict = probe(backend, server, &check.path, check.timeout);
+                let verdict = probe(server, &check.path, check.timeout);
                 let healthy = verdict.as_ref().is_ok_and(|&status| check.expect_status.contains(status));
                 let was_down = server.health.checked_down.swap(!healthy, Ordering::Relaxed);
                 match (was_down, healthy) {
@@ -70,19 +73,22 @@ fn run(shared: &Shared) {
             }
         }
         // Servers no longer configured are forgotten.
-        due.retain(|(k, _)| snapshot.backends.iter().any(|b| b.servers.iter().any(|s| &s.target.key == k)));
+        due.retain(|((name, k), _)| {
+            snapshot.backends.iter().any(|b| &b.name == name && b.servers.iter().any(|s| &s.target.key == k))
+        });
         drop(snapshot);
         std::thread::sleep(TICK);
     }
 }
 
-/// One check: the answer's status, or why there was none.
-fn probe(backend: &Backend, server: &Server, path: &str, timeout: Duration) -> Result<u16, String> {
+/// One check: the answer's status, or why there was none, all within `timeout`.
+fn probe(server: &Server, path: &str, timeout: Duration) -> Result<u16, String> {
+    let deadline = Instant::now() + timeout;
     let tcp =
         TcpStream::connect_timeout(&current_addr(server), timeout).map_err(|e| format!("connect: {e}"))?;
     tcp.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let host = String::from_utf8_lossy(&backend.authority).into_owned();
+    let host = &server.name;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: portcullis-health\r\nConnection: close\r\n\r\n"
     );
@@ -91,6 +97,9 @@ fn probe(backend: &Backend, server: &Server, path: &str, timeout: Duration) -> R
         stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
         let mut chunk = [0u8; 1024];
         while !head.windows(2).any(|w| w == b"\r\n") && head.len() < MOST_HEAD {
+            if Instant::now() >= deadline {
+                return Err("no status line in time".to_owned());
+            }
             match stream.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => head.extend_from_slice(&chunk[..n]),

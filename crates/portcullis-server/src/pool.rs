@@ -20,8 +20,9 @@ const MAX_SESSIONS: usize = 4096;
 #[derive(Default)]
 pub(crate) struct Pool {
     idle: AHashMap<PoolKey, Vec<Idle>>,
-    /// The latest TLS session granted for each key, offered when the next connection opens.
-    sessions: AHashMap<PoolKey, SslSession>,
+    /// The latest TLS session granted for each key, offered when the next connection opens,
+    /// with the TLS context it was made under (a session is offered only to that context).
+    sessions: AHashMap<PoolKey, (usize, SslSession)>,
     /// New connections opened, for tests and metrics.
     pub(crate) opened: u64,
     /// TLS connections opened by resuming a session.
@@ -76,11 +77,13 @@ impl Pool {
         }
     }
 
-    pub(crate) fn session(&self, key: &PoolKey) -> Option<SslSession> {
-        self.sessions.get(key).cloned()
+    /// The session for `key` made under context `context` (an address that names it).
+    pub(crate) fn session(&self, key: &PoolKey, context: usize) -> Option<SslSession> {
+        self.sessions.get(key).filter(|(c, _)| *c == context).map(|(_, s)| s.clone())
     }
 
-    pub(crate) fn keep_session(&mut self, key: &PoolKey, session: SslSession) {
+    pub(crate) fn keep_session(&mut self, key: &PoolKey, context: usize, session: SslSession) {
+        let session = (context, session);
         match self.sessions.get_mut(key) {
             Some(s) => *s = session,
             None => {

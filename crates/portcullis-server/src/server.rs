@@ -299,9 +299,9 @@ impl Server {
     fn stop(&mut self) -> io::Result<()> {
         self.shared.draining.store(true, Ordering::Release);
         self.fetchers.stop();
-        if let Some(h) = self.health.take() {
-            let _ = h.join();
-        }
+        // Not waited for: a check in progress may take its whole timeout; the thread ends by
+        // itself at its next look at the drain flag.
+        drop(self.health.take());
         let mut result = Ok(());
         for handle in self.workers.drain(..) {
             match handle.join() {

@@ -26,8 +26,6 @@ pub(crate) struct ProxyProtocol {
 #[derive(Debug)]
 pub(crate) struct Backend {
     pub(crate) name: String,
-    /// The first server's `host:port`, sent as `Host` when the client sent none.
-    pub(crate) authority: Bytes,
     /// Prepended to forwarded paths ("" for none).
     pub(crate) base_path: Bytes,
     /// Its servers are reached over TLS.
@@ -332,17 +330,25 @@ impl Snapshot {
         let mut backends = Vec::with_capacity(config.backends.len());
         for b in &config.backends {
             let what = format!("backend {}", b.name.value);
-            let tls =
-                match b.tls.as_ref().map(|t| upstream_tls(t, (&what, &b.url.loc), config, &certificates)) {
-                    None => None,
-                    Some(Ok(tls)) => Some(tls),
-                    Some(Err(e)) => {
-                        errors.push(e);
-                        continue;
-                    }
-                };
             let mut servers = Vec::with_capacity(b.servers.len());
             for s in &b.servers {
+                // Each server is checked against its own host, unless a name was given.
+                let tls = match &b.tls {
+                    None => None,
+                    Some(t) => {
+                        let mut t = t.clone();
+                        if !t.server_name_given {
+                            t.server_name = crate::balance::host_part(&s.value).to_owned();
+                        }
+                        match upstream_tls(&t, (&what, &s.loc), config, &certificates) {
+                            Ok(tls) => Some(tls),
+                            Err(e) => {
+                                errors.push(e);
+                                break;
+                            }
+                        }
+                    }
+                };
                 let addr = match s.value.to_socket_addrs().map(|mut a| a.next()) {
                     Ok(Some(addr)) => addr,
                     Ok(None) | Err(_) => {
@@ -357,8 +363,13 @@ impl Snapshot {
                 };
                 // A host name (not an address) is resolved again by the control side.
                 let named = crate::balance::host_part(&s.value).parse::<std::net::IpAddr>().is_err();
+                let health = crate::balance::Health::of(&b.name.value, &key);
+                // Without checks (any more), no earlier check keeps the server out.
+                if b.health_check.is_none() {
+                    health.checked_down.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
                 servers.push(Server {
-                    health: crate::balance::Health::of(&key),
+                    health,
                     target: Target {
                         key,
                         resolved: named.then(|| Arc::new(arc_swap::ArcSwap::from_pointee(addr))),
@@ -375,9 +386,8 @@ impl Snapshot {
             }
             backends.push(Backend {
                 name: b.name.value.clone(),
-                authority: Bytes::from(b.authority.clone().into_bytes()),
                 base_path: Bytes::from(b.base_path.clone().into_bytes()),
-                https: tls.is_some(),
+                https: b.tls.is_some(),
                 response_timeout: b.response_timeout,
                 servers,
                 balance: b.balance,
@@ -536,7 +546,6 @@ mod tests {
     fn forwarded_paths() {
         let backend = |base: &str| Backend {
             name: String::new(),
-            authority: Bytes::new(),
             base_path: Bytes::from(base.to_owned()),
             https: false,
             response_timeout: Duration::ZERO,

@@ -199,7 +199,7 @@ impl Upstream {
             pool.borrow_mut().opened += 1;
             return Ok(Upstream { stream: BackendStream::Plain(PlainStream::new(tcp)), reused: false });
         };
-        let session = pool.borrow().session(&target.key);
+        let session = pool.borrow().session(&target.key, Arc::as_ptr(tls) as usize);
         let left = deadline.saturating_duration_since(Instant::now());
         match timeout(left, tls.client.connect_resuming(&tls.server_name, tcp, session.as_ref())).await {
             Ok(Ok(stream)) => {
@@ -220,10 +220,10 @@ impl Upstream {
     /// Done with the connection: the TLS session the server granted on it is kept for the next
     /// connection to `target`, and the connection goes back to the pool when `reusable`.
     pub(crate) fn finish(mut self, pool: &RefCell<Pool>, target: &Target, reusable: bool) {
-        if let BackendStream::Tls(s) = &mut self.stream
+        if let (BackendStream::Tls(s), Some(tls)) = (&mut self.stream, &target.tls)
             && let Some(session) = s.take_session()
         {
-            pool.borrow_mut().keep_session(&target.key, session);
+            pool.borrow_mut().keep_session(&target.key, Arc::as_ptr(tls) as usize, session);
         }
         if reusable {
             pool.borrow_mut().put(target, self.stream);
@@ -328,11 +328,13 @@ impl Upstream {
     /// response read into `into` with interim responses skipped, its body decoded and bounded by
     /// `max_body` bytes, everything by `response_timeout`. The connection goes back to the pool
     /// when the response left it reusable. A stale pooled connection is replaced once, as for
-    /// forwarded requests; the caller's request must be safe to repeat.
+    /// forwarded requests, when the request is `repeatable` (else the failure stands: the
+    /// service may have acted on it).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn fetch(
         pool: &RefCell<Pool>,
         target: &Target,
-        request: &Bytes,
+        (request, repeatable): (&Bytes, bool),
         into: &mut Fetched,
         max_body: usize,
         timer: &mut Timer,
@@ -357,7 +359,7 @@ impl Upstream {
             .await;
             match result {
                 Ok(()) => break up,
-                Err(UpstreamError::Lost(_)) if up.reused => continue,
+                Err(UpstreamError::Lost(_)) if up.reused && repeatable => continue,
                 Err(e) => return Err(e),
             }
         };
@@ -584,7 +586,8 @@ mod tests {
 
     async fn fetch(pool: &RefCell<Pool>, target: &Target, into: &mut Fetched) -> Result<(), UpstreamError> {
         let request = Bytes::from_static(REQUEST);
-        Upstream::fetch(pool, target, &request, into, 64, &mut Timer::new(), Duration::from_secs(5)).await
+        Upstream::fetch(pool, target, (&request, true), into, 64, &mut Timer::new(), Duration::from_secs(5))
+            .await
     }
 
     #[test]
@@ -666,7 +669,7 @@ mod tests {
         let err = run(Upstream::fetch(
             &pool,
             &target(addr),
-            &request,
+            (&request, true),
             &mut got,
             64,
             &mut Timer::new(),

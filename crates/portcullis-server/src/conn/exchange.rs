@@ -157,6 +157,9 @@ impl<S: Stream> Conn<S> {
         // The response body is rewritten on its way back: asked for without compression.
         if snap.policies.rewrites_body(policy) {
             self.edits.replace(&fields, &Bytes::from_static(b"Accept-Encoding"), b"identity");
+            // A part of a body cannot be rewritten as the whole would be: the whole is asked for.
+            self.edits.remove(&fields, b"range");
+            self.edits.remove(&fields, b"if-range");
         }
         let backend = &snap.backends[route.backend];
         self.refusal = "-";
@@ -188,7 +191,7 @@ impl<S: Stream> Conn<S> {
         route: &Route,
         policy: &ApiPolicy,
         backend: &Backend,
-        body: Option<BodyMode>,
+        (authority, body): (&Bytes, Option<BodyMode>),
     ) {
         let identity = &snap.policies.identity_headers;
         let underscores = snap.server.allow_underscores_in_headers;
@@ -221,7 +224,7 @@ impl<S: Stream> Conn<S> {
             write::header(out, name, value);
         }
         if !host_written {
-            write::header(out, b"Host", self.head.host().unwrap_or(&backend.authority));
+            write::header(out, b"Host", self.head.host().unwrap_or(authority));
         }
         for (name, value) in self.edits.added() {
             write::header(out, name, value);
@@ -292,7 +295,8 @@ impl<S: Stream> Conn<S> {
                             | UpstreamError::Handshake(_)
                             | UpstreamError::Lost(_)
                     );
-                if let Some(out) = chosen.health.failed(backend.eject_after, backend.eject_for, now_ms) {
+                let at = portcullis_tls::now_unix_ms();
+                if let Some(out) = chosen.health.failed(backend.eject_after, backend.eject_for, at) {
                     tracing::warn!(backend = %backend.name, server = %chosen.name, error = %e, out = ?out, "server out of rotation after consecutive failures");
                 }
                 other
@@ -320,7 +324,13 @@ impl<S: Stream> Conn<S> {
             let held = matches!(body, BodyMode::Length(n) if n <= HOLD_TO_REWRITE) && rewrite.is_some();
             if !held {
                 let framing = rewrite.is_some().then_some(BodyMode::UntilClose { chunk: true });
-                self.write_upstream_head(snap, route, policy, backend, framing);
+                self.write_upstream_head(
+                    snap,
+                    route,
+                    policy,
+                    backend,
+                    (&chosen.target.key.authority, framing),
+                );
             }
             if self.head.expect_continue() {
                 let mut cont = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]);
@@ -346,7 +356,7 @@ impl<S: Stream> Conn<S> {
                 }
                 Some(replacer) => {
                     self.send_rewritten_request(
-                        (snap, route, policy, backend),
+                        (snap, route, policy, backend, &chosen.target.key.authority),
                         body,
                         held,
                         replacer,
@@ -434,7 +444,7 @@ impl<S: Stream> Conn<S> {
             if redirect {
                 self.redirect_content_urls(route, backend);
             }
-            if !pairs.is_empty() && !matches!(mode, BodyMode::None) {
+            if !pairs.is_empty() && !matches!(mode, BodyMode::None) && self.resp.status() != 206 {
                 match self.resp.header(b"content-encoding").filter(|c| !c.eq_ignore_ascii_case(b"identity")) {
                     None => rewrite = Some(Replacer::new(&pairs)),
                     Some(coding) => {
@@ -487,7 +497,16 @@ impl<S: Stream> Conn<S> {
                                     }
                                 }
                             }
-                            Err(e) => Err(e),
+                            // Nothing has gone to the client yet: it gets the proxy's answer.
+                            Err(e) => {
+                                let e = match e {
+                                    RelayError::SourceTimeout => UpstreamError::Timeout,
+                                    _ => UpstreamError::BadResponse(portcullis_http::HeadError::Malformed(
+                                        "the body ended before its length",
+                                    )),
+                                };
+                                return self.upstream_failed(backend, chosen, e, true).await;
+                            }
                         }
                     }
                     // Streamed: chunked for HTTP/1.1 clients, until the close for HTTP/1.0 ones.
@@ -545,7 +564,7 @@ impl<S: Stream> Conn<S> {
     /// written. Returns the bytes sent.
     async fn send_rewritten_request(
         &mut self,
-        (snap, route, policy, backend): (&Snapshot, &Route, &ApiPolicy, &Backend),
+        (snap, route, policy, backend, authority): (&Snapshot, &Route, &ApiPolicy, &Backend, &Bytes),
         body: BodyMode,
         held: bool,
         replacer: &mut Replacer,
@@ -558,13 +577,8 @@ impl<S: Stream> Conn<S> {
             let mut rewritten = BytesMut::with_capacity(whole.len());
             replacer.feed(&whole, &mut rewritten);
             replacer.finish(&mut rewritten);
-            self.write_upstream_head(
-                snap,
-                route,
-                policy,
-                backend,
-                Some(BodyMode::Length(rewritten.len() as u64)),
-            );
+            let framing = Some(BodyMode::Length(rewritten.len() as u64));
+            self.write_upstream_head(snap, route, policy, backend, (authority, framing));
             self.out.extend_from_slice(&rewritten);
             let written =
                 self.io_timer.within(WRITE_TIMEOUT, pin!(up.stream.write_all_buf(&mut self.out))).await;
@@ -594,8 +608,16 @@ impl<S: Stream> Conn<S> {
         let Some(host) = self.head.host() else { return };
         let scheme: &[u8] = if backend.https { b"https://" } else { b"http://" };
         let default_port: &[u8] = if backend.https { b":443" } else { b":80" };
-        let authority = &backend.authority[..];
-        let short = authority.strip_suffix(default_port);
+        // Any server's URL is the backend's.
+        let authorities: Vec<&[u8]> = backend
+            .servers
+            .iter()
+            .flat_map(|s| {
+                let a = &s.target.key.authority[..];
+                [Some(a), a.strip_suffix(default_port)]
+            })
+            .flatten()
+            .collect();
         let public_prefix = if route.prefix.as_ref() == b"/" { &b""[..] } else { &route.prefix[..] };
         for name in [&b"location"[..], b"content-location"] {
             let Some(value) = self.resp.header(name) else { continue };
@@ -606,7 +628,7 @@ impl<S: Stream> Conn<S> {
             else {
                 continue;
             };
-            let after_host = [Some(authority), short].into_iter().flatten().find_map(|a| {
+            let after_host = authorities.iter().find_map(|a| {
                 let tail = rest.get(a.len()..)?;
                 (rest[..a.len()].eq_ignore_ascii_case(a)
                     && matches!(tail.first(), None | Some(b'/' | b'?' | b'#')))
@@ -761,7 +783,19 @@ async fn callout(
         return Answer::Failed("callout not configured");
     };
     let mut into = Fetched::default();
-    let fetch = Upstream::fetch(&worker.pool, &c.target, &request, &mut into, max_response, timer, c.timeout);
+    // Sent again on a fresh connection (a pooled one the service had closed) only when the
+    // method is safe to repeat.
+    let method = request.split(|&b| b == b' ').next().unwrap_or_default();
+    let repeatable = forward::is_idempotent(method);
+    let fetch = Upstream::fetch(
+        &worker.pool,
+        &c.target,
+        (&request, repeatable),
+        &mut into,
+        max_response,
+        timer,
+        c.timeout,
+    );
     let error = match monoio::time::timeout(c.timeout, fetch).await {
         Ok(Ok(())) => {
             tracing::debug!(callout = %c.name, status = into.head.status(), "callout answered");
