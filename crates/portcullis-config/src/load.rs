@@ -307,6 +307,7 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
             "max_body_size",
             "rate_limit_keys",
             "redis",
+            "admin",
         ],
     );
     if let Some(v) = get(t, "workers") {
@@ -358,6 +359,16 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
     }
     if let Some(v) = get(t, "redis") {
         s.redis = crate::traffic::redis(r, v);
+    }
+    if let Some(v) = get(t, "admin")
+        && let Some(a) = r.string(v, "server.admin")
+    {
+        match a.value.parse::<std::net::SocketAddr>() {
+            Ok(addr) => s.admin = Some(addr),
+            Err(_) => r
+                .errors
+                .push(a.loc.error(format!("\"{}\" is not an address like \"127.0.0.1:9901\"", a.value))),
+        }
     }
     if let Some(v) = get(t, "max_body_size") {
         s.max_body_size =

@@ -87,6 +87,9 @@ pub struct Server {
     pub rate_limit_keys: usize,
     /// Rate-limit and quota counts shared with other hosts through Redis (`[server.redis]`).
     pub redis: Option<Redis>,
+    /// The admin endpoint's address (`/metrics`, `/healthz`, `/ready`, `/config`); off when
+    /// `None`.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// What limits do while Redis cannot be reached.
@@ -140,6 +143,7 @@ impl Default for Server {
             max_body_size: None,
             rate_limit_keys: 65_536,
             redis: None,
+            admin: None,
         }
     }
 }

@@ -343,3 +343,14 @@ fn backends_with_several_servers() {
         assert!(all.iter().any(|e| e.contains(expect)), "{fields}: {all:?}");
     }
 }
+
+#[test]
+fn the_admin_address() {
+    let text = GOOD.replace("head_timeout = \"5s\"", "head_timeout = \"5s\"\nadmin = \"127.0.0.1:9901\"");
+    let c = parse(Path::new("p.toml"), &text).expect("valid");
+    assert_eq!(c.server.admin, "127.0.0.1:9901".parse().ok());
+    assert_eq!(parse(Path::new("p.toml"), GOOD).expect("valid").server.admin, None, "off by default");
+    let text = GOOD.replace("head_timeout = \"5s\"", "head_timeout = \"5s\"\nadmin = \"localhost\"");
+    let errors = parse(Path::new("p.toml"), &text).expect_err("not an address").to_string();
+    assert!(errors.contains("server.admin") && errors.contains("not an address"), "{errors}");
+}

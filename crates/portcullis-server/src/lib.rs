@@ -11,6 +11,7 @@
 //! closes idle connections, lets in-flight requests finish within the drain timeout, and returns.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod balance;
 mod conn;
 mod event;
@@ -22,6 +23,7 @@ mod relay;
 pub mod resp;
 mod server;
 mod snapshot;
+mod stats;
 mod timer;
 mod upstream;
 mod worker;

@@ -48,6 +48,8 @@ pub struct Server {
     workers: Vec<JoinHandle<io::Result<()>>>,
     /// Active health checks of backends' servers.
     health: Option<JoinHandle<()>>,
+    /// The admin endpoint, when `[server] admin` is set, and where it listens.
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
     local_addrs: Vec<SocketAddr>,
     configured_binds: Vec<SocketAddr>,
     keys: TicketKeys,
@@ -153,7 +155,22 @@ impl Server {
             counters: counters.clone(),
             host_field: crate::fleet::host_field(),
             failed_syncs: AtomicU64::new(0),
+            stats: (0..workers).map(|_| Arc::new(crate::stats::WorkerStats::default())).collect(),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_reload: std::sync::Mutex::new(String::from("none")),
+            loaded_at: AtomicU64::new(portcullis_tls::now_unix() as u64),
+            stopped: AtomicBool::new(false),
         });
+        let admin = match config.server.admin {
+            None => None,
+            Some(addr) => Some(
+                crate::admin::start(addr, shared.clone())
+                    .map_err(|e| StartError::Io(format!("cannot serve the admin endpoint on {addr}: {e}")))?,
+            ),
+        };
+        if let Some((addr, _)) = &admin {
+            tracing::info!(%addr, "admin endpoint serving {addr}");
+        }
         share_counts(&counters, config);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(workers);
@@ -181,6 +198,7 @@ impl Server {
             counters,
             workers: handles,
             health: Some(health),
+            admin,
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
             keys,
@@ -234,6 +252,27 @@ impl Server {
     /// Compiles `config` and, if it is sound, makes it current for every request from now on.
     /// On error nothing changes. Listener addresses cannot change without a restart.
     pub fn reload(&mut self, config: &Config) -> Result<u64, ConfigErrors> {
+        let result = self.apply(config);
+        let text = match &result {
+            Ok(generation) => format!("generation {generation} loaded"),
+            Err(e) => format!("failed: {e}"),
+        };
+        self.shared.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        if result.is_ok() {
+            self.shared.loaded_at.store(portcullis_tls::now_unix() as u64, Ordering::Relaxed);
+        }
+        if let Ok(mut last) = self.shared.last_reload.lock() {
+            *last = text;
+        }
+        result
+    }
+
+    /// Where the admin endpoint listens, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+
+    fn apply(&mut self, config: &Config) -> Result<u64, ConfigErrors> {
         let binds: Vec<SocketAddr> = config.listeners.iter().map(|l| l.bind.value).collect();
         if binds != self.configured_binds {
             let loc = config
@@ -309,6 +348,10 @@ impl Server {
                 Ok(Err(e)) => result = Err(e),
                 Err(_) => result = Err(io::Error::other("a worker panicked")),
             }
+        }
+        self.shared.stopped.store(true, Ordering::Release);
+        if let Some((_, admin)) = self.admin.take() {
+            let _ = admin.join();
         }
         result
     }

@@ -152,6 +152,8 @@ pub struct Snapshot {
     pub(crate) fleet: Option<Arc<crate::fleet::FleetLink>>,
     /// Where callouts go, indexed like the policy set's callout targets.
     pub(crate) callouts: Vec<Callout>,
+    /// The identity providers' keys, by name (`/ready` waits for them).
+    pub(crate) providers: Vec<(String, Arc<RemoteKeys>)>,
 }
 
 /// A callout's destination, resolved.
@@ -407,6 +409,7 @@ impl Snapshot {
         let revoked = Arc::new(revoked);
         // Named certificates by thumbprint, for the callouts' TLS (compiled with the policies).
         let thumbprints = certificates.clone();
+        let providers_kept = providers.clone();
         let inputs = Inputs {
             certificates,
             certificate_keys,
@@ -489,6 +492,7 @@ impl Snapshot {
             revoked,
             fleet,
             callouts,
+            providers: providers_kept,
         };
         errors.into_result(snapshot)
     }

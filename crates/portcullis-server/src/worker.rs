@@ -34,6 +34,15 @@ pub(crate) struct Shared {
     pub(crate) host_field: String,
     /// Syncs with Redis that failed (unreachable, refusing, or answering nonsense), host-wide.
     pub(crate) failed_syncs: AtomicU64,
+    /// Each worker's counters, by worker id (the admin endpoint sums them).
+    pub(crate) stats: Vec<Arc<crate::stats::WorkerStats>>,
+    /// The control side's record: reloads that took and that failed, the last one's result, and
+    /// when the running configuration was loaded (Unix seconds).
+    pub(crate) reloads: [AtomicU64; 2],
+    pub(crate) last_reload: std::sync::Mutex<String>,
+    pub(crate) loaded_at: AtomicU64,
+    /// The process has stopped serving (workers joined): the admin endpoint goes too.
+    pub(crate) stopped: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -90,6 +99,8 @@ pub(crate) struct Worker {
     pub(crate) fleet_rounds: Rounds,
     /// Which server of a backend takes the next request.
     pub(crate) picker: crate::balance::Picker,
+    /// This worker's counters (`shared.stats[id]`).
+    pub(crate) stats: Arc<crate::stats::WorkerStats>,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
     room_waiters: RefCell<Vec<Waker>>,
@@ -136,6 +147,8 @@ pub(crate) struct ActiveGuard(Rc<Worker>);
 impl ActiveGuard {
     pub(crate) fn new(worker: &Rc<Worker>) -> ActiveGuard {
         worker.active.set(worker.active.get() + 1);
+        crate::stats::WorkerStats::add(&worker.stats.connections_total);
+        worker.stats.connections_active.store(worker.active.get() as u64, Ordering::Relaxed);
         ActiveGuard(worker.clone())
     }
 }
@@ -143,6 +156,7 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        self.0.stats.connections_active.store(self.0.active.get() as u64, Ordering::Relaxed);
         // Only full workers have waiters: the common case is one empty-Vec check.
         if !self.0.room_waiters.borrow().is_empty() {
             for w in std::mem::take(&mut *self.0.room_waiters.borrow_mut()) {
@@ -179,6 +193,7 @@ pub(crate) fn run(
         boring::rand::rand_bytes(&mut b).map_err(std::io::Error::other)?;
         u64::from_le_bytes(b) & !0xffff_ffff | ((id as u64) << 24)
     };
+    let stats = shared.stats.get(id).cloned().unwrap_or_default();
     let worker = Rc::new(Worker {
         id,
         cache: RefCell::new(Cache::new(shared.snapshot.clone())),
@@ -190,6 +205,7 @@ pub(crate) fn run(
         fleet_ready: Event::default(),
         fleet_rounds: Rounds::default(),
         picker: crate::balance::Picker::default(),
+        stats,
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),
@@ -282,6 +298,7 @@ async fn serve(
     drop(ready);
     // Watch the shared flag; keep the pool tidy.
     loop {
+        worker.stats.last_turn_ms.store(portcullis_tls::now_unix_ms(), Ordering::Relaxed);
         monoio::time::sleep(TICK).await;
         if worker.shared.draining.load(Ordering::Acquire) {
             break;

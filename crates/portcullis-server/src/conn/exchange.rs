@@ -30,6 +30,8 @@ impl<S: Stream> Conn<S> {
         match self.head.header(b"x-portcullis-fault").filter(|_| self.worker.faults) {
             Some(b"panic") => panic!("fault injection: this connection panics"),
             Some(b"kill-worker") => self.worker.doomed.set(true),
+            // The worker's loop stops turning for a while (a blocking call gone wrong).
+            Some(b"stall") => std::thread::sleep(Duration::from_secs(3)),
             _ => {}
         }
         // Read only for the access log (a clock read per request is not free).
@@ -61,6 +63,7 @@ impl<S: Stream> Conn<S> {
                 None
             };
             if let Some(reason) = why {
+                crate::stats::WorkerStats::add(&self.worker.stats.refusals[0]);
                 tracing::info!(peer = %self.peer, reason, client_cert = %cert.thumbprint, "request refused: certificate no longer valid");
                 self.access_log(None, 403, started, &id, reason);
                 self.connection_refused = true;
@@ -140,6 +143,9 @@ impl<S: Stream> Conn<S> {
         }
         if let Verdict::Respond { response, reason } = verdict {
             if response.status >= 400 {
+                crate::stats::WorkerStats::add(
+                    &self.worker.stats.refusals[crate::stats::refusal_kind(reason)],
+                );
                 tracing::info!(
                     peer = %self.peer,
                     api = %route.name,
@@ -730,6 +736,9 @@ impl<S: Stream> Conn<S> {
             tracing::debug!(peer = %self.peer, error = %e, "client went away while sending the body");
             return (false, 0);
         };
+        if status == 502 || status == 504 {
+            crate::stats::WorkerStats::add(&self.worker.stats.upstream_errors[usize::from(status == 504)]);
+        }
         match e.side() {
             Side::Client => tracing::info!(peer = %self.peer, error = %e, status, "request body refused"),
             Side::Backend | Side::Internal => {

@@ -75,9 +75,14 @@ pub(crate) async fn serve(
         }
     }
     drop(snap);
+    let stats = worker.stats.clone();
     let tls = match timeout(handshake_timeout, acceptor.accept_after(tcp, first)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            crate::stats::WorkerStats::add(&stats.handshakes[usize::from(tls.info().resumed)]);
+            tls
+        }
         Ok(Err(e)) => {
+            crate::stats::WorkerStats::add(&stats.handshakes[2]);
             match &e {
                 portcullis_tls::HandshakeError::CertificateRejected(_) => {
                     tracing::info!(%peer, error = %e, "TLS handshake refused");
@@ -98,6 +103,7 @@ pub(crate) async fn serve(
             return;
         }
         Err(_) => {
+            crate::stats::WorkerStats::add(&stats.handshakes[2]);
             tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
             if access_log {
                 tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = "TLS handshake timed out");
@@ -520,6 +526,7 @@ impl<S: Stream> Conn<S> {
         id: &[u8; 16],
         refused: &str,
     ) {
+        self.worker.stats.request(status);
         let Some(started) = started else { return };
         tracing::info!(
             target: "portcullis::access",

@@ -1,0 +1,254 @@
+//! The admin endpoint (`[server] admin`): `/metrics` (Prometheus text), `/healthz`, `/ready`,
+//! `/config`, on a thread of its own (never a worker's loop), GET only. It reads what the workers
+//! count (summed per scrape) and what the control side records.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::stats::{HANDSHAKE_RESULTS, REFUSAL_KINDS, WorkerStats, sum};
+use crate::worker::Shared;
+
+/// A worker whose loop has not turned for this long is not healthy.
+pub(crate) const STALL: Duration = Duration::from_secs(2);
+/// Longest request head read, and how long one may take.
+const MOST_HEAD: usize = 8 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Binds `addr` and serves it until the process stops serving; returns the bound address.
+pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let thread = std::thread::Builder::new().name("portcullis-admin".to_owned()).spawn(move || {
+        while !shared.stopped.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = answer(stream, &shared);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })?;
+    Ok((local, thread))
+}
+
+fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    stream.set_write_timeout(Some(READ_TIMEOUT))?;
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 || head.len() + n > MOST_HEAD {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, content_type, body) = if method != b"GET" {
+        (405, "text/plain", "only GET\n".to_owned())
+    } else {
+        match path {
+            b"/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", metrics(shared)),
+            b"/healthz" => match unhealthy(shared) {
+                None => (200, "text/plain", "ok\n".to_owned()),
+                Some(why) => (503, "text/plain", format!("{why}\n")),
+            },
+            b"/ready" => match unready(shared) {
+                None => (200, "text/plain", "ready\n".to_owned()),
+                Some(why) => (503, "text/plain", format!("{why}\n")),
+            },
+            b"/config" => (200, "application/json", config(shared)),
+            _ => (404, "text/plain", "not found\n".to_owned()),
+        }
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let allow = if status == 405 { "Allow: GET\r\n" } else { "" };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())
+}
+
+/// Why the process is not healthy: a worker lost, or one whose loop stopped turning.
+fn unhealthy(shared: &Shared) -> Option<String> {
+    if shared.lost_workers.load(Ordering::Acquire) > 0 {
+        return Some("a worker exited".to_owned());
+    }
+    let now = portcullis_tls::now_unix_ms();
+    shared.stats.iter().enumerate().find_map(|(id, s)| {
+        let last = s.last_turn_ms.load(Ordering::Relaxed);
+        (now.saturating_sub(last) > STALL.as_millis() as u64)
+            .then(|| format!("worker {id} has not turned for {} ms", now.saturating_sub(last)))
+    })
+}
+
+/// Why the process should not be sent traffic: draining, or an identity provider's keys not
+/// loaded yet.
+fn unready(shared: &Shared) -> Option<String> {
+    if shared.draining.load(Ordering::Acquire) {
+        return Some("draining".to_owned());
+    }
+    let snapshot = shared.snapshot.load();
+    snapshot
+        .providers
+        .iter()
+        .find(|(_, keys)| !keys.is_loaded())
+        .map(|(name, _)| format!("the keys of identity provider \"{name}\" are not loaded yet"))
+}
+
+fn config(shared: &Shared) -> String {
+    let snapshot = shared.snapshot.load();
+    let last = shared.last_reload.lock().map(|l| l.clone()).unwrap_or_default();
+    let escaped: String = last
+        .chars()
+        .flat_map(|c| match c {
+            '"' => vec!['\\', '"'],
+            '\\' => vec!['\\', '\\'],
+            c if c.is_control() => vec![' '],
+            c => vec![c],
+        })
+        .collect();
+    format!(
+        "{{\"generation\":{},\"loaded_at\":{},\"reloads\":{},\"failed_reloads\":{},\"last_reload\":\"{escaped}\"}}\n",
+        snapshot.generation,
+        shared.loaded_at.load(Ordering::Relaxed),
+        shared.reloads[0].load(Ordering::Relaxed),
+        shared.reloads[1].load(Ordering::Relaxed),
+    )
+}
+
+/// One metric family: its HELP and TYPE lines, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+fn metrics(shared: &Shared) -> String {
+    let stats = &shared.stats;
+    let mut out = String::with_capacity(4096);
+    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    let requests: Vec<(String, u64)> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("class=\"{c}\""), sum(stats, |s: &WorkerStats| &s.requests[i])))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_requests_total",
+        "counter",
+        "Requests answered, by status class.",
+        &requests,
+    );
+    let refusals: Vec<(String, u64)> = REFUSAL_KINDS
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("step=\"{k}\""), sum(stats, |s: &WorkerStats| &s.refusals[i])))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_refusals_total",
+        "counter",
+        "Requests the proxy refused by policy, by the step that refused them.",
+        &refusals,
+    );
+    let handshakes: Vec<(String, u64)> = HANDSHAKE_RESULTS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("result=\"{r}\""), sum(stats, |s: &WorkerStats| &s.handshakes[i])))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_tls_handshakes_total",
+        "counter",
+        "TLS handshakes with clients, by result.",
+        &handshakes,
+    );
+    let upstream: Vec<(String, u64)> = ["502", "504"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("status=\"{c}\""), sum(stats, |s: &WorkerStats| &s.upstream_errors[i])))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_upstream_errors_total",
+        "counter",
+        "The proxy's own 502 and 504 answers: a backend unreachable, failing or too slow.",
+        &upstream,
+    );
+    family(
+        &mut out,
+        "portcullis_connections_total",
+        "counter",
+        "Client connections accepted.",
+        &[(String::new(), sum(stats, |s: &WorkerStats| &s.connections_total))],
+    );
+    family(
+        &mut out,
+        "portcullis_connections_active",
+        "gauge",
+        "Client connections open now.",
+        &[(String::new(), sum(stats, |s: &WorkerStats| &s.connections_active))],
+    );
+    family(
+        &mut out,
+        "portcullis_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
+        &[
+            ("result=\"success\"".to_owned(), shared.reloads[0].load(Ordering::Relaxed)),
+            ("result=\"failure\"".to_owned(), shared.reloads[1].load(Ordering::Relaxed)),
+        ],
+    );
+    let snapshot = shared.snapshot.load();
+    family(
+        &mut out,
+        "portcullis_config_generation",
+        "gauge",
+        "The running configuration's generation (1 at start, one more per reload that took).",
+        &[(String::new(), snapshot.generation)],
+    );
+    family(
+        &mut out,
+        "portcullis_workers",
+        "gauge",
+        "Worker threads serving.",
+        &[(
+            String::new(),
+            (stats.len() - shared.lost_workers.load(Ordering::Relaxed).min(stats.len())) as u64,
+        )],
+    );
+    family(
+        &mut out,
+        "portcullis_redis_failed_syncs_total",
+        "counter",
+        "Syncs of shared rate-limit and quota counts with Redis that failed.",
+        &[(String::new(), shared.failed_syncs.load(Ordering::Relaxed))],
+    );
+    out
+}

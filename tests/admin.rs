@@ -1,0 +1,146 @@
+//! The admin endpoint (`[server] admin`): `/metrics` (checked by Prometheus's own `promtool`),
+//! `/healthz`, `/ready`, `/config`, GET only; counters that move as the requests say.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use portcullis_testkit::ProxyProcess;
+
+use crate::common::{Env, binary};
+
+fn admin_of(p: &ProxyProcess) -> SocketAddr {
+    let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(10)).unwrap();
+    line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// A raw HTTP/1.1 exchange with the admin endpoint: (status, body).
+fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn value(metrics: &str, sample: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in:\n{metrics}"))
+}
+
+fn config(env: &Env, extra: &str) -> String {
+    env.config(
+        "request",
+        "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n  [[api.inbound]]\n  validate_client_certificate = {}\n",
+    )
+    .replace("[[listener]]", &format!("[server]\nadmin = \"127.0.0.1:0\"\n{extra}\n\n[[listener]]"))
+}
+
+#[test]
+fn the_endpoints_answer_and_the_counters_move() {
+    let env = Env::new();
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, "")));
+    let addr = admin_of(&proxy);
+    assert_eq!(admin(addr, "GET", "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(admin(addr, "GET", "/ready"), (200, "ready\n".to_owned()));
+    let (status, body) = admin(addr, "GET", "/config");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("{\"generation\":1,") && body.contains("\"last_reload\":\"none\""), "{body}");
+    assert_eq!(admin(addr, "POST", "/metrics").0, 405);
+    assert_eq!(admin(addr, "GET", "/nothing").0, 404);
+    // Three refused by the certificate step, two let through.
+    for _ in 0..3 {
+        let r = env.client(None).get(proxy.addr, "/x");
+        assert_eq!(r.as_ref().map(|r| r.status).ok(), Some(403), "{r:?} {:#?}", proxy.log());
+    }
+    for _ in 0..2 {
+        assert_eq!(env.client(Some(&env.pki.client)).get(proxy.addr, "/x").unwrap().status, 200);
+    }
+    let (_, metrics) = admin(addr, "GET", "/metrics");
+    assert_eq!(value(&metrics, "portcullis_refusals_total{step=\"client_certificate\"}"), 3);
+    assert_eq!(value(&metrics, "portcullis_requests_total{class=\"4xx\"}"), 3);
+    assert_eq!(value(&metrics, "portcullis_requests_total{class=\"2xx\"}"), 2);
+    assert_eq!(value(&metrics, "portcullis_tls_handshakes_total{result=\"full\"}"), 5);
+    assert_eq!(value(&metrics, "portcullis_config_generation"), 1);
+    // A scrape taken under load passes Prometheus's own check.
+    let scrape = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+            for _ in 0..200 {
+                assert_eq!(c.request("GET", "/x", &[], b"").unwrap().status, 200);
+            }
+        });
+        let scrape = admin(addr, "GET", "/metrics").1;
+        load.join().unwrap();
+        scrape
+    });
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package) runs; .ci/run installs it");
+    promtool.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(value(&admin(addr, "GET", "/metrics").1, "portcullis_requests_total{class=\"2xx\"}") >= 202);
+}
+
+#[test]
+fn healthz_fails_while_a_worker_stalls_and_ready_while_draining() {
+    let env = Env::new();
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, "workers = 1")));
+    let addr = admin_of(&proxy);
+    // The only worker stops turning for 3 s.
+    let proxy_addr = proxy.addr;
+    let client = env.client(Some(&env.pki.client));
+    let stall = std::thread::spawn(move || {
+        let _ =
+            client.connect(proxy_addr).unwrap().request("GET", "/x", &[("x-portcullis-fault", "stall")], b"");
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let answer = admin(addr, "GET", "/healthz");
+        if answer.0 == 503 || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("worker 0 has not turned"), "{body}");
+    stall.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while admin(addr, "GET", "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "healthy again once the worker turns");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Draining (a slow request keeps the process up): not ready.
+    let client = env.client(Some(&env.pki.client));
+    let slow = std::thread::spawn(move || {
+        client.connect(proxy_addr).unwrap().request("GET", "/slow/2000", &[], b"").map(|r| r.status)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling the child process this test started.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ready = loop {
+        let answer = admin(addr, "GET", "/ready");
+        if answer.0 == 503 || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ready, (503, "draining\n".to_owned()));
+    assert_eq!(slow.join().unwrap().unwrap(), 200, "the request in flight finished");
+}
