@@ -240,3 +240,35 @@ fn a_second_instance_on_the_same_address_refuses_to_start() {
     // The first instance is untouched.
     assert_eq!(env.client(Some(&env.pki.client)).get(taken, "/").unwrap().status, 200);
 }
+
+/// Under systemd (`Type=notify`): `READY=1` once serving, `RELOADING=1` with the monotonic time
+/// and then `READY=1` again around a SIGHUP reload, `STOPPING=1` when draining begins.
+#[test]
+fn the_service_manager_hears_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let env = crate::common::Env::new();
+    let socket_path = env.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a message from the proxy");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let config = env.write_config("p.toml", &env.config("request", ""));
+    let proxy = portcullis_testkit::ProxyProcess::spawn_with_env(
+        &binary(),
+        &config,
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    assert!(next().starts_with("READY=1\n"));
+    // SAFETY: signalling the child process this test started.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
+    let reloading = next();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
+    assert!(reloading["RELOADING=1\nMONOTONIC_USEC=".len()..].parse::<u64>().is_ok(), "{reloading}");
+    assert_eq!(next(), "READY=1\nSTATUS=serving generation 2");
+    // SAFETY: as above.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    assert_eq!(next(), "STOPPING=1");
+}

@@ -267,6 +267,15 @@ impl Server {
         result
     }
 
+    /// Records a reload whose configuration did not even load (`/config` and the reload count
+    /// show it as the failed reload it is).
+    pub fn note_failed_reload(&self, errors: &ConfigErrors) {
+        self.shared.reloads[1].fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.shared.last_reload.lock() {
+            *last = format!("failed: {errors}");
+        }
+    }
+
     /// Where the admin endpoint listens, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(a, _)| *a)

@@ -106,9 +106,15 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Runs `<bin> run -c <config>` and waits until it says where it listens.
     pub fn spawn(bin: &Path, config: &Path) -> ProxyProcess {
+        ProxyProcess::spawn_with_env(bin, config, &[])
+    }
+
+    /// As [`ProxyProcess::spawn`], with more environment variables (`NOTIFY_SOCKET`, say).
+    pub fn spawn_with_env(bin: &Path, config: &Path, env: &[(&str, &str)]) -> ProxyProcess {
         let mut child = Command::new(bin)
             .args(["run", "-c"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("PORTCULLIS_LOG", "info")
             // Lets the fault-injection hook of a test build answer (ignored otherwise).
             .env("PORTCULLIS_FAULT_INJECTION", "1")

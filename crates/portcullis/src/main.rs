@@ -6,6 +6,7 @@
 
 #[cfg(feature = "demo")]
 mod demo;
+mod notify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -199,11 +200,19 @@ fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     // with fewer workers (and, with one, with none).
     let handle = signals.handle();
     server.on_lost_worker(move || handle.close());
+    notify::state("READY=1\nSTATUS=serving");
     let mut reloads: u64 = 0;
     let signal = wait_for_signals(&mut signals, || {
         reloads += 1;
         let started = std::time::Instant::now();
-        match portcullis_config::load(path).and_then(|c| server.reload(&c)) {
+        notify::reloading();
+        let loaded = portcullis_config::load(path);
+        if let Err(errors) = &loaded {
+            server.note_failed_reload(errors);
+        }
+        let result = loaded.and_then(|c| server.reload(&c));
+        notify::state(&format!("READY=1\nSTATUS=serving generation {}", server.generation()));
+        match result {
             Ok(generation) => tracing::info!(
                 reload = reloads,
                 generation,
@@ -231,6 +240,7 @@ fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     } else {
         tracing::info!(signal, "shutting down: draining in-flight requests");
     }
+    notify::state("STOPPING=1");
     let result = server.shutdown();
     if let Some(p) = pid_file {
         let _ = std::fs::remove_file(p);
