@@ -120,10 +120,13 @@ fn the_demo_prints_commands_that_work() {
     let mut commands = Vec::new();
     let mut repeated = None;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while commands.len() < 10 || repeated.is_none() {
+    let mut metrics = None;
+    while commands.len() < 10 || repeated.is_none() || metrics.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("the demo prints ten curl commands and a loop");
-        if line.starts_with("curl ") {
+        let line = rx.recv_timeout(left).expect("the demo prints ten curl commands, a loop and the metrics");
+        if line.starts_with("curl -s http://") {
+            metrics = Some(line);
+        } else if line.starts_with("curl ") {
             commands.push(line);
         } else if line.starts_with("for i in 1 2 3 4 5 6; do curl ") {
             repeated = Some(line);
@@ -217,6 +220,15 @@ fn the_demo_prints_commands_that_work() {
             .starts_with(r#"{"statusCode":429,"message":"Rate limit is exceeded. Try again in "#)
     );
     assert!(answers[5].header("Retry-After").is_some());
+    // The metrics: what the requests above did.
+    let url = metrics.unwrap();
+    let admin = url.trim_start_matches("curl -s http://").trim_end_matches("/metrics").to_owned();
+    let mut s = std::net::TcpStream::connect(admin.as_str()).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+    let mut scrape = String::new();
+    std::io::Read::read_to_string(&mut s, &mut scrape).unwrap();
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(scrape.contains("portcullis_refusals_total{step=\"rate_limit\"} 1"), "{scrape}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(demo.0.id() as i32, libc::SIGTERM) };
     assert_eq!(demo.0.wait().unwrap().code(), Some(0), "Ctrl-C or SIGTERM ends the demo cleanly");
