@@ -67,6 +67,11 @@ fn the_endpoints_answer_and_the_counters_move() {
     assert_eq!(value(&metrics, "portcullis_requests_total{class=\"2xx\"}"), 2);
     assert_eq!(value(&metrics, "portcullis_tls_handshakes_total{result=\"full\"}"), 5);
     assert_eq!(value(&metrics, "portcullis_config_generation"), 1);
+    // Every answered request is timed; the two let through reached the backend.
+    assert_eq!(value(&metrics, "portcullis_request_duration_seconds_count"), 5);
+    assert_eq!(value(&metrics, "portcullis_request_duration_seconds_bucket{le=\"+Inf\"}"), 5);
+    assert_eq!(value(&metrics, "portcullis_upstream_duration_seconds_count"), 2);
+    assert_eq!(value(&metrics, "portcullis_tls_handshake_duration_seconds_count"), 5);
     // A scrape taken under load passes Prometheus's own check.
     let scrape = std::thread::scope(|s| {
         let load = s.spawn(|| {

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::stats::{HANDSHAKE_RESULTS, REFUSAL_KINDS, WorkerStats, sum};
+use crate::stats::{BUCKETS_US, HANDSHAKE_RESULTS, Histogram, REFUSAL_KINDS, WorkerStats, sum};
 use crate::worker::Shared;
 
 /// A worker whose loop has not turned for this long is not healthy.
@@ -149,6 +149,29 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
+/// A histogram family in seconds, summed over workers.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    stats: &[Arc<WorkerStats>],
+    pick: impl Fn(&WorkerStats) -> &Histogram,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0u64;
+    for (i, bound) in BUCKETS_US.iter().enumerate() {
+        cumulative += stats.iter().map(|s| pick(s).buckets[i].load(Ordering::Relaxed)).sum::<u64>();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+    }
+    cumulative +=
+        stats.iter().map(|s| pick(s).buckets[BUCKETS_US.len()].load(Ordering::Relaxed)).sum::<u64>();
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let sum: u64 = stats.iter().map(|s| pick(s).sum_us.load(Ordering::Relaxed)).sum();
+    let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
 fn metrics(shared: &Shared) -> String {
     let stats = &shared.stats;
     let mut out = String::with_capacity(4096);
@@ -242,6 +265,27 @@ fn metrics(shared: &Shared) -> String {
             String::new(),
             (stats.len() - shared.lost_workers.load(Ordering::Relaxed).min(stats.len())) as u64,
         )],
+    );
+    histogram(
+        &mut out,
+        "portcullis_request_duration_seconds",
+        "From a request's head to the end of its answer.",
+        stats,
+        |s| &s.request_duration,
+    );
+    histogram(
+        &mut out,
+        "portcullis_upstream_duration_seconds",
+        "From sending a request to a backend to the head of its answer.",
+        stats,
+        |s| &s.upstream_duration,
+    );
+    histogram(
+        &mut out,
+        "portcullis_tls_handshake_duration_seconds",
+        "TLS handshakes with clients that completed.",
+        stats,
+        |s| &s.handshake_duration,
     );
     family(
         &mut out,

@@ -48,6 +48,29 @@ pub(crate) fn refusal_kind(reason: &str) -> usize {
 /// TLS handshakes: completed in full, resumed, failed.
 pub(crate) const HANDSHAKE_RESULTS: [&str; 3] = ["full", "resumed", "failed"];
 
+/// Upper bounds of the duration histograms' buckets, in microseconds (0.5 ms to 10 s).
+pub(crate) const BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
+/// A duration histogram: a count per bucket (the last for longer than the last bound) and the
+/// sum.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    pub(crate) buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    pub(crate) sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn observe(&self, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        let i = BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
 /// One worker's counters.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -64,6 +87,12 @@ pub(crate) struct WorkerStats {
     pub(crate) connections_active: AtomicU64,
     /// The proxy's own 502 and 504 answers (a backend unreachable, failing or too slow).
     pub(crate) upstream_errors: [AtomicU64; 2],
+    /// From the request's head to the end of its answer.
+    pub(crate) request_duration: Histogram,
+    /// From sending a request to a backend to its answer's head.
+    pub(crate) upstream_duration: Histogram,
+    /// TLS handshakes with clients that completed.
+    pub(crate) handshake_duration: Histogram,
 }
 
 impl WorkerStats {

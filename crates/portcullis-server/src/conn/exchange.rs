@@ -34,8 +34,8 @@ impl<S: Stream> Conn<S> {
             Some(b"stall") => std::thread::sleep(Duration::from_secs(3)),
             _ => {}
         }
-        // Read only for the access log (a clock read per request is not free).
-        let started = snap.server.access_log.then(Instant::now);
+        // For the duration histogram, and the access log.
+        let started = (Instant::now(), snap.server.access_log);
         let now_ms = portcullis_tls::now_unix_ms();
         let now = (now_ms / 1000) as i64;
         let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {
@@ -307,6 +307,7 @@ impl<S: Stream> Conn<S> {
                 }
                 other
             };
+            let sent_at = Instant::now();
             let mut up = match Upstream::checkout(&self.worker.pool, &chosen.target).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -403,6 +404,7 @@ impl<S: Stream> Conn<S> {
                     continue;
                 }
                 Ok(()) => {
+                    self.worker.stats.upstream_duration.observe(sent_at.elapsed());
                     if matches!(self.resp.status(), 502..=504) {
                         let e =
                             UpstreamError::BadResponse(portcullis_http::HeadError::Malformed("a 5xx answer"));

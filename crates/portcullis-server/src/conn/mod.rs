@@ -76,8 +76,10 @@ pub(crate) async fn serve(
     }
     drop(snap);
     let stats = worker.stats.clone();
+    let handshake_started = std::time::Instant::now();
     let tls = match timeout(handshake_timeout, acceptor.accept_after(tcp, first)).await {
         Ok(Ok(tls)) => {
+            stats.handshake_duration.observe(handshake_started.elapsed());
             crate::stats::WorkerStats::add(&stats.handshakes[usize::from(tls.info().resumed)]);
             tls
         }
@@ -522,12 +524,15 @@ impl<S: Stream> Conn<S> {
         &self,
         route: Option<(&Route, &portcullis_policy::ApiPolicy)>,
         status: u16,
-        started: Option<Instant>,
+        (started, log): (Instant, bool),
         id: &[u8; 16],
         refused: &str,
     ) {
         self.worker.stats.request(status);
-        let Some(started) = started else { return };
+        self.worker.stats.request_duration.observe(started.elapsed());
+        if !log {
+            return;
+        }
         tracing::info!(
             target: "portcullis::access",
             id = std::str::from_utf8(id).unwrap_or(""),
