@@ -72,6 +72,15 @@ fn the_endpoints_answer_and_the_counters_move() {
     assert_eq!(value(&metrics, "portcullis_request_duration_seconds_bucket{le=\"+Inf\"}"), 5);
     assert_eq!(value(&metrics, "portcullis_upstream_duration_seconds_count"), 2);
     assert_eq!(value(&metrics, "portcullis_tls_handshake_duration_seconds_count"), 5);
+    // When the server certificate expires: the test PKI's, within its validity.
+    let expiry = metrics
+        .lines()
+        .find(|l| l.starts_with("portcullis_certificate_expiry_timestamp_seconds{kind=\"server\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no server certificate expiry:\n{metrics}"));
+    let now = portcullis_testkit::idp::now();
+    assert!(expiry > now && expiry < now + 20 * 365 * 86_400, "{expiry}");
+    assert!(metrics.contains("portcullis_certificate_expiry_timestamp_seconds{kind=\"ca\""), "{metrics}");
     // A scrape taken under load passes Prometheus's own check.
     let scrape = std::thread::scope(|s| {
         let load = s.spawn(|| {

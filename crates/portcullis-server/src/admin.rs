@@ -149,6 +149,11 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
+/// A label value escaped as the exposition format wants (backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 /// A histogram family in seconds, summed over workers.
 fn histogram(
     out: &mut String,
@@ -265,6 +270,23 @@ fn metrics(shared: &Shared) -> String {
             String::new(),
             (stats.len() - shared.lost_workers.load(Ordering::Relaxed).min(stats.len())) as u64,
         )],
+    );
+    let expiry: Vec<(String, u64)> = snapshot
+        .expiry
+        .iter()
+        .map(|(kind, listener, file, at)| {
+            (
+                format!("kind=\"{kind}\",listener=\"{}\",file=\"{}\"", label(listener), label(file)),
+                (*at).max(0) as u64,
+            )
+        })
+        .collect();
+    family(
+        &mut out,
+        "portcullis_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When each listener's server certificate and client CAs expire (Unix seconds).",
+        &expiry,
     );
     histogram(
         &mut out,

@@ -154,6 +154,41 @@ pub struct Snapshot {
     pub(crate) callouts: Vec<Callout>,
     /// The identity providers' keys, by name (`/ready` waits for them).
     pub(crate) providers: Vec<(String, Arc<RemoteKeys>)>,
+    /// When the configuration's certificates expire (for `/metrics`): (kind, listener address,
+    /// file, Unix seconds).
+    pub(crate) expiry: Vec<(&'static str, String, String, i64)>,
+}
+
+/// When the server certificates (the leaf of each chain) and the client CAs of the listeners
+/// expire.
+fn expiry_of(config: &Config) -> Vec<(&'static str, String, String, i64)> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let bind = l.bind.value.to_string();
+        let servers = std::iter::once(&l.certificate.cert).chain(l.sni.iter().map(|s| &s.certificate.cert));
+        for file in servers {
+            if let Some(leaf) =
+                portcullis_tls::load_certificates(file).ok().and_then(|c| c.into_iter().next())
+            {
+                out.push((
+                    "server",
+                    bind.clone(),
+                    file.value.display().to_string(),
+                    portcullis_tls::not_after_unix(&leaf),
+                ));
+            }
+        }
+        let cas = l.client.client_ca.iter().chain(l.sni.iter().flat_map(|s| s.client.client_ca.iter()));
+        for file in cas {
+            for (i, ca) in portcullis_tls::load_certificates(file).unwrap_or_default().iter().enumerate() {
+                let name = format!("{}#{i}", file.value.display());
+                out.push(("ca", bind.clone(), name, portcullis_tls::not_after_unix(ca)));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// A callout's destination, resolved.
@@ -493,6 +528,7 @@ impl Snapshot {
             fleet,
             callouts,
             providers: providers_kept,
+            expiry: expiry_of(config),
         };
         errors.into_result(snapshot)
     }

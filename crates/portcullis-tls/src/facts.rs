@@ -70,6 +70,11 @@ fn digest<const N: usize>(cert: &X509Ref, md: MessageDigest) -> [u8; N] {
 }
 
 /// Seconds since the epoch of an ASN.1 time (0 if it cannot be converted).
+/// When a certificate expires, in Unix seconds.
+pub fn not_after_unix(cert: &boring::x509::X509Ref) -> i64 {
+    unix_time(cert.not_after())
+}
+
 pub(crate) fn unix_time(t: &Asn1TimeRef) -> i64 {
     let mut out: i64 = 0;
     // SAFETY: `t` is a valid ASN1_TIME for the duration of the call and `out` a valid i64.

@@ -26,7 +26,7 @@ mod verify;
 pub use acceptor::{HandshakeError, SessionInfo, TlsAcceptor, TlsFault};
 pub use boring::ssl::SslSession;
 pub use client::{ClientIdentity, ClientTls};
-pub use facts::{client_cert_from_x509, dn_string};
+pub use facts::{client_cert_from_x509, dn_string, not_after_unix};
 pub use jose::{BoringCrypto, public_key_der_from_pem, public_key_der_of};
 pub use pki::{is_cert_revoked, load_ca_bundle, load_certificates, load_private_key, load_revocations};
 pub use portcullis_facts::{
