@@ -18,7 +18,7 @@
 //! (`redis_failure = "local"`) or refuse (`"deny"`), with one log line per change of state; the
 //! connection is retried with a growing pause (100 ms, doubling, at most 5 s).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -82,10 +82,14 @@ impl FleetLink {
                 Some(pw.to_owned())
             }
         };
-        let addr = (redis.host.as_str(), redis.port)
-            .to_socket_addrs()
+        let authority = if redis.host.contains(':') {
+            format!("[{}]:{}", redis.host, redis.port)
+        } else {
+            format!("{}:{}", redis.host, redis.port)
+        };
+        let addr = crate::snapshot::resolve(&authority)
             .ok()
-            .and_then(|mut a| a.next())
+            .flatten()
             .ok_or_else(|| redis.url.loc.error(format!("cannot resolve \"{}\"", redis.host)))?;
         let tls = if redis.tls {
             let loc = redis.ca.first().map_or(&redis.url.loc, |c| &c.loc);

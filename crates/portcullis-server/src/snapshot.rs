@@ -1,7 +1,6 @@
 //! Everything compiled from one configuration, swapped as a whole on reload.
 
 use std::collections::HashMap;
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,6 +156,19 @@ pub struct Snapshot {
     /// When the configuration's certificates expire (for `/metrics`): (kind, listener address,
     /// file, Unix seconds).
     pub(crate) expiry: Vec<(&'static str, String, String, i64)>,
+}
+
+/// The first address `host:port` resolves to, at load. Under the fuzzer, names are not looked
+/// up (each lookup costs a round of the system's resolver, and the fuzzer makes millions):
+/// address literals and `localhost` only.
+pub(crate) fn resolve(authority: &str) -> std::io::Result<Option<std::net::SocketAddr>> {
+    #[cfg(fuzzing)]
+    {
+        let local = authority.strip_prefix("localhost:").map(|port| format!("127.0.0.1:{port}"));
+        return Ok(local.as_deref().unwrap_or(authority).parse().ok());
+    }
+    #[cfg(not(fuzzing))]
+    std::net::ToSocketAddrs::to_socket_addrs(authority).map(|mut a| a.next())
 }
 
 /// When the server certificates (the leaf of each chain) and the client CAs of the listeners
@@ -386,7 +398,7 @@ impl Snapshot {
                         }
                     }
                 };
-                let addr = match s.value.to_socket_addrs().map(|mut a| a.next()) {
+                let addr = match resolve(&s.value) {
                     Ok(Some(addr)) => addr,
                     Ok(None) | Err(_) => {
                         errors.push(s.loc.error(format!("cannot resolve \"{}\"", s.value)));
@@ -462,7 +474,7 @@ impl Snapshot {
         };
         let mut callouts = Vec::with_capacity(policies.callout_targets().len());
         for c in policies.callout_targets() {
-            let addr = match c.authority.to_socket_addrs().map(|mut a| a.next()) {
+            let addr = match resolve(&c.authority) {
                 Ok(Some(addr)) => addr,
                 Ok(None) | Err(_) => {
                     errors.push(c.loc.error(format!("cannot resolve \"{}\"", c.authority)));
