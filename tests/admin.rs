@@ -81,6 +81,10 @@ fn the_endpoints_answer_and_the_counters_move() {
     let now = portcullis_testkit::idp::now();
     assert!(expiry > now && expiry < now + 20 * 365 * 86_400, "{expiry}");
     assert!(metrics.contains("portcullis_certificate_expiry_timestamp_seconds{kind=\"ca\""), "{metrics}");
+    // The client certificate presented twice: its expiry is the soonest seen on listener 0.
+    let soonest =
+        value(&metrics, "portcullis_client_certificate_soonest_expiry_timestamp_seconds{listener=\"0\"}");
+    assert!(soonest as i64 > now, "{soonest}");
     // A scrape taken under load passes Prometheus's own check.
     let scrape = std::thread::scope(|s| {
         let load = s.spawn(|| {
@@ -157,4 +161,36 @@ fn healthz_fails_while_a_worker_stalls_and_ready_while_draining() {
     };
     assert_eq!(ready, (503, "draining\n".to_owned()));
     assert_eq!(slow.join().unwrap().unwrap(), 200, "the request in flight finished");
+}
+
+/// An identity provider's keys: `/ready` waits for them, and `/metrics` counts them.
+#[test]
+fn ready_waits_for_the_identity_providers_keys() {
+    use portcullis_testkit::{Idp, SigningKey};
+    let env = Env::new();
+    let key = SigningKey::es256("k1");
+    // The provider starts after the proxy: until then the keys are missing.
+    let port = portcullis_testkit::idp::free_port();
+    let url = format!("https://localhost:{port}/tenant/.well-known/openid-configuration");
+    let text = config(&env, "").replace(
+        "[[api]]",
+        &format!(
+            "[[openid]]\nname = \"idp\"\nurl = \"{url}\"\nca = [\"{}\"]\nrefresh = \"1s\"\n\n[[api]]",
+            env.paths.root.display()
+        ),
+    );
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
+    let addr = admin_of(&proxy);
+    let (status, body) = admin(addr, "GET", "/ready");
+    assert_eq!(status, 503);
+    assert!(body.contains("identity provider \"idp\""), "{body}");
+    let _idp = Idp::start_on(port, &env.pki.server, &[&key]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin(addr, "GET", "/ready").0 != 200 {
+        assert!(Instant::now() < deadline, "the keys were never loaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = admin(addr, "GET", "/metrics");
+    assert_eq!(value(&metrics, "portcullis_jwks_keys{provider=\"idp\"}"), 1);
+    assert!(value(&metrics, "portcullis_jwks_fetches_total{provider=\"idp\"}") >= 1);
 }

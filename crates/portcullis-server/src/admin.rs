@@ -288,6 +288,45 @@ fn metrics(shared: &Shared) -> String {
         "When each listener's server certificate and client CAs expire (Unix seconds).",
         &expiry,
     );
+    // The soonest client certificate expiry seen per listener, over workers.
+    let listeners = stats.first().map_or(0, |s| s.client_cert_soonest.len());
+    let soonest: Vec<(String, u64)> = (0..listeners)
+        .filter_map(|l| {
+            let min = stats.iter().map(|s| s.client_cert_soonest[l].load(Ordering::Relaxed)).min()?;
+            (min != u64::MAX).then(|| (format!("listener=\"{l}\""), min))
+        })
+        .collect();
+    family(
+        &mut out,
+        "portcullis_client_certificate_soonest_expiry_timestamp_seconds",
+        "gauge",
+        "The soonest expiry (Unix seconds) of the client certificates presented on each listener (by its index in the configuration).",
+        &soonest,
+    );
+    let providers: Vec<(String, u64)> = snapshot
+        .providers
+        .iter()
+        .map(|(name, keys)| (format!("provider=\"{}\"", label(name)), keys.keys().len() as u64))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_jwks_keys",
+        "gauge",
+        "Signing keys each OpenID Connect provider's key set holds now.",
+        &providers,
+    );
+    let fetches: Vec<(String, u64)> = snapshot
+        .providers
+        .iter()
+        .map(|(name, keys)| (format!("provider=\"{}\"", label(name)), keys.attempts()))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_jwks_fetches_total",
+        "counter",
+        "Fetches of each OpenID Connect provider's keys (discovery and key set) attempted.",
+        &fetches,
+    );
     histogram(
         &mut out,
         "portcullis_request_duration_seconds",

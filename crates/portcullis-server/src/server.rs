@@ -155,7 +155,9 @@ impl Server {
             counters: counters.clone(),
             host_field: crate::fleet::host_field(),
             failed_syncs: AtomicU64::new(0),
-            stats: (0..workers).map(|_| Arc::new(crate::stats::WorkerStats::default())).collect(),
+            stats: (0..workers)
+                .map(|_| Arc::new(crate::stats::WorkerStats::new(config.listeners.len())))
+                .collect(),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
             last_reload: std::sync::Mutex::new(String::from("none")),
             loaded_at: AtomicU64::new(portcullis_tls::now_unix() as u64),

@@ -93,9 +93,30 @@ pub(crate) struct WorkerStats {
     pub(crate) upstream_duration: Histogram,
     /// TLS handshakes with clients that completed.
     pub(crate) handshake_duration: Histogram,
+    /// Per listener: the soonest expiry (Unix seconds) of the client certificates seen on it
+    /// (`u64::MAX`: none yet).
+    pub(crate) client_cert_soonest: Vec<AtomicU64>,
 }
 
 impl WorkerStats {
+    /// Counters for a worker serving `listeners` listeners.
+    pub(crate) fn new(listeners: usize) -> WorkerStats {
+        WorkerStats {
+            client_cert_soonest: (0..listeners).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            ..WorkerStats::default()
+        }
+    }
+
+    /// A client certificate expiring at `not_after` was presented on `listener`.
+    pub(crate) fn client_cert_seen(&self, listener: usize, not_after: i64) {
+        if let Some(slot) = self.client_cert_soonest.get(listener) {
+            slot.fetch_min(not_after.max(0) as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl WorkerStats {
+    #[inline]
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -80,6 +80,9 @@ pub(crate) async fn serve(
     let tls = match timeout(handshake_timeout, acceptor.accept_after(tcp, first)).await {
         Ok(Ok(tls)) => {
             stats.handshake_duration.observe(handshake_started.elapsed());
+            if let Some(cert) = &tls.info().client_cert {
+                stats.client_cert_seen(listener, cert.not_after);
+            }
             crate::stats::WorkerStats::add(&stats.handshakes[usize::from(tls.info().resumed)]);
             tls
         }
