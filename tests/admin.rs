@@ -1,36 +1,17 @@
 //! The admin endpoint (`[server] admin`): `/metrics` (checked by Prometheus's own `promtool`),
 //! `/healthz`, `/ready`, `/config`, GET only; counters that move as the requests say.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
 
-use crate::common::{Env, binary};
+use crate::common::{Env, admin, binary, metric as value};
 
 fn admin_of(p: &ProxyProcess) -> SocketAddr {
     let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(10)).unwrap();
     line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// A raw HTTP/1.1 exchange with the admin endpoint: (status, body).
-fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
-}
-
-fn value(metrics: &str, sample: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {sample} in:\n{metrics}"))
 }
 
 fn config(env: &Env, extra: &str) -> String {

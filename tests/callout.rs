@@ -156,7 +156,7 @@ fn cached_answers_make_no_second_call_and_a_reload_drops_them() {
     let service =
         DeviceAuth::start(&env.pki.server, Some(&client_ca(&env)), &[(&client.thumbprint(), "dev-1")]);
     let text = config(&env, &service, ", cache_ttl = \"60s\"")
-        .replace("[[listener]]", "[server]\nworkers = 1\n\n[[listener]]");
+        .replace("[[listener]]", "[server]\nworkers = 1\nadmin = \"127.0.0.1:0\"\n\n[[listener]]");
     let mut proxy = TestProxy::start(env.dir(), &text);
     let mut c = env.client(Some(client)).connect(proxy.addr).unwrap();
     for _ in 0..5 {
@@ -177,6 +177,10 @@ fn cached_answers_make_no_second_call_and_a_reload_drops_them() {
     proxy.reload(&text).expect("reload");
     assert_eq!(c.request("GET", "/devices/dev-1/telemetry", &[], b"").unwrap().status, 200);
     assert_eq!(service.calls(), 8);
+    // The metrics count the callouts made, not the answers from the cache.
+    let (_, metrics) = crate::common::admin(proxy.admin_addr().unwrap(), "GET", "/metrics");
+    assert_eq!(crate::common::metric(&metrics, "portcullis_callout_duration_seconds_count"), 8);
+    assert_eq!(crate::common::metric(&metrics, "portcullis_callout_failures_total"), 0);
 }
 
 #[test]

@@ -125,3 +125,23 @@ pub(crate) fn most_admitted_within(
     }
     most
 }
+
+/// A raw HTTP/1.1 exchange with the admin endpoint: (status, body).
+pub(crate) fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    std::io::Write::write_fmt(&mut s, format_args!("{method} {path} HTTP/1.1\r\nHost: admin\r\n\r\n"))
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+pub(crate) fn metric(metrics: &str, sample: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in:\n{metrics}"))
+}

@@ -145,8 +145,16 @@ fn without_redis_limits_count_locally_and_sharing_resumes() {
     let env = Env::new();
     let mut redis = RedisServer::start(env.dir());
     let step = r#"rate_limit_by_key = { calls = 1000, renewal_period = "60s", counter_key = "k" }"#;
-    let p = spawn(&env, "p.toml", &config(&env, &redis.url(), "", step, 2));
+    let text =
+        config(&env, &redis.url(), "", step, 2).replace("[server]\n", "[server]\nadmin = \"127.0.0.1:0\"\n");
+    let p = spawn(&env, "p.toml", &text);
     assert!(statuses(&env, p.addr, 20).iter().all(|&s| s == 200));
+    // The syncs so far were answered, and timed.
+    let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(5)).unwrap();
+    let admin: std::net::SocketAddr =
+        line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let (_, metrics) = crate::common::admin(admin, "GET", "/metrics");
+    assert!(crate::common::metric(&metrics, "portcullis_redis_sync_duration_seconds_count") > 0, "{metrics}");
     redis.stop();
     // No request fails because Redis is gone.
     for _ in 0..4 {

@@ -348,6 +348,27 @@ fn metrics(shared: &Shared) -> String {
         stats,
         |s| &s.handshake_duration,
     );
+    histogram(
+        &mut out,
+        "portcullis_callout_duration_seconds",
+        "Callouts (send_request) that got an answer, from sending to the whole answer (cached answers are not counted).",
+        stats,
+        |s| &s.callout_duration,
+    );
+    family(
+        &mut out,
+        "portcullis_callout_failures_total",
+        "counter",
+        "Callouts that got no answer: unreachable, timed out, broken.",
+        &[(String::new(), sum(stats, |s: &WorkerStats| &s.callout_failures))],
+    );
+    histogram(
+        &mut out,
+        "portcullis_redis_sync_duration_seconds",
+        "Syncs of shared counts with Redis that were answered, from sending to the last answer.",
+        stats,
+        |s| &s.redis_sync_duration,
+    );
     family(
         &mut out,
         "portcullis_redis_failed_syncs_total",

@@ -326,8 +326,12 @@ impl SyncState {
         loop {
             let Some(conn) = self.conn.as_mut() else { return };
             conn.answered = false;
+            let started = std::time::Instant::now();
             let error = match monoio::time::timeout(timeout, conn.sync(link, worker, &batch)).await {
-                Ok(Ok(())) => return self.succeeded(worker, link),
+                Ok(Ok(())) => {
+                    worker.stats.redis_sync_duration.observe(started.elapsed());
+                    return self.succeeded(worker, link);
+                }
                 Ok(Err(e)) if reused && !conn.answered => {
                     reused = false;
                     self.conn = None;

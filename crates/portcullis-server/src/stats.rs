@@ -93,6 +93,12 @@ pub(crate) struct WorkerStats {
     pub(crate) upstream_duration: Histogram,
     /// TLS handshakes with clients that completed.
     pub(crate) handshake_duration: Histogram,
+    /// Callouts (`send_request`) that got an answer, from sending to the whole answer.
+    pub(crate) callout_duration: Histogram,
+    /// Callouts that got no answer (unreachable, timed out, broken).
+    pub(crate) callout_failures: AtomicU64,
+    /// Syncs with Redis that were answered, from sending to the last answer.
+    pub(crate) redis_sync_duration: Histogram,
     /// Per listener: the soonest expiry (Unix seconds) of the client certificates seen on it
     /// (`u64::MAX`: none yet).
     pub(crate) client_cert_soonest: Vec<AtomicU64>,

@@ -72,6 +72,11 @@ impl TestProxy {
         Ok(TestProxy { server: Some(server), addr, config_path })
     }
 
+    /// Where the admin endpoint listens (`[server] admin`), when it does.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().and_then(Server::admin_addr)
+    }
+
     /// All listener addresses.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.server.as_ref().map(|s| s.local_addrs().to_vec()).unwrap_or_default()

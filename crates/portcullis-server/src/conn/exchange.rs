@@ -807,8 +807,10 @@ async fn callout(
         timer,
         c.timeout,
     );
+    let started = std::time::Instant::now();
     let error = match monoio::time::timeout(c.timeout, fetch).await {
         Ok(Ok(())) => {
+            worker.stats.callout_duration.observe(started.elapsed());
             tracing::debug!(callout = %c.name, status = into.head.status(), "callout answered");
             return Answer::Response { status: into.head.status(), body: into.body.freeze() };
         }
@@ -822,6 +824,7 @@ async fn callout(
         UpstreamError::Lost(_) => "callout service closed the connection",
         _ => "callout answer invalid",
     };
+    crate::stats::WorkerStats::add(&worker.stats.callout_failures);
     tracing::warn!(callout = %c.name, error = %error, timeout = ?c.timeout, "{reason}");
     Answer::Failed(reason)
 }
