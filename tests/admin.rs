@@ -46,6 +46,8 @@ fn the_endpoints_answer_and_the_counters_move() {
     assert_eq!(value(&metrics, "portcullis_refusals_total{step=\"client_certificate\"}"), 3);
     assert_eq!(value(&metrics, "portcullis_requests_total{class=\"4xx\"}"), 3);
     assert_eq!(value(&metrics, "portcullis_requests_total{class=\"2xx\"}"), 2);
+    assert_eq!(value(&metrics, "portcullis_api_requests_total{api=\"a\",class=\"2xx\"}"), 2);
+    assert_eq!(value(&metrics, "portcullis_api_requests_total{api=\"a\",class=\"4xx\"}"), 3);
     assert_eq!(value(&metrics, "portcullis_tls_handshakes_total{result=\"full\"}"), 5);
     assert_eq!(value(&metrics, "portcullis_config_generation"), 1);
     // Every answered request is timed; the two let through reached the backend.
@@ -94,6 +96,18 @@ fn the_endpoints_answer_and_the_counters_move() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(value(&admin(addr, "GET", "/metrics").1, "portcullis_requests_total{class=\"2xx\"}") >= 202);
+    // A reload keeps the API's counts (and says so in /config).
+    // SAFETY: signalling the child process this test started.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin(addr, "GET", "/config").1.starts_with("{\"generation\":2,") {
+        assert!(Instant::now() < deadline, "the reload never took");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, after) = admin(addr, "GET", "/metrics");
+    assert_eq!(value(&after, "portcullis_api_requests_total{api=\"a\",class=\"2xx\"}"), 202);
+    assert_eq!(value(&after, "portcullis_reloads_total{result=\"success\"}"), 1);
+    assert!(admin(addr, "GET", "/config").1.contains("\"last_reload\":\"generation 2 loaded\""));
 }
 
 #[test]

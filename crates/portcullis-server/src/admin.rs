@@ -193,6 +193,25 @@ fn metrics(shared: &Shared) -> String {
         "Requests answered, by status class.",
         &requests,
     );
+    let by_api: Vec<(String, u64)> = shared
+        .snapshot
+        .load()
+        .router
+        .routes()
+        .iter()
+        .flat_map(|r| {
+            classes.iter().enumerate().map(move |(i, c)| {
+                (format!("api=\"{}\",class=\"{c}\"", label(&r.name)), r.counters.requests(i))
+            })
+        })
+        .collect();
+    family(
+        &mut out,
+        "portcullis_api_requests_total",
+        "counter",
+        "Requests answered on each API, by status class.",
+        &by_api,
+    );
     let refusals: Vec<(String, u64)> = REFUSAL_KINDS
         .iter()
         .enumerate()

@@ -56,6 +56,8 @@ pub(crate) struct Route {
     pub(crate) prefix: Bytes,
     /// Lower-case host without port.
     pub(crate) host: Option<Bytes>,
+    /// Its requests by status class, per worker.
+    pub(crate) counters: Arc<crate::stats::ApiCounters>,
 }
 
 impl Route {
@@ -72,6 +74,10 @@ pub(crate) struct Router {
 }
 
 impl Router {
+    pub(crate) fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
     fn new(mut routes: Vec<Route>) -> Router {
         // Longest prefix first; at equal length, a host-specific route before a host-less one.
         routes.sort_by(|a, b| {
@@ -518,6 +524,7 @@ impl Snapshot {
                 backend,
                 prefix: Bytes::from(api.path.value.clone().into_bytes()),
                 host: api.host.as_ref().map(|h| Bytes::from(h.value.to_ascii_lowercase().into_bytes())),
+                counters: crate::stats::ApiCounters::of(&api.name.value, worker_count(&config.server)),
             });
         }
         let snapshot = Snapshot {
@@ -561,6 +568,7 @@ mod tests {
             backend: 0,
             prefix: Bytes::from(prefix.to_owned()),
             host: host.map(|h| Bytes::from(h.to_owned())),
+            counters: crate::stats::ApiCounters::of("test", 1),
         }
     }
 

@@ -134,6 +134,47 @@ impl WorkerStats {
     }
 }
 
+/// One API's requests by status class, a block per worker. Kept by name across reloads, so
+/// that a reload does not reset an API's counters.
+#[derive(Debug)]
+pub(crate) struct ApiCounters {
+    per_worker: Vec<ApiWorker>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct ApiWorker {
+    requests: [AtomicU64; 5],
+}
+
+impl ApiCounters {
+    /// The counters of API `name`: the ones already kept for it, or new ones for `workers`.
+    pub(crate) fn of(name: &str, workers: usize) -> std::sync::Arc<ApiCounters> {
+        use std::sync::{Arc, Mutex, Weak};
+        static KEPT: Mutex<Vec<(String, Weak<ApiCounters>)>> = Mutex::new(Vec::new());
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(c) = kept.iter().find(|(n, _)| n == name).and_then(|(_, w)| w.upgrade()) {
+            return c;
+        }
+        let c =
+            Arc::new(ApiCounters { per_worker: (0..workers.max(1)).map(|_| ApiWorker::default()).collect() });
+        kept.push((name.to_owned(), Arc::downgrade(&c)));
+        c
+    }
+
+    pub(crate) fn request(&self, worker: usize, status: u16) {
+        if let (Some(w), true) = (self.per_worker.get(worker), (100..600).contains(&status)) {
+            w.requests[usize::from(status / 100) - 1].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests of status class `class` (0 for 1xx … 4 for 5xx), over workers.
+    pub(crate) fn requests(&self, class: usize) -> u64 {
+        self.per_worker.iter().map(|w| w.requests[class].load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// The sum over workers of one counter.
 pub(crate) fn sum(stats: &[std::sync::Arc<WorkerStats>], pick: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
     stats.iter().map(|s| pick(s).load(Ordering::Relaxed)).sum()

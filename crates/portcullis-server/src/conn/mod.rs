@@ -532,6 +532,9 @@ impl<S: Stream> Conn<S> {
         refused: &str,
     ) {
         self.worker.stats.request(status);
+        if let Some((r, _)) = route {
+            r.counters.request(self.worker.id, status);
+        }
         self.worker.stats.request_duration.observe(started.elapsed());
         if !log {
             return;
