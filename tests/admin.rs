@@ -107,6 +107,12 @@ fn the_endpoints_answer_and_the_counters_move() {
     let (_, after) = admin(addr, "GET", "/metrics");
     assert_eq!(value(&after, "portcullis_api_requests_total{api=\"a\",class=\"2xx\"}"), 202);
     assert_eq!(value(&after, "portcullis_reloads_total{result=\"success\"}"), 1);
+    // Each forwarded request took one connection to the backend: opened or reused.
+    let server = format!("backend=\"app\",server=\"{}\"", env.backend.addr());
+    let event =
+        |e: &str| value(&after, &format!("portcullis_backend_connections_total{{{server},event=\"{e}\"}}"));
+    assert_eq!(event("opened") + event("reused"), 202, "{after}");
+    assert!(event("opened") >= 1 && event("reused") >= 150, "pooled: {} opened", event("opened"));
     assert!(admin(addr, "GET", "/config").1.contains("\"last_reload\":\"generation 2 loaded\""));
 }
 

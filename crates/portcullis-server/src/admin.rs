@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::stats::{BUCKETS_US, HANDSHAKE_RESULTS, Histogram, REFUSAL_KINDS, WorkerStats, sum};
+use crate::stats::{BUCKETS_US, HANDSHAKE_RESULTS, Histogram, POOL_EVENTS, REFUSAL_KINDS, WorkerStats, sum};
 use crate::worker::Shared;
 
 /// A worker whose loop has not turned for this long is not healthy.
@@ -247,6 +247,35 @@ fn metrics(shared: &Shared) -> String {
         "counter",
         "The proxy's own 502 and 504 answers: a backend unreachable, failing or too slow.",
         &upstream,
+    );
+    let snapshot_now = shared.snapshot.load();
+    let mut pool = Vec::new();
+    let servers =
+        snapshot_now.backends.iter().flat_map(|b| b.servers.iter().map(move |s| (b.name.as_str(), s)));
+    for (backend, server) in servers {
+        let Some(c) = &server.target.counters else { continue };
+        for (i, event) in POOL_EVENTS.iter().enumerate() {
+            let labels = format!(
+                "backend=\"{}\",server=\"{}\",event=\"{event}\"",
+                label(backend),
+                label(&server.name)
+            );
+            pool.push((labels, c.total(i)));
+        }
+    }
+    for callout in &snapshot_now.callouts {
+        let Some(c) = &callout.target.counters else { continue };
+        for (i, event) in POOL_EVENTS.iter().enumerate() {
+            let labels = format!("backend=\"callout\",server=\"{}\",event=\"{event}\"", label(&callout.name));
+            pool.push((labels, c.total(i)));
+        }
+    }
+    family(
+        &mut out,
+        "portcullis_backend_connections_total",
+        "counter",
+        "Connections to each backend server (and callout service): opened, reused from the pool, found stale in the pool, opened by resuming a TLS session.",
+        &pool,
     );
     family(
         &mut out,

@@ -29,6 +29,8 @@ pub(crate) struct Pool {
     pub(crate) resumed: u64,
     /// Requests in flight on each server, on this worker (for `least_requests`).
     in_flight: AHashMap<PoolKey, u32>,
+    /// The worker that owns the pool (its block in shared counters).
+    pub(crate) worker: usize,
 }
 
 impl std::fmt::Debug for Pool {
@@ -38,6 +40,11 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
+    /// The pool of worker `id`.
+    pub(crate) fn for_worker(id: usize) -> Pool {
+        Pool { worker: id, ..Pool::default() }
+    }
+
     /// The most recently used idle connection for `key` that has not been idle too long.
     pub(crate) fn take(&mut self, key: &PoolKey) -> Option<BackendStream> {
         let list = self.idle.get_mut(key)?;

@@ -428,6 +428,11 @@ impl Snapshot {
                     target: Target {
                         key,
                         resolved: named.then(|| Arc::new(arc_swap::ArcSwap::from_pointee(addr))),
+                        counters: Some(crate::stats::PoolCounters::of(
+                            &b.name.value,
+                            &s.value,
+                            worker_count(&config.server),
+                        )),
                         tls: tls.clone(),
                         connect_timeout: b.connect_timeout,
                         idle_timeout: b.idle_timeout,
@@ -506,6 +511,11 @@ impl Snapshot {
                         tls: tls.as_ref().map_or(0, |t| t.id),
                     },
                     resolved: None,
+                    counters: Some(crate::stats::PoolCounters::of(
+                        "callout",
+                        &c.authority,
+                        worker_count(&config.server),
+                    )),
                     tls,
                     connect_timeout: c.timeout,
                     idle_timeout: CALLOUT_IDLE,

@@ -175,6 +175,54 @@ impl ApiCounters {
     }
 }
 
+/// What happens to the connections to one backend server: opened, taken from the pool, found
+/// stale in the pool (closed or talking), opened by resuming a TLS session.
+pub(crate) const POOL_EVENTS: [&str; 4] = ["opened", "reused", "stale", "resumed"];
+
+/// One backend server's connection events, a block per worker; kept across reloads by the
+/// backend's and the server's names.
+#[derive(Debug)]
+pub(crate) struct PoolCounters {
+    per_worker: Vec<PoolWorker>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PoolWorker {
+    events: [AtomicU64; POOL_EVENTS.len()],
+}
+
+impl PoolCounters {
+    pub(crate) fn of(backend: &str, server: &str, workers: usize) -> std::sync::Arc<PoolCounters> {
+        use std::sync::{Arc, Mutex, Weak};
+        type Kept = Vec<((String, String), Weak<PoolCounters>)>;
+        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(_, w)| w.strong_count() > 0);
+        let found =
+            kept.iter().find(|((b, s), _)| b == backend && s == server).and_then(|(_, w)| w.upgrade());
+        if let Some(c) = found {
+            return c;
+        }
+        let c = Arc::new(PoolCounters {
+            per_worker: (0..workers.max(1)).map(|_| PoolWorker::default()).collect(),
+        });
+        kept.push(((backend.to_owned(), server.to_owned()), Arc::downgrade(&c)));
+        c
+    }
+
+    /// Event `event` (an index into [`POOL_EVENTS`]) on worker `worker`.
+    pub(crate) fn count(&self, worker: usize, event: usize) {
+        if let Some(w) = self.per_worker.get(worker) {
+            w.events[event].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn total(&self, event: usize) -> u64 {
+        self.per_worker.iter().map(|w| w.events[event].load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// The sum over workers of one counter.
 pub(crate) fn sum(stats: &[std::sync::Arc<WorkerStats>], pick: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
     stats.iter().map(|s| pick(s).load(Ordering::Relaxed)).sum()

@@ -142,6 +142,8 @@ pub(crate) struct Target {
     pub(crate) idle_timeout: Duration,
     /// Idle connections kept per worker.
     pub(crate) max_idle: usize,
+    /// Connection events, for `/metrics` (none for the proxy's own tests' targets).
+    pub(crate) counters: Option<Arc<crate::stats::PoolCounters>>,
 }
 
 /// A connection to a backend, for one exchange at a time.
@@ -183,8 +185,10 @@ impl Upstream {
             // such a connection either fails where it cannot be retried (POST) or reads the stray
             // bytes as its answer, and its own answer then as the next request's.
             if idle_connection_is_clean(&stream) {
+                count(pool, target, 1);
                 return Ok(Upstream { stream, reused: true });
             }
+            count(pool, target, 2);
             tracing::debug!(addr = %target.key.addr, "pooled connection closed or sent unsolicited bytes; discarded");
         }
         let deadline = Instant::now() + target.connect_timeout;
@@ -195,6 +199,7 @@ impl Upstream {
             Err(_) => return Err(UpstreamError::ConnectTimeout),
         };
         let _ = tcp.set_nodelay(true);
+        count(pool, target, 0);
         let Some(tls) = &target.tls else {
             pool.borrow_mut().opened += 1;
             return Ok(Upstream { stream: BackendStream::Plain(PlainStream::new(tcp)), reused: false });
@@ -203,6 +208,9 @@ impl Upstream {
         let left = deadline.saturating_duration_since(Instant::now());
         match timeout(left, tls.client.connect_resuming(&tls.server_name, tcp, session.as_ref())).await {
             Ok(Ok(stream)) => {
+                if stream.info().resumed {
+                    count(pool, target, 3);
+                }
                 let mut pool = pool.borrow_mut();
                 pool.opened += 1;
                 pool.resumed += u64::from(stream.info().resumed);
@@ -432,6 +440,14 @@ impl Upstream {
     }
 }
 
+/// Counts connection event `event` ([`crate::stats::POOL_EVENTS`]) for `target` on the worker
+/// that owns `pool`.
+fn count(pool: &RefCell<Pool>, target: &Target, event: usize) {
+    if let Some(c) = &target.counters {
+        c.count(pool.borrow().worker, event);
+    }
+}
+
 /// Interim (1xx) responses accepted before the final one.
 pub(crate) const MAX_INTERIM_RESPONSES: u32 = 16;
 /// Limits for backend response heads: backends are trusted more than clients, not blindly.
@@ -568,6 +584,7 @@ mod tests {
             key: PoolKey { addr, authority: Bytes::from_static(b"devauth.internal"), tls: 0 },
             resolved: None,
             tls: None,
+            counters: None,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             max_idle: 4,

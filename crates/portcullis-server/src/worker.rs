@@ -198,7 +198,7 @@ pub(crate) fn run(
         id,
         cache: RefCell::new(Cache::new(shared.snapshot.clone())),
         shared,
-        pool: RefCell::new(Pool::default()),
+        pool: RefCell::new(Pool::for_worker(id)),
         local: portcullis_policy::WorkerLocal::shared(),
         shutdown: Event::default(),
         fleet_nudge: Nudge::default(),
