@@ -145,3 +145,24 @@ pub(crate) fn metric(metrics: &str, sample: &str) -> u64 {
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {sample} in:\n{metrics}"))
 }
+
+/// The `[server]` line that sends the access log, as JSON lines, to `access.log` in `dir`.
+pub(crate) fn access_log_to(dir: &std::path::Path) -> String {
+    format!("access_log = {{ path = \"{}\" }}", dir.join("access.log").display())
+}
+
+/// The first access-log line in `dir`'s `access.log` that holds every one of `needles`, waiting
+/// for it up to 10 s (the log thread writes a little after the answer).
+pub(crate) fn access_line(dir: &std::path::Path, needles: &[&str]) -> Option<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return Some(line.to_owned());
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

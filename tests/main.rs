@@ -2,6 +2,7 @@
 //! proxy, rustls in the client), a real backend, a PKI generated in each test.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests: a panic is a failed test")]
 
+mod accesslog;
 mod admin;
 mod backend_responses;
 mod backend_tls;

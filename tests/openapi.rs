@@ -104,12 +104,14 @@ fn a_broken_document_is_located_and_a_reload_keeps_the_running_rules() {
 #[test]
 fn the_access_log_names_the_operation() {
     let env = Env::new();
-    let text = env
-        .config("request", &apis(&data("todo.json"), &data("devices.yaml")))
-        .replace("[[listener]]", "[server]\naccess_log = true\n\n[[listener]]");
+    let text = env.config("request", &apis(&data("todo.json"), &data("devices.yaml"))).replace(
+        "[[listener]]",
+        &format!("[server]\n{}\n\n[[listener]]", crate::common::access_log_to(env.dir())),
+    );
     let proxy = portcullis_testkit::ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
     let r = env.client(None).connect(proxy.addr).unwrap().request("GET", "/todo/items/3", &[], b"").unwrap();
     assert_eq!(r.status, 200);
-    let line = proxy.wait_for_log("operation=", std::time::Duration::from_secs(5)).unwrap();
-    assert!(line.contains("operation=\"getItem\"") && line.contains("api=\"todo\""), "{line}");
+    let line =
+        crate::common::access_line(env.dir(), &["\"path\":\"/todo/items/3\""]).expect("an access line");
+    assert!(line.contains("\"operation\":\"getItem\"") && line.contains("\"api\":\"todo\""), "{line}");
 }

@@ -200,18 +200,15 @@ fn only_listed_balancers_may_send_the_header() {
 #[test]
 fn the_access_log_names_the_address_behind_the_balancer() {
     let env = Env::new();
-    let text = env.config("request", "[server]\naccess_log = true\n").replacen(
-        "crl = [",
-        "proxy_protocol = true\ncrl = [",
-        1,
-    );
+    let text = env
+        .config("request", &format!("[server]\n{}\n", crate::common::access_log_to(env.dir())))
+        .replacen("crl = [", "proxy_protocol = true\ncrl = [", 1);
     let p =
         portcullis_testkit::ProxyProcess::spawn(&crate::common::binary(), &env.write_config("p.toml", &text));
     let r =
         env.client(None).connect_after(p.addr, &v1("192.0.2.77")).unwrap().request("GET", "/seen", &[], b"");
     assert_eq!(r.unwrap().status, 200);
-    let line = p
-        .wait_for_log("path=/seen", std::time::Duration::from_secs(10))
+    let line = crate::common::access_line(env.dir(), &["\"path\":\"/seen\""])
         .unwrap_or_else(|| panic!("no access line: {:?}", p.log()));
     assert!(line.contains("192.0.2.77"), "{line}");
     assert!(!line.contains("127.0.0.1:"), "the balancer's address is not the peer: {line}");

@@ -342,7 +342,7 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
         }
     }
     if let Some(v) = get(t, "access_log") {
-        s.access_log = r.boolean(v, "server.access_log").unwrap_or(s.access_log);
+        s.access_log = access_log(r, v);
     }
     if let Some(v) = get(t, "max_connections") {
         s.max_connections =
@@ -375,6 +375,39 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
             r.integer(v, "server.max_body_size", 0..i64::MAX).map(|n| n as u64).or(s.max_body_size);
     }
     s
+}
+
+/// `access_log = true | false | { path, format, queue }`.
+fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
+    let field = "server.access_log";
+    let default = AccessLog { path: None, format: AccessFormat::Json, queue: 65_536 };
+    if let toml::de::DeValue::Boolean(b) = v.get_ref() {
+        return b.then_some(default);
+    }
+    let t = r.table(v, field)?;
+    r.check_keys(t, field, &["path", "format", "queue"]);
+    let path = match get(t, "path").and_then(|p| r.non_empty_string(p, &join(field, "path"))) {
+        Some(p) if p.value == "stdout" => None,
+        Some(_) => get(t, "path").and_then(|v| r.path(v, &join(field, "path"))).map(|p| p.value),
+        None => None,
+    };
+    let format = match get(t, "format") {
+        Some(f) => r
+            .choice(
+                f,
+                &join(field, "format"),
+                &[("json", AccessFormat::Json), ("combined", AccessFormat::Combined)],
+            )
+            .unwrap_or(AccessFormat::Json),
+        None => AccessFormat::Json,
+    };
+    let queue = match get(t, "queue") {
+        Some(q) => {
+            r.integer(q, &join(field, "queue"), 1..(1 << 24) + 1).map_or(default.queue, |n| n as usize)
+        }
+        None => default.queue,
+    };
+    Some(AccessLog { path, format, queue })
 }
 
 /// The parser's hard cap on header fields (`portcullis_http::MAX_HEADERS_CAP`); the config crate

@@ -73,8 +73,8 @@ pub struct Server {
     pub drain_timeout: Duration,
     /// Time a client may take to send the next piece of a request body.
     pub body_timeout: Duration,
-    /// One log line per request (target `portcullis::access`).
-    pub access_log: bool,
+    /// The access log: one record per request, through the log thread.
+    pub access_log: Option<AccessLog>,
     /// Open client connections per worker; more wait in the kernel's accept queue. `None`:
     /// sized from the open-file limit when the server starts.
     pub max_connections: Option<usize>,
@@ -99,6 +99,24 @@ pub enum RedisFailure {
     Local,
     /// Refuse calls that a rate limit or quota applies to (503).
     Deny,
+}
+
+/// `access_log = true` (JSON lines to stdout) or `{ path, format, queue }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    /// A file (opened again on `SIGUSR1`); `None` for stdout.
+    pub path: Option<PathBuf>,
+    pub format: AccessFormat,
+    /// Records waiting for the log thread at most (more are dropped and counted). Read at start.
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFormat {
+    /// One JSON object per line.
+    Json,
+    /// nginx's and HAProxy's "combined".
+    Combined,
 }
 
 /// `[server.redis]`: where counts are shared, and how.
@@ -137,7 +155,7 @@ impl Default for Server {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
-            access_log: false,
+            access_log: None,
             max_connections: None,
             allow_underscores_in_headers: false,
             max_body_size: None,

@@ -354,3 +354,35 @@ fn the_admin_address() {
     let errors = parse(Path::new("p.toml"), &text).expect_err("not an address").to_string();
     assert!(errors.contains("server.admin") && errors.contains("not an address"), "{errors}");
 }
+
+#[test]
+fn the_access_log_forms() {
+    let with =
+        |v: &str| GOOD.replace("head_timeout = \"5s\"", &format!("head_timeout = \"5s\"\naccess_log = {v}"));
+    let c = parse(Path::new("/etc/p/p.toml"), &with("true")).expect("valid");
+    assert_eq!(
+        c.server.access_log,
+        Some(AccessLog { path: None, format: AccessFormat::Json, queue: 65_536 })
+    );
+    assert_eq!(parse(Path::new("p.toml"), &with("false")).expect("valid").server.access_log, None);
+    let c = parse(
+        Path::new("/etc/p/p.toml"),
+        &with("{ path = \"log/access.log\", format = \"combined\", queue = 16 }"),
+    )
+    .expect("valid");
+    let a = c.server.access_log.expect("on");
+    assert_eq!(
+        (a.path.as_deref(), a.format, a.queue),
+        (Some(Path::new("/etc/p/log/access.log")), AccessFormat::Combined, 16)
+    );
+    let c = parse(Path::new("p.toml"), &with("{ path = \"stdout\" }")).expect("valid");
+    assert_eq!(c.server.access_log.and_then(|a| a.path), None);
+    for (v, expect) in [
+        ("{ format = \"clf\" }", "server.access_log.format"),
+        ("{ queue = 0 }", "server.access_log.queue"),
+        ("{ pth = \"x\" }", "pth"),
+    ] {
+        let errors = parse(Path::new("p.toml"), &with(v)).expect_err(v).to_string();
+        assert!(errors.contains(expect), "{v}: {errors}");
+    }
+}

@@ -419,6 +419,16 @@ fn metrics(shared: &Shared) -> String {
     );
     family(
         &mut out,
+        "portcullis_access_log_records_total",
+        "counter",
+        "Access-log records written, and dropped (the queue was full, or the file could not be written).",
+        &[
+            ("result=\"written\"".to_owned(), shared.access.written.load(Ordering::Relaxed)),
+            ("result=\"dropped\"".to_owned(), shared.access.dropped.load(Ordering::Relaxed)),
+        ],
+    );
+    family(
+        &mut out,
         "portcullis_redis_failed_syncs_total",
         "counter",
         "Syncs of shared rate-limit and quota counts with Redis that failed.",

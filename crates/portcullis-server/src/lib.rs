@@ -11,6 +11,7 @@
 //! closes idle connections, lets in-flight requests finish within the drain timeout, and returns.
 #![forbid(unsafe_code)]
 
+mod accesslog;
 mod admin;
 mod balance;
 mod conn;
@@ -28,7 +29,7 @@ mod timer;
 mod upstream;
 mod worker;
 
-pub use server::{Server, StartError};
+pub use server::{LogReopener, Server, StartError};
 pub use snapshot::Snapshot;
 
 /// What `portcullis check` runs: compiles `config` and everything it names (errors), then

@@ -38,6 +38,19 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// How long stopping waits for the access log to be written out.
+const LOG_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Has the access log file opened again, from the control thread.
+#[derive(Debug, Clone)]
+pub struct LogReopener(Arc<Shared>);
+
+impl LogReopener {
+    pub fn reopen(&self) {
+        self.0.access.reopen();
+    }
+}
+
 /// A running proxy: its workers, and the handle to reload or stop them.
 pub struct Server {
     shared: Arc<Shared>,
@@ -50,6 +63,8 @@ pub struct Server {
     health: Option<JoinHandle<()>>,
     /// The admin endpoint, when `[server] admin` is set, and where it listens.
     admin: Option<(SocketAddr, JoinHandle<()>)>,
+    /// The access log's writer.
+    log: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
     configured_binds: Vec<SocketAddr>,
     keys: TicketKeys,
@@ -162,7 +177,12 @@ impl Server {
             last_reload: std::sync::Mutex::new(String::from("none")),
             loaded_at: AtomicU64::new(portcullis_tls::now_unix() as u64),
             stopped: AtomicBool::new(false),
+            access: crate::accesslog::Sink::new(
+                config.server.access_log.as_ref().map_or(65_536, |a| a.queue),
+            ),
         });
+        let log = crate::accesslog::start(shared.clone())
+            .map_err(|e| StartError::Io(format!("cannot start the log thread: {e}")))?;
         let admin = match config.server.admin {
             None => None,
             Some(addr) => Some(
@@ -201,6 +221,7 @@ impl Server {
             workers: handles,
             health: Some(health),
             admin,
+            log: Some(log),
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
             keys,
@@ -276,6 +297,11 @@ impl Server {
         if let Ok(mut last) = self.shared.last_reload.lock() {
             *last = format!("failed: {errors}");
         }
+    }
+
+    /// A handle that has the access log file opened again (after logrotate moved it: `SIGUSR1`).
+    pub fn log_reopener(&self) -> LogReopener {
+        LogReopener(self.shared.clone())
     }
 
     /// Where the admin endpoint listens, when there is one.
@@ -363,6 +389,22 @@ impl Server {
         self.shared.stopped.store(true, Ordering::Release);
         if let Some((_, admin)) = self.admin.take() {
             let _ = admin.join();
+        }
+        // What the workers logged is written before the process goes, unless the log cannot
+        // be written (a full disk, a pipe nobody reads): then the process goes without it.
+        if let Some(log) = self.log.take() {
+            let deadline = std::time::Instant::now() + LOG_FLUSH_WAIT;
+            while !log.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if log.is_finished() {
+                let _ = log.join();
+            } else {
+                tracing::warn!(
+                    waited_ms = LOG_FLUSH_WAIT.as_millis() as u64,
+                    "the access log could not be written out; stopping without it"
+                );
+            }
         }
         result
     }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) loaded_at: AtomicU64,
     /// The process has stopped serving (workers joined): the admin endpoint goes too.
     pub(crate) stopped: AtomicBool,
+    /// The access log's queue to the log thread.
+    pub(crate) access: crate::accesslog::Sink,
 }
 
 impl std::fmt::Debug for Shared {

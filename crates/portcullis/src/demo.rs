@@ -283,12 +283,15 @@ Configuration: {config}   (edit it and `kill -HUP {pid}` to reload; Ctrl-C to st
         pid = std::process::id(),
     );
     let mut server = server;
-    crate::wait_for_signals(&mut signals, || {
-        match portcullis_config::load(&config_path).and_then(|c| server.reload(&c)) {
+    let server_reopen = server.log_reopener();
+    crate::wait_for_signals(
+        &mut signals,
+        || match portcullis_config::load(&config_path).and_then(|c| server.reload(&c)) {
             Ok(g) => tracing::info!(generation = g, "configuration reloaded"),
             Err(e) => tracing::error!("reload failed:\n{e}"),
-        }
-    })?;
+        },
+        || server_reopen.reopen(),
+    )?;
     server.shutdown().context("shutting down")?;
     drop(backend);
     drop(secure_backend);

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use portcullis_config::ConfigErrors;
 use portcullis_server::{Server, StartError};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 #[global_allocator]
@@ -149,19 +149,23 @@ pub(crate) fn start(config: &portcullis_config::Config) -> anyhow::Result<Server
     }
 }
 
-/// Installs the handlers for SIGHUP, SIGTERM and SIGINT. Done before anything starts, so that a
-/// signal during start-up is not fatal.
+/// Installs the handlers for SIGHUP, SIGUSR1, SIGTERM and SIGINT. Done before anything starts,
+/// so that a signal during start-up is not fatal.
 pub(crate) fn signals() -> anyhow::Result<Signals> {
-    Signals::new([SIGHUP, SIGTERM, SIGINT]).context("installing signal handlers")
+    Signals::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT]).context("installing signal handlers")
 }
 
-/// Blocks until SIGTERM/SIGINT; calls `on_hup` for each SIGHUP.
-pub(crate) fn wait_for_signals(signals: &mut Signals, mut on_hup: impl FnMut()) -> anyhow::Result<i32> {
+/// Blocks until SIGTERM/SIGINT; calls `on_hup` for each SIGHUP and `on_usr1` for each SIGUSR1.
+pub(crate) fn wait_for_signals(
+    signals: &mut Signals,
+    mut on_hup: impl FnMut(),
+    mut on_usr1: impl FnMut(),
+) -> anyhow::Result<i32> {
     for signal in signals.forever() {
-        if signal == SIGHUP {
-            on_hup();
-        } else {
-            return Ok(signal);
+        match signal {
+            SIGHUP => on_hup(),
+            SIGUSR1 => on_usr1(),
+            other => return Ok(other),
         }
     }
     Ok(SIGTERM)
@@ -202,35 +206,43 @@ fn run(path: &Path, pid_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     server.on_lost_worker(move || handle.close());
     notify::state("READY=1\nSTATUS=serving");
     let mut reloads: u64 = 0;
-    let signal = wait_for_signals(&mut signals, || {
-        reloads += 1;
-        let started = std::time::Instant::now();
-        notify::reloading();
-        let loaded = portcullis_config::load(path);
-        if let Err(errors) = &loaded {
-            server.note_failed_reload(errors);
-        }
-        let result = loaded.and_then(|c| server.reload(&c));
-        notify::state(&format!("READY=1\nSTATUS=serving generation {}", server.generation()));
-        match result {
-            Ok(generation) => tracing::info!(
-                reload = reloads,
-                generation,
-                millis = started.elapsed().as_millis() as u64,
-                "configuration reloaded"
-            ),
-            Err(errors) => {
-                for e in errors.iter() {
-                    tracing::error!(reload = reloads, "{e}");
-                }
-                tracing::error!(
-                    reload = reloads,
-                    generation = server.generation(),
-                    "reload failed; still serving the previous configuration"
-                );
+    let reopener = server.log_reopener();
+    let signal = wait_for_signals(
+        &mut signals,
+        || {
+            reloads += 1;
+            let started = std::time::Instant::now();
+            notify::reloading();
+            let loaded = portcullis_config::load(path);
+            if let Err(errors) = &loaded {
+                server.note_failed_reload(errors);
             }
-        }
-    })?;
+            let result = loaded.and_then(|c| server.reload(&c));
+            notify::state(&format!("READY=1\nSTATUS=serving generation {}", server.generation()));
+            match result {
+                Ok(generation) => tracing::info!(
+                    reload = reloads,
+                    generation,
+                    millis = started.elapsed().as_millis() as u64,
+                    "configuration reloaded"
+                ),
+                Err(errors) => {
+                    for e in errors.iter() {
+                        tracing::error!(reload = reloads, "{e}");
+                    }
+                    tracing::error!(
+                        reload = reloads,
+                        generation = server.generation(),
+                        "reload failed; still serving the previous configuration"
+                    );
+                }
+            }
+        },
+        || {
+            tracing::info!("SIGUSR1: opening the access log again");
+            reopener.reopen();
+        },
+    )?;
     let lost = server.lost_workers();
     if lost > 0 {
         tracing::error!(

@@ -35,7 +35,7 @@ impl<S: Stream> Conn<S> {
             _ => {}
         }
         // For the duration histogram, and the access log.
-        let started = (Instant::now(), snap.server.access_log);
+        let started = (Instant::now(), snap.server.access_log.is_some());
         let now_ms = portcullis_tls::now_unix_ms();
         let now = (now_ms / 1000) as i64;
         let routed = snap.router.find(self.head.host(), self.head.path_only()).and_then(|route| {

@@ -50,7 +50,8 @@ pub(crate) async fn serve(
     let snap = worker.snapshot();
     let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
     let handshake_timeout = snap.server.handshake_timeout;
-    let access_log = snap.server.access_log;
+    let access_log = snap.server.access_log.is_some();
+    let log_refused = |peer: SocketAddr, why: &str| worker.shared.access.send(refused_record(peer, why));
     let mut tcp = tcp;
     let mut peer = peer;
     let mut first = BytesMut::new();
@@ -58,7 +59,7 @@ pub(crate) async fn serve(
         let refused = |why: &dyn std::fmt::Display| {
             tracing::info!(%peer, error = %why, "connection refused: PROXY protocol");
             if access_log {
-                tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %why);
+                log_refused(peer, &why.to_string());
             }
         };
         if let Some(from) = &pp.from
@@ -92,7 +93,7 @@ pub(crate) async fn serve(
                 portcullis_tls::HandshakeError::CertificateRejected(_) => {
                     tracing::info!(%peer, error = %e, "TLS handshake refused");
                     if access_log {
-                        tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %e);
+                        log_refused(peer, &e.to_string());
                     }
                 }
                 // Refused by TLS (version, ciphers, not TLS at all): routine on an open port, so
@@ -100,7 +101,7 @@ pub(crate) async fn serve(
                 portcullis_tls::HandshakeError::Protocol { .. } => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     if access_log {
-                        tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = %e);
+                        log_refused(peer, &e.to_string());
                     }
                 }
                 _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -111,7 +112,7 @@ pub(crate) async fn serve(
             crate::stats::WorkerStats::add(&stats.handshakes[2]);
             tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
             if access_log {
-                tracing::info!(target: "portcullis::access", id = "-", %peer, status = "-", refused = "TLS handshake timed out");
+                log_refused(peer, "TLS handshake timed out");
             }
             return;
         }
@@ -292,18 +293,14 @@ impl<S: Stream> Conn<S> {
                             (408, "Request timeout", "head not received in time".to_owned())
                         }
                     };
-                    if self.worker.snapshot().server.access_log {
-                        tracing::info!(
-                            target: "portcullis::access",
-                            id = "-",
-                            peer = %self.peer,
-                            method = "-",
-                            path = "-",
-                            api = "-",
-                            status,
-                            client_cert = self.info.client_cert.as_ref().map_or("-", |c| c.thumbprint.as_str()),
-                            refused = %why,
-                        );
+                    if self.worker.snapshot().server.access_log.is_some() {
+                        let mut record = refused_record(self.peer, &why);
+                        record.status = status;
+                        record.tls = self.info.version;
+                        record.resumed = self.info.resumed;
+                        record.client_cert =
+                            self.info.client_cert.as_ref().map(|c| c.thumbprint.as_str().into());
+                        self.worker.shared.access.send(record);
                     }
                     self.out.clear();
                     write::json_response(&mut self.out, status, message, write::Connection::Close, false);
@@ -539,19 +536,45 @@ impl<S: Stream> Conn<S> {
         if !log {
             return;
         }
-        tracing::info!(
-            target: "portcullis::access",
-            id = std::str::from_utf8(id).unwrap_or(""),
-            peer = %self.peer,
-            method = %String::from_utf8_lossy(self.head.method()),
+        let record = crate::accesslog::Record {
+            at_ms: portcullis_tls::now_unix_ms(),
+            id: Some(*id),
+            peer: self.peer,
+            method: Bytes::copy_from_slice(self.head.method()),
             // Without the query: it may carry a subscription key or a token.
-            path = %String::from_utf8_lossy(self.head.path_only()),
-            api = route.map_or("-", |(r, _)| r.name.as_str()),
-            operation = route.map_or("-", |(_, p)| p.operation()),
+            path: Bytes::copy_from_slice(self.head.path_only()),
+            user_agent: Bytes::copy_from_slice(self.head.header(b"user-agent").unwrap_or_default()),
+            api: route.map(|(r, _)| r.name.as_str().into()),
+            operation: route.map(|(_, p)| p.operation().into()),
             status,
-            micros = started.elapsed().as_micros() as u64,
-            client_cert = self.info.client_cert.as_ref().map_or("-", |c| c.thumbprint.as_str()),
-            refused,
-        );
+            micros: started.elapsed().as_micros() as u64,
+            bytes: self.body_bytes,
+            tls: self.info.version,
+            resumed: self.info.resumed,
+            client_cert: self.info.client_cert.as_ref().map(|c| c.thumbprint.as_str().into()),
+            refused: refused.into(),
+        };
+        self.worker.shared.access.send(record);
+    }
+}
+
+/// The access-log record of a connection refused before a request (or of a head that was none).
+fn refused_record(peer: SocketAddr, why: &str) -> crate::accesslog::Record {
+    crate::accesslog::Record {
+        at_ms: portcullis_tls::now_unix_ms(),
+        id: None,
+        peer,
+        method: Bytes::new(),
+        path: Bytes::new(),
+        user_agent: Bytes::new(),
+        api: None,
+        operation: None,
+        status: 0,
+        micros: 0,
+        bytes: 0,
+        tls: "-",
+        resumed: false,
+        client_cert: None,
+        refused: why.into(),
     }
 }

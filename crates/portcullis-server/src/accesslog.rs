@@ -1,0 +1,311 @@
+//! The access log as data: a worker fills a fixed record per request (copies of a few fields,
+//! no formatting, no lock, no write) and hands it to the log thread through a bounded queue;
+//! when the queue is full the record is dropped and counted, and the worker goes on. The log
+//! thread formats (JSON lines, or nginx's "combined") and writes to stdout or a file, which it
+//! opens again on `SIGUSR1` (after logrotate moved it) or when a reload names another one.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use portcullis_config::AccessFormat;
+
+use crate::worker::Shared;
+
+/// One request (or refused connection) as the access log records it.
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub(crate) at_ms: u64,
+    /// The request id; `None` before there was a request (a refused handshake, a bad head).
+    pub(crate) id: Option<[u8; 16]>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) method: Bytes,
+    /// Without its query (it may carry a subscription key or a token).
+    pub(crate) path: Bytes,
+    pub(crate) user_agent: Bytes,
+    pub(crate) api: Option<Box<str>>,
+    pub(crate) operation: Option<Box<str>>,
+    /// 0: no response (the connection was refused before one).
+    pub(crate) status: u16,
+    pub(crate) micros: u64,
+    /// Body bytes relayed (request and response).
+    pub(crate) bytes: u64,
+    pub(crate) tls: &'static str,
+    pub(crate) resumed: bool,
+    /// The client certificate's SHA-1 thumbprint.
+    pub(crate) client_cert: Option<Box<str>>,
+    /// Why the proxy answered itself (`-` when the backend answered).
+    pub(crate) refused: Box<str>,
+}
+
+/// The workers' end of the queue, and what it counts.
+#[derive(Debug)]
+pub(crate) struct Sink {
+    tx: SyncSender<Record>,
+    rx: Mutex<Option<Receiver<Record>>>,
+    pub(crate) written: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    reopen: AtomicBool,
+}
+
+impl Sink {
+    /// A queue of `capacity` records.
+    pub(crate) fn new(capacity: usize) -> Sink {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
+        Sink {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            written: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+        }
+    }
+
+    /// Hands a record to the log thread; never waits.
+    pub(crate) fn send(&self, record: Record) {
+        match self.tx.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The file is opened again before the next record (`SIGUSR1`).
+    pub(crate) fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+    }
+}
+
+/// Starts the log thread; it ends once the process stops serving and the queue is empty.
+pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
+    let rx = shared.access.rx.lock().ok().and_then(|mut r| r.take());
+    std::thread::Builder::new().name("portcullis-log".to_owned()).spawn(move || {
+        if let Some(rx) = rx {
+            run(&shared, &rx);
+        }
+    })
+}
+
+/// Where records go now.
+struct Output {
+    path: Option<PathBuf>,
+    out: std::io::BufWriter<Box<dyn Write + Send>>,
+}
+
+fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
+    let out: Box<dyn Write + Send> = match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+    };
+    Ok(Output { path: path.clone(), out: std::io::BufWriter::with_capacity(64 * 1024, out) })
+}
+
+fn run(shared: &Shared, rx: &Receiver<Record>) {
+    let mut output: Option<Output> = None;
+    let mut line = String::with_capacity(512);
+    loop {
+        let next = rx.recv_timeout(Duration::from_millis(100));
+        let config = shared.snapshot.load().server.access_log.clone();
+        let (path, format) = config.map_or((None, AccessFormat::Json), |c| (c.path, c.format));
+        let reopen = shared.access.reopen.swap(false, Ordering::AcqRel);
+        if reopen || output.as_ref().is_some_and(|o| o.path != path) {
+            if let Some(mut o) = output.take() {
+                let _ = o.out.flush();
+            }
+        }
+        match next {
+            Ok(record) => {
+                if output.is_none() {
+                    match open(&path) {
+                        Ok(o) => output = Some(o),
+                        Err(e) => {
+                            shared.access.dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %e, path = ?path, "cannot open the access log; record dropped");
+                            continue;
+                        }
+                    }
+                }
+                line.clear();
+                match format {
+                    AccessFormat::Json => json(&record, &mut line),
+                    AccessFormat::Combined => combined(&record, &mut line),
+                }
+                line.push('\n');
+                let Some(o) = output.as_mut() else { continue };
+                if o.out.write_all(line.as_bytes()).is_ok() {
+                    shared.access.written.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    shared.access.dropped.fetch_add(1, Ordering::Relaxed);
+                    output = None;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(o) = output.as_mut() {
+                    let _ = o.out.flush();
+                }
+                if shared.stopped.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// `2026-12-05T18:04:22.123Z`.
+fn rfc3339(out: &mut String, ms: u64) {
+    let secs = (ms / 1000) as i64;
+    let (y, m, d) = portcullis_http::write::civil_date(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t / 3600,
+        t % 3600 / 60,
+        t % 60,
+        ms % 1000
+    );
+}
+
+/// A JSON string of bytes from anywhere (a client's): escaped, invalid UTF-8 replaced.
+fn json_str(out: &mut String, v: &[u8]) {
+    out.push('"');
+    for c in String::from_utf8_lossy(v).chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn json(r: &Record, out: &mut String) {
+    out.push_str("{\"time\":\"");
+    rfc3339(out, r.at_ms);
+    out.push_str("\",\"id\":");
+    json_str(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
+    let _ = write!(out, ",\"peer\":\"{}\",\"method\":", r.peer);
+    json_str(out, if r.method.is_empty() { b"-" } else { &r.method });
+    out.push_str(",\"path\":");
+    json_str(out, if r.path.is_empty() { b"-" } else { &r.path });
+    out.push_str(",\"status\":");
+    if r.status == 0 {
+        out.push_str("null");
+    } else {
+        let _ = write!(out, "{}", r.status);
+    }
+    out.push_str(",\"api\":");
+    json_str(out, r.api.as_deref().unwrap_or("-").as_bytes());
+    out.push_str(",\"operation\":");
+    json_str(out, r.operation.as_deref().unwrap_or("-").as_bytes());
+    let _ = write!(
+        out,
+        ",\"micros\":{},\"bytes\":{},\"tls\":\"{}\",\"resumed\":{}",
+        r.micros, r.bytes, r.tls, r.resumed
+    );
+    out.push_str(",\"client_cert\":");
+    json_str(out, r.client_cert.as_deref().unwrap_or("-").as_bytes());
+    out.push_str(",\"user_agent\":");
+    json_str(out, if r.user_agent.is_empty() { b"-" } else { &r.user_agent });
+    out.push_str(",\"refused\":");
+    json_str(out, r.refused.as_bytes());
+    out.push('}');
+}
+
+/// A field of the combined format: `"`, `\` and bytes outside printable ASCII as `\xHH`.
+fn combined_str(out: &mut String, v: &[u8]) {
+    if v.is_empty() {
+        out.push('-');
+    }
+    for &b in v {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(b as char);
+        }
+    }
+}
+
+/// nginx's and HAProxy's "combined": `peer - - [05/Dec/2026:18:04:22 +0000] "GET /x HTTP/1.1"
+/// 200 512 "-" "agent"`.
+fn combined(r: &Record, out: &mut String) {
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let secs = (r.at_ms / 1000) as i64;
+    let (y, m, d) = portcullis_http::write::civil_date(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    let month = MONTHS[(m as usize).clamp(1, 12) - 1];
+    let _ = write!(
+        out,
+        "{} - - [{d:02}/{month}/{y:04}:{:02}:{:02}:{:02} +0000] \"",
+        r.peer.ip(),
+        t / 3600,
+        t % 3600 / 60,
+        t % 60
+    );
+    combined_str(out, &r.method);
+    out.push(' ');
+    combined_str(out, &r.path);
+    out.push_str(" HTTP/1.1\" ");
+    if r.status == 0 {
+        out.push('-');
+    } else {
+        let _ = write!(out, "{}", r.status);
+    }
+    let _ = write!(out, " {} \"-\" \"", r.bytes);
+    combined_str(out, &r.user_agent);
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            at_ms: 1_764_957_862_123,
+            id: Some(*b"0123456789abcdef"),
+            peer: "192.0.2.7:5000".parse().expect("addr"),
+            method: Bytes::from_static(b"GET"),
+            path: Bytes::from_static(b"/items/\"x\""),
+            user_agent: Bytes::from_static(b"evil\"agent\\\x01\xff"),
+            api: Some("todo".into()),
+            operation: Some("getItem".into()),
+            status: 200,
+            micros: 1234,
+            bytes: 512,
+            tls: "TLSv1.3",
+            resumed: true,
+            client_cert: None,
+            refused: "-".into(),
+        }
+    }
+
+    #[test]
+    fn both_formats_escape_what_clients_send() {
+        let mut out = String::new();
+        json(&record(), &mut out);
+        assert_eq!(
+            out,
+            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"tls":"TLSv1.3","resumed":true,"client_cert":"-","user_agent":"evil\"agent\\\u0001�","refused":"-"}"#
+        );
+        out.clear();
+        combined(&record(), &mut out);
+        assert_eq!(
+            out,
+            r#"192.0.2.7 - - [05/Dec/2025:18:04:22 +0000] "GET /items/\x22x\x22 HTTP/1.1" 200 512 "-" "evil\x22agent\x5C\x01\xFF""#
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The access log as data: every request once, with its fields, written by the log thread (JSON
+//! lines or nginx's combined format) to a file that `SIGUSR1` opens again; what a client sends is
+//! escaped; a log that cannot keep up drops records and counts them, and requests never wait.
+
+use std::time::{Duration, Instant};
+
+use portcullis_testkit::ProxyProcess;
+
+use crate::common::{Env, access_line, admin, binary, metric};
+
+fn config(env: &Env, access: &str) -> String {
+    env.config(
+        "request",
+        &format!("[server]\nworkers = 2\nadmin = \"127.0.0.1:0\"\naccess_log = {access}\n[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n"),
+    )
+}
+
+fn admin_of(p: &ProxyProcess) -> std::net::SocketAddr {
+    let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(10)).unwrap();
+    line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn every_request_once_with_its_fields_and_escaped() {
+    let env = Env::new();
+    let file = env.dir().join("access.log");
+    let access = format!("{{ path = \"{}\", format = \"json\" }}", file.display());
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, &access)));
+    let mut c = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    for i in 0..20 {
+        assert_eq!(c.request("GET", &format!("/item/{i}?key=secret"), &[], b"").unwrap().status, 200);
+    }
+    let agent = "evil \"agent\" \\ \u{e9}";
+    assert_eq!(c.request("GET", "/agent", &[("User-Agent", agent)], b"").unwrap().status, 200);
+    let line = access_line(env.dir(), &["\"path\":\"/agent\""]).expect("the request's line");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(record["user_agent"], agent, "{line}");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["api"], "a");
+    assert_eq!(record["method"], "GET");
+    assert_eq!(record["tls"], "TLSv1.3");
+    assert_eq!(record["client_cert"], env.pki.client.thumbprint());
+    assert_eq!(record["refused"], "-");
+    assert_eq!(record["id"].as_str().map(str::len), Some(16));
+    let text = std::fs::read_to_string(&file).unwrap();
+    for i in 0..20 {
+        let path = format!("\"path\":\"/item/{i}\"");
+        assert_eq!(text.lines().filter(|l| l.contains(&path)).count(), 1, "/item/{i} once:\n{text}");
+    }
+    assert!(!text.contains("secret"), "the query is not logged");
+    assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{text}");
+}
+
+#[test]
+fn the_combined_format_escapes_quotes_and_sigusr1_opens_the_file_again() {
+    let env = Env::new();
+    let file = env.dir().join("access.log");
+    let access = format!("{{ path = \"{}\", format = \"combined\" }}", file.display());
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, &access)));
+    let get = |path: &str| {
+        let mut c = env.client(None).connect(proxy.addr).unwrap();
+        c.request("GET", path, &[("User-Agent", "say \"hi\"")], b"").unwrap().status
+    };
+    assert_eq!(get("/before"), 200);
+    let line = access_line(env.dir(), &["/before"]).expect("a line");
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(
+        line.contains("\"GET /before HTTP/1.1\" 200 ") && line.ends_with("\"say \\x22hi\\x22\""),
+        "{line}"
+    );
+    // logrotate moves the file, then signals.
+    std::fs::rename(&file, env.dir().join("access.log.1")).unwrap();
+    // SAFETY: signalling the child process this test started.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGUSR1) };
+    assert!(proxy.wait_for_log("opening the access log again", Duration::from_secs(10)).is_some());
+    assert_eq!(get("/after"), 200);
+    assert!(access_line(env.dir(), &["/after"]).is_some(), "the new file has the new line");
+    let old = std::fs::read_to_string(env.dir().join("access.log.1")).unwrap();
+    assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+}
+
+#[test]
+fn a_log_that_cannot_keep_up_drops_and_counts_and_requests_never_wait() {
+    let env = Env::new();
+    // A FIFO nobody reads: the log thread cannot even open it.
+    let fifo = env.dir().join("stuck.log");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path the test owns.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let access = format!("{{ path = \"{}\", queue = 8 }}", fifo.display());
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, &access)));
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let started = Instant::now();
+    for _ in 0..100 {
+        assert_eq!(c.request("GET", "/x", &[], b"").unwrap().status, 200);
+    }
+    let elapsed = started.elapsed();
+    let (_, metrics) = admin(admin_of(&proxy), "GET", "/metrics");
+    let dropped = metric(&metrics, "portcullis_access_log_records_total{result=\"dropped\"}");
+    assert!(dropped >= 90, "at most the queue's 8 (and one in hand) wait: {dropped} dropped");
+    eprintln!("100 requests with the log stuck: {elapsed:?}, {dropped} records dropped");
+    // SIGTERM with the log thread still waiting for a reader: the process stops all the same.
+    // SAFETY: signalling the child process this test started.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    assert!(
+        proxy.wait_for_log("stopping without it", Duration::from_secs(10)).is_some(),
+        "{:#?}",
+        proxy.log()
+    );
+    assert!(proxy.wait_for_log("stopped", Duration::from_secs(10)).is_some(), "{:#?}", proxy.log());
+}
