@@ -22,7 +22,9 @@
 # HAProxy's stick table), ratelimit-redis (the same with the counts shared through a Redis that
 # the script starts on REDIS_ADDR: Portcullis only; the Redis calls per request are reported),
 # tls-backend (keep-alive, the backend on BACKEND_TLS_ADDR over TLS requiring the gateway's
-# certificate: against HAProxy's `ssl crt`; compare with keepalive in the same run). Then p99
+# certificate: against HAProxy's `ssl crt`; compare with keepalive in the same run), accesslog
+# (keep-alive with the JSON access log written to a file and the admin endpoint on: Portcullis
+# only, against its own keepalive in the same run). Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -155,10 +157,11 @@ verify() { # the same behaviour from every proxy, or the comparison means nothin
 # The token and subscription modes run a variant of each proxy's configuration that adds the
 # check (loadtest/conf/PROXY-VARIANT.*.in); nginx has no equivalent of either and sits them out.
 # The rate-limit modes likewise; only Portcullis shares counts through Redis.
-variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis|tls-backend) echo "$1";; *) echo "";; esac; }
+variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis|tls-backend|accesslog) echo "$1";; *) echo "";; esac; }
 sits_out() { # sits_out PROXY MODE: no equivalent configuration
+  [ "$2" = accesslog ] && [ "${1%-base}" = portcullis ] && return 1
   case $1:$2 in
-    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend) return 0;;
+    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend|*:accesslog) return 0;;
   esac
   return 1
 }
@@ -186,7 +189,7 @@ verify_variant() { # the same refusals and headers from every proxy in the token
         code=$(c "$p" client1 -H "Ocp-Apim-Subscription-Key: $bad" -o /dev/null -w '%{http_code}' 2>/dev/null || true)
         [ "$code" = 401 ] || { echo "  $p: key $bad got $code" >&2; fail=1; }
       done;;
-    ratelimit|ratelimit-redis|tls-backend)
+    ratelimit|ratelimit-redis|tls-backend|accesslog)
       out=$(c "$p" client1 -D - 2>&1)
       echo "$out" | grep -qi '^GET /echo' || { echo "  $p: not forwarded under the limit: $out" >&2; fail=1; };;
   esac
@@ -241,6 +244,7 @@ for round in $(seq "$ROUNDS"); do
         subscription) load "$p" keepalive subscription -c "$CONNS" -H "Ocp-Apim-Subscription-Key: $BENCH_KEY";;
         ratelimit) load "$p" keepalive ratelimit -c "$CONNS";;
         tls-backend) load "$p" keepalive tls-backend -c "$CONNS";;
+        accesslog) load "$p" keepalive accesslog -c "$CONNS";;
         ratelimit-redis)
           before=$(redis_calls)
           load "$p" keepalive ratelimit-redis -c "$CONNS"
