@@ -6,18 +6,13 @@ use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
 
-use crate::common::{Env, access_line, admin, binary, metric};
+use crate::common::{Env, access_line, admin, admin_of, binary, metric};
 
 fn config(env: &Env, access: &str) -> String {
     env.config(
         "request",
         &format!("[server]\nworkers = 2\nadmin = \"127.0.0.1:0\"\naccess_log = {access}\n[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n"),
     )
-}
-
-fn admin_of(p: &ProxyProcess) -> std::net::SocketAddr {
-    let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(10)).unwrap();
-    line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap()
 }
 
 #[test]

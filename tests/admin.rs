@@ -2,17 +2,11 @@
 //! `/healthz`, `/ready`, `/config`, GET only; counters that move as the requests say.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
 
-use crate::common::{Env, admin, binary, metric as value};
-
-fn admin_of(p: &ProxyProcess) -> SocketAddr {
-    let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(10)).unwrap();
-    line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap()
-}
+use crate::common::{Env, admin, admin_of, binary, metric as value};
 
 fn config(env: &Env, extra: &str) -> String {
     env.config(

@@ -126,6 +126,12 @@ pub(crate) fn most_admitted_within(
     most
 }
 
+/// The address the proxy's admin endpoint says it serves on (`admin = "127.0.0.1:0"`).
+pub(crate) fn admin_of(p: &portcullis_testkit::ProxyProcess) -> SocketAddr {
+    let line = p.wait_for_log("admin endpoint serving ", std::time::Duration::from_secs(10)).unwrap();
+    line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
 /// A raw HTTP/1.1 exchange with the admin endpoint: (status, body).
 pub(crate) fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();

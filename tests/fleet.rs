@@ -150,10 +150,7 @@ fn without_redis_limits_count_locally_and_sharing_resumes() {
     let p = spawn(&env, "p.toml", &text);
     assert!(statuses(&env, p.addr, 20).iter().all(|&s| s == 200));
     // The syncs so far were answered, and timed.
-    let line = p.wait_for_log("admin endpoint serving ", Duration::from_secs(5)).unwrap();
-    let admin: std::net::SocketAddr =
-        line.rsplit("serving ").next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    let (_, metrics) = crate::common::admin(admin, "GET", "/metrics");
+    let (_, metrics) = crate::common::admin(crate::common::admin_of(&p), "GET", "/metrics");
     assert!(crate::common::metric(&metrics, "portcullis_redis_sync_duration_seconds_count") > 0, "{metrics}");
     redis.stop();
     // No request fails because Redis is gone.

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
-use crate::load::{backend_tls, flag, host_of, is_token, refuse_framing_field, required};
+use crate::load::{
+    backend_tls, flag, host_of, is_token, refuse_framing_field, required, strip_scheme, with_port,
+};
 use crate::model::{Located, SendRequest, StatusRanges};
 use crate::reader::{Reader, Value, get, join};
 use crate::traffic::status_message;
@@ -37,13 +39,7 @@ const MOST_TTL: Duration = Duration::from_secs(24 * 3600);
 /// literal (they say where connections go, and are resolved when the configuration loads); the
 /// path and query may hold templates.
 pub(crate) fn split_url(url: &str) -> Result<(String, String, bool), String> {
-    let (rest, https) = if let Some(rest) = url.strip_prefix("http://") {
-        (rest, false)
-    } else if let Some(rest) = url.strip_prefix("https://") {
-        (rest, true)
-    } else {
-        return Err(format!("\"{url}\" is not an http:// or https:// URL"));
-    };
+    let (rest, https) = strip_scheme(url)?;
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
@@ -60,15 +56,7 @@ pub(crate) fn split_url(url: &str) -> Result<(String, String, bool), String> {
     if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err("a callout URL cannot hold spaces or control characters (percent-encode them)".to_owned());
     }
-    let bracketed_v6 = authority.starts_with('[') && authority.ends_with(']');
-    let has_port = authority.rfind(':').is_some_and(|i| !authority[i..].contains(']')) && !bracketed_v6;
-    let authority =
-        if has_port { authority.to_owned() } else { format!("{authority}:{}", if https { 443 } else { 80 }) };
-    let port_ok = authority.rsplit(':').next().is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok {
-        return Err(format!("\"{url}\" has an invalid port"));
-    }
-    Ok((authority, path, https))
+    Ok((with_port(authority, https, url)?, path, https))
 }
 
 /// `expect_status`: statuses (`200`) or ranges (`"200-299"`).

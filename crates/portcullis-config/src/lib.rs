@@ -21,7 +21,7 @@ mod traffic;
 
 pub use callers::{https_url, subscription_key_problem};
 pub use error::{ConfigError, ConfigErrors, Loc};
-pub use load::{load, load_partial, parse, parse_partial, portcullis_max_headers};
+pub use load::{host_of, load, load_partial, parse, parse_partial, portcullis_max_headers};
 pub use model::*;
 pub use traffic::{RedisUrl, canonical_ip, parse_redis_url};
 

@@ -615,16 +615,9 @@ fn named_files(r: &mut Reader, v: &Value<'_>, section: &str) -> Vec<NamedFile> {
     out
 }
 
-/// Splits `http://host:port/base` into `host:port` and `/base`.
 /// `(authority with port, base path, https)` of a backend URL.
 pub(crate) fn parse_backend_url(url: &str) -> Result<(String, String, bool), String> {
-    let (rest, https) = if let Some(rest) = url.strip_prefix("http://") {
-        (rest, false)
-    } else if let Some(rest) = url.strip_prefix("https://") {
-        (rest, true)
-    } else {
-        return Err(format!("\"{url}\" is not an http:// or https:// URL"));
-    };
+    let (rest, https) = strip_scheme(url)?;
     let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -635,21 +628,35 @@ pub(crate) fn parse_backend_url(url: &str) -> Result<(String, String, bool), Str
     if authority.is_empty() || authority.contains('@') {
         return Err(format!("\"{url}\" has no usable host"));
     }
-    let has_port = match authority.rfind(':') {
-        Some(i) => !authority[i..].contains(']'),
-        None => false,
-    };
-    let default_port = if https { 443 } else { 80 };
-    let authority = if has_port { authority.to_owned() } else { format!("{authority}:{default_port}") };
+    Ok((with_port(authority, https, url)?, path.trim_end_matches('/').to_owned(), https))
+}
+
+/// What follows the scheme of an `http://` or `https://` URL, and whether it is `https`.
+pub(crate) fn strip_scheme(url: &str) -> Result<(&str, bool), String> {
+    if let Some(rest) = url.strip_prefix("http://") {
+        Ok((rest, false))
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        Ok((rest, true))
+    } else {
+        Err(format!("\"{url}\" is not an http:// or https:// URL"))
+    }
+}
+
+/// `authority` with the scheme's default port when it names none; an error for a port
+/// outside 1..=65535. A bracketed IPv6 address is not mistaken for one with a port.
+pub(crate) fn with_port(authority: &str, https: bool, url: &str) -> Result<String, String> {
+    let has_port = authority.rfind(':').is_some_and(|i| !authority[i..].contains(']'));
+    let authority =
+        if has_port { authority.to_owned() } else { format!("{authority}:{}", if https { 443 } else { 80 }) };
     let port_ok = authority.rsplit(':').next().is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
     if !port_ok {
         return Err(format!("\"{url}\" has an invalid port"));
     }
-    Ok((authority, path.trim_end_matches('/').to_owned(), https))
+    Ok(authority)
 }
 
 /// The host of `host:port` (an IPv6 address without its brackets).
-pub(crate) fn host_of(authority: &str) -> &str {
+pub fn host_of(authority: &str) -> &str {
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     host.trim_start_matches('[').trim_end_matches(']')
 }

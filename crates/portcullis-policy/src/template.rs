@@ -161,11 +161,6 @@ impl Template {
         Template::parse_as(text, loc, Mode::Plain)
     }
 
-    /// A template for a URL's path and query: the values of its variables are percent-encoded.
-    pub fn parse_url(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
-        Template::parse_as(text, loc, Mode::Url)
-    }
-
     /// A template whose text is written `mode`'s way (see [`Mode`]).
     pub(crate) fn parse_as(text: &str, loc: &Loc, mode: Mode) -> Result<Template, ConfigError> {
         let mut parts = Vec::new();

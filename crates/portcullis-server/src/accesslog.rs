@@ -195,7 +195,7 @@ fn rfc3339(out: &mut String, ms: u64) {
 }
 
 /// A JSON string of bytes from anywhere (a client's): escaped, invalid UTF-8 replaced.
-fn json_str(out: &mut String, v: &[u8]) {
+pub(crate) fn json_str(out: &mut String, v: &[u8]) {
     out.push('"');
     // Most values need no escaping: copied whole.
     if let Ok(text) = std::str::from_utf8(v)

@@ -118,22 +118,16 @@ fn unready(shared: &Shared) -> Option<String> {
 fn config(shared: &Shared) -> String {
     let snapshot = shared.snapshot.load();
     let last = shared.last_reload.lock().map(|l| l.clone()).unwrap_or_default();
-    let escaped: String = last
-        .chars()
-        .flat_map(|c| match c {
-            '"' => vec!['\\', '"'],
-            '\\' => vec!['\\', '\\'],
-            c if c.is_control() => vec![' '],
-            c => vec![c],
-        })
-        .collect();
-    format!(
-        "{{\"generation\":{},\"loaded_at\":{},\"reloads\":{},\"failed_reloads\":{},\"last_reload\":\"{escaped}\"}}\n",
+    let mut out = format!(
+        "{{\"generation\":{},\"loaded_at\":{},\"reloads\":{},\"failed_reloads\":{},\"last_reload\":",
         snapshot.generation,
         shared.loaded_at.load(Ordering::Relaxed),
         shared.reloads[0].load(Ordering::Relaxed),
         shared.reloads[1].load(Ordering::Relaxed),
-    )
+    );
+    crate::accesslog::json_str(&mut out, last.as_bytes());
+    out.push_str("}\n");
+    out
 }
 
 /// One metric family: its HELP and TYPE lines, then its samples.

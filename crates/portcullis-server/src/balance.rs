@@ -81,12 +81,6 @@ impl Health {
     }
 }
 
-/// The host of `host:port` (an IPv6 address without its brackets).
-pub(crate) fn host_part(authority: &str) -> &str {
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
 /// Resolves a server's name again (`resolve` does the lookup); returns the new address when it
 /// changed. The old address's pooled connections are used until they idle out.
 pub(crate) fn refresh(
@@ -175,6 +169,7 @@ impl Picker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portcullis_config::host_of;
 
     #[test]
     fn a_name_that_resolves_elsewhere_moves_its_server() {
@@ -191,7 +186,7 @@ mod tests {
         );
         assert_eq!(current.load().to_string(), "127.0.0.2:5000");
         assert_eq!(
-            (host_part("[::1]:80"), host_part("a.b:1"), host_part("10.0.0.1:5")),
+            (host_of("[::1]:80"), host_of("a.b:1"), host_of("10.0.0.1:5")),
             ("::1", "a.b", "10.0.0.1")
         );
     }

@@ -85,7 +85,7 @@ fn run(shared: &Shared) {
 fn probe(server: &Server, path: &str, timeout: Duration) -> Result<u16, String> {
     let deadline = Instant::now() + timeout;
     let tcp =
-        TcpStream::connect_timeout(&current_addr(server), timeout).map_err(|e| format!("connect: {e}"))?;
+        TcpStream::connect_timeout(&server.target.addr(), timeout).map_err(|e| format!("connect: {e}"))?;
     tcp.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     tcp.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let host = &server.name;
@@ -130,8 +130,3 @@ fn probe(server: &Server, path: &str, timeout: Duration) -> Result<u16, String> 
 
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
-
-/// Where a server's connections go now.
-fn current_addr(server: &Server) -> std::net::SocketAddr {
-    server.target.resolved.as_ref().map_or(server.target.key.addr, |r| **r.load())
-}

@@ -393,7 +393,7 @@ impl Snapshot {
                     Some(t) => {
                         let mut t = t.clone();
                         if !t.server_name_given {
-                            t.server_name = crate::balance::host_part(&s.value).to_owned();
+                            t.server_name = portcullis_config::host_of(&s.value).to_owned();
                         }
                         match upstream_tls(&t, (&what, &s.loc), config, &certificates) {
                             Ok(tls) => Some(tls),
@@ -417,7 +417,7 @@ impl Snapshot {
                     tls: tls.as_ref().map_or(0, |t| t.id),
                 };
                 // A host name (not an address) is resolved again by the control side.
-                let named = crate::balance::host_part(&s.value).parse::<std::net::IpAddr>().is_err();
+                let named = portcullis_config::host_of(&s.value).parse::<std::net::IpAddr>().is_err();
                 let health = crate::balance::Health::of(&b.name.value, &key);
                 // Without checks (any more), no earlier check keeps the server out.
                 if b.health_check.is_none() {

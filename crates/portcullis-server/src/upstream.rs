@@ -146,6 +146,13 @@ pub(crate) struct Target {
     pub(crate) counters: Option<Arc<crate::stats::PoolCounters>>,
 }
 
+impl Target {
+    /// Where connections go now: the address last resolved, or `key.addr`.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.resolved.as_ref().map_or(self.key.addr, |r| **r.load())
+    }
+}
+
 /// A connection to a backend, for one exchange at a time.
 pub(crate) struct Upstream {
     pub(crate) stream: BackendStream,
@@ -192,7 +199,7 @@ impl Upstream {
             tracing::debug!(addr = %target.key.addr, "pooled connection closed or sent unsolicited bytes; discarded");
         }
         let deadline = Instant::now() + target.connect_timeout;
-        let addr = target.resolved.as_ref().map_or(target.key.addr, |r| **r.load());
+        let addr = target.addr();
         let tcp = match timeout(target.connect_timeout, TcpStream::connect_addr(addr)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
