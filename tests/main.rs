@@ -16,6 +16,7 @@ mod framing;
 mod hiding;
 mod jose;
 mod jwt;
+mod kafka;
 mod lifecycle;
 mod limits;
 mod openapi;

@@ -9,7 +9,8 @@
 //! - [`idp`]: an OpenID Connect provider over HTTPS whose keys the test rotates, and keys that
 //!   sign tokens;
 //! - [`proxy`]: the proxy started in-process, or the real binary as a child process;
-//! - [`redis`]: a real `redis-server` on a free loopback port, stopped and restarted at will.
+//! - [`redis`]: a real `redis-server` on a free loopback port, stopped and restarted at will;
+//! - [`kafka`]: a real Kafka-protocol broker (Tansu) on a free loopback port, likewise.
 //!
 //! No mocks: real sockets on 127.0.0.1, real TLS on both sides. The demo (`portcullis demo`) is
 //! built from the same pieces.
@@ -19,6 +20,7 @@ pub mod backend;
 pub mod client;
 pub mod devauth;
 pub mod idp;
+pub mod kafka;
 pub mod pki;
 pub mod proxy;
 pub mod redis;
@@ -28,6 +30,7 @@ pub use backend::Backend;
 pub use client::{Conn, Response, TlsClient, Versions};
 pub use devauth::DeviceAuth;
 pub use idp::{Idp, SigningKey};
+pub use kafka::KafkaBroker;
 pub use pki::{Identity, Pki, PkiPaths};
 pub use proxy::{ProxyProcess, TestProxy};
 pub use redis::{RedisServer, RedisTls};

@@ -1,0 +1,653 @@
+//! The producer: callers hand messages to a bounded queue ([`Producer::send`] never waits); a
+//! thread of its own takes them into a buffer of bounded size, batches them per partition, and
+//! sends each batch to its partition's leader, in order, one request in flight per broker.
+//!
+//! What the broker refuses for good (or after `retries` retriable refusals) is dropped and
+//! counted as failed. While no broker can be reached, messages wait in the buffer; beyond its
+//! size new ones are dropped and counted, and the others are sent once a broker answers again.
+//! A message sent again after a broker went away mid-request may be written twice (at least
+//! once, as any Kafka producer without idempotence).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+
+use crate::wire::{Connection, Connector, code_name, retriable};
+use crate::{Error, partition_of};
+
+/// How a producer sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Names the producer in log lines (the logger's id).
+    pub name: String,
+    /// Brokers asked for the topic's partitions and leaders, in turn.
+    pub bootstrap: Vec<(String, u16)>,
+    pub topic: String,
+    /// SASL PLAIN user name and password.
+    pub sasl: Option<(String, String)>,
+    /// How long a message may wait for others to join its batch.
+    pub linger: Duration,
+    /// Most bytes of messages in one partition's batch.
+    pub max_batch: usize,
+    pub compression: Compression,
+    /// Retriable refusals of a batch before its messages are dropped as failed.
+    pub retries: u32,
+    /// First wait after a failure; it doubles up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Most bytes of messages held for sending; beyond it new messages are dropped.
+    pub buffer: usize,
+    /// Messages the hand-off queue holds before the thread takes them.
+    pub queue: usize,
+    /// Connecting, and waiting for a broker's answer.
+    pub timeout: Duration,
+    /// `-1`: every in-sync replica has the batch; `1`: the leader has it.
+    pub acks: i16,
+    /// Longer messages are cut to this many bytes.
+    pub max_message: usize,
+    /// At stop, how long what is still buffered may take to send.
+    pub drain: Duration,
+}
+
+impl Settings {
+    /// Defaults for `topic` on `bootstrap`.
+    pub fn new(name: &str, bootstrap: Vec<(String, u16)>, topic: &str) -> Settings {
+        Settings {
+            name: name.to_owned(),
+            bootstrap,
+            topic: topic.to_owned(),
+            sasl: None,
+            linger: Duration::from_millis(20),
+            max_batch: 512 * 1024,
+            compression: Compression::None,
+            retries: 5,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            buffer: 32 << 20,
+            queue: 65_536,
+            timeout: Duration::from_secs(10),
+            acks: -1,
+            max_message: 200 * 1024,
+            drain: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Chooses the partition (Kafka's default partitioner) unless `partition` is given.
+    pub key: Option<Bytes>,
+    pub partition: Option<u32>,
+    pub value: Bytes,
+    pub timestamp_ms: i64,
+}
+
+/// What a producer counts (read at any time, from any thread).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Acknowledged by the broker.
+    pub sent: AtomicU64,
+    /// Never sent: the queue or the buffer was full, or the producer stopped with them unsent.
+    pub dropped: AtomicU64,
+    /// Refused by the broker for good, or after every retry.
+    pub failed: AtomicU64,
+    /// Cut to `max_message` bytes (and sent).
+    pub truncated: AtomicU64,
+    /// Produce requests answered.
+    pub requests: AtomicU64,
+    /// Attempts that failed: no connection, no answer, or a retriable refusal.
+    pub errors: AtomicU64,
+    /// Bytes of messages held now.
+    pub buffered: AtomicU64,
+    /// Whether the last attempt reached a broker.
+    pub up: AtomicBool,
+}
+
+/// A producer and its thread. Dropping it stops the thread, which sends what it holds for at
+/// most `drain`.
+pub struct Producer {
+    tx: SyncSender<Message>,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    max_message: usize,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("settings", &self.settings).field("stats", &self.stats).finish()
+    }
+}
+
+impl Producer {
+    /// Starts the producer's thread (named after `settings.name`).
+    pub fn start(settings: Settings, connector: Arc<dyn Connector>) -> std::io::Result<Producer> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue.max(1));
+        let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-{}", settings.name).chars().take(15).collect())
+            .spawn(move || worker.run(&rx))?;
+        Ok(Producer {
+            tx,
+            stats,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            max_message: settings.max_message,
+            settings,
+        })
+    }
+
+    /// Hands `message` to the thread; never waits. `false`: the queue was full and the message
+    /// is dropped (and counted).
+    pub fn send(&self, mut message: Message) -> bool {
+        if message.value.len() > self.max_message {
+            message.value.truncate(self.max_message);
+            self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        match self.tx.try_send(message) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Stops the thread and waits for it: what it holds is sent for at most `drain`, the rest
+    /// dropped and counted.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Producer {
+    /// The thread finishes on its own (within `drain`); nobody waits for it.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// A message waiting in the buffer.
+struct Held {
+    message: Message,
+    since: Instant,
+}
+
+impl Held {
+    fn size(&self) -> usize {
+        self.message.value.len() + self.message.key.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// The topic as the last metadata described it.
+struct Layout {
+    /// Leader of each partition (by index); `None` while it has none.
+    leaders: Vec<Option<i32>>,
+    brokers: HashMap<i32, (String, u16)>,
+}
+
+/// One partition's queue, and how often its head batch was refused.
+#[derive(Default)]
+struct Queue {
+    held: VecDeque<Held>,
+    bytes: usize,
+    attempts: u32,
+}
+
+/// How often the thread looks for new messages when it holds none.
+const POLL: Duration = Duration::from_millis(5);
+
+/// The producer's thread.
+struct Sender {
+    s: Settings,
+    connector: Arc<dyn Connector>,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    /// Taken from the queue, partition not chosen yet (no metadata).
+    unassigned: VecDeque<Held>,
+    queues: Vec<Queue>,
+    bytes: usize,
+    layout: Option<Layout>,
+    /// Broker connections by node id (`-1`: the bootstrap broker that gave the metadata).
+    conns: HashMap<i32, Connection>,
+    /// The partition that takes messages without key or partition, until a batch is sent.
+    sticky: usize,
+    next_try: Instant,
+    backoff: Duration,
+    /// The last failure, reported once until a success.
+    failing: Option<String>,
+    next_bootstrap: usize,
+}
+
+impl Sender {
+    fn new(s: Settings, connector: Arc<dyn Connector>, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Sender {
+        Sender {
+            backoff: s.backoff,
+            s,
+            connector,
+            stats,
+            stop,
+            unassigned: VecDeque::new(),
+            queues: Vec::new(),
+            bytes: 0,
+            layout: None,
+            conns: HashMap::new(),
+            sticky: 0,
+            next_try: Instant::now(),
+            failing: None,
+            next_bootstrap: 0,
+        }
+    }
+
+    fn run(&mut self, rx: &Receiver<Message>) {
+        let mut stop_by: Option<Instant> = None;
+        loop {
+            let open = self.take(rx);
+            if stop_by.is_none() && (self.stop.load(Ordering::Acquire) || !open) {
+                stop_by = Some(Instant::now() + self.s.drain);
+            }
+            let now = Instant::now();
+            if let Some(deadline) = stop_by {
+                // Whatever is still in the queue joins the buffer first.
+                self.take(rx);
+                if self.held() == 0 || now >= deadline {
+                    self.drop_all();
+                    return;
+                }
+            }
+            let due = self.due(now, stop_by.is_some());
+            if due && now >= self.next_try {
+                match self.flush(now, stop_by.is_some()) {
+                    Ok(()) => self.succeeded(),
+                    Err(e) => self.failed(e),
+                }
+                continue;
+            }
+            // Sleep until the next batch is due, a retry may go, or (holding nothing) a while.
+            let mut wake = now + POLL;
+            if self.held() > 0 {
+                if let Some(oldest) = self.oldest() {
+                    wake = wake.min(oldest + self.s.linger);
+                }
+                wake = wake.max(self.next_try.min(now + self.s.linger));
+            }
+            std::thread::sleep(wake.saturating_duration_since(now).max(Duration::from_millis(1)));
+        }
+    }
+
+    /// Moves what the queue holds into the buffer (dropping what does not fit); `false` once
+    /// every sender is gone.
+    fn take(&mut self, rx: &Receiver<Message>) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(message) => {
+                    let held = Held { message, since: Instant::now() };
+                    let size = held.size();
+                    if self.bytes + size > self.s.buffer {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.bytes += size;
+                    self.place(held);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.stats.buffered.store(self.bytes as u64, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+        self.stats.buffered.store(self.bytes as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Puts a message in its partition's queue, or aside until the partitions are known.
+    fn place(&mut self, held: Held) {
+        let count = self.queues.len();
+        if count == 0 {
+            self.unassigned.push_back(held);
+            return;
+        }
+        let partition = match (held.message.partition, &held.message.key) {
+            (Some(p), _) => p as usize,
+            (None, Some(key)) => partition_of(key, count),
+            (None, None) => self.sticky % count,
+        };
+        if partition >= count {
+            self.bytes -= held.size();
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(logger = %self.s.name, partition, partitions = count, topic = %self.s.topic, "a message for a partition the topic does not have was dropped");
+            return;
+        }
+        let q = &mut self.queues[partition];
+        q.bytes += held.size();
+        q.held.push_back(held);
+    }
+
+    fn held(&self) -> usize {
+        self.unassigned.len() + self.queues.iter().map(|q| q.held.len()).sum::<usize>()
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        let unassigned = self.unassigned.front().map(|h| h.since);
+        let queued = self.queues.iter().filter_map(|q| q.held.front().map(|h| h.since)).min();
+        match (unassigned, queued) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a batch should go now: one is full, or has waited `linger`, or the producer is
+    /// stopping.
+    fn due(&self, now: Instant, stopping: bool) -> bool {
+        if self.held() == 0 {
+            return false;
+        }
+        stopping
+            || self.oldest().is_some_and(|t| now.duration_since(t) >= self.s.linger)
+            || self.queues.iter().any(|q| q.bytes >= self.s.max_batch)
+            || self.unassigned.iter().map(Held::size).sum::<usize>() >= self.s.max_batch
+    }
+
+    fn drop_all(&mut self) {
+        let left = self.held() as u64;
+        if left > 0 {
+            self.stats.dropped.fetch_add(left, Ordering::Relaxed);
+            tracing::warn!(logger = %self.s.name, messages = left, "stopping with messages the broker did not take; dropped");
+        }
+        self.unassigned.clear();
+        self.queues.clear();
+        self.bytes = 0;
+        self.stats.buffered.store(0, Ordering::Relaxed);
+    }
+
+    fn succeeded(&mut self) {
+        self.backoff = self.s.backoff;
+        self.stats.up.store(true, Ordering::Relaxed);
+        if let Some(was) = self.failing.take() {
+            tracing::info!(logger = %self.s.name, after = %was, "the broker takes messages again");
+        }
+    }
+
+    fn failed(&mut self, e: Error) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.up.store(false, Ordering::Relaxed);
+        if !matches!(e, Error::Broker(_)) {
+            // A connection that failed may be in the middle of an answer: start over.
+            self.conns.clear();
+            self.layout = None;
+        }
+        let message = e.to_string();
+        if self.failing.as_deref() != Some(message.as_str()) {
+            tracing::warn!(logger = %self.s.name, error = %message, held = self.held(), "cannot send to the broker; messages wait in the buffer");
+            self.failing = Some(message);
+        }
+        self.next_try = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(self.s.max_backoff);
+    }
+
+    /// Sends every due batch: metadata first when the layout is unknown.
+    fn flush(&mut self, now: Instant, stopping: bool) -> Result<(), Error> {
+        if self.layout.is_none() {
+            self.refresh()?;
+        }
+        let Some(leaders) = self.layout.as_ref().map(|l| l.leaders.clone()) else { return Ok(()) };
+        // Batches per leader.
+        let mut by_leader: HashMap<i32, Vec<usize>> = HashMap::new();
+        for (p, q) in self.queues.iter().enumerate() {
+            let ready = q.bytes >= self.s.max_batch
+                || stopping
+                || q.held.front().is_some_and(|h| now.duration_since(h.since) >= self.s.linger);
+            if q.held.is_empty() || !ready {
+                continue;
+            }
+            match leaders.get(p).copied().flatten() {
+                Some(leader) => by_leader.entry(leader).or_default().push(p),
+                None => {
+                    self.layout = None;
+                    return Err(Error::Broker(format!("partition {p} of {} has no leader", self.s.topic)));
+                }
+            }
+        }
+        let mut result = Ok(());
+        for (leader, partitions) in by_leader {
+            if let Err(e) = self.produce(leader, &partitions) {
+                result = Err(e);
+            }
+        }
+        self.sticky = self.sticky.wrapping_add(1);
+        result
+    }
+
+    /// Asks a bootstrap broker (each in turn, from where the last attempt left off) for the
+    /// topic's partitions and their leaders.
+    fn refresh(&mut self) -> Result<(), Error> {
+        let mut last = Error::Io("no bootstrap broker".to_owned());
+        for _ in 0..self.s.bootstrap.len() {
+            let (host, port) = self.s.bootstrap[self.next_bootstrap % self.s.bootstrap.len()].clone();
+            self.next_bootstrap += 1;
+            match self.metadata(&host, port) {
+                Ok(layout) => {
+                    self.adopt(layout);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn metadata(&mut self, host: &str, port: u16) -> Result<Layout, Error> {
+        let mut conn = match self.conns.remove(&-1) {
+            Some(c) => c,
+            None => self.open(host, port)?,
+        };
+        let version = conn.versions.metadata;
+        let request = MetadataRequest::default()
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_string(self.s.topic.clone())))),
+            ]))
+            .with_allow_auto_topic_creation(false);
+        let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
+        self.conns.insert(-1, conn);
+        let topic = answer
+            .topics
+            .iter()
+            .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == self.s.topic))
+            .ok_or_else(|| Error::Broker(format!("the broker did not describe topic {}", self.s.topic)))?;
+        if topic.error_code != 0 {
+            return Err(Error::Broker(format!("topic {}: {}", self.s.topic, code_name(topic.error_code))));
+        }
+        let count = topic.partitions.iter().map(|p| p.partition_index).max().map_or(0, |m| m + 1);
+        if topic.partitions.is_empty() || count > 100_000 || count as usize != topic.partitions.len() {
+            return Err(Error::Protocol(format!(
+                "topic {}: partitions {count} described oddly",
+                self.s.topic
+            )));
+        }
+        let mut leaders = vec![None; count as usize];
+        for p in &topic.partitions {
+            if p.error_code == 0 && p.leader_id.0 >= 0 {
+                leaders[p.partition_index as usize] = Some(p.leader_id.0);
+            }
+        }
+        let brokers = answer
+            .brokers
+            .iter()
+            .filter_map(|b| Some((b.node_id.0, (b.host.as_str().to_owned(), u16::try_from(b.port).ok()?))))
+            .collect();
+        Ok(Layout { leaders, brokers })
+    }
+
+    /// Takes a new layout: the partition queues follow the partition count (a changed count
+    /// places every held message again).
+    fn adopt(&mut self, layout: Layout) {
+        let count = layout.leaders.len();
+        if count != self.queues.len() {
+            let mut all: Vec<Held> = self.queues.drain(..).flat_map(|q| q.held).collect();
+            all.sort_by_key(|h| h.since);
+            self.unassigned.extend(all);
+            self.queues = (0..count).map(|_| Queue::default()).collect();
+        }
+        // Connections to brokers the layout no longer names are closed.
+        self.conns.retain(|id, _| *id == -1 || layout.brokers.contains_key(id));
+        self.layout = Some(layout);
+        while let Some(held) = self.unassigned.pop_front() {
+            self.place(held);
+        }
+    }
+
+    fn open(&self, host: &str, port: u16) -> Result<Connection, Error> {
+        let sasl = self.s.sasl.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        Connection::open(&*self.connector, host, port, self.s.timeout, "portcullis", sasl)
+    }
+
+    /// One Produce request to `leader` with a batch of each of `partitions`.
+    fn produce(&mut self, leader: i32, partitions: &[usize]) -> Result<(), Error> {
+        let (host, port) = self
+            .layout
+            .as_ref()
+            .and_then(|l| l.brokers.get(&leader).cloned())
+            .ok_or_else(|| Error::Protocol(format!("leader {leader} is not among the brokers")))?;
+        let mut conn = match self.conns.remove(&leader) {
+            Some(c) => c,
+            None => self.open(&host, port)?,
+        };
+        let mut counts = Vec::with_capacity(partitions.len());
+        let mut data = Vec::with_capacity(partitions.len());
+        for &p in partitions {
+            let (records, n) = self.batch(p)?;
+            counts.push((p, n));
+            data.push(PartitionProduceData::default().with_index(p as i32).with_records(Some(records)));
+        }
+        let request = ProduceRequest::default()
+            .with_acks(self.s.acks)
+            .with_timeout_ms(self.s.timeout.as_millis().min(i32::MAX as u128) as i32)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(self.s.topic.clone())))
+                    .with_partition_data(data),
+            ]);
+        let version = conn.versions.produce;
+        if self.s.acks == 0 {
+            conn.send(ApiKey::Produce, version, &request)?;
+            self.conns.insert(leader, conn);
+            for (p, n) in counts {
+                self.settle(p, n, 0);
+            }
+            return Ok(());
+        }
+        let answer: ProduceResponse = conn.call(ApiKey::Produce, version, &request)?;
+        self.conns.insert(leader, conn);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut refused = None;
+        for (p, n) in counts {
+            let code = answer
+                .responses
+                .iter()
+                .filter(|t| t.name.0.as_str() == self.s.topic)
+                .flat_map(|t| &t.partition_responses)
+                .find(|r| r.index == p as i32)
+                .map(|r| r.error_code);
+            // A partition the answer leaves out is treated as a retriable refusal.
+            let code = code.unwrap_or(kafka_protocol::ResponseError::NetworkException.code());
+            if code != 0 && refused.is_none() {
+                refused = Some(format!("partition {p}: {}", code_name(code)));
+            }
+            self.settle(p, n, code);
+        }
+        match refused {
+            None => Ok(()),
+            Some(why) => Err(Error::Broker(why)),
+        }
+    }
+
+    /// The head of partition `p`'s queue as one record batch: up to `max_batch` bytes (at least
+    /// one message).
+    fn batch(&self, p: usize) -> Result<(Bytes, usize), Error> {
+        let q = &self.queues[p];
+        let mut size = 0;
+        let mut records = Vec::new();
+        for (i, h) in q.held.iter().enumerate() {
+            if i > 0 && size + h.size() > self.s.max_batch {
+                break;
+            }
+            size += h.size();
+            records.push(Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                sequence: -1,
+                timestamp: h.message.timestamp_ms,
+                key: h.message.key.clone(),
+                value: Some(h.message.value.clone()),
+                headers: Default::default(),
+            });
+        }
+        let mut out = BytesMut::with_capacity(size + 128);
+        let options = RecordEncodeOptions { version: 2, compression: self.s.compression };
+        RecordBatchEncoder::encode(&mut out, &records, &options)
+            .map_err(|e| Error::Encode(format!("a record batch: {e}")))?;
+        Ok((out.freeze(), records.len()))
+    }
+
+    /// What the broker said of partition `p`'s batch of `n` messages.
+    fn settle(&mut self, p: usize, n: usize, code: i16) {
+        let q = &mut self.queues[p];
+        let give_up = code != 0 && (!retriable(code) || q.attempts >= self.s.retries);
+        if code != 0 && !give_up {
+            q.attempts += 1;
+            // The leader may have moved.
+            self.layout = None;
+            return;
+        }
+        let mut bytes = 0;
+        for h in q.held.drain(..n.min(q.held.len())) {
+            bytes += h.size();
+        }
+        q.bytes -= bytes;
+        q.attempts = 0;
+        self.bytes -= bytes;
+        self.stats.buffered.store(self.bytes as u64, Ordering::Relaxed);
+        if code == 0 {
+            self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+        } else {
+            self.stats.failed.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(logger = %self.s.name, partition = p, messages = n, error = %code_name(code), "the broker refused a batch; dropped");
+        }
+    }
+}
