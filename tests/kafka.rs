@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use portcullis_kafka::{Compression, Message, Producer, Settings, TcpConnector, partition_of};
-use portcullis_testkit::KafkaBroker;
+use portcullis_testkit::{KafkaBroker, ProxyProcess};
+
+use crate::common::{Env, admin, admin_of, binary, metric};
 
 fn settings(broker: &KafkaBroker, topic: &str) -> Settings {
     let mut s = Settings::new("test", vec![("127.0.0.1".to_owned(), broker.addr().port())], topic);
@@ -141,4 +143,197 @@ fn messages_over_200_kb_are_cut_and_a_missing_topic_is_not_fatal() {
     assert_eq!(records[0].value.as_ref().unwrap().len(), 200 * 1024);
     assert_eq!(stats.truncated.load(Ordering::Relaxed), 1);
     producer.stop();
+}
+
+/// A proxy whose API logs through `[[logger]]` "audit" (`logger` is the rest of its table).
+fn proxy_config(env: &Env, broker: &KafkaBroker, server: &str, logger: &str, steps: &str) -> String {
+    env.config(
+        "request",
+        &format!(
+            "[server]\nworkers = 2\nadmin = \"127.0.0.1:0\"\n{server}\n\
+             [[logger]]\nname = \"audit\"\nkind = \"kafka\"\nbootstrap = [\"{}\"]\nlinger = \"5ms\"\n\
+             retry_backoff = \"50ms\"\nretry_backoff_max = \"200ms\"\ntimeout = \"2s\"\n{logger}\n\
+             [[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n{steps}\n",
+            broker.bootstrap()
+        ),
+    )
+}
+
+fn value_of(r: &portcullis_testkit::kafka::Fetched) -> serde_json::Value {
+    let text = std::str::from_utf8(r.value.as_ref().unwrap()).unwrap();
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn log_to_eventhub_and_the_access_log_reach_the_broker_all_of_them_in_order() {
+    let env = Env::new();
+    let broker = KafkaBroker::start();
+    broker.create_topic("requests", 2);
+    broker.create_topic("access", 1);
+    let steps = r#"
+[[api.inbound]]
+log_to_eventhub = { logger_id = "audit", partition_key = "{header.x-tenant}", message = '{"id":"{request.id}","method":"{request.method}","path":"{request.path}","tenant":"{header.x-tenant}","n":{header.x-n},"sub":"{subscription.id}"}' }
+[[api.outbound]]
+log_to_eventhub = { logger_id = "audit", partition_id = 0, message = '{"status":{response.status},"path":"{request.path}","server":"{header.server}"}' }
+"#;
+    // Outbound, `{header.NAME}` reads the response's headers.
+    let text = proxy_config(&env, &broker, "", "topic = \"requests\"", steps)
+        .replace("[[api]]", "[[logger]]\nname = \"access\"\nkind = \"kafka\"\ntopic = \"access\"\nlinger = \"5ms\"\nbootstrap = [\"BOOT\"]\n[[api]]")
+        .replace("BOOT", &broker.bootstrap())
+        .replace("admin = ", "access_log = { logger = \"access\" }\nadmin = ");
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    for i in 0..40 {
+        let tenant = if i == 7 { "evil\"}\\".to_owned() } else { format!("t{}", i % 3) };
+        let n = i.to_string();
+        let r = c
+            .request("GET", &format!("/item/{i}?key=secret"), &[("X-Tenant", &tenant), ("X-N", &n)], b"")
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let admin_addr = admin_of(&proxy);
+    let sent = |logger: &str| {
+        metric(
+            &admin(admin_addr, "GET", "/metrics").1,
+            &format!("portcullis_logger_messages_total{{logger=\"{logger}\",result=\"sent\"}}"),
+        )
+    };
+    wait_until("80 messages acknowledged", Duration::from_secs(20), || sent("audit") == 80);
+    wait_until("40 access records acknowledged", Duration::from_secs(20), || sent("access") == 40);
+
+    let records = broker.read_at_least("requests", 80, Duration::from_secs(5));
+    assert_eq!(records.len(), 80);
+    let (inbound, outbound): (Vec<_>, Vec<_>) =
+        records.iter().partition(|r| value_of(r).get("method").is_some());
+    assert_eq!(inbound.len(), 40);
+    let mut last = [-1i64; 2];
+    let mut seen = [false; 40];
+    for r in &inbound {
+        let v = value_of(r);
+        let n = v["n"].as_i64().unwrap();
+        let tenant = if n == 7 { "evil\"}\\".to_owned() } else { format!("t{}", n % 3) };
+        assert_eq!(v["tenant"], tenant.as_str(), "a client's bytes cannot end the JSON string");
+        assert_eq!(v["path"], format!("/item/{n}"), "no query");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["sub"], "", "no subscription: empty, and the message still sent");
+        assert_eq!(v["id"].as_str().map(str::len), Some(16));
+        assert_eq!(r.key.as_deref(), Some(tenant.as_bytes()), "the step's partition_key");
+        assert_eq!(r.partition as usize, partition_of(tenant.as_bytes(), 2));
+        let p = r.partition as usize;
+        assert!(n > last[p], "in order within partition {p}");
+        last[p] = n;
+        seen[n as usize] = true;
+    }
+    assert!(seen.iter().all(|&s| s), "every request once");
+    // The outbound messages, to partition 0 as the step says, in the order of the requests.
+    let paths: Vec<String> = outbound
+        .iter()
+        .map(|r| {
+            assert_eq!(r.partition, 0);
+            let v = value_of(r);
+            assert_eq!(v["status"], 200);
+            v["path"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("/item/{i}")).collect();
+    assert_eq!(paths, expected);
+
+    let access = broker.read_at_least("access", 40, Duration::from_secs(5));
+    let paths: Vec<String> =
+        access.iter().map(|r| value_of(r)["path"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(paths, expected, "the access log's records, in order");
+    assert!(access.iter().all(|r| value_of(r)["status"] == 200));
+}
+
+#[test]
+fn a_broker_gone_mid_run_costs_no_request_drops_beyond_the_buffer_and_delivery_resumes() {
+    let env = Env::new();
+    let mut broker = KafkaBroker::start();
+    broker.create_topic("requests", 1);
+    // Messages of 4 bytes; the buffer holds 10.
+    let logger = "topic = \"requests\"\nbuffer = 40";
+    let steps = "[[api.inbound]]\nlog_to_eventhub = { logger_id = \"audit\", message = \"m{header.x-n}\" }\n";
+    let proxy = ProxyProcess::spawn(
+        &binary(),
+        &env.write_config("p.toml", &proxy_config(&env, &broker, "", logger, steps)),
+    );
+    let admin_addr = admin_of(&proxy);
+    let count = |result: &str| {
+        metric(
+            &admin(admin_addr, "GET", "/metrics").1,
+            &format!("portcullis_logger_messages_total{{logger=\"audit\",result=\"{result}\"}}"),
+        )
+    };
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let mut get = |n: usize| c.request("GET", "/", &[("X-N", &format!("{n:03}"))], b"").unwrap().status;
+    for n in 0..10 {
+        assert_eq!(get(n), 200);
+    }
+    wait_until("10 sent", Duration::from_secs(20), || count("sent") == 10);
+
+    broker.stop();
+    for n in 10..60 {
+        assert_eq!(get(n), 200, "requests go on without the broker");
+    }
+    wait_until("40 dropped", Duration::from_secs(20), || count("dropped") == 40);
+    let metrics = admin(admin_addr, "GET", "/metrics").1;
+    assert_eq!(metric(&metrics, "portcullis_logger_buffered_bytes{logger=\"audit\"}"), 40);
+    wait_until("the logger down", Duration::from_secs(20), || {
+        metric(&admin(admin_addr, "GET", "/metrics").1, "portcullis_logger_up{logger=\"audit\"}") == 0
+    });
+    assert!(proxy.wait_for_log("cannot send to the broker", Duration::from_secs(10)).is_some());
+
+    broker.restart();
+    broker.create_topic("requests", 1);
+    wait_until("the buffer sent", Duration::from_secs(20), || count("sent") == 20);
+    for n in 60..65 {
+        assert_eq!(get(n), 200);
+    }
+    wait_until("5 more", Duration::from_secs(20), || count("sent") == 25);
+    let values: Vec<String> = broker
+        .read_at_least("requests", 15, Duration::from_secs(5))
+        .iter()
+        .map(|r| String::from_utf8(r.value.as_ref().unwrap().to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = (10..20).chain(60..65).map(|n| format!("m{n:03}")).collect();
+    assert_eq!(values, expected, "the ten the buffer held, then the new ones");
+    assert!(proxy.wait_for_log("the broker takes messages again", Duration::from_secs(10)).is_some());
+    assert_eq!(count("failed"), 0);
+}
+
+#[test]
+fn loggers_that_cannot_work_are_configuration_errors_naming_the_line() {
+    let env = Env::new();
+    let broker = KafkaBroker::start();
+    for (logger, steps, expected) in [
+        (
+            "topic = \"t\"",
+            "[[api.inbound]]\nlog_to_eventhub = { logger_id = \"nope\", message = \"x\" }",
+            "no logger named \"nope\" (known: \"audit\")",
+        ),
+        (
+            "topic = \"t\"\nsasl = { mechanism = \"SCRAM-SHA-256\", username = \"u\", password_file = \"pw\" }",
+            "",
+            "sasl.mechanism: unknown value \"SCRAM-SHA-256\"",
+        ),
+        (
+            "topic = \"t\"\nsasl = { username = \"$ConnectionString\", password_file = \"missing.key\" }",
+            "",
+            "cannot read the password file",
+        ),
+        ("topic = \"a topic\"", "", "a topic name is 1 to 249"),
+        ("topic = \"t\"\ncompression = \"brotli\"", "", "compression: unknown value \"brotli\""),
+        (
+            "topic = \"t\"",
+            "[[api.inbound]]\nlog_to_eventhub = { logger_id = \"audit\", message = \"{nothing}\" }",
+            "unknown variable {nothing}",
+        ),
+    ] {
+        let path = env.write_config("bad.toml", &proxy_config(&env, &broker, "", logger, steps));
+        let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{logger} {steps}: {text}");
+        assert!(text.contains(expected), "{expected} in:\n{text}");
+        assert!(text.contains("bad.toml:"), "the file and line: {text}");
+    }
 }

@@ -52,6 +52,8 @@ fn facts() -> Facts<'static> {
         now_ms: now() as u64 * 1000,
         query: b"",
         route: Default::default(),
+        method: b"GET",
+        path: b"/",
     }
 }
 

@@ -126,6 +126,8 @@ backend = "app"
         now_ms: portcullis_tls::now_unix() as u64 * 1000,
         query: b"",
         route: Default::default(),
+        method: b"GET",
+        path: b"/",
     };
     let mut edits = HeaderEdits::default();
     let mut state = RequestState::default();

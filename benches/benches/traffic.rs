@@ -93,6 +93,8 @@ fn limits(c: &mut Criterion) {
                         now_ms,
                         query: b"",
                         route: Default::default(),
+                        method: b"GET",
+                        path: b"/",
                     };
                     let go_on =
                         support::inbound(&set, policy, black_box(&facts), &fields, &mut state, &mut edits);

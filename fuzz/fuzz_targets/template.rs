@@ -33,6 +33,8 @@ fuzz_target!(|data: &[u8]| {
         now_ms: 1_800_000_000_000,
         query: b"a=1&b",
         route: Default::default(),
+        method: b"GET",
+        path: b"/",
     };
     let (state, set) = (RequestState::default(), PolicySet::default());
     let mut out = BytesMut::new();

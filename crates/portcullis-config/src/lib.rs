@@ -14,6 +14,7 @@ mod callers;
 mod callout;
 mod error;
 mod load;
+mod logger;
 mod model;
 pub mod openapi;
 mod reader;

@@ -75,6 +75,7 @@ pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) 
             "openid",
             "inbound",
             "outbound",
+            "logger",
         ],
     );
     let server = match get(root, "server") {
@@ -115,6 +116,14 @@ pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) 
         Some(v) => r.tables(v, "openid").into_iter().filter_map(|(v, f)| openid(&mut r, v, &f)).collect(),
         None => Vec::new(),
     };
+    let loggers: Vec<Logger> = match get(root, "logger") {
+        Some(v) => r
+            .tables(v, "logger")
+            .into_iter()
+            .filter_map(|(v, f)| crate::logger::logger(&mut r, v, &f))
+            .collect(),
+        None => Vec::new(),
+    };
     let inbound = get(root, "inbound").map(|v| steps(&mut r, v, "inbound")).unwrap_or_default();
     let outbound = get(root, "outbound").map(|v| steps(&mut r, v, "outbound")).unwrap_or_default();
 
@@ -132,8 +141,10 @@ pub fn parse_partial(path: &Path, text: &str) -> (Option<Config>, ConfigErrors) 
         openid,
         inbound,
         outbound,
+        loggers,
     };
     cross_check(&mut r, &config);
+    crate::logger::cross_check(&mut r, &config);
     crate::callers::cross_check(&mut r.errors, &config);
     let mut errors = r.errors;
     errors.sort();
@@ -380,12 +391,12 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
 /// `access_log = true | false | { path, format, queue }`.
 fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
     let field = "server.access_log";
-    let default = AccessLog { path: None, format: AccessFormat::Json, queue: 65_536 };
+    let default = AccessLog { path: None, format: AccessFormat::Json, queue: 65_536, logger: None };
     if let toml::de::DeValue::Boolean(b) = v.get_ref() {
         return b.then_some(default);
     }
     let t = r.table(v, field)?;
-    r.check_keys(t, field, &["path", "format", "queue"]);
+    r.check_keys(t, field, &["path", "format", "queue", "logger"]);
     let path = match get(t, "path").and_then(|p| r.non_empty_string(p, &join(field, "path"))) {
         Some(p) if p.value == "stdout" => None,
         Some(_) => get(t, "path").and_then(|v| r.path(v, &join(field, "path"))).map(|p| p.value),
@@ -407,7 +418,11 @@ fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
         }
         None => default.queue,
     };
-    Some(AccessLog { path, format, queue })
+    let logger = get(t, "logger").and_then(|l| r.non_empty_string(l, &join(field, "logger")));
+    if let (Some(l), Some(_)) = (&logger, get(t, "path")) {
+        r.errors.push(l.loc.error("give the access log a path or a logger, not both"));
+    }
+    Some(AccessLog { path, format, queue, logger })
 }
 
 /// The parser's hard cap on header fields (`portcullis_http::MAX_HEADERS_CAP`); the config crate
@@ -1167,7 +1182,7 @@ fn operation(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<OperationTabl
     Some(OperationTable { pattern, id, inherit, inbound, outbound, timeout })
 }
 
-const STEP_KINDS: [&str; 13] = [
+const STEP_KINDS: [&str; 14] = [
     "set_header",
     "validate_client_certificate",
     "return_response",
@@ -1181,6 +1196,7 @@ const STEP_KINDS: [&str; 13] = [
     "send_request",
     "find_and_replace",
     "redirect_content_urls",
+    "log_to_eventhub",
 ];
 
 pub(crate) fn steps(r: &mut Reader, v: &Value<'_>, field: &str) -> Vec<Step> {
@@ -1212,6 +1228,7 @@ fn step(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Step> {
         "send_request" => StepKind::SendRequest(Box::new(crate::callout::send_request(r, body, &field)?)),
         "find_and_replace" => StepKind::FindAndReplace(find_and_replace(r, body, &field)?),
         "redirect_content_urls" => StepKind::RedirectContentUrls(r.boolean(body, &field)?),
+        "log_to_eventhub" => StepKind::LogToEventhub(crate::logger::log_to_eventhub(r, body, &field)?),
         _ => return None,
     };
     Some(Step { kind, loc: r.loc(&key.span(), &field) })

@@ -42,6 +42,87 @@ pub struct Config {
     /// Steps of the global scope, applied to every API before its own.
     pub inbound: Vec<Step>,
     pub outbound: Vec<Step>,
+    /// `[[logger]]`: where `log_to_eventhub` steps (and the access log, if it says so) write.
+    pub loggers: Vec<Logger>,
+}
+
+impl Config {
+    /// Every step of every scope: global, products', APIs' and operations'.
+    pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
+        self.inbound
+            .iter()
+            .chain(&self.outbound)
+            .chain(self.products.iter().flat_map(|p| p.inbound.iter().chain(&p.outbound)))
+            .chain(self.apis.iter().flat_map(|a| {
+                a.inbound
+                    .iter()
+                    .chain(&a.outbound)
+                    .chain(a.operations.iter().flat_map(|o| o.inbound.iter().chain(&o.outbound)))
+            }))
+    }
+}
+
+/// `[[logger]]` of kind `kafka`: a Kafka topic (or an Azure Event Hub through its Kafka
+/// endpoint) that `log_to_eventhub` steps and the access log write to, through a producer on a
+/// thread of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logger {
+    /// What steps name (`logger_id`) and metrics label; `id` is accepted too.
+    pub name: Located<String>,
+    /// Brokers asked for the topic's layout, in turn (`host:port`).
+    pub bootstrap: Vec<(String, u16)>,
+    pub topic: String,
+    /// TLS to the brokers, verified against these CAs (the system's when empty).
+    pub tls: Option<Vec<Located<PathBuf>>>,
+    pub sasl: Option<Sasl>,
+    /// A template: the key of messages whose step gives none (it picks the partition).
+    pub partition_key: Option<Located<String>>,
+    pub linger: Duration,
+    /// Bytes of messages per partition in one batch, at most.
+    pub max_batch: usize,
+    pub compression: LogCompression,
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    /// Bytes of messages held while the broker cannot take them; beyond it new ones are dropped.
+    pub buffer: usize,
+    /// Messages handed over by the workers and not yet taken by the logger's thread, at most.
+    pub queue: usize,
+    pub timeout: Duration,
+    /// `-1` all in-sync replicas, `1` the leader, `0` no answer.
+    pub acks: i16,
+    /// At shutdown (or when a reload replaces the logger), how long held messages may take.
+    pub drain: Duration,
+    pub loc: Loc,
+}
+
+/// SASL PLAIN: what Azure Event Hubs takes (`username = "$ConnectionString"`, the connection
+/// string in `password_file`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sasl {
+    pub username: String,
+    pub password_file: Located<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogCompression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+/// `log_to_eventhub`: API Management's `log-to-eventhub`: a message rendered from a template,
+/// written to a logger.
+#[derive(Debug, Clone)]
+pub struct LogToEventhub {
+    pub logger_id: Located<String>,
+    /// A template; values are JSON-escaped, and a variable without a value is left empty.
+    pub message: Located<String>,
+    pub partition_id: Option<u32>,
+    /// A template: the message's key (overrides the logger's `partition_key`).
+    pub partition_key: Option<Located<String>>,
 }
 
 /// Which io driver the workers run on.
@@ -109,6 +190,8 @@ pub struct AccessLog {
     pub format: AccessFormat,
     /// Records waiting for the log thread at most (more are dropped and counted). Read at start.
     pub queue: usize,
+    /// Records go to this `[[logger]]` (as JSON, one message each) instead of `path`.
+    pub logger: Option<Located<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,6 +538,7 @@ pub enum StepKind {
     /// `redirect_content_urls = true`: `Location` and `Content-Location` from the backend's URL
     /// to the public one (outbound).
     RedirectContentUrls(bool),
+    LogToEventhub(LogToEventhub),
 }
 
 /// `find_and_replace`: API Management's policy of that name, on response bodies.

@@ -136,8 +136,17 @@ impl std::fmt::Debug for Producer {
 impl Producer {
     /// Starts the producer's thread (named after `settings.name`).
     pub fn start(settings: Settings, connector: Arc<dyn Connector>) -> std::io::Result<Producer> {
+        Producer::start_with(settings, connector, Arc::new(Stats::default()))
+    }
+
+    /// As [`Producer::start`], counting into `stats` (kept by the caller across producers that
+    /// replace each other).
+    pub fn start_with(
+        settings: Settings,
+        connector: Arc<dyn Connector>,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<Producer> {
         let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue.max(1));
-        let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
         let thread = std::thread::Builder::new()

@@ -46,6 +46,10 @@ pub struct Facts<'a> {
     pub query: &'a [u8],
     /// The path the API's operation matched, and where its parameters are.
     pub route: RouteMatch<'a>,
+    /// The request's method and path (without the query), for messages (`{request.method}`,
+    /// `{request.path}`); empty where the server gives none.
+    pub method: &'a [u8],
+    pub path: &'a [u8],
 }
 
 /// The path after the API's prefix (no query) and the matched operation's parameters: each
@@ -112,6 +116,20 @@ pub struct RequestState {
     /// The answers of the request's callouts that let it through, by name.
     pub(crate) callouts: Vec<(std::sync::Arc<str>, Rc<crate::callout::CalloutAnswer>)>,
     pub(crate) local: Rc<RefCell<WorkerLocal>>,
+    /// Messages `log_to_eventhub` steps rendered, for the server to hand to their loggers.
+    pub(crate) logs: RefCell<Vec<LogMessage>>,
+    /// The backend's status, once its response is in (`{response.status}` in outbound steps).
+    pub(crate) response_status: u16,
+}
+
+/// A message for a logger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogMessage {
+    /// Index of the logger in the configuration's `[[logger]]` list.
+    pub logger: usize,
+    pub partition: Option<u32>,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
 }
 
 impl RequestState {
@@ -132,6 +150,23 @@ impl RequestState {
         self.wait_secs = 0;
         self.callout_request = None;
         self.callouts.clear();
+        self.logs.get_mut().clear();
+        self.response_status = 0;
+    }
+
+    /// The messages the request's `log_to_eventhub` steps rendered since the last call.
+    pub fn take_logs(&mut self) -> std::vec::Drain<'_, LogMessage> {
+        self.logs.get_mut().drain(..)
+    }
+
+    /// Whether a step rendered a message for a logger.
+    pub fn has_logs(&self) -> bool {
+        !self.logs.borrow().is_empty()
+    }
+
+    /// The backend's response status, for the outbound steps about to run.
+    pub fn set_response_status(&mut self, status: u16) {
+        self.response_status = status;
     }
 
     /// The request a callout step waits to have sent ([`Need::Callout`](crate::Need::Callout)).

@@ -39,7 +39,7 @@ mod thumbprints;
 
 pub use callout::CalloutTarget;
 pub use counters::Counters;
-pub use facts::{Answer, Facts, HeaderEdits, HeaderList, RequestState, RouteMatch, WorkerLocal};
+pub use facts::{Answer, Facts, HeaderEdits, HeaderList, LogMessage, RequestState, RouteMatch, WorkerLocal};
 pub use fleet::{Batch, Deltas, SCRIPT as FLEET_SCRIPT};
 pub use ipset::IpSet;
 pub use jwt::TokenCache;

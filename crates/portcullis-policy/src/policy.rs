@@ -184,6 +184,7 @@ enum Step {
     FindAndReplace(Bytes, Bytes),
     /// Rewrites the backend's URL to the public one in `Location` and `Content-Location`.
     RedirectContentUrls,
+    LogToEventhub(Box<LogStep>),
     /// Waits for [`Need::Probe`]; goes on when the answer's status is `allow`, answers `reject`
     /// otherwise.
     #[cfg(test)]
@@ -373,8 +374,38 @@ pub(crate) fn json_response(status: u16, message: &str) -> Response {
     }
 }
 
+/// `log_to_eventhub`: a message for logger `logger`.
+#[derive(Debug)]
+pub(crate) struct LogStep {
+    logger: usize,
+    message: Template,
+    partition: Option<u32>,
+    /// The step's `partition_key`, or else the logger's.
+    key: Option<Template>,
+}
+
+impl LogStep {
+    /// Renders the message (and its key) into the request's logs.
+    fn run(&self, cx: &Context<'_>) {
+        let mut value = BytesMut::with_capacity(256);
+        self.message.render(cx, &mut value);
+        let key = self.key.as_ref().map(|k| {
+            let mut key = BytesMut::new();
+            k.render(cx, &mut key);
+            key.freeze()
+        });
+        cx.state.logs.borrow_mut().push(crate::facts::LogMessage {
+            logger: self.logger,
+            partition: self.partition,
+            key,
+            value: value.freeze(),
+        });
+    }
+}
+
 struct Compiler<'a> {
     inputs: &'a Inputs,
+    loggers: &'a [portcullis_config::Logger],
     list_names: &'a [String],
     errors: ConfigErrors,
     identity: Vec<Bytes>,
@@ -614,6 +645,33 @@ impl Compiler<'_> {
                 }
                 self.send_request(s).map(|c| Step::SendRequest(Box::new(c)))
             }
+            StepKind::LogToEventhub(l) => {
+                // A name no logger has is reported by the configuration's own check.
+                let logger = self.loggers.iter().position(|g| g.name.value == l.logger_id.value)?;
+                let message = match Template::parse_message(&l.message.value, &l.message.loc) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.errors.push(e);
+                        return None;
+                    }
+                };
+                let key = match l.partition_key.as_ref().or(self.loggers[logger].partition_key.as_ref()) {
+                    Some(k) if l.partition_id.is_none() => match Template::parse_key(&k.value, &k.loc) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            self.errors.push(e);
+                            return None;
+                        }
+                    },
+                    _ => None,
+                };
+                Some(Step::LogToEventhub(Box::new(LogStep {
+                    logger,
+                    message,
+                    partition: l.partition_id,
+                    key,
+                })))
+            }
             StepKind::CheckHeader(c) => {
                 if !inbound {
                     self.errors.push(step.loc.error("check_header is an inbound step"));
@@ -727,6 +785,7 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
     }
     let mut c = Compiler {
         inputs,
+        loggers: &config.loggers,
         list_names: &list_names,
         errors,
         identity: Vec::new(),
@@ -1096,6 +1155,7 @@ impl PolicySet {
     ) -> Option<Verdict<'p>> {
         match step {
             Step::SetHeader(s) => run_set_header(s, &Context { facts, state, set: self, headers }, edits),
+            Step::LogToEventhub(l) => l.run(&Context { facts, state, set: self, headers }),
             // Outbound only (refused inbound at load).
             Step::FindAndReplace(..) | Step::RedirectContentUrls => {}
             Step::ValidateClientCertificate(v) => {
@@ -1207,6 +1267,7 @@ impl PolicySet {
         for step in self.scopes(policy, state, false).into_iter().flatten() {
             match step {
                 Step::SetHeader(s) => run_set_header(s, &cx, edits),
+                Step::LogToEventhub(l) => l.run(&cx),
                 Step::ValidateClientCertificate(_)
                 | Step::ReturnResponse(_)
                 | Step::ValidateJwt(_)
@@ -1352,6 +1413,8 @@ mod tests {
             now_ms: 1_800_000_000_000,
             query: b"",
             route: Default::default(),
+            method: b"GET",
+            path: b"/",
         }
     }
 

@@ -25,6 +25,9 @@ enum Var {
     CertXfcc,
     RequestIp,
     RequestId,
+    RequestMethod,
+    RequestPath,
+    ResponseStatus,
     SubscriptionId,
     ProductName,
     /// Index into `Template::header_names`.
@@ -86,7 +89,7 @@ fn callout_ref(text: &str) -> Result<CalloutRef, String> {
     Ok(CalloutRef { name: name.into(), field })
 }
 
-const VARIABLES: [(&str, Var); 16] = [
+const VARIABLES: [(&str, Var); 19] = [
     ("client_cert.subject", Var::CertSubject),
     ("client_cert.issuer", Var::CertIssuer),
     ("client_cert.thumbprint", Var::CertThumbprint),
@@ -101,6 +104,9 @@ const VARIABLES: [(&str, Var); 16] = [
     ("client_cert.xfcc", Var::CertXfcc),
     ("request.ip", Var::RequestIp),
     ("request.id", Var::RequestId),
+    ("request.method", Var::RequestMethod),
+    ("request.path", Var::RequestPath),
+    ("response.status", Var::ResponseStatus),
     ("subscription.id", Var::SubscriptionId),
     ("product.name", Var::ProductName),
 ];
@@ -140,6 +146,9 @@ pub struct Template {
     uses_caller: bool,
     /// How variables' values are written: as they are, percent-encoded, or JSON-escaped.
     mode: Mode,
+    /// A variable without a value is left empty (a log message), instead of the whole value
+    /// not being rendered (a header not set).
+    lenient: bool,
 }
 
 /// Where a template's text goes, and so how its variables' values are written.
@@ -161,8 +170,23 @@ impl Template {
         Template::parse_as(text, loc, Mode::Plain)
     }
 
+    /// A message for a logger: values JSON-escaped, a variable without a value left empty,
+    /// control characters allowed in the text.
+    pub(crate) fn parse_message(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
+        Template::parse_with(text, loc, Mode::Json, true)
+    }
+
+    /// A message's key: values as they are, a variable without a value left empty.
+    pub(crate) fn parse_key(text: &str, loc: &Loc) -> Result<Template, ConfigError> {
+        Template::parse_with(text, loc, Mode::Plain, true)
+    }
+
     /// A template whose text is written `mode`'s way (see [`Mode`]).
     pub(crate) fn parse_as(text: &str, loc: &Loc, mode: Mode) -> Result<Template, ConfigError> {
+        Template::parse_with(text, loc, mode, false)
+    }
+
+    fn parse_with(text: &str, loc: &Loc, mode: Mode, lenient: bool) -> Result<Template, ConfigError> {
         let mut parts = Vec::new();
         let mut callouts = Vec::new();
         let mut header_names = Vec::new();
@@ -172,6 +196,10 @@ impl Template {
         let mut chars = text.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
             match c {
+                // In a message (JSON, mostly), `{NAME}` is a variable and any other brace is
+                // text as it is: `{"n":{header.x-n}}` needs no doubled braces.
+                '{' if lenient && !names_variable(&text[i + 1..]) => literal.push('{'),
+                '}' if lenient => literal.push('}'),
                 '{' if chars.peek().map(|p| p.1) == Some('{') => {
                     chars.next();
                     literal.push('{');
@@ -241,7 +269,7 @@ impl Template {
             parts.push(Part::Literal(Bytes::from(literal.into_bytes())));
         }
         if let Some(Part::Literal(l)) =
-            parts.iter().find(|p| matches!(p, Part::Literal(l) if !is_header_safe(l)))
+            parts.iter().find(|p| matches!(p, Part::Literal(l) if !lenient && !is_header_safe(l)))
         {
             return Err(loc.error(format!(
                 "{:?} contains a control character; a header value cannot",
@@ -279,6 +307,7 @@ impl Template {
             uses_client_cert,
             uses_caller,
             mode,
+            lenient,
         })
     }
 
@@ -312,7 +341,7 @@ impl Template {
     /// value for this request — no certificate, no subscription or product, no token or not
     /// that claim: the header is then not set at all.
     pub fn render(&self, cx: &Context<'_>, out: &mut BytesMut) -> bool {
-        if self.uses_client_cert && cx.facts.client_cert.is_none() {
+        if self.uses_client_cert && cx.facts.client_cert.is_none() && !self.lenient {
             return false;
         }
         let start = out.len();
@@ -334,7 +363,7 @@ impl Template {
                 }
                 Part::Var(v) => self.render_var(*v, cx, out),
             };
-            if !present {
+            if !present && !self.lenient {
                 out.truncate(start);
                 return false;
             }
@@ -375,6 +404,14 @@ impl Template {
             }
             Var::RequestIp => out.put_slice(facts.client_ip.as_bytes()),
             Var::RequestId => out.put_slice(facts.request_id.as_bytes()),
+            Var::RequestMethod => put_safe(out, facts.method),
+            Var::RequestPath => put_safe(out, facts.path),
+            Var::ResponseStatus => match cx.state.response_status {
+                0 => return false,
+                status => {
+                    let _ = write!(out, "{status}");
+                }
+            },
             Var::Header(i) => {
                 let name = &self.header_names[i];
                 if let Some(v) = (0..headers.count()).find(|&h| headers.name(h).eq_ignore_ascii_case(name)) {
@@ -438,6 +475,13 @@ impl Template {
         }
         true
     }
+}
+
+/// Whether `rest` (what follows a `{`) starts with a variable's name and its `}`.
+fn names_variable(rest: &str) -> bool {
+    rest.find('}').is_some_and(|end| {
+        end > 0 && rest[..end].bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-/~".contains(&b))
+    })
 }
 
 fn is_tchar(b: u8) -> bool {

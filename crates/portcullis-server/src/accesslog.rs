@@ -143,6 +143,27 @@ fn run(shared: &Shared, rx: &Receiver<Record>) {
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        // To a `[[logger]]`: one JSON message per record.
+        if let Some(name) = config.and_then(|c| c.logger.as_ref()) {
+            let Some(producer) = snapshot.loggers.iter().find(|p| p.settings().name == name.value) else {
+                shared.access.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            for r in std::iter::once(record).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH)) {
+                line.clear();
+                json(&r, &mut line);
+                let message = portcullis_kafka::Message {
+                    key: None,
+                    partition: None,
+                    value: Bytes::copy_from_slice(line.as_bytes()),
+                    timestamp_ms: r.at_ms as i64,
+                };
+                let counter =
+                    if producer.send(message) { &shared.access.written } else { &shared.access.dropped };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
         if output.is_none() {
             match open(&path.cloned()) {
                 Ok(o) => output = Some(o),

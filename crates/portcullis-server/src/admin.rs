@@ -428,5 +428,62 @@ fn metrics(shared: &Shared) -> String {
         "Syncs of shared rate-limit and quota counts with Redis that failed.",
         &[(String::new(), shared.failed_syncs.load(Ordering::Relaxed))],
     );
+    loggers(&mut out, &shared.snapshot.load().loggers);
     out
+}
+
+/// The `[[logger]]` producers' counts, by logger.
+fn loggers(out: &mut String, loggers: &[Arc<portcullis_kafka::Producer>]) {
+    if loggers.is_empty() {
+        return;
+    }
+    let mut messages = Vec::new();
+    let (mut buffered, mut up, mut errors, mut requests) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in loggers {
+        let name = label(&p.settings().name);
+        let st = p.stats();
+        for (result, counter) in [
+            ("sent", &st.sent),
+            ("dropped", &st.dropped),
+            ("failed", &st.failed),
+            ("truncated", &st.truncated),
+        ] {
+            messages
+                .push((format!("logger=\"{name}\",result=\"{result}\""), counter.load(Ordering::Relaxed)));
+        }
+        let logger = format!("logger=\"{name}\"");
+        buffered.push((logger.clone(), st.buffered.load(Ordering::Relaxed)));
+        up.push((logger.clone(), u64::from(st.up.load(Ordering::Relaxed))));
+        errors.push((logger.clone(), st.errors.load(Ordering::Relaxed)));
+        requests.push((logger, st.requests.load(Ordering::Relaxed)));
+    }
+    family(
+        out,
+        "portcullis_logger_messages_total",
+        "counter",
+        "Messages for each [[logger]]: sent (acknowledged by the broker), dropped (queue or buffer full, or unsent at stop), failed (refused by the broker), truncated (cut to 200 KB, and sent).",
+        &messages,
+    );
+    family(
+        out,
+        "portcullis_logger_buffered_bytes",
+        "gauge",
+        "Bytes of messages each logger holds for the broker.",
+        &buffered,
+    );
+    family(out, "portcullis_logger_up", "gauge", "1 when the logger's last attempt reached its broker.", &up);
+    family(
+        out,
+        "portcullis_logger_errors_total",
+        "counter",
+        "Attempts to send that failed (no connection, no answer, a retriable refusal).",
+        &errors,
+    );
+    family(
+        out,
+        "portcullis_logger_requests_total",
+        "counter",
+        "Produce requests the broker answered.",
+        &requests,
+    );
 }

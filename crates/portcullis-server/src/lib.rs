@@ -19,6 +19,7 @@ mod event;
 mod fleet;
 mod health;
 mod keys;
+mod loggers;
 mod pool;
 mod relay;
 pub mod resp;

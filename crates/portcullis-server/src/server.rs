@@ -406,6 +406,12 @@ impl Server {
                 );
             }
         }
+        // The loggers send what they hold, each for at most its `drain` (all at once).
+        let loggers = self.shared.snapshot.load().loggers.clone();
+        let stopping: Vec<_> = loggers.into_iter().map(|p| std::thread::spawn(move || p.stop())).collect();
+        for s in stopping {
+            let _ = s.join();
+        }
         result
     }
 }

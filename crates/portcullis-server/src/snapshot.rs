@@ -162,6 +162,10 @@ pub struct Snapshot {
     /// When the configuration's certificates expire (for `/metrics`): (kind, listener address,
     /// file, Unix seconds).
     pub(crate) expiry: Vec<(&'static str, String, String, i64)>,
+    /// The producer of each `[[logger]]`, indexed as the configuration lists them.
+    pub(crate) loggers: Vec<Arc<portcullis_kafka::Producer>>,
+    /// Some step writes to a logger (outbound steps then get the request's method and path).
+    pub(crate) log_steps: bool,
 }
 
 /// The first address `host:port` resolves to, at load. Under the fuzzer, names are not looked
@@ -537,6 +541,16 @@ impl Snapshot {
                 counters: crate::stats::ApiCounters::of(&api.name.value, worker_count(&config.server)),
             });
         }
+        // Producers start only for a configuration that will run (a reload that fails keeps the
+        // running ones as they are).
+        let loggers = if errors.is_empty() {
+            crate::loggers::compile(&config.loggers).unwrap_or_else(|e| {
+                errors.push(e);
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
         let snapshot = Snapshot {
             generation,
             listeners,
@@ -558,6 +572,10 @@ impl Snapshot {
             callouts,
             providers: providers_kept,
             expiry: expiry_of(config),
+            loggers,
+            log_steps: config
+                .all_steps()
+                .any(|s| matches!(s.kind, portcullis_config::StepKind::LogToEventhub(_))),
         };
         errors.into_result(snapshot)
     }

@@ -103,6 +103,8 @@ impl<S: Stream> Conn<S> {
             now_ms,
             query: target.iter().position(|&b| b == b'?').map_or(&b""[..], |q| &target[q + 1..]),
             route: RouteMatch { path: &route_path, params: policy.route_params() },
+            method: self.head.method(),
+            path: self.head.path_only(),
         };
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
@@ -171,7 +173,17 @@ impl<S: Stream> Conn<S> {
         self.refusal = "-";
         self.body_bytes = 0;
         // Outbound steps do not read the query (and the head is read again while forwarding):
-        // built anew, since `facts` borrows the head for its query.
+        // built anew, since `facts` borrows the head for its query. Messages for loggers may
+        // name the method and path: copied, when a step writes messages.
+        let line = if snap.log_steps {
+            let (method, path) = (self.head.method(), self.head.path_only());
+            let mut line = Vec::with_capacity(method.len() + path.len());
+            line.extend_from_slice(method);
+            line.extend_from_slice(path);
+            (line, method.len())
+        } else {
+            (Vec::new(), 0)
+        };
         let facts = Facts {
             client_cert: cert.as_deref(),
             client_addr: self.peer,
@@ -181,6 +193,8 @@ impl<S: Stream> Conn<S> {
             now_ms,
             query: b"",
             route: RouteMatch { path: &route_path, params: policy.route_params() },
+            method: &line.0[..line.1],
+            path: &line.0[line.1..],
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
@@ -447,6 +461,7 @@ impl<S: Stream> Conn<S> {
         self.edits.reset(self.resp.field_count());
         let mut rewrite = None;
         if snap.policies.has_outbound(policy, &self.state) {
+            self.state.set_response_status(status);
             snap.policies.outbound(policy, facts, &ResponseFields(&self.resp), &self.state, &mut self.edits);
             let (pairs, redirect) = snap.policies.response_rewrites(policy, &self.state);
             if redirect {

@@ -521,13 +521,28 @@ impl<S: Stream> Conn<S> {
 
     /// One access-log line; `refused` says why the proxy answered itself (`-` when it did not).
     fn access_log(
-        &self,
+        &mut self,
         route: Option<(&Route, &portcullis_policy::ApiPolicy)>,
         status: u16,
         (started, log): (Instant, bool),
         id: &[u8; 16],
         refused: &str,
     ) {
+        // What the request's `log_to_eventhub` steps wrote goes to their loggers (never waits).
+        if self.state.has_logs() {
+            let snap = self.worker.snapshot();
+            let now_ms = portcullis_tls::now_unix_ms() as i64;
+            for m in self.state.take_logs() {
+                if let Some(producer) = snap.loggers.get(m.logger) {
+                    producer.send(portcullis_kafka::Message {
+                        key: m.key,
+                        partition: m.partition,
+                        value: m.value,
+                        timestamp_ms: now_ms,
+                    });
+                }
+            }
+        }
         self.worker.stats.request(status);
         if let Some((r, _)) = route {
             r.counters.request(self.worker.id, status);

@@ -1,0 +1,143 @@
+//! `[[logger]]`: a Kafka producer per logger (on a thread of its own), shared by the snapshots
+//! that configure it alike, so that a reload which leaves a logger as it was keeps its
+//! connection and buffer; one that changes it starts a new producer, and the old one sends what
+//! it holds (for at most its `drain`) and ends. Counts are kept by logger name across both.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use portcullis_config::{ConfigError, LogCompression, Logger};
+use portcullis_kafka::{Compression, Connector, Error, Producer, Settings, Stats, Stream};
+use portcullis_tls::ClientTls;
+
+/// Brokers over TLS: the proxy's BoringSSL, the brokers' chain and name verified.
+struct TlsConnector {
+    tls: ClientTls,
+}
+
+/// A blocking TLS stream (BoringSSL's) is a broker stream as it is.
+struct Tls(boring::ssl::SslStream<std::net::TcpStream>);
+
+impl Read for Tls {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Tls {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Connector for TlsConnector {
+    fn connect(&self, host: &str, port: u16, timeout: Duration) -> Result<Box<dyn Stream>, Error> {
+        let tcp = portcullis_kafka::wire::tcp(host, port, timeout)?;
+        let tls = self.tls.connect(host, tcp).map_err(Error::Io)?;
+        Ok(Box::new(Tls(tls)))
+    }
+}
+
+/// What makes two loggers the same producer.
+#[derive(PartialEq)]
+struct Key {
+    settings: Settings,
+    /// The CA files and their contents (a rotated CA file takes effect on reload).
+    tls: Option<Vec<(std::path::PathBuf, Vec<u8>)>>,
+}
+
+struct Live {
+    key: Key,
+    producer: Weak<Producer>,
+}
+
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+static STATS: Mutex<Vec<(String, Arc<Stats>)>> = Mutex::new(Vec::new());
+
+/// The counts of logger `name` (the same across reloads).
+pub(crate) fn stats_of(name: &str) -> Arc<Stats> {
+    let mut all = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, s)) = all.iter().find(|(n, _)| n == name) {
+        return Arc::clone(s);
+    }
+    let s = Arc::new(Stats::default());
+    all.push((name.to_owned(), Arc::clone(&s)));
+    s
+}
+
+fn settings(l: &Logger) -> Result<Settings, ConfigError> {
+    let mut s = Settings::new(&l.name.value, l.bootstrap.clone(), &l.topic);
+    if let Some(sasl) = &l.sasl {
+        let password = std::fs::read_to_string(&sasl.password_file.value)
+            .map_err(|e| sasl.password_file.loc.error(format!("cannot read the password file: {e}")))?;
+        let password = password.trim_end_matches(['\r', '\n']).to_owned();
+        if password.is_empty() {
+            return Err(sasl.password_file.loc.error("the password file is empty"));
+        }
+        s.sasl = Some((sasl.username.clone(), password));
+    }
+    s.linger = l.linger;
+    s.max_batch = l.max_batch;
+    s.compression = match l.compression {
+        LogCompression::None => Compression::None,
+        LogCompression::Gzip => Compression::Gzip,
+        LogCompression::Snappy => Compression::Snappy,
+        LogCompression::Lz4 => Compression::Lz4,
+        LogCompression::Zstd => Compression::Zstd,
+    };
+    s.retries = l.retries;
+    s.backoff = l.retry_backoff;
+    s.max_backoff = l.retry_backoff_max;
+    s.buffer = l.buffer;
+    s.queue = l.queue;
+    s.timeout = l.timeout;
+    s.acks = l.acks;
+    s.drain = l.drain;
+    Ok(s)
+}
+
+/// The producer of each `[[logger]]`, in order: the one already running for the same settings,
+/// or a new one.
+pub(crate) fn compile(loggers: &[Logger]) -> Result<Vec<Arc<Producer>>, ConfigError> {
+    let mut out = Vec::with_capacity(loggers.len());
+    for l in loggers {
+        let settings = settings(l)?;
+        let tls = match &l.tls {
+            None => None,
+            Some(ca) => {
+                let mut files = Vec::with_capacity(ca.len());
+                for c in ca {
+                    let bytes =
+                        std::fs::read(&c.value).map_err(|e| c.loc.error(format!("cannot read: {e}")))?;
+                    files.push((c.value.clone(), bytes));
+                }
+                Some(files)
+            }
+        };
+        let key = Key { settings, tls };
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|l| l.producer.strong_count() > 0);
+        if let Some(p) = live.iter().find(|x| x.key == key).and_then(|x| x.producer.upgrade()) {
+            out.push(p);
+            continue;
+        }
+        let connector: Arc<dyn Connector> = match &l.tls {
+            None => Arc::new(portcullis_kafka::TcpConnector),
+            Some(ca) => {
+                let tls = ClientTls::new(ca).map_err(|e| l.loc.error(format!("logger TLS: {e}")))?;
+                Arc::new(TlsConnector { tls })
+            }
+        };
+        let producer = Producer::start_with(key.settings.clone(), connector, stats_of(&l.name.value))
+            .map_err(|e| l.loc.error(format!("cannot start the logger's thread: {e}")))?;
+        let producer = Arc::new(producer);
+        live.push(Live { key, producer: Arc::downgrade(&producer) });
+        out.push(producer);
+    }
+    Ok(out)
+}
