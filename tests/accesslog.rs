@@ -37,6 +37,20 @@ fn every_request_once_with_its_fields_and_escaped() {
     assert_eq!(record["client_cert"], env.pki.client.thumbprint());
     assert_eq!(record["refused"], "-");
     assert_eq!(record["id"].as_str().map(str::len), Some(16));
+    assert_eq!(record["sni"], "localhost");
+    assert_eq!(record["backend"], env.backend.addr().to_string().as_str());
+    assert_eq!(record["upstream_status"], 200);
+    assert!(record["upstream_micros"].is_u64());
+    assert_eq!(record["bytes_in"], 0);
+    assert_eq!(record["subscription"], "-");
+    // Bytes in and out apart: a 5-byte body up, the backend's answer down.
+    let answer = c.request("POST", "/upload", &[], b"hello").unwrap();
+    assert_eq!(answer.status, 200);
+    let line = access_line(env.dir(), &["\"path\":\"/upload\""]).expect("the upload's line");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["bytes_in"], 5, "{line}");
+    assert_eq!(record["bytes_out"], answer.body.len() as u64, "{line}");
+    assert_eq!(record["bytes"], 5 + answer.body.len() as u64, "{line}");
     let text = std::fs::read_to_string(&file).unwrap();
     for i in 0..20 {
         let path = format!("\"path\":\"/item/{i}\"");

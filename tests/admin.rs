@@ -43,6 +43,15 @@ fn the_endpoints_answer_and_the_counters_move() {
     assert_eq!(value(&metrics, "portcullis_api_requests_total{api=\"a\",class=\"2xx\"}"), 2);
     assert_eq!(value(&metrics, "portcullis_api_requests_total{api=\"a\",class=\"4xx\"}"), 3);
     assert_eq!(value(&metrics, "portcullis_tls_handshakes_total{result=\"full\"}"), 5);
+    assert_eq!(
+        value(
+            &metrics,
+            "portcullis_refusal_reasons_total{step=\"client_certificate\",reason=\"no client certificate\"}"
+        ),
+        3
+    );
+    assert_eq!(value(&metrics, "portcullis_tls_handshake_versions_total{version=\"TLSv1.3\"}"), 5);
+    assert_eq!(value(&metrics, "portcullis_tls_handshake_versions_total{version=\"TLSv1.2\"}"), 0);
     assert_eq!(value(&metrics, "portcullis_config_generation"), 1);
     // Every answered request is timed; the two let through reached the backend.
     assert_eq!(value(&metrics, "portcullis_request_duration_seconds_count"), 5);
@@ -62,6 +71,28 @@ fn the_endpoints_answer_and_the_counters_move() {
     let soonest =
         value(&metrics, "portcullis_client_certificate_soonest_expiry_timestamp_seconds{listener=\"0\"}");
     assert!(soonest as i64 > now, "{soonest}");
+    // Plain HTTP on the TLS port: a failure by its reason. A TLS 1.2 client: its version.
+    let mut plain = std::net::TcpStream::connect(proxy.addr).unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let _ = std::io::Read::read(&mut plain, &mut [0u8; 64]);
+    let tls12 = portcullis_testkit::TlsClient::with(&env.pki, None, portcullis_testkit::Versions::Tls12);
+    assert_eq!(tls12.get(proxy.addr, "/x").unwrap().status, 403);
+    // A keep-alive connection waiting for its next request is idle.
+    let mut idle = env.client(Some(&env.pki.client)).connect(proxy.addr).unwrap();
+    assert_eq!(idle.request("GET", "/x", &[], b"").unwrap().status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let later = loop {
+        let m = admin(addr, "GET", "/metrics").1;
+        if value(&m, "portcullis_tls_handshake_failures_total{reason=\"not_tls\"}") == 1
+            && value(&m, "portcullis_connections_idle") >= 1
+        {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(value(&later, "portcullis_tls_handshake_versions_total{version=\"TLSv1.2\"}"), 1);
+    drop(idle);
     // A scrape taken under load passes Prometheus's own check.
     let scrape = std::thread::scope(|s| {
         let load = s.spawn(|| {
@@ -89,7 +120,7 @@ fn the_endpoints_answer_and_the_counters_move() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(value(&admin(addr, "GET", "/metrics").1, "portcullis_requests_total{class=\"2xx\"}") >= 202);
+    assert!(value(&admin(addr, "GET", "/metrics").1, "portcullis_requests_total{class=\"2xx\"}") >= 203);
     // A reload keeps the API's counts (and says so in /config).
     // SAFETY: signalling the child process this test started.
     unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
@@ -99,13 +130,14 @@ fn the_endpoints_answer_and_the_counters_move() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (_, after) = admin(addr, "GET", "/metrics");
-    assert_eq!(value(&after, "portcullis_api_requests_total{api=\"a\",class=\"2xx\"}"), 202);
+    // 2 + 1 (the idle connection's) + 200.
+    assert_eq!(value(&after, "portcullis_api_requests_total{api=\"a\",class=\"2xx\"}"), 203);
     assert_eq!(value(&after, "portcullis_reloads_total{result=\"success\"}"), 1);
     // Each forwarded request took one connection to the backend: opened or reused.
     let server = format!("backend=\"app\",server=\"{}\"", env.backend.addr());
     let event =
         |e: &str| value(&after, &format!("portcullis_backend_connections_total{{{server},event=\"{e}\"}}"));
-    assert_eq!(event("opened") + event("reused"), 202, "{after}");
+    assert_eq!(event("opened") + event("reused"), 203, "{after}");
     assert!(event("opened") >= 1 && event("reused") >= 150, "pooled: {} opened", event("opened"));
     assert!(admin(addr, "GET", "/config").1.contains("\"last_reload\":\"generation 2 loaded\""));
 }

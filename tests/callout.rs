@@ -181,6 +181,11 @@ fn cached_answers_make_no_second_call_and_a_reload_drops_them() {
     let (_, metrics) = crate::common::admin(proxy.admin_addr().unwrap(), "GET", "/metrics");
     assert_eq!(crate::common::metric(&metrics, "portcullis_callout_duration_seconds_count"), 8);
     assert_eq!(crate::common::metric(&metrics, "portcullis_callout_failures_total"), 0);
+    assert_eq!(
+        crate::common::metric(&metrics, "portcullis_callout_cache_hits_total"),
+        8,
+        "10 answers, 2 calls"
+    );
 }
 
 #[test]

@@ -485,3 +485,21 @@ fn kidless_tokens_ask_for_nothing_and_odd_published_keys_are_left_out() {
     );
     assert_eq!(idp.jwks_fetches(), fetched, "no refetch for a token without kid");
 }
+
+#[test]
+fn the_access_log_names_the_tokens_subject_and_app_and_never_the_token() {
+    let env = Env::new();
+    let key = SigningKey::es256("k1");
+    let extra = format!("[server]\n{}", crate::common::access_log_to(env.dir()));
+    let proxy = proxy(&env, &pem_keys(&env, &key), USUAL, &extra);
+    let token = key.token(&claims(json!({})));
+    assert_eq!(bearer(&env, &proxy, &token).status, 200);
+    let line = crate::common::access_line(env.dir(), &["\"status\":200"]).expect("a line");
+    assert!(line.contains("\"jwt_sub\":\"user-1\"") && line.contains("\"jwt_appid\":\"app-1\""), "{line}");
+    let expired = key.token(&claims(json!({"exp": now() - 600})));
+    assert_eq!(bearer(&env, &proxy, &expired).status, 401);
+    let line = crate::common::access_line(env.dir(), &["\"status\":401"]).expect("a line");
+    assert!(line.contains("\"jwt_sub\":\"-\"") && line.contains("\"refused\":\"jwt expired\""), "{line}");
+    let text = std::fs::read_to_string(env.dir().join("access.log")).unwrap();
+    assert!(!text.contains(&token[..40]), "no token in the log: {text}");
+}

@@ -235,3 +235,17 @@ fn subscription_files_reload() {
     assert_eq!(with_key(&env, &proxy, "/todo/x", "file3primary").status, 200);
     assert_eq!(with_key(&env, &proxy, "/todo/x", "file4primary").status, 401);
 }
+
+#[test]
+fn the_access_log_names_the_subscription_and_never_the_key() {
+    let env = Env::new();
+    let proxy = setup(&env, &format!("[server]\n{}", crate::common::access_log_to(env.dir())));
+    assert_eq!(with_key(&env, &proxy, "/todo/items", "partner1primary").status, 200);
+    assert_eq!(with_key(&env, &proxy, "/todo/nope", "wrongkey").status, 401);
+    let line = crate::common::access_line(env.dir(), &["/todo/items"]).expect("a line");
+    assert!(line.contains("\"subscription\":\"partner-1\""), "{line}");
+    let line = crate::common::access_line(env.dir(), &["/todo/nope"]).expect("a line");
+    assert!(line.contains("\"subscription\":\"-\"") && line.contains("\"status\":401"), "{line}");
+    let text = std::fs::read_to_string(env.dir().join("access.log")).unwrap();
+    assert!(!text.contains("partner1primary") && !text.contains("wrongkey"), "{text}");
+}

@@ -199,7 +199,10 @@ impl CalloutStep {
                 let request = (rendered && cached.is_none()).then(|| Bytes::copy_from_slice(&out));
                 state.scratch = out;
                 match (cached, request) {
-                    (Some(answer), _) => Ok(answer),
+                    (Some(answer), _) => {
+                        state.callout_hits += 1;
+                        Ok(answer)
+                    }
                     (None, Some(request)) => {
                         state.callout_request = Some((request, 8));
                         let need = Need::Callout { target: self.target, max_response: self.max_response };

@@ -120,6 +120,8 @@ pub struct RequestState {
     pub(crate) logs: RefCell<Vec<LogMessage>>,
     /// The backend's status, once its response is in (`{response.status}` in outbound steps).
     pub(crate) response_status: u16,
+    /// Callout steps answered from the cache.
+    pub(crate) callout_hits: u32,
 }
 
 /// A message for a logger.
@@ -152,6 +154,12 @@ impl RequestState {
         self.callouts.clear();
         self.logs.get_mut().clear();
         self.response_status = 0;
+        self.callout_hits = 0;
+    }
+
+    /// Callout steps the request's evaluation answered from the cache, since the last call.
+    pub fn take_callout_hits(&mut self) -> u32 {
+        std::mem::take(&mut self.callout_hits)
     }
 
     /// The messages the request's `log_to_eventhub` steps rendered since the last call.

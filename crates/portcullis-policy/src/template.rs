@@ -354,10 +354,21 @@ impl Template {
                 Part::Var(v) if self.mode != Mode::Plain => {
                     let at = out.len();
                     let present = self.render_var(*v, cx, out);
-                    let value = out.split_off(at);
-                    match self.mode {
-                        Mode::Json => put_json_escaped(out, &value),
-                        _ => put_url_encoded(out, &value),
+                    // Most values need no escaping: left where they were written. The others
+                    // are copied out and written again, escaped.
+                    let clean = match self.mode {
+                        Mode::Json => {
+                            !out[at..].iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+                        }
+                        _ => out[at..].iter().all(|&b| is_unreserved(b)),
+                    };
+                    if !clean {
+                        let value = out[at..].to_vec();
+                        out.truncate(at);
+                        match self.mode {
+                            Mode::Json => put_json_escaped(out, &value),
+                            _ => put_url_encoded(out, &value),
+                        }
                     }
                     present
                 }
@@ -533,10 +544,15 @@ fn put_json_escaped(out: &mut BytesMut, v: &[u8]) {
 }
 
 /// Percent-encodes all but RFC 3986's unreserved characters.
+/// RFC 3986's unreserved characters: never percent-encoded.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
+
 fn put_url_encoded(out: &mut BytesMut, v: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in v {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+        if is_unreserved(b) {
             out.put_u8(b);
         } else {
             out.put_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);

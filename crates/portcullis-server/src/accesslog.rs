@@ -19,30 +19,100 @@ use portcullis_config::AccessFormat;
 
 use crate::worker::Shared;
 
-/// One request (or refused connection) as the access log records it.
+/// The text fields of a record, in the order they sit in its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Text {
+    Method,
+    /// Without its query (it may carry a subscription key or a token).
+    Path,
+    UserAgent,
+    Api,
+    Operation,
+    /// The client certificate's SHA-1 thumbprint.
+    ClientCert,
+    /// Why the proxy answered itself (`-` when the backend answered).
+    Refused,
+    /// The server name the client asked for in its TLS handshake.
+    Sni,
+    Subscription,
+    JwtSub,
+    JwtAppid,
+    /// The backend server that answered (`host:port` as configured).
+    Backend,
+}
+
+const TEXTS: usize = 12;
+
+/// One request (or refused connection) as the access log records it: numbers, and the text
+/// fields copied one after another into one buffer (one allocation per record).
 #[derive(Debug)]
 pub(crate) struct Record {
     pub(crate) at_ms: u64,
     /// The request id; `None` before there was a request (a refused handshake, a bad head).
     pub(crate) id: Option<[u8; 16]>,
     pub(crate) peer: SocketAddr,
-    pub(crate) method: Bytes,
-    /// Without its query (it may carry a subscription key or a token).
-    pub(crate) path: Bytes,
-    pub(crate) user_agent: Bytes,
-    pub(crate) api: Option<Box<str>>,
-    pub(crate) operation: Option<Box<str>>,
     /// 0: no response (the connection was refused before one).
     pub(crate) status: u16,
     pub(crate) micros: u64,
-    /// Body bytes relayed (request and response).
-    pub(crate) bytes: u64,
+    /// Body bytes relayed from the client, and to it.
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    /// From sending the request to the backend's response head; 0 when none was asked.
+    pub(crate) upstream_micros: u64,
+    /// The backend's status (0: no backend answered).
+    pub(crate) upstream_status: u16,
     pub(crate) tls: &'static str,
     pub(crate) resumed: bool,
-    /// The client certificate's SHA-1 thumbprint.
-    pub(crate) client_cert: Option<Box<str>>,
-    /// Why the proxy answered itself (`-` when the backend answered).
-    pub(crate) refused: Box<str>,
+    text: Vec<u8>,
+    /// Where each field's text ends in `text`, in [`Text`] order.
+    ends: [u32; TEXTS],
+    /// Fields set so far (the others are empty).
+    set: usize,
+}
+
+impl Record {
+    /// A record with its numbers zero and no text (fields are then [`Record::put`] in order).
+    pub(crate) fn new(at_ms: u64, id: Option<[u8; 16]>, peer: SocketAddr, text_capacity: usize) -> Record {
+        Record {
+            at_ms,
+            id,
+            peer,
+            status: 0,
+            micros: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            upstream_micros: 0,
+            upstream_status: 0,
+            tls: "-",
+            resumed: false,
+            text: Vec::with_capacity(text_capacity),
+            ends: [0; TEXTS],
+            set: 0,
+        }
+    }
+
+    /// Sets field `f`; fields are set in [`Text`] order, and those skipped stay empty (a field
+    /// set out of order is ignored).
+    pub(crate) fn put(&mut self, f: Text, v: &[u8]) {
+        let i = f as usize;
+        if i < self.set {
+            return;
+        }
+        let len = self.text.len() as u32;
+        self.ends[self.set..i].fill(len);
+        self.text.extend_from_slice(v);
+        self.ends[i] = self.text.len() as u32;
+        self.set = i + 1;
+    }
+
+    pub(crate) fn get(&self, f: Text) -> &[u8] {
+        let i = f as usize;
+        if i >= self.set {
+            return b"";
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
 }
 
 /// The workers' end of the queue, and what it counts.
@@ -239,15 +309,21 @@ pub(crate) fn json_str(out: &mut String, v: &[u8]) {
     out.push('"');
 }
 
+/// A text field as a JSON string, `"-"` when empty.
+fn json_text(out: &mut String, r: &Record, f: Text) {
+    let v = r.get(f);
+    json_str(out, if v.is_empty() { b"-" } else { v });
+}
+
 fn json(r: &Record, out: &mut String) {
     out.push_str("{\"time\":\"");
     rfc3339(out, r.at_ms);
     out.push_str("\",\"id\":");
     json_str(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
     let _ = write!(out, ",\"peer\":\"{}\",\"method\":", r.peer);
-    json_str(out, if r.method.is_empty() { b"-" } else { &r.method });
+    json_text(out, r, Text::Method);
     out.push_str(",\"path\":");
-    json_str(out, if r.path.is_empty() { b"-" } else { &r.path });
+    json_text(out, r, Text::Path);
     out.push_str(",\"status\":");
     if r.status == 0 {
         out.push_str("null");
@@ -255,21 +331,42 @@ fn json(r: &Record, out: &mut String) {
         let _ = write!(out, "{}", r.status);
     }
     out.push_str(",\"api\":");
-    json_str(out, r.api.as_deref().unwrap_or("-").as_bytes());
+    json_text(out, r, Text::Api);
     out.push_str(",\"operation\":");
-    json_str(out, r.operation.as_deref().unwrap_or("-").as_bytes());
+    json_text(out, r, Text::Operation);
     let _ = write!(
         out,
-        ",\"micros\":{},\"bytes\":{},\"tls\":\"{}\",\"resumed\":{}",
-        r.micros, r.bytes, r.tls, r.resumed
+        ",\"micros\":{},\"bytes\":{},\"bytes_in\":{},\"bytes_out\":{},\"tls\":\"{}\",\"resumed\":{}",
+        r.micros,
+        r.bytes_in + r.bytes_out,
+        r.bytes_in,
+        r.bytes_out,
+        r.tls,
+        r.resumed
     );
+    out.push_str(",\"sni\":");
+    json_text(out, r, Text::Sni);
     out.push_str(",\"client_cert\":");
-    json_str(out, r.client_cert.as_deref().unwrap_or("-").as_bytes());
+    json_text(out, r, Text::ClientCert);
+    out.push_str(",\"subscription\":");
+    json_text(out, r, Text::Subscription);
+    out.push_str(",\"jwt_sub\":");
+    json_text(out, r, Text::JwtSub);
+    out.push_str(",\"jwt_appid\":");
+    json_text(out, r, Text::JwtAppid);
     out.push_str(",\"user_agent\":");
-    json_str(out, if r.user_agent.is_empty() { b"-" } else { &r.user_agent });
+    json_text(out, r, Text::UserAgent);
     out.push_str(",\"refused\":");
-    json_str(out, r.refused.as_bytes());
-    out.push('}');
+    json_text(out, r, Text::Refused);
+    out.push_str(",\"backend\":");
+    json_text(out, r, Text::Backend);
+    out.push_str(",\"upstream_status\":");
+    if r.upstream_status == 0 {
+        out.push_str("null");
+    } else {
+        let _ = write!(out, "{}", r.upstream_status);
+    }
+    let _ = write!(out, ",\"upstream_micros\":{}}}", r.upstream_micros);
 }
 
 /// A field of the combined format: `"`, `\` and bytes outside printable ASCII as `\xHH`.
@@ -303,17 +400,18 @@ fn combined(r: &Record, out: &mut String) {
         t % 3600 / 60,
         t % 60
     );
-    combined_str(out, &r.method);
+    combined_str(out, r.get(Text::Method));
     out.push(' ');
-    combined_str(out, &r.path);
+    combined_str(out, r.get(Text::Path));
     out.push_str(" HTTP/1.1\" ");
     if r.status == 0 {
         out.push('-');
     } else {
         let _ = write!(out, "{}", r.status);
     }
-    let _ = write!(out, " {} \"-\" \"", r.bytes);
-    combined_str(out, &r.user_agent);
+    // As nginx's `$body_bytes_sent`: the response body.
+    let _ = write!(out, " {} \"-\" \"", r.bytes_out);
+    combined_str(out, r.get(Text::UserAgent));
     out.push('"');
 }
 
@@ -322,23 +420,29 @@ mod tests {
     use super::*;
 
     fn record() -> Record {
-        Record {
-            at_ms: 1_764_957_862_123,
-            id: Some(*b"0123456789abcdef"),
-            peer: "192.0.2.7:5000".parse().expect("addr"),
-            method: Bytes::from_static(b"GET"),
-            path: Bytes::from_static(b"/items/\"x\""),
-            user_agent: Bytes::from_static(b"evil\"agent\\\x01\xff"),
-            api: Some("todo".into()),
-            operation: Some("getItem".into()),
-            status: 200,
-            micros: 1234,
-            bytes: 512,
-            tls: "TLSv1.3",
-            resumed: true,
-            client_cert: None,
-            refused: "-".into(),
-        }
+        let mut r = Record::new(
+            1_764_957_862_123,
+            Some(*b"0123456789abcdef"),
+            "192.0.2.7:5000".parse().expect("addr"),
+            64,
+        );
+        r.status = 200;
+        r.micros = 1234;
+        r.bytes_in = 12;
+        r.bytes_out = 500;
+        r.tls = "TLSv1.3";
+        r.resumed = true;
+        r.put(Text::Method, b"GET");
+        r.put(Text::Path, b"/items/\"x\"");
+        r.put(Text::UserAgent, b"evil\"agent\\\x01\xff");
+        r.put(Text::Api, b"todo");
+        r.put(Text::Operation, b"getItem");
+        r.put(Text::Refused, b"-");
+        r.put(Text::Subscription, b"sub-1");
+        r.put(Text::Backend, b"10.0.0.1:8080");
+        r.upstream_status = 200;
+        r.upstream_micros = 900;
+        r
     }
 
     #[test]
@@ -347,13 +451,13 @@ mod tests {
         json(&record(), &mut out);
         assert_eq!(
             out,
-            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"tls":"TLSv1.3","resumed":true,"client_cert":"-","user_agent":"evil\"agent\\\u0001�","refused":"-"}"#
+            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}"#
         );
         out.clear();
         combined(&record(), &mut out);
         assert_eq!(
             out,
-            r#"192.0.2.7 - - [05/Dec/2025:18:04:22 +0000] "GET /items/\x22x\x22 HTTP/1.1" 200 512 "-" "evil\x22agent\x5C\x01\xFF""#
+            r#"192.0.2.7 - - [05/Dec/2025:18:04:22 +0000] "GET /items/\x22x\x22 HTTP/1.1" 200 500 "-" "evil\x22agent\x5C\x01\xFF""#
         );
     }
 }

@@ -10,7 +10,10 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::stats::{BUCKETS_US, HANDSHAKE_RESULTS, Histogram, POOL_EVENTS, REFUSAL_KINDS, WorkerStats, sum};
+use crate::stats::{
+    BUCKETS_US, HANDSHAKE_FAILURES, HANDSHAKE_RESULTS, Histogram, POOL_EVENTS, REFUSAL_KINDS, TLS_VERSIONS,
+    WorkerStats, refusal_kind, sum,
+};
 use crate::worker::Shared;
 
 /// A worker whose loop has not turned for this long is not healthy.
@@ -218,6 +221,29 @@ fn metrics(shared: &Shared) -> String {
         "Requests the proxy refused by policy, by the step that refused them.",
         &refusals,
     );
+    // Each worker's reasons, merged (a reason's first count names it).
+    let mut reasons: Vec<(&'static str, u64)> = Vec::new();
+    for s in stats.iter() {
+        let mine = s.refusal_reasons.lock().map(|r| r.clone()).unwrap_or_default();
+        for (reason, n) in mine {
+            match reasons.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, total)) => *total += n,
+                None => reasons.push((reason, n)),
+            }
+        }
+    }
+    reasons.sort_unstable();
+    let reasons: Vec<(String, u64)> = reasons
+        .into_iter()
+        .map(|(r, n)| (format!("step=\"{}\",reason=\"{}\"", REFUSAL_KINDS[refusal_kind(r)], label(r)), n))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_refusal_reasons_total",
+        "counter",
+        "Requests the proxy refused by policy, by the step and the reason (an expired certificate, a JWT failure kind, a missing subscription key, ...).",
+        &reasons,
+    );
     let handshakes: Vec<(String, u64)> = HANDSHAKE_RESULTS
         .iter()
         .enumerate()
@@ -229,6 +255,30 @@ fn metrics(shared: &Shared) -> String {
         "counter",
         "TLS handshakes with clients, by result.",
         &handshakes,
+    );
+    let versions: Vec<(String, u64)> = TLS_VERSIONS
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("version=\"{v}\""), sum(stats, |s: &WorkerStats| &s.tls_versions[i])))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_tls_handshake_versions_total",
+        "counter",
+        "TLS handshakes with clients that completed, by protocol version.",
+        &versions,
+    );
+    let failures: Vec<(String, u64)> = HANDSHAKE_FAILURES
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("reason=\"{f}\""), sum(stats, |s: &WorkerStats| &s.handshake_failures[i])))
+        .collect();
+    family(
+        &mut out,
+        "portcullis_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes with clients that failed, by reason.",
+        &failures,
     );
     let upstream: Vec<(String, u64)> = ["502", "504"]
         .iter()
@@ -284,6 +334,20 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         "Client connections open now.",
         &[(String::new(), sum(stats, |s: &WorkerStats| &s.connections_active))],
+    );
+    family(
+        &mut out,
+        "portcullis_connections_idle",
+        "gauge",
+        "Client connections waiting for a request (keep-alive between requests, or before the first).",
+        &[(String::new(), sum(stats, |s: &WorkerStats| &s.connections_idle))],
+    );
+    family(
+        &mut out,
+        "portcullis_callout_cache_hits_total",
+        "counter",
+        "send_request steps answered from their cache (no callout made).",
+        &[(String::new(), sum(stats, |s: &WorkerStats| &s.callout_cache_hits))],
     );
     family(
         &mut out,

@@ -48,6 +48,44 @@ pub(crate) fn refusal_kind(reason: &str) -> usize {
 /// TLS handshakes: completed in full, resumed, failed.
 pub(crate) const HANDSHAKE_RESULTS: [&str; 3] = ["full", "resumed", "failed"];
 
+/// The protocol versions of completed handshakes.
+pub(crate) const TLS_VERSIONS: [&str; 3] = ["TLSv1.2", "TLSv1.3", "other"];
+
+pub(crate) fn tls_version_index(version: &str) -> usize {
+    TLS_VERSIONS.iter().position(|v| *v == version).unwrap_or(TLS_VERSIONS.len() - 1)
+}
+
+/// Why handshakes failed.
+pub(crate) const HANDSHAKE_FAILURES: [&str; 9] = [
+    "certificate_rejected",
+    "no_shared_cipher",
+    "no_shared_group",
+    "unsupported_version",
+    "not_tls",
+    "protocol",
+    "closed",
+    "timeout",
+    "other",
+];
+
+/// The index in [`HANDSHAKE_FAILURES`] of a handshake error.
+pub(crate) fn handshake_failure(e: &portcullis_tls::HandshakeError) -> usize {
+    use portcullis_tls::{HandshakeError, TlsFault};
+    let name = match e {
+        HandshakeError::CertificateRejected(_) => "certificate_rejected",
+        HandshakeError::Protocol { fault, .. } => match fault {
+            TlsFault::NoSharedCipher => "no_shared_cipher",
+            TlsFault::NoSharedGroup => "no_shared_group",
+            TlsFault::UnsupportedVersion => "unsupported_version",
+            TlsFault::NotTls => "not_tls",
+            _ => "protocol",
+        },
+        HandshakeError::Closed | HandshakeError::Io(_) => "closed",
+        _ => "other",
+    };
+    HANDSHAKE_FAILURES.iter().position(|f| *f == name).unwrap_or(HANDSHAKE_FAILURES.len() - 1)
+}
+
 /// Upper bounds of the duration histograms' buckets, in microseconds (0.5 ms to 10 s).
 pub(crate) const BUCKETS_US: [u64; 14] = [
     500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
@@ -83,6 +121,17 @@ pub(crate) struct WorkerStats {
     pub(crate) refusals: [AtomicU64; REFUSAL_KINDS.len()],
     /// TLS handshakes, by [`HANDSHAKE_RESULTS`].
     pub(crate) handshakes: [AtomicU64; 3],
+    /// Completed handshakes by [`TLS_VERSIONS`].
+    pub(crate) tls_versions: [AtomicU64; TLS_VERSIONS.len()],
+    /// Failed handshakes by [`HANDSHAKE_FAILURES`].
+    pub(crate) handshake_failures: [AtomicU64; HANDSHAKE_FAILURES.len()],
+    /// Connections waiting for a request (between requests, or before the first).
+    pub(crate) connections_idle: AtomicU64,
+    /// `send_request` steps answered from the cache (no callout made).
+    pub(crate) callout_cache_hits: AtomicU64,
+    /// Refusals by their reason (a short fixed text per cause, such as "jwt expired"): a
+    /// refusal is not the hot path, and only the admin endpoint's scrape contends for it.
+    pub(crate) refusal_reasons: std::sync::Mutex<Vec<(&'static str, u64)>>,
     pub(crate) connections_total: AtomicU64,
     pub(crate) connections_active: AtomicU64,
     /// The proxy's own 502 and 504 answers (a backend unreachable, failing or too slow).
@@ -125,6 +174,16 @@ impl WorkerStats {
     #[inline]
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request refused for `reason` (counted by step in `refusals` too).
+    pub(crate) fn refused(&self, reason: &'static str) {
+        WorkerStats::add(&self.refusals[refusal_kind(reason)]);
+        let mut reasons = self.refusal_reasons.lock().unwrap_or_else(|e| e.into_inner());
+        match reasons.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => reasons.push((reason, 1)),
+        }
     }
 
     pub(crate) fn request(&self, status: u16) {

@@ -19,10 +19,15 @@ use crate::relay::{RelayError, read_length, relay_body, relay_rewritten};
 use crate::snapshot::{Backend, Route, Server, Snapshot, forwarded_path, strip_port};
 use crate::upstream::{Fetched, HeadProgress, Upstream, UpstreamError};
 
+use super::Upstreamed;
+
 impl<S: Stream> Conn<S> {
     /// One request/response exchange. Returns whether to read another request.
     pub(super) async fn exchange(&mut self) -> bool {
         let snap = self.worker.snapshot();
+        self.body_bytes = 0;
+        self.bytes_in = 0;
+        self.upstream = Upstreamed::default();
         let mut id = [0u8; 16];
         self.worker.next_request_id(&mut id);
         self.current.set(Some(id));
@@ -46,7 +51,7 @@ impl<S: Stream> Conn<S> {
             && n > max
         {
             tracing::info!(peer = %self.peer, length = n, max_body_size = max, "request body too large");
-            self.access_log(None, 413, started, &id, "body larger than max_body_size");
+            self.access_log(&snap, None, 413, started, &id, "body larger than max_body_size");
             return self.respond_local(413, "Request body too large", false).await;
         }
         // What `require` established at the handshake holds on every request, as a policy step
@@ -63,9 +68,9 @@ impl<S: Stream> Conn<S> {
                 None
             };
             if let Some(reason) = why {
-                crate::stats::WorkerStats::add(&self.worker.stats.refusals[0]);
+                self.worker.stats.refused(reason);
                 tracing::info!(peer = %self.peer, reason, client_cert = %cert.thumbprint, "request refused: certificate no longer valid");
-                self.access_log(None, 403, started, &id, reason);
+                self.access_log(&snap, None, 403, started, &id, reason);
                 self.connection_refused = true;
                 return self.respond_local(403, "Invalid client certificate", false).await;
             }
@@ -76,11 +81,11 @@ impl<S: Stream> Conn<S> {
             && self.acceptor.site_for_host(strip_port(host)) != self.info.site
         {
             tracing::info!(peer = %self.peer, host = %String::from_utf8_lossy(host), sni = ?self.info.server_name, "request for a host of another TLS site");
-            self.access_log(None, 421, started, &id, "host of another TLS site");
+            self.access_log(&snap, None, 421, started, &id, "host of another TLS site");
             return self.respond_local(421, "Misdirected request", false).await;
         }
         let Some((route, policy)) = routed else {
-            self.access_log(None, 404, started, &id, "no API or operation");
+            self.access_log(&snap, None, 404, started, &id, "no API or operation");
             return self.respond_local(404, "Resource not found", false).await;
         };
         // What `{route.NAME}` reads, kept apart from the head (which forwarding rewrites); only
@@ -139,15 +144,20 @@ impl<S: Stream> Conn<S> {
                 v => break v,
             }
         };
+        let hits = self.state.take_callout_hits();
+        if hits > 0 {
+            self.worker
+                .stats
+                .callout_cache_hits
+                .fetch_add(u64::from(hits), std::sync::atomic::Ordering::Relaxed);
+        }
         // A limited key this worker had not seen: its sync task shares it soon.
         if self.worker.local.borrow().deltas.has_new_key() {
             self.worker.fleet_nudge.wake();
         }
         if let Verdict::Respond { response, reason } = verdict {
             if response.status >= 400 {
-                crate::stats::WorkerStats::add(
-                    &self.worker.stats.refusals[crate::stats::refusal_kind(reason)],
-                );
+                self.worker.stats.refused(reason);
                 tracing::info!(
                     peer = %self.peer,
                     api = %route.name,
@@ -159,7 +169,7 @@ impl<S: Stream> Conn<S> {
                 );
             }
             snap.policies.complete(&mut self.state, response.status, 0, now_ms);
-            self.access_log(Some((route, policy)), response.status, started, &id, reason);
+            self.access_log(&snap, Some((route, policy)), response.status, started, &id, reason);
             return self.respond_policy(response).await;
         }
         // The response body is rewritten on its way back: asked for without compression.
@@ -198,7 +208,7 @@ impl<S: Stream> Conn<S> {
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
         snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
-        self.access_log(Some((route, policy)), status, started, &id, self.refusal);
+        self.access_log(&snap, Some((route, policy)), status, started, &id, self.refusal);
         keep
     }
 
@@ -392,6 +402,7 @@ impl<S: Stream> Conn<S> {
             let result = match sent {
                 Ok(n) => {
                     self.body_bytes = n;
+                    self.bytes_in = n;
                     self.read_response_head(&mut up, response_timeout).await
                 }
                 // The backend stopped taking the body: it may have answered already (a 413, a
@@ -418,7 +429,13 @@ impl<S: Stream> Conn<S> {
                     continue;
                 }
                 Ok(()) => {
-                    self.worker.stats.upstream_duration.observe(sent_at.elapsed());
+                    let took = sent_at.elapsed();
+                    self.worker.stats.upstream_duration.observe(took);
+                    self.upstream = Upstreamed {
+                        status: self.resp.status(),
+                        micros: took.as_micros() as u64,
+                        server: Some(server),
+                    };
                     if matches!(self.resp.status(), 502..=504) {
                         let e =
                             UpstreamError::BadResponse(portcullis_http::HeadError::Malformed("a 5xx answer"));

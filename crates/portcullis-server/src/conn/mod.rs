@@ -85,10 +85,14 @@ pub(crate) async fn serve(
                 stats.client_cert_seen(listener, cert.not_after);
             }
             crate::stats::WorkerStats::add(&stats.handshakes[usize::from(tls.info().resumed)]);
+            crate::stats::WorkerStats::add(
+                &stats.tls_versions[crate::stats::tls_version_index(tls.info().version)],
+            );
             tls
         }
         Ok(Err(e)) => {
             crate::stats::WorkerStats::add(&stats.handshakes[2]);
+            crate::stats::WorkerStats::add(&stats.handshake_failures[crate::stats::handshake_failure(&e)]);
             match &e {
                 portcullis_tls::HandshakeError::CertificateRejected(_) => {
                     tracing::info!(%peer, error = %e, "TLS handshake refused");
@@ -110,6 +114,7 @@ pub(crate) async fn serve(
         }
         Err(_) => {
             crate::stats::WorkerStats::add(&stats.handshakes[2]);
+            crate::stats::WorkerStats::add(&stats.handshake_failures[7]);
             tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
             if access_log {
                 log_refused(peer, "TLS handshake timed out");
@@ -139,6 +144,8 @@ pub(crate) async fn serve(
         connection_refused: false,
         refusal: "-",
         body_bytes: 0,
+        bytes_in: 0,
+        upstream: Upstreamed::default(),
         current,
         acceptor,
         idle_timer: Timer::new(),
@@ -228,6 +235,15 @@ impl HeaderList for ResponseFields<'_> {
     }
 }
 
+/// The backend's answer to an exchange: its status, how long its head took, and which server of
+/// the route's backend gave it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Upstreamed {
+    pub(super) status: u16,
+    pub(super) micros: u64,
+    pub(super) server: Option<usize>,
+}
+
 struct Conn<S> {
     worker: Rc<Worker>,
     peer: SocketAddr,
@@ -259,6 +275,10 @@ struct Conn<S> {
     connection_refused: bool,
     /// Bytes of request and response bodies relayed in this exchange (for bandwidth quotas).
     body_bytes: u64,
+    /// Of which the request body's.
+    bytes_in: u64,
+    /// What the backend answered this exchange, for the access log.
+    upstream: Upstreamed,
     /// Why the proxy answered this exchange itself (`-`: the backend answered), for the
     /// access log.
     refusal: &'static str,
@@ -278,7 +298,10 @@ impl<S: Stream> Conn<S> {
         loop {
             // Between requests a panic belongs to no request.
             self.current.set(None);
-            match self.read_head().await {
+            self.worker.stats.connections_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let head = self.read_head().await;
+            self.worker.stats.connections_idle.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            match head {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(failure) => {
@@ -294,12 +317,23 @@ impl<S: Stream> Conn<S> {
                         }
                     };
                     if self.worker.snapshot().server.access_log.is_some() {
-                        let mut record = refused_record(self.peer, &why);
+                        use crate::accesslog::Text;
+                        let mut record = crate::accesslog::Record::new(
+                            portcullis_tls::now_unix_ms(),
+                            None,
+                            self.peer,
+                            why.len() + 48,
+                        );
                         record.status = status;
                         record.tls = self.info.version;
                         record.resumed = self.info.resumed;
-                        record.client_cert =
-                            self.info.client_cert.as_ref().map(|c| c.thumbprint.as_str().into());
+                        if let Some(c) = &self.info.client_cert {
+                            record.put(Text::ClientCert, c.thumbprint.as_bytes());
+                        }
+                        record.put(Text::Refused, why.as_bytes());
+                        if let Some(sni) = &self.info.server_name {
+                            record.put(Text::Sni, sni.as_bytes());
+                        }
                         self.worker.shared.access.send(record);
                     }
                     self.out.clear();
@@ -522,23 +556,23 @@ impl<S: Stream> Conn<S> {
     /// One access-log line; `refused` says why the proxy answered itself (`-` when it did not).
     fn access_log(
         &mut self,
+        snap: &crate::snapshot::Snapshot,
         route: Option<(&Route, &portcullis_policy::ApiPolicy)>,
         status: u16,
         (started, log): (Instant, bool),
         id: &[u8; 16],
         refused: &str,
     ) {
+        let now_ms = portcullis_tls::now_unix_ms();
         // What the request's `log_to_eventhub` steps wrote goes to their loggers (never waits).
         if self.state.has_logs() {
-            let snap = self.worker.snapshot();
-            let now_ms = portcullis_tls::now_unix_ms() as i64;
             for m in self.state.take_logs() {
                 if let Some(producer) = snap.loggers.get(m.logger) {
                     producer.send(portcullis_kafka::Message {
                         key: m.key,
                         partition: m.partition,
                         value: m.value,
-                        timestamp_ms: now_ms,
+                        timestamp_ms: now_ms as i64,
                     });
                 }
             }
@@ -547,49 +581,57 @@ impl<S: Stream> Conn<S> {
         if let Some((r, _)) = route {
             r.counters.request(self.worker.id, status);
         }
-        self.worker.stats.request_duration.observe(started.elapsed());
+        let elapsed = started.elapsed();
+        self.worker.stats.request_duration.observe(elapsed);
         if !log {
             return;
         }
-        let record = crate::accesslog::Record {
-            at_ms: portcullis_tls::now_unix_ms(),
-            id: Some(*id),
-            peer: self.peer,
-            method: Bytes::copy_from_slice(self.head.method()),
-            // Without the query: it may carry a subscription key or a token.
-            path: Bytes::copy_from_slice(self.head.path_only()),
-            user_agent: Bytes::copy_from_slice(self.head.header(b"user-agent").unwrap_or_default()),
-            api: route.map(|(r, _)| r.name.as_str().into()),
-            operation: route.map(|(_, p)| p.operation().into()),
-            status,
-            micros: started.elapsed().as_micros() as u64,
-            bytes: self.body_bytes,
-            tls: self.info.version,
-            resumed: self.info.resumed,
-            client_cert: self.info.client_cert.as_ref().map(|c| c.thumbprint.as_str().into()),
-            refused: refused.into(),
-        };
+        use crate::accesslog::Text;
+        let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer, 192);
+        record.status = status;
+        record.micros = elapsed.as_micros() as u64;
+        record.bytes_in = self.bytes_in;
+        record.bytes_out = self.body_bytes.saturating_sub(self.bytes_in);
+        record.upstream_status = self.upstream.status;
+        record.upstream_micros = self.upstream.micros;
+        record.tls = self.info.version;
+        record.resumed = self.info.resumed;
+        record.put(Text::Method, self.head.method());
+        // Without the query: it may carry a subscription key or a token.
+        record.put(Text::Path, self.head.path_only());
+        record.put(Text::UserAgent, self.head.header(b"user-agent").unwrap_or_default());
+        if let Some((r, p)) = route {
+            record.put(Text::Api, r.name.as_bytes());
+            record.put(Text::Operation, p.operation().as_bytes());
+        }
+        if let Some(c) = &self.info.client_cert {
+            record.put(Text::ClientCert, c.thumbprint.as_bytes());
+        }
+        record.put(Text::Refused, refused.as_bytes());
+        if let Some(sni) = &self.info.server_name {
+            record.put(Text::Sni, sni.as_bytes());
+        }
+        if let Some(sub) = snap.policies.subscription_id(&self.state) {
+            record.put(Text::Subscription, sub.as_bytes());
+        }
+        for (field, claim) in [(Text::JwtSub, "sub"), (Text::JwtAppid, "appid")] {
+            if let Some(portcullis_jose::Json::String(v)) = self.state.token_claim(claim) {
+                record.put(field, v.as_bytes());
+            }
+        }
+        if let Some(server) = route
+            .and_then(|(r, _)| snap.backends.get(r.backend))
+            .and_then(|b| b.servers.get(self.upstream.server?))
+        {
+            record.put(Text::Backend, server.name.as_bytes());
+        }
         self.worker.shared.access.send(record);
     }
 }
 
 /// The access-log record of a connection refused before a request (or of a head that was none).
 fn refused_record(peer: SocketAddr, why: &str) -> crate::accesslog::Record {
-    crate::accesslog::Record {
-        at_ms: portcullis_tls::now_unix_ms(),
-        id: None,
-        peer,
-        method: Bytes::new(),
-        path: Bytes::new(),
-        user_agent: Bytes::new(),
-        api: None,
-        operation: None,
-        status: 0,
-        micros: 0,
-        bytes: 0,
-        tls: "-",
-        resumed: false,
-        client_cert: None,
-        refused: why.into(),
-    }
+    let mut record = crate::accesslog::Record::new(portcullis_tls::now_unix_ms(), None, peer, why.len() + 48);
+    record.put(crate::accesslog::Text::Refused, why.as_bytes());
+    record
 }
