@@ -221,3 +221,31 @@ fn ready_waits_for_the_identity_providers_keys() {
     assert_eq!(value(&metrics, "portcullis_jwks_keys{provider=\"idp\"}"), 1);
     assert!(value(&metrics, "portcullis_jwks_fetches_total{provider=\"idp\"}") >= 1);
 }
+
+#[test]
+fn requests_are_counted_by_operation() {
+    let env = Env::new();
+    let api = "[[api]]\nname = \"todo\"\npath = \"/\"\nbackend = \"app\"\n  [[api.operation]]\n  match = \"GET /items/{id}\"\n  [[api.operation]]\n  match = \"POST /items\"\n";
+    let text = env.config("request", &format!("[server]\nadmin = \"127.0.0.1:0\"\n{api}"));
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
+    let addr = admin_of(&proxy);
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    for i in 0..3 {
+        assert_eq!(c.request("GET", &format!("/items/{i}"), &[], b"").unwrap().status, 200);
+    }
+    assert_eq!(c.request("POST", "/items", &[], b"{}").unwrap().status, 200);
+    assert_eq!(c.request("DELETE", "/items", &[], b"").unwrap().status, 404, "no such operation");
+    let (_, metrics) = admin(addr, "GET", "/metrics");
+    let op = |o: &str, class: &str| {
+        value(
+            &metrics,
+            &format!(
+                "portcullis_operation_requests_total{{api=\"todo\",operation=\"{o}\",class=\"{class}\"}}"
+            ),
+        )
+    };
+    assert_eq!(op("GET /items/{id}", "2xx"), 3);
+    assert_eq!(op("POST /items", "2xx"), 1);
+    assert_eq!(op("GET /items/{id}", "4xx"), 0);
+    assert_eq!(value(&metrics, "portcullis_api_requests_total{api=\"todo\",class=\"2xx\"}"), 4);
+}

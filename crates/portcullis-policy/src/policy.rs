@@ -211,6 +211,8 @@ pub struct ApiPolicy {
     /// For logs: the operation's `operationId`, else its pattern; "-" for an API without
     /// operations.
     operation: Box<str>,
+    /// 0 for the API without operations, else 1 + the operation's index in the API's list.
+    slot: usize,
 }
 
 impl ApiPolicy {
@@ -227,6 +229,12 @@ impl ApiPolicy {
     /// The operation's name in logs: its `operationId`, else its pattern (`GET /items/{id}`).
     pub fn operation(&self) -> &str {
         &self.operation
+    }
+
+    /// 0 for an API without operations, else 1 + the operation's index in the API's list (as
+    /// the configuration and its OpenAPI import give them).
+    pub fn operation_slot(&self) -> usize {
+        self.slot
     }
 }
 
@@ -807,20 +815,22 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
     let api_index = |name: &str| config.apis.iter().position(|a| a.name.value == name).map(|i| i as u32);
     let mut apis = Vec::with_capacity(config.apis.len());
     for (index, api) in config.apis.iter().enumerate() {
-        let own = |c: &mut Compiler<'_>,
-                   parents: bool,
-                   inbound: Vec<&StepConfig>,
-                   outbound: Vec<&StepConfig>,
-                   params: Vec<(Bytes, usize)>,
-                   (timeout, operation): (Option<std::time::Duration>, &str)| ApiPolicy {
-            api: index,
-            params,
-            parents,
-            inbound: c.steps(&inbound, true),
-            outbound: c.steps(&outbound, false),
-            timeout,
-            operation: operation.into(),
-        };
+        let own =
+            |c: &mut Compiler<'_>,
+             parents: bool,
+             inbound: Vec<&StepConfig>,
+             outbound: Vec<&StepConfig>,
+             params: Vec<(Bytes, usize)>,
+             (timeout, operation, slot): (Option<std::time::Duration>, &str, usize)| ApiPolicy {
+                api: index,
+                params,
+                parents,
+                inbound: c.steps(&inbound, true),
+                outbound: c.steps(&outbound, false),
+                timeout,
+                operation: operation.into(),
+                slot,
+            };
         // An API with operations runs their policies, not this one (its steps are checked there).
         c.route = api
             .operations
@@ -832,10 +842,10 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
             api.inbound.iter().collect(),
             api.outbound.iter().collect(),
             Vec::new(),
-            (api.timeout, "-"),
+            (api.timeout, "-", 0),
         );
         let mut operations = Vec::with_capacity(api.operations.len());
-        for op in &api.operations {
+        for (slot, op) in (1..).zip(&api.operations) {
             // An operation that inherits runs the API's steps, then its own; one that does not,
             // only its own (and no global or product steps either).
             let (inbound, outbound, parents) = if op.inherit {
@@ -857,7 +867,7 @@ pub fn compile(config: &Config, inputs: &Inputs) -> Result<PolicySet, ConfigErro
                 inbound,
                 outbound,
                 pattern.params.clone(),
-                (op.timeout.or(api.timeout), name),
+                (op.timeout.or(api.timeout), name, slot),
             );
             operations.push(Operation { pattern, policy });
         }
@@ -1442,6 +1452,7 @@ mod tests {
             outbound: Vec::new(),
             timeout: None,
             operation: "-".into(),
+            slot: 0,
         };
         let mut edits = HeaderEdits::default();
         edits.reset(0);

@@ -209,6 +209,23 @@ fn metrics(shared: &Shared) -> String {
         "Requests answered on each API, by status class.",
         &by_api,
     );
+    let mut by_operation: Vec<(String, u64)> = Vec::new();
+    for r in shared.snapshot.load().router.routes() {
+        let api = label(&r.name);
+        for (op, counts) in r.counters.by_operation() {
+            let op = label(op);
+            for (c, n) in classes.iter().zip(counts) {
+                by_operation.push((format!("api=\"{api}\",operation=\"{op}\",class=\"{c}\""), n));
+            }
+        }
+    }
+    family(
+        &mut out,
+        "portcullis_operation_requests_total",
+        "counter",
+        "Requests answered on each operation of the APIs that declare operations, by status class.",
+        &by_operation,
+    );
     let refusals: Vec<(String, u64)> = REFUSAL_KINDS
         .iter()
         .enumerate()

@@ -538,7 +538,14 @@ impl Snapshot {
                 backend,
                 prefix: Bytes::from(api.path.value.clone().into_bytes()),
                 host: api.host.as_ref().map(|h| Bytes::from(h.value.to_ascii_lowercase().into_bytes())),
-                counters: crate::stats::ApiCounters::of(&api.name.value, worker_count(&config.server)),
+                counters: crate::stats::ApiCounters::of(
+                    &api.name.value,
+                    api.operations
+                        .iter()
+                        .map(|o| o.id.clone().unwrap_or_else(|| o.pattern.value.clone()))
+                        .collect(),
+                    worker_count(&config.server),
+                ),
             });
         }
         // Producers start only for a configuration that will run (a reload that fails keeps the
@@ -596,7 +603,7 @@ mod tests {
             backend: 0,
             prefix: Bytes::from(prefix.to_owned()),
             host: host.map(|h| Bytes::from(h.to_owned())),
-            counters: crate::stats::ApiCounters::of("test", 1),
+            counters: crate::stats::ApiCounters::of("test", Vec::new(), 1),
         }
     }
 

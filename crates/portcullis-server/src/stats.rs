@@ -197,40 +197,68 @@ impl WorkerStats {
 /// that a reload does not reset an API's counters.
 #[derive(Debug)]
 pub(crate) struct ApiCounters {
+    /// The API's operations' names, in order (row 0 is the API without an operation).
+    operations: Vec<String>,
     per_worker: Vec<ApiWorker>,
 }
 
+/// One worker's counts of an API: a row per operation (and row 0), by status class.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct ApiWorker {
-    requests: [AtomicU64; 5],
+    rows: Box<[[AtomicU64; 5]]>,
 }
 
 impl ApiCounters {
-    /// The counters of API `name`: the ones already kept for it, or new ones for `workers`.
-    pub(crate) fn of(name: &str, workers: usize) -> std::sync::Arc<ApiCounters> {
+    /// The counters of API `name` with `operations` (names in order): the ones already kept for
+    /// it, or new ones for `workers`. A reload that changes the operations starts them anew.
+    pub(crate) fn of(name: &str, operations: Vec<String>, workers: usize) -> std::sync::Arc<ApiCounters> {
         use std::sync::{Arc, Mutex, Weak};
-        static KEPT: Mutex<Vec<(String, Weak<ApiCounters>)>> = Mutex::new(Vec::new());
+        type Kept = Vec<(String, Vec<String>, Weak<ApiCounters>)>;
+        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(c) = kept.iter().find(|(n, _)| n == name).and_then(|(_, w)| w.upgrade()) {
+        kept.retain(|(_, _, w)| w.strong_count() > 0);
+        if let Some(c) =
+            kept.iter().find(|(n, o, _)| n == name && *o == operations).and_then(|(_, _, w)| w.upgrade())
+        {
             return c;
         }
-        let c =
-            Arc::new(ApiCounters { per_worker: (0..workers.max(1)).map(|_| ApiWorker::default()).collect() });
-        kept.push((name.to_owned(), Arc::downgrade(&c)));
+        let rows = operations.len() + 1;
+        let per_worker = (0..workers.max(1))
+            .map(|_| ApiWorker { rows: (0..rows).map(|_| Default::default()).collect() })
+            .collect();
+        let c = Arc::new(ApiCounters { operations: operations.clone(), per_worker });
+        kept.push((name.to_owned(), operations, Arc::downgrade(&c)));
         c
     }
 
-    pub(crate) fn request(&self, worker: usize, status: u16) {
-        if let (Some(w), true) = (self.per_worker.get(worker), (100..600).contains(&status)) {
-            w.requests[usize::from(status / 100) - 1].fetch_add(1, Ordering::Relaxed);
+    /// A request answered `status` on operation `slot` (0: the API has no operations).
+    pub(crate) fn request(&self, worker: usize, slot: usize, status: u16) {
+        if let (Some(row), true) =
+            (self.per_worker.get(worker).and_then(|w| w.rows.get(slot)), (100..600).contains(&status))
+        {
+            row[usize::from(status / 100) - 1].fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Requests of status class `class` (0 for 1xx … 4 for 5xx), over workers.
+    /// Requests of status class `class` (0 for 1xx … 4 for 5xx), over workers and operations.
     pub(crate) fn requests(&self, class: usize) -> u64 {
-        self.per_worker.iter().map(|w| w.requests[class].load(Ordering::Relaxed)).sum()
+        self.per_worker.iter().flat_map(|w| w.rows.iter()).map(|r| r[class].load(Ordering::Relaxed)).sum()
+    }
+
+    /// The operations' names and, for each, its requests by status class over workers.
+    pub(crate) fn by_operation(&self) -> impl Iterator<Item = (&str, [u64; 5])> + '_ {
+        self.operations.iter().enumerate().map(|(i, name)| {
+            let mut classes = [0u64; 5];
+            for w in &self.per_worker {
+                if let Some(row) = w.rows.get(i + 1) {
+                    for (c, n) in classes.iter_mut().zip(row.iter()) {
+                        *c += n.load(Ordering::Relaxed);
+                    }
+                }
+            }
+            (name.as_str(), classes)
+        })
     }
 }
 

@@ -578,8 +578,8 @@ impl<S: Stream> Conn<S> {
             }
         }
         self.worker.stats.request(status);
-        if let Some((r, _)) = route {
-            r.counters.request(self.worker.id, status);
+        if let Some((r, p)) = route {
+            r.counters.request(self.worker.id, p.operation_slot(), status);
         }
         let elapsed = started.elapsed();
         self.worker.stats.request_duration.observe(elapsed);
