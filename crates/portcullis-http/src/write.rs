@@ -47,9 +47,10 @@ pub fn end_head(out: &mut BytesMut) {
     out.put_slice(b"\r\n");
 }
 
-/// Appends `n` in decimal.
-pub fn decimal(out: &mut BytesMut, mut n: u64) {
-    let mut digits = [0u8; 20];
+/// The decimal digits of `n`: they are `digits[at..]` of the answer `(digits, at)`, with
+/// zeros before them.
+pub fn decimal_digits(mut n: u64) -> ([u8; 20], usize) {
+    let mut digits = [b'0'; 20];
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -59,6 +60,12 @@ pub fn decimal(out: &mut BytesMut, mut n: u64) {
             break;
         }
     }
+    (digits, at)
+}
+
+/// Appends `n` in decimal.
+pub fn decimal(out: &mut BytesMut, n: u64) {
+    let (digits, at) = decimal_digits(n);
     out.put_slice(&digits[at..]);
 }
 

@@ -293,18 +293,9 @@ fn rfc3339(out: &mut String, ms: u64) {
 
 /// `n` in decimal, at least `width` digits (zero-padded): without the formatting machinery,
 /// which was a third of the log thread's time.
-fn digits(out: &mut String, mut n: u64, width: usize) {
-    let mut buf = [b'0'; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let start = i.min(buf.len() - width.min(buf.len()));
+fn digits(out: &mut String, n: u64, width: usize) {
+    let (buf, at) = portcullis_http::write::decimal_digits(n);
+    let start = at.min(buf.len() - width.min(buf.len()));
     for &b in &buf[start..] {
         out.push(char::from(b));
     }
@@ -312,6 +303,15 @@ fn digits(out: &mut String, mut n: u64, width: usize) {
 
 fn number(out: &mut String, n: u64) {
     digits(out, n, 1);
+}
+
+/// A status, or `null` for none (0).
+fn status_or_null(out: &mut String, status: u16) {
+    if status == 0 {
+        out.push_str("null");
+    } else {
+        number(out, u64::from(status));
+    }
 }
 
 /// A socket address as `1.2.3.4:5` or `[::1]:5`.
@@ -375,11 +375,7 @@ fn json(r: &Record, out: &mut String) {
     out.push_str(",\"path\":");
     json_text(out, r, Text::Path);
     out.push_str(",\"status\":");
-    if r.status == 0 {
-        out.push_str("null");
-    } else {
-        number(out, u64::from(r.status));
-    }
+    status_or_null(out, r.status);
     out.push_str(",\"api\":");
     json_text(out, r, Text::Api);
     out.push_str(",\"operation\":");
@@ -412,11 +408,7 @@ fn json(r: &Record, out: &mut String) {
     out.push_str(",\"backend\":");
     json_text(out, r, Text::Backend);
     out.push_str(",\"upstream_status\":");
-    if r.upstream_status == 0 {
-        out.push_str("null");
-    } else {
-        number(out, u64::from(r.upstream_status));
-    }
+    status_or_null(out, r.upstream_status);
     out.push_str(",\"upstream_micros\":");
     number(out, r.upstream_micros);
     out.push('}');

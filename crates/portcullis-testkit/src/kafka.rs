@@ -2,7 +2,7 @@
 //! memory: started, stopped and started again on the same port by the test. The binary is
 //! `tansu` on the `PATH` (or the file `$TANSU` names); `.ci/run` installs it.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,23 +18,18 @@ pub struct KafkaBroker {
     authenticating: bool,
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 impl KafkaBroker {
     pub fn start() -> KafkaBroker {
-        let mut b = KafkaBroker { child: None, port: free_port(), authenticating: false };
+        let mut b = KafkaBroker { child: None, port: crate::idp::free_port(), authenticating: false };
         b.restart();
         b
     }
 
     /// One that asks its clients to authenticate (`--authentication`: SASL SCRAM only).
     pub fn start_authenticating() -> KafkaBroker {
-        let mut b = KafkaBroker { child: None, port: free_port(), authenticating: true };
+        let mut b = KafkaBroker { child: None, port: crate::idp::free_port(), authenticating: true };
         b.restart();
         b
     }
@@ -50,14 +45,8 @@ impl KafkaBroker {
 
     /// Stops it (SIGKILL: its clients see the connection drop). Its topics are gone with it.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(self.addr()).is_ok() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = self.addr();
+        crate::redis::kill_until_closed(&mut self.child, addr);
     }
 
     /// Starts it (again) on the same port, empty, and waits until it answers.

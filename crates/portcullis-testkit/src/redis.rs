@@ -1,7 +1,7 @@
 //! A real Redis (Debian's `redis-server`) on a free loopback port, for the tests of counts
 //! shared across hosts: started, stopped and started again on the same port by the test.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,11 +25,6 @@ pub struct RedisTls {
     pub ca: PathBuf,
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 impl RedisServer {
     /// Starts one whose files (none are written) would go in `dir`.
     pub fn start(dir: &Path) -> RedisServer {
@@ -49,7 +44,7 @@ impl RedisServer {
     fn start_full(dir: &Path, password: Option<&str>, tls: Option<RedisTls>) -> RedisServer {
         let mut r = RedisServer {
             child: None,
-            port: free_port(),
+            port: crate::idp::free_port(),
             password: password.map(str::to_owned),
             tls,
             dir: dir.to_owned(),
@@ -72,15 +67,8 @@ impl RedisServer {
 
     /// Stops it (SIGKILL: no goodbye to its clients, as when a host fails).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Until the port is free again.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(self.addr()).is_ok() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = self.addr();
+        kill_until_closed(&mut self.child, addr);
     }
 
     /// Starts it (again) on the same port, empty, and waits until it answers.
@@ -143,6 +131,19 @@ impl RedisServer {
             .find_map(|l| l.strip_prefix(&prefix))
             .and_then(|rest| rest.split(',').next()?.parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// Kills `child` (SIGKILL: no goodbye to its clients, as when a host fails) and waits, at most
+/// 5 s, until nothing answers on `addr` any more.
+pub(crate) fn kill_until_closed(child: &mut Option<Child>, addr: SocketAddr) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
