@@ -20,6 +20,23 @@ pub struct WorkerLocal {
     pub deltas: Deltas,
     /// Callouts' answers kept for their `cache_ttl`.
     pub(crate) callouts: crate::callout::CalloutCache,
+    /// Where `log_to_eventhub` messages are rendered, one after another: each message is split
+    /// off as a `Bytes` sharing the buffer, so that a message costs no allocation of its own
+    /// (a new buffer is taken when one fills, and one whose messages are all gone is reused).
+    pub(crate) log_arena: BytesMut,
+}
+
+/// Room taken at a time for messages.
+pub(crate) const LOG_ARENA: usize = 64 * 1024;
+
+impl WorkerLocal {
+    /// A buffer to render the next message into (split it off when written).
+    pub(crate) fn log_arena(&mut self) -> &mut BytesMut {
+        if self.log_arena.capacity() - self.log_arena.len() < LOG_ARENA / 16 {
+            self.log_arena.reserve(LOG_ARENA);
+        }
+        &mut self.log_arena
+    }
 }
 
 impl WorkerLocal {

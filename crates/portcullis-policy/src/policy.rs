@@ -395,18 +395,21 @@ pub(crate) struct LogStep {
 impl LogStep {
     /// Renders the message (and its key) into the request's logs.
     fn run(&self, cx: &Context<'_>) {
-        let mut value = BytesMut::with_capacity(256);
-        self.message.render(cx, &mut value);
+        // Templates never read the worker's local state: it stays borrowed while they render.
+        let mut local = cx.state.local.borrow_mut();
+        let arena = local.log_arena();
         let key = self.key.as_ref().map(|k| {
-            let mut key = BytesMut::new();
-            k.render(cx, &mut key);
-            key.freeze()
+            k.render(cx, arena);
+            arena.split().freeze()
         });
+        self.message.render(cx, arena);
+        let value = arena.split().freeze();
+        drop(local);
         cx.state.logs.borrow_mut().push(crate::facts::LogMessage {
             logger: self.logger,
             partition: self.partition,
             key,
-            value: value.freeze(),
+            value,
         });
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use portcullis_config::AccessFormat;
 
 use crate::worker::Shared;
@@ -44,7 +44,8 @@ pub(crate) enum Text {
 const TEXTS: usize = 12;
 
 /// One request (or refused connection) as the access log records it: numbers, and the text
-/// fields copied one after another into one buffer (one allocation per record).
+/// fields copied one after another into one buffer: the worker's arena, which records share
+/// (a record costs no allocation of its own).
 #[derive(Debug)]
 pub(crate) struct Record {
     pub(crate) at_ms: u64,
@@ -63,7 +64,7 @@ pub(crate) struct Record {
     pub(crate) upstream_status: u16,
     pub(crate) tls: &'static str,
     pub(crate) resumed: bool,
-    text: Vec<u8>,
+    text: BytesMut,
     /// Where each field's text ends in `text`, in [`Text`] order.
     ends: [u32; TEXTS],
     /// Fields set so far (the others are empty).
@@ -71,8 +72,9 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    /// A record with its numbers zero and no text (fields are then [`Record::put`] in order).
-    pub(crate) fn new(at_ms: u64, id: Option<[u8; 16]>, peer: SocketAddr, text_capacity: usize) -> Record {
+    /// A record with its numbers zero and no text (fields are then [`Record::put`] in order),
+    /// its text written into `arena` (empty; [`Record::finish`] gives back what it left).
+    pub(crate) fn new(at_ms: u64, id: Option<[u8; 16]>, peer: SocketAddr, arena: BytesMut) -> Record {
         Record {
             at_ms,
             id,
@@ -85,7 +87,7 @@ impl Record {
             upstream_status: 0,
             tls: "-",
             resumed: false,
-            text: Vec::with_capacity(text_capacity),
+            text: arena,
             ends: [0; TEXTS],
             set: 0,
         }
@@ -103,6 +105,12 @@ impl Record {
         self.text.extend_from_slice(v);
         self.ends[i] = self.text.len() as u32;
         self.set = i + 1;
+    }
+
+    /// The record's text is complete: the rest of the arena is given back, for the next one.
+    pub(crate) fn finish(&mut self) -> BytesMut {
+        let written = self.text.split();
+        std::mem::replace(&mut self.text, written)
     }
 
     pub(crate) fn get(&self, f: Text) -> &[u8] {
@@ -469,7 +477,7 @@ mod tests {
             1_764_957_862_123,
             Some(*b"0123456789abcdef"),
             "192.0.2.7:5000".parse().expect("addr"),
-            64,
+            BytesMut::with_capacity(64),
         );
         r.status = 200;
         r.micros = 1234;

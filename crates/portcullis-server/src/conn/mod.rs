@@ -322,7 +322,7 @@ impl<S: Stream> Conn<S> {
                             portcullis_tls::now_unix_ms(),
                             None,
                             self.peer,
-                            why.len() + 48,
+                            bytes::BytesMut::with_capacity(why.len() + 48),
                         );
                         record.status = status;
                         record.tls = self.info.version;
@@ -587,7 +587,11 @@ impl<S: Stream> Conn<S> {
             return;
         }
         use crate::accesslog::Text;
-        let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer, 192);
+        let mut arena = self.worker.log_arena.take();
+        if arena.capacity() - arena.len() < 4096 {
+            arena.reserve(64 * 1024);
+        }
+        let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer, arena);
         record.status = status;
         record.micros = elapsed.as_micros() as u64;
         record.bytes_in = self.bytes_in;
@@ -625,13 +629,19 @@ impl<S: Stream> Conn<S> {
         {
             record.put(Text::Backend, server.name.as_bytes());
         }
+        self.worker.log_arena.set(record.finish());
         self.worker.shared.access.send(record);
     }
 }
 
 /// The access-log record of a connection refused before a request (or of a head that was none).
 fn refused_record(peer: SocketAddr, why: &str) -> crate::accesslog::Record {
-    let mut record = crate::accesslog::Record::new(portcullis_tls::now_unix_ms(), None, peer, why.len() + 48);
+    let mut record = crate::accesslog::Record::new(
+        portcullis_tls::now_unix_ms(),
+        None,
+        peer,
+        bytes::BytesMut::with_capacity(why.len() + 48),
+    );
     record.put(crate::accesslog::Text::Refused, why.as_bytes());
     record
 }
