@@ -304,9 +304,8 @@ fn rfc3339(out: &mut String, ms: u64) {
 fn digits(out: &mut String, n: u64, width: usize) {
     let (buf, at) = portcullis_http::write::decimal_digits(n);
     let start = at.min(buf.len() - width.min(buf.len()));
-    for &b in &buf[start..] {
-        out.push(char::from(b));
-    }
+    // ASCII digits: the check is a few bytes, and the copy is one.
+    out.push_str(std::str::from_utf8(&buf[start..]).unwrap_or("0"));
 }
 
 fn number(out: &mut String, n: u64) {
