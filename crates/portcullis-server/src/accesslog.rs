@@ -398,22 +398,19 @@ fn json(r: &Record, out: &mut String) {
     out.push_str(",\"tls\":\"");
     out.push_str(r.tls);
     out.push_str(if r.resumed { "\",\"resumed\":true" } else { "\",\"resumed\":false" });
-    out.push_str(",\"sni\":");
-    json_text(out, r, Text::Sni);
-    out.push_str(",\"client_cert\":");
-    json_text(out, r, Text::ClientCert);
-    out.push_str(",\"subscription\":");
-    json_text(out, r, Text::Subscription);
-    out.push_str(",\"jwt_sub\":");
-    json_text(out, r, Text::JwtSub);
-    out.push_str(",\"jwt_appid\":");
-    json_text(out, r, Text::JwtAppid);
-    out.push_str(",\"user_agent\":");
-    json_text(out, r, Text::UserAgent);
-    out.push_str(",\"refused\":");
-    json_text(out, r, Text::Refused);
-    out.push_str(",\"backend\":");
-    json_text(out, r, Text::Backend);
+    for (name, field) in [
+        (",\"sni\":", Text::Sni),
+        (",\"client_cert\":", Text::ClientCert),
+        (",\"subscription\":", Text::Subscription),
+        (",\"jwt_sub\":", Text::JwtSub),
+        (",\"jwt_appid\":", Text::JwtAppid),
+        (",\"user_agent\":", Text::UserAgent),
+        (",\"refused\":", Text::Refused),
+        (",\"backend\":", Text::Backend),
+    ] {
+        out.push_str(name);
+        json_text(out, r, field);
+    }
     out.push_str(",\"upstream_status\":");
     status_or_null(out, r.upstream_status);
     out.push_str(",\"upstream_micros\":");
