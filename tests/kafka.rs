@@ -336,6 +336,11 @@ fn loggers_that_cannot_work_are_configuration_errors_naming_the_line() {
         assert!(text.contains(expected), "{expected} in:\n{text}");
         assert!(text.contains("bad.toml:"), "the file and line: {text}");
     }
+    let server = "access_log = { logger = \"audit\", format = \"combined\" }";
+    let path = env.write_config("bad.toml", &proxy_config(&env, &broker, server, "topic = \"t\"", ""));
+    let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && text.contains("a logger takes the access log as JSON"), "{text}");
 }
 
 #[test]

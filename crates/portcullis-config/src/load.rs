@@ -422,6 +422,9 @@ fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
     if let (Some(l), Some(_)) = (&logger, get(t, "path")) {
         r.errors.push(l.loc.error("give the access log a path or a logger, not both"));
     }
+    if let (Some(l), AccessFormat::Combined) = (&logger, format) {
+        r.errors.push(l.loc.error("a logger takes the access log as JSON: leave format out, or \"json\""));
+    }
     Some(AccessLog { path, format, queue, logger })
 }
 

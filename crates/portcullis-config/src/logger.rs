@@ -162,7 +162,8 @@ pub(crate) fn logger(r: &mut Reader, v: &Value<'_>, field: &str) -> Option<Logge
     )
     .max(retry_backoff);
     let buffer = bounded_integer(r, t, field, "buffer", 32 << 20, 1 << 34) as usize;
-    let queue = bounded_integer(r, t, field, "queue", 65_536, 1 << 24) as usize;
+    // The queue's slots are allocated at start (about 80 bytes each).
+    let queue = bounded_integer(r, t, field, "queue", 65_536, 1 << 20) as usize;
     let timeout = bounded_duration(
         r,
         t,

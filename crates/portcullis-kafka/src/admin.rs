@@ -72,7 +72,7 @@ pub fn read_topic(
     let mut conn = Connection::open(connector, host, port, timeout, "portcullis-admin", None)?;
     let request = MetadataRequest::default()
         .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(topic_name(topic)))]))
-        .with_allow_auto_topic_creation(false);
+        .with_allow_auto_topic_creation(conn.versions.metadata < 4);
     let version = conn.versions.metadata;
     let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
     let described = answer

@@ -187,7 +187,7 @@ impl Producer {
     }
 
     /// Stops the thread and waits for it: what it holds is sent for at most `drain`, the rest
-    /// dropped and counted.
+    /// dropped and counted. A broker that does not answer can hold a send for up to `timeout`.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());
@@ -197,10 +197,38 @@ impl Producer {
     }
 }
 
+/// Threads of producers that were dropped (replaced by a reload) and are sending what they
+/// held: [`wait_for_draining`] waits for them before the process goes.
+static DRAINING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits, until `deadline` at most, for the producers dropped earlier to send what they held.
+/// Returns how many were still at it.
+pub fn wait_for_draining(deadline: Instant) -> usize {
+    let threads: Vec<JoinHandle<()>> =
+        DRAINING.lock().map(|mut d| std::mem::take(&mut *d)).unwrap_or_default();
+    let mut left = 0;
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            left += 1;
+        }
+    }
+    left
+}
+
 impl Drop for Producer {
-    /// The thread finishes on its own (within `drain`); nobody waits for it.
+    /// The thread finishes on its own (within `drain`); [`wait_for_draining`] waits for it.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let (Some(t), Ok(mut draining)) = (thread, DRAINING.lock()) {
+            draining.retain(|t| !t.is_finished());
+            draining.push(t);
+        }
     }
 }
 
@@ -221,6 +249,41 @@ struct Layout {
     /// Leader of each partition (by index); `None` while it has none.
     leaders: Vec<Option<i32>>,
     brokers: HashMap<i32, (String, u16)>,
+}
+
+/// The layout a metadata answer gives `topic_name`: partitions 0 to n-1, each described once,
+/// with their leaders (a broker's bytes are checked, not trusted).
+fn layout_of(answer: &MetadataResponse, topic_name: &str) -> Result<Layout, Error> {
+    let topic = answer
+        .topics
+        .iter()
+        .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == topic_name))
+        .ok_or_else(|| Error::Broker(format!("the broker did not describe topic {}", topic_name)))?;
+    if topic.error_code != 0 {
+        return Err(Error::Broker(format!("topic {}: {}", topic_name, code_name(topic.error_code))));
+    }
+    // Partitions 0 to n-1, each described once (a broker's bytes are checked, not trusted).
+    let n = topic.partitions.len();
+    if n == 0 || n > 100_000 {
+        return Err(Error::Protocol(format!("topic {}: {n} partitions", topic_name)));
+    }
+    let mut leaders: Vec<Option<i32>> = vec![None; n];
+    let mut seen = vec![false; n];
+    for p in &topic.partitions {
+        let i = usize::try_from(p.partition_index).ok().filter(|&i| i < n && !seen[i]).ok_or_else(|| {
+            Error::Protocol(format!("topic {}: partition {} described oddly", topic_name, p.partition_index))
+        })?;
+        seen[i] = true;
+        if p.error_code == 0 && p.leader_id.0 >= 0 {
+            leaders[i] = Some(p.leader_id.0);
+        }
+    }
+    let brokers = answer
+        .brokers
+        .iter()
+        .filter_map(|b| Some((b.node_id.0, (b.host.as_str().to_owned(), u16::try_from(b.port).ok()?))))
+        .collect();
+    Ok(Layout { leaders, brokers })
 }
 
 /// One partition's queue, and how often its head batch was refused.
@@ -254,6 +317,8 @@ struct Sender {
     /// The last failure, reported once until a success.
     failing: Option<String>,
     next_bootstrap: usize,
+    /// Held bytes last added to the shared gauge.
+    reported: u64,
 }
 
 impl Sender {
@@ -273,6 +338,7 @@ impl Sender {
             next_try: Instant::now(),
             failing: None,
             next_bootstrap: 0,
+            reported: 0,
         }
     }
 
@@ -302,11 +368,9 @@ impl Sender {
             }
             // Sleep until the next batch is due, a retry may go, or (holding nothing) a while.
             let mut wake = now + POLL;
-            if self.held() > 0 {
-                if let Some(oldest) = self.oldest() {
-                    wake = wake.min(oldest + self.s.linger);
-                }
-                wake = wake.max(self.next_try.min(now + self.s.linger));
+            if let Some(oldest) = self.oldest() {
+                // A batch that is due waits for the end of a backoff, never less.
+                wake = wake.min((oldest + self.s.linger).max(self.next_try));
             }
             std::thread::sleep(wake.saturating_duration_since(now).max(Duration::from_millis(1)));
         }
@@ -329,13 +393,25 @@ impl Sender {
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    self.stats.buffered.store(self.bytes as u64, Ordering::Relaxed);
+                    self.report_buffered();
                     return false;
                 }
             }
         }
-        self.stats.buffered.store(self.bytes as u64, Ordering::Relaxed);
+        self.report_buffered();
         true
+    }
+
+    /// Adds this producer's change of held bytes to the gauge, which a producer replaced by a
+    /// reload and still draining shares with its successor.
+    fn report_buffered(&mut self) {
+        let now = self.bytes as u64;
+        if now >= self.reported {
+            self.stats.buffered.fetch_add(now - self.reported, Ordering::Relaxed);
+        } else {
+            self.stats.buffered.fetch_sub(self.reported - now, Ordering::Relaxed);
+        }
+        self.reported = now;
     }
 
     /// Puts a message in its partition's queue, or aside until the partitions are known.
@@ -395,7 +471,7 @@ impl Sender {
         self.unassigned.clear();
         self.queues.clear();
         self.bytes = 0;
-        self.stats.buffered.store(0, Ordering::Relaxed);
+        self.report_buffered();
     }
 
     fn succeeded(&mut self) {
@@ -431,6 +507,7 @@ impl Sender {
         let Some(leaders) = self.layout.as_ref().map(|l| l.leaders.clone()) else { return Ok(()) };
         // Batches per leader.
         let mut by_leader: HashMap<i32, Vec<usize>> = HashMap::new();
+        let mut leaderless = None;
         for (p, q) in self.queues.iter().enumerate() {
             let ready = q.bytes >= self.s.max_batch
                 || stopping
@@ -440,10 +517,8 @@ impl Sender {
             }
             match leaders.get(p).copied().flatten() {
                 Some(leader) => by_leader.entry(leader).or_default().push(p),
-                None => {
-                    self.layout = None;
-                    return Err(Error::Broker(format!("partition {p} of {} has no leader", self.s.topic)));
-                }
+                // Its messages wait (the others go): the layout is asked for again.
+                None => leaderless = Some(p),
             }
         }
         let mut result = Ok(());
@@ -452,8 +527,23 @@ impl Sender {
                 result = Err(e);
             }
         }
-        self.sticky = self.sticky.wrapping_add(1);
+        self.sticky = self.next_sticky(&leaders);
+        if let Some(p) = leaderless {
+            self.layout = None;
+            result =
+                result.and(Err(Error::Broker(format!("partition {p} of {} has no leader", self.s.topic))));
+        }
         result
+    }
+
+    /// The partition after the current sticky one that has a leader (messages without key or
+    /// partition go there until the next batch).
+    fn next_sticky(&self, leaders: &[Option<i32>]) -> usize {
+        let n = leaders.len().max(1);
+        (1..=n)
+            .map(|step| (self.sticky + step) % n)
+            .find(|&p| leaders.get(p).is_some_and(Option::is_some))
+            .unwrap_or(0)
     }
 
     /// Asks a bootstrap broker (each in turn, from where the last attempt left off) for the
@@ -485,36 +575,11 @@ impl Sender {
                 MetadataRequestTopic::default()
                     .with_name(Some(TopicName(StrBytes::from_string(self.s.topic.clone())))),
             ]))
-            .with_allow_auto_topic_creation(false);
+            // A field from version 4 on (earlier brokers follow their own setting).
+            .with_allow_auto_topic_creation(version < 4);
         let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
         self.conns.insert(-1, conn);
-        let topic = answer
-            .topics
-            .iter()
-            .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == self.s.topic))
-            .ok_or_else(|| Error::Broker(format!("the broker did not describe topic {}", self.s.topic)))?;
-        if topic.error_code != 0 {
-            return Err(Error::Broker(format!("topic {}: {}", self.s.topic, code_name(topic.error_code))));
-        }
-        let count = topic.partitions.iter().map(|p| p.partition_index).max().map_or(0, |m| m + 1);
-        if topic.partitions.is_empty() || count > 100_000 || count as usize != topic.partitions.len() {
-            return Err(Error::Protocol(format!(
-                "topic {}: partitions {count} described oddly",
-                self.s.topic
-            )));
-        }
-        let mut leaders = vec![None; count as usize];
-        for p in &topic.partitions {
-            if p.error_code == 0 && p.leader_id.0 >= 0 {
-                leaders[p.partition_index as usize] = Some(p.leader_id.0);
-            }
-        }
-        let brokers = answer
-            .brokers
-            .iter()
-            .filter_map(|b| Some((b.node_id.0, (b.host.as_str().to_owned(), u16::try_from(b.port).ok()?))))
-            .collect();
-        Ok(Layout { leaders, brokers })
+        layout_of(&answer, &self.s.topic)
     }
 
     /// Takes a new layout: the partition queues follow the partition count (a changed count
@@ -558,9 +623,11 @@ impl Sender {
             counts.push((p, n));
             data.push(PartitionProduceData::default().with_index(p as i32).with_records(Some(records)));
         }
+        // The broker gives up (and says so) before the socket's read does.
+        let broker_timeout = self.s.timeout.mul_f64(0.75);
         let request = ProduceRequest::default()
             .with_acks(self.s.acks)
-            .with_timeout_ms(self.s.timeout.as_millis().min(i32::MAX as u128) as i32)
+            .with_timeout_ms(broker_timeout.as_millis().min(i32::MAX as u128) as i32)
             .with_topic_data(vec![
                 TopicProduceData::default()
                     .with_name(TopicName(StrBytes::from_string(self.s.topic.clone())))
@@ -575,7 +642,18 @@ impl Sender {
             }
             return Ok(());
         }
-        let answer: ProduceResponse = conn.call(ApiKey::Produce, version, &request)?;
+        let answer: ProduceResponse = match conn.call(ApiKey::Produce, version, &request) {
+            Ok(a) => a,
+            Err(e) => {
+                // The request went out and no answer came back: the broker may have written the
+                // batches. Sent again, they count as attempts, so that a broker that writes and
+                // then hangs up cannot make them go round for ever.
+                for (p, n) in counts {
+                    self.settle(p, n, kafka_protocol::ResponseError::NetworkException.code());
+                }
+                return Err(e);
+            }
+        };
         self.conns.insert(leader, conn);
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut refused = None;
@@ -651,12 +729,60 @@ impl Sender {
         q.bytes -= bytes;
         q.attempts = 0;
         self.bytes -= bytes;
-        self.stats.buffered.store(self.bytes as u64, Ordering::Relaxed);
+        self.report_buffered();
         if code == 0 {
             self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
         } else {
             self.stats.failed.fetch_add(n as u64, Ordering::Relaxed);
             tracing::warn!(logger = %self.s.name, partition = p, messages = n, error = %code_name(code), "the broker refused a batch; dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::messages::BrokerId;
+    use kafka_protocol::messages::metadata_response::{MetadataResponsePartition, MetadataResponseTopic};
+
+    use super::*;
+
+    fn answer(partitions: &[(i32, i32)]) -> MetadataResponse {
+        MetadataResponse::default().with_topics(vec![
+            MetadataResponseTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str("t"))))
+                .with_partitions(
+                    partitions
+                        .iter()
+                        .map(|&(index, leader)| {
+                            MetadataResponsePartition::default()
+                                .with_partition_index(index)
+                                .with_leader_id(BrokerId(leader))
+                        })
+                        .collect(),
+                ),
+        ])
+    }
+
+    #[test]
+    fn a_layout_is_partitions_0_to_n_each_once() {
+        let layout = layout_of(&answer(&[(1, 7), (0, -1)]), "t").expect("a layout");
+        assert_eq!(layout.leaders, vec![None, Some(7)], "a partition without a leader stays in the layout");
+        // What a broker could send that would index out of bounds or overflow.
+        for odd in [&[(-1, 0), (1, 0)][..], &[(0, 0), (0, 0)], &[(i32::MAX, 0)], &[(2, 0), (0, 0)], &[]] {
+            assert!(layout_of(&answer(odd), "t").is_err(), "{odd:?}");
+        }
+        assert!(layout_of(&answer(&[(0, 1)]), "other").is_err());
+    }
+
+    #[test]
+    fn the_sticky_partition_skips_those_without_a_leader() {
+        let s = Settings::new("t", vec![("h".to_owned(), 1)], "t");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut sender = Sender::new(s, Arc::new(crate::TcpConnector), Arc::new(Stats::default()), stop);
+        let leaders = [Some(1), None, None, Some(2)];
+        sender.sticky = 0;
+        assert_eq!(sender.next_sticky(&leaders), 3);
+        sender.sticky = 3;
+        assert_eq!(sender.next_sticky(&leaders), 0);
     }
 }

@@ -359,6 +359,7 @@ impl Template {
                     let clean = match self.mode {
                         Mode::Json => {
                             !out[at..].iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+                                && std::str::from_utf8(&out[at..]).is_ok()
                         }
                         _ => out[at..].iter().all(|&b| is_unreserved(b)),
                     };
@@ -531,24 +532,28 @@ fn percent_decoded(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 /// Escapes a value for the inside of a JSON string.
 fn put_json_escaped(out: &mut BytesMut, v: &[u8]) {
-    for &b in v {
-        match b {
-            b'"' => out.put_slice(b"\\\""),
-            b'\\' => out.put_slice(b"\\\\"),
-            b if b < 0x20 || b == 0x7f => {
-                let _ = write!(out, "\\u{b:04x}");
+    // Bytes that are not UTF-8 (a client's) become U+FFFD: what is written is always JSON.
+    for c in String::from_utf8_lossy(v).chars() {
+        match c {
+            '"' => out.put_slice(b"\\\""),
+            '\\' => out.put_slice(b"\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
             }
-            b => out.put_u8(b),
+            c => {
+                let mut utf8 = [0u8; 4];
+                out.put_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
         }
     }
 }
 
-/// Percent-encodes all but RFC 3986's unreserved characters.
 /// RFC 3986's unreserved characters: never percent-encoded.
 fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~".contains(&b)
 }
 
+/// Percent-encodes all but RFC 3986's unreserved characters.
 fn put_url_encoded(out: &mut BytesMut, v: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in v {

@@ -520,15 +520,11 @@ fn loggers(out: &mut String, loggers: &[Arc<portcullis_kafka::Producer>]) {
     }
     let mut messages = Vec::new();
     let (mut buffered, mut up, mut errors, mut requests) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut truncated = Vec::new();
     for p in loggers {
         let name = label(&p.settings().name);
         let st = p.stats();
-        for (result, counter) in [
-            ("sent", &st.sent),
-            ("dropped", &st.dropped),
-            ("failed", &st.failed),
-            ("truncated", &st.truncated),
-        ] {
+        for (result, counter) in [("sent", &st.sent), ("dropped", &st.dropped), ("failed", &st.failed)] {
             messages
                 .push((format!("logger=\"{name}\",result=\"{result}\""), counter.load(Ordering::Relaxed)));
         }
@@ -536,14 +532,22 @@ fn loggers(out: &mut String, loggers: &[Arc<portcullis_kafka::Producer>]) {
         buffered.push((logger.clone(), st.buffered.load(Ordering::Relaxed)));
         up.push((logger.clone(), u64::from(st.up.load(Ordering::Relaxed))));
         errors.push((logger.clone(), st.errors.load(Ordering::Relaxed)));
+        truncated.push((logger.clone(), st.truncated.load(Ordering::Relaxed)));
         requests.push((logger, st.requests.load(Ordering::Relaxed)));
     }
     family(
         out,
         "portcullis_logger_messages_total",
         "counter",
-        "Messages for each [[logger]]: sent (acknowledged by the broker), dropped (queue or buffer full, or unsent at stop), failed (refused by the broker), truncated (cut to 200 KB, and sent).",
+        "Messages for each [[logger]]: sent (acknowledged by the broker), dropped (queue or buffer full, or unsent at stop), failed (refused by the broker).",
         &messages,
+    );
+    family(
+        out,
+        "portcullis_logger_truncated_total",
+        "counter",
+        "Messages cut to 200 KB before they were handed to the logger.",
+        &truncated,
     );
     family(
         out,

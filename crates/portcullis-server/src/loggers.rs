@@ -129,7 +129,8 @@ pub(crate) fn compile(loggers: &[Logger]) -> Result<Vec<Arc<Producer>>, ConfigEr
         let connector: Arc<dyn Connector> = match &l.tls {
             None => Arc::new(portcullis_kafka::TcpConnector),
             Some(ca) => {
-                let tls = ClientTls::new(ca).map_err(|e| l.loc.error(format!("logger TLS: {e}")))?;
+                let at = ca.first().map_or(&l.loc, |c| &c.loc);
+                let tls = ClientTls::new(ca).map_err(|e| at.error(format!("logger TLS: {e}")))?;
                 Arc::new(TlsConnector { tls })
             }
         };

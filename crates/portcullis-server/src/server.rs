@@ -406,11 +406,22 @@ impl Server {
                 );
             }
         }
-        // The loggers send what they hold, each for at most its `drain` (all at once).
+        // The loggers send what they hold, each for at most its `drain` (all at once), and so do
+        // those a reload replaced that are still at it.
         let loggers = self.shared.snapshot.load().loggers.clone();
+        let drain =
+            loggers.iter().map(|p| p.settings().drain + p.settings().timeout).max().unwrap_or_default();
         let stopping: Vec<_> = loggers.into_iter().map(|p| std::thread::spawn(move || p.stop())).collect();
+        let deadline = std::time::Instant::now() + drain;
         for s in stopping {
-            let _ = s.join();
+            while !s.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        let left =
+            portcullis_kafka::wait_for_draining(deadline.max(std::time::Instant::now() + LOG_FLUSH_WAIT));
+        if left > 0 {
+            tracing::warn!(loggers = left, "stopping before replaced loggers sent what they held");
         }
         result
     }
