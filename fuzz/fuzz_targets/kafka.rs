@@ -5,7 +5,8 @@
 
 use bytes::Bytes;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, MetadataResponse, ProduceResponse, SaslAuthenticateResponse, SaslHandshakeResponse,
+    ApiKey, ApiVersionsResponse, MetadataResponse, ProduceResponse, SaslAuthenticateResponse,
+    SaslHandshakeResponse,
 };
 use libfuzzer_sys::fuzz_target;
 use portcullis_kafka::wire::decode_answer;
@@ -17,8 +18,16 @@ fuzz_target!(|data: &[u8]| {
     let id = 1;
     match selector & 0x0f {
         0 => drop(decode_answer::<ApiVersionsResponse>(body, ApiKey::ApiVersions, 0, id)),
-        1 => drop(decode_answer::<MetadataResponse>(body, ApiKey::Metadata, 1 + version % 9, id)),
-        2 => drop(decode_answer::<ProduceResponse>(body, ApiKey::Produce, 3 + version % 7, id)),
+        1 => {
+            if let Ok(answer) = decode_answer::<MetadataResponse>(body, ApiKey::Metadata, 1 + version % 8, id)
+            {
+                // The producer's reading of it: partitions 0 to n-1, each once, or an error.
+                if let Ok(leaders) = portcullis_kafka::leaders_of(&answer, "t") {
+                    assert!(!leaders.is_empty());
+                }
+            }
+        }
+        2 => drop(decode_answer::<ProduceResponse>(body, ApiKey::Produce, 3 + version % 6, id)),
         3 => drop(decode_answer::<SaslHandshakeResponse>(body, ApiKey::SaslHandshake, 1, id)),
         4 => drop(decode_answer::<SaslAuthenticateResponse>(body, ApiKey::SaslAuthenticate, version % 2, id)),
         _ => {

@@ -10,7 +10,11 @@ fuzz_target!(|data: &[u8]| {
     match parse(data) {
         Ok(Parsed::Done { header, len }) => {
             assert!(len <= data.len());
-            assert_eq!(parse(&data[..len]), Ok(Parsed::Done { header, len }), "the header alone reads the same");
+            assert_eq!(
+                parse(&data[..len]),
+                Ok(Parsed::Done { header, len }),
+                "the header alone reads the same"
+            );
         }
         Ok(Parsed::Partial) => {
             // Every prefix of a partial header is partial too.

@@ -286,6 +286,13 @@ fn layout_of(answer: &MetadataResponse, topic_name: &str) -> Result<Layout, Erro
     Ok(Layout { leaders, brokers })
 }
 
+/// The leader of each partition of `topic` in a metadata answer, as the producer takes it (for
+/// the fuzz target: whatever a broker sends is refused or described, never a panic).
+#[doc(hidden)]
+pub fn leaders_of(answer: &MetadataResponse, topic: &str) -> Result<Vec<Option<i32>>, Error> {
+    layout_of(answer, topic).map(|l| l.leaders)
+}
+
 /// One partition's queue, and how often its head batch was refused.
 #[derive(Default)]
 struct Queue {
