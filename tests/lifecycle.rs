@@ -121,11 +121,14 @@ fn the_demo_prints_commands_that_work() {
     let mut repeated = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut metrics = None;
+    let mut consume = None;
     while commands.len() < 10 || repeated.is_none() || metrics.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx.recv_timeout(left).expect("the demo prints ten curl commands, a loop and the metrics");
         if line.starts_with("curl -s http://") {
             metrics = Some(line);
+        } else if line.starts_with("tansu cat consume --broker tcp://") {
+            consume = Some(line);
         } else if line.starts_with("curl ") {
             commands.push(line);
         } else if line.starts_with("for i in 1 2 3 4 5 6; do curl ") {
@@ -229,6 +232,29 @@ fn the_demo_prints_commands_that_work() {
     std::io::Read::read_to_string(&mut s, &mut scrape).unwrap();
     assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
     assert!(scrape.contains("portcullis_refusals_total{step=\"rate_limit\"} 1"), "{scrape}");
+    // With Tansu installed (as CI has it), the call to /hello that was let through is on the
+    // demo's broker as a JSON message.
+    let consume = consume.expect("the demo starts a broker when tansu is installed, and says how to read it");
+    let bootstrap = consume.split_whitespace().find_map(|w| w.strip_prefix("tcp://")).unwrap().to_owned();
+    let (host, port) = bootstrap.rsplit_once(':').unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logged = loop {
+        let records = portcullis_kafka::admin::read_topic(
+            &portcullis_kafka::TcpConnector,
+            (host, port.parse().unwrap()),
+            "requests",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        if !records.is_empty() || Instant::now() >= deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(logged.len(), 1, "one call to /hello was let through");
+    let message: serde_json::Value = serde_json::from_slice(logged[0].value.as_ref().unwrap()).unwrap();
+    assert_eq!(message["path"], "/hello");
+    assert_eq!(message["method"], "GET");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(demo.0.id() as i32, libc::SIGTERM) };
     assert_eq!(demo.0.wait().unwrap().code(), Some(0), "Ctrl-C or SIGTERM ends the demo cleanly");
