@@ -146,6 +146,21 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
+/// One sample per name of `names` (`LABEL="name"`): counter `pick(worker)[i]` summed over
+/// the workers.
+fn by_label(
+    stats: &[Arc<WorkerStats>],
+    label_name: &str,
+    names: &[&str],
+    pick: impl Fn(&WorkerStats) -> &[std::sync::atomic::AtomicU64],
+) -> Vec<(String, u64)> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("{label_name}=\"{n}\""), sum(stats, |s: &WorkerStats| &pick(s)[i])))
+        .collect()
+}
+
 /// A label value escaped as the exposition format wants (backslash, quote, newline).
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -178,11 +193,7 @@ fn metrics(shared: &Shared) -> String {
     let stats = &shared.stats;
     let mut out = String::with_capacity(4096);
     let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-    let requests: Vec<(String, u64)> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (format!("class=\"{c}\""), sum(stats, |s: &WorkerStats| &s.requests[i])))
-        .collect();
+    let requests = by_label(stats, "class", &classes, |s| &s.requests);
     family(
         &mut out,
         "portcullis_requests_total",
@@ -226,11 +237,7 @@ fn metrics(shared: &Shared) -> String {
         "Requests answered on each operation of the APIs that declare operations, by status class.",
         &by_operation,
     );
-    let refusals: Vec<(String, u64)> = REFUSAL_KINDS
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (format!("step=\"{k}\""), sum(stats, |s: &WorkerStats| &s.refusals[i])))
-        .collect();
+    let refusals = by_label(stats, "step", &REFUSAL_KINDS, |s| &s.refusals);
     family(
         &mut out,
         "portcullis_refusals_total",
@@ -261,11 +268,7 @@ fn metrics(shared: &Shared) -> String {
         "Requests the proxy refused by policy, by the step and the reason (an expired certificate, a JWT failure kind, a missing subscription key, ...).",
         &reasons,
     );
-    let handshakes: Vec<(String, u64)> = HANDSHAKE_RESULTS
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (format!("result=\"{r}\""), sum(stats, |s: &WorkerStats| &s.handshakes[i])))
-        .collect();
+    let handshakes = by_label(stats, "result", &HANDSHAKE_RESULTS, |s| &s.handshakes);
     family(
         &mut out,
         "portcullis_tls_handshakes_total",
@@ -273,11 +276,7 @@ fn metrics(shared: &Shared) -> String {
         "TLS handshakes with clients, by result.",
         &handshakes,
     );
-    let versions: Vec<(String, u64)> = TLS_VERSIONS
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (format!("version=\"{v}\""), sum(stats, |s: &WorkerStats| &s.tls_versions[i])))
-        .collect();
+    let versions = by_label(stats, "version", &TLS_VERSIONS, |s| &s.tls_versions);
     family(
         &mut out,
         "portcullis_tls_handshake_versions_total",
@@ -285,11 +284,7 @@ fn metrics(shared: &Shared) -> String {
         "TLS handshakes with clients that completed, by protocol version.",
         &versions,
     );
-    let failures: Vec<(String, u64)> = HANDSHAKE_FAILURES
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (format!("reason=\"{f}\""), sum(stats, |s: &WorkerStats| &s.handshake_failures[i])))
-        .collect();
+    let failures = by_label(stats, "reason", &HANDSHAKE_FAILURES, |s| &s.handshake_failures);
     family(
         &mut out,
         "portcullis_tls_handshake_failures_total",
@@ -297,11 +292,7 @@ fn metrics(shared: &Shared) -> String {
         "TLS handshakes with clients that failed, by reason.",
         &failures,
     );
-    let upstream: Vec<(String, u64)> = ["502", "504"]
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (format!("status=\"{c}\""), sum(stats, |s: &WorkerStats| &s.upstream_errors[i])))
-        .collect();
+    let upstream = by_label(stats, "status", &["502", "504"], |s| &s.upstream_errors);
     family(
         &mut out,
         "portcullis_upstream_errors_total",
