@@ -68,8 +68,9 @@ fn two_hosts_share_one_limit() {
     let admitted = |addr| answers.iter().filter(|x| x.1 == addr && x.2 == 200).count();
     // The proxy's window is at least a period long: any stretch shorter, seen from here, lies
     // within one, but for how late answers are seen (a loaded machine delays some by hundreds of
-    // milliseconds): the stretch is 1.5 s for the 2 s period.
-    let most = most_admitted_within(&answers, Duration::from_millis(1500));
+    // milliseconds; a whole test suite on two cores, by more than 500): the stretch is 1 s for
+    // the 2 s period. Two hosts each spending the whole limit would still show 400 in it.
+    let most = most_admitted_within(&answers, Duration::from_millis(1000));
     // Over the whole run, timing aside: no 2 s of it may hold more than 200 admissions, so the
     // run (decisions between the first answer, less the time an answer takes, and the last one)
     // holds at most 200 per 2 s it spans.
@@ -77,7 +78,7 @@ fn two_hosts_share_one_limit() {
     let periods = span.as_millis().div_ceil(2000) as usize;
     let total = answers.iter().filter(|x| x.2 == 200).count();
     eprintln!(
-        "{} requests in 5 s; admitted {} on a, {} on b ({total} over {periods} periods); at most {most} in any 1.5 s, under a fleet limit of 200 per 2 s",
+        "{} requests in 5 s; admitted {} on a, {} on b ({total} over {periods} periods); at most {most} in any 1 s, under a fleet limit of 200 per 2 s",
         answers.len(),
         admitted(a.addr),
         admitted(b.addr)
