@@ -4,7 +4,6 @@
 //! thread formats (JSON lines, or nginx's "combined") and writes to stdout or a file, which it
 //! opens again on `SIGUSR1` (after logrotate moved it) or when a reload names another one.
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -188,7 +187,7 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
 
 fn run(shared: &Shared, rx: &Receiver<Record>) {
     let mut output: Option<Output> = None;
-    let mut line = String::with_capacity(64 * 1024);
+    let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
         // Polled, never waited on: a worker's send then never has a sleeping thread to wake (on
         // a busy core a wake-up per request would cost more than the record).
@@ -233,7 +232,7 @@ fn run(shared: &Shared, rx: &Receiver<Record>) {
                 let message = portcullis_kafka::Message {
                     key: None,
                     partition: None,
-                    value: Bytes::copy_from_slice(line.as_bytes()),
+                    value: Bytes::copy_from_slice(&line),
                     timestamp_ms: r.at_ms as i64,
                 };
                 let counter =
@@ -260,11 +259,11 @@ fn run(shared: &Shared, rx: &Receiver<Record>) {
                 AccessFormat::Json => json(&r, &mut line),
                 AccessFormat::Combined => combined(&r, &mut line),
             }
-            line.push('\n');
+            line.push(b'\n');
             count += 1;
         }
         let Some(o) = output.as_mut() else { continue };
-        if o.out.write_all(line.as_bytes()).is_ok() {
+        if o.out.write_all(&line).is_ok() {
             shared.access.written.fetch_add(count, Ordering::Relaxed);
         } else {
             shared.access.dropped.fetch_add(count, Ordering::Relaxed);
@@ -279,55 +278,54 @@ const BATCH: usize = 256;
 const POLL: Duration = Duration::from_millis(10);
 
 /// `2026-12-05T18:04:22.123Z`.
-fn rfc3339(out: &mut String, ms: u64) {
+fn rfc3339(out: &mut Vec<u8>, ms: u64) {
     let secs = (ms / 1000) as i64;
     let (y, m, d) = portcullis_http::write::civil_date(secs.div_euclid(86_400));
     let t = secs.rem_euclid(86_400) as u64;
     digits(out, y.max(0) as u64, 4);
-    out.push('-');
+    out.push(b'-');
     digits(out, u64::from(m), 2);
-    out.push('-');
+    out.push(b'-');
     digits(out, u64::from(d), 2);
-    out.push('T');
+    out.push(b'T');
     digits(out, t / 3600, 2);
-    out.push(':');
+    out.push(b':');
     digits(out, t % 3600 / 60, 2);
-    out.push(':');
+    out.push(b':');
     digits(out, t % 60, 2);
-    out.push('.');
+    out.push(b'.');
     digits(out, ms % 1000, 3);
-    out.push('Z');
+    out.push(b'Z');
 }
 
 /// `n` in decimal, at least `width` digits (zero-padded): without the formatting machinery,
 /// which was a third of the log thread's time.
-fn digits(out: &mut String, n: u64, width: usize) {
+fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
     let (buf, at) = portcullis_http::write::decimal_digits(n);
     let start = at.min(buf.len() - width.min(buf.len()));
-    // ASCII digits: the check is a few bytes, and the copy is one.
-    out.push_str(std::str::from_utf8(&buf[start..]).unwrap_or("0"));
+    out.extend_from_slice(&buf[start..]);
 }
 
-fn number(out: &mut String, n: u64) {
+fn number(out: &mut Vec<u8>, n: u64) {
     digits(out, n, 1);
 }
 
 /// A status, or `null` for none (0).
-fn status_or_null(out: &mut String, status: u16) {
+fn status_or_null(out: &mut Vec<u8>, status: u16) {
     if status == 0 {
-        out.push_str("null");
+        out.extend_from_slice("null".as_bytes());
     } else {
         number(out, u64::from(status));
     }
 }
 
 /// A socket address as `1.2.3.4:5` or `[::1]:5`.
-fn peer(out: &mut String, addr: SocketAddr) {
+fn peer(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(a) => {
             for (i, o) in a.ip().octets().iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
                 number(out, u64::from(*o));
             }
@@ -336,68 +334,76 @@ fn peer(out: &mut String, addr: SocketAddr) {
             let _ = write!(out, "[{}]", a.ip());
         }
     }
-    out.push(':');
+    out.push(b':');
     number(out, u64::from(addr.port()));
 }
 
 /// A JSON string of bytes from anywhere (a client's): escaped, invalid UTF-8 replaced.
-pub(crate) fn json_str(out: &mut String, v: &[u8]) {
-    out.push('"');
-    // Most values need no escaping: copied whole.
-    if let Ok(text) = std::str::from_utf8(v)
-        && !v.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
-    {
-        out.push_str(text);
-        out.push('"');
+fn json_bytes(out: &mut Vec<u8>, v: &[u8]) {
+    out.push(b'"');
+    // Most values are printable ASCII with nothing to escape: copied whole, in one pass.
+    if v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        out.extend_from_slice(v);
+        out.push(b'"');
         return;
     }
     for c in String::from_utf8_lossy(v).chars() {
         match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
             c if (c as u32) < 0x20 || c == '\u{7f}' => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
-            c => out.push(c),
+            c => {
+                let mut utf8 = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
         }
     }
-    out.push('"');
+    out.push(b'"');
+}
+
+/// [`json_bytes`] onto text (for the admin endpoint's `/config`).
+pub(crate) fn json_str(out: &mut String, v: &[u8]) {
+    let mut bytes = Vec::with_capacity(v.len() + 2);
+    json_bytes(&mut bytes, v);
+    out.push_str(&String::from_utf8_lossy(&bytes));
 }
 
 /// A text field as a JSON string, `"-"` when empty.
-fn json_text(out: &mut String, r: &Record, f: Text) {
+fn json_text(out: &mut Vec<u8>, r: &Record, f: Text) {
     let v = r.get(f);
-    json_str(out, if v.is_empty() { b"-" } else { v });
+    json_bytes(out, if v.is_empty() { b"-" } else { v });
 }
 
-fn json(r: &Record, out: &mut String) {
-    out.push_str("{\"time\":\"");
+fn json(r: &Record, out: &mut Vec<u8>) {
+    out.extend_from_slice("{\"time\":\"".as_bytes());
     rfc3339(out, r.at_ms);
-    out.push_str("\",\"id\":");
-    json_str(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
-    out.push_str(",\"peer\":\"");
+    out.extend_from_slice("\",\"id\":".as_bytes());
+    json_bytes(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
+    out.extend_from_slice(",\"peer\":\"".as_bytes());
     peer(out, r.peer);
-    out.push_str("\",\"method\":");
+    out.extend_from_slice("\",\"method\":".as_bytes());
     json_text(out, r, Text::Method);
-    out.push_str(",\"path\":");
+    out.extend_from_slice(",\"path\":".as_bytes());
     json_text(out, r, Text::Path);
-    out.push_str(",\"status\":");
+    out.extend_from_slice(",\"status\":".as_bytes());
     status_or_null(out, r.status);
-    out.push_str(",\"api\":");
+    out.extend_from_slice(",\"api\":".as_bytes());
     json_text(out, r, Text::Api);
-    out.push_str(",\"operation\":");
+    out.extend_from_slice(",\"operation\":".as_bytes());
     json_text(out, r, Text::Operation);
-    out.push_str(",\"micros\":");
+    out.extend_from_slice(",\"micros\":".as_bytes());
     number(out, r.micros);
-    out.push_str(",\"bytes\":");
+    out.extend_from_slice(",\"bytes\":".as_bytes());
     number(out, r.bytes_in + r.bytes_out);
-    out.push_str(",\"bytes_in\":");
+    out.extend_from_slice(",\"bytes_in\":".as_bytes());
     number(out, r.bytes_in);
-    out.push_str(",\"bytes_out\":");
+    out.extend_from_slice(",\"bytes_out\":".as_bytes());
     number(out, r.bytes_out);
-    out.push_str(",\"tls\":\"");
-    out.push_str(r.tls);
-    out.push_str(if r.resumed { "\",\"resumed\":true" } else { "\",\"resumed\":false" });
+    out.extend_from_slice(",\"tls\":\"".as_bytes());
+    out.extend_from_slice(r.tls.as_bytes());
+    out.extend_from_slice(if r.resumed { b"\",\"resumed\":true" } else { b"\",\"resumed\":false" });
     for (name, field) in [
         (",\"sni\":", Text::Sni),
         (",\"client_cert\":", Text::ClientCert),
@@ -408,33 +414,33 @@ fn json(r: &Record, out: &mut String) {
         (",\"refused\":", Text::Refused),
         (",\"backend\":", Text::Backend),
     ] {
-        out.push_str(name);
+        out.extend_from_slice(name.as_bytes());
         json_text(out, r, field);
     }
-    out.push_str(",\"upstream_status\":");
+    out.extend_from_slice(",\"upstream_status\":".as_bytes());
     status_or_null(out, r.upstream_status);
-    out.push_str(",\"upstream_micros\":");
+    out.extend_from_slice(",\"upstream_micros\":".as_bytes());
     number(out, r.upstream_micros);
-    out.push('}');
+    out.push(b'}');
 }
 
 /// A field of the combined format: `"`, `\` and bytes outside printable ASCII as `\xHH`.
-fn combined_str(out: &mut String, v: &[u8]) {
+fn combined_str(out: &mut Vec<u8>, v: &[u8]) {
     if v.is_empty() {
-        out.push('-');
+        out.push(b'-');
     }
     for &b in v {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
             let _ = write!(out, "\\x{b:02X}");
         } else {
-            out.push(b as char);
+            out.push(b);
         }
     }
 }
 
 /// nginx's and HAProxy's "combined": `peer - - [05/Dec/2026:18:04:22 +0000] "GET /x HTTP/1.1"
 /// 200 512 "-" "agent"`.
-fn combined(r: &Record, out: &mut String) {
+fn combined(r: &Record, out: &mut Vec<u8>) {
     const MONTHS: [&str; 12] =
         ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let secs = (r.at_ms / 1000) as i64;
@@ -450,18 +456,18 @@ fn combined(r: &Record, out: &mut String) {
         t % 60
     );
     combined_str(out, r.get(Text::Method));
-    out.push(' ');
+    out.push(b' ');
     combined_str(out, r.get(Text::Path));
-    out.push_str(" HTTP/1.1\" ");
+    out.extend_from_slice(" HTTP/1.1\" ".as_bytes());
     if r.status == 0 {
-        out.push('-');
+        out.push(b'-');
     } else {
         let _ = write!(out, "{}", r.status);
     }
     // As nginx's `$body_bytes_sent`: the response body.
     let _ = write!(out, " {} \"-\" \"", r.bytes_out);
     combined_str(out, r.get(Text::UserAgent));
-    out.push('"');
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -496,7 +502,7 @@ mod tests {
 
     #[test]
     fn numbers_times_and_addresses_without_the_formatter() {
-        let mut out = String::new();
+        let mut out: Vec<u8> = Vec::new();
         for (n, width, text) in [
             (0, 1, "0"),
             (7, 2, "07"),
@@ -506,30 +512,30 @@ mod tests {
         ] {
             out.clear();
             digits(&mut out, n, width);
-            assert_eq!(out, text);
+            assert_eq!(out, text.as_bytes());
         }
         out.clear();
         rfc3339(&mut out, 0);
-        assert_eq!(out, "1970-01-01T00:00:00.000Z");
+        assert_eq!(out, b"1970-01-01T00:00:00.000Z");
         for addr in ["192.0.2.7:5000", "[::1]:8443", "[2001:db8::1]:1"] {
             out.clear();
             peer(&mut out, addr.parse().expect("addr"));
-            assert_eq!(out, addr);
+            assert_eq!(out, addr.as_bytes());
         }
     }
 
     #[test]
     fn both_formats_escape_what_clients_send() {
-        let mut out = String::new();
+        let mut out: Vec<u8> = Vec::new();
         json(&record(), &mut out);
         assert_eq!(
-            out,
+            String::from_utf8(out.clone()).expect("UTF-8"),
             r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}"#
         );
         out.clear();
         combined(&record(), &mut out);
         assert_eq!(
-            out,
+            String::from_utf8(out.clone()).expect("UTF-8"),
             r#"192.0.2.7 - - [05/Dec/2025:18:04:22 +0000] "GET /items/\x22x\x22 HTTP/1.1" 200 500 "-" "evil\x22agent\x5C\x01\xFF""#
         );
     }
