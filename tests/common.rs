@@ -86,6 +86,10 @@ pub(crate) fn hammer(
     connections: usize,
     run: std::time::Duration,
 ) -> Vec<(std::time::Instant, SocketAddr, u16)> {
+    // Hammering tests take turns: each measures its own proxies, not them starved by another's
+    // load on the same two cores.
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let until = std::time::Instant::now() + run;
     std::thread::scope(|s| {
         let threads: Vec<_> = addrs
