@@ -249,3 +249,27 @@ fn requests_are_counted_by_operation() {
     assert_eq!(op("GET /items/{id}", "4xx"), 0);
     assert_eq!(value(&metrics, "portcullis_api_requests_total{api=\"todo\",class=\"2xx\"}"), 4);
 }
+
+#[test]
+fn connections_a_backend_refuses_are_counted_as_failed() {
+    let env = Env::new();
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let text = config(&env, "").replace(&env.backend.addr().to_string(), &closed.to_string());
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
+    let addr = admin_of(&proxy);
+    for _ in 0..2 {
+        assert_eq!(env.client(Some(&env.pki.client)).get(proxy.addr, "/x").unwrap().status, 502);
+    }
+    let (_, metrics) = admin(addr, "GET", "/metrics");
+    let server = format!("backend=\"app\",server=\"{closed}\"");
+    assert_eq!(
+        value(&metrics, &format!("portcullis_backend_connections_total{{{server},event=\"failed\"}}")),
+        2
+    );
+    assert_eq!(
+        value(&metrics, &format!("portcullis_backend_connections_total{{{server},event=\"opened\"}}")),
+        0
+    );
+    assert_eq!(value(&metrics, "portcullis_upstream_errors_total{status=\"502\"}"), 2);
+}

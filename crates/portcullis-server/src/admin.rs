@@ -326,7 +326,7 @@ fn metrics(shared: &Shared) -> String {
         &mut out,
         "portcullis_backend_connections_total",
         "counter",
-        "Connections to each backend server (and callout service): opened, reused from the pool, found stale in the pool, opened by resuming a TLS session.",
+        "Connections to each backend server (and callout service): opened, reused from the pool, found stale in the pool, opened by resuming a TLS session, failed (refused, timed out, or the TLS handshake failed).",
         &pool,
     );
     family(

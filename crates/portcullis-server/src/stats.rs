@@ -264,7 +264,7 @@ impl ApiCounters {
 
 /// What happens to the connections to one backend server: opened, taken from the pool, found
 /// stale in the pool (closed or talking), opened by resuming a TLS session.
-pub(crate) const POOL_EVENTS: [&str; 4] = ["opened", "reused", "stale", "resumed"];
+pub(crate) const POOL_EVENTS: [&str; 5] = ["opened", "reused", "stale", "resumed", "failed"];
 
 /// One backend server's connection events, a block per worker; kept across reloads by the
 /// backend's and the server's names.

@@ -202,8 +202,14 @@ impl Upstream {
         let addr = target.addr();
         let tcp = match timeout(target.connect_timeout, TcpStream::connect_addr(addr)).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-            Err(_) => return Err(UpstreamError::ConnectTimeout),
+            Ok(Err(e)) => {
+                count(pool, target, 4);
+                return Err(UpstreamError::Connect(e));
+            }
+            Err(_) => {
+                count(pool, target, 4);
+                return Err(UpstreamError::ConnectTimeout);
+            }
         };
         let _ = tcp.set_nodelay(true);
         count(pool, target, 0);
@@ -224,11 +230,15 @@ impl Upstream {
                 Ok(Upstream { stream: BackendStream::Tls(Box::new(stream)), reused: false })
             }
             Ok(Err(e)) => {
+                count(pool, target, 4);
                 // A session the server will not take is not offered again.
                 pool.borrow_mut().forget_session(&target.key);
                 Err(UpstreamError::Handshake(e))
             }
-            Err(_) => Err(UpstreamError::ConnectTimeout),
+            Err(_) => {
+                count(pool, target, 4);
+                Err(UpstreamError::ConnectTimeout)
+            }
         }
     }
 
