@@ -305,6 +305,7 @@ fn a_broker_gone_mid_run_costs_no_request_drops_beyond_the_buffer_and_delivery_r
 fn loggers_that_cannot_work_are_configuration_errors_naming_the_line() {
     let env = Env::new();
     let broker = KafkaBroker::start();
+    std::fs::write(env.dir().join("empty.key"), "\n").unwrap();
     for (logger, steps, expected) in [
         (
             "topic = \"t\"",
@@ -321,6 +322,13 @@ fn loggers_that_cannot_work_are_configuration_errors_naming_the_line() {
             "",
             "cannot read the password file",
         ),
+        (
+            "topic = \"t\"\nsasl = { username = \"$ConnectionString\", password_file = \"empty.key\" }",
+            "",
+            "the password file is empty",
+        ),
+        ("topic = \"t\"\nacks = \"some\"", "", "acks: unknown value \"some\""),
+        ("topic = \"t\"\nqueue = 2000000", "", "queue: must be an integer from 1 to 1048576"),
         ("topic = \"a topic\"", "", "a topic name is 1 to 249"),
         ("topic = \"t\"\ncompression = \"brotli\"", "", "compression: unknown value \"brotli\""),
         (

@@ -145,14 +145,21 @@ pub fn reason_phrase(status: u16) -> &'static str {
 
 /// Appends `s` as the inside of a JSON string.
 pub fn json_escaped(out: &mut BytesMut, s: &str) {
-    for c in s.chars() {
+    json_escaped_bytes(out, s.as_bytes());
+}
+
+/// Appends bytes from anywhere (a client's) as the inside of a JSON string: `"`, `\` and
+/// control characters escaped, and what is not UTF-8 replaced by U+FFFD, so that the result is
+/// always JSON and a value can never end the string it is in.
+pub fn json_escaped_bytes(out: &mut impl BufMut, v: &[u8]) {
+    for c in String::from_utf8_lossy(v).chars() {
         match c {
             '"' => out.put_slice(b"\\\""),
             '\\' => out.put_slice(b"\\\\"),
             '\n' => out.put_slice(b"\\n"),
             '\r' => out.put_slice(b"\\r"),
             '\t' => out.put_slice(b"\\t"),
-            c if (c as u32) < 0x20 => {
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
                 let v = c as usize;
                 out.put_slice(b"\\u00");

@@ -123,7 +123,6 @@ pub struct Producer {
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    max_message: usize,
     settings: Settings,
 }
 
@@ -152,21 +151,14 @@ impl Producer {
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", settings.name).chars().take(15).collect())
             .spawn(move || worker.run(&rx))?;
-        Ok(Producer {
-            tx,
-            stats,
-            stop,
-            thread: Mutex::new(Some(thread)),
-            max_message: settings.max_message,
-            settings,
-        })
+        Ok(Producer { tx, stats, stop, thread: Mutex::new(Some(thread)), settings })
     }
 
     /// Hands `message` to the thread; never waits. `false`: the queue was full and the message
     /// is dropped (and counted).
     pub fn send(&self, mut message: Message) -> bool {
-        if message.value.len() > self.max_message {
-            message.value.truncate(self.max_message);
+        if message.value.len() > self.settings.max_message {
+            message.value.truncate(self.settings.max_message);
             self.stats.truncated.fetch_add(1, Ordering::Relaxed);
         }
         match self.tx.try_send(message) {

@@ -532,20 +532,7 @@ fn percent_decoded(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 /// Escapes a value for the inside of a JSON string.
 fn put_json_escaped(out: &mut BytesMut, v: &[u8]) {
-    // Bytes that are not UTF-8 (a client's) become U+FFFD: what is written is always JSON.
-    for c in String::from_utf8_lossy(v).chars() {
-        match c {
-            '"' => out.put_slice(b"\\\""),
-            '\\' => out.put_slice(b"\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => {
-                let mut utf8 = [0u8; 4];
-                out.put_slice(c.encode_utf8(&mut utf8).as_bytes());
-            }
-        }
-    }
+    portcullis_http::write::json_escaped_bytes(out, v);
 }
 
 /// RFC 3986's unreserved characters: never percent-encoded.

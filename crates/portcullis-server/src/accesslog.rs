@@ -347,19 +347,7 @@ fn json_bytes(out: &mut Vec<u8>, v: &[u8]) {
         out.push(b'"');
         return;
     }
-    for c in String::from_utf8_lossy(v).chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => {
-                let mut utf8 = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
-            }
-        }
-    }
+    portcullis_http::write::json_escaped_bytes(out, v);
     out.push(b'"');
 }
 

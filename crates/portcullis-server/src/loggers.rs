@@ -3,7 +3,6 @@
 //! connection and buffer; one that changes it starts a new producer, and the old one sends what
 //! it holds (for at most its `drain`) and ends. Counts are kept by logger name across both.
 
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,30 +15,11 @@ struct TlsConnector {
     tls: ClientTls,
 }
 
-/// A blocking TLS stream (BoringSSL's) is a broker stream as it is.
-struct Tls(boring::ssl::SslStream<std::net::TcpStream>);
-
-impl Read for Tls {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl Write for Tls {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 impl Connector for TlsConnector {
     fn connect(&self, host: &str, port: u16, timeout: Duration) -> Result<Box<dyn Stream>, Error> {
         let tcp = portcullis_kafka::wire::tcp(host, port, timeout)?;
         let tls = self.tls.connect(host, tcp).map_err(Error::Io)?;
-        Ok(Box::new(Tls(tls)))
+        Ok(Box::new(tls))
     }
 }
 
