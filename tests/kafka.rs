@@ -421,3 +421,54 @@ fn a_broker_that_does_not_take_sasl_plain_is_reported_and_requests_go_on() {
     assert_eq!(metric(&m, "portcullis_logger_up{logger=\"audit\"}"), 0);
     assert_eq!(metric(&m, "portcullis_logger_messages_total{logger=\"audit\",result=\"sent\"}"), 0);
 }
+
+#[test]
+fn a_logger_over_tls_verifies_the_broker_and_one_that_does_not_trust_it_sends_nothing() {
+    let env = Env::new();
+    let broker = KafkaBroker::start_tls(&env.pki.server);
+    broker.create_topic("requests", 1);
+    broker.create_topic("untrusted", 1);
+    let other = portcullis_testkit::pki::Ca::root("Some Other Root");
+    let other_ca = env.write_config("other-root.pem", &other.cert_pem);
+    let logger = |name: &str, topic: &str, ca: &std::path::Path| {
+        format!(
+            "[[logger]]\nname = \"{name}\"\nkind = \"kafka\"\nbootstrap = [\"{}\"]\ntopic = \"{topic}\"\n\
+             tls = {{ ca = \"{}\" }}\nlinger = \"5ms\"\nretry_backoff = \"50ms\"\n\
+             retry_backoff_max = \"200ms\"\ntimeout = \"2s\"\n",
+            broker.tls_bootstrap(),
+            ca.display()
+        )
+    };
+    let text = env.config(
+        "request",
+        &format!(
+            "[server]\nworkers = 2\nadmin = \"127.0.0.1:0\"\n{}{}\
+             [[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n\
+             [[api.inbound]]\nlog_to_eventhub = {{ logger_id = \"audit\", message = \"{{request.path}}\" }}\n\
+             [[api.inbound]]\nlog_to_eventhub = {{ logger_id = \"elsewhere\", message = \"{{request.path}}\" }}\n",
+            logger("audit", "requests", &env.paths.root),
+            logger("elsewhere", "untrusted", &other_ca),
+        ),
+    );
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    let paths: Vec<String> = (0..10).map(|i| format!("/r{i}")).collect();
+    for path in &paths {
+        let r = c.request("GET", path, &[], b"").unwrap();
+        assert_eq!(r.status, 200, "a logger that cannot send costs no request");
+    }
+    // Through the TLS front, verified against the root that issued the broker's certificate.
+    let records = broker.read_at_least("requests", 10, Duration::from_secs(10));
+    let got: Vec<String> =
+        records.iter().map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()).collect();
+    assert_eq!(got, paths, "every request once, in order");
+    // A logger that does not trust the broker's certificate never gets past the handshake.
+    let line = proxy.wait_for_log("cannot send to the broker", Duration::from_secs(10)).expect("a warning");
+    assert!(line.contains("elsewhere") && line.contains("TLS handshake"), "{line}");
+    let m = admin(admin_of(&proxy), "GET", "/metrics").1;
+    assert_eq!(metric(&m, "portcullis_logger_up{logger=\"audit\"}"), 1);
+    assert_eq!(metric(&m, "portcullis_logger_messages_total{logger=\"audit\",result=\"sent\"}"), 10);
+    assert_eq!(metric(&m, "portcullis_logger_up{logger=\"elsewhere\"}"), 0);
+    assert_eq!(metric(&m, "portcullis_logger_messages_total{logger=\"elsewhere\",result=\"sent\"}"), 0);
+    assert!(broker.read("untrusted").is_empty());
+}
