@@ -26,7 +26,9 @@
 # (keep-alive with the JSON access log written to a file and the admin endpoint on: Portcullis
 # only, against its own keepalive in the same run), operator (the same, and every request also
 # logged by a log_to_eventhub step to a Kafka-protocol broker, Tansu, that the script starts on
-# KAFKA_ADDR: Portcullis only, against its own keepalive). Then p99
+# KAFKA_ADDR, at nice 19, or with KAFKA_SCHED=idle only when the load CPU is otherwise idle:
+# Portcullis only, against its own keepalive). The modes run in turn, in reverse order every
+# other round; a mode against keepalive is also given round by round. Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -230,18 +232,20 @@ if [[ " $MODES " == *" operator "* ]]; then
   # At the lowest priority: the broker must not take the load generator's CPU, or the proxy is
   # measured below saturation (where every request costs more), unlike the mode it is compared
   # with. The broker's own CPU is not the proxy's: it is not in the figures either way.
-  taskset -c "$LOAD_CPU" nice -n 19 tansu broker --listener-url "tcp://$KAFKA_ADDR" --advertised-listener-url "tcp://$KAFKA_ADDR" \
+  case ${KAFKA_SCHED:-nice} in idle) sched=(chrt -i 0);; *) sched=(nice -n 19);; esac
+  taskset -c "$LOAD_CPU" "${sched[@]}" tansu broker --listener-url "tcp://$KAFKA_ADDR" --advertised-listener-url "tcp://$KAFKA_ADDR" \
     --storage-engine memory://tansu/ >"$RUN/kafka.log" 2>&1 & KAFKA_PID=$!
   wait_port "$KAFKA_ADDR"
   tansu topic create --broker "tcp://$KAFKA_ADDR" --partitions 1 requests >>"$RUN/kafka.log" 2>&1
 fi
 
 read -ra ORDER <<<"$PROXIES"
+read -ra MODE_ORDER <<<"$MODES"
 for round in $(seq "$ROUNDS"); do
   echo "== round $round/$ROUNDS"
   for p in "${ORDER[@]}"; do
     current=none
-    for m in $MODES; do
+    for m in "${MODE_ORDER[@]}"; do
       v=$(variant_of "$m")
       sits_out "$p" "$m" && continue
       if [ "$current" != "$v" ]; then
@@ -275,6 +279,10 @@ for round in $(seq "$ROUNDS"); do
     [ "$current" != none ] && stop "$p"
   done
   ORDER=("${ORDER[@]:1}" "${ORDER[0]}")   # alternate who goes first
+  # and the modes' order turns round, so that a machine drifting one way during a round does
+  # not favour the mode that always goes first
+  reversed=(); for ((i = ${#MODE_ORDER[@]} - 1; i >= 0; i--)); do reversed+=("${MODE_ORDER[i]}"); done
+  MODE_ORDER=("${reversed[@]}")
 done
 
 if [ "$LATENCY" = 1 ] && [[ " $PROXIES " == *" haproxy "* ]] && [[ " $MODES " == *" keepalive "* ]]; then

@@ -6,8 +6,10 @@
 #   loadtest/profile.sh ops MODE [load options]         # io_uring operations and system calls per request
 #
 # MODE is keepalive | handshake | resume. Same configuration and certificates as bench.sh
-# (loadtest/conf/portcullis.toml.in), the proxy pinned to PROXY_CPU, backend and load
-# generator on LOAD_CPU, loopback only, every run bounded.
+# (loadtest/conf/portcullis.toml.in, or with CONF=accesslog or CONF=operator that mode's
+# configuration, loadtest/conf/portcullis-$CONF.toml.in; operator starts the broker Tansu on
+# KAFKA_ADDR as bench.sh does), the proxy pinned to PROXY_CPU, backend and load generator on
+# LOAD_CPU, loopback only, every run bounded.
 #
 # perf: samples the proxy for DURATION seconds (default 8) with call graphs into $OUT/perf.data, then
 #   prints the split kernel / userspace and the heaviest symbols. The sampling itself costs
@@ -32,7 +34,9 @@ SECONDS_=${DURATION:-8}
 N1=${N1:-2000}; N2=${N2:-12000}
 LISTEN=127.0.0.1:18446
 BACKEND=127.0.0.1:18080
-OUT=${OUT:-target/profile/$MODE}
+KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
+CONF=${CONF:-}
+OUT=${OUT:-target/profile/$MODE${CONF:+-$CONF}}
 BIN=target/release
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -41,7 +45,7 @@ CERTS=$OUT/certs
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p portcullis -p portcullis-loadtest
 [ -f "$CERTS/root.pem" ] || "$BIN/portcullis-load" pki "$CERTS" >/dev/null
 sed -e "s|@LISTEN@|$LISTEN|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND|g" -e "s|@RUN@|$OUT|g" \
-  loadtest/conf/portcullis.toml.in > "$OUT/portcullis.toml"
+  -e "s|@KAFKA@|$KAFKA_ADDR|g" "loadtest/conf/portcullis${CONF:+-$CONF}.toml.in" > "$OUT/portcullis.toml"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
@@ -49,6 +53,12 @@ trap cleanup EXIT
 
 taskset -c "$LOAD_CPU" "$BIN/portcullis-load" backend --listen "$BACKEND" --size 1024 >/dev/null 2>&1 &
 PIDS+=($!)
+if [ "$CONF" = operator ]; then
+  taskset -c "$LOAD_CPU" nice -n 19 tansu broker --listener-url "tcp://$KAFKA_ADDR" --advertised-listener-url "tcp://$KAFKA_ADDR" \
+    --storage-engine memory://tansu/ >"$OUT/kafka.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do tansu topic create --broker "tcp://$KAFKA_ADDR" --partitions 1 requests >>"$OUT/kafka.log" 2>&1 && break; sleep 0.1; done
+fi
 
 load() { # load N|- [extra] — one bounded load run against the proxy
   local n=$1; shift
