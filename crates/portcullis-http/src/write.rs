@@ -52,16 +52,35 @@ pub fn end_head(out: &mut BytesMut) {
 pub fn decimal_digits(mut n: u64) -> ([u8; 20], usize) {
     let mut digits = [b'0'; 20];
     let mut at = digits.len();
-    loop {
+    // Two digits per division.
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     (digits, at)
 }
+
+/// `00`, `01`, … `99`.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        pairs[2 * i] = b'0' + (i / 10) as u8;
+        pairs[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    pairs
+};
 
 /// Appends `n` in decimal.
 pub fn decimal(out: &mut BytesMut, n: u64) {
@@ -146,6 +165,32 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// Appends `s` as the inside of a JSON string.
 pub fn json_escaped(out: &mut BytesMut, s: &str) {
     json_escaped_bytes(out, s.as_bytes());
+}
+
+/// Whether `v` is printable ASCII without `"` or `\`: what a JSON string holds as it is. Eight
+/// bytes at a time (most values that go into logs are, and are checked on every request).
+pub fn json_plain(v: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `x` is zero (exact as a whole: whether any byte is).
+    let zero_in = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let mut chunks = v.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(word);
+        // Bytes from 0x80 up, bytes under 0x20 (with none from 0x80 up, `w - 0x20..` borrows
+        // into the high bit of exactly those), and `"`, `\`, DEL.
+        if w & HIGH != 0
+            || w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
+            || zero_in(w ^ (ONES * u64::from(b'"')))
+            || zero_in(w ^ (ONES * u64::from(b'\\')))
+            || zero_in(w ^ (ONES * 0x7f))
+        {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
 /// Appends bytes from anywhere (a client's) as the inside of a JSON string: `"`, `\` and
@@ -262,8 +307,23 @@ mod tests {
     }
 
     #[test]
+    fn plain_json_bytes_eight_at_a_time() {
+        let slow = |v: &[u8]| v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        let base = b"GET /items/42?x=1 HTTP".to_vec();
+        assert!(json_plain(&base) && json_plain(b"") && json_plain(b"~ 0123456789abcdef"));
+        // Every byte value at every position of a value longer than a word, and in its tail.
+        for at in 0..base.len() {
+            for b in 0..=255u8 {
+                let mut v = base.clone();
+                v[at] = b;
+                assert_eq!(json_plain(&v), slow(&v), "byte {b:#04x} at {at}");
+            }
+        }
+    }
+
+    #[test]
     fn decimals() {
-        for n in [0u64, 7, 10, 1234567890, u64::MAX] {
+        for n in [0u64, 7, 9, 10, 99, 100, 101, 999, 1000, 12345, 1234567890, u64::MAX] {
             let mut out = BytesMut::new();
             decimal(&mut out, n);
             assert_eq!(out, n.to_string().as_bytes());

@@ -40,6 +40,25 @@ enum Var {
     Callout(usize),
 }
 
+impl Var {
+    /// Its values are printable ASCII without `"` or `\\` (hex, digits, addresses, times, a
+    /// method, which the parser took as a token): a JSON string holds them as they are.
+    fn json_plain(self) -> bool {
+        matches!(
+            self,
+            Var::CertThumbprint
+                | Var::CertThumbprintSha256
+                | Var::CertSerial
+                | Var::CertNotBefore
+                | Var::CertNotAfter
+                | Var::RequestIp
+                | Var::RequestId
+                | Var::RequestMethod
+                | Var::ResponseStatus
+        )
+    }
+}
+
 /// What of a callout's answer a template reads (`{callout.NAME.FIELD}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CalloutField {
@@ -357,6 +376,8 @@ impl Template {
                     // Most values need no escaping: left where they were written. The others
                     // are copied out and written again, escaped.
                     let clean = match self.mode {
+                        Mode::Json if v.json_plain() => true,
+                        Mode::Json if portcullis_http::write::json_plain(&out[at..]) => true,
                         Mode::Json => {
                             !out[at..].iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
                                 && std::str::from_utf8(&out[at..]).is_ok()
@@ -420,9 +441,7 @@ impl Template {
             Var::RequestPath => put_safe(out, facts.path),
             Var::ResponseStatus => match cx.state.response_status {
                 0 => return false,
-                status => {
-                    let _ = write!(out, "{status}");
-                }
+                status => portcullis_http::write::decimal(out, u64::from(status)),
             },
             Var::Header(i) => {
                 let name = &self.header_names[i];

@@ -171,10 +171,11 @@ pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
     })
 }
 
-/// Where records go now.
+/// Where records go now. Unbuffered: each batch is formatted into one buffer and written with
+/// one call (a buffered writer would copy every record once more).
 struct Output {
     path: Option<PathBuf>,
-    out: std::io::BufWriter<Box<dyn Write + Send>>,
+    out: Box<dyn Write + Send>,
 }
 
 fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
@@ -182,12 +183,13 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
         None => Box::new(std::io::stdout()),
         Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
     };
-    Ok(Output { path: path.clone(), out: std::io::BufWriter::with_capacity(64 * 1024, out) })
+    Ok(Output { path: path.clone(), out })
 }
 
 fn run(shared: &Shared, rx: &Receiver<Record>) {
     let mut output: Option<Output> = None;
     let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut clock = Clock::new();
     loop {
         // Polled, never waited on: a worker's send then never has a sleeping thread to wake (on
         // a busy core a wake-up per request would cost more than the record).
@@ -228,7 +230,7 @@ fn run(shared: &Shared, rx: &Receiver<Record>) {
             };
             for r in std::iter::once(record).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH)) {
                 line.clear();
-                json(&r, &mut line);
+                json(&r, &mut clock, &mut line);
                 let message = portcullis_kafka::Message {
                     key: None,
                     partition: None,
@@ -256,7 +258,7 @@ fn run(shared: &Shared, rx: &Receiver<Record>) {
         let mut count = 0u64;
         for r in std::iter::once(record).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH)) {
             match format {
-                AccessFormat::Json => json(&r, &mut line),
+                AccessFormat::Json => json(&r, &mut clock, &mut line),
                 AccessFormat::Combined => combined(&r, &mut line),
             }
             line.push(b'\n');
@@ -277,25 +279,45 @@ const BATCH: usize = 256;
 /// How often the log thread looks for records when there were none.
 const POLL: Duration = Duration::from_millis(10);
 
-/// `2026-12-05T18:04:22.123Z`.
-fn rfc3339(out: &mut Vec<u8>, ms: u64) {
-    let secs = (ms / 1000) as i64;
-    let (y, m, d) = portcullis_http::write::civil_date(secs.div_euclid(86_400));
-    let t = secs.rem_euclid(86_400) as u64;
-    digits(out, y.max(0) as u64, 4);
-    out.push(b'-');
-    digits(out, u64::from(m), 2);
-    out.push(b'-');
-    digits(out, u64::from(d), 2);
-    out.push(b'T');
-    digits(out, t / 3600, 2);
-    out.push(b':');
-    digits(out, t % 3600 / 60, 2);
-    out.push(b':');
-    digits(out, t % 60, 2);
-    out.push(b'.');
-    digits(out, ms % 1000, 3);
-    out.push(b'Z');
+/// The date and time to the second of the last record written: the records of a batch mostly
+/// share it, and only their milliseconds are then formatted.
+struct Clock {
+    secs: u64,
+    /// `2026-12-05T18:04:22.`
+    prefix: Vec<u8>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock { secs: u64::MAX, prefix: Vec::with_capacity(24) }
+    }
+
+    /// `2026-12-05T18:04:22.123Z`.
+    fn rfc3339(&mut self, out: &mut Vec<u8>, ms: u64) {
+        let secs = ms / 1000;
+        if secs != self.secs {
+            self.secs = secs;
+            let p = &mut self.prefix;
+            p.clear();
+            let (y, m, d) = portcullis_http::write::civil_date((secs / 86_400) as i64);
+            let t = secs % 86_400;
+            digits(p, y.max(0) as u64, 4);
+            p.push(b'-');
+            digits(p, u64::from(m), 2);
+            p.push(b'-');
+            digits(p, u64::from(d), 2);
+            p.push(b'T');
+            digits(p, t / 3600, 2);
+            p.push(b':');
+            digits(p, t % 3600 / 60, 2);
+            p.push(b':');
+            digits(p, t % 60, 2);
+            p.push(b'.');
+        }
+        out.extend_from_slice(&self.prefix);
+        digits(out, ms % 1000, 3);
+        out.push(b'Z');
+    }
 }
 
 /// `n` in decimal, at least `width` digits (zero-padded): without the formatting machinery,
@@ -342,7 +364,7 @@ fn peer(out: &mut Vec<u8>, addr: SocketAddr) {
 fn json_bytes(out: &mut Vec<u8>, v: &[u8]) {
     out.push(b'"');
     // Most values are printable ASCII with nothing to escape: copied whole, in one pass.
-    if v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+    if portcullis_http::write::json_plain(v) {
         out.extend_from_slice(v);
         out.push(b'"');
         return;
@@ -364,9 +386,9 @@ fn json_text(out: &mut Vec<u8>, r: &Record, f: Text) {
     json_bytes(out, if v.is_empty() { b"-" } else { v });
 }
 
-fn json(r: &Record, out: &mut Vec<u8>) {
+fn json(r: &Record, clock: &mut Clock, out: &mut Vec<u8>) {
     out.extend_from_slice("{\"time\":\"".as_bytes());
-    rfc3339(out, r.at_ms);
+    clock.rfc3339(out, r.at_ms);
     out.extend_from_slice("\",\"id\":".as_bytes());
     json_bytes(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
     out.extend_from_slice(",\"peer\":\"".as_bytes());
@@ -502,9 +524,20 @@ mod tests {
             digits(&mut out, n, width);
             assert_eq!(out, text.as_bytes());
         }
-        out.clear();
-        rfc3339(&mut out, 0);
-        assert_eq!(out, b"1970-01-01T00:00:00.000Z");
+        let mut clock = Clock::new();
+        for (ms, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (999, "1970-01-01T00:00:00.999Z"),
+            (1_000, "1970-01-01T00:00:01.000Z"),
+            (951_782_400_007, "2000-02-29T00:00:00.007Z"),
+            (1_798_761_599_999, "2026-12-31T23:59:59.999Z"),
+            (1_798_761_600_000, "2027-01-01T00:00:00.000Z"),
+            (1_798_761_599_010, "2026-12-31T23:59:59.010Z"),
+        ] {
+            out.clear();
+            clock.rfc3339(&mut out, ms);
+            assert_eq!(String::from_utf8_lossy(&out), text);
+        }
         for addr in ["192.0.2.7:5000", "[::1]:8443", "[2001:db8::1]:1"] {
             out.clear();
             peer(&mut out, addr.parse().expect("addr"));
@@ -515,7 +548,7 @@ mod tests {
     #[test]
     fn both_formats_escape_what_clients_send() {
         let mut out: Vec<u8> = Vec::new();
-        json(&record(), &mut out);
+        json(&record(), &mut Clock::new(), &mut out);
         assert_eq!(
             String::from_utf8(out.clone()).expect("UTF-8"),
             r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}"#
