@@ -129,6 +129,33 @@ fn a_broker_gone_keeps_messages_in_the_buffer_counts_what_it_cannot_hold_and_sen
 }
 
 #[test]
+fn messages_held_while_the_broker_is_gone_keep_none_of_the_senders_memory() {
+    let mut broker = KafkaBroker::start();
+    broker.create_topic("t", 1);
+    broker.stop();
+    let producer = Producer::start(settings(&broker, "t"), Arc::new(TcpConnector)).unwrap();
+    let stats = Arc::clone(producer.stats());
+    // As a worker writes them: key and value split off an arena it goes on writing into.
+    let mut arena = bytes::BytesMut::with_capacity(64 * 1024);
+    arena.extend_from_slice(b"tenant-7");
+    let key = arena.split().freeze();
+    arena.extend_from_slice(b"{\"id\":1}");
+    let value = arena.split().freeze();
+    assert!(producer.send(Message { key: Some(key), partition: None, value, timestamp_ms: 0 }));
+    wait_until("the message held", Duration::from_secs(10), || stats.buffered.load(Ordering::Relaxed) == 16);
+    // The producer holds a copy: the arena is the sender's alone again, to be written over.
+    assert!(arena.try_reclaim(64 * 1024), "a held message keeps its sender's arena alive");
+    // And the copy is what the broker gets once it is back.
+    broker.restart();
+    broker.create_topic("t", 1);
+    let records = broker.read_at_least("t", 1, Duration::from_secs(10));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].key.as_deref(), Some(&b"tenant-7"[..]));
+    assert_eq!(records[0].value.as_deref(), Some(&b"{\"id\":1}"[..]));
+    producer.stop();
+}
+
+#[test]
 fn messages_over_200_kb_are_cut_and_a_missing_topic_is_not_fatal() {
     let broker = KafkaBroker::start();
     let producer = Producer::start(settings(&broker, "late"), Arc::new(TcpConnector)).unwrap();

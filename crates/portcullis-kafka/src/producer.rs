@@ -318,7 +318,12 @@ struct Sender {
     next_bootstrap: usize,
     /// Held bytes last added to the shared gauge.
     reported: u64,
+    /// Where the messages taken are copied (see [`Sender::own`]).
+    arena: BytesMut,
 }
+
+/// The bytes [`Sender::arena`] grows by.
+const ARENA: usize = 256 * 1024;
 
 impl Sender {
     fn new(s: Settings, connector: Arc<dyn Connector>, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Sender {
@@ -338,6 +343,7 @@ impl Sender {
             failing: None,
             next_bootstrap: 0,
             reported: 0,
+            arena: BytesMut::new(),
         }
     }
 
@@ -378,17 +384,23 @@ impl Sender {
     /// Moves what the queue holds into the buffer (dropping what does not fit); `false` once
     /// every sender is gone.
     fn take(&mut self, rx: &Receiver<Message>) -> bool {
+        // One reading of the clock for what waited together (linger is counted from it).
+        let now = Instant::now();
         loop {
             match rx.try_recv() {
                 Ok(message) => {
-                    let held = Held { message, since: Instant::now() };
-                    let size = held.size();
+                    let size = message.value.len() + message.key.as_ref().map_or(0, Bytes::len);
                     if self.bytes + size > self.s.buffer {
                         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     self.bytes += size;
-                    self.place(held);
+                    let message = Message {
+                        key: message.key.map(|k| self.own(&k)),
+                        value: self.own(&message.value),
+                        ..message
+                    };
+                    self.place(Held { message, since: now });
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -399,6 +411,20 @@ impl Sender {
         }
         self.report_buffered();
         true
+    }
+
+    /// A copy of `b` in this thread's own arena. A message handed over shares its memory with
+    /// whatever else its sender wrote next to it (a worker writes messages and access-log records
+    /// into one arena): held as it came, one message would keep all of that alive for as long as
+    /// the broker is away, and the buffer would hold more memory than `buffer` says. Copies are
+    /// freed in about the order they were made, as messages are sent, so the arena's buffers are
+    /// reused.
+    fn own(&mut self, b: &Bytes) -> Bytes {
+        if self.arena.capacity() - self.arena.len() < b.len() {
+            self.arena.reserve(ARENA.max(b.len()));
+        }
+        self.arena.extend_from_slice(b);
+        self.arena.split().freeze()
     }
 
     /// Adds this producer's change of held bytes to the gauge, which a producer replaced by a
@@ -681,13 +707,18 @@ impl Sender {
     /// one message).
     fn batch(&self, p: usize) -> Result<(Bytes, usize), Error> {
         let q = &self.queues[p];
+        // How many go (sized first: the records and the encoding are allocated once).
         let mut size = 0;
-        let mut records = Vec::new();
+        let mut count = 0;
         for (i, h) in q.held.iter().enumerate() {
             if i > 0 && size + h.size() > self.s.max_batch {
                 break;
             }
             size += h.size();
+            count += 1;
+        }
+        let mut records = Vec::with_capacity(count);
+        for (i, h) in q.held.iter().take(count).enumerate() {
             records.push(Record {
                 transactional: false,
                 control: false,
@@ -704,7 +735,9 @@ impl Sender {
                 headers: Default::default(),
             });
         }
-        let mut out = BytesMut::with_capacity(size + 128);
+        // The batch's head, and at most 32 bytes of each record's own (lengths, deltas,
+        // attributes) before compression.
+        let mut out = BytesMut::with_capacity(size + 128 + 32 * count);
         let options = RecordEncodeOptions { version: 2, compression: self.s.compression };
         RecordBatchEncoder::encode(&mut out, &records, &options)
             .map_err(|e| Error::Encode(format!("a record batch: {e}")))?;
