@@ -175,13 +175,23 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
 mod tests {
     use super::*;
 
+    /// One run as `portcullis-load run --json` writes it.
+    fn run(proxy: &str, label: &str, rps: f64, ok: u64, cpu_seconds: f64, p99: u64, errors: u64) -> String {
+        format!(
+            r#"{{"proxy":"{proxy}","label":"{label}","rps":{rps:?},"ok":{ok},"proxy_cpu_seconds":{cpu_seconds:?},"latency_us":{{"p99":{p99}}},"error_count":{errors}}}"#
+        )
+    }
+
     #[test]
     fn table_and_ratios() {
-        let lines = r#"{"proxy":"haproxy","mode":"keepalive","rps":100.0,"ok":1000,"proxy_cpu_seconds":0.02,"latency_us":{"p99":900},"error_count":0}
-{"proxy":"portcullis","mode":"keepalive","rps":250.0,"ok":2500,"proxy_cpu_seconds":0.02,"latency_us":{"p99":400},"error_count":0}
-{"proxy":"portcullis","mode":"keepalive","rps":150.0,"ok":1500,"proxy_cpu_seconds":0.02,"latency_us":{"p99":500},"error_count":1}
-{"proxy":"haproxy","mode":"keepalive","rps":120.0,"ok":1200,"proxy_cpu_seconds":0.02,"latency_us":{"p99":800},"error_count":0}"#;
-        let t = summarize(lines).unwrap();
+        let lines = [
+            run("haproxy", "keepalive", 100.0, 1000, 0.02, 900, 0),
+            run("portcullis", "keepalive", 250.0, 2500, 0.02, 400, 0),
+            run("portcullis", "keepalive", 150.0, 1500, 0.02, 500, 1),
+            run("haproxy", "keepalive", 120.0, 1200, 0.02, 800, 0),
+        ]
+        .join("\n");
+        let t = summarize(&lines).unwrap();
         // CPU per request: 8 and 13.3 µs (median 10.7) against 20 and 16.7 (median 18.3).
         assert!(
             t.contains("| keepalive | portcullis | 2 | 200 | 150 – 250 | 450 | 10.7 | 93750 | 1 |"),
@@ -196,11 +206,14 @@ mod tests {
     #[test]
     fn a_mode_against_keepalive_of_the_same_proxy_round_by_round() {
         // Keep-alive 10 and 20 µs per request, the access log 11 and 21: 0.909 and 0.952.
-        let lines = r#"{"proxy":"portcullis","label":"keepalive","rps":100.0,"ok":1000,"proxy_cpu_seconds":0.01,"latency_us":{"p99":900},"error_count":0}
-{"proxy":"portcullis","label":"accesslog","rps":100.0,"ok":1000,"proxy_cpu_seconds":0.011,"latency_us":{"p99":900},"error_count":0}
-{"proxy":"portcullis","label":"keepalive","rps":100.0,"ok":1000,"proxy_cpu_seconds":0.02,"latency_us":{"p99":900},"error_count":0}
-{"proxy":"portcullis","label":"accesslog","rps":100.0,"ok":1000,"proxy_cpu_seconds":0.021,"latency_us":{"p99":900},"error_count":0}"#;
-        let t = summarize(lines).unwrap();
+        let lines = [
+            run("portcullis", "keepalive", 100.0, 1000, 0.01, 900, 0),
+            run("portcullis", "accesslog", 100.0, 1000, 0.011, 900, 0),
+            run("portcullis", "keepalive", 100.0, 1000, 0.02, 900, 0),
+            run("portcullis", "accesslog", 100.0, 1000, 0.021, 900, 0),
+        ]
+        .join("\n");
+        let t = summarize(&lines).unwrap();
         assert!(t.contains("| accesslog | portcullis | 0.931× | 0.909 – 0.952 | 2 |"), "{t}");
         assert!(!t.contains("| keepalive | portcullis | 1.000×"), "{t}");
     }
