@@ -71,7 +71,7 @@ pub fn decimal_digits(mut n: u64) -> ([u8; 20], usize) {
 }
 
 /// `00`, `01`, … `99`: the two digits of `n < 100` are `DIGIT_PAIRS[2 * n..2 * n + 2]`.
-pub const DIGIT_PAIRS: [u8; 200] = {
+pub static DIGIT_PAIRS: [u8; 200] = {
     let mut pairs = [0u8; 200];
     let mut i = 0;
     while i < 100 {

@@ -291,6 +291,8 @@ struct Queue {
     held: VecDeque<Held>,
     bytes: usize,
     attempts: u32,
+    /// Where this partition's messages are copied (see [`own`]).
+    arena: BytesMut,
 }
 
 /// How often the thread looks for new messages when it holds none.
@@ -318,12 +320,32 @@ struct Sender {
     next_bootstrap: usize,
     /// Held bytes last added to the shared gauge.
     reported: u64,
-    /// Where the messages taken are copied (see [`Sender::own`]).
+    /// Where messages are copied while the partitions are not known (see [`own`]).
     arena: BytesMut,
 }
 
-/// The bytes [`Sender::arena`] grows by.
-const ARENA: usize = 256 * 1024;
+/// The bytes an arena of held messages grows by.
+const ARENA: usize = 64 * 1024;
+
+/// `message`'s bytes copied into `arena`. A message handed over shares its memory with whatever
+/// else its sender wrote next to it (a worker writes messages and access-log records into one
+/// arena): held as it came, one message would keep all of that alive for as long as the broker
+/// is away, and the buffer would hold more memory than `buffer` says. Each partition copies into
+/// an arena of its own, whose blocks are freed in the order they filled as its messages are sent
+/// (or dropped), and then reused; a partition that cannot be sent keeps only its own blocks.
+fn own(arena: &mut BytesMut, message: &mut Message) {
+    let mut copy = |b: &Bytes| {
+        if arena.capacity() - arena.len() < b.len() {
+            arena.reserve(ARENA.max(b.len()));
+        }
+        arena.extend_from_slice(b);
+        arena.split().freeze()
+    };
+    if let Some(key) = &message.key {
+        message.key = Some(copy(key));
+    }
+    message.value = copy(&message.value);
+}
 
 impl Sender {
     fn new(s: Settings, connector: Arc<dyn Connector>, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Sender {
@@ -395,11 +417,6 @@ impl Sender {
                         continue;
                     }
                     self.bytes += size;
-                    let message = Message {
-                        key: message.key.map(|k| self.own(&k)),
-                        value: self.own(&message.value),
-                        ..message
-                    };
                     self.place(Held { message, since: now });
                 }
                 Err(TryRecvError::Empty) => break,
@@ -411,20 +428,6 @@ impl Sender {
         }
         self.report_buffered();
         true
-    }
-
-    /// A copy of `b` in this thread's own arena. A message handed over shares its memory with
-    /// whatever else its sender wrote next to it (a worker writes messages and access-log records
-    /// into one arena): held as it came, one message would keep all of that alive for as long as
-    /// the broker is away, and the buffer would hold more memory than `buffer` says. Copies are
-    /// freed in about the order they were made, as messages are sent, so the arena's buffers are
-    /// reused.
-    fn own(&mut self, b: &Bytes) -> Bytes {
-        if self.arena.capacity() - self.arena.len() < b.len() {
-            self.arena.reserve(ARENA.max(b.len()));
-        }
-        self.arena.extend_from_slice(b);
-        self.arena.split().freeze()
     }
 
     /// Adds this producer's change of held bytes to the gauge, which a producer replaced by a
@@ -440,9 +443,10 @@ impl Sender {
     }
 
     /// Puts a message in its partition's queue, or aside until the partitions are known.
-    fn place(&mut self, held: Held) {
+    fn place(&mut self, mut held: Held) {
         let count = self.queues.len();
         if count == 0 {
+            own(&mut self.arena, &mut held.message);
             self.unassigned.push_back(held);
             return;
         }
@@ -458,6 +462,7 @@ impl Sender {
             return;
         }
         let q = &mut self.queues[partition];
+        own(&mut q.arena, &mut held.message);
         q.bytes += held.size();
         q.held.push_back(held);
     }

@@ -376,7 +376,10 @@ impl Template {
                     // Most values need no escaping: left where they were written. The others
                     // are copied out and written again, escaped.
                     let clean = match self.mode {
-                        Mode::Json if v.json_plain() => true,
+                        Mode::Json if v.json_plain() => {
+                            debug_assert!(portcullis_http::write::json_plain(&out[at..]), "{v:?}");
+                            true
+                        }
                         Mode::Json if portcullis_http::write::json_plain(&out[at..]) => true,
                         Mode::Json => {
                             !out[at..].iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)

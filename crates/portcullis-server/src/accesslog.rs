@@ -336,14 +336,11 @@ fn digits(out: &mut Vec<u8>, n: u64, width: usize) {
                 out.push(b'0' + n as u8);
             }
         }
+        // From here on, n has at least `width` digits or is zero-padded to exactly 3.
         0..1000 if width <= 3 => {
             let n = n as usize;
-            if n >= 100 || width == 3 {
-                out.push(b'0' + (n / 100) as u8);
-                out.extend_from_slice(&PAIRS[2 * (n % 100)..2 * (n % 100) + 2]);
-            } else {
-                digits(out, n as u64, width.min(2));
-            }
+            out.push(b'0' + (n / 100) as u8);
+            out.extend_from_slice(&PAIRS[2 * (n % 100)..2 * (n % 100) + 2]);
         }
         1000..10_000 if width <= 4 => {
             let (hi, lo) = ((n / 100) as usize, (n % 100) as usize);

@@ -71,7 +71,12 @@ impl KafkaBroker {
                 if halt.load(Ordering::Acquire) {
                     break;
                 }
-                let (Ok(tcp), config) = (tcp, Arc::clone(&config)) else { continue };
+                let Ok(tcp) = tcp else {
+                    // Out of descriptors, say: not a reason to spin.
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let config = Arc::clone(&config);
                 std::thread::spawn(move || relay(tcp, config, port));
             }
         });
