@@ -28,7 +28,8 @@
 # logged by a log_to_eventhub step to a Kafka-protocol broker, Tansu, that the script starts on
 # KAFKA_ADDR, at nice 19, or with KAFKA_SCHED=idle only when the load CPU is otherwise idle:
 # Portcullis only, against its own keepalive). The modes run in turn, in reverse order every
-# other round; a mode against keepalive is also given round by round. Then p99
+# other round; a mode against keepalive is also given round by round (runs are tagged with their
+# round and paired by it). Then p99
 # latency at a constant rate of half of HAProxy's keep-alive median (open loop), and memory
 # with IDLE_CONNS idle mTLS keep-alive connections.
 # Only loopback addresses are used; every load run is bounded by DURATION.
@@ -208,7 +209,8 @@ load() { # load PROXY MODE LABEL [extra args] -> one JSON line appended to raw.j
   for pid in $(pids_of "$p"); do watch+=(--watch-pid "$pid"); done
   taskset -c "$LOAD_CPU" "$LOAD" run "https://localhost:${ADDR[$p]##*:}/" --ca "$CERTS/root.pem" \
     --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" --mode "$mode" --group "$GROUP" \
-    -d "${DURATION}s" -w "${WARMUP}s" "${watch[@]}" --json --tag "proxy=$p" --tag "label=$label" "$@" \
+    -d "${DURATION}s" -w "${WARMUP}s" "${watch[@]}" --json --tag "proxy=$p" --tag "label=$label" \
+    ${ROUND:+--tag "round=$ROUND"} "$@" \
     | tee -a "$OUT/raw.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("    %-10s %-16s %8.0f req/s  p99 %6d us  cpu %s  errors %d" % (r["proxy"], r["label"], r["rps"], r["latency_us"]["p99"], "%.1f us/req" % (r["proxy_cpu_seconds"]*1e6/r["ok"]) if r["ok"] else "-", r["error_count"]))' \
     || echo "    $p $label: run failed" >&2
 }
@@ -243,6 +245,7 @@ read -ra ORDER <<<"$PROXIES"
 read -ra MODE_ORDER <<<"$MODES"
 for round in $(seq "$ROUNDS"); do
   echo "== round $round/$ROUNDS"
+  ROUND=$round   # tags the runs, which the summary pairs by round
   for p in "${ORDER[@]}"; do
     current=none
     for m in "${MODE_ORDER[@]}"; do
@@ -284,6 +287,7 @@ for round in $(seq "$ROUNDS"); do
   reversed=(); for ((i = ${#MODE_ORDER[@]} - 1; i >= 0; i--)); do reversed+=("${MODE_ORDER[i]}"); done
   MODE_ORDER=("${reversed[@]}")
 done
+ROUND=
 
 if [ "$LATENCY" = 1 ] && [[ " $PROXIES " == *" haproxy "* ]] && [[ " $MODES " == *" keepalive "* ]]; then
   RATE=$(python3 -c 'import json,sys,statistics

@@ -54,25 +54,27 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     // (req/s, proxy CPU µs per request) medians
     let mut medians: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
-    // Proxy CPU µs per request of each run, in the order of the runs (one per round).
-    let mut per_round: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    // Proxy CPU µs per request of each run, with its round, in the order of the runs.
+    let mut per_round: BTreeMap<(String, String), Vec<Run>> = BTreeMap::new();
     for mode in &modes {
         for proxy in &proxies {
             let Some(rs) = runs.get(&(mode.clone(), proxy.clone())) else { continue };
             let rps: Vec<f64> = rs.iter().filter_map(|r| r["rps"].as_f64()).collect();
             let p99: Vec<f64> = rs.iter().filter_map(|r| r["latency_us"]["p99"].as_f64()).collect();
-            let cpu: Vec<f64> = rs
+            let timed: Vec<Run> = rs
                 .iter()
                 .filter_map(|r| {
                     let secs = r["proxy_cpu_seconds"].as_f64()?;
                     let ok = r["ok"].as_f64()?;
-                    (ok > 0.0).then(|| secs * 1e6 / ok)
+                    let round = r["round"].as_str().map(str::to_owned);
+                    (ok > 0.0).then(|| Run { round, cpu: secs * 1e6 / ok })
                 })
                 .collect();
+            let cpu: Vec<f64> = timed.iter().map(|r| r.cpu).collect();
             let errors: u64 = rs.iter().filter_map(|r| r["error_count"].as_u64()).sum();
             let (min, max) = min_max(&rps);
             let m = median(rps.clone());
-            per_round.insert((mode.clone(), proxy.clone()), cpu.clone());
+            per_round.insert((mode.clone(), proxy.clone()), timed);
             let cpu = median(cpu);
             medians.insert((mode.clone(), proxy.clone()), (m, cpu));
             let _ = writeln!(
@@ -96,10 +98,10 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
         let Some(base) = per_round.get(&("keepalive".to_owned(), proxy.clone())) else { continue };
         for mode in modes.iter().filter(|m| m.as_str() != "keepalive") {
             let Some(cpu) = per_round.get(&(mode.clone(), proxy.clone())) else { continue };
-            if cpu.len() != base.len() || cpu.is_empty() {
+            let r = paired(base, cpu, |k, m| k / m);
+            if r.is_empty() {
                 continue;
             }
-            let r: Vec<f64> = base.iter().zip(cpu).map(|(k, m)| k / m).collect();
             let (min, max) = min_max(&r);
             let _ = writeln!(
                 against_keepalive,
@@ -157,7 +159,7 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
                     let Some(theirs) = per_round.get(&(mode.clone(), (*p).clone())) else {
                         return "–".to_owned();
                     };
-                    let r: Vec<f64> = ours_cpu.iter().zip(theirs).map(|(us, them)| them / us).collect();
+                    let r = paired(ours_cpu, theirs, |us, them| them / us);
                     if r.is_empty() {
                         return "–".to_owned();
                     }
@@ -169,6 +171,25 @@ pub fn summarize(lines: &str) -> anyhow::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// A run's proxy CPU µs per request, and the round it belongs to when `bench.sh` said.
+struct Run {
+    round: Option<String>,
+    cpu: f64,
+}
+
+/// `f(a, b)` for the runs of `a` and `b` that belong to the same round: by their `round` tags
+/// when every run has one (a run that failed in one of them leaves its round out), else by
+/// position when both have as many runs (files written before the tags), else none.
+fn paired(a: &[Run], b: &[Run], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+    if a.iter().chain(b).all(|r| r.round.is_some()) {
+        a.iter().filter_map(|x| b.iter().find(|y| y.round == x.round).map(|y| f(x.cpu, y.cpu))).collect()
+    } else if a.len() == b.len() {
+        a.iter().zip(b).map(|(x, y)| f(x.cpu, y.cpu)).collect()
+    } else {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]
@@ -216,5 +237,21 @@ mod tests {
         let t = summarize(&lines).unwrap();
         assert!(t.contains("| accesslog | portcullis | 0.931× | 0.909 – 0.952 | 2 |"), "{t}");
         assert!(!t.contains("| keepalive | portcullis | 1.000×"), "{t}");
+    }
+
+    #[test]
+    fn runs_are_paired_by_their_round() {
+        // Round 1's access-log run failed (no line): rounds 2 and 3 pair, not 1 with 2.
+        let tagged = |line: String, round: u32| line.replacen('{', &format!("{{\"round\":\"{round}\","), 1);
+        let lines = [
+            tagged(run("portcullis", "keepalive", 100.0, 1000, 0.01, 900, 0), 1),
+            tagged(run("portcullis", "keepalive", 100.0, 1000, 0.02, 900, 0), 2),
+            tagged(run("portcullis", "accesslog", 100.0, 1000, 0.025, 900, 0), 2),
+            tagged(run("portcullis", "keepalive", 100.0, 1000, 0.03, 900, 0), 3),
+            tagged(run("portcullis", "accesslog", 100.0, 1000, 0.0375, 900, 0), 3),
+        ]
+        .join("\n");
+        let t = summarize(&lines).unwrap();
+        assert!(t.contains("| accesslog | portcullis | 0.800× | 0.800 – 0.800 | 2 |"), "{t}");
     }
 }
