@@ -83,9 +83,43 @@ pub static DIGIT_PAIRS: [u8; 200] = {
 };
 
 /// Appends `n` in decimal.
-pub fn decimal(out: &mut BytesMut, n: u64) {
-    let (digits, at) = decimal_digits(n);
-    out.put_slice(&digits[at..]);
+pub fn decimal(out: &mut impl BufMut, n: u64) {
+    decimal_padded(out, n, 1);
+}
+
+/// Appends `n` in decimal, at least `width` digits (zero-padded; at most 20). Most numbers
+/// written (a status, an octet, a port, milliseconds, a length) are small: they come straight
+/// from the pairs table, without the general loop and its buffer.
+pub fn decimal_padded(out: &mut impl BufMut, n: u64, width: usize) {
+    let pair = |n: usize| &DIGIT_PAIRS[2 * n..2 * n + 2];
+    match n {
+        0..10 if width <= 1 => out.put_u8(b'0' + n as u8),
+        0..100 if width <= 2 => {
+            if n >= 10 || width == 2 {
+                out.put_slice(pair(n as usize));
+            } else {
+                out.put_u8(b'0' + n as u8);
+            }
+        }
+        // From here on, n has at least `width` digits, or is zero-padded to exactly 3.
+        0..1000 if width <= 3 => {
+            out.put_u8(b'0' + (n / 100) as u8);
+            out.put_slice(pair((n % 100) as usize));
+        }
+        1000..10_000 if width <= 4 => {
+            out.put_slice(pair((n / 100) as usize));
+            out.put_slice(pair((n % 100) as usize));
+        }
+        10_000..100_000 if width <= 5 => {
+            out.put_u8(b'0' + (n / 10_000) as u8);
+            out.put_slice(pair((n % 10_000 / 100) as usize));
+            out.put_slice(pair((n % 100) as usize));
+        }
+        _ => {
+            let (digits, at) = decimal_digits(n);
+            out.put_slice(&digits[at.min(digits.len() - width.min(digits.len()))..]);
+        }
+    }
 }
 
 /// The canonical reason phrase of a status code (the IANA HTTP Status Code Registry, RFC 9110
@@ -317,6 +351,19 @@ mod tests {
                 let mut v = base.clone();
                 v[at] = b;
                 assert_eq!(json_plain(&v), slow(&v), "byte {b:#04x} at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_padded_decimals_as_the_formatter_writes_them() {
+        let mut out: Vec<u8> = Vec::new();
+        // Every width, across the shortcuts' edges.
+        for n in (0..=1200).chain([9999, 10_000, 65_535, 99_999, 100_000, 1 << 40, u64::MAX]) {
+            for width in 1..=6 {
+                out.clear();
+                decimal_padded(&mut out, n, width);
+                assert_eq!(String::from_utf8_lossy(&out), format!("{n:0width$}"), "{n} width {width}");
             }
         }
     }

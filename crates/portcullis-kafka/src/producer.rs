@@ -254,7 +254,6 @@ fn layout_of(answer: &MetadataResponse, topic_name: &str) -> Result<Layout, Erro
     if topic.error_code != 0 {
         return Err(Error::Broker(format!("topic {}: {}", topic_name, code_name(topic.error_code))));
     }
-    // Partitions 0 to n-1, each described once (a broker's bytes are checked, not trusted).
     let n = topic.partitions.len();
     if n == 0 || n > 100_000 {
         return Err(Error::Protocol(format!("topic {}: {n} partitions", topic_name)));
@@ -411,13 +410,13 @@ impl Sender {
         loop {
             match rx.try_recv() {
                 Ok(message) => {
-                    let size = message.value.len() + message.key.as_ref().map_or(0, Bytes::len);
-                    if self.bytes + size > self.s.buffer {
+                    let held = Held { message, since: now };
+                    if self.bytes + held.size() > self.s.buffer {
                         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    self.bytes += size;
-                    self.place(Held { message, since: now });
+                    self.bytes += held.size();
+                    self.place(held);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {

@@ -20,14 +20,14 @@ pub struct WorkerLocal {
     pub deltas: Deltas,
     /// Callouts' answers kept for their `cache_ttl`.
     pub(crate) callouts: crate::callout::CalloutCache,
-    /// Where `log_to_eventhub` messages are rendered, one after another: each message is split
-    /// off as a `Bytes` sharing the buffer, so that a message costs no allocation of its own
-    /// (a new buffer is taken when one fills, and one whose messages are all gone is reused).
-    pub(crate) log_arena: BytesMut,
+    /// Where `log_to_eventhub` messages and access-log records are written, one after another:
+    /// each is split off sharing the buffer, so that it costs no allocation of its own (a new
+    /// buffer is taken when one fills, and one whose messages and records are all gone is reused).
+    log_arena: BytesMut,
 }
 
-/// Room taken at a time for messages.
-pub(crate) const LOG_ARENA: usize = 64 * 1024;
+/// Room taken at a time for messages and records.
+const LOG_ARENA: usize = 64 * 1024;
 
 impl WorkerLocal {
     /// A buffer to render the next message into (split it off when written).
@@ -36,6 +36,16 @@ impl WorkerLocal {
             self.log_arena.reserve(LOG_ARENA);
         }
         &mut self.log_arena
+    }
+
+    /// The log arena taken out, with room, for an access-log record to be written into; the
+    /// record gives back what it leaves, through [`WorkerLocal::return_log_arena`].
+    pub fn take_log_arena(&mut self) -> BytesMut {
+        std::mem::take(self.log_arena())
+    }
+
+    pub fn return_log_arena(&mut self, arena: BytesMut) {
+        self.log_arena = arena;
     }
 }
 

@@ -380,10 +380,12 @@ impl Template {
                             debug_assert!(portcullis_http::write::json_plain(&out[at..]), "{v:?}");
                             true
                         }
-                        Mode::Json if portcullis_http::write::json_plain(&out[at..]) => true,
+                        // Plain ASCII, or UTF-8 text with nothing to escape.
                         Mode::Json => {
-                            !out[at..].iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
-                                && std::str::from_utf8(&out[at..]).is_ok()
+                            let value = &out[at..];
+                            portcullis_http::write::json_plain(value)
+                                || (!value.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+                                    && std::str::from_utf8(value).is_ok())
                         }
                         _ => out[at..].iter().all(|&b| is_unreserved(b)),
                     };

@@ -83,6 +83,11 @@ pub(crate) fn handshake_failure(e: &portcullis_tls::HandshakeError) -> usize {
         HandshakeError::Closed | HandshakeError::Io(_) => "closed",
         _ => "other",
     };
+    handshake_failure_named(name)
+}
+
+/// The index in [`HANDSHAKE_FAILURES`] of reason `name` (`other` for one it does not list).
+pub(crate) fn handshake_failure_named(name: &str) -> usize {
     HANDSHAKE_FAILURES.iter().position(|f| *f == name).unwrap_or(HANDSHAKE_FAILURES.len() - 1)
 }
 
@@ -266,6 +271,17 @@ impl ApiCounters {
 /// stale in the pool (closed or talking), opened by resuming a TLS session.
 pub(crate) const POOL_EVENTS: [&str; 5] = ["opened", "reused", "stale", "resumed", "failed"];
 
+/// A connection event, in [`POOL_EVENTS`] order; `failed`: a connection that could not be made
+/// (refused, timed out, TLS handshake failed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PoolEvent {
+    Opened,
+    Reused,
+    Stale,
+    Resumed,
+    Failed,
+}
+
 /// One backend server's connection events, a block per worker; kept across reloads by the
 /// backend's and the server's names.
 #[derive(Debug)]
@@ -298,8 +314,9 @@ impl PoolCounters {
         c
     }
 
-    /// Event `event` (an index into [`POOL_EVENTS`]) on worker `worker`.
-    pub(crate) fn count(&self, worker: usize, event: usize) {
+    /// Event `event` on worker `worker`.
+    pub(crate) fn count(&self, worker: usize, event: PoolEvent) {
+        let event = event as usize;
         if let Some(w) = self.per_worker.get(worker) {
             w.events[event].fetch_add(1, Ordering::Relaxed);
         }
@@ -318,6 +335,16 @@ pub(crate) fn sum(stats: &[std::sync::Arc<WorkerStats>], pick: impl Fn(&WorkerSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_and_reasons_are_counted_under_their_names() {
+        let events =
+            [PoolEvent::Opened, PoolEvent::Reused, PoolEvent::Stale, PoolEvent::Resumed, PoolEvent::Failed];
+        let names: Vec<&str> = events.iter().map(|&e| POOL_EVENTS[e as usize]).collect();
+        assert_eq!(names, POOL_EVENTS);
+        assert_eq!(HANDSHAKE_FAILURES[handshake_failure_named("timeout")], "timeout");
+        assert_eq!(HANDSHAKE_FAILURES[handshake_failure_named("no such reason")], "other");
+    }
 
     #[test]
     fn refusal_reasons_have_their_kind() {

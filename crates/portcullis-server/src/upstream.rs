@@ -21,6 +21,7 @@ use portcullis_tls::{ClientTls, PlainStream, Stream, TlsStream};
 
 use crate::pool::Pool;
 use crate::relay::RelayError;
+use crate::stats::PoolEvent;
 use crate::timer::Timer;
 
 /// A connection the proxy opened: to a backend, a service it calls, Redis. Plain TCP or TLS,
@@ -192,10 +193,10 @@ impl Upstream {
             // such a connection either fails where it cannot be retried (POST) or reads the stray
             // bytes as its answer, and its own answer then as the next request's.
             if idle_connection_is_clean(&stream) {
-                count(pool, target, 1);
+                count(pool, target, PoolEvent::Reused);
                 return Ok(Upstream { stream, reused: true });
             }
-            count(pool, target, 2);
+            count(pool, target, PoolEvent::Stale);
             tracing::debug!(addr = %target.key.addr, "pooled connection closed or sent unsolicited bytes; discarded");
         }
         let deadline = Instant::now() + target.connect_timeout;
@@ -203,16 +204,16 @@ impl Upstream {
         let tcp = match timeout(target.connect_timeout, TcpStream::connect_addr(addr)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                count(pool, target, 4);
+                count(pool, target, PoolEvent::Failed);
                 return Err(UpstreamError::Connect(e));
             }
             Err(_) => {
-                count(pool, target, 4);
+                count(pool, target, PoolEvent::Failed);
                 return Err(UpstreamError::ConnectTimeout);
             }
         };
         let _ = tcp.set_nodelay(true);
-        count(pool, target, 0);
+        count(pool, target, PoolEvent::Opened);
         let Some(tls) = &target.tls else {
             pool.borrow_mut().opened += 1;
             return Ok(Upstream { stream: BackendStream::Plain(PlainStream::new(tcp)), reused: false });
@@ -222,7 +223,7 @@ impl Upstream {
         match timeout(left, tls.client.connect_resuming(&tls.server_name, tcp, session.as_ref())).await {
             Ok(Ok(stream)) => {
                 if stream.info().resumed {
-                    count(pool, target, 3);
+                    count(pool, target, PoolEvent::Resumed);
                 }
                 let mut pool = pool.borrow_mut();
                 pool.opened += 1;
@@ -230,13 +231,13 @@ impl Upstream {
                 Ok(Upstream { stream: BackendStream::Tls(Box::new(stream)), reused: false })
             }
             Ok(Err(e)) => {
-                count(pool, target, 4);
+                count(pool, target, PoolEvent::Failed);
                 // A session the server will not take is not offered again.
                 pool.borrow_mut().forget_session(&target.key);
                 Err(UpstreamError::Handshake(e))
             }
             Err(_) => {
-                count(pool, target, 4);
+                count(pool, target, PoolEvent::Failed);
                 Err(UpstreamError::ConnectTimeout)
             }
         }
@@ -457,9 +458,8 @@ impl Upstream {
     }
 }
 
-/// Counts connection event `event` ([`crate::stats::POOL_EVENTS`]) for `target` on the worker
-/// that owns `pool`.
-fn count(pool: &RefCell<Pool>, target: &Target, event: usize) {
+/// Counts connection event `event` for `target` on the worker that owns `pool`.
+fn count(pool: &RefCell<Pool>, target: &Target, event: PoolEvent) {
     if let Some(c) = &target.counters {
         c.count(pool.borrow().worker, event);
     }

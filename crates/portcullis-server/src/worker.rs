@@ -103,8 +103,6 @@ pub(crate) struct Worker {
     pub(crate) picker: crate::balance::Picker,
     /// This worker's counters (`shared.stats[id]`).
     pub(crate) stats: Arc<crate::stats::WorkerStats>,
-    /// Where access-log records' text is written, one after another (see `accesslog::Record`).
-    pub(crate) log_arena: Cell<bytes::BytesMut>,
     active: Cell<usize>,
     /// Accept loops waiting for a connection to end (the worker is at `max_connections`).
     room_waiters: RefCell<Vec<Waker>>,
@@ -210,7 +208,6 @@ pub(crate) fn run(
         fleet_rounds: Rounds::default(),
         picker: crate::balance::Picker::default(),
         stats,
-        log_arena: Cell::new(bytes::BytesMut::new()),
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
         requests: Cell::new(0),

@@ -51,7 +51,8 @@ pub(crate) async fn serve(
     let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
     let handshake_timeout = snap.server.handshake_timeout;
     let access_log = snap.server.access_log.is_some();
-    let log_refused = |peer: SocketAddr, why: &str| worker.shared.access.send(refused_record(peer, why));
+    let log_refused =
+        |peer: SocketAddr, why: &str| worker.shared.access.send(refused_record(peer, why, None, None));
     let mut tcp = tcp;
     let mut peer = peer;
     let mut first = BytesMut::new();
@@ -114,7 +115,9 @@ pub(crate) async fn serve(
         }
         Err(_) => {
             crate::stats::WorkerStats::add(&stats.handshakes[2]);
-            crate::stats::WorkerStats::add(&stats.handshake_failures[7]);
+            crate::stats::WorkerStats::add(
+                &stats.handshake_failures[crate::stats::handshake_failure_named("timeout")],
+            );
             tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "TLS handshake timed out");
             if access_log {
                 log_refused(peer, "TLS handshake timed out");
@@ -317,23 +320,12 @@ impl<S: Stream> Conn<S> {
                         }
                     };
                     if self.worker.snapshot().server.access_log.is_some() {
-                        use crate::accesslog::Text;
-                        let mut record = crate::accesslog::Record::new(
-                            portcullis_tls::now_unix_ms(),
-                            None,
-                            self.peer,
-                            bytes::BytesMut::with_capacity(why.len() + 48),
-                        );
+                        let cert = self.info.client_cert.as_ref().map(|c| c.thumbprint.as_str());
+                        let mut record =
+                            refused_record(self.peer, &why, cert, self.info.server_name.as_deref());
                         record.status = status;
                         record.tls = self.info.version;
                         record.resumed = self.info.resumed;
-                        if let Some(c) = &self.info.client_cert {
-                            record.put(Text::ClientCert, c.thumbprint.as_bytes());
-                        }
-                        record.put(Text::Refused, why.as_bytes());
-                        if let Some(sni) = &self.info.server_name {
-                            record.put(Text::Sni, sni.as_bytes());
-                        }
                         self.worker.shared.access.send(record);
                     }
                     self.out.clear();
@@ -587,10 +579,7 @@ impl<S: Stream> Conn<S> {
             return;
         }
         use crate::accesslog::Text;
-        let mut arena = self.worker.log_arena.take();
-        if arena.capacity() - arena.len() < 4096 {
-            arena.reserve(64 * 1024);
-        }
+        let arena = self.worker.local.borrow_mut().take_log_arena();
         let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer, arena);
         record.status = status;
         record.micros = elapsed.as_micros() as u64;
@@ -629,19 +618,32 @@ impl<S: Stream> Conn<S> {
         {
             record.put(Text::Backend, server.name.as_bytes());
         }
-        self.worker.log_arena.set(record.finish());
+        self.worker.local.borrow_mut().return_log_arena(record.finish());
         self.worker.shared.access.send(record);
     }
 }
 
-/// The access-log record of a connection refused before a request (or of a head that was none).
-fn refused_record(peer: SocketAddr, why: &str) -> crate::accesslog::Record {
+/// The access-log record of a connection refused before a request (or of a head that was none),
+/// with the client certificate's thumbprint and the server name when the handshake gave them.
+fn refused_record(
+    peer: SocketAddr,
+    why: &str,
+    cert: Option<&str>,
+    sni: Option<&str>,
+) -> crate::accesslog::Record {
+    use crate::accesslog::Text;
     let mut record = crate::accesslog::Record::new(
         portcullis_tls::now_unix_ms(),
         None,
         peer,
-        bytes::BytesMut::with_capacity(why.len() + 48),
+        bytes::BytesMut::with_capacity(why.len() + 96),
     );
-    record.put(crate::accesslog::Text::Refused, why.as_bytes());
+    if let Some(cert) = cert {
+        record.put(Text::ClientCert, cert.as_bytes());
+    }
+    record.put(Text::Refused, why.as_bytes());
+    if let Some(sni) = sni {
+        record.put(Text::Sni, sni.as_bytes());
+    }
     record
 }
