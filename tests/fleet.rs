@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use portcullis_policy::FLEET_SCRIPT;
 use portcullis_testkit::{ProxyProcess, RedisServer, RedisTls, TestProxy};
 
 use crate::common::{Env, binary, hammer, most_admitted_within};
@@ -106,6 +107,52 @@ fn two_hosts_share_one_limit() {
     assert!(admitted(a.addr) > 0 && admitted(b.addr) > 0, "both hosts served");
     assert!(redis.calls_of("evalsha") + redis.calls_of("eval") > 0);
     assert!(stored_keys(&redis).iter().any(|k| k.contains(":hot:")), "{:?}", stored_keys(&redis));
+}
+
+/// The store's script, driven as two workers of host a and one of host b sync a key: a claim
+/// granted to a host never falls below what the host has admitted, though the worker syncing
+/// did not count those calls itself (each worker syncs its own), so the other host is granted
+/// none of them.
+#[test]
+fn a_claim_covers_what_the_host_admitted_on_its_other_workers() {
+    let env = Env::new();
+    let redis = RedisServer::start(env.dir());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // One key of a rate limit of 200 calls per 2 s (slots of 200 ms, 11 in a window); a worker
+    // adds `calls` and reports that its host has counted `own`. The answer: hosts, the others'
+    // calls and bytes, this host's claim.
+    let sync = |host: &str, calls: u64, own: u64| -> [i64; 4] {
+        let (now, calls, own) = (now.to_string(), calls.to_string(), own.to_string());
+        let args = [
+            "EVAL",
+            FLEET_SCRIPT,
+            "0",
+            host,
+            &now,
+            "portcullis:r0:2000:hot",
+            "r",
+            "1000",
+            "11",
+            "2400",
+            &calls,
+            "0",
+            "1",
+            "200",
+            &own,
+        ];
+        let out = redis.cli(&args);
+        let answer: Vec<i64> =
+            out.lines().map(|l| l.trim().parse().unwrap_or_else(|_| panic!("{out}"))).collect();
+        answer.try_into().unwrap_or_else(|_| panic!("four integers: {out}"))
+    };
+    assert_eq!(sync("a", 0, 0)[3], 200, "a alone asked for the key: all of it is a's to claim");
+    assert_eq!(sync("b", 0, 0)[3], 0, "a's claim holds the whole limit");
+    // a's first worker has since admitted 200 calls and not synced them; its second syncs.
+    assert_eq!(sync("a", 0, 200)[3], 200, "a's claim covers the calls it admitted");
+    assert_eq!(sync("b", 0, 0)[3], 0, "nothing is left for b");
+    // a's first worker syncs its calls: the store now counts them as a's.
+    assert_eq!(sync("a", 200, 200), [1, 0, 0, 200]);
+    assert_eq!(sync("b", 0, 0)[1..], [200, 0, 0]);
 }
 
 /// A quota shared by two hosts: what one counted, the other refuses.

@@ -287,12 +287,12 @@ impl Counters {
     /// whole probe is searched for the key before anything is taken over, so that a key never
     /// gets a second, empty entry in front of its own.
     fn window(&self, hash: u64, epoch: u64) -> Option<&Window> {
+        if let Some(w) = self.find_window(hash) {
+            return Some(w);
+        }
         let mask = self.windows.len() - 1;
         let home = hash as usize & mask;
         let at = |i: usize| &self.windows[(home + i) & mask];
-        if let Some(i) = (0..PROBE).find(|&i| at(i).key.load(Ordering::Acquire) == hash) {
-            return Some(at(i));
-        }
         let epoch = epoch & 0xFFFF_FFFF;
         for i in 0..PROBE {
             let w = at(i);
@@ -316,6 +316,30 @@ impl Counters {
             }
         }
         None
+    }
+
+    /// The key's entry, when it has one (nothing is taken over).
+    fn find_window(&self, hash: u64) -> Option<&Window> {
+        let mask = self.windows.len() - 1;
+        let home = hash as usize & mask;
+        (0..PROBE).map(|i| &self.windows[(home + i) & mask]).find(|w| w.key.load(Ordering::Acquire) == hash)
+    }
+
+    /// This host's own calls (every worker's) on a rate limit's key in the window at `now_ms`.
+    /// A sync reports them: the workers sync apart, each with the calls it counted itself, so the
+    /// store's count of this host lags what the host has admitted, and a claim granted on that
+    /// count alone could fall below it.
+    pub(crate) fn rate_own(&self, hash: u64, period_ms: u64, now_ms: u64) -> u64 {
+        let epoch = now_ms / (period_ms / N).max(1);
+        self.find_window(hash).map_or(0, |w| Counters::sum(w, epoch).0)
+    }
+
+    /// As [`Counters::rate_own`], for a quota's key in the period `index`.
+    pub(crate) fn quota_own(&self, hash: u64, index: u64) -> u64 {
+        self.find_period(hash).map_or(0, |p| {
+            let (i, calls) = unpack40(p.calls.load(Ordering::Acquire));
+            if i == index & 0xFF_FFFF { calls } else { 0 }
+        })
     }
 
     /// Calls counted for `w` in the window ending in `epoch`, and the oldest epoch with calls.
@@ -378,14 +402,20 @@ impl Counters {
         }
     }
 
+    /// The key's entry, when it has one (nothing is taken over).
+    fn find_period(&self, hash: u64) -> Option<&Period> {
+        let mask = self.periods.len() - 1;
+        let home = hash as usize & mask;
+        (0..PROBE).map(|i| &self.periods[(home + i) & mask]).find(|p| p.key.load(Ordering::Acquire) == hash)
+    }
+
     /// The key's entry, found or taken over as in [`Counters::window`]; an entry is stale once
     /// the period it last counted has ended (a quota for ever's never is).
     fn period(&self, hash: u64, at: QuotaAt) -> Option<&Period> {
         let mask = self.periods.len() - 1;
         let home = hash as usize & mask;
         let entry = |i: usize| &self.periods[(home + i) & mask];
-        let found = (0..PROBE).map(entry).find(|p| p.key.load(Ordering::Acquire) == hash);
-        let p = found.or_else(|| {
+        let p = self.find_period(hash).or_else(|| {
             (0..PROBE).map(entry).find(|p| {
                 let k = p.key.load(Ordering::Acquire);
                 let stale = k == 0 || p.ends.load(Ordering::Acquire) <= at.now_ms;

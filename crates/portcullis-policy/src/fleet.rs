@@ -12,7 +12,9 @@
 //! others do not know of. So that hosts busy on one key together do not each spend what is left
 //! of its limit, the script also hands out *claims*: a host's claim is the most calls it may
 //! have counted until its next sync, and the script grants it its count plus an equal part of
-//! what neither the others' counts nor their claims hold. Claims (and the record of which hosts
+//! what neither the others' counts nor their claims hold. A host's workers sync apart, each with
+//! the calls it counted itself, so a sync also reports what the whole host has counted: a claim
+//! never falls below what the host has already admitted. Claims (and the record of which hosts
 //! asked for a key) live two seconds in the store, so a host that went quiet holds nothing. With
 //! every host within its claim, the fleet stays within the limit, but for the calls a host admits
 //! on a key before its first sync of it.
@@ -210,10 +212,12 @@ pub struct Batch {
 
 /// The script, run with `EVALSHA` (`EVAL` when the store does not have it yet).
 ///
-/// `ARGV[1]`: this host's field; `ARGV[2]`: the time (Unix seconds); then per key nine
+/// `ARGV[1]`: this host's field; `ARGV[2]`: the time (Unix seconds); then per key ten
 /// arguments: name, kind (`r` or `q`), position (the current slot, or the period index), span
 /// (slots in a window; 1 for a quota), TTL in ms, the calls and the bytes to add, the requests
-/// that asked for the key, and its limit of calls (0: none). Answers how many other hosts synced
+/// that asked for the key, its limit of calls (0: none), and the calls this host has counted in
+/// the window or period, all its workers' (the store's count of the host lags it: each worker
+/// syncs its own calls). Answers how many other hosts synced
 /// in the last two seconds, then per key the other hosts' calls and bytes, and this host's claim
 /// (-1: none). With no keys, it registers the host and counts the others (a heartbeat).
 pub const SCRIPT: &str = r#"
@@ -230,11 +234,11 @@ for j = 1, #all_hosts, 2 do
 end
 local out = {live}
 local i = 3
-while i + 8 <= #ARGV do
+while i + 9 <= #ARGV do
   local name, kind = ARGV[i], ARGV[i + 1]
   local pos, span, ttl = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
   local calls, bytes, seen = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
-  local limit = tonumber(ARGV[i + 8])
+  local limit, own = tonumber(ARGV[i + 8]), tonumber(ARGV[i + 9])
   local c = name .. ':' .. pos
   if calls > 0 then
     redis.call('HINCRBY', c, host, calls)
@@ -296,6 +300,9 @@ while i + 8 <= #ARGV do
     for h, _ in pairs(asked) do
       if not count[h] then held = held + (claims[h] or 0) end
     end
+    -- A claim never falls below what this host has admitted, synced or not: the others take
+    -- it for the most this host may count.
+    mine = math.max(mine, own)
     local left = limit - mine - held
     local share = 0
     if left > 0 then share = math.ceil(left / (hosts + 1)) end
@@ -307,7 +314,7 @@ while i + 8 <= #ARGV do
   out[#out + 1] = others
   out[#out + 1] = other_bytes
   out[#out + 1] = claim
-  i = i + 9
+  i = i + 10
 end
 return out
 "#;
@@ -326,12 +333,13 @@ impl Batch {
     }
 
     /// The script calls for this batch: per call, its arguments for host `host` at `now_ms`
-    /// (Unix ms). An empty batch makes one call with no keys (a heartbeat).
-    pub fn calls(&self, host: &str, now_ms: u64) -> Vec<Vec<Vec<u8>>> {
+    /// (Unix ms), with what the host's `counters` hold of each key. An empty batch makes one call
+    /// with no keys (a heartbeat).
+    pub fn calls(&self, host: &str, counters: &Counters, now_ms: u64) -> Vec<Vec<Vec<u8>>> {
         if self.keys.is_empty() {
-            return vec![arguments(&[], host, now_ms)];
+            return vec![arguments(&[], host, counters, now_ms)];
         }
-        self.keys.chunks(KEYS_PER_CALL).map(|keys| arguments(keys, host, now_ms)).collect()
+        self.keys.chunks(KEYS_PER_CALL).map(|keys| arguments(keys, host, counters, now_ms)).collect()
     }
 
     /// Applies the answer of call number `call` (three integers per key) to the host's counters,
@@ -359,27 +367,27 @@ impl Batch {
     }
 }
 
-fn arguments(keys: &[(u64, Delta)], host: &str, now_ms: u64) -> Vec<Vec<u8>> {
-    let mut args = Vec::with_capacity(2 + 9 * keys.len());
+fn arguments(keys: &[(u64, Delta)], host: &str, counters: &Counters, now_ms: u64) -> Vec<Vec<u8>> {
+    let mut args = Vec::with_capacity(2 + 10 * keys.len());
     args.push(host.as_bytes().to_vec());
     args.push((now_ms / 1000).to_string().into_bytes());
     let t = now_ms.saturating_sub(ORIGIN_MS);
-    for (_, d) in keys {
-        let (kind, pos, span, ttl, limit) = match d.shape {
+    for &(hash, ref d) in keys {
+        let (kind, pos, span, ttl, limit, own) = match d.shape {
             Shape::Rate { period_ms, limit } => {
                 let slot = (period_ms / N).max(1);
                 // A slot's hash lives until it has left every window.
-                ("r", t / slot, N + 1, (N + 2) * slot, limit)
+                ("r", t / slot, N + 1, (N + 2) * slot, limit, counters.rate_own(hash, period_ms, t))
             }
             Shape::Quota { period, index, limit, .. } => {
                 // Until the period ends (a quota for ever: a year after its last call).
                 let ttl = if period > 0 { period as u64 * 1000 + 60_000 } else { 365 * 86_400_000 };
-                ("q", index, 1, ttl, limit)
+                ("q", index, 1, ttl, limit, counters.quota_own(hash, index))
             }
         };
         args.push(d.name.to_vec());
         args.push(kind.as_bytes().to_vec());
-        for n in [pos, span, ttl, d.calls, d.bytes, d.seen, limit] {
+        for n in [pos, span, ttl, d.calls, d.bytes, d.seen, limit, own] {
             args.push(n.to_string().into_bytes());
         }
     }
@@ -412,19 +420,24 @@ mod tests {
         d.add(2, 0, 500);
         let batch = d.take();
         assert!(d.is_idle() && batch.len() == 2);
-        let calls = batch.calls("host-a", ORIGIN_MS + 120_000);
+        // What the host's counters hold of the keys, every worker's calls together.
+        let counters = Counters::default();
+        assert!(matches!(counters.rate(1, 60_000, 100, 120_000, 4), crate::counters::Admit::Yes { .. }));
+        let at = QuotaAt { index: 7, now_ms: 120_000, ends_ms: 9_000_000 };
+        assert!(counters.quota_add(2, at, 6, None, 500));
+        let calls = batch.calls("host-a", &counters, ORIGIN_MS + 120_000);
         assert_eq!(calls.len(), 1);
         let args = &calls[0];
-        assert_eq!(args.len(), 2 + 18);
+        assert_eq!(args.len(), 2 + 20);
         assert_eq!(args[1], b"1735689720");
         let text: Vec<String> = args.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let rate = text.iter().position(|a| a == "portcullis:r0:60000:10.0.0.1").expect("rate key");
-        assert_eq!(&text[rate + 1..rate + 9], ["r", "20", "11", "72000", "3", "0", "2", "100"]);
+        assert_eq!(&text[rate + 1..rate + 10], ["r", "20", "11", "72000", "3", "0", "2", "100", "4"]);
         let quota = text
             .iter()
             .position(|a| a.starts_with("portcullis:q1:0:3600:#"))
             .expect("quota key named by hash");
-        assert_eq!(&text[quota + 1..quota + 9], ["q", "7", "1", "3660000", "1", "500", "1", "0"]);
+        assert_eq!(&text[quota + 1..quota + 10], ["q", "7", "1", "3660000", "1", "500", "1", "0", "6"]);
     }
 
     #[test]
@@ -440,7 +453,7 @@ mod tests {
         // The slow response counts: it reaches the next batch, and then the key goes too.
         d.add(1, 1, 0);
         let batch = d.take();
-        let args = &batch.calls("h", ORIGIN_MS)[0];
+        let args = &batch.calls("h", &Counters::default(), ORIGIN_MS)[0];
         assert_eq!(String::from_utf8_lossy(&args[2]), "portcullis:r0:60000:slow");
         assert_eq!(String::from_utf8_lossy(&args[7]), "1", "the call counted after the fact");
         assert_eq!(d.take().len(), 0);
@@ -449,6 +462,6 @@ mod tests {
         d.touch(3, 0, rate, b"k", Noted { calls: 5, awaits: false, refused: false });
         d.drop_rate_calls();
         let batch = d.take();
-        assert_eq!(String::from_utf8_lossy(&batch.calls("h", ORIGIN_MS)[0][7]), "0");
+        assert_eq!(String::from_utf8_lossy(&batch.calls("h", &Counters::default(), ORIGIN_MS)[0][7]), "0");
     }
 }

@@ -186,8 +186,8 @@ impl Connection {
     /// Sends the batch's script calls together, then applies each answer.
     async fn sync(&mut self, link: &FleetLink, worker: &Worker, batch: &Batch) -> Result<(), String> {
         let now_ms = unix_ms();
-        let calls = batch.calls(&worker.shared.host_field, now_ms);
         let counters = &worker.shared.counters;
+        let calls = batch.calls(&worker.shared.host_field, counters, now_ms);
         for args in &calls {
             script_call(&mut self.tx, b"EVALSHA", link.sha.as_bytes(), args);
         }
