@@ -11,6 +11,7 @@
 //!   topic back.
 
 pub mod admin;
+pub mod handoff;
 mod producer;
 pub mod wire;
 

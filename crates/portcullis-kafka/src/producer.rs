@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
 
+use crate::handoff::{Inlet, Outlet, handoff};
 use crate::wire::{Connection, Connector, code_name, retriable};
 use crate::{Error, partition_of};
 
@@ -119,7 +120,7 @@ pub struct Stats {
 /// A producer and its thread. Dropping it stops the thread, which sends what it holds for at
 /// most `drain`.
 pub struct Producer {
-    tx: SyncSender<Message>,
+    inlet: Inlet<Message>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -145,27 +146,49 @@ impl Producer {
         connector: Arc<dyn Connector>,
         stats: Arc<Stats>,
     ) -> std::io::Result<Producer> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue.max(1));
+        let (inlet, rx) = handoff(settings.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", settings.name).chars().take(15).collect())
             .spawn(move || worker.run(&rx))?;
-        Ok(Producer { tx, stats, stop, thread: Mutex::new(Some(thread)), settings })
+        Ok(Producer { inlet, stats, stop, thread: Mutex::new(Some(thread)), settings })
     }
 
     /// Hands `message` to the thread; never waits. `false`: the queue was full and the message
     /// is dropped (and counted).
-    pub fn send(&self, mut message: Message) -> bool {
-        if message.value.len() > self.settings.max_message {
-            message.value.truncate(self.settings.max_message);
-            self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+    pub fn send(&self, message: Message) -> bool {
+        let mut batch = self.inlet.batch();
+        batch.push(message);
+        self.send_all(&mut batch) == 1
+    }
+
+    /// An empty batch, for [`Producer::send_all`].
+    pub fn batch(&self) -> Vec<Message> {
+        self.inlet.batch()
+    }
+
+    /// Messages a batch holds before it should be handed over.
+    pub fn per_batch(&self) -> usize {
+        self.inlet.per_batch()
+    }
+
+    /// Hands the messages of `batch` to the thread together (it is left empty); never waits.
+    /// Returns how many were taken: all, or none when the queue was full (those are dropped
+    /// and counted).
+    pub fn send_all(&self, batch: &mut Vec<Message>) -> usize {
+        for message in batch.iter_mut() {
+            if message.value.len() > self.settings.max_message {
+                message.value.truncate(self.settings.max_message);
+                self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        match self.tx.try_send(message) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                false
+        let n = batch.len();
+        match self.inlet.send(batch) {
+            Ok(()) => n,
+            Err(lost) => {
+                self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+                0
             }
         }
     }
@@ -404,7 +427,7 @@ impl Sender {
         }
     }
 
-    fn run(&mut self, rx: &Receiver<Message>) {
+    fn run(&mut self, rx: &Outlet<Message>) {
         let mut stop_by: Option<Instant> = None;
         loop {
             let open = self.take(rx);
@@ -440,19 +463,22 @@ impl Sender {
 
     /// Moves what the queue holds into the buffer (dropping what does not fit); `false` once
     /// every sender is gone.
-    fn take(&mut self, rx: &Receiver<Message>) -> bool {
+    fn take(&mut self, rx: &Outlet<Message>) -> bool {
         // One reading of the clock for what waited together (linger is counted from it).
         let now = Instant::now();
         loop {
             match rx.try_recv() {
-                Ok(message) => {
-                    let held = Held { message, since: now };
-                    if self.bytes + held.size() > self.s.buffer {
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                Ok(mut batch) => {
+                    for message in batch.drain(..) {
+                        let held = Held { message, since: now };
+                        if self.bytes + held.size() > self.s.buffer {
+                            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        self.bytes += held.size();
+                        self.place(held);
                     }
-                    self.bytes += held.size();
-                    self.place(held);
+                    rx.recycle(batch);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {

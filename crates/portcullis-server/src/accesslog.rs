@@ -4,11 +4,11 @@
 //! thread formats (JSON lines, or nginx's "combined") and writes to stdout or a file, which it
 //! opens again on `SIGUSR1` (after logrotate moved it) or when a reload names another one.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,6 +16,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use portcullis_config::AccessFormat;
 use portcullis_http::write::{decimal as number, decimal_padded as digits};
+use portcullis_kafka::handoff::{Inlet, Outlet, handoff};
+use portcullis_kafka::{Message, Producer};
 
 use crate::worker::Shared;
 
@@ -126,19 +128,19 @@ impl Record {
 /// The workers' end of the queue, and what it counts.
 #[derive(Debug)]
 pub(crate) struct Sink {
-    tx: SyncSender<Record>,
-    rx: Mutex<Option<Receiver<Record>>>,
+    inlet: Inlet<Record>,
+    rx: Mutex<Option<Outlet<Record>>>,
     pub(crate) written: AtomicU64,
     pub(crate) dropped: AtomicU64,
     reopen: AtomicBool,
 }
 
 impl Sink {
-    /// A queue of `capacity` records.
+    /// A queue of `capacity` records (handed over in batches: see [`Outbox`]).
     pub(crate) fn new(capacity: usize) -> Sink {
-        let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
+        let (inlet, rx) = handoff(capacity);
         Sink {
-            tx,
+            inlet,
             rx: Mutex::new(Some(rx)),
             written: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -146,19 +148,84 @@ impl Sink {
         }
     }
 
-    /// Hands a record to the log thread; never waits.
-    pub(crate) fn send(&self, record: Record) {
-        match self.tx.try_send(record) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Hands `batch`'s records to the log thread (it is left empty); never waits.
+    fn send_all(&self, batch: &mut Vec<Record>) {
+        if let Err(lost) = self.inlet.send(batch) {
+            self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
         }
     }
 
     /// The file is opened again before the next record (`SIGUSR1`).
     pub(crate) fn reopen(&self) {
         self.reopen.store(true, Ordering::Release);
+    }
+}
+
+/// How long a worker keeps what it logged before it hands it over, when its batch is not full.
+const FLUSH_AFTER: Duration = Duration::from_millis(2);
+
+/// What a worker logged and has not handed over yet: access-log records, and messages per
+/// logger. A batch goes once it is full, and what is left within [`FLUSH_AFTER`] (the worker's
+/// [`flush_task`]): records and messages cross to the log and logger threads a batch at a time.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    records: RefCell<Vec<Record>>,
+    messages: RefCell<Vec<(Arc<Producer>, Vec<Message>)>>,
+    /// Something is waiting: the flush task's wake-up call.
+    waiting: crate::event::Nudge,
+}
+
+impl Outbox {
+    /// Adds an access-log record, for the log thread.
+    pub(crate) fn record(&self, sink: &Sink, record: Record) {
+        let mut records = self.records.borrow_mut();
+        if records.is_empty() {
+            self.waiting.wake();
+        }
+        records.push(record);
+        if records.len() >= sink.inlet.per_batch() {
+            sink.send_all(&mut records);
+        }
+    }
+
+    /// Adds a message for `producer`.
+    pub(crate) fn message(&self, producer: &Arc<Producer>, message: Message) {
+        let mut all = self.messages.borrow_mut();
+        let i = match all.iter().position(|(p, _)| Arc::ptr_eq(p, producer)) {
+            Some(i) => i,
+            None => {
+                all.push((Arc::clone(producer), producer.batch()));
+                all.len() - 1
+            }
+        };
+        let batch = &mut all[i].1;
+        if batch.is_empty() {
+            self.waiting.wake();
+        }
+        batch.push(message);
+        if batch.len() >= producer.per_batch() {
+            producer.send_all(batch);
+        }
+    }
+
+    /// Hands over everything waiting.
+    pub(crate) fn flush(&self, sink: &Sink) {
+        sink.send_all(&mut self.records.borrow_mut());
+        // The loggers are let go with their batches: one that a reload replaced stops (and sends
+        // what it holds) once the last snapshot naming it is gone, not at this worker's next
+        // flush, which may never come.
+        for (producer, mut batch) in self.messages.borrow_mut().drain(..) {
+            producer.send_all(&mut batch);
+        }
+    }
+}
+
+/// The worker's task that hands over what waited [`FLUSH_AFTER`] in its outbox.
+pub(crate) async fn flush_task(worker: std::rc::Rc<crate::worker::Worker>) {
+    loop {
+        worker.outbox.waiting.wait().await;
+        monoio::time::sleep(FLUSH_AFTER).await;
+        worker.outbox.flush(&worker.shared.access);
     }
 }
 
@@ -187,19 +254,14 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
     Ok(Output { path: path.clone(), out })
 }
 
-fn run(shared: &Shared, rx: &Receiver<Record>) {
+fn run(shared: &Shared, rx: &Outlet<Record>) {
     let mut output: Option<Output> = None;
     let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut clock = Clock::new();
+    // The file could not be opened, and that was said.
+    let mut warned = false;
     loop {
-        // Polled, never waited on: a worker's send then never has a sleeping thread to wake (on
-        // a busy core a wake-up per request would cost more than the record).
-        let first = match rx.try_recv() {
-            Ok(r) => Ok(r),
-            Err(std::sync::mpsc::TryRecvError::Empty) => Err(RecvTimeoutError::Timeout),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
-        };
-        // The configuration and the reopen flag are looked at once per batch, not per record.
+        // The configuration and the reopen flag are looked at once per round, not per record.
         let snapshot = shared.snapshot.load_full();
         let config = snapshot.server.access_log.as_ref();
         let (path, format) = config.map_or((None, AccessFormat::Json), |c| (c.path.as_ref(), c.format));
@@ -209,70 +271,140 @@ fn run(shared: &Shared, rx: &Receiver<Record>) {
                 let _ = o.out.flush();
             }
         }
-        let record = match first {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
-                if let Some(o) = output.as_mut() {
-                    let _ = o.out.flush();
-                }
-                if shared.stopped.load(Ordering::Acquire) {
-                    return;
-                }
-                std::thread::sleep(POLL);
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        // To a `[[logger]]`: one JSON message per record.
-        if let Some(name) = config.and_then(|c| c.logger.as_ref()) {
-            let Some(producer) = snapshot.loggers.iter().find(|p| p.settings().name == name.value) else {
-                shared.access.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            for r in std::iter::once(record).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH)) {
-                line.clear();
-                json(&r, &mut clock, &mut line);
-                let message = portcullis_kafka::Message {
-                    key: None,
-                    partition: None,
-                    value: Bytes::copy_from_slice(&line),
-                    timestamp_ms: r.at_ms as i64,
-                };
-                let counter =
-                    if producer.send(message) { &shared.access.written } else { &shared.access.dropped };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            continue;
-        }
-        if output.is_none() {
+        let logger = config.and_then(|c| c.logger.as_ref());
+        // The file is opened before records are taken: while it cannot be, they wait in the
+        // queue (and once it is full, the workers drop them and count them).
+        if logger.is_none() && output.is_none() {
             match open(&path.cloned()) {
-                Ok(o) => output = Some(o),
+                Ok(o) => {
+                    output = Some(o);
+                    warned = false;
+                }
                 Err(e) => {
-                    shared.access.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, path = ?path, "cannot open the access log; record dropped");
+                    let lost = discard(rx);
+                    shared.access.dropped.fetch_add(lost, Ordering::Relaxed);
+                    if !warned {
+                        tracing::warn!(error = %e, path = ?path, "cannot open the access log; records are dropped until it can be");
+                        warned = true;
+                    }
+                    if rest(shared, 0) {
+                        return;
+                    }
                     continue;
                 }
             }
         }
-        // This record and whatever else waits (up to a batch), formatted into one buffer.
-        line.clear();
-        let mut count = 0u64;
-        for r in std::iter::once(record).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(BATCH)) {
-            match format {
-                AccessFormat::Json => json(&r, &mut clock, &mut line),
-                AccessFormat::Combined => combined(&r, &mut line),
+        // Polled, never waited on: a worker's hand-over then never has a sleeping thread to wake
+        // (on a busy core a wake-up per batch would cost more than the records).
+        let taken = match (logger, output.as_mut()) {
+            // To a `[[logger]]`: one JSON message per record.
+            (Some(name), _) => match snapshot.loggers.iter().find(|p| p.settings().name == name.value) {
+                Some(producer) => to_logger(shared, rx, producer, &mut clock, &mut line),
+                None => {
+                    let lost = discard(rx);
+                    shared.access.dropped.fetch_add(lost, Ordering::Relaxed);
+                    lost
+                }
+            },
+            (None, Some(o)) => {
+                // What waits (up to a batch), formatted into one buffer and written at once.
+                line.clear();
+                let mut count = 0u64;
+                let mut taken = 0;
+                while taken < BATCH {
+                    let Ok(mut batch) = rx.try_recv() else { break };
+                    taken += batch.len();
+                    for r in batch.drain(..) {
+                        match format {
+                            AccessFormat::Json => json(&r, &mut clock, &mut line),
+                            AccessFormat::Combined => combined(&r, &mut line),
+                        }
+                        line.push(b'\n');
+                        count += 1;
+                    }
+                    rx.recycle(batch);
+                }
+                if count > 0 {
+                    if o.out.write_all(&line).is_ok() {
+                        shared.access.written.fetch_add(count, Ordering::Relaxed);
+                    } else {
+                        shared.access.dropped.fetch_add(count, Ordering::Relaxed);
+                        output = None;
+                    }
+                }
+                count
             }
-            line.push(b'\n');
-            count += 1;
-        }
-        let Some(o) = output.as_mut() else { continue };
-        if o.out.write_all(&line).is_ok() {
-            shared.access.written.fetch_add(count, Ordering::Relaxed);
-        } else {
-            shared.access.dropped.fetch_add(count, Ordering::Relaxed);
-            output = None;
+            (None, None) => 0,
+        };
+        if taken == 0 {
+            if let Some(o) = output.as_mut() {
+                let _ = o.out.flush();
+            }
+            if rest(shared, 0) {
+                return;
+            }
         }
     }
+}
+
+/// With nothing `taken` this round: whether the thread is done (the process stops serving and
+/// nothing waits), else a pause before the next look.
+fn rest(shared: &Shared, taken: u64) -> bool {
+    if taken > 0 {
+        return false;
+    }
+    if shared.stopped.load(Ordering::Acquire) {
+        return true;
+    }
+    std::thread::sleep(POLL);
+    false
+}
+
+/// Takes what waits and drops it; returns how many records that was.
+fn discard(rx: &Outlet<Record>) -> u64 {
+    let mut lost = 0;
+    while let Ok(batch) = rx.try_recv() {
+        lost += batch.len() as u64;
+        rx.recycle(batch);
+    }
+    lost
+}
+
+/// Sends what waits (up to a batch) to `producer`, one JSON message per record; returns how
+/// many records were taken.
+fn to_logger(
+    shared: &Shared,
+    rx: &Outlet<Record>,
+    producer: &Producer,
+    clock: &mut Clock,
+    line: &mut Vec<u8>,
+) -> u64 {
+    let mut out = producer.batch();
+    let mut taken = 0;
+    let hand_over = |out: &mut Vec<Message>| {
+        let n = out.len() as u64;
+        let counter =
+            if producer.send_all(out) > 0 { &shared.access.written } else { &shared.access.dropped };
+        counter.fetch_add(n, Ordering::Relaxed);
+    };
+    while taken < BATCH as u64 {
+        let Ok(mut batch) = rx.try_recv() else { break };
+        taken += batch.len() as u64;
+        for r in batch.drain(..) {
+            line.clear();
+            json(&r, clock, line);
+            let value = Bytes::copy_from_slice(line);
+            out.push(Message { key: None, partition: None, value, timestamp_ms: r.at_ms as i64 });
+            if out.len() >= producer.per_batch() {
+                hand_over(&mut out);
+            }
+        }
+        rx.recycle(batch);
+    }
+    if !out.is_empty() {
+        hand_over(&mut out);
+    }
+    taken
 }
 
 /// Records formatted together at most.

@@ -101,6 +101,8 @@ pub(crate) struct Worker {
     pub(crate) fleet_rounds: Rounds,
     /// Which server of a backend takes the next request.
     pub(crate) picker: crate::balance::Picker,
+    /// What this worker logged and has not handed over yet.
+    pub(crate) outbox: crate::accesslog::Outbox,
     /// This worker's counters (`shared.stats[id]`).
     pub(crate) stats: Arc<crate::stats::WorkerStats>,
     active: Cell<usize>,
@@ -118,6 +120,14 @@ pub(crate) struct Worker {
     /// feature does not obey the header.
     #[cfg(feature = "fault-injection")]
     pub(crate) faults: bool,
+}
+
+impl Drop for Worker {
+    /// What the worker logged last (connections closed at the end of a drain, or a panic) is
+    /// handed over too.
+    fn drop(&mut self) {
+        self.outbox.flush(&self.shared.access);
+    }
 }
 
 impl Worker {
@@ -207,6 +217,7 @@ pub(crate) fn run(
         fleet_ready: Event::default(),
         fleet_rounds: Rounds::default(),
         picker: crate::balance::Picker::default(),
+        outbox: crate::accesslog::Outbox::default(),
         stats,
         active: Cell::new(0),
         room_waiters: RefCell::new(Vec::new()),
@@ -280,6 +291,7 @@ async fn serve(
     // fleet) before it serves, so that its first calls on a limit know of the other hosts;
     // Redis unreachable delays the start by its timeout at most.
     drop(monoio::spawn(crate::fleet::run(worker.clone())));
+    drop(monoio::spawn(crate::accesslog::flush_task(worker.clone())));
     if let Some(link) = worker.snapshot().fleet.clone() {
         monoio::select! {
             _ = worker.fleet_ready.wait() => {}
@@ -325,6 +337,7 @@ async fn serve(
         }
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
+    worker.outbox.flush(&worker.shared.access);
     Ok(())
 }
 

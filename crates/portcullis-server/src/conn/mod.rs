@@ -51,8 +51,9 @@ pub(crate) async fn serve(
     let Some(acceptor) = snap.listeners.get(listener).cloned() else { return };
     let handshake_timeout = snap.server.handshake_timeout;
     let access_log = snap.server.access_log.is_some();
-    let log_refused =
-        |peer: SocketAddr, why: &str| worker.shared.access.send(refused_record(peer, why, None, None));
+    let log_refused = |peer: SocketAddr, why: &str| {
+        worker.outbox.record(&worker.shared.access, refused_record(peer, why, None, None))
+    };
     let mut tcp = tcp;
     let mut peer = peer;
     let mut first = BytesMut::new();
@@ -326,7 +327,7 @@ impl<S: Stream> Conn<S> {
                         record.status = status;
                         record.tls = self.info.version;
                         record.resumed = self.info.resumed;
-                        self.worker.shared.access.send(record);
+                        self.worker.outbox.record(&self.worker.shared.access, record);
                     }
                     self.out.clear();
                     write::json_response(&mut self.out, status, message, write::Connection::Close, false);
@@ -560,12 +561,13 @@ impl<S: Stream> Conn<S> {
         if self.state.has_logs() {
             for m in self.state.take_logs() {
                 if let Some(producer) = snap.loggers.get(m.logger) {
-                    producer.send(portcullis_kafka::Message {
+                    let message = portcullis_kafka::Message {
                         key: m.key,
                         partition: m.partition,
                         value: m.value,
                         timestamp_ms: now_ms as i64,
-                    });
+                    };
+                    self.worker.outbox.message(producer, message);
                 }
             }
         }
@@ -619,7 +621,7 @@ impl<S: Stream> Conn<S> {
             record.put(Text::Backend, server.name.as_bytes());
         }
         self.worker.local.borrow_mut().return_log_arena(record.finish());
-        self.worker.shared.access.send(record);
+        self.worker.outbox.record(&self.worker.shared.access, record);
     }
 }
 
