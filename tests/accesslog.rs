@@ -35,6 +35,7 @@ fn every_request_once_with_its_fields_and_escaped() {
     assert_eq!(record["method"], "GET");
     assert_eq!(record["tls"], "TLSv1.3");
     assert_eq!(record["client_cert"], env.pki.client.thumbprint());
+    assert_eq!(record["client_cert_subject"], "CN=client1, OU=Clients, O=Portcullis Test, C=XX");
     assert_eq!(record["refused"], "-");
     assert_eq!(record["id"].as_str().map(str::len), Some(16));
     assert_eq!(record["sni"], "localhost");

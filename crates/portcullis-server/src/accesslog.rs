@@ -32,6 +32,8 @@ pub(crate) enum Text {
     Operation,
     /// The client certificate's SHA-1 thumbprint.
     ClientCert,
+    /// The client certificate's subject (`CN=…, O=…`).
+    ClientSubject,
     /// Why the proxy answered itself (`-` when the backend answered).
     Refused,
     /// The server name the client asked for in its TLS handshake.
@@ -43,7 +45,7 @@ pub(crate) enum Text {
     Backend,
 }
 
-const TEXTS: usize = 12;
+const TEXTS: usize = 13;
 
 /// One request (or refused connection) as the access log records it: numbers, and the text
 /// fields copied one after another into one buffer: the worker's arena, which records share
@@ -537,6 +539,7 @@ fn json(r: &Record, clock: &mut Clock, out: &mut Vec<u8>) {
     for (name, field) in [
         (",\"sni\":", Text::Sni),
         (",\"client_cert\":", Text::ClientCert),
+        (",\"client_cert_subject\":", Text::ClientSubject),
         (",\"subscription\":", Text::Subscription),
         (",\"jwt_sub\":", Text::JwtSub),
         (",\"jwt_appid\":", Text::JwtAppid),
@@ -671,7 +674,7 @@ mod tests {
         json(&record(), &mut Clock::new(), &mut out);
         assert_eq!(
             String::from_utf8(out.clone()).expect("UTF-8"),
-            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}"#
+            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","client_cert_subject":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}"#
         );
         out.clear();
         combined(&record(), &mut out);

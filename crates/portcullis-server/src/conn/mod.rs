@@ -321,7 +321,7 @@ impl<S: Stream> Conn<S> {
                         }
                     };
                     if self.worker.snapshot().server.access_log.is_some() {
-                        let cert = self.info.client_cert.as_ref().map(|c| c.thumbprint.as_str());
+                        let cert = self.info.client_cert.as_deref();
                         let mut record =
                             refused_record(self.peer, &why, cert, self.info.server_name.as_deref());
                         record.status = status;
@@ -601,6 +601,7 @@ impl<S: Stream> Conn<S> {
         }
         if let Some(c) = &self.info.client_cert {
             record.put(Text::ClientCert, c.thumbprint.as_bytes());
+            record.put(Text::ClientSubject, c.subject.as_bytes());
         }
         record.put(Text::Refused, refused.as_bytes());
         if let Some(sni) = &self.info.server_name {
@@ -626,11 +627,11 @@ impl<S: Stream> Conn<S> {
 }
 
 /// The access-log record of a connection refused before a request (or of a head that was none),
-/// with the client certificate's thumbprint and the server name when the handshake gave them.
+/// with the client certificate and the server name when the handshake gave them.
 fn refused_record(
     peer: SocketAddr,
     why: &str,
-    cert: Option<&str>,
+    cert: Option<&portcullis_facts::ClientCert>,
     sni: Option<&str>,
 ) -> crate::accesslog::Record {
     use crate::accesslog::Text;
@@ -641,7 +642,8 @@ fn refused_record(
         bytes::BytesMut::with_capacity(why.len() + 96),
     );
     if let Some(cert) = cert {
-        record.put(Text::ClientCert, cert.as_bytes());
+        record.put(Text::ClientCert, cert.thumbprint.as_bytes());
+        record.put(Text::ClientSubject, cert.subject.as_bytes());
     }
     record.put(Text::Refused, why.as_bytes());
     if let Some(sni) = sni {
