@@ -18,6 +18,7 @@
 //! treated as hop-by-hop and removed).
 #![forbid(unsafe_code)]
 
+pub mod arena;
 mod chunked;
 mod error;
 pub mod forward;

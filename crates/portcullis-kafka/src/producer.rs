@@ -24,6 +24,8 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
 
+use portcullis_http::arena::Arena;
+
 use crate::handoff::{Inlet, Outlet, handoff};
 use crate::wire::{Connection, Connector, code_name, retriable};
 use crate::{Error, partition_of};
@@ -308,7 +310,6 @@ pub fn leaders_of(answer: &MetadataResponse, topic: &str) -> Result<Vec<Option<i
 }
 
 /// One partition's queue, and how often its head batch was refused.
-#[derive(Default)]
 struct Queue {
     held: VecDeque<Held>,
     bytes: usize,
@@ -351,58 +352,20 @@ const ARENA: usize = 64 * 1024;
 /// Blocks an arena keeps (in use or free) before it lets free ones go.
 const KEPT_BLOCKS: usize = 8;
 
-/// Where held messages are copied (see [`Arena::own`]): 64 KiB blocks, filled one after the
-/// other. A block whose messages are all gone is filled again rather than freed: a fresh one
-/// would cost the thread a page fault and a zeroed page per 4 KiB.
-#[derive(Default)]
-struct Arena {
-    /// What is left of the block being filled.
-    current: BytesMut,
-    /// The blocks filled before it, oldest first: messages are sent (or dropped) in order, so
-    /// the oldest is the first to be free.
-    filled: VecDeque<BytesMut>,
+/// `message`'s bytes copied into `arena`. A message handed over shares its memory with whatever
+/// else its sender wrote next to it (a worker writes messages and access-log records into one
+/// arena): held as it came, one message would keep all of that alive for as long as the broker
+/// is away, and the buffer would hold more memory than `buffer` says. Each partition copies into
+/// an arena of its own, so a partition that cannot be sent keeps only its own blocks.
+fn own(arena: &mut Arena, message: &mut Message) {
+    if let Some(key) = &message.key {
+        message.key = Some(arena.copy(key));
+    }
+    message.value = arena.copy(&message.value);
 }
 
-impl Arena {
-    /// `message`'s bytes copied into the arena. A message handed over shares its memory with
-    /// whatever else its sender wrote next to it (a worker writes messages and access-log
-    /// records into one arena): held as it came, one message would keep all of that alive for as
-    /// long as the broker is away, and the buffer would hold more memory than `buffer` says. Each
-    /// partition copies into an arena of its own, so a partition that cannot be sent keeps only
-    /// its own blocks.
-    fn own(&mut self, message: &mut Message) {
-        if let Some(key) = &message.key {
-            message.key = Some(self.copy(key));
-        }
-        message.value = self.copy(&message.value);
-    }
-
-    fn copy(&mut self, b: &Bytes) -> Bytes {
-        if self.current.capacity() - self.current.len() < b.len() {
-            let size = ARENA.max(b.len());
-            // The oldest block again, when it is unique (none of its messages is held any more).
-            let reuse = self.filled.front_mut().is_some_and(|oldest| oldest.try_reclaim(size));
-            let next = if reuse { self.filled.pop_front() } else { None };
-            let full =
-                std::mem::replace(&mut self.current, next.unwrap_or_else(|| BytesMut::with_capacity(size)));
-            if full.capacity() > 0 {
-                self.filled.push_back(full);
-            }
-            self.trim();
-        }
-        self.current.extend_from_slice(b);
-        self.current.split().freeze()
-    }
-
-    /// Lets free blocks go beyond the few kept for reuse (after the broker was away, the
-    /// buffer's worth of them).
-    fn trim(&mut self) {
-        // A filled block has less than `ARENA` left: it reclaims that much only when unique.
-        while self.filled.len() > KEPT_BLOCKS && self.filled.front_mut().is_some_and(|b| b.try_reclaim(ARENA))
-        {
-            self.filled.pop_front();
-        }
-    }
+fn arena() -> Arena {
+    Arena::new(ARENA, KEPT_BLOCKS)
 }
 
 impl Sender {
@@ -423,7 +386,7 @@ impl Sender {
             failing: None,
             next_bootstrap: 0,
             reported: 0,
-            arena: Arena::default(),
+            arena: arena(),
         }
     }
 
@@ -507,7 +470,7 @@ impl Sender {
     fn place(&mut self, mut held: Held) {
         let count = self.queues.len();
         if count == 0 {
-            self.arena.own(&mut held.message);
+            own(&mut self.arena, &mut held.message);
             self.unassigned.push_back(held);
             return;
         }
@@ -523,7 +486,7 @@ impl Sender {
             return;
         }
         let q = &mut self.queues[partition];
-        q.arena.own(&mut held.message);
+        own(&mut q.arena, &mut held.message);
         q.bytes += held.size();
         q.held.push_back(held);
     }
@@ -684,7 +647,9 @@ impl Sender {
             let mut all: Vec<Held> = self.queues.drain(..).flat_map(|q| q.held).collect();
             all.sort_by_key(|h| h.since);
             self.unassigned.extend(all);
-            self.queues = (0..count).map(|_| Queue::default()).collect();
+            self.queues = (0..count)
+                .map(|_| Queue { held: VecDeque::new(), bytes: 0, attempts: 0, arena: arena() })
+                .collect();
         }
         // Connections to brokers the layout no longer names are closed.
         self.conns.retain(|id, _| *id == -1 || layout.brokers.contains_key(id));
@@ -862,37 +827,6 @@ mod tests {
                         .collect(),
                 ),
         ])
-    }
-
-    #[test]
-    fn an_arena_fills_its_oldest_block_again_once_its_messages_are_gone() {
-        let mut arena = Arena::default();
-        // Big enough for one per block: each message starts a block.
-        let value = Bytes::from(vec![b'x'; 40 * 1024]);
-        let hold = |arena: &mut Arena| {
-            let mut m = Message { key: None, partition: None, value: value.clone(), timestamp_ms: 0 };
-            arena.own(&mut m);
-            assert_eq!(m.value, value);
-            m.value
-        };
-        let first = hold(&mut arena);
-        assert_ne!(first.as_ptr(), value.as_ptr(), "a copy");
-        let first_block = first.as_ptr();
-        let second = hold(&mut arena);
-        // The first block is held by `first`: the third message goes to a fresh block.
-        let third = hold(&mut arena);
-        assert!(![first_block, second.as_ptr()].contains(&third.as_ptr()));
-        // Once the first block's message is gone, the next block needed is that one.
-        drop(first);
-        let fourth = hold(&mut arena);
-        assert_eq!(fourth.as_ptr(), first_block, "the first block filled again");
-        // After the broker was away: many blocks, all free once sent; a few are kept.
-        drop((second, third, fourth));
-        let many: Vec<Bytes> = (0..20).map(|_| hold(&mut arena)).collect();
-        assert!(arena.filled.len() >= 19, "{}", arena.filled.len());
-        drop(many);
-        arena.trim();
-        assert_eq!(arena.filled.len(), KEPT_BLOCKS);
     }
 
     #[test]

@@ -8,44 +8,55 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use portcullis_facts::ClientCert;
+use portcullis_http::arena::Arena;
 
 use crate::fleet::Deltas;
 use crate::jwt::{TokenCache, Verified};
 
 /// What one worker keeps across its connections: the tokens it verified, and the limited calls
 /// it has not yet shared with other hosts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerLocal {
     pub(crate) tokens: TokenCache,
     pub deltas: Deltas,
     /// Callouts' answers kept for their `cache_ttl`.
     pub(crate) callouts: crate::callout::CalloutCache,
     /// Where `log_to_eventhub` messages and access-log records are written, one after another:
-    /// each is split off sharing the buffer, so that it costs no allocation of its own (a new
-    /// buffer is taken when one fills, and one whose messages and records are all gone is reused).
-    log_arena: BytesMut,
+    /// each is split off sharing its block, so that it costs no allocation of its own.
+    log_arena: Arena,
+}
+
+impl Default for WorkerLocal {
+    fn default() -> WorkerLocal {
+        WorkerLocal {
+            tokens: TokenCache::default(),
+            deltas: Deltas::default(),
+            callouts: crate::callout::CalloutCache::default(),
+            log_arena: Arena::new(LOG_ARENA, KEPT_LOG_BLOCKS),
+        }
+    }
 }
 
 /// Room taken at a time for messages and records.
 const LOG_ARENA: usize = 64 * 1024;
+/// Blocks of messages and records kept (in use, or free for reuse): the log threads take what a
+/// worker wrote within milliseconds, and a logger's thread up to its `linger` later.
+const KEPT_LOG_BLOCKS: usize = 16;
 
 impl WorkerLocal {
     /// A buffer to render the next message into (split it off when written).
     pub(crate) fn log_arena(&mut self) -> &mut BytesMut {
-        if self.log_arena.capacity() - self.log_arena.len() < LOG_ARENA / 16 {
-            self.log_arena.reserve(LOG_ARENA);
-        }
-        &mut self.log_arena
+        self.log_arena.room(LOG_ARENA / 16)
     }
 
     /// The log arena taken out, with room, for an access-log record to be written into; the
     /// record gives back what it leaves, through [`WorkerLocal::return_log_arena`].
     pub fn take_log_arena(&mut self) -> BytesMut {
-        std::mem::take(self.log_arena())
+        self.log_arena.take(LOG_ARENA / 16)
     }
 
     pub fn return_log_arena(&mut self, arena: BytesMut) {
-        self.log_arena = arena;
+        self.log_arena.put_back(arena);
     }
 }
 
