@@ -410,7 +410,7 @@ fn to_logger(
 }
 
 /// Records formatted together at most.
-const BATCH: usize = 256;
+const BATCH: usize = 2048;
 /// How often the log thread looks for records when there were none.
 const POLL: Duration = Duration::from_millis(10);
 
