@@ -97,6 +97,7 @@ fn a_broker_gone_keeps_messages_in_the_buffer_counts_what_it_cannot_hold_and_sen
         producer.send(hundred(i));
     }
     wait_until("50 acknowledged", Duration::from_secs(10), || stats.sent.load(Ordering::Relaxed) == 50);
+    assert!(!producer.is_full());
 
     broker.stop();
     for i in 50..350 {
@@ -104,6 +105,8 @@ fn a_broker_gone_keeps_messages_in_the_buffer_counts_what_it_cannot_hold_and_sen
     }
     wait_until("the buffer full", Duration::from_secs(10), || stats.dropped.load(Ordering::Relaxed) == 200);
     assert_eq!(stats.buffered.load(Ordering::Relaxed), 10_000);
+    // Workers may now count their messages dropped without making them.
+    assert!(producer.is_full());
     wait_until("a failed attempt", Duration::from_secs(10), || stats.errors.load(Ordering::Relaxed) > 0);
     assert!(!stats.up.load(Ordering::Relaxed));
 
@@ -111,6 +114,7 @@ fn a_broker_gone_keeps_messages_in_the_buffer_counts_what_it_cannot_hold_and_sen
     broker.restart();
     broker.create_topic("t", 1);
     wait_until("the buffer sent", Duration::from_secs(20), || stats.sent.load(Ordering::Relaxed) == 150);
+    assert!(!producer.is_full(), "room again");
     for i in 350..360 {
         producer.send(hundred(i));
     }

@@ -123,6 +123,8 @@ pub struct Stats {
 /// most `drain`.
 pub struct Producer {
     inlet: Inlet<Message>,
+    /// The buffer turned a message away for want of room, and has not made room since.
+    full: Arc<AtomicBool>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -150,11 +152,24 @@ impl Producer {
     ) -> std::io::Result<Producer> {
         let (inlet, rx) = handoff(settings.queue);
         let stop = Arc::new(AtomicBool::new(false));
+        let full = Arc::new(AtomicBool::new(false));
         let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
+        worker.full = Arc::clone(&full);
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", settings.name).chars().take(15).collect())
             .spawn(move || worker.run(&rx))?;
-        Ok(Producer { inlet, stats, stop, thread: Mutex::new(Some(thread)), settings })
+        Ok(Producer { inlet, full, stats, stop, thread: Mutex::new(Some(thread)), settings })
+    }
+
+    /// Whether the buffer is full: a message handed over now would be dropped. A worker may then
+    /// count its message dropped ([`Producer::count_dropped`]) without making it.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` messages dropped before they were handed over (the buffer was full).
+    pub fn count_dropped(&self, n: u64) {
+        self.stats.dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Hands `message` to the thread; never waits. `false`: the queue was full and the message
@@ -327,6 +342,9 @@ struct Sender {
     connector: Arc<dyn Connector>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
+    /// Set when a message found no room in the buffer, cleared when room is made (the
+    /// producer's [`Producer::is_full`]); written only when it changes.
+    full: Arc<AtomicBool>,
     /// Taken from the queue, partition not chosen yet (no metadata).
     unassigned: VecDeque<Held>,
     queues: Vec<Queue>,
@@ -376,6 +394,7 @@ impl Sender {
             connector,
             stats,
             stop,
+            full: Arc::new(AtomicBool::new(false)),
             unassigned: VecDeque::new(),
             queues: Vec::new(),
             bytes: 0,
@@ -436,6 +455,9 @@ impl Sender {
                         let held = Held { message, since: now };
                         if self.bytes + held.size() > self.s.buffer {
                             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            if !self.full.load(Ordering::Relaxed) {
+                                self.full.store(true, Ordering::Relaxed);
+                            }
                             continue;
                         }
                         self.bytes += held.size();
@@ -458,6 +480,10 @@ impl Sender {
     /// reload and still draining shares with its successor.
     fn report_buffered(&mut self) {
         let now = self.bytes as u64;
+        // Room was made: messages may come again.
+        if now < self.reported && self.full.load(Ordering::Relaxed) {
+            self.full.store(false, Ordering::Relaxed);
+        }
         if now >= self.reported {
             self.stats.buffered.fetch_add(now - self.reported, Ordering::Relaxed);
         } else {

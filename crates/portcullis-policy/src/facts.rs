@@ -156,6 +156,9 @@ pub struct RequestState {
     pub(crate) local: Rc<RefCell<WorkerLocal>>,
     /// Messages `log_to_eventhub` steps rendered, for the server to hand to their loggers.
     pub(crate) logs: RefCell<Vec<LogMessage>>,
+    /// Loggers (by index, the first 64) whose buffer is full: their steps do not render a
+    /// message, which counts as dropped.
+    pub(crate) loggers_full: u64,
     /// The backend's status, once its response is in (`{response.status}` in outbound steps).
     pub(crate) response_status: u16,
     /// Callout steps answered from the cache.
@@ -170,6 +173,9 @@ pub struct LogMessage {
     pub partition: Option<u32>,
     pub key: Option<Bytes>,
     pub value: Bytes,
+    /// Not rendered: the logger's buffer was full (see [`RequestState::set_loggers_full`]); the
+    /// message counts as dropped.
+    pub dropped: bool,
 }
 
 impl RequestState {
@@ -191,6 +197,7 @@ impl RequestState {
         self.callout_request = None;
         self.callouts.clear();
         self.logs.get_mut().clear();
+        self.loggers_full = 0;
         self.response_status = 0;
         self.callout_hits = 0;
     }
@@ -203,6 +210,12 @@ impl RequestState {
     /// The messages the request's `log_to_eventhub` steps rendered since the last call.
     pub fn take_logs(&mut self) -> std::vec::Drain<'_, LogMessage> {
         self.logs.get_mut().drain(..)
+    }
+
+    /// Which loggers (bit `i` for the logger of index `i`, the first 64) are full for this
+    /// request: their steps count a dropped message instead of rendering one.
+    pub fn set_loggers_full(&mut self, mask: u64) {
+        self.loggers_full = mask;
     }
 
     /// Whether a step rendered a message for a logger.

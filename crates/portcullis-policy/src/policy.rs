@@ -395,6 +395,17 @@ pub(crate) struct LogStep {
 impl LogStep {
     /// Renders the message (and its key) into the request's logs.
     fn run(&self, cx: &Context<'_>) {
+        if self.logger < 64 && cx.state.loggers_full >> self.logger & 1 == 1 {
+            // Its buffer is full: the message would be dropped once handed over.
+            cx.state.logs.borrow_mut().push(crate::facts::LogMessage {
+                logger: self.logger,
+                partition: None,
+                key: None,
+                value: Bytes::new(),
+                dropped: true,
+            });
+            return;
+        }
         // Templates never read the worker's local state: it stays borrowed while they render.
         let mut local = cx.state.local.borrow_mut();
         let arena = local.log_arena();
@@ -410,6 +421,7 @@ impl LogStep {
             partition: self.partition,
             key,
             value,
+            dropped: false,
         });
     }
 }

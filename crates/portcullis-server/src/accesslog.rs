@@ -172,7 +172,8 @@ const FLUSH_AFTER: Duration = Duration::from_millis(2);
 #[derive(Default)]
 pub(crate) struct Outbox {
     records: RefCell<Vec<Record>>,
-    messages: RefCell<Vec<(Arc<Producer>, Vec<Message>)>>,
+    /// Per logger, what waits for it.
+    messages: RefCell<Vec<ForLogger>>,
     /// Something is waiting: the flush task's wake-up call.
     waiting: crate::event::Nudge,
 }
@@ -193,14 +194,7 @@ impl Outbox {
     /// Adds a message for `producer`.
     pub(crate) fn message(&self, producer: &Arc<Producer>, message: Message) {
         let mut all = self.messages.borrow_mut();
-        let i = match all.iter().position(|(p, _)| Arc::ptr_eq(p, producer)) {
-            Some(i) => i,
-            None => {
-                all.push((Arc::clone(producer), producer.batch()));
-                all.len() - 1
-            }
-        };
-        let batch = &mut all[i].1;
+        let ForLogger { batch, .. } = ForLogger::of(&mut all, producer);
         if batch.is_empty() {
             self.waiting.wake();
         }
@@ -210,15 +204,50 @@ impl Outbox {
         }
     }
 
+    /// Counts a message for `producer` that was not made (its buffer was full).
+    pub(crate) fn dropped(&self, producer: &Arc<Producer>) {
+        let mut all = self.messages.borrow_mut();
+        let ForLogger { dropped, .. } = ForLogger::of(&mut all, producer);
+        if *dropped == 0 {
+            self.waiting.wake();
+        }
+        *dropped += 1;
+    }
+
     /// Hands over everything waiting.
     pub(crate) fn flush(&self, sink: &Sink) {
         sink.send_all(&mut self.records.borrow_mut());
         // The loggers are let go with their batches: one that a reload replaced stops (and sends
         // what it holds) once the last snapshot naming it is gone, not at this worker's next
         // flush, which may never come.
-        for (producer, mut batch) in self.messages.borrow_mut().drain(..) {
+        for ForLogger { producer, mut batch, dropped } in self.messages.borrow_mut().drain(..) {
             producer.send_all(&mut batch);
+            if dropped > 0 {
+                producer.count_dropped(dropped);
+            }
         }
+    }
+}
+
+/// What waits in a worker's outbox for one logger.
+struct ForLogger {
+    producer: Arc<Producer>,
+    /// Messages to hand over.
+    batch: Vec<Message>,
+    /// Messages not made because the logger's buffer was full, to count as dropped.
+    dropped: u64,
+}
+
+impl ForLogger {
+    fn of<'a>(all: &'a mut Vec<ForLogger>, producer: &Arc<Producer>) -> &'a mut ForLogger {
+        let i = match all.iter().position(|l| Arc::ptr_eq(&l.producer, producer)) {
+            Some(i) => i,
+            None => {
+                all.push(ForLogger { producer: Arc::clone(producer), batch: producer.batch(), dropped: 0 });
+                all.len() - 1
+            }
+        };
+        &mut all[i]
     }
 }
 

@@ -114,6 +114,11 @@ impl<S: Stream> Conn<S> {
         let identity = &snap.policies.identity_headers;
         self.edits.reset(self.head.field_count());
         self.state.clear();
+        if snap.log_steps {
+            // Loggers whose buffer is full: their steps count a message dropped, not make one.
+            let full = snap.loggers.iter().take(64).enumerate().filter(|(_, p)| p.is_full());
+            self.state.set_loggers_full(full.fold(0, |mask, (i, _)| mask | 1 << i));
+        }
         let fields = RequestFields { head: &self.head, identity };
         let mut from = 0;
         let verdict = loop {

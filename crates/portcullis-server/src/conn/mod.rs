@@ -561,6 +561,10 @@ impl<S: Stream> Conn<S> {
         if self.state.has_logs() {
             for m in self.state.take_logs() {
                 if let Some(producer) = snap.loggers.get(m.logger) {
+                    if m.dropped {
+                        self.worker.outbox.dropped(producer);
+                        continue;
+                    }
                     let message = portcullis_kafka::Message {
                         key: m.key,
                         partition: m.partition,
