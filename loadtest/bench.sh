@@ -62,6 +62,9 @@ OUT=$(cd "$OUT" && pwd); RUN=$OUT/run; CERTS=$OUT/certs
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   cargo build --release -p portcullis -p portcullis-loadtest
 fi
+# A build leaves gigabytes of dirty pages; written back during the first rounds, they would
+# fall on the proxy's core. Write them now, before anything is measured.
+sync
 LOAD=$BIN/portcullis-load
 for p in $PROXIES; do
   case $p in

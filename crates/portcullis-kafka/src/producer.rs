@@ -264,15 +264,75 @@ impl Drop for Producer {
     }
 }
 
-/// A message waiting in the buffer.
+/// A message waiting in the buffer: 56 bytes besides its own (a [`Message`] with the time it
+/// came would take 96). A buffer of small messages holds hundreds of thousands of these, and
+/// the queues' memory, grown while the broker is away, is written to for the first time then.
 struct Held {
-    message: Message,
-    since: Instant,
+    /// The key, then the value, copied into the arena of the partition it waits for.
+    data: Bytes,
+    timestamp_ms: i64,
+    /// When the thread took it, in nanoseconds from the thread's `epoch` (linger counts from it).
+    since: u64,
+    /// `NO_KEY` when it has none.
+    key_len: u32,
+    /// `NO_PARTITION` unless the sender chose one.
+    partition: u32,
 }
 
+// What the doc of `Held` says, and what config/README.md tells operators a message costs.
+const _: () = assert!(std::mem::size_of::<Held>() == 56);
+
+const NO_KEY: u32 = u32::MAX;
+const NO_PARTITION: u32 = u32::MAX;
+
 impl Held {
+    /// `message` with its bytes copied into `arena`: a message handed over shares its memory
+    /// with whatever else its sender wrote next to it (a worker writes messages and access-log
+    /// records into one arena). Held as it came, one message would keep all of that alive for as
+    /// long as the broker is away, and the buffer would hold more memory than `buffer` says.
+    /// Each partition copies into an arena of its own, so a partition that cannot be sent keeps
+    /// only its own blocks.
+    fn copy(arena: &mut Arena, message: &Message, since: u64) -> Held {
+        let key = message.key.as_deref().unwrap_or_default();
+        let mut block = arena.take(key.len() + message.value.len());
+        block.extend_from_slice(key);
+        block.extend_from_slice(&message.value);
+        let data = block.split().freeze();
+        arena.put_back(block);
+        Held {
+            data,
+            timestamp_ms: message.timestamp_ms,
+            since,
+            // A key is far shorter than 4 GiB (messages are cut at `max_message`).
+            key_len: message.key.as_ref().map_or(NO_KEY, |k| k.len().min(NO_KEY as usize - 1) as u32),
+            // u32::MAX is no partition a topic has (Kafka's are i32): it stays one.
+            partition: message.partition.map_or(NO_PARTITION, |p| p.min(NO_PARTITION - 1)),
+        }
+    }
+
+    /// The same message, copied into another arena (a new partition).
+    fn moved(&self, arena: &mut Arena) -> Held {
+        Held { data: arena.copy(&self.data), ..*self }
+    }
+
+    fn key_len(&self) -> usize {
+        if self.key_len == NO_KEY { 0 } else { self.key_len as usize }
+    }
+
+    fn key(&self) -> Option<Bytes> {
+        (self.key_len != NO_KEY).then(|| self.data.slice(..self.key_len()))
+    }
+
+    fn value(&self) -> Bytes {
+        self.data.slice(self.key_len()..)
+    }
+
+    fn partition(&self) -> Option<u32> {
+        (self.partition != NO_PARTITION).then_some(self.partition)
+    }
+
     fn size(&self) -> usize {
-        self.message.value.len() + self.message.key.as_ref().map_or(0, Bytes::len)
+        self.data.len()
     }
 }
 
@@ -363,24 +423,14 @@ struct Sender {
     reported: u64,
     /// Where messages are copied while the partitions are not known.
     arena: Arena,
+    /// What [`Held::since`] counts from.
+    epoch: Instant,
 }
 
 /// The bytes an arena of held messages grows by.
 const ARENA: usize = 64 * 1024;
 /// Blocks an arena keeps (in use or free) before it lets free ones go.
 const KEPT_BLOCKS: usize = 8;
-
-/// `message`'s bytes copied into `arena`. A message handed over shares its memory with whatever
-/// else its sender wrote next to it (a worker writes messages and access-log records into one
-/// arena): held as it came, one message would keep all of that alive for as long as the broker
-/// is away, and the buffer would hold more memory than `buffer` says. Each partition copies into
-/// an arena of its own, so a partition that cannot be sent keeps only its own blocks.
-fn own(arena: &mut Arena, message: &mut Message) {
-    if let Some(key) = &message.key {
-        message.key = Some(arena.copy(key));
-    }
-    message.value = arena.copy(&message.value);
-}
 
 fn arena() -> Arena {
     Arena::new(ARENA, KEPT_BLOCKS)
@@ -406,6 +456,7 @@ impl Sender {
             next_bootstrap: 0,
             reported: 0,
             arena: arena(),
+            epoch: Instant::now(),
         }
     }
 
@@ -435,7 +486,7 @@ impl Sender {
             }
             // Sleep until the next batch is due, a retry may go, or (holding nothing) a while.
             let mut wake = now + POLL;
-            if let Some(oldest) = self.oldest() {
+            if let Some(oldest) = self.oldest().map(|t| self.instant(t)) {
                 // A batch that is due waits for the end of a backoff, never less.
                 wake = wake.min((oldest + self.s.linger).max(self.next_try));
             }
@@ -447,21 +498,23 @@ impl Sender {
     /// every sender is gone.
     fn take(&mut self, rx: &Outlet<Message>) -> bool {
         // One reading of the clock for what waited together (linger is counted from it).
-        let now = Instant::now();
+        let now = self.since_epoch(Instant::now());
         loop {
             match rx.try_recv() {
                 Ok(mut batch) => {
                     for message in batch.drain(..) {
-                        let held = Held { message, since: now };
-                        if self.bytes + held.size() > self.s.buffer {
+                        let size = message.value.len() + message.key.as_ref().map_or(0, Bytes::len);
+                        if self.bytes + size > self.s.buffer {
                             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                             if !self.full.load(Ordering::Relaxed) {
                                 self.full.store(true, Ordering::Relaxed);
                             }
                             continue;
                         }
-                        self.bytes += held.size();
-                        self.place(held);
+                        self.bytes += size;
+                        self.place(message.partition, message.key.as_deref(), size, |arena| {
+                            Held::copy(arena, &message, now)
+                        });
                     }
                     rx.recycle(batch);
                 }
@@ -492,27 +545,43 @@ impl Sender {
         self.reported = now;
     }
 
-    /// Puts a message in its partition's queue, or aside until the partitions are known.
-    fn place(&mut self, mut held: Held) {
+    /// Nanoseconds from the thread's epoch to `t`.
+    fn since_epoch(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos().min(u64::MAX as u128) as u64
+    }
+
+    fn instant(&self, since: u64) -> Instant {
+        self.epoch + Duration::from_nanos(since)
+    }
+
+    /// Puts a message in its partition's queue, or aside until the partitions are known;
+    /// `hold` copies it into the arena of where it goes.
+    fn place(
+        &mut self,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        size: usize,
+        hold: impl FnOnce(&mut Arena) -> Held,
+    ) {
         let count = self.queues.len();
         if count == 0 {
-            own(&mut self.arena, &mut held.message);
+            let held = hold(&mut self.arena);
             self.unassigned.push_back(held);
             return;
         }
-        let partition = match (held.message.partition, &held.message.key) {
+        let partition = match (partition, key) {
             (Some(p), _) => p as usize,
             (None, Some(key)) => partition_of(key, count),
             (None, None) => self.sticky % count,
         };
         if partition >= count {
-            self.bytes -= held.size();
+            self.bytes -= size;
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(logger = %self.s.name, partition, partitions = count, topic = %self.s.topic, "a message for a partition the topic does not have was dropped");
             return;
         }
         let q = &mut self.queues[partition];
-        own(&mut q.arena, &mut held.message);
+        let held = hold(&mut q.arena);
         q.bytes += held.size();
         q.held.push_back(held);
     }
@@ -521,7 +590,8 @@ impl Sender {
         self.unassigned.len() + self.queues.iter().map(|q| q.held.len()).sum::<usize>()
     }
 
-    fn oldest(&self) -> Option<Instant> {
+    /// When the oldest message held came (see [`Held::since`]).
+    fn oldest(&self) -> Option<u64> {
         let unassigned = self.unassigned.front().map(|h| h.since);
         let queued = self.queues.iter().filter_map(|q| q.held.front().map(|h| h.since)).min();
         match (unassigned, queued) {
@@ -537,7 +607,7 @@ impl Sender {
             return false;
         }
         stopping
-            || self.oldest().is_some_and(|t| now.duration_since(t) >= self.s.linger)
+            || self.oldest().is_some_and(|t| now.duration_since(self.instant(t)) >= self.s.linger)
             || self.queues.iter().any(|q| q.bytes >= self.s.max_batch)
             || self.unassigned.iter().map(Held::size).sum::<usize>() >= self.s.max_batch
     }
@@ -594,7 +664,7 @@ impl Sender {
         for (p, q) in self.queues.iter().enumerate() {
             let ready = q.bytes >= self.s.max_batch
                 || stopping
-                || q.held.front().is_some_and(|h| now.duration_since(h.since) >= self.s.linger);
+                || q.held.front().is_some_and(|h| now.duration_since(self.instant(h.since)) >= self.s.linger);
             if q.held.is_empty() || !ready {
                 continue;
             }
@@ -681,7 +751,7 @@ impl Sender {
         self.conns.retain(|id, _| *id == -1 || layout.brokers.contains_key(id));
         self.layout = Some(layout);
         while let Some(held) = self.unassigned.pop_front() {
-            self.place(held);
+            self.place(held.partition(), held.key().as_deref(), held.size(), |arena| held.moved(arena));
         }
     }
 
@@ -789,9 +859,9 @@ impl Sender {
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
                 sequence: -1,
-                timestamp: h.message.timestamp_ms,
-                key: h.message.key.clone(),
-                value: Some(h.message.value.clone()),
+                timestamp: h.timestamp_ms,
+                key: h.key(),
+                value: Some(h.value()),
                 headers: Default::default(),
             });
         }
@@ -876,5 +946,62 @@ mod tests {
         assert_eq!(sender.next_sticky(&leaders), 3);
         sender.sticky = 3;
         assert_eq!(sender.next_sticky(&leaders), 0);
+    }
+
+    #[test]
+    fn held_messages_keep_key_value_and_partition_through_a_new_partition_count() {
+        let s = Settings::new("t", vec![("h".to_owned(), 1)], "t");
+        let mut sender = Sender::new(
+            s,
+            Arc::new(crate::TcpConnector),
+            Arc::new(Stats::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let layout = |n: usize| Layout { leaders: vec![Some(1); n], brokers: HashMap::new() };
+        let sent = [
+            Message {
+                key: Some(Bytes::from_static(b"tenant-7")),
+                partition: None,
+                value: Bytes::from_static(b"a"),
+                timestamp_ms: 1,
+            },
+            Message { key: None, partition: Some(2), value: Bytes::from_static(b"bb"), timestamp_ms: 2 },
+            Message { key: Some(Bytes::new()), partition: None, value: Bytes::new(), timestamp_ms: 3 },
+            Message { key: None, partition: None, value: Bytes::from_static(b"dddd"), timestamp_ms: 4 },
+        ];
+        // Before any metadata: set aside; then one partition; then three.
+        for (i, m) in sent.iter().enumerate() {
+            let size = m.value.len() + m.key.as_ref().map_or(0, Bytes::len);
+            sender.bytes += size;
+            sender.place(m.partition, m.key.as_deref(), size, |arena| Held::copy(arena, m, i as u64));
+        }
+        assert_eq!(sender.unassigned.len(), 4);
+        sender.adopt(layout(3));
+        sender.adopt(layout(4));
+        sender.adopt(layout(3));
+        assert_eq!(sender.bytes, 15);
+        let mut found: Vec<(usize, Message)> = Vec::new();
+        for (p, q) in sender.queues.iter().enumerate() {
+            assert_eq!(q.bytes, q.held.iter().map(Held::size).sum::<usize>());
+            for h in &q.held {
+                let m = Message {
+                    key: h.key(),
+                    partition: h.partition(),
+                    value: h.value(),
+                    timestamp_ms: h.timestamp_ms,
+                };
+                found.push((p, m));
+            }
+        }
+        found.sort_by_key(|(_, m)| m.timestamp_ms);
+        let messages: Vec<&Message> = found.iter().map(|(_, m)| m).collect();
+        assert_eq!(
+            messages,
+            sent.iter().collect::<Vec<_>>(),
+            "key (none and empty apart), value, partition, time"
+        );
+        assert_eq!(found[0].0, partition_of(b"tenant-7", 3));
+        assert_eq!(found[1].0, 2, "the partition the sender chose");
+        assert_eq!(found[2].0, partition_of(b"", 3), "an empty key is a key");
     }
 }
