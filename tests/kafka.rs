@@ -84,6 +84,48 @@ fn a_producer_delivers_every_message_in_order_per_partition() {
 }
 
 #[test]
+fn while_a_broker_that_does_not_answer_holds_the_thread_up_a_full_queue_says_so_until_it_is_emptied() {
+    // A broker that takes connections and never answers: the thread waits on it for `timeout`.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (accepted, connected) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            match conn {
+                Ok(c) => held.push(c),
+                Err(_) => return,
+            }
+            let _ = accepted.send(());
+        }
+    });
+    let mut s = Settings::new("test", vec![("127.0.0.1".to_owned(), port)], "t");
+    s.linger = Duration::from_millis(1);
+    s.timeout = Duration::from_secs(2);
+    // One batch of one message at a time.
+    s.queue = 1;
+    let producer = Producer::start(s, Arc::new(TcpConnector)).unwrap();
+    let stats = Arc::clone(producer.stats());
+    assert!(!producer.is_full());
+    // The first message sets the thread asking the broker for the topic's partitions.
+    assert!(producer.send(message(None, "first".to_owned())));
+    connected.recv_timeout(Duration::from_secs(10)).expect("the producer connects");
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused == 0 {
+        assert!(Instant::now() < deadline, "the queue never filled");
+        if !producer.send(message(None, "m".to_owned())) {
+            refused += 1;
+        }
+    }
+    assert!(producer.is_full(), "a worker may now count its messages dropped without making them");
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
+    // The thread gives up on the broker, empties the queue, and says there is room again.
+    wait_until("the queue emptied", Duration::from_secs(10), || !producer.is_full());
+    assert!(producer.send(message(None, "n".to_owned())), "taken again");
+}
+
+#[test]
 fn a_broker_gone_keeps_messages_in_the_buffer_counts_what_it_cannot_hold_and_sends_the_rest_later() {
     let mut broker = KafkaBroker::start();
     broker.create_topic("t", 1);

@@ -125,6 +125,9 @@ pub struct Producer {
     inlet: Inlet<Message>,
     /// The buffer turned a message away for want of room, and has not made room since.
     full: Arc<AtomicBool>,
+    /// A batch found the queue full (the thread is held up, by a broker that does not answer),
+    /// and the thread has not emptied the queue since.
+    queue_full: Arc<AtomicBool>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -153,18 +156,21 @@ impl Producer {
         let (inlet, rx) = handoff(settings.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let full = Arc::new(AtomicBool::new(false));
+        let queue_full = Arc::new(AtomicBool::new(false));
         let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
         worker.full = Arc::clone(&full);
+        worker.queue_full = Arc::clone(&queue_full);
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", settings.name).chars().take(15).collect())
             .spawn(move || worker.run(&rx))?;
-        Ok(Producer { inlet, full, stats, stop, thread: Mutex::new(Some(thread)), settings })
+        Ok(Producer { inlet, full, queue_full, stats, stop, thread: Mutex::new(Some(thread)), settings })
     }
 
-    /// Whether the buffer is full: a message handed over now would be dropped. A worker may then
-    /// count its message dropped ([`Producer::count_dropped`]) without making it.
+    /// Whether a message handed over now would be dropped: the buffer is full, or the queue is
+    /// (the thread is waiting on a broker). A worker may then count its message dropped
+    /// ([`Producer::count_dropped`]) without making it.
     pub fn is_full(&self) -> bool {
-        self.full.load(Ordering::Relaxed)
+        self.full.load(Ordering::Relaxed) || self.queue_full.load(Ordering::Relaxed)
     }
 
     /// Counts `n` messages dropped before they were handed over (the buffer was full).
@@ -205,6 +211,9 @@ impl Producer {
             Ok(()) => n,
             Err(lost) => {
                 self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+                if !self.queue_full.load(Ordering::Relaxed) {
+                    self.queue_full.store(true, Ordering::Relaxed);
+                }
                 0
             }
         }
@@ -405,6 +414,9 @@ struct Sender {
     /// Set when a message found no room in the buffer, cleared when room is made (the
     /// producer's [`Producer::is_full`]); written only when it changes.
     full: Arc<AtomicBool>,
+    /// Set by a sender that found the queue full, cleared each time the thread has emptied it
+    /// (so that senders which stopped sending start again).
+    queue_full: Arc<AtomicBool>,
     /// Taken from the queue, partition not chosen yet (no metadata).
     unassigned: VecDeque<Held>,
     queues: Vec<Queue>,
@@ -445,6 +457,7 @@ impl Sender {
             stats,
             stop,
             full: Arc::new(AtomicBool::new(false)),
+            queue_full: Arc::new(AtomicBool::new(false)),
             unassigned: VecDeque::new(),
             queues: Vec::new(),
             bytes: 0,
@@ -518,7 +531,12 @@ impl Sender {
                     }
                     rx.recycle(batch);
                 }
-                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Empty) => {
+                    if self.queue_full.load(Ordering::Relaxed) {
+                        self.queue_full.store(false, Ordering::Relaxed);
+                    }
+                    break;
+                }
                 Err(TryRecvError::Disconnected) => {
                     self.report_buffered();
                     return false;
