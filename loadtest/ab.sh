@@ -14,8 +14,10 @@
 # CPU per request of a window: what the load generator measured of the proxy under load (its
 # warm-up excluded), plus what that proxy used while the other one was loaded (from /proc): a
 # proxy's background threads (the access-log writer, the Kafka producer) go on working after
-# its window, and that work is its own. Every CPU second of both proxies after the first window
-# is counted once.
+# its window, and that work is its own. Nothing is counted twice; a proxy's CPU during its own
+# warm-up second, and work left over from it, fall outside or inside the measure as they come.
+# With a Kafka logger, how many messages were sent, or dropped (a full buffer or queue: those
+# cost the workers no rendering), is printed at the end: runs compare only when those agree.
 #
 # A and B are bench.sh's configurations: keepalive (loadtest/conf/portcullis.toml.in),
 # accesslog or operator (portcullis-$MODE.toml.in; operator starts the broker Tansu on
@@ -138,3 +140,9 @@ print(f"{sys.argv[3]}: {statistics.median(a):.2f} us/req (median), {sys.argv[4]}
 print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: median {statistics.median(ratios):.3f}x, "
       f"quartiles {q[0]:.3f} - {q[2]:.3f}, min - max {min(ratios):.3f} - {max(ratios):.3f}, {len(ratios)} pairs")
 EOF
+for side in A B; do
+  admin=$(grep -o 'admin endpoint serving [0-9.:]*' "$OUT/$side/proxy.log" | tail -1 | awk '{print $4}' || true)
+  [ -n "$admin" ] || continue
+  counts=$(curl -s "http://$admin/metrics" | grep '^portcullis_logger_messages_total' | tr '\n' ' ' || true)
+  [ -z "$counts" ] || echo "$side (${!side}), whole run: $counts" | tee -a "$OUT/summary.txt"
+done

@@ -125,9 +125,9 @@ pub struct Producer {
     inlet: Inlet<Message>,
     /// The buffer turned a message away for want of room, and has not made room since.
     full: Arc<AtomicBool>,
-    /// A batch found the queue full (the thread is held up, by a broker that does not answer),
-    /// and the thread has not emptied the queue since.
-    queue_full: Arc<AtomicBool>,
+    /// Whether a batch found the queue full (the thread held up by a broker that does not
+    /// answer) after the thread last emptied it.
+    room: Arc<QueueRoom>,
     stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -156,21 +156,21 @@ impl Producer {
         let (inlet, rx) = handoff(settings.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let full = Arc::new(AtomicBool::new(false));
-        let queue_full = Arc::new(AtomicBool::new(false));
+        let room = Arc::new(QueueRoom::default());
         let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
         worker.full = Arc::clone(&full);
-        worker.queue_full = Arc::clone(&queue_full);
+        worker.room = Arc::clone(&room);
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", settings.name).chars().take(15).collect())
             .spawn(move || worker.run(&rx))?;
-        Ok(Producer { inlet, full, queue_full, stats, stop, thread: Mutex::new(Some(thread)), settings })
+        Ok(Producer { inlet, full, room, stats, stop, thread: Mutex::new(Some(thread)), settings })
     }
 
     /// Whether a message handed over now would be dropped: the buffer is full, or the queue is
     /// (the thread is waiting on a broker). A worker may then count its message dropped
     /// ([`Producer::count_dropped`]) without making it.
     pub fn is_full(&self) -> bool {
-        self.full.load(Ordering::Relaxed) || self.queue_full.load(Ordering::Relaxed)
+        self.full.load(Ordering::Relaxed) || self.room.is_full()
     }
 
     /// Counts `n` messages dropped before they were handed over (the buffer was full).
@@ -207,13 +207,12 @@ impl Producer {
             }
         }
         let n = batch.len();
+        let emptied = self.room.before_send();
         match self.inlet.send(batch) {
             Ok(()) => n,
             Err(lost) => {
                 self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-                if !self.queue_full.load(Ordering::Relaxed) {
-                    self.queue_full.store(true, Ordering::Relaxed);
-                }
+                self.room.refused(emptied);
                 0
             }
         }
@@ -273,6 +272,38 @@ impl Drop for Producer {
     }
 }
 
+/// Whether the queue turned a batch away since the thread last emptied it. A flag that senders
+/// set and the thread cleared could be set just after the thread emptied the queue (by a sender
+/// turned away just before), and stay set while the thread waits on a broker, the queue empty.
+/// So a sender records the count of emptyings it saw before it tried, and the queue counts as
+/// full only while no emptying came after that.
+#[derive(Debug, Default)]
+struct QueueRoom {
+    /// Times the thread found the queue empty (written by the thread alone).
+    emptied: AtomicU64,
+    /// One more than the `emptied` a turned-away sender saw before it tried (0: none).
+    refused: AtomicU64,
+}
+
+impl QueueRoom {
+    /// Read before a send, for [`QueueRoom::refused`].
+    fn before_send(&self) -> u64 {
+        self.emptied.load(Ordering::Acquire)
+    }
+
+    fn refused(&self, emptied_before: u64) {
+        self.refused.fetch_max(emptied_before + 1, Ordering::Relaxed);
+    }
+
+    fn emptied(&self) {
+        self.emptied.fetch_add(1, Ordering::Release);
+    }
+
+    fn is_full(&self) -> bool {
+        self.refused.load(Ordering::Relaxed) > self.emptied.load(Ordering::Relaxed)
+    }
+}
+
 /// A message waiting in the buffer: 56 bytes besides its own (a [`Message`] with the time it
 /// came would take 96). A buffer of small messages holds hundreds of thousands of these, and
 /// the queues' memory, grown while the broker is away, is written to for the first time then.
@@ -312,7 +343,7 @@ impl Held {
             data,
             timestamp_ms: message.timestamp_ms,
             since,
-            // A key is far shorter than 4 GiB (messages are cut at `max_message`).
+            // A key (a rendered template) is far shorter than 4 GiB.
             key_len: message.key.as_ref().map_or(NO_KEY, |k| k.len().min(NO_KEY as usize - 1) as u32),
             // u32::MAX is no partition a topic has (Kafka's are i32): it stays one.
             partition: message.partition.map_or(NO_PARTITION, |p| p.min(NO_PARTITION - 1)),
@@ -414,9 +445,9 @@ struct Sender {
     /// Set when a message found no room in the buffer, cleared when room is made (the
     /// producer's [`Producer::is_full`]); written only when it changes.
     full: Arc<AtomicBool>,
-    /// Set by a sender that found the queue full, cleared each time the thread has emptied it
-    /// (so that senders which stopped sending start again).
-    queue_full: Arc<AtomicBool>,
+    /// Told each time the thread has emptied the queue (so that senders which stopped sending
+    /// because it was full start again).
+    room: Arc<QueueRoom>,
     /// Taken from the queue, partition not chosen yet (no metadata).
     unassigned: VecDeque<Held>,
     queues: Vec<Queue>,
@@ -457,7 +488,7 @@ impl Sender {
             stats,
             stop,
             full: Arc::new(AtomicBool::new(false)),
-            queue_full: Arc::new(AtomicBool::new(false)),
+            room: Arc::new(QueueRoom::default()),
             unassigned: VecDeque::new(),
             queues: Vec::new(),
             bytes: 0,
@@ -519,7 +550,9 @@ impl Sender {
                         let size = message.value.len() + message.key.as_ref().map_or(0, Bytes::len);
                         if self.bytes + size > self.s.buffer {
                             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            if !self.full.load(Ordering::Relaxed) {
+                            // Full, until what it holds goes. (A message larger than the whole
+                            // buffer, the buffer empty, says nothing of the next one.)
+                            if self.bytes > 0 && !self.full.load(Ordering::Relaxed) {
                                 self.full.store(true, Ordering::Relaxed);
                             }
                             continue;
@@ -532,9 +565,7 @@ impl Sender {
                     rx.recycle(batch);
                 }
                 Err(TryRecvError::Empty) => {
-                    if self.queue_full.load(Ordering::Relaxed) {
-                        self.queue_full.store(false, Ordering::Relaxed);
-                    }
+                    self.room.emptied();
                     break;
                 }
                 Err(TryRecvError::Disconnected) => {
@@ -964,6 +995,59 @@ mod tests {
         assert_eq!(sender.next_sticky(&leaders), 3);
         sender.sticky = 3;
         assert_eq!(sender.next_sticky(&leaders), 0);
+    }
+
+    #[test]
+    fn a_sender_turned_away_just_before_the_queue_was_emptied_does_not_leave_it_full() {
+        let room = QueueRoom::default();
+        assert!(!room.is_full());
+        // Turned away, nothing emptied since: full.
+        let seen = room.before_send();
+        room.refused(seen);
+        assert!(room.is_full());
+        room.emptied();
+        assert!(!room.is_full());
+        // Turned away; the thread empties the queue before the sender says so.
+        let seen = room.before_send();
+        room.emptied();
+        room.refused(seen);
+        assert!(!room.is_full(), "the queue was emptied after the send that failed");
+        // Two senders, the later one's word kept.
+        let (a, b) = (room.before_send(), room.before_send());
+        room.refused(b);
+        room.refused(a);
+        assert!(room.is_full());
+    }
+
+    #[test]
+    fn a_message_larger_than_the_whole_buffer_is_dropped_without_marking_it_full() {
+        let mut s = Settings::new("t", vec![("h".to_owned(), 1)], "t");
+        s.buffer = 10;
+        let stats = Arc::new(Stats::default());
+        let mut sender = Sender::new(
+            s,
+            Arc::new(crate::TcpConnector),
+            Arc::clone(&stats),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (inlet, outlet) = handoff::<Message>(4);
+        let message = |n: usize| Message {
+            key: None,
+            partition: None,
+            value: Bytes::from(vec![b'x'; n]),
+            timestamp_ms: 0,
+        };
+        inlet.send(&mut vec![message(11)]).unwrap();
+        assert!(sender.take(&outlet));
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
+        assert!(!sender.full.load(Ordering::Relaxed), "nothing held: the next message may fit");
+        // Held 6, then 6 more do not fit: full until room is made.
+        inlet.send(&mut vec![message(6), message(6)]).unwrap();
+        assert!(sender.take(&outlet));
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
+        assert!(sender.full.load(Ordering::Relaxed));
+        sender.drop_all();
+        assert!(!sender.full.load(Ordering::Relaxed), "room made");
     }
 
     #[test]
