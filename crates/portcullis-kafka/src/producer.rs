@@ -98,6 +98,13 @@ pub struct Message {
     pub timestamp_ms: i64,
 }
 
+impl Message {
+    /// What it takes of a logger's `buffer`: its key and value.
+    fn size(&self) -> usize {
+        self.value.len() + self.key.as_ref().map_or(0, Bytes::len)
+    }
+}
+
 /// What a producer counts (read at any time, from any thread).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -155,11 +162,8 @@ impl Producer {
     ) -> std::io::Result<Producer> {
         let (inlet, rx) = handoff(settings.queue);
         let stop = Arc::new(AtomicBool::new(false));
-        let full = Arc::new(AtomicBool::new(false));
-        let room = Arc::new(QueueRoom::default());
         let mut worker = Sender::new(settings.clone(), connector, Arc::clone(&stats), Arc::clone(&stop));
-        worker.full = Arc::clone(&full);
-        worker.room = Arc::clone(&room);
+        let (full, room) = (Arc::clone(&worker.full), Arc::clone(&worker.room));
         let thread = std::thread::Builder::new()
             .name(format!("kafka-{}", settings.name).chars().take(15).collect())
             .spawn(move || worker.run(&rx))?;
@@ -547,7 +551,7 @@ impl Sender {
             match rx.try_recv() {
                 Ok(mut batch) => {
                     for message in batch.drain(..) {
-                        let size = message.value.len() + message.key.as_ref().map_or(0, Bytes::len);
+                        let size = message.size();
                         if self.bytes + size > self.s.buffer {
                             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                             // Full, until what it holds goes. (A message larger than the whole
@@ -1073,7 +1077,7 @@ mod tests {
         ];
         // Before any metadata: set aside; then one partition; then three.
         for (i, m) in sent.iter().enumerate() {
-            let size = m.value.len() + m.key.as_ref().map_or(0, Bytes::len);
+            let size = m.size();
             sender.bytes += size;
             sender.place(m.partition, m.key.as_deref(), size, |arena| Held::copy(arena, m, i as u64));
         }

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use portcullis_config::AccessFormat;
+use portcullis_http::arena::Arena;
 use portcullis_http::write::{decimal as number, decimal_padded as digits};
 use portcullis_kafka::handoff::{Inlet, Outlet, handoff};
 use portcullis_kafka::{Message, Producer};
@@ -289,6 +290,8 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
     let mut output: Option<Output> = None;
     let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut clock = Clock::new();
+    // Where records sent to a `[[logger]]` are written, each message sharing a block.
+    let mut messages = Arena::new(64 * 1024, 4);
     // The file could not be opened, and that was said.
     let mut warned = false;
     loop {
@@ -318,7 +321,7 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                         tracing::warn!(error = %e, path = ?path, "cannot open the access log; records are dropped until it can be");
                         warned = true;
                     }
-                    if rest(shared, 0) {
+                    if rest(shared) {
                         return;
                     }
                     continue;
@@ -330,7 +333,7 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
         let taken = match (logger, output.as_mut()) {
             // To a `[[logger]]`: one JSON message per record.
             (Some(name), _) => match snapshot.loggers.iter().find(|p| p.settings().name == name.value) {
-                Some(producer) => to_logger(shared, rx, producer, &mut clock, &mut line),
+                Some(producer) => to_logger(shared, rx, producer, &mut clock, &mut line, &mut messages),
                 None => {
                     let lost = discard(rx);
                     shared.access.dropped.fetch_add(lost, Ordering::Relaxed);
@@ -371,19 +374,16 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
             if let Some(o) = output.as_mut() {
                 let _ = o.out.flush();
             }
-            if rest(shared, 0) {
+            if rest(shared) {
                 return;
             }
         }
     }
 }
 
-/// With nothing `taken` this round: whether the thread is done (the process stops serving and
+/// With nothing taken this round: whether the thread is done (the process stops serving and
 /// nothing waits), else a pause before the next look.
-fn rest(shared: &Shared, taken: u64) -> bool {
-    if taken > 0 {
-        return false;
-    }
+fn rest(shared: &Shared) -> bool {
     if shared.stopped.load(Ordering::Acquire) {
         return true;
     }
@@ -409,6 +409,7 @@ fn to_logger(
     producer: &Producer,
     clock: &mut Clock,
     line: &mut Vec<u8>,
+    arena: &mut Arena,
 ) -> u64 {
     let mut out = producer.batch();
     let mut taken = 0;
@@ -424,7 +425,9 @@ fn to_logger(
         for r in batch.drain(..) {
             line.clear();
             json(&r, clock, line);
-            let value = Bytes::copy_from_slice(line);
+            // No allocation per message: the producer's thread copies what it holds, and the
+            // block is filled again once it has taken these.
+            let value = arena.copy(line);
             out.push(Message { key: None, partition: None, value, timestamp_ms: r.at_ms as i64 });
             if out.len() >= producer.per_batch() {
                 hand_over(&mut out);

@@ -52,7 +52,7 @@ pub(crate) async fn serve(
     let handshake_timeout = snap.server.handshake_timeout;
     let access_log = snap.server.access_log.is_some();
     let log_refused = |peer: SocketAddr, why: &str| {
-        worker.outbox.record(&worker.shared.access, refused_record(peer, why, None, None))
+        worker.outbox.record(&worker.shared.access, refused_record(&worker, peer, why, None, None))
     };
     let mut tcp = tcp;
     let mut peer = peer;
@@ -322,8 +322,8 @@ impl<S: Stream> Conn<S> {
                     };
                     if self.worker.snapshot().server.access_log.is_some() {
                         let cert = self.info.client_cert.as_deref();
-                        let mut record =
-                            refused_record(self.peer, &why, cert, self.info.server_name.as_deref());
+                        let sni = self.info.server_name.as_deref();
+                        let mut record = refused_record(&self.worker, self.peer, &why, cert, sni);
                         record.status = status;
                         record.tls = self.info.version;
                         record.resumed = self.info.resumed;
@@ -631,20 +631,18 @@ impl<S: Stream> Conn<S> {
 }
 
 /// The access-log record of a connection refused before a request (or of a head that was none),
-/// with the client certificate and the server name when the handshake gave them.
+/// with the client certificate and the server name when the handshake gave them; its text in the
+/// worker's log arena, as a request's.
 fn refused_record(
+    worker: &Worker,
     peer: SocketAddr,
     why: &str,
     cert: Option<&portcullis_facts::ClientCert>,
     sni: Option<&str>,
 ) -> crate::accesslog::Record {
     use crate::accesslog::Text;
-    let mut record = crate::accesslog::Record::new(
-        portcullis_tls::now_unix_ms(),
-        None,
-        peer,
-        bytes::BytesMut::with_capacity(why.len() + 96),
-    );
+    let arena = worker.local.borrow_mut().take_log_arena();
+    let mut record = crate::accesslog::Record::new(portcullis_tls::now_unix_ms(), None, peer, arena);
     if let Some(cert) = cert {
         record.put(Text::ClientCert, cert.thumbprint.as_bytes());
         record.put(Text::ClientSubject, cert.subject.as_bytes());
@@ -653,5 +651,6 @@ fn refused_record(
     if let Some(sni) = sni {
         record.put(Text::Sni, sni.as_bytes());
     }
+    worker.local.borrow_mut().return_log_arena(record.finish());
     record
 }
