@@ -23,7 +23,9 @@
 # accesslog or operator (portcullis-$MODE.toml.in; operator starts the broker Tansu on
 # KAFKA_ADDR, at SCHED_IDLE on the load CPU). The access log is removed and reopened
 # (SIGUSR1) after every window: written back, gigabytes of it would fall on the proxy's core.
-# A_CONF or B_CONF names another template for that side (a variant of the mode's).
+# A_CONF or B_CONF names another template for that side (a variant of the mode's). BG_CPU moves
+# each proxy's threads other than its workers (access log, loggers, admin) to that CPU once it
+# listens: their CPU still counts as the proxy's.
 # Only loopback addresses are used; every load run is bounded by WINDOW.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +93,12 @@ for side in A B; do
   taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/$side/portcullis.toml" >"$OUT/$side/proxy.log" 2>&1 &
   PID[$side]=$!; PIDS+=($!)
   wait_port "${ADDR[$side]}"
+  # BG_CPU: the proxy's threads other than its workers (log, loggers, admin) go to that CPU.
+  if [ -n "${BG_CPU:-}" ]; then
+    for task in /proc/"${PID[$side]}"/task/*; do
+      case $(cat "$task/comm") in portcullis-w*) ;; *) taskset -p -c "$BG_CPU" "${task##*/}" >/dev/null ;; esac
+    done
+  fi
 done
 
 window() { # window SIDE PAIR -> one JSON line in raw.jsonl

@@ -21,8 +21,8 @@ pub struct WorkerLocal {
     pub deltas: Deltas,
     /// Callouts' answers kept for their `cache_ttl`.
     pub(crate) callouts: crate::callout::CalloutCache,
-    /// Where `log_to_eventhub` messages and access-log records are written, one after another:
-    /// each is split off sharing its block, so that it costs no allocation of its own.
+    /// Where `log_to_eventhub` messages are written, one after another: each is split off
+    /// sharing its block, so that it costs no allocation of its own.
     log_arena: Arena,
 }
 
@@ -37,26 +37,16 @@ impl Default for WorkerLocal {
     }
 }
 
-/// Room taken at a time for messages and records.
+/// Room taken at a time for messages.
 const LOG_ARENA: usize = 64 * 1024;
-/// Blocks of messages and records kept (in use, or free for reuse): the log threads take what a
-/// worker wrote within milliseconds, and a logger's thread up to its `linger` later.
+/// Blocks of messages kept (in use, or free for reuse): a logger's thread takes what a worker
+/// wrote within milliseconds.
 const KEPT_LOG_BLOCKS: usize = 16;
 
 impl WorkerLocal {
     /// A buffer to render the next message into (split it off when written).
     pub(crate) fn log_arena(&mut self) -> &mut BytesMut {
         self.log_arena.room(LOG_ARENA / 16)
-    }
-
-    /// The log arena taken out, with room, for an access-log record to be written into; the
-    /// record gives back what it leaves, through [`WorkerLocal::return_log_arena`].
-    pub fn take_log_arena(&mut self) -> BytesMut {
-        self.log_arena.take(LOG_ARENA / 16)
-    }
-
-    pub fn return_log_arena(&mut self, arena: BytesMut) {
-        self.log_arena.put_back(arena);
     }
 }
 

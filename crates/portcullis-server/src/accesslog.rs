@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use portcullis_config::AccessFormat;
 use portcullis_http::arena::Arena;
 use portcullis_http::write::{decimal as number, decimal_padded as digits};
@@ -49,8 +48,10 @@ pub(crate) enum Text {
 const TEXTS: usize = 13;
 
 /// One request (or refused connection) as the access log records it: numbers, and the text
-/// fields copied one after another into one buffer: the worker's arena, which records share
-/// (a record costs no allocation of its own).
+/// fields copied one after another into the record itself (inline up to [`INLINE`] bytes, which
+/// a request's fields mostly fit in). A record crosses to the log thread in a batch that thread
+/// emptied a moment ago: its bytes land in memory still in the core's cache, and share no
+/// reference count with other records.
 #[derive(Debug)]
 pub(crate) struct Record {
     pub(crate) at_ms: u64,
@@ -69,17 +70,22 @@ pub(crate) struct Record {
     pub(crate) upstream_status: u16,
     pub(crate) tls: &'static str,
     pub(crate) resumed: bool,
-    text: BytesMut,
-    /// Where each field's text ends in `text`, in [`Text`] order.
+    /// Where each field's text ends, in [`Text`] order.
     ends: [u32; TEXTS],
     /// Fields set so far (the others are empty).
     set: usize,
+    /// The text, while it fits: `ends[set - 1]` bytes of it are written.
+    inline: [u8; INLINE],
+    /// The whole text once it did not (a long path, agent or subject); empty until then.
+    spilled: Vec<u8>,
 }
 
+/// Text bytes a record holds without an allocation of its own.
+pub(crate) const INLINE: usize = 320;
+
 impl Record {
-    /// A record with its numbers zero and no text (fields are then [`Record::put`] in order),
-    /// its text written into `arena` (empty; [`Record::finish`] gives back what it left).
-    pub(crate) fn new(at_ms: u64, id: Option<[u8; 16]>, peer: SocketAddr, arena: BytesMut) -> Record {
+    /// A record with its numbers zero and no text (fields are then [`Record::put`] in order).
+    pub(crate) fn new(at_ms: u64, id: Option<[u8; 16]>, peer: SocketAddr) -> Record {
         Record {
             at_ms,
             id,
@@ -92,10 +98,16 @@ impl Record {
             upstream_status: 0,
             tls: "-",
             resumed: false,
-            text: arena,
             ends: [0; TEXTS],
             set: 0,
+            inline: [0; INLINE],
+            spilled: Vec::new(),
         }
+    }
+
+    /// Bytes of text written so far.
+    fn len(&self) -> usize {
+        if self.set == 0 { 0 } else { self.ends[self.set - 1] as usize }
     }
 
     /// Sets field `f`; fields are set in [`Text`] order, and those skipped stay empty (a field
@@ -105,17 +117,22 @@ impl Record {
         if i < self.set {
             return;
         }
-        let len = self.text.len() as u32;
-        self.ends[self.set..i].fill(len);
-        self.text.extend_from_slice(v);
-        self.ends[i] = self.text.len() as u32;
+        let len = self.len();
+        // Fields hold at most what a head can (far under 4 GiB), so the ends fit in a u32.
+        let end = len.saturating_add(v.len()).min(u32::MAX as usize);
+        let v = &v[..end - len];
+        if self.spilled.is_empty() && end <= INLINE {
+            self.inline[len..end].copy_from_slice(v);
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.reserve(end.max(2 * INLINE));
+                self.spilled.extend_from_slice(&self.inline[..len]);
+            }
+            self.spilled.extend_from_slice(v);
+        }
+        self.ends[self.set..i].fill(len as u32);
+        self.ends[i] = end as u32;
         self.set = i + 1;
-    }
-
-    /// The record's text is complete: the rest of the arena is given back, for the next one.
-    pub(crate) fn finish(&mut self) -> BytesMut {
-        let written = self.text.split();
-        std::mem::replace(&mut self.text, written)
     }
 
     pub(crate) fn get(&self, f: Text) -> &[u8] {
@@ -124,7 +141,8 @@ impl Record {
             return b"";
         }
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.text[start..self.ends[i] as usize]
+        let text = if self.spilled.is_empty() { &self.inline[..] } else { &self.spilled[..] };
+        &text[start..self.ends[i] as usize]
     }
 }
 
@@ -341,10 +359,28 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                 }
             },
             (None, Some(o)) => {
-                // What waits (up to a batch), formatted into one buffer and written at once.
-                line.clear();
+                // What waits (up to `BATCH` records), formatted into one buffer and written
+                // once it holds `CHUNK` bytes, and at the end.
+                let mut done = 0u64;
                 let mut count = 0u64;
                 let mut taken = 0;
+                let mut failed = false;
+                let mut write = |line: &mut Vec<u8>, count: &mut u64| {
+                    if *count == 0 {
+                        return;
+                    }
+                    let counter = if !failed && o.out.write_all(line).is_ok() {
+                        &shared.access.written
+                    } else {
+                        failed = true;
+                        &shared.access.dropped
+                    };
+                    counter.fetch_add(*count, Ordering::Relaxed);
+                    done += *count;
+                    *count = 0;
+                    line.clear();
+                };
+                line.clear();
                 while taken < BATCH {
                     let Ok(mut batch) = rx.try_recv() else { break };
                     taken += batch.len();
@@ -357,16 +393,15 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                         count += 1;
                     }
                     rx.recycle(batch);
-                }
-                if count > 0 {
-                    if o.out.write_all(&line).is_ok() {
-                        shared.access.written.fetch_add(count, Ordering::Relaxed);
-                    } else {
-                        shared.access.dropped.fetch_add(count, Ordering::Relaxed);
-                        output = None;
+                    if line.len() >= CHUNK {
+                        write(&mut line, &mut count);
                     }
                 }
-                count
+                write(&mut line, &mut count);
+                if failed {
+                    output = None;
+                }
+                done
             }
             (None, None) => 0,
         };
@@ -441,8 +476,11 @@ fn to_logger(
     taken
 }
 
-/// Records formatted together at most.
+/// Records formatted in one round at most.
 const BATCH: usize = 2048;
+/// Formatted bytes written at a time. A round's records formatted whole (a megabyte) would pass
+/// through the core's cache once more, evicting the worker's; a buffer of this size stays in it.
+const CHUNK: usize = 128 * 1024;
 /// How often the log thread looks for records when there were none.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -644,7 +682,6 @@ mod tests {
             1_764_957_862_123,
             Some(*b"0123456789abcdef"),
             "192.0.2.7:5000".parse().expect("addr"),
-            BytesMut::with_capacity(64),
         );
         r.status = 200;
         r.micros = 1234;
@@ -663,6 +700,31 @@ mod tests {
         r.upstream_status = 200;
         r.upstream_micros = 900;
         r
+    }
+
+    #[test]
+    fn fields_longer_than_the_record_holds_inline_come_back_whole() {
+        let long_path = vec![b'p'; INLINE];
+        let mut r = Record::new(0, None, "192.0.2.7:5000".parse().expect("addr"));
+        r.put(Text::Method, b"GET");
+        r.put(Text::UserAgent, b"agent");
+        // Spills: what was inline moves along with it.
+        r.put(Text::Api, &long_path);
+        r.put(Text::ClientSubject, b"CN=x");
+        r.put(Text::Method, b"set out of order: ignored");
+        assert_eq!(r.get(Text::Method), b"GET");
+        assert_eq!(r.get(Text::Path), b"");
+        assert_eq!(r.get(Text::UserAgent), b"agent");
+        assert_eq!(r.get(Text::Api), &long_path[..]);
+        assert_eq!(r.get(Text::Operation), b"");
+        assert_eq!(r.get(Text::ClientSubject), b"CN=x");
+        assert_eq!(r.get(Text::Backend), b"");
+        // Exactly full, inline.
+        let mut r = Record::new(0, None, "192.0.2.7:5000".parse().expect("addr"));
+        r.put(Text::Method, &long_path[..INLINE - 1]);
+        r.put(Text::Path, b"/");
+        assert!(r.spilled.is_empty());
+        assert_eq!((r.get(Text::Method).len(), r.get(Text::Path)), (INLINE - 1, &b"/"[..]));
     }
 
     #[test]

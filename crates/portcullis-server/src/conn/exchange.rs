@@ -151,10 +151,7 @@ impl<S: Stream> Conn<S> {
         };
         let hits = self.state.take_callout_hits();
         if hits > 0 {
-            self.worker
-                .stats
-                .callout_cache_hits
-                .fetch_add(u64::from(hits), std::sync::atomic::Ordering::Relaxed);
+            crate::stats::bump(&self.worker.stats.callout_cache_hits, u64::from(hits));
         }
         // A limited key this worker had not seen: its sync task shares it soon.
         if self.worker.local.borrow().deltas.has_new_key() {

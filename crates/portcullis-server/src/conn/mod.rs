@@ -52,7 +52,7 @@ pub(crate) async fn serve(
     let handshake_timeout = snap.server.handshake_timeout;
     let access_log = snap.server.access_log.is_some();
     let log_refused = |peer: SocketAddr, why: &str| {
-        worker.outbox.record(&worker.shared.access, refused_record(&worker, peer, why, None, None))
+        worker.outbox.record(&worker.shared.access, refused_record(peer, why, None, None))
     };
     let mut tcp = tcp;
     let mut peer = peer;
@@ -302,9 +302,9 @@ impl<S: Stream> Conn<S> {
         loop {
             // Between requests a panic belongs to no request.
             self.current.set(None);
-            self.worker.stats.connections_idle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::stats::bump(&self.worker.stats.connections_idle, 1);
             let head = self.read_head().await;
-            self.worker.stats.connections_idle.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            crate::stats::unbump(&self.worker.stats.connections_idle);
             match head {
                 Ok(true) => {}
                 Ok(false) => break,
@@ -323,7 +323,7 @@ impl<S: Stream> Conn<S> {
                     if self.worker.snapshot().server.access_log.is_some() {
                         let cert = self.info.client_cert.as_deref();
                         let sni = self.info.server_name.as_deref();
-                        let mut record = refused_record(&self.worker, self.peer, &why, cert, sni);
+                        let mut record = refused_record(self.peer, &why, cert, sni);
                         record.status = status;
                         record.tls = self.info.version;
                         record.resumed = self.info.resumed;
@@ -585,8 +585,7 @@ impl<S: Stream> Conn<S> {
             return;
         }
         use crate::accesslog::Text;
-        let arena = self.worker.local.borrow_mut().take_log_arena();
-        let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer, arena);
+        let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer);
         record.status = status;
         record.micros = elapsed.as_micros() as u64;
         record.bytes_in = self.bytes_in;
@@ -625,24 +624,20 @@ impl<S: Stream> Conn<S> {
         {
             record.put(Text::Backend, server.name.as_bytes());
         }
-        self.worker.local.borrow_mut().return_log_arena(record.finish());
         self.worker.outbox.record(&self.worker.shared.access, record);
     }
 }
 
 /// The access-log record of a connection refused before a request (or of a head that was none),
-/// with the client certificate and the server name when the handshake gave them; its text in the
-/// worker's log arena, as a request's.
+/// with the client certificate and the server name when the handshake gave them.
 fn refused_record(
-    worker: &Worker,
     peer: SocketAddr,
     why: &str,
     cert: Option<&portcullis_facts::ClientCert>,
     sni: Option<&str>,
 ) -> crate::accesslog::Record {
     use crate::accesslog::Text;
-    let arena = worker.local.borrow_mut().take_log_arena();
-    let mut record = crate::accesslog::Record::new(portcullis_tls::now_unix_ms(), None, peer, arena);
+    let mut record = crate::accesslog::Record::new(portcullis_tls::now_unix_ms(), None, peer);
     if let Some(cert) = cert {
         record.put(Text::ClientCert, cert.thumbprint.as_bytes());
         record.put(Text::ClientSubject, cert.subject.as_bytes());
@@ -651,6 +646,5 @@ fn refused_record(
     if let Some(sni) = sni {
         record.put(Text::Sni, sni.as_bytes());
     }
-    worker.local.borrow_mut().return_log_arena(record.finish());
     record
 }
