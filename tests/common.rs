@@ -118,7 +118,16 @@ pub(crate) fn most_admitted_within(
     answers: &[(std::time::Instant, SocketAddr, u16)],
     span: std::time::Duration,
 ) -> usize {
-    let ok: Vec<std::time::Instant> = answers.iter().filter(|a| a.2 == 200).map(|a| a.0).collect();
+    most_within(answers, span, |status| status == 200)
+}
+
+/// The most answers whose status `counts` seen within any stretch of `span`.
+pub(crate) fn most_within(
+    answers: &[(std::time::Instant, SocketAddr, u16)],
+    span: std::time::Duration,
+    counts: impl Fn(u16) -> bool,
+) -> usize {
+    let ok: Vec<std::time::Instant> = answers.iter().filter(|a| counts(a.2)).map(|a| a.0).collect();
     let mut most = 0;
     let mut first = 0;
     for (last, t) in ok.iter().enumerate() {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use portcullis_policy::FLEET_SCRIPT;
 use portcullis_testkit::{ProxyProcess, RedisServer, RedisTls, TestProxy};
 
-use crate::common::{Env, binary, hammer, most_admitted_within};
+use crate::common::{Env, binary, hammer, most_admitted_within, most_within};
 
 /// A configuration whose API runs `step`, sharing counts through the Redis at `url` with
 /// `redis` fields added.
@@ -55,7 +55,7 @@ fn stored_keys(redis: &RedisServer) -> Vec<String> {
 
 /// The fleet: two processes of two workers each, one key hammered through both from eight
 /// connections for several windows; the fleet admits no more than 5 % over the limit, over the
-/// whole run and in any stretch of a period.
+/// whole run and in any stretch of a period, and not far under it.
 #[test]
 fn two_hosts_share_one_limit() {
     let env = Env::new();
@@ -103,7 +103,15 @@ fn two_hosts_share_one_limit() {
         most <= 210,
         "{most} admitted within one period: more than 5 % over the limit of 200; {redis_lines:#?}"
     );
-    assert!(most >= 150, "{most}: far under the limit (was the machine too slow to reach it?)");
+    // Nor far under it: the limit was reached (some were refused), and in the best second the
+    // fleet admitted three quarters of the limit, or of what the hammer offered in any second
+    // when a loaded machine offered less (how fast it offers is the machine's, not the proxy's).
+    assert!(answers.iter().any(|x| x.2 == 429), "nothing refused: the limit was never reached");
+    let offered = most_within(&answers, Duration::from_millis(1000), |_| true);
+    assert!(
+        most * 4 >= 200.min(offered) * 3,
+        "{most} admitted in the best second, of {offered} offered in any: far under the limit of 200"
+    );
     assert!(admitted(a.addr) > 0 && admitted(b.addr) > 0, "both hosts served");
     assert!(redis.calls_of("evalsha") + redis.calls_of("eval") > 0);
     assert!(stored_keys(&redis).iter().any(|k| k.contains(":hot:")), "{:?}", stored_keys(&redis));
