@@ -233,18 +233,22 @@ impl Outbox {
         *dropped += 1;
     }
 
-    /// Hands over everything waiting.
-    pub(crate) fn flush(&self, sink: &Sink) {
-        sink.send_all(&mut self.records.borrow_mut());
+    /// Hands over everything waiting; returns whether anything was.
+    pub(crate) fn flush(&self, sink: &Sink) -> bool {
+        let mut records = self.records.borrow_mut();
+        let mut any = !records.is_empty() || !self.messages.borrow().is_empty();
+        sink.send_all(&mut records);
         // The loggers are let go with their batches: one that a reload replaced stops (and sends
         // what it holds) once the last snapshot naming it is gone, not at this worker's next
         // flush, which may never come.
         for ForLogger { producer, mut batch, dropped } in self.messages.borrow_mut().drain(..) {
+            any |= !batch.is_empty() || dropped > 0;
             producer.send_all(&mut batch);
             if dropped > 0 {
                 producer.count_dropped(dropped);
             }
         }
+        any
     }
 }
 
@@ -271,11 +275,19 @@ impl ForLogger {
 }
 
 /// The worker's task that hands over what waited [`FLUSH_AFTER`] in its outbox.
+///
+/// While the worker keeps logging, it ticks every [`FLUSH_AFTER`]; once a tick finds nothing,
+/// it waits for the outbox's next wake-up call. (Waking it for each batch begun would cost a
+/// wake-up and a timer per batch, every millisecond or so under load.)
 pub(crate) async fn flush_task(worker: std::rc::Rc<crate::worker::Worker>) {
     loop {
         worker.outbox.waiting.wait().await;
-        monoio::time::sleep(FLUSH_AFTER).await;
-        worker.outbox.flush(&worker.shared.access);
+        loop {
+            monoio::time::sleep(FLUSH_AFTER).await;
+            if !worker.outbox.flush(&worker.shared.access) {
+                break;
+            }
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub(crate) const STALL: Duration = Duration::from_secs(2);
 /// Longest request head read, and how long one may take.
 const MOST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the admin thread waits for a connection before it looks whether to stop.
+const LOOK: Duration = Duration::from_millis(100);
 
 /// Binds `addr` and serves it until the process stops serving; returns the bound address.
 pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
@@ -28,14 +30,26 @@ pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<(S
     let local = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let thread = std::thread::Builder::new().name("portcullis-admin".to_owned()).spawn(move || {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        // Waits for a connection, and looks at whether the process stops serving between
+        // waits. Not accept() on a timer: with nothing pending, each try would still cost the
+        // kernel a socket allocated and freed.
+        let wait = Timespec { tv_sec: 0, tv_nsec: LOOK.as_nanos() as _ };
         while !shared.stopped.load(Ordering::Acquire) {
+            let mut fds = [PollFd::new(&listener, PollFlags::IN)];
+            match poll(&mut fds, Some(&wait)) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(_) => {
+                    std::thread::sleep(LOOK);
+                    continue;
+                }
+            }
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = answer(stream, &shared);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                // Gone before it was taken, or out of descriptors for now.
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
