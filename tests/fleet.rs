@@ -103,10 +103,12 @@ fn two_hosts_share_one_limit() {
         most <= 210,
         "{most} admitted within one period: more than 5 % over the limit of 200; {redis_lines:#?}"
     );
-    // Nor far under it: the limit was reached (some were refused), and in the best second the
-    // fleet admitted three quarters of the limit, or of what the hammer offered in any second
-    // when a loaded machine offered less (how fast it offers is the machine's, not the proxy's).
-    assert!(answers.iter().any(|x| x.2 == 429), "nothing refused: the limit was never reached");
+    // Nor far under it. Offered more than the limit over the run, the fleet refused some; and in
+    // the best second it admitted three quarters of the limit, or of what the hammer offered in
+    // any second when a loaded machine offered less.
+    if answers.len() > periods * 200 {
+        assert!(answers.iter().any(|x| x.2 == 429), "nothing refused: the limit was never reached");
+    }
     let offered = most_within(&answers, Duration::from_millis(1000), |_| true);
     assert!(
         most * 4 >= 200.min(offered) * 3,

@@ -372,25 +372,23 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
             },
             (None, Some(o)) => {
                 // What waits (up to `BATCH` records), formatted into one buffer and written
-                // once it holds `CHUNK` bytes, and at the end.
+                // once it holds `CHUNK` bytes, and at the end. After a failed write, what is
+                // formatted is dropped and counted, and the rest waits in the queue for the file
+                // opened again.
                 let mut done = 0u64;
                 let mut count = 0u64;
                 let mut taken = 0;
-                let mut failed = false;
+                let mut ok = true;
                 let mut write = |line: &mut Vec<u8>, count: &mut u64| {
-                    if *count == 0 {
-                        return;
+                    if *count > 0 {
+                        ok = o.out.write_all(line).is_ok();
+                        let counter = if ok { &shared.access.written } else { &shared.access.dropped };
+                        counter.fetch_add(*count, Ordering::Relaxed);
+                        done += *count;
+                        *count = 0;
+                        line.clear();
                     }
-                    let counter = if !failed && o.out.write_all(line).is_ok() {
-                        &shared.access.written
-                    } else {
-                        failed = true;
-                        &shared.access.dropped
-                    };
-                    counter.fetch_add(*count, Ordering::Relaxed);
-                    done += *count;
-                    *count = 0;
-                    line.clear();
+                    ok
                 };
                 line.clear();
                 while taken < BATCH {
@@ -405,12 +403,11 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                         count += 1;
                     }
                     rx.recycle(batch);
-                    if line.len() >= CHUNK {
-                        write(&mut line, &mut count);
+                    if line.len() >= CHUNK && !write(&mut line, &mut count) {
+                        break;
                     }
                 }
-                write(&mut line, &mut count);
-                if failed {
+                if !write(&mut line, &mut count) {
                     output = None;
                 }
                 done

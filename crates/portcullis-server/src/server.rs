@@ -58,6 +58,8 @@ pub struct Server {
     fetchers: KeyFetchers,
     /// Rate-limit and quota counts (kept across reloads).
     counters: Arc<Counters>,
+    /// The metrics kept across reloads.
+    kept: crate::stats::Kept,
     workers: Vec<JoinHandle<io::Result<()>>>,
     /// Active health checks of backends' servers.
     health: Option<JoinHandle<()>>,
@@ -136,8 +138,10 @@ impl Server {
         let mut fetchers = KeyFetchers::default();
         let providers = fetchers.prepare(config);
         let counters = Arc::new(Counters::with_capacity(config.server.rate_limit_keys));
-        let snapshot = Snapshot::compile(config, &keys, 1, providers.clone(), counters.clone())
-            .map_err(StartError::Config)?;
+        let kept = crate::stats::Kept::default();
+        let snapshot =
+            Snapshot::compile_keeping(config, &keys, 1, providers.clone(), counters.clone(), &kept)
+                .map_err(StartError::Config)?;
         let workers = crate::snapshot::worker_count(&config.server);
         // Bind everything before starting anything, so that an address in use is reported as
         // such. Port 0 is resolved by the first socket and reused by the others.
@@ -218,6 +222,7 @@ impl Server {
             shared,
             fetchers,
             counters,
+            kept,
             workers: handles,
             health: Some(health),
             admin,
@@ -327,12 +332,13 @@ impl Server {
                 .into());
         }
         let providers = self.fetchers.prepare(config);
-        let snapshot = Snapshot::compile(
+        let snapshot = Snapshot::compile_keeping(
             config,
             &self.keys,
             self.generation + 1,
             providers.clone(),
             self.counters.clone(),
+            &self.kept,
         )?;
         // A CRL older than the one it replaces (a lower CRL number, RFC 5280 §5.2.3) would
         // un-revoke what the newer one revoked: a stale copy deployed by mistake, or a replay.

@@ -334,6 +334,19 @@ impl Snapshot {
         providers: Vec<(String, Arc<RemoteKeys>)>,
         counters: Arc<Counters>,
     ) -> Result<Snapshot, ConfigErrors> {
+        let kept = crate::stats::Kept::default();
+        Snapshot::compile_keeping(config, keys, generation, providers, counters, &kept)
+    }
+
+    /// [`Snapshot::compile`], finding the metrics a server keeps across reloads in `kept`.
+    pub(crate) fn compile_keeping(
+        config: &Config,
+        keys: &TicketKeys,
+        generation: u64,
+        providers: Vec<(String, Arc<RemoteKeys>)>,
+        counters: Arc<Counters>,
+        kept: &crate::stats::Kept,
+    ) -> Result<Snapshot, ConfigErrors> {
         let mut errors = ConfigErrors::default();
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -433,6 +446,7 @@ impl Snapshot {
                         key,
                         resolved: named.then(|| Arc::new(arc_swap::ArcSwap::from_pointee(addr))),
                         counters: Some(crate::stats::PoolCounters::of(
+                            kept,
                             &b.name.value,
                             &s.value,
                             worker_count(&config.server),
@@ -516,6 +530,7 @@ impl Snapshot {
                     },
                     resolved: None,
                     counters: Some(crate::stats::PoolCounters::of(
+                        kept,
                         "callout",
                         &c.authority,
                         worker_count(&config.server),
@@ -539,6 +554,7 @@ impl Snapshot {
                 prefix: Bytes::from(api.path.value.clone().into_bytes()),
                 host: api.host.as_ref().map(|h| Bytes::from(h.value.to_ascii_lowercase().into_bytes())),
                 counters: crate::stats::ApiCounters::of(
+                    kept,
                     &api.name.value,
                     api.operations
                         .iter()
@@ -603,7 +619,7 @@ mod tests {
             backend: 0,
             prefix: Bytes::from(prefix.to_owned()),
             host: host.map(|h| Bytes::from(h.to_owned())),
-            counters: crate::stats::ApiCounters::of("test", Vec::new(), 1),
+            counters: crate::stats::ApiCounters::of(&crate::stats::Kept::default(), "test", Vec::new(), 1),
         }
     }
 

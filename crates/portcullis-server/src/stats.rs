@@ -219,6 +219,21 @@ impl WorkerStats {
     }
 }
 
+/// The counters a server keeps across reloads (an API's, a backend server's pool's), found again
+/// by name when the next configuration is compiled. Each server has its own: two servers in one
+/// process (tests, or a program embedding the proxy) never share a row, whose one writer must be
+/// its worker (see [`bump`]).
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    /// By API name and operations.
+    apis: std::sync::Mutex<Vec<KeptApi>>,
+    /// By backend (or `callout`) and server.
+    pools: std::sync::Mutex<Vec<KeptPool>>,
+}
+
+type KeptApi = (String, Vec<String>, std::sync::Weak<ApiCounters>);
+type KeptPool = ((String, String), std::sync::Weak<PoolCounters>);
+
 /// One API's requests by status class, a block per worker. Kept by name across reloads, so
 /// that a reload does not reset an API's counters.
 #[derive(Debug)]
@@ -238,11 +253,14 @@ struct ApiWorker {
 impl ApiCounters {
     /// The counters of API `name` with `operations` (names in order): the ones already kept for
     /// it, or new ones for `workers`. A reload that changes the operations starts them anew.
-    pub(crate) fn of(name: &str, operations: Vec<String>, workers: usize) -> std::sync::Arc<ApiCounters> {
-        use std::sync::{Arc, Mutex, Weak};
-        type Kept = Vec<(String, Vec<String>, Weak<ApiCounters>)>;
-        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
-        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn of(
+        kept: &Kept,
+        name: &str,
+        operations: Vec<String>,
+        workers: usize,
+    ) -> std::sync::Arc<ApiCounters> {
+        use std::sync::Arc;
+        let mut kept = kept.apis.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|(_, _, w)| w.strong_count() > 0);
         if let Some(c) =
             kept.iter().find(|(n, o, _)| n == name && *o == operations).and_then(|(_, _, w)| w.upgrade())
@@ -318,11 +336,14 @@ struct PoolWorker {
 }
 
 impl PoolCounters {
-    pub(crate) fn of(backend: &str, server: &str, workers: usize) -> std::sync::Arc<PoolCounters> {
-        use std::sync::{Arc, Mutex, Weak};
-        type Kept = Vec<((String, String), Weak<PoolCounters>)>;
-        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
-        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    pub(crate) fn of(
+        kept: &Kept,
+        backend: &str,
+        server: &str,
+        workers: usize,
+    ) -> std::sync::Arc<PoolCounters> {
+        use std::sync::Arc;
+        let mut kept = kept.pools.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|(_, w)| w.strong_count() > 0);
         let found =
             kept.iter().find(|((b, s), _)| b == backend && s == server).and_then(|(_, w)| w.upgrade());
@@ -358,6 +379,27 @@ pub(crate) fn sum(stats: &[std::sync::Arc<WorkerStats>], pick: impl Fn(&WorkerSt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_finds_its_counters_again_and_never_another_servers() {
+        let (one, other) = (Kept::default(), Kept::default());
+        let ops = || vec!["getItem".to_owned()];
+        let api = ApiCounters::of(&one, "todo", ops(), 2);
+        api.request(1, 1, 204);
+        // A reload of the same server: the same rows, counts and all.
+        let again = ApiCounters::of(&one, "todo", ops(), 2);
+        assert!(std::sync::Arc::ptr_eq(&api, &again));
+        assert_eq!(again.requests(1), 1);
+        // Another server in the process, same API: rows of its own (one writer per row).
+        let theirs = ApiCounters::of(&other, "todo", ops(), 2);
+        assert!(!std::sync::Arc::ptr_eq(&api, &theirs));
+        assert_eq!(theirs.requests(1), 0);
+        // Other operations start anew.
+        assert!(!std::sync::Arc::ptr_eq(&api, &ApiCounters::of(&one, "todo", Vec::new(), 2)));
+        let pool = PoolCounters::of(&one, "app", "10.0.0.1:80", 2);
+        assert!(std::sync::Arc::ptr_eq(&pool, &PoolCounters::of(&one, "app", "10.0.0.1:80", 2)));
+        assert!(!std::sync::Arc::ptr_eq(&pool, &PoolCounters::of(&other, "app", "10.0.0.1:80", 2)));
+    }
 
     #[test]
     fn events_and_reasons_are_counted_under_their_names() {
