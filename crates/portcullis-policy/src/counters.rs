@@ -343,13 +343,16 @@ impl Counters {
     }
 
     /// Calls counted for `w` in the window ending in `epoch`, and the oldest epoch with calls.
+    ///
+    /// The next slot counts too: another worker that read the clock a moment later may have
+    /// counted a call there already. Left out, this worker could admit one over the limit.
     fn sum(w: &Window, epoch: u64) -> (u64, Option<u64>) {
         let epoch = epoch & 0xFFFF_FFFF;
         let mut total = 0;
         let mut oldest: Option<u64> = None;
         for s in &w.slots {
             let (e, c) = unpack(s.load(Ordering::Acquire));
-            if c > 0 && e <= epoch && e + N >= epoch {
+            if c > 0 && e <= epoch + 1 && e + N >= epoch {
                 total += c;
                 oldest = Some(oldest.map_or(e, |o| o.min(e)));
             }
@@ -533,6 +536,19 @@ mod tests {
         assert_eq!(c.rate(later, 10_000, 1, 200_000, 0), Admit::Yes { remaining: 1 });
         c.count(later, 10_000, 200_000, 1);
         assert!(matches!(c.rate(later, 10_000, 1, 200_500, 0), Admit::No { .. }));
+    }
+
+    #[test]
+    fn a_worker_whose_clock_lags_sees_what_another_counted_in_the_next_slot() {
+        let c = Counters::with_capacity(64);
+        let h = c.hash(0, 10_000, b"key");
+        // Two calls per 10 s, in 1 s slots: one just before a slot boundary, one just after it
+        // (another worker, its clock read a moment later).
+        assert_eq!(c.rate(h, 10_000, 2, 99_999, 1), Admit::Yes { remaining: 1 });
+        assert_eq!(c.rate(h, 10_000, 2, 100_000, 1), Admit::Yes { remaining: 0 });
+        // A worker whose reading still falls before the boundary counts the call after it too.
+        assert!(matches!(c.rate(h, 10_000, 2, 99_999, 1), Admit::No { .. }));
+        assert!(matches!(c.rate(h, 10_000, 2, 99_999, 0), Admit::No { .. }));
     }
 
     #[test]
