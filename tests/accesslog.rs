@@ -90,6 +90,33 @@ fn the_combined_format_escapes_quotes_and_sigusr1_opens_the_file_again() {
 }
 
 #[test]
+fn records_a_failed_write_lost_are_counted_dropped_never_written() {
+    let env = Env::new();
+    // Opens, and every write fails (no space left on the device).
+    let access = "{ path = \"/dev/full\" }";
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, access)));
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    for _ in 0..10 {
+        assert_eq!(c.request("GET", "/x", &[], b"").unwrap().status, 200);
+    }
+    drop(c);
+    let counts = || {
+        let (_, metrics) = admin(admin_of(&proxy), "GET", "/metrics");
+        let count = |result: &str| {
+            metric(&metrics, &format!("portcullis_access_log_records_total{{result=\"{result}\"}}"))
+        };
+        (count("written"), count("dropped"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counts().1 < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (written, dropped) = counts();
+    assert!(dropped >= 10, "{dropped} dropped of 10 requests' records");
+    assert_eq!(written, 0);
+}
+
+#[test]
 fn a_log_that_cannot_keep_up_drops_and_counts_and_requests_never_wait() {
     let env = Env::new();
     // A FIFO nobody reads: the log thread cannot even open it.

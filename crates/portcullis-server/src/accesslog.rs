@@ -236,13 +236,12 @@ impl Outbox {
     /// Hands over everything waiting; returns whether anything was.
     pub(crate) fn flush(&self, sink: &Sink) -> bool {
         let mut records = self.records.borrow_mut();
-        let mut any = !records.is_empty() || !self.messages.borrow().is_empty();
+        let any = !records.is_empty() || !self.messages.borrow().is_empty();
         sink.send_all(&mut records);
         // The loggers are let go with their batches: one that a reload replaced stops (and sends
         // what it holds) once the last snapshot naming it is gone, not at this worker's next
         // flush, which may never come.
         for ForLogger { producer, mut batch, dropped } in self.messages.borrow_mut().drain(..) {
-            any |= !batch.is_empty() || dropped > 0;
             producer.send_all(&mut batch);
             if dropped > 0 {
                 producer.count_dropped(dropped);
@@ -375,7 +374,6 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                 // once it holds `CHUNK` bytes, and at the end. After a failed write, what is
                 // formatted is dropped and counted, and the rest waits in the queue for the file
                 // opened again.
-                let mut done = 0u64;
                 let mut count = 0u64;
                 let mut taken = 0;
                 let mut ok = true;
@@ -384,7 +382,6 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                         ok = o.out.write_all(line).is_ok();
                         let counter = if ok { &shared.access.written } else { &shared.access.dropped };
                         counter.fetch_add(*count, Ordering::Relaxed);
-                        done += *count;
                         *count = 0;
                         line.clear();
                     }
@@ -410,7 +407,8 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                 if !write(&mut line, &mut count) {
                     output = None;
                 }
-                done
+                // Every record taken was written, or dropped and counted.
+                taken as u64
             }
             (None, None) => 0,
         };
