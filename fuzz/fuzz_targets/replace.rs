@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, mut rest)) = data.split_first() else { return };
     let pairs_count = usize::from(control % 3) + 1;
     let step = usize::from(control >> 2).max(1);
-    let mut take = |rest: &mut &[u8]| -> Option<Bytes> {
+    let take = |rest: &mut &[u8]| -> Option<Bytes> {
         let (&len, tail) = rest.split_first()?;
         let len = usize::from(len % 16).min(tail.len());
         let (piece, tail) = tail.split_at(len);

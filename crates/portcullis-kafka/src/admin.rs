@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
@@ -12,20 +11,11 @@ use kafka_protocol::messages::{
     MetadataRequest, MetadataResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::RecordBatchDecoder;
 
 use crate::Error;
+pub use crate::records::Fetched;
+use crate::records::decode_batches;
 use crate::wire::{Connection, Connector, code_name};
-
-/// A record read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fetched {
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: i64,
-    pub key: Option<Bytes>,
-    pub value: Option<Bytes>,
-}
 
 fn topic_name(topic: &str) -> TopicName {
     TopicName(StrBytes::from_string(topic.to_owned()))
@@ -93,7 +83,7 @@ pub fn read_topic(
             let before = offset;
             for r in records {
                 if r.offset >= offset {
-                    offset = r.offset + 1;
+                    offset = r.offset.saturating_add(1);
                     out.push(r);
                 }
             }
@@ -142,21 +132,9 @@ fn fetch(
     if data.error_code != 0 {
         return Err(Error::Broker(format!("fetch of partition {partition}: {}", code_name(data.error_code))));
     }
-    let mut records = Vec::new();
-    if let Some(mut bytes) = data.records {
-        let sets = RecordBatchDecoder::decode_all(&mut bytes)
-            .map_err(|e| Error::Protocol(format!("records: {e}")))?;
-        for set in sets {
-            for r in set.records {
-                records.push(Fetched {
-                    partition,
-                    offset: r.offset,
-                    timestamp_ms: r.timestamp,
-                    key: r.key,
-                    value: r.value,
-                });
-            }
-        }
-    }
+    let records = match data.records {
+        Some(bytes) => decode_batches(bytes, partition)?,
+        None => Vec::new(),
+    };
     Ok((records, data.high_watermark))
 }

@@ -8,11 +8,12 @@
 //! - [`wire::Connection`]: one broker connection, framing and version negotiation (the protocol
 //!   itself is the `kafka-protocol` crate's codec).
 //! - [`admin`]: what tests and tools need beside producing: creating a topic and reading a
-//!   topic back.
+//!   topic back ([`records`] reads the record batches a fetch returns).
 
 pub mod admin;
 pub mod handoff;
 mod producer;
+pub mod records;
 pub mod wire;
 
 pub use kafka_protocol::records::Compression;

@@ -268,8 +268,8 @@ pub fn decode_answer<P: Decodable + HeaderVersion>(
         return Err(format!("answer {} to request {id}", header.correlation_id));
     }
     // The codec sizes each array from the count the broker wrote before reading its elements:
-    // the answers the producer reads are walked first, so that no count claims more elements
-    // than the bytes hold.
+    // the answers the producer (and a fetch) reads are walked first, so that no count claims
+    // more elements than the bytes hold.
     if matches!(
         key,
         ApiKey::ApiVersions
@@ -277,8 +277,9 @@ pub fn decode_answer<P: Decodable + HeaderVersion>(
             | ApiKey::Produce
             | ApiKey::SaslHandshake
             | ApiKey::SaslAuthenticate
+            | ApiKey::Fetch
     ) {
-        if body.len() > MAX_PRODUCER_RESPONSE {
+        if key != ApiKey::Fetch && body.len() > MAX_PRODUCER_RESPONSE {
             return Err(format!("a {key:?} answer of {} bytes", body.len()));
         }
         check_shape(key, version, &body).map_err(|e| format!("{key:?} v{version} answer: {e}"))?;
@@ -386,6 +387,28 @@ pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String>
                 })
             })?;
             w.skip(4)?;
+        }
+        ApiKey::Fetch if (4..=11).contains(&version) => {
+            w.skip(4)?;
+            if version >= 7 {
+                w.skip(2 + 4)?;
+            }
+            w.array(|w| {
+                w.string()?;
+                w.array(|w| {
+                    // Index, error, high watermark, last stable offset.
+                    w.skip(4 + 2 + 8 + 8)?;
+                    if version >= 5 {
+                        w.skip(8)?;
+                    }
+                    // Aborted transactions: producer id and first offset.
+                    w.array(|w| w.skip(16))?;
+                    if version >= 11 {
+                        w.skip(4)?;
+                    }
+                    w.bytes()
+                })
+            })?;
         }
         other => return Err(format!("no shape for {other:?} v{version}")),
     }
@@ -500,5 +523,45 @@ mod tests {
             out.put_u8(0);
             assert!(check_shape(ApiKey::Metadata, version, &out).is_err(), "v{version} with a byte more");
         }
+    }
+
+    #[test]
+    fn fetch_answers_the_codec_writes_pass_the_walk() {
+        use kafka_protocol::messages::FetchResponse;
+        use kafka_protocol::messages::fetch_response::{
+            AbortedTransaction, FetchableTopicResponse, PartitionData,
+        };
+        use kafka_protocol::messages::{ProducerId, TopicName};
+        let answer = FetchResponse::default().with_responses(vec![
+            FetchableTopicResponse::default()
+                .with_topic(TopicName(StrBytes::from_static_str("t")))
+                .with_partitions(vec![
+                    PartitionData::default()
+                        .with_partition_index(1)
+                        .with_high_watermark(7)
+                        .with_aborted_transactions(Some(vec![
+                            AbortedTransaction::default()
+                                .with_producer_id(ProducerId(3))
+                                .with_first_offset(4),
+                        ]))
+                        .with_records(Some(Bytes::from_static(b"some records"))),
+                    PartitionData::default().with_partition_index(2),
+                ]),
+        ]);
+        for version in 4..=11 {
+            let mut out = BytesMut::new();
+            answer.encode(&mut out, version).unwrap();
+            assert_eq!(check_shape(ApiKey::Fetch, version, &out), Ok(()), "v{version}");
+            out.put_u8(0);
+            assert!(check_shape(ApiKey::Fetch, version, &out).is_err(), "v{version} with a byte more");
+        }
+        // A partition count the bytes cannot hold is refused before the codec reserves room.
+        let mut claims = BytesMut::new();
+        claims.put_i32(0);
+        claims.put_i32(1);
+        claims.put_i16(1);
+        claims.put_u8(b't');
+        claims.put_i32(0x7fff_ffff);
+        assert!(check_shape(ApiKey::Fetch, 4, &claims).unwrap_err().contains("elements in"));
     }
 }
