@@ -911,7 +911,11 @@ impl Sender {
                 producer_epoch: -1,
                 timestamp_type: TimestampType::Creation,
                 offset: i as i64,
-                sequence: -1,
+                // The codec starts a new batch wherever offset less sequence changes: one that
+                // rises with the offset keeps every record in one batch (a broker takes exactly
+                // one per partition in a produce request), and -1 at the first, the batch's base
+                // sequence, says "no sequence" (no idempotence).
+                sequence: i as i32 - 1,
                 timestamp: h.timestamp_ms,
                 key: h.key(),
                 value: Some(h.value()),
@@ -1109,5 +1113,40 @@ mod tests {
         assert_eq!(found[0].0, partition_of(b"tenant-7", 3));
         assert_eq!(found[1].0, 2, "the partition the sender chose");
         assert_eq!(found[2].0, partition_of(b"", 3), "an empty key is a key");
+    }
+
+    #[test]
+    fn a_partitions_messages_go_in_one_batch_without_a_sequence() {
+        let s = Settings::new("t", vec![("h".to_owned(), 1)], "t");
+        let mut sender = Sender::new(
+            s,
+            Arc::new(crate::TcpConnector),
+            Arc::new(Stats::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        sender.adopt(Layout { leaders: vec![Some(1)], brokers: HashMap::new() });
+        for i in 0..5u8 {
+            let m = Message {
+                key: Some(Bytes::from(vec![b'k', i])),
+                partition: Some(0),
+                value: Bytes::from(vec![i; 3]),
+                timestamp_ms: 1000 + i64::from(i),
+            };
+            let size = m.size();
+            sender.bytes += size;
+            sender.place(m.partition, m.key.as_deref(), size, |arena| Held::copy(arena, &m, 0));
+        }
+        let (bytes, n) = sender.batch(0).expect("a batch");
+        assert_eq!(n, 5);
+        let heads =
+            kafka_protocol::records::RecordBatchDecoder::decode_batch_info(&mut bytes.clone()).unwrap();
+        assert_eq!(heads.len(), 1, "one batch for the partition: {heads:?}");
+        assert_eq!((heads[0].record_count, heads[0].producer_id, heads[0].base_sequence), (5, -1, -1));
+        let read = crate::records::decode_batches(bytes, 0).unwrap();
+        let got: Vec<(i64, i64, Option<Bytes>)> =
+            read.into_iter().map(|r| (r.offset, r.timestamp_ms, r.value)).collect();
+        let want: Vec<(i64, i64, Option<Bytes>)> =
+            (0..5u8).map(|i| (i64::from(i), 1000 + i64::from(i), Some(Bytes::from(vec![i; 3])))).collect();
+        assert_eq!(got, want);
     }
 }
