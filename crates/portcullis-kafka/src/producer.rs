@@ -472,6 +472,12 @@ struct Sender {
     arena: Arena,
     /// What [`Held::since`] counts from.
     epoch: Instant,
+    /// Records of the batch being encoded (emptied after each: their bytes are the held ones).
+    records: Vec<Record>,
+    /// Where batches are encoded: each is split off, and the space is used again once the
+    /// request that carried it is gone. A fresh buffer per batch (hundreds of KiB) would cost
+    /// page faults and zeroed pages whenever the allocator had given the last one back.
+    encoded: BytesMut,
 }
 
 /// The bytes an arena of held messages grows by.
@@ -505,6 +511,8 @@ impl Sender {
             reported: 0,
             arena: arena(),
             epoch: Instant::now(),
+            records: Vec::new(),
+            encoded: BytesMut::new(),
         }
     }
 
@@ -888,7 +896,7 @@ impl Sender {
 
     /// The head of partition `p`'s queue as one record batch: up to `max_batch` bytes (at least
     /// one message).
-    fn batch(&self, p: usize) -> Result<(Bytes, usize), Error> {
+    fn batch(&mut self, p: usize) -> Result<(Bytes, usize), Error> {
         let q = &self.queues[p];
         // How many go (sized first: the records and the encoding are allocated once).
         let mut size = 0;
@@ -900,7 +908,9 @@ impl Sender {
             size += h.size();
             count += 1;
         }
-        let mut records = Vec::with_capacity(count);
+        let records = &mut self.records;
+        records.clear();
+        records.reserve(count);
         for (i, h) in q.held.iter().take(count).enumerate() {
             records.push(Record {
                 transactional: false,
@@ -923,12 +933,17 @@ impl Sender {
             });
         }
         // The batch's head, and at most 32 bytes of each record's own (lengths, deltas,
-        // attributes) before compression.
-        let mut out = BytesMut::with_capacity(size + 128 + 32 * count);
+        // attributes) before compression. The space of earlier batches is used again once
+        // they are gone (none is by now but those of this request).
+        self.encoded.reserve(size + 128 + 32 * count);
         let options = RecordEncodeOptions { version: 2, compression: self.s.compression };
-        RecordBatchEncoder::encode(&mut out, &records, &options)
-            .map_err(|e| Error::Encode(format!("a record batch: {e}")))?;
-        Ok((out.freeze(), records.len()))
+        let encoded = RecordBatchEncoder::encode(&mut self.encoded, &*records, &options);
+        records.clear();
+        if let Err(e) = encoded {
+            self.encoded.clear();
+            return Err(Error::Encode(format!("a record batch: {e}")));
+        }
+        Ok((self.encoded.split().freeze(), count))
     }
 
     /// What the broker said of partition `p`'s batch of `n` messages.
@@ -1138,6 +1153,12 @@ mod tests {
         }
         let (bytes, n) = sender.batch(0).expect("a batch");
         assert_eq!(n, 5);
+        // Encoded again in the space the first left (held, then let go): the same bytes.
+        let (again, _) = sender.batch(0).expect("a batch");
+        assert_eq!(again, bytes);
+        drop(again);
+        let (third, _) = sender.batch(0).expect("a batch");
+        assert_eq!(third, bytes);
         let heads =
             kafka_protocol::records::RecordBatchDecoder::decode_batch_info(&mut bytes.clone()).unwrap();
         assert_eq!(heads.len(), 1, "one batch for the partition: {heads:?}");
