@@ -472,7 +472,8 @@ struct Sender {
     arena: Arena,
     /// What [`Held::since`] counts from.
     epoch: Instant,
-    /// Records of the batch being encoded (emptied after each: their bytes are the held ones).
+    /// Records of the compressed batch being encoded by the codec (emptied after each: their
+    /// bytes are the held ones).
     records: Vec<Record>,
     /// Where batches are encoded: each is split off, and the space is used again once the
     /// request that carried it is gone. A fresh buffer per batch (hundreds of KiB) would cost
@@ -908,6 +909,18 @@ impl Sender {
             size += h.size();
             count += 1;
         }
+        // The batch's head, and at most 32 bytes of each record's own (lengths, deltas,
+        // attributes) before compression. The space of earlier batches is used again once
+        // they are gone (none is by now but those of this request).
+        self.encoded.reserve(size + 128 + 32 * count);
+        if self.s.compression == Compression::None {
+            let messages = q.held.iter().take(count).map(|h| {
+                let key = (h.key_len != NO_KEY).then(|| &h.data[..h.key_len()]);
+                (h.timestamp_ms, key, &h.data[h.key_len()..])
+            });
+            crate::records::encode_batch(&mut self.encoded, messages);
+            return Ok((self.encoded.split().freeze(), count));
+        }
         let records = &mut self.records;
         records.clear();
         records.reserve(count);
@@ -932,10 +945,6 @@ impl Sender {
                 headers: Default::default(),
             });
         }
-        // The batch's head, and at most 32 bytes of each record's own (lengths, deltas,
-        // attributes) before compression. The space of earlier batches is used again once
-        // they are gone (none is by now but those of this request).
-        self.encoded.reserve(size + 128 + 32 * count);
         let options = RecordEncodeOptions { version: 2, compression: self.s.compression };
         let encoded = RecordBatchEncoder::encode(&mut self.encoded, &*records, &options);
         records.clear();
@@ -1132,42 +1141,52 @@ mod tests {
 
     #[test]
     fn a_partitions_messages_go_in_one_batch_without_a_sequence() {
-        let s = Settings::new("t", vec![("h".to_owned(), 1)], "t");
-        let mut sender = Sender::new(
-            s,
-            Arc::new(crate::TcpConnector),
-            Arc::new(Stats::default()),
-            Arc::new(AtomicBool::new(false)),
-        );
-        sender.adopt(Layout { leaders: vec![Some(1)], brokers: HashMap::new() });
-        for i in 0..5u8 {
-            let m = Message {
-                key: Some(Bytes::from(vec![b'k', i])),
-                partition: Some(0),
-                value: Bytes::from(vec![i; 3]),
-                timestamp_ms: 1000 + i64::from(i),
-            };
-            let size = m.size();
-            sender.bytes += size;
-            sender.place(m.partition, m.key.as_deref(), size, |arena| Held::copy(arena, &m, 0));
+        // Uncompressed, the batch is written by the producer itself; compressed, by the codec.
+        for compression in [Compression::None, Compression::Zstd] {
+            let mut s = Settings::new("t", vec![("h".to_owned(), 1)], "t");
+            s.compression = compression;
+            let mut sender = Sender::new(
+                s,
+                Arc::new(crate::TcpConnector),
+                Arc::new(Stats::default()),
+                Arc::new(AtomicBool::new(false)),
+            );
+            sender.adopt(Layout { leaders: vec![Some(1)], brokers: HashMap::new() });
+            for i in 0..5u8 {
+                let m = Message {
+                    key: (i != 2).then(|| Bytes::from(vec![b'k', i])),
+                    partition: Some(0),
+                    value: Bytes::from(vec![i; 3]),
+                    timestamp_ms: 1000 + i64::from(i),
+                };
+                let size = m.size();
+                sender.bytes += size;
+                sender.place(m.partition, m.key.as_deref(), size, |arena| Held::copy(arena, &m, 0));
+            }
+            let (bytes, n) = sender.batch(0).expect("a batch");
+            assert_eq!(n, 5);
+            // Encoded again in the space the first left (held, then let go): the same bytes.
+            let (again, _) = sender.batch(0).expect("a batch");
+            assert_eq!(again, bytes);
+            drop(again);
+            let (third, _) = sender.batch(0).expect("a batch");
+            assert_eq!(third, bytes);
+            let heads =
+                kafka_protocol::records::RecordBatchDecoder::decode_batch_info(&mut bytes.clone()).unwrap();
+            assert_eq!(heads.len(), 1, "one batch for the partition: {heads:?}");
+            let head = &heads[0];
+            assert_eq!((head.record_count, head.producer_id, head.base_sequence), (5, -1, -1));
+            assert_eq!(head.compression, compression);
+            let read = crate::records::decode_batches(bytes, 0).unwrap();
+            let got: Vec<(i64, i64, Option<Bytes>, Option<Bytes>)> =
+                read.into_iter().map(|r| (r.offset, r.timestamp_ms, r.key, r.value)).collect();
+            let want: Vec<(i64, i64, Option<Bytes>, Option<Bytes>)> = (0..5u8)
+                .map(|i| {
+                    let key = (i != 2).then(|| Bytes::from(vec![b'k', i]));
+                    (i64::from(i), 1000 + i64::from(i), key, Some(Bytes::from(vec![i; 3])))
+                })
+                .collect();
+            assert_eq!(got, want, "{compression:?}");
         }
-        let (bytes, n) = sender.batch(0).expect("a batch");
-        assert_eq!(n, 5);
-        // Encoded again in the space the first left (held, then let go): the same bytes.
-        let (again, _) = sender.batch(0).expect("a batch");
-        assert_eq!(again, bytes);
-        drop(again);
-        let (third, _) = sender.batch(0).expect("a batch");
-        assert_eq!(third, bytes);
-        let heads =
-            kafka_protocol::records::RecordBatchDecoder::decode_batch_info(&mut bytes.clone()).unwrap();
-        assert_eq!(heads.len(), 1, "one batch for the partition: {heads:?}");
-        assert_eq!((heads[0].record_count, heads[0].producer_id, heads[0].base_sequence), (5, -1, -1));
-        let read = crate::records::decode_batches(bytes, 0).unwrap();
-        let got: Vec<(i64, i64, Option<Bytes>)> =
-            read.into_iter().map(|r| (r.offset, r.timestamp_ms, r.value)).collect();
-        let want: Vec<(i64, i64, Option<Bytes>)> =
-            (0..5u8).map(|i| (i64::from(i), 1000 + i64::from(i), Some(Bytes::from(vec![i; 3])))).collect();
-        assert_eq!(got, want);
     }
 }

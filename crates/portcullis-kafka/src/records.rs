@@ -1,11 +1,14 @@
-//! Record batches as a fetch returns them (message format v2, the only one a broker has written
-//! since Kafka 0.11), read with checked arithmetic: a broker's bytes are refused with an error,
-//! never a panic, and what is kept is paid for by bytes of the input.
+//! Record batches (message format v2, the only one a broker has written since Kafka 0.11).
 //!
-//! Compressed batches are inflated by the `kafka-protocol` crate's codecs; how much a batch
-//! inflates to is bounded only by its codec.
+//! - [`decode_batches`]: as a fetch returns them, read with checked arithmetic: a broker's bytes
+//!   are refused with an error, never a panic, and what is kept is paid for by bytes of the
+//!   input. Compressed batches are inflated by the `kafka-protocol` crate's codecs; how much a
+//!   batch inflates to is bounded only by its codec.
+//! - [`encode_batch`]: the producer's uncompressed batch, written straight from the messages it
+//!   holds (the codec's encoder wants a record struct, two reference counts and a size pass per
+//!   message). Compressed batches are the codec's.
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
 
 use crate::Error;
@@ -171,6 +174,82 @@ pub fn decode_batches(mut bytes: Bytes, partition: i32) -> Result<Vec<Fetched>, 
     Ok(out)
 }
 
+/// A message as [`encode_batch`] takes it: time stamp (ms), key, value.
+pub(crate) type Entry<'a> = (i64, Option<&'a [u8]>, &'a [u8]);
+
+/// Writes `messages` (at least one) as one uncompressed batch at the end of `out`: offsets 0 to
+/// n-1, no producer id and no sequence (no idempotence), create time.
+pub(crate) fn encode_batch<'a, I>(out: &mut BytesMut, messages: I)
+where
+    I: Iterator<Item = Entry<'a>> + Clone,
+{
+    let (mut first, mut last, mut count) = (i64::MAX, i64::MIN, 0usize);
+    for (t, _, _) in messages.clone() {
+        (first, last, count) = (first.min(t), last.max(t), count + 1);
+    }
+    let start = out.len();
+    out.put_i64(0);
+    // The length and the CRC are written once the records are.
+    out.put_i32(0);
+    out.put_i32(-1);
+    out.put_i8(2);
+    out.put_u32(0);
+    let covered = out.len();
+    out.put_i16(0);
+    out.put_i32(count as i32 - 1);
+    out.put_i64(first);
+    out.put_i64(last);
+    out.put_i64(-1);
+    out.put_i16(-1);
+    out.put_i32(-1);
+    out.put_i32(count as i32);
+    for (offset, (t, key, value)) in messages.enumerate() {
+        // Differences from the batch's first time stamp: the deltas are never negative.
+        let delta = t.wrapping_sub(first);
+        let key_len = key.map_or(-1, |k| k.len() as i64);
+        let body = 1
+            + zigzag_len(delta)
+            + zigzag_len(offset as i64)
+            + zigzag_len(key_len)
+            + key.map_or(0, <[u8]>::len)
+            + zigzag_len(value.len() as i64)
+            + value.len()
+            + 1;
+        put_zigzag(out, body as i64);
+        out.put_i8(0);
+        put_zigzag(out, delta);
+        put_zigzag(out, offset as i64);
+        put_zigzag(out, key_len);
+        if let Some(k) = key {
+            out.put_slice(k);
+        }
+        put_zigzag(out, value.len() as i64);
+        out.put_slice(value);
+        // No headers.
+        out.put_u8(0);
+    }
+    let length = (out.len() - start - PREFIX) as i32;
+    out[start + 8..start + 12].copy_from_slice(&length.to_be_bytes());
+    let crc = crc32c::crc32c(&out[covered..]);
+    out[covered - 4..covered].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Bytes `n` takes as a zig-zag varint.
+fn zigzag_len(n: i64) -> usize {
+    let z = ((n << 1) ^ (n >> 63)) as u64;
+    // 1 byte per 7 bits, at least one.
+    (64 - (z | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn put_zigzag(out: &mut BytesMut, n: i64) {
+    let mut z = ((n << 1) ^ (n >> 63)) as u64;
+    while z >= 0x80 {
+        out.put_u8(z as u8 | 0x80);
+        z >>= 7;
+    }
+    out.put_u8(z as u8);
+}
+
 struct Batch {
     partition: i32,
     base_offset: i64,
@@ -285,6 +364,40 @@ mod tests {
             assert_eq!(read[1].key, None);
             assert_eq!(read[1].value.as_deref(), Some(&b""[..]));
             assert_eq!(read[5].value.as_deref(), Some(&b"three"[..]));
+        }
+    }
+
+    #[test]
+    fn the_producers_batches_are_the_codecs_byte_for_byte() {
+        let messages: [Entry<'_>; 4] = [
+            (1_764_957_862_005, Some(b"k"), b"one"),
+            (1_764_957_862_000, None, b""),
+            (1_764_957_862_009, Some(b""), &[b'x'; 300]),
+            (1_764_957_862_001, Some(&[b'y'; 70]), b"four"),
+        ];
+        let records: Vec<Record> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, k, v))| Record {
+                timestamp: t,
+                key: k.map(Bytes::copy_from_slice),
+                value: Some(Bytes::copy_from_slice(v)),
+                headers: Default::default(),
+                ..record(i as i64, None, b"")
+            })
+            .collect();
+        let mut codec = BytesMut::new();
+        let options = RecordEncodeOptions { version: 2, compression: Compression::None };
+        RecordBatchEncoder::encode(&mut codec, &records, &options).unwrap();
+        let mut ours = BytesMut::from(&b"before"[..]);
+        encode_batch(&mut ours, messages.iter().copied());
+        assert_eq!(&ours[..6], b"before");
+        assert_eq!(&ours[6..], &codec[..]);
+        for n in [0, 1, -1, 63, 64, -64, -65, 8191, 8192, i64::MAX, i64::MIN] {
+            let mut b = BytesMut::new();
+            put_zigzag(&mut b, n);
+            assert_eq!(b.len(), zigzag_len(n), "{n}");
+            assert_eq!(Reader(b.freeze()).varlong("n").unwrap(), n);
         }
     }
 
