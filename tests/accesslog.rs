@@ -90,6 +90,23 @@ fn the_combined_format_escapes_quotes_and_sigusr1_opens_the_file_again() {
 }
 
 #[test]
+fn a_line_left_cut_short_in_the_file_is_ended_before_the_next_record() {
+    let env = Env::new();
+    let file = env.dir().join("access.log");
+    // A write that failed part way (a full disk), or a process killed in the middle of one.
+    std::fs::write(&file, "{\"time\":\"2026-12-06T00:00:00.000Z\",\"pa").unwrap();
+    let access = format!("{{ path = \"{}\" }}", file.display());
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, &access)));
+    let mut c = env.client(None).connect(proxy.addr).unwrap();
+    assert_eq!(c.request("GET", "/after", &[], b"").unwrap().status, 200);
+    let line = access_line(env.dir(), &["\"path\":\"/after\""]).expect("the request's line");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(record["path"], "/after");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("{\"time\":\"2026-12-06T00:00:00.000Z\",\"pa\n{"), "{text}");
+}
+
+#[test]
 fn records_a_failed_write_lost_are_counted_dropped_never_written() {
     let env = Env::new();
     // Opens, and every write fails (no space left on the device).

@@ -310,9 +310,31 @@ struct Output {
 fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
     let out: Box<dyn Write + Send> = match path {
         None => Box::new(std::io::stdout()),
-        Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
+        Some(p) => {
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(p)?;
+            // A line cut short (a write that failed part way, a process killed mid-write) is
+            // ended, so that the next record starts a line of its own.
+            if ends_mid_line(p, &file) {
+                file.write_all(b"\n")?;
+            }
+            Box::new(file)
+        }
     };
     Ok(Output { path: path.clone(), out })
+}
+
+/// Whether the regular file `file` (opened at `path`) has bytes after its last newline.
+fn ends_mid_line(path: &std::path::Path, file: &std::fs::File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(meta) = file.metadata() else { return false };
+    if !meta.is_file() || meta.len() == 0 {
+        return false;
+    }
+    // Read through a handle of its own: the log's is opened for appending only.
+    let mut last = [0u8; 1];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut last, meta.len() - 1))
+        .is_ok_and(|()| last[0] != b'\n')
 }
 
 fn run(shared: &Shared, rx: &Outlet<Record>) {
