@@ -8,8 +8,8 @@
 //! worker's own count of its requests in flight.
 
 use std::cell::Cell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use portcullis_config::Balance;
@@ -34,13 +34,12 @@ pub(crate) struct Health {
 }
 
 impl Health {
-    /// The health of server `key` of backend `backend`: the one already kept for it (a reload
-    /// that keeps the server keeps what is known of it), or a new one. Two backends that share
-    /// a server judge it each on its own (their checks may differ).
-    pub(crate) fn of(backend: &str, key: &PoolKey) -> Arc<Health> {
-        type Kept = Vec<((String, PoolKey), Weak<Health>)>;
-        static KEPT: Mutex<Kept> = Mutex::new(Vec::new());
-        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    /// The health of server `key` of backend `backend`: the one the server already keeps for
+    /// it (a reload that keeps the server keeps what is known of it), or a new one. Two backends
+    /// that share a server judge it each on its own (their checks may differ), and so do two
+    /// servers in one process.
+    pub(crate) fn of(kept: &crate::stats::Kept, backend: &str, key: &PoolKey) -> Arc<Health> {
+        let mut kept = kept.health.lock().unwrap_or_else(|e| e.into_inner());
         kept.retain(|(_, w)| w.strong_count() > 0);
         let found = kept.iter().find(|((b, k), _)| b == backend && k == key).and_then(|(_, w)| w.upgrade());
         if let Some(h) = found {
@@ -170,6 +169,27 @@ impl Picker {
 mod tests {
     use super::*;
     use portcullis_config::host_of;
+
+    #[test]
+    fn a_server_keeps_what_it_learnt_of_a_backend_and_never_shares_it() {
+        let (one, other) = (crate::stats::Kept::default(), crate::stats::Kept::default());
+        let key = PoolKey {
+            addr: "127.0.0.1:5000".parse().expect("addr"),
+            authority: bytes::Bytes::from_static(b"127.0.0.1:5000"),
+            tls: 0,
+        };
+        let health = Health::of(&one, "app", &key);
+        assert!(health.failed(1, Duration::from_secs(10), 1_000).is_some());
+        // A reload of the same server: the same health, still ejected.
+        let again = Health::of(&one, "app", &key);
+        assert!(Arc::ptr_eq(&health, &again) && !again.available(2_000));
+        // Another server in the process, or another backend of the same server: their own.
+        assert!(Health::of(&other, "app", &key).available(2_000));
+        assert!(Health::of(&one, "api", &key).available(2_000));
+        // Once no configuration holds it, it is forgotten.
+        drop((health, again));
+        assert!(Health::of(&one, "app", &key).available(2_000));
+    }
 
     #[test]
     fn a_name_that_resolves_elsewhere_moves_its_server() {

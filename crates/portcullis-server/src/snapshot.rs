@@ -435,7 +435,7 @@ impl Snapshot {
                 };
                 // A host name (not an address) is resolved again by the control side.
                 let named = portcullis_config::host_of(&s.value).parse::<std::net::IpAddr>().is_err();
-                let health = crate::balance::Health::of(&b.name.value, &key);
+                let health = crate::balance::Health::of(kept, &b.name.value, &key);
                 // Without checks (any more), no earlier check keeps the server out.
                 if b.health_check.is_none() {
                     health.checked_down.store(false, std::sync::atomic::Ordering::Relaxed);

@@ -219,17 +219,21 @@ impl WorkerStats {
     }
 }
 
-/// The counters a server keeps across reloads (an API's, a backend server's pool's), found again
-/// by name when the next configuration is compiled. Each server has its own: two servers in one
-/// process (tests, or a program embedding the proxy) never share a row, whose one writer must be
-/// its worker (see [`bump`]).
+/// What a server keeps across reloads (an API's counters, a backend server's pool's counters and
+/// its health), found again by name when the next configuration is compiled. Each server has its
+/// own: two servers in one process (tests, or a program embedding the proxy) never share a row,
+/// whose one writer must be its worker (see [`bump`]), nor what one learnt of a backend server.
 #[derive(Debug, Default)]
 pub(crate) struct Kept {
     /// By API name and operations.
     apis: std::sync::Mutex<Vec<KeptApi>>,
     /// By backend (or `callout`) and server.
     pools: std::sync::Mutex<Vec<KeptPool>>,
+    /// By backend and server (see [`crate::balance::Health::of`]).
+    pub(crate) health: std::sync::Mutex<Vec<KeptHealth>>,
 }
+
+pub(crate) type KeptHealth = ((String, crate::upstream::PoolKey), std::sync::Weak<crate::balance::Health>);
 
 type KeptApi = (String, Vec<String>, std::sync::Weak<ApiCounters>);
 type KeptPool = ((String, String), std::sync::Weak<PoolCounters>);
