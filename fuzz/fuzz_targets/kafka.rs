@@ -1,7 +1,7 @@
 //! What a Kafka broker sends back: any bytes, read as each answer the producer reads (at every
 //! version it may have agreed on), as a fetch's answer, and as the record batches a fetch
 //! returns, are decoded or refused — never a panic, never an allocation the input does not pay
-//! for (but what a compressed batch inflates to).
+//! for (a compressed batch inflates up to `records::MOST_INFLATED`, and no further).
 #![no_main]
 
 use bytes::Bytes;

@@ -79,7 +79,7 @@ pub fn read_topic(
     for p in partitions {
         let mut offset = 0i64;
         loop {
-            let (records, high_watermark) = fetch(&mut conn, topic, p, offset)?;
+            let (records, next, high_watermark) = fetch(&mut conn, topic, p, offset)?;
             let before = offset;
             for r in records {
                 if r.offset >= offset {
@@ -87,6 +87,8 @@ pub fn read_topic(
                     out.push(r);
                 }
             }
+            // Past batches without records of the topic (transaction markers) too.
+            offset = offset.max(next.unwrap_or(offset));
             if offset >= high_watermark || offset == before {
                 break;
             }
@@ -100,7 +102,7 @@ fn fetch(
     topic: &str,
     partition: i32,
     offset: i64,
-) -> Result<(Vec<Fetched>, i64), Error> {
+) -> Result<(Vec<Fetched>, Option<i64>, i64), Error> {
     let version = conn.versions.fetch;
     if version < 0 {
         return Err(Error::Broker("the broker speaks no Fetch version this client does".to_owned()));
@@ -127,14 +129,14 @@ fn fetch(
     let Some(data) =
         answer.responses.into_iter().flat_map(|t| t.partitions).find(|d| d.partition_index == partition)
     else {
-        return Ok((Vec::new(), offset));
+        return Ok((Vec::new(), None, offset));
     };
     if data.error_code != 0 {
         return Err(Error::Broker(format!("fetch of partition {partition}: {}", code_name(data.error_code))));
     }
-    let records = match data.records {
+    let (records, next) = match data.records {
         Some(bytes) => decode_batches(bytes, partition)?,
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
-    Ok((records, data.high_watermark))
+    Ok((records, next, data.high_watermark))
 }

@@ -910,8 +910,8 @@ impl Sender {
             count += 1;
         }
         // The batch's head, and at most 32 bytes of each record's own (lengths, deltas,
-        // attributes) before compression. The space of earlier batches is used again once
-        // they are gone (none is by now but those of this request).
+        // attributes) before compression. The space of batches let go is used again (a
+        // request's batches are let go together, once it is answered).
         self.encoded.reserve(size + 128 + 32 * count);
         if self.s.compression == Compression::None {
             let messages = q.held.iter().take(count).map(|h| {
@@ -1151,11 +1151,11 @@ mod tests {
                 Arc::new(Stats::default()),
                 Arc::new(AtomicBool::new(false)),
             );
-            sender.adopt(Layout { leaders: vec![Some(1)], brokers: HashMap::new() });
-            for i in 0..5u8 {
+            sender.adopt(Layout { leaders: vec![Some(1); 2], brokers: HashMap::new() });
+            for (partition, i) in (0..5u8).map(|i| (0, i)).chain((0..3u8).map(|i| (1, 100 + i))) {
                 let m = Message {
                     key: (i != 2).then(|| Bytes::from(vec![b'k', i])),
-                    partition: Some(0),
+                    partition: Some(partition),
                     value: Bytes::from(vec![i; 3]),
                     timestamp_ms: 1000 + i64::from(i),
                 };
@@ -1165,19 +1165,23 @@ mod tests {
             }
             let (bytes, n) = sender.batch(0).expect("a batch");
             assert_eq!(n, 5);
-            // Encoded again in the space the first left (held, then let go): the same bytes.
-            let (again, _) = sender.batch(0).expect("a batch");
-            assert_eq!(again, bytes);
-            drop(again);
-            let (third, _) = sender.batch(0).expect("a batch");
-            assert_eq!(third, bytes);
+            // The next batch is encoded while this one is held (a request with both): it is
+            // left as it was.
+            let kept = bytes.to_vec();
+            let (other, n) = sender.batch(1).expect("a batch");
+            assert_eq!((n, &bytes[..]), (3, &kept[..]));
+            assert_ne!(other, bytes);
+            // Both let go, the space is used again: partition 0 encodes as before.
+            drop((bytes, other));
+            let (bytes, _) = sender.batch(0).expect("a batch");
+            assert_eq!(&bytes[..], &kept[..]);
             let heads =
                 kafka_protocol::records::RecordBatchDecoder::decode_batch_info(&mut bytes.clone()).unwrap();
             assert_eq!(heads.len(), 1, "one batch for the partition: {heads:?}");
             let head = &heads[0];
             assert_eq!((head.record_count, head.producer_id, head.base_sequence), (5, -1, -1));
             assert_eq!(head.compression, compression);
-            let read = crate::records::decode_batches(bytes, 0).unwrap();
+            let (read, _) = crate::records::decode_batches(bytes, 0).unwrap();
             let got: Vec<(i64, i64, Option<Bytes>, Option<Bytes>)> =
                 read.into_iter().map(|r| (r.offset, r.timestamp_ms, r.key, r.value)).collect();
             let want: Vec<(i64, i64, Option<Bytes>, Option<Bytes>)> = (0..5u8)

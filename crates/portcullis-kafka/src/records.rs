@@ -2,14 +2,15 @@
 //!
 //! - [`decode_batches`]: as a fetch returns them, read with checked arithmetic: a broker's bytes
 //!   are refused with an error, never a panic, and what is kept is paid for by bytes of the
-//!   input. Compressed batches are inflated by the `kafka-protocol` crate's codecs; how much a
-//!   batch inflates to is bounded only by its codec.
+//!   input. A compressed batch is inflated through a bound ([`MOST_INFLATED`]), snappy's blocks
+//!   no further than snappy can inflate: no length a broker claims is allocated up front.
 //! - [`encode_batch`]: the producer's uncompressed batch, written straight from the messages it
 //!   holds (the codec's encoder wants a record struct, two reference counts and a size pass per
 //!   message). Compressed batches are the codec's.
 
+use std::io::Read;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
 
 use crate::Error;
 
@@ -17,6 +18,14 @@ use crate::Error;
 const PREFIX: usize = 12;
 /// A batch's length counts from the leader epoch to its last record: a header of 49 bytes.
 const HEADER: usize = 49;
+/// The most a compressed batch may inflate to.
+pub const MOST_INFLATED: usize = 64 << 20;
+/// The most a snappy block inflates: a 3-byte copy of 64 bytes, and its length's varint.
+const SNAPPY_RATIO: usize = 22;
+/// The head of a snappy stream in xerial's framing (the Java client's): magic, version, and the
+/// version it is compatible with; then blocks, each after its length (u32).
+const XERIAL: &[u8; 8] = b"\x82SNAPPY\x00";
+
 /// The smallest record: seven one-byte fields (length, attributes, the two deltas, the key's and
 /// value's lengths, the header count).
 const SMALLEST_RECORD: usize = 7;
@@ -115,11 +124,13 @@ impl Reader {
     }
 }
 
-/// The records of the batches in `bytes`, the records of one partition's fetch. A batch the
-/// broker cut at the size asked for ends the list: it comes whole in the next fetch. Control
-/// batches (transaction markers) hold no records of the topic and are skipped.
-pub fn decode_batches(mut bytes: Bytes, partition: i32) -> Result<Vec<Fetched>, Error> {
+/// The records of the batches in `bytes`, the records of one partition's fetch, and the offset
+/// after the last whole batch (none without one). A batch the broker cut at the size asked for
+/// ends the list: it comes whole in the next fetch. Control batches (transaction markers) hold
+/// no records of the topic and are skipped, but for the offset after them.
+pub fn decode_batches(mut bytes: Bytes, partition: i32) -> Result<(Vec<Fetched>, Option<i64>), Error> {
     let mut out = Vec::new();
+    let mut next = None;
     while bytes.len() >= PREFIX {
         let length = i32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         let length = usize::try_from(length).map_err(|_| bad(format_args!("length {length}")))?;
@@ -145,7 +156,10 @@ pub fn decode_batches(mut bytes: Bytes, partition: i32) -> Result<Vec<Fetched>, 
             return Err(bad(format_args!("crc {crc:#010x} where the bytes give {actual:#010x}")));
         }
         let attributes = batch.i16("attributes")?;
-        batch.i32("last offset delta")?;
+        let last_delta = batch.i32("last offset delta")?;
+        let after =
+            base_offset.checked_add(i64::from(last_delta) + 1).ok_or_else(|| bad("offset overflows"))?;
+        next = Some(next.map_or(after, |n: i64| n.max(after)));
         let base_timestamp = batch.i64("base timestamp")?;
         let max_timestamp = batch.i64("max timestamp")?;
         batch.i64("producer id")?;
@@ -159,19 +173,13 @@ pub fn decode_batches(mut bytes: Bytes, partition: i32) -> Result<Vec<Fetched>, 
         // With log-append time the broker's time stamps every record of the batch.
         let log_append = attributes & (1 << 3) != 0;
         let batch_info = Batch { partition, base_offset, base_timestamp, max_timestamp, log_append, count };
-        let mut records = batch.0;
         let body = match attributes & 0x7 {
-            0 => Ok(records),
-            1 => Gzip::decompress(&mut records, |b: &mut Bytes| Ok(b.clone())),
-            2 => Snappy::decompress(&mut records, |b: &mut Bytes| Ok(b.clone())),
-            3 => Lz4::decompress(&mut records, |b: &mut Bytes| Ok(b.clone())),
-            4 => Zstd::decompress(&mut records, |b: &mut Bytes| Ok(b.clone())),
-            other => return Err(bad(format_args!("compression {other}"))),
+            0 => batch.0,
+            codec => inflate(codec, &batch.0, MOST_INFLATED)?,
         };
-        let body = body.map_err(|e| bad(format_args!("{e:#}")))?;
         batch_info.records(body, &mut out)?;
     }
-    Ok(out)
+    Ok((out, next))
 }
 
 /// A message as [`encode_batch`] takes it: time stamp (ms), key, value.
@@ -204,7 +212,7 @@ where
     out.put_i32(-1);
     out.put_i32(count as i32);
     for (offset, (t, key, value)) in messages.enumerate() {
-        // Differences from the batch's first time stamp: the deltas are never negative.
+        // Differences from the batch's earliest time stamp: the deltas are never negative.
         let delta = t.wrapping_sub(first);
         let key_len = key.map_or(-1, |k| k.len() as i64);
         let body = 1
@@ -248,6 +256,67 @@ fn put_zigzag(out: &mut BytesMut, n: i64) {
         z >>= 7;
     }
     out.put_u8(z as u8);
+}
+
+/// A compressed batch's records, inflated by `codec` (gzip, snappy, lz4, zstd) up to `most`
+/// bytes.
+fn inflate(codec: i16, body: &[u8], most: usize) -> Result<Bytes, Error> {
+    let bound = most as u64 + 1;
+    let mut out = Vec::new();
+    let read = |r: &mut dyn Read, out: &mut Vec<u8>| r.take(bound).read_to_end(out).map(drop);
+    let (name, done) = match codec {
+        1 => ("gzip", read(&mut flate2::read::GzDecoder::new(body), &mut out)),
+        2 => return snappy(body, most),
+        3 => ("lz4", lz4::Decoder::new(body).and_then(|mut d| read(&mut d, &mut out))),
+        4 => {
+            // Windows up to 8 MiB (a producer's default is 2 MiB at most): a frame cannot make
+            // the decoder set aside the 128 MiB it would allow.
+            let decoder = zstd::stream::read::Decoder::new(body).and_then(|mut d| {
+                d.window_log_max(23)?;
+                Ok(d)
+            });
+            ("zstd", decoder.and_then(|mut d| read(&mut d, &mut out)))
+        }
+        other => return Err(bad(format_args!("compression {other}"))),
+    };
+    done.map_err(|e| bad(format_args!("{name}: {e}")))?;
+    if out.len() > most {
+        return Err(bad(format_args!("{name}: inflates past {most} bytes")));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Snappy: raw, or in xerial's framing (as Kafka's clients write it). Each block's inflated
+/// length is its own claim, believed only as far as snappy can inflate a block that long.
+fn snappy(body: &[u8], most: usize) -> Result<Bytes, Error> {
+    let block = |block: &[u8], out: &mut Vec<u8>| {
+        let n = snap::raw::decompress_len(block).map_err(|e| bad(format_args!("snappy: {e}")))?;
+        if n > block.len().saturating_mul(SNAPPY_RATIO) || out.len() + n > most {
+            return Err(bad(format_args!("snappy: a block of {} bytes says it holds {n}", block.len())));
+        }
+        let start = out.len();
+        out.resize(start + n, 0);
+        snap::raw::Decoder::new()
+            .decompress(block, &mut out[start..])
+            .map_err(|e| bad(format_args!("snappy: {e}")))?;
+        Ok(())
+    };
+    let mut out = Vec::new();
+    if !body.starts_with(XERIAL) {
+        block(body, &mut out)?;
+        return Ok(Bytes::from(out));
+    }
+    let mut rest = body.get(16..).ok_or_else(|| bad("snappy: the stream's head cut short"))?;
+    while let Some((length, after)) = rest.split_first_chunk::<4>() {
+        let length = u32::from_be_bytes(*length) as usize;
+        let (b, next) = after.split_at_checked(length).ok_or_else(|| bad("snappy: a block cut short"))?;
+        block(b, &mut out)?;
+        rest = next;
+    }
+    if !rest.is_empty() {
+        return Err(bad("snappy: a block's length cut short"));
+    }
+    Ok(Bytes::from(out))
 }
 
 struct Batch {
@@ -356,7 +425,8 @@ mod tests {
         {
             let mut two = batch(compression, 40);
             two.extend_from_slice(&batch(compression, 43));
-            let read = decode_batches(two.freeze(), 3).unwrap();
+            let (read, next) = decode_batches(two.freeze(), 3).unwrap();
+            assert_eq!(next, Some(46));
             let offsets: Vec<i64> = read.iter().map(|r| r.offset).collect();
             assert_eq!(offsets, [40, 41, 42, 43, 44, 45], "{compression:?}");
             assert!(read.iter().all(|r| r.partition == 3 && r.timestamp_ms == 1_764_957_862_000 + r.offset));
@@ -406,8 +476,11 @@ mod tests {
         let mut bytes = batch(Compression::None, 0);
         let second = batch(Compression::None, 3);
         bytes.extend_from_slice(&second[..second.len() - 1]);
-        assert_eq!(decode_batches(bytes.freeze(), 0).unwrap().len(), 3);
-        assert_eq!(decode_batches(Bytes::from_static(&[0; 11]), 0).unwrap(), []);
+        assert_eq!(decode_batches(bytes.freeze(), 0).unwrap().0.len(), 3);
+        assert_eq!(decode_batches(Bytes::from_static(&[0; 11]), 0).unwrap(), (Vec::new(), None));
+        // A control batch (a transaction's marker): no records, but the offset moves past it.
+        let control = edited(|b| b[22] |= 1 << 5);
+        assert_eq!(decode_batches(control, 0).unwrap(), (Vec::new(), Some(3)));
     }
 
     /// Rewrites the CRC after `edit` changed the bytes it covers.
@@ -449,6 +522,35 @@ mod tests {
     }
 
     #[test]
+    fn a_compressed_batch_inflates_no_further_than_the_bound() {
+        let zeros = vec![0u8; 5000];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &zeros).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(inflate(1, &gz, 5000).unwrap().len(), 5000);
+        assert!(inflate(1, &gz, 4999).unwrap_err().to_string().contains("inflates past 4999"));
+        let zst = zstd::encode_all(&zeros[..], 3).unwrap();
+        assert_eq!(inflate(4, &zst, 5000).unwrap().len(), 5000);
+        assert!(inflate(4, &zst, 4999).is_err());
+        let raw = snap::raw::Encoder::new().compress_vec(&zeros).unwrap();
+        assert_eq!(inflate(2, &raw, 5000).unwrap().len(), 5000);
+        assert!(inflate(2, &raw, 4999).is_err());
+        // In xerial's framing, two blocks.
+        let mut framed = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01".to_vec();
+        for _ in 0..2 {
+            framed.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&raw);
+        }
+        assert_eq!(inflate(2, &framed, 10_000).unwrap().len(), 10_000);
+        assert!(inflate(2, &framed[..framed.len() - 1], 10_000).is_err(), "a block cut short");
+        // A block of a few bytes that says it holds 4 GiB: refused before any room is made.
+        let claim = [0xff, 0xff, 0xff, 0xff, 0x0f, 0x00];
+        let e = inflate(2, &claim, MOST_INFLATED).unwrap_err().to_string();
+        assert!(e.contains("says it holds 4294967295"), "{e}");
+        assert!(inflate(5, &raw, 5000).unwrap_err().to_string().contains("compression 5"));
+    }
+
+    #[test]
     fn log_append_time_stamps_every_record_with_the_brokers() {
         let read = decode_batches(
             edited(|b| {
@@ -457,7 +559,8 @@ mod tests {
             }),
             0,
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert!(read.len() == 3 && read.iter().all(|r| r.timestamp_ms == 7));
     }
 

@@ -306,20 +306,21 @@ pub fn retriable(code: i16) -> bool {
 }
 
 /// Walks an answer's body as `key`'s answer at `version` (non-flexible versions only), checking
-/// that every array and string fits in the bytes that follow its length.
+/// that every string fits in the bytes that follow its length, and that no array claims more
+/// elements than those bytes could hold at their smallest.
 pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String> {
     let mut w = Walk { rest: body };
     match key {
         ApiKey::ApiVersions => {
             w.skip(2)?;
-            w.array(|w| w.skip(6))?;
+            w.array(6, |w| w.skip(6))?;
             if version >= 1 {
                 w.skip(4)?;
             }
         }
         ApiKey::SaslHandshake => {
             w.skip(2)?;
-            w.array(Walk::string)?;
+            w.array(2, Walk::string)?;
         }
         ApiKey::SaslAuthenticate => {
             w.skip(2)?;
@@ -333,7 +334,8 @@ pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String>
             if version >= 3 {
                 w.skip(4)?;
             }
-            w.array(|w| {
+            // Node id, host, port, rack.
+            w.array(12, |w| {
                 w.skip(4)?;
                 w.string()?;
                 w.skip(4)?;
@@ -343,19 +345,22 @@ pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String>
                 w.string()?;
             }
             w.skip(4)?;
-            w.array(|w| {
+            // Error, name, internal, partitions (and authorized operations).
+            w.array(if version >= 8 { 13 } else { 9 }, |w| {
                 w.skip(2)?;
                 w.string()?;
                 w.skip(1)?;
-                w.array(|w| {
+                // Error, index, leader (and its epoch), replicas, in sync (and offline).
+                let least = 18 + if version >= 7 { 4 } else { 0 } + if version >= 5 { 4 } else { 0 };
+                w.array(least, |w| {
                     w.skip(10)?;
                     if version >= 7 {
                         w.skip(4)?;
                     }
-                    w.array(|w| w.skip(4))?;
-                    w.array(|w| w.skip(4))?;
+                    w.array(4, |w| w.skip(4))?;
+                    w.array(4, |w| w.skip(4))?;
                     if version >= 5 {
-                        w.array(|w| w.skip(4))?;
+                        w.array(4, |w| w.skip(4))?;
                     }
                     Ok(())
                 })?;
@@ -369,15 +374,16 @@ pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String>
             }
         }
         ApiKey::Produce if (3..=8).contains(&version) => {
-            w.array(|w| {
+            w.array(6, |w| {
                 w.string()?;
-                w.array(|w| {
+                let least = 22 + if version >= 5 { 8 } else { 0 } + if version >= 8 { 6 } else { 0 };
+                w.array(least, |w| {
                     w.skip(4 + 2 + 8 + 8)?;
                     if version >= 5 {
                         w.skip(8)?;
                     }
                     if version >= 8 {
-                        w.array(|w| {
+                        w.array(6, |w| {
                             w.skip(4)?;
                             w.string()
                         })?;
@@ -393,16 +399,17 @@ pub fn check_shape(key: ApiKey, version: i16, body: &[u8]) -> Result<(), String>
             if version >= 7 {
                 w.skip(2 + 4)?;
             }
-            w.array(|w| {
+            w.array(6, |w| {
                 w.string()?;
-                w.array(|w| {
+                let least = 30 + if version >= 5 { 8 } else { 0 } + if version >= 11 { 4 } else { 0 };
+                w.array(least, |w| {
                     // Index, error, high watermark, last stable offset.
                     w.skip(4 + 2 + 8 + 8)?;
                     if version >= 5 {
                         w.skip(8)?;
                     }
                     // Aborted transactions: producer id and first offset.
-                    w.array(|w| w.skip(16))?;
+                    w.array(16, |w| w.skip(16))?;
                     if version >= 11 {
                         w.skip(4)?;
                     }
@@ -463,13 +470,18 @@ impl Walk<'_> {
     }
 
     /// An array (i32 count, -1 for null) of elements each walked by `element`, which takes at
-    /// least one byte: a count beyond the bytes left is refused before any element is read.
-    fn array(&mut self, mut element: impl FnMut(&mut Self) -> Result<(), String>) -> Result<(), String> {
+    /// least `least` bytes: a count the bytes left cannot hold is refused before any element is
+    /// read (the codec makes room for every element it is told of, each many times its least).
+    fn array(
+        &mut self,
+        least: usize,
+        mut element: impl FnMut(&mut Self) -> Result<(), String>,
+    ) -> Result<(), String> {
         let n = self.int(4)?;
         if n == -1 {
             return Ok(());
         }
-        if n < 0 || n as usize > self.rest.len() {
+        if n < 0 || (n as usize).saturating_mul(least) > self.rest.len() {
             return Err(format!("an array of {n} elements in {} bytes", self.rest.len()));
         }
         for _ in 0..n {
@@ -563,5 +575,13 @@ mod tests {
         claims.put_u8(b't');
         claims.put_i32(0x7fff_ffff);
         assert!(check_shape(ApiKey::Fetch, 4, &claims).unwrap_err().contains("elements in"));
+        // Three partitions in 60 bytes: each takes at least 30 (the codec would make room for
+        // three of its own, some 230 bytes each, before reading one).
+        let mut three = claims.clone();
+        three.truncate(claims.len() - 4);
+        three.put_i32(3);
+        three.put_bytes(0, 60);
+        let e = check_shape(ApiKey::Fetch, 4, &three).unwrap_err();
+        assert!(e.contains("an array of 3 elements in 60 bytes"), "{e}");
     }
 }
