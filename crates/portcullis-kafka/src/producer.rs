@@ -481,6 +481,30 @@ struct Sender {
     encoded: BytesMut,
 }
 
+/// Message `offset` of a batch as the codec's encoder takes it: create time, no producer id, no
+/// headers.
+pub(crate) fn codec_record(offset: i64, timestamp_ms: i64, key: Option<Bytes>, value: Bytes) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset,
+        // The codec starts a new batch wherever offset less sequence changes: one that rises
+        // with the offset keeps every record in one batch (a broker takes exactly one per
+        // partition in a produce request), and -1 at offset 0, the batch's base sequence, says
+        // "no sequence" (no idempotence).
+        sequence: offset as i32 - 1,
+        timestamp: timestamp_ms,
+        key,
+        value: Some(value),
+        headers: Default::default(),
+    }
+}
+
 /// The bytes an arena of held messages grows by.
 const ARENA: usize = 64 * 1024;
 /// Blocks an arena keeps (in use or free) before it lets free ones go.
@@ -925,25 +949,7 @@ impl Sender {
         records.clear();
         records.reserve(count);
         for (i, h) in q.held.iter().take(count).enumerate() {
-            records.push(Record {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: -1,
-                producer_id: -1,
-                producer_epoch: -1,
-                timestamp_type: TimestampType::Creation,
-                offset: i as i64,
-                // The codec starts a new batch wherever offset less sequence changes: one that
-                // rises with the offset keeps every record in one batch (a broker takes exactly
-                // one per partition in a produce request), and -1 at the first, the batch's base
-                // sequence, says "no sequence" (no idempotence).
-                sequence: i as i32 - 1,
-                timestamp: h.timestamp_ms,
-                key: h.key(),
-                value: Some(h.value()),
-                headers: Default::default(),
-            });
+            records.push(codec_record(i as i64, h.timestamp_ms, h.key(), h.value()));
         }
         let options = RecordEncodeOptions { version: 2, compression: self.s.compression };
         let encoded = RecordBatchEncoder::encode(&mut self.encoded, &*records, &options);

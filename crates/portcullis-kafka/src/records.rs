@@ -378,31 +378,20 @@ impl Batch {
 mod tests {
     use bytes::{BufMut, BytesMut};
     use kafka_protocol::protocol::StrBytes;
-    use kafka_protocol::records::{
-        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    };
+    use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 
     use super::*;
 
+    /// A record as the producer hands the codec its compressed batches, with two headers.
     fn record(offset: i64, key: Option<&'static [u8]>, value: &'static [u8]) -> Record {
         let mut headers = kafka_protocol::indexmap::IndexMap::new();
         headers.insert(StrBytes::from_static_str("h"), Some(Bytes::from_static(b"v")));
         headers.insert(StrBytes::from_static_str("empty"), None);
+        let timestamp = 1_764_957_862_000 + offset;
+        let value = Bytes::from_static(value);
         Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset,
-            // As the producer writes them: one batch for them all.
-            sequence: offset as i32 - 1,
-            timestamp: 1_764_957_862_000 + offset,
-            key: key.map(Bytes::from_static),
-            value: Some(Bytes::from_static(value)),
             headers,
+            ..crate::producer::codec_record(offset, timestamp, key.map(Bytes::from_static), value)
         }
     }
 
@@ -448,12 +437,13 @@ mod tests {
         let records: Vec<Record> = messages
             .iter()
             .enumerate()
-            .map(|(i, &(t, k, v))| Record {
-                timestamp: t,
-                key: k.map(Bytes::copy_from_slice),
-                value: Some(Bytes::copy_from_slice(v)),
-                headers: Default::default(),
-                ..record(i as i64, None, b"")
+            .map(|(i, &(t, k, v))| {
+                crate::producer::codec_record(
+                    i as i64,
+                    t,
+                    k.map(Bytes::copy_from_slice),
+                    Bytes::copy_from_slice(v),
+                )
             })
             .collect();
         let mut codec = BytesMut::new();
