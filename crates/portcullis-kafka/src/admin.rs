@@ -88,7 +88,7 @@ pub fn read_topic(
                 }
             }
             // Past batches without records of the topic (transaction markers) too.
-            offset = offset.max(next.unwrap_or(offset));
+            offset = next.map_or(offset, |n| n.max(offset));
             if offset >= high_watermark || offset == before {
                 break;
             }

@@ -269,7 +269,7 @@ pub fn decode_answer<P: Decodable + HeaderVersion>(
     }
     // The codec sizes each array from the count the broker wrote before reading its elements:
     // the answers the producer (and a fetch) reads are walked first, so that no count claims
-    // more elements than the bytes hold.
+    // more elements than the bytes could hold.
     if matches!(
         key,
         ApiKey::ApiVersions

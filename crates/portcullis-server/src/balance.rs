@@ -39,15 +39,11 @@ impl Health {
     /// that share a server judge it each on its own (their checks may differ), and so do two
     /// servers in one process.
     pub(crate) fn of(kept: &crate::stats::Kept, backend: &str, key: &PoolKey) -> Arc<Health> {
-        let mut kept = kept.health.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|(_, w)| w.strong_count() > 0);
-        let found = kept.iter().find(|((b, k), _)| b == backend && k == key).and_then(|(_, w)| w.upgrade());
-        if let Some(h) = found {
-            return h;
-        }
-        let h = Arc::new(Health::default());
-        kept.push(((backend.to_owned(), key.clone()), Arc::downgrade(&h)));
-        h
+        kept.health.get_or(
+            |(b, k)| b == backend && k == key,
+            || (backend.to_owned(), key.clone()),
+            Health::default,
+        )
     }
 
     pub(crate) fn available(&self, now_ms: u64) -> bool {

@@ -226,17 +226,41 @@ impl WorkerStats {
 #[derive(Debug, Default)]
 pub(crate) struct Kept {
     /// By API name and operations.
-    apis: std::sync::Mutex<Vec<KeptApi>>,
+    apis: Shelf<(String, Vec<String>), ApiCounters>,
     /// By backend (or `callout`) and server.
-    pools: std::sync::Mutex<Vec<KeptPool>>,
+    pools: Shelf<(String, String), PoolCounters>,
     /// By backend and server (see [`crate::balance::Health::of`]).
-    pub(crate) health: std::sync::Mutex<Vec<KeptHealth>>,
+    pub(crate) health: Shelf<(String, crate::upstream::PoolKey), crate::balance::Health>,
 }
 
-pub(crate) type KeptHealth = ((String, crate::upstream::PoolKey), std::sync::Weak<crate::balance::Health>);
+/// What is kept under a key while a configuration holds it (and forgotten once none does).
+#[derive(Debug)]
+pub(crate) struct Shelf<K, T>(std::sync::Mutex<Vec<(K, std::sync::Weak<T>)>>);
 
-type KeptApi = (String, Vec<String>, std::sync::Weak<ApiCounters>);
-type KeptPool = ((String, String), std::sync::Weak<PoolCounters>);
+impl<K, T> Default for Shelf<K, T> {
+    fn default() -> Self {
+        Shelf(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<K, T> Shelf<K, T> {
+    /// The one kept under the key `is` finds, or the one `make` makes, kept under `key()`.
+    pub(crate) fn get_or(
+        &self,
+        is: impl Fn(&K) -> bool,
+        key: impl FnOnce() -> K,
+        make: impl FnOnce() -> T,
+    ) -> std::sync::Arc<T> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(found) = kept.iter().find(|(k, _)| is(k)).and_then(|(_, w)| w.upgrade()) {
+            return found;
+        }
+        let made = std::sync::Arc::new(make());
+        kept.push((key(), std::sync::Arc::downgrade(&made)));
+        made
+    }
+}
 
 /// One API's requests by status class, a block per worker. Kept by name across reloads, so
 /// that a reload does not reset an API's counters.
@@ -263,21 +287,18 @@ impl ApiCounters {
         operations: Vec<String>,
         workers: usize,
     ) -> std::sync::Arc<ApiCounters> {
-        use std::sync::Arc;
-        let mut kept = kept.apis.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|(_, _, w)| w.strong_count() > 0);
-        if let Some(c) =
-            kept.iter().find(|(n, o, _)| n == name && *o == operations).and_then(|(_, _, w)| w.upgrade())
-        {
-            return c;
-        }
         let rows = operations.len() + 1;
-        let per_worker = (0..workers.max(1))
-            .map(|_| ApiWorker { rows: (0..rows).map(|_| Default::default()).collect() })
-            .collect();
-        let c = Arc::new(ApiCounters { operations: operations.clone(), per_worker });
-        kept.push((name.to_owned(), operations, Arc::downgrade(&c)));
-        c
+        let make = || ApiCounters {
+            operations: operations.clone(),
+            per_worker: (0..workers.max(1))
+                .map(|_| ApiWorker { rows: (0..rows).map(|_| Default::default()).collect() })
+                .collect(),
+        };
+        kept.apis.get_or(
+            |(n, o)| n == name && *o == operations,
+            || (name.to_owned(), operations.clone()),
+            make,
+        )
     }
 
     /// A request answered `status` on operation `slot` (0: the API has no operations).
@@ -346,19 +367,11 @@ impl PoolCounters {
         server: &str,
         workers: usize,
     ) -> std::sync::Arc<PoolCounters> {
-        use std::sync::Arc;
-        let mut kept = kept.pools.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|(_, w)| w.strong_count() > 0);
-        let found =
-            kept.iter().find(|((b, s), _)| b == backend && s == server).and_then(|(_, w)| w.upgrade());
-        if let Some(c) = found {
-            return c;
-        }
-        let c = Arc::new(PoolCounters {
-            per_worker: (0..workers.max(1)).map(|_| PoolWorker::default()).collect(),
-        });
-        kept.push(((backend.to_owned(), server.to_owned()), Arc::downgrade(&c)));
-        c
+        kept.pools.get_or(
+            |(b, s)| b == backend && s == server,
+            || (backend.to_owned(), server.to_owned()),
+            || PoolCounters { per_worker: (0..workers.max(1)).map(|_| PoolWorker::default()).collect() },
+        )
     }
 
     /// Event `event` on worker `worker`.
