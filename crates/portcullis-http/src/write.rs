@@ -83,6 +83,7 @@ pub static DIGIT_PAIRS: [u8; 200] = {
 };
 
 /// Appends `n` in decimal.
+#[inline(always)]
 pub fn decimal(out: &mut impl BufMut, n: u64) {
     decimal_padded(out, n, 1);
 }
@@ -90,6 +91,8 @@ pub fn decimal(out: &mut impl BufMut, n: u64) {
 /// Appends `n` in decimal, at least `width` digits (zero-padded; at most 20). Most numbers
 /// written (a status, an octet, a port, milliseconds, a length) are small: they come straight
 /// from the pairs table, without the general loop and its buffer.
+/// Inlined: most callers write small numbers, and the match then comes down to a branch or two.
+#[inline(always)]
 pub fn decimal_padded(out: &mut impl BufMut, n: u64, width: usize) {
     let pair = |n: usize| &DIGIT_PAIRS[2 * n..2 * n + 2];
     match n {
@@ -203,28 +206,30 @@ pub fn json_escaped(out: &mut BytesMut, s: &str) {
 
 /// Whether `v` is printable ASCII without `"` or `\`: what a JSON string holds as it is. Eight
 /// bytes at a time (most values that go into logs are, and are checked on every request).
+#[inline]
 pub fn json_plain(v: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     // A byte of `x` is zero (exact as a whole: whether any byte is).
     let zero_in = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
-    let mut chunks = v.chunks_exact(8);
-    for chunk in &mut chunks {
+    // Bytes from 0x80 up, bytes under 0x20 (with none from 0x80 up, `w - 0x20..` borrows into
+    // the high bit of exactly those), and `"`, `\`, DEL.
+    let plain = |w: u64| {
+        w & HIGH == 0
+            && w.wrapping_sub(ONES * 0x20) & !w & HIGH == 0
+            && !zero_in(w ^ (ONES * u64::from(b'"')))
+            && !zero_in(w ^ (ONES * u64::from(b'\\')))
+            && !zero_in(w ^ (ONES * 0x7f))
+    };
+    let Some(last) = v.last_chunk::<8>() else {
+        return v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    };
+    // Whole words, then the last eight bytes (overlapping the last whole word) for the rest.
+    v.chunks_exact(8).all(|chunk| {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let w = u64::from_ne_bytes(word);
-        // Bytes from 0x80 up, bytes under 0x20 (with none from 0x80 up, `w - 0x20..` borrows
-        // into the high bit of exactly those), and `"`, `\`, DEL.
-        if w & HIGH != 0
-            || w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
-            || zero_in(w ^ (ONES * u64::from(b'"')))
-            || zero_in(w ^ (ONES * u64::from(b'\\')))
-            || zero_in(w ^ (ONES * 0x7f))
-        {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        plain(u64::from_ne_bytes(word))
+    }) && plain(u64::from_ne_bytes(*last))
 }
 
 /// Appends bytes from anywhere (a client's) as the inside of a JSON string: `"`, `\` and
@@ -345,12 +350,15 @@ mod tests {
         let slow = |v: &[u8]| v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
         let base = b"GET /items/42?x=1 HTTP".to_vec();
         assert!(json_plain(&base) && json_plain(b"") && json_plain(b"~ 0123456789abcdef"));
-        // Every byte value at every position of a value longer than a word, and in its tail.
-        for at in 0..base.len() {
-            for b in 0..=255u8 {
-                let mut v = base.clone();
-                v[at] = b;
-                assert_eq!(json_plain(&v), slow(&v), "byte {b:#04x} at {at}");
+        // Every byte value at every position of values of every length up to three words: in
+        // whole words, in the tail, and in values shorter than a word.
+        for len in 0..=base.len() {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut v = base[..len].to_vec();
+                    v[at] = b;
+                    assert_eq!(json_plain(&v), slow(&v), "byte {b:#04x} at {at} of {len}");
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::BufMut;
 use portcullis_config::AccessFormat;
 use portcullis_http::arena::Arena;
 use portcullis_http::write::{decimal as number, decimal_padded as digits};
@@ -339,7 +340,7 @@ fn ends_mid_line(path: &std::path::Path, file: &std::fs::File) -> bool {
 
 fn run(shared: &Shared, rx: &Outlet<Record>) {
     let mut output: Option<Output> = None;
-    let mut line: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut lines = Lines::default();
     let mut clock = Clock::new();
     // Where records sent to a `[[logger]]` are written, each message sharing a block.
     let mut messages = Arena::new(64 * 1024, 4);
@@ -384,7 +385,7 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
         let taken = match (logger, output.as_mut()) {
             // To a `[[logger]]`: one JSON message per record.
             (Some(name), _) => match snapshot.loggers.iter().find(|p| p.settings().name == name.value) {
-                Some(producer) => to_logger(shared, rx, producer, &mut clock, &mut line, &mut messages),
+                Some(producer) => to_logger(shared, rx, producer, &mut clock, &mut lines, &mut messages),
                 None => {
                     let lost = discard(rx);
                     shared.access.dropped.fetch_add(lost, Ordering::Relaxed);
@@ -399,34 +400,33 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                 let mut count = 0u64;
                 let mut taken = 0;
                 let mut ok = true;
-                let mut write = |line: &mut Vec<u8>, count: &mut u64| {
+                let mut write = |lines: &mut Lines, count: &mut u64| {
                     if *count > 0 {
-                        ok = o.out.write_all(line).is_ok();
+                        ok = o.out.write_all(lines.written()).is_ok();
                         let counter = if ok { &shared.access.written } else { &shared.access.dropped };
                         counter.fetch_add(*count, Ordering::Relaxed);
                         *count = 0;
-                        line.clear();
+                        lines.clear();
                     }
                     ok
                 };
-                line.clear();
+                lines.clear();
                 while taken < BATCH {
-                    let Ok(mut batch) = rx.try_recv() else { break };
+                    let Ok(batch) = rx.try_recv() else { break };
                     taken += batch.len();
-                    for r in batch.drain(..) {
+                    for r in &batch {
                         match format {
-                            AccessFormat::Json => json(&r, &mut clock, &mut line),
-                            AccessFormat::Combined => combined(&r, &mut line),
+                            AccessFormat::Json => json(r, &mut clock, &mut lines),
+                            AccessFormat::Combined => combined(r, &mut lines),
                         }
-                        line.push(b'\n');
                         count += 1;
                     }
                     rx.recycle(batch);
-                    if line.len() >= CHUNK && !write(&mut line, &mut count) {
+                    if lines.written().len() >= CHUNK && !write(&mut lines, &mut count) {
                         break;
                     }
                 }
-                if !write(&mut line, &mut count) {
+                if !write(&mut lines, &mut count) {
                     output = None;
                 }
                 // Every record taken was written, or dropped and counted.
@@ -472,7 +472,7 @@ fn to_logger(
     rx: &Outlet<Record>,
     producer: &Producer,
     clock: &mut Clock,
-    line: &mut Vec<u8>,
+    lines: &mut Lines,
     arena: &mut Arena,
 ) -> u64 {
     let mut out = producer.batch();
@@ -484,14 +484,16 @@ fn to_logger(
         counter.fetch_add(n, Ordering::Relaxed);
     };
     while taken < BATCH as u64 {
-        let Ok(mut batch) = rx.try_recv() else { break };
+        let Ok(batch) = rx.try_recv() else { break };
         taken += batch.len() as u64;
-        for r in batch.drain(..) {
-            line.clear();
-            json(&r, clock, line);
+        for r in &batch {
+            lines.clear();
+            json(r, clock, lines);
+            // Without its newline: a message is one record.
+            let line = lines.written();
             // No allocation per message: the producer's thread copies what it holds, and the
             // block is filled again once it has taken these.
-            let value = arena.copy(line);
+            let value = arena.copy(&line[..line.len() - 1]);
             out.push(Message { key: None, partition: None, value, timestamp_ms: r.at_ms as i64 });
             if out.len() >= producer.per_batch() {
                 hand_over(&mut out);
@@ -513,6 +515,58 @@ const CHUNK: usize = 128 * 1024;
 /// How often the log thread looks for records when there were none.
 const POLL: Duration = Duration::from_millis(10);
 
+/// Formatted lines waiting to be written: `buf[..used]`. A record is formatted straight into the
+/// room after them, made once for the most its fields can come to: no capacity check, growth
+/// or call per piece of a line (a line is some forty of them).
+#[derive(Default)]
+struct Lines {
+    /// Zeroed once as it grows, then written over again and again.
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl Lines {
+    fn written(&self) -> &[u8] {
+        &self.buf[..self.used]
+    }
+
+    fn clear(&mut self) {
+        self.used = 0;
+    }
+
+    /// Appends one line (`write` and a newline) that is at most `most` bytes long without its
+    /// newline. `write` writes to the room given, which holds `most` bytes or more; it takes no
+    /// more than it writes.
+    fn line(&mut self, most: usize, write: impl FnOnce(&mut &mut [u8])) {
+        let need = self.used + most + 1;
+        if self.buf.len() < need {
+            self.buf.resize(need.max(2 * self.buf.len()), 0);
+        }
+        let mut room = &mut self.buf[self.used..];
+        let before = room.len();
+        write(&mut room);
+        room.put_u8(b'\n');
+        self.used += before - room.len();
+    }
+}
+
+/// The most bytes a JSON string of `v` takes, quotes included: each byte at most six (a control
+/// character as `\u00XX`; a byte that is not UTF-8 becomes three, U+FFFD).
+const fn json_most(v: usize) -> usize {
+    v * 6 + 2
+}
+
+/// The most bytes a line of `r` takes, in JSON or in the combined format (whose bytes are each
+/// at most four, `\xHH`), without its newline: the field names and punctuation, and every
+/// field at its longest.
+fn most(r: &Record) -> usize {
+    // Names, quotes and separators (under 400 bytes), nine numbers of at most 20 digits, the
+    // time, the peer (`[` an IPv6 address of at most 45 characters `]:65535`) and the id.
+    const FIXED: usize = 400 + 9 * 20 + 24 + 53 + json_most(16);
+    // Every text field is `-` at least.
+    FIXED + json_most(r.len().saturating_add(TEXTS)) + r.tls.len()
+}
+
 /// The date and time to the second of the last record written: the records of a batch mostly
 /// share it, and only their milliseconds are then formatted.
 struct Clock {
@@ -527,7 +581,7 @@ impl Clock {
     }
 
     /// `2026-12-05T18:04:22.123Z`.
-    fn rfc3339(&mut self, out: &mut Vec<u8>, ms: u64) {
+    fn rfc3339(&mut self, out: &mut impl BufMut, ms: u64) {
         let secs = ms / 1000;
         if secs != self.secs {
             self.secs = secs;
@@ -548,50 +602,56 @@ impl Clock {
             digits(p, t % 60, 2);
             p.push(b'.');
         }
-        out.extend_from_slice(&self.prefix);
+        out.put_slice(&self.prefix);
         digits(out, ms % 1000, 3);
-        out.push(b'Z');
+        out.put_u8(b'Z');
     }
 }
 
 /// A status, or `null` for none (0).
-fn status_or_null(out: &mut Vec<u8>, status: u16) {
+fn status_or_null(out: &mut impl BufMut, status: u16) {
     if status == 0 {
-        out.extend_from_slice("null".as_bytes());
+        out.put_slice(b"null");
     } else {
         number(out, u64::from(status));
     }
 }
 
 /// A socket address as `1.2.3.4:5` or `[::1]:5`.
-fn peer(out: &mut Vec<u8>, addr: SocketAddr) {
+fn peer(out: &mut impl BufMut, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(a) => {
-            for (i, o) in a.ip().octets().iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                number(out, u64::from(*o));
-            }
+            let [a, b, c, d] = a.ip().octets();
+            number(out, u64::from(a));
+            out.put_u8(b'.');
+            number(out, u64::from(b));
+            out.put_u8(b'.');
+            number(out, u64::from(c));
+            out.put_u8(b'.');
+            number(out, u64::from(d));
         }
         SocketAddr::V6(a) => {
-            let _ = write!(out, "[{}]", a.ip());
+            out.put_u8(b'[');
+            let _ = write!(out.writer(), "{}", a.ip());
+            out.put_u8(b']');
         }
     }
-    out.push(b':');
+    out.put_u8(b':');
     number(out, u64::from(addr.port()));
 }
 
 /// A JSON string of bytes from anywhere (a client's): escaped, invalid UTF-8 replaced.
-fn json_bytes(out: &mut Vec<u8>, v: &[u8]) {
-    out.push(b'"');
+/// Inlined: a line has fourteen, mostly short.
+#[inline(always)]
+fn json_bytes(out: &mut impl BufMut, v: &[u8]) {
+    out.put_u8(b'"');
     // Most values are printable ASCII with nothing to escape: copied whole, in one pass.
     if portcullis_http::write::json_plain(v) {
-        out.extend_from_slice(v);
+        out.put_slice(v);
     } else {
         portcullis_http::write::json_escaped_bytes(out, v);
     }
-    out.push(b'"');
+    out.put_u8(b'"');
 }
 
 /// [`json_bytes`] onto text (for the admin endpoint's `/config`).
@@ -601,105 +661,115 @@ pub(crate) fn json_str(out: &mut String, v: &[u8]) {
     out.push_str(&String::from_utf8_lossy(&bytes));
 }
 
-/// A text field as a JSON string, `"-"` when empty.
-fn json_text(out: &mut Vec<u8>, r: &Record, f: Text) {
+/// `name` (`,"field":`) and a text field as a JSON string, `"-"` when empty. Inlined, so that
+/// each name is copied as the constant it is.
+#[inline(always)]
+fn json_text(out: &mut &mut [u8], name: &[u8], r: &Record, f: Text) {
+    out.put_slice(name);
     let v = r.get(f);
     json_bytes(out, if v.is_empty() { b"-" } else { v });
 }
 
-fn json(r: &Record, clock: &mut Clock, out: &mut Vec<u8>) {
-    out.extend_from_slice("{\"time\":\"".as_bytes());
-    clock.rfc3339(out, r.at_ms);
-    out.extend_from_slice("\",\"id\":".as_bytes());
-    json_bytes(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
-    out.extend_from_slice(",\"peer\":\"".as_bytes());
-    peer(out, r.peer);
-    out.extend_from_slice("\",\"method\":".as_bytes());
-    json_text(out, r, Text::Method);
-    out.extend_from_slice(",\"path\":".as_bytes());
-    json_text(out, r, Text::Path);
-    out.extend_from_slice(",\"status\":".as_bytes());
-    status_or_null(out, r.status);
-    out.extend_from_slice(",\"api\":".as_bytes());
-    json_text(out, r, Text::Api);
-    out.extend_from_slice(",\"operation\":".as_bytes());
-    json_text(out, r, Text::Operation);
-    out.extend_from_slice(",\"micros\":".as_bytes());
-    number(out, r.micros);
-    out.extend_from_slice(",\"bytes\":".as_bytes());
-    number(out, r.bytes_in + r.bytes_out);
-    out.extend_from_slice(",\"bytes_in\":".as_bytes());
-    number(out, r.bytes_in);
-    out.extend_from_slice(",\"bytes_out\":".as_bytes());
-    number(out, r.bytes_out);
-    out.extend_from_slice(",\"tls\":\"".as_bytes());
-    out.extend_from_slice(r.tls.as_bytes());
-    out.extend_from_slice(if r.resumed { b"\",\"resumed\":true" } else { b"\",\"resumed\":false" });
-    for (name, field) in [
-        (",\"sni\":", Text::Sni),
-        (",\"client_cert\":", Text::ClientCert),
-        (",\"client_cert_subject\":", Text::ClientSubject),
-        (",\"subscription\":", Text::Subscription),
-        (",\"jwt_sub\":", Text::JwtSub),
-        (",\"jwt_appid\":", Text::JwtAppid),
-        (",\"user_agent\":", Text::UserAgent),
-        (",\"refused\":", Text::Refused),
-        (",\"backend\":", Text::Backend),
-    ] {
-        out.extend_from_slice(name.as_bytes());
-        json_text(out, r, field);
-    }
-    out.extend_from_slice(",\"upstream_status\":".as_bytes());
-    status_or_null(out, r.upstream_status);
-    out.extend_from_slice(",\"upstream_micros\":".as_bytes());
-    number(out, r.upstream_micros);
-    out.push(b'}');
+/// `name` and a number.
+#[inline(always)]
+fn json_number(out: &mut &mut [u8], name: &[u8], n: u64) {
+    out.put_slice(name);
+    number(out, n);
+}
+
+fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
+    lines.line(most(r), |out| {
+        out.put_slice(b"{\"time\":\"");
+        clock.rfc3339(out, r.at_ms);
+        out.put_slice(b"\",\"id\":");
+        json_bytes(out, r.id.as_ref().map_or(&b"-"[..], |i| &i[..]));
+        out.put_slice(b",\"peer\":\"");
+        peer(out, r.peer);
+        out.put_u8(b'"');
+        json_text(out, b",\"method\":", r, Text::Method);
+        json_text(out, b",\"path\":", r, Text::Path);
+        out.put_slice(b",\"status\":");
+        status_or_null(out, r.status);
+        json_text(out, b",\"api\":", r, Text::Api);
+        json_text(out, b",\"operation\":", r, Text::Operation);
+        json_number(out, b",\"micros\":", r.micros);
+        json_number(out, b",\"bytes\":", r.bytes_in.saturating_add(r.bytes_out));
+        json_number(out, b",\"bytes_in\":", r.bytes_in);
+        json_number(out, b",\"bytes_out\":", r.bytes_out);
+        out.put_slice(b",\"tls\":\"");
+        out.put_slice(r.tls.as_bytes());
+        out.put_slice(if r.resumed { b"\",\"resumed\":true" } else { b"\",\"resumed\":false" });
+        json_text(out, b",\"sni\":", r, Text::Sni);
+        json_text(out, b",\"client_cert\":", r, Text::ClientCert);
+        json_text(out, b",\"client_cert_subject\":", r, Text::ClientSubject);
+        json_text(out, b",\"subscription\":", r, Text::Subscription);
+        json_text(out, b",\"jwt_sub\":", r, Text::JwtSub);
+        json_text(out, b",\"jwt_appid\":", r, Text::JwtAppid);
+        json_text(out, b",\"user_agent\":", r, Text::UserAgent);
+        json_text(out, b",\"refused\":", r, Text::Refused);
+        json_text(out, b",\"backend\":", r, Text::Backend);
+        out.put_slice(b",\"upstream_status\":");
+        status_or_null(out, r.upstream_status);
+        json_number(out, b",\"upstream_micros\":", r.upstream_micros);
+        out.put_u8(b'}');
+    });
 }
 
 /// A field of the combined format: `"`, `\` and bytes outside printable ASCII as `\xHH`.
-fn combined_str(out: &mut Vec<u8>, v: &[u8]) {
+fn combined_str(out: &mut impl BufMut, v: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     if v.is_empty() {
-        out.push(b'-');
+        out.put_u8(b'-');
     }
     for &b in v {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-            let _ = write!(out, "\\x{b:02X}");
+            out.put_slice(&[b'\\', b'x', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
         } else {
-            out.push(b);
+            out.put_u8(b);
         }
     }
 }
 
 /// nginx's and HAProxy's "combined": `peer - - [05/Dec/2026:18:04:22 +0000] "GET /x HTTP/1.1"
 /// 200 512 "-" "agent"`.
-fn combined(r: &Record, out: &mut Vec<u8>) {
+fn combined(r: &Record, lines: &mut Lines) {
     const MONTHS: [&str; 12] =
         ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let secs = (r.at_ms / 1000) as i64;
     let (y, m, d) = portcullis_http::write::civil_date(secs.div_euclid(86_400));
-    let t = secs.rem_euclid(86_400);
+    let t = secs.rem_euclid(86_400) as u64;
     let month = MONTHS[(m as usize).clamp(1, 12) - 1];
-    let _ = write!(
-        out,
-        "{} - - [{d:02}/{month}/{y:04}:{:02}:{:02}:{:02} +0000] \"",
-        r.peer.ip(),
-        t / 3600,
-        t % 3600 / 60,
-        t % 60
-    );
-    combined_str(out, r.get(Text::Method));
-    out.push(b' ');
-    combined_str(out, r.get(Text::Path));
-    out.extend_from_slice(" HTTP/1.1\" ".as_bytes());
-    if r.status == 0 {
-        out.push(b'-');
-    } else {
-        let _ = write!(out, "{}", r.status);
-    }
-    // As nginx's `$body_bytes_sent`: the response body.
-    let _ = write!(out, " {} \"-\" \"", r.bytes_out);
-    combined_str(out, r.get(Text::UserAgent));
-    out.push(b'"');
+    lines.line(most(r), |out| {
+        let _ = write!(out.writer(), "{}", r.peer.ip());
+        out.put_slice(b" - - [");
+        digits(out, u64::from(d), 2);
+        out.put_u8(b'/');
+        out.put_slice(month.as_bytes());
+        out.put_u8(b'/');
+        digits(out, y.max(0) as u64, 4);
+        out.put_u8(b':');
+        digits(out, t / 3600, 2);
+        out.put_u8(b':');
+        digits(out, t % 3600 / 60, 2);
+        out.put_u8(b':');
+        digits(out, t % 60, 2);
+        out.put_slice(b" +0000] \"");
+        combined_str(out, r.get(Text::Method));
+        out.put_u8(b' ');
+        combined_str(out, r.get(Text::Path));
+        out.put_slice(b" HTTP/1.1\" ");
+        if r.status == 0 {
+            out.put_u8(b'-');
+        } else {
+            number(out, u64::from(r.status));
+        }
+        // As nginx's `$body_bytes_sent`: the response body.
+        out.put_u8(b' ');
+        number(out, r.bytes_out);
+        out.put_slice(b" \"-\" \"");
+        combined_str(out, r.get(Text::UserAgent));
+        out.put_u8(b'"');
+    });
 }
 
 #[cfg(test)]
@@ -792,18 +862,68 @@ mod tests {
     }
 
     #[test]
+    fn no_line_is_longer_than_the_room_made_for_it() {
+        let fields = [
+            Text::Method,
+            Text::Path,
+            Text::UserAgent,
+            Text::Api,
+            Text::Operation,
+            Text::ClientCert,
+            Text::ClientSubject,
+            Text::Refused,
+            Text::Sni,
+            Text::Subscription,
+            Text::JwtSub,
+            Text::JwtAppid,
+            Text::Backend,
+        ];
+        assert_eq!(fields.len(), TEXTS);
+        let widest: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().expect("addr");
+        let mapped: SocketAddr = "[::ffff:255.255.255.255]:65535".parse().expect("addr");
+        // Each byte at its widest: a control character (`\u0001`), a byte that is not UTF-8
+        // (U+FFFD), `"` (`\"`), and nothing at all (`"-"`).
+        for text in [&b"\x01"[..], b"\xff", b"\"", b""] {
+            for (n, addr) in [(1, widest), (40, mapped), (INLINE, widest)] {
+                let mut r = Record::new(u64::MAX, Some([1; 16]), addr);
+                (r.status, r.upstream_status) = (u16::MAX, u16::MAX);
+                (r.micros, r.bytes_in, r.bytes_out, r.upstream_micros) =
+                    (u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+                r.tls = "TLSv1.3";
+                for f in fields {
+                    r.put(f, &text.repeat(n));
+                }
+                for format in [json as fn(&Record, &mut Clock, &mut Lines), |r, _, l| combined(r, l)] {
+                    let mut lines = Lines::default();
+                    format(&r, &mut Clock::new(), &mut lines);
+                    let line = lines.written();
+                    assert!(
+                        line.len() - 1 <= most(&r),
+                        "{} > {}: {}",
+                        line.len() - 1,
+                        most(&r),
+                        String::from_utf8_lossy(line)
+                    );
+                    assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn both_formats_escape_what_clients_send() {
-        let mut out: Vec<u8> = Vec::new();
-        json(&record(), &mut Clock::new(), &mut out);
+        let mut lines = Lines::default();
+        json(&record(), &mut Clock::new(), &mut lines);
         assert_eq!(
-            String::from_utf8(out.clone()).expect("UTF-8"),
-            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","client_cert_subject":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}"#
+            String::from_utf8(lines.written().to_vec()).expect("UTF-8"),
+            r#"{"time":"2025-12-05T18:04:22.123Z","id":"0123456789abcdef","peer":"192.0.2.7:5000","method":"GET","path":"/items/\"x\"","status":200,"api":"todo","operation":"getItem","micros":1234,"bytes":512,"bytes_in":12,"bytes_out":500,"tls":"TLSv1.3","resumed":true,"sni":"-","client_cert":"-","client_cert_subject":"-","subscription":"sub-1","jwt_sub":"-","jwt_appid":"-","user_agent":"evil\"agent\\\u0001�","refused":"-","backend":"10.0.0.1:8080","upstream_status":200,"upstream_micros":900}
+"#
         );
-        out.clear();
-        combined(&record(), &mut out);
+        lines.clear();
+        combined(&record(), &mut lines);
         assert_eq!(
-            String::from_utf8(out.clone()).expect("UTF-8"),
-            r#"192.0.2.7 - - [05/Dec/2025:18:04:22 +0000] "GET /items/\x22x\x22 HTTP/1.1" 200 500 "-" "evil\x22agent\x5C\x01\xFF""#
+            String::from_utf8(lines.written().to_vec()).expect("UTF-8"),
+            "192.0.2.7 - - [05/Dec/2025:18:04:22 +0000] \"GET /items/\\x22x\\x22 HTTP/1.1\" 200 500 \"-\" \"evil\\x22agent\\x5C\\x01\\xFF\"\n"
         );
     }
 }
