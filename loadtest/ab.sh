@@ -16,8 +16,10 @@
 # proxy's background threads (the access-log writer, the Kafka producer) go on working after
 # its window, and that work is its own. Nothing is counted twice; a proxy's CPU during its own
 # warm-up second, and work left over from it, fall outside or inside the measure as they come.
-# With a Kafka logger, how many messages were sent, or dropped (a full buffer or queue: those
-# cost the workers no rendering), is printed at the end: runs compare only when those agree.
+# The split of each proxy's CPU over its threads (worker, log, loggers) over the whole run is
+# printed too. With a Kafka logger, how many messages were sent, or dropped (a full buffer or
+# queue: those cost the workers no rendering), is printed at the end: runs compare only when
+# those agree.
 #
 # A and B are bench.sh's configurations: keepalive (loadtest/conf/portcullis.toml.in),
 # accesslog or operator (portcullis-$MODE.toml.in; operator starts the broker Tansu on
@@ -121,6 +123,13 @@ echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}"
 sleep "$WINDOW"
 echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}")" >> "$OUT/raw.jsonl"
 
+# Where each proxy's CPU went over the whole run, by thread (the scheduler's own count, in ns).
+for side in A B; do
+  for task in /proc/"${PID[$side]}"/task/*; do
+    echo "thread side=$side $(tr ' ' '_' < "$task/comm") $(cut -d' ' -f1 "$task/schedstat")"
+  done >> "$OUT/raw.jsonl"
+done
+
 python3 - "$OUT/raw.jsonl" "$TICK" "$A" "$B" <<'EOF' | tee "$OUT/summary.txt"
 import json, statistics, sys
 lines = open(sys.argv[1]).read().splitlines()
@@ -147,6 +156,17 @@ q = statistics.quantiles(ratios, n=4)
 print(f"{sys.argv[3]}: {statistics.median(a):.2f} us/req (median), {sys.argv[4]}: {statistics.median(b):.2f}; errors {errors}")
 print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: median {statistics.median(ratios):.3f}x, "
       f"quartiles {q[0]:.3f} - {q[2]:.3f}, min - max {min(ratios):.3f} - {max(ratios):.3f}, {len(ratios)} pairs")
+threads = {}
+for l in lines:
+    if l.startswith("thread "):
+        _, side, comm, ns = l.split()
+        threads.setdefault(side[len("side="):], {}).setdefault(comm, 0)
+        threads[side[len("side="):]][comm] += int(ns)
+for side, name in (("A", sys.argv[3]), ("B", sys.argv[4])):
+    t = threads.get(side, {})
+    total = sum(t.values()) or 1
+    print(f"{name}, CPU by thread over the whole run: " + ", ".join(
+        f"{comm} {ns * 100 / total:.1f}%" for comm, ns in sorted(t.items(), key=lambda kv: -kv[1]) if ns * 1000 >= total))
 EOF
 for side in A B; do
   admin=$(grep -o 'admin endpoint serving [0-9.:]*' "$OUT/$side/proxy.log" | tail -1 | awk '{print $4}' || true)
