@@ -7,8 +7,10 @@
 //! misses per item on a busy core. A batch is memory the worker filled a moment ago, and the
 //! batches go round among the few in use.
 
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::cell::RefCell;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Items in a batch at most.
 pub const BATCH: usize = 64;
@@ -28,6 +30,8 @@ pub struct Inlet<T> {
 pub struct Outlet<T> {
     rx: Receiver<Vec<T>>,
     spare: Arc<Mutex<Vec<Vec<T>>>>,
+    /// A batch [`Outlet::wait`] received, for the next [`Outlet::try_recv`].
+    waited: RefCell<Option<Vec<T>>>,
 }
 
 /// A queue of about `capacity` items (at least one batch; batches are of [`BATCH`] items, fewer
@@ -36,7 +40,7 @@ pub fn handoff<T>(capacity: usize) -> (Inlet<T>, Outlet<T>) {
     let per_batch = capacity.clamp(1, BATCH);
     let (tx, rx) = std::sync::mpsc::sync_channel(capacity.div_ceil(per_batch).max(1));
     let spare = Arc::new(Mutex::new(Vec::new()));
-    (Inlet { tx, spare: Arc::clone(&spare), per_batch }, Outlet { rx, spare })
+    (Inlet { tx, spare: Arc::clone(&spare), per_batch }, Outlet { rx, spare, waited: RefCell::new(None) })
 }
 
 impl<T> Inlet<T> {
@@ -73,7 +77,30 @@ impl<T> Inlet<T> {
 impl<T> Outlet<T> {
     /// The next batch, when one waits.
     pub fn try_recv(&self) -> Result<Vec<T>, TryRecvError> {
-        self.rx.try_recv()
+        match self.waited.borrow_mut().take() {
+            Some(batch) => Ok(batch),
+            None => self.rx.try_recv(),
+        }
+    }
+
+    /// Sleeps until a batch waits (or every sender is gone), for `most` at most; returns whether
+    /// one does. For a thread that found nothing for a while: polled, an idle queue would cost
+    /// it a wake-up every poll, while a thread asleep here costs the worker that hands it the
+    /// next batch one wake-up call. (While batches keep coming, polling is cheaper: a worker's
+    /// hand-over then never has a sleeping thread to wake.)
+    pub fn wait(&self, most: Duration) -> bool {
+        let mut waited = self.waited.borrow_mut();
+        if waited.is_some() {
+            return true;
+        }
+        match self.rx.recv_timeout(most) {
+            Ok(batch) => {
+                *waited = Some(batch);
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        }
     }
 
     /// Gives an emptied batch back to the workers.
@@ -115,6 +142,27 @@ mod tests {
         // Nothing to hand over is not a batch.
         assert_eq!(inlet.send(&mut Vec::new()), Ok(()));
         assert!(outlet.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_thread_waiting_is_woken_by_the_next_batch() {
+        let (inlet, outlet) = handoff::<u32>(100);
+        assert!(!outlet.wait(Duration::from_millis(1)), "nothing came");
+        let sender = std::thread::spawn(move || {
+            let mut batch = inlet.batch();
+            batch.extend([1, 2, 3]);
+            assert_eq!(inlet.send(&mut batch), Ok(()));
+            inlet
+        });
+        // Woken by the batch (far sooner than this), which the next take then returns.
+        assert!(outlet.wait(Duration::from_secs(60)));
+        assert!(outlet.wait(Duration::from_secs(60)), "still there");
+        assert_eq!(outlet.try_recv(), Ok(vec![1, 2, 3]));
+        assert_eq!(outlet.try_recv(), Err(TryRecvError::Empty));
+        // Every sender gone: nothing to wait for.
+        drop(sender.join().expect("sender"));
+        assert!(outlet.wait(Duration::from_secs(60)));
+        assert_eq!(outlet.try_recv(), Err(TryRecvError::Disconnected));
     }
 
     #[test]

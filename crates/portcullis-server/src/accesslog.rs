@@ -346,6 +346,8 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
     let mut messages = Arena::new(64 * 1024, 4);
     // The file could not be opened, and that was said.
     let mut warned = false;
+    // Rounds in a row that took nothing.
+    let mut idle = 0u32;
     loop {
         // The configuration and the reopen flag are looked at once per round, not per record.
         let snapshot = shared.snapshot.load_full();
@@ -373,7 +375,7 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                         tracing::warn!(error = %e, path = ?path, "cannot open the access log; records are dropped until it can be");
                         warned = true;
                     }
-                    if rest(shared) {
+                    if rest(shared, None) {
                         return;
                     }
                     continue;
@@ -438,20 +440,29 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
             if let Some(o) = output.as_mut() {
                 let _ = o.out.flush();
             }
-            if rest(shared) {
+            idle = idle.saturating_add(1);
+            if rest(shared, (idle > IDLE_ROUNDS).then_some(rx)) {
                 return;
             }
+        } else {
+            idle = 0;
         }
     }
 }
 
 /// With nothing taken this round: whether the thread is done (the process stops serving and
-/// nothing waits), else a pause before the next look.
-fn rest(shared: &Shared) -> bool {
+/// nothing waits), else a pause before the next look: [`POLL`], or, given the queue (nothing
+/// came for a while), until records come.
+fn rest(shared: &Shared, queue: Option<&Outlet<Record>>) -> bool {
     if shared.stopped.load(Ordering::Acquire) {
         return true;
     }
-    std::thread::sleep(POLL);
+    match queue {
+        Some(rx) => {
+            rx.wait(IDLE_WAIT);
+        }
+        None => std::thread::sleep(POLL),
+    }
     false
 }
 
@@ -514,6 +525,12 @@ const BATCH: usize = 2048;
 const CHUNK: usize = 128 * 1024;
 /// How often the log thread looks for records when there were none.
 const POLL: Duration = Duration::from_millis(10);
+/// Rounds without a record after which the thread sleeps until records come (polled, an idle
+/// queue would wake it a hundred times a second).
+const IDLE_ROUNDS: u32 = 10;
+/// How long it then sleeps at most before it looks at the configuration, the reopen flag and
+/// whether the process stops.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Formatted lines waiting to be written: `buf[..used]`. A record is formatted straight into the
 /// room after them, made once for the most its fields can come to: no capacity check, growth
