@@ -76,7 +76,11 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition of `partitions` that Kafka's default partitioner gives `key`.
 pub fn partition_of(key: &[u8], partitions: usize) -> usize {
-    ((murmur2(key) & 0x7fff_ffff) as usize) % partitions.max(1)
+    // One partition (or none known): nothing to hash for.
+    if partitions <= 1 {
+        return 0;
+    }
+    ((murmur2(key) & 0x7fff_ffff) as usize) % partitions
 }
 
 #[cfg(test)]
