@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
 
-use crate::common::{Env, admin, admin_of, binary, metric as value};
+use crate::common::{Env, admin, admin_of, binary, metric as value, metrics_once};
 
 fn config(env: &Env, extra: &str) -> String {
     env.config(
@@ -36,7 +36,7 @@ fn the_endpoints_answer_and_the_counters_move() {
     for _ in 0..2 {
         assert_eq!(env.client(Some(&env.pki.client)).get(proxy.addr, "/x").unwrap().status, 200);
     }
-    let (_, metrics) = admin(addr, "GET", "/metrics");
+    let metrics = metrics_once(addr, "portcullis_request_duration_seconds_count", 5);
     assert_eq!(value(&metrics, "portcullis_refusals_total{step=\"client_certificate\"}"), 3);
     assert_eq!(value(&metrics, "portcullis_requests_total{class=\"4xx\"}"), 3);
     assert_eq!(value(&metrics, "portcullis_requests_total{class=\"2xx\"}"), 2);
@@ -120,7 +120,7 @@ fn the_endpoints_answer_and_the_counters_move() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(value(&admin(addr, "GET", "/metrics").1, "portcullis_requests_total{class=\"2xx\"}") >= 203);
+    metrics_once(addr, "portcullis_requests_total{class=\"2xx\"}", 203);
     // A reload keeps the API's counts (and says so in /config).
     // SAFETY: signalling the child process this test started.
     unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
@@ -235,7 +235,7 @@ fn requests_are_counted_by_operation() {
     }
     assert_eq!(c.request("POST", "/items", &[], b"{}").unwrap().status, 200);
     assert_eq!(c.request("DELETE", "/items", &[], b"").unwrap().status, 404, "no such operation");
-    let (_, metrics) = admin(addr, "GET", "/metrics");
+    let metrics = metrics_once(addr, "portcullis_request_duration_seconds_count", 5);
     let op = |o: &str, class: &str| {
         value(
             &metrics,
@@ -261,7 +261,7 @@ fn connections_a_backend_refuses_are_counted_as_failed() {
     for _ in 0..2 {
         assert_eq!(env.client(Some(&env.pki.client)).get(proxy.addr, "/x").unwrap().status, 502);
     }
-    let (_, metrics) = admin(addr, "GET", "/metrics");
+    let metrics = metrics_once(addr, "portcullis_request_duration_seconds_count", 2);
     let server = format!("backend=\"app\",server=\"{closed}\"");
     assert_eq!(
         value(&metrics, &format!("portcullis_backend_connections_total{{{server},event=\"failed\"}}")),

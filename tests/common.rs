@@ -158,6 +158,20 @@ pub(crate) fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String)
     (status, body)
 }
 
+/// A scrape of the admin endpoint taken once `sample` has reached `least`: a request is counted
+/// once it is over, which may be just after its client has the answer.
+pub(crate) fn metrics_once(addr: SocketAddr, sample: &str, least: u64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = admin(addr, "GET", "/metrics").1;
+        if metric(&m, sample) >= least {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{sample} never reached {least}:\n{m}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub(crate) fn metric(metrics: &str, sample: &str) -> u64 {
     metrics
         .lines()
