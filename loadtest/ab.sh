@@ -158,7 +158,7 @@ print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: media
       f"quartiles {q[0]:.3f} - {q[2]:.3f}, min - max {min(ratios):.3f} - {max(ratios):.3f}, {len(ratios)} pairs")
 threads = {}
 for l in lines:
-    if l.startswith("thread "):
+    if l.startswith("thread ") and len(l.split()) == 4:
         _, side, comm, ns = l.split()
         threads.setdefault(side[len("side="):], {}).setdefault(comm, 0)
         threads[side[len("side="):]][comm] += int(ns)

@@ -165,7 +165,9 @@ pub(crate) fn metrics_once(addr: SocketAddr, sample: &str, least: u64) -> String
     loop {
         let m = admin(addr, "GET", "/metrics").1;
         if metric(&m, sample) >= least {
-            return m;
+            // A scrape renders one counter after another while requests end: the next one has
+            // every counter of the requests that `sample` saw over.
+            return admin(addr, "GET", "/metrics").1;
         }
         assert!(std::time::Instant::now() < deadline, "{sample} never reached {least}:\n{m}");
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -83,6 +83,15 @@ impl<T> Outlet<T> {
         }
     }
 
+    /// Whether a batch waits (the next [`Outlet::try_recv`] returns it); never sleeps.
+    pub fn ready(&self) -> bool {
+        let mut waited = self.waited.borrow_mut();
+        if waited.is_none() {
+            *waited = self.rx.try_recv().ok();
+        }
+        waited.is_some()
+    }
+
     /// Sleeps until a batch waits (or every sender is gone), for `most` at most; returns whether
     /// one does. For a thread that found nothing for a while: polled, an idle queue would cost
     /// it a wake-up every poll, while a thread asleep here costs the worker that hands it the
@@ -156,12 +165,14 @@ mod tests {
         });
         // Woken by the batch (far sooner than this), which the next take then returns.
         assert!(outlet.wait(Duration::from_secs(60)));
-        assert!(outlet.wait(Duration::from_secs(60)), "still there");
+        assert!(outlet.wait(Duration::from_secs(60)) && outlet.ready(), "still there");
         assert_eq!(outlet.try_recv(), Ok(vec![1, 2, 3]));
+        assert!(!outlet.ready());
         assert_eq!(outlet.try_recv(), Err(TryRecvError::Empty));
         // Every sender gone: nothing to wait for.
         drop(sender.join().expect("sender"));
         assert!(outlet.wait(Duration::from_secs(60)));
+        assert!(!outlet.ready(), "nothing to take");
         assert_eq!(outlet.try_recv(), Err(TryRecvError::Disconnected));
     }
 

@@ -375,15 +375,16 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                         tracing::warn!(error = %e, path = ?path, "cannot open the access log; records are dropped until it can be");
                         warned = true;
                     }
-                    if rest(shared, None) {
+                    if rest(shared, rx, false) {
                         return;
                     }
                     continue;
                 }
             }
         }
-        // Polled, never waited on: a worker's hand-over then never has a sleeping thread to wake
-        // (on a busy core a wake-up per batch would cost more than the records).
+        // Polled while records come (a worker's hand-over then never has a sleeping thread to
+        // wake: on a busy core a wake-up per batch would cost more than the records); waited on
+        // only after a quiet spell (see `rest`).
         let taken = match (logger, output.as_mut()) {
             // To a `[[logger]]`: one JSON message per record.
             (Some(name), _) => match snapshot.loggers.iter().find(|p| p.settings().name == name.value) {
@@ -441,7 +442,7 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                 let _ = o.out.flush();
             }
             idle = idle.saturating_add(1);
-            if rest(shared, (idle > IDLE_ROUNDS).then_some(rx)) {
+            if rest(shared, rx, idle > IDLE_ROUNDS) {
                 return;
             }
         } else {
@@ -451,17 +452,18 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
 }
 
 /// With nothing taken this round: whether the thread is done (the process stops serving and
-/// nothing waits), else a pause before the next look: [`POLL`], or, given the queue (nothing
-/// came for a while), until records come.
-fn rest(shared: &Shared, queue: Option<&Outlet<Record>>) -> bool {
+/// nothing waits), else a pause before the next look: [`POLL`], or, when nothing came for a
+/// while (`idle`), until records come.
+fn rest(shared: &Shared, rx: &Outlet<Record>, idle: bool) -> bool {
     if shared.stopped.load(Ordering::Acquire) {
-        return true;
+        // The workers' last batches may have come after this round looked: one more round
+        // takes them.
+        return !rx.ready();
     }
-    match queue {
-        Some(rx) => {
-            rx.wait(IDLE_WAIT);
-        }
-        None => std::thread::sleep(POLL),
+    if idle {
+        rx.wait(IDLE_WAIT);
+    } else {
+        std::thread::sleep(POLL);
     }
     false
 }
