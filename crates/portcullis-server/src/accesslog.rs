@@ -614,17 +614,22 @@ impl Clock {
             p.push(b'-');
             digits(p, u64::from(d), 2);
             p.push(b'T');
-            digits(p, t / 3600, 2);
-            p.push(b':');
-            digits(p, t % 3600 / 60, 2);
-            p.push(b':');
-            digits(p, t % 60, 2);
+            time_of_day(p, t);
             p.push(b'.');
         }
         out.put_slice(&self.prefix);
         digits(out, ms % 1000, 3);
         out.put_u8(b'Z');
     }
+}
+
+/// `18:04:22`: `t` seconds into a day.
+fn time_of_day(out: &mut impl BufMut, t: u64) {
+    digits(out, t / 3600, 2);
+    out.put_u8(b':');
+    digits(out, t % 3600 / 60, 2);
+    out.put_u8(b':');
+    digits(out, t % 60, 2);
 }
 
 /// A status, or `null` for none (0).
@@ -767,11 +772,7 @@ fn combined(r: &Record, lines: &mut Lines) {
         out.put_u8(b'/');
         digits(out, y.max(0) as u64, 4);
         out.put_u8(b':');
-        digits(out, t / 3600, 2);
-        out.put_u8(b':');
-        digits(out, t % 3600 / 60, 2);
-        out.put_u8(b':');
-        digits(out, t % 60, 2);
+        time_of_day(out, t);
         out.put_slice(b" +0000] \"");
         combined_str(out, r.get(Text::Method));
         out.put_u8(b' ');
