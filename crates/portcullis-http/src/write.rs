@@ -90,8 +90,8 @@ pub fn decimal(out: &mut impl BufMut, n: u64) {
 
 /// Appends `n` in decimal, at least `width` digits (zero-padded; at most 20). Most numbers
 /// written (a status, an octet, a port, milliseconds, a length) are small: they come straight
-/// from the pairs table, without the general loop and its buffer.
-/// Inlined: most callers write small numbers, and the match then comes down to a branch or two.
+/// from the pairs table, without the general loop and its buffer; inlined, the match then comes
+/// down to a branch or two.
 #[inline(always)]
 pub fn decimal_padded(out: &mut impl BufMut, n: u64, width: usize) {
     let pair = |n: usize| &DIGIT_PAIRS[2 * n..2 * n + 2];
