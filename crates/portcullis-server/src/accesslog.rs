@@ -136,6 +136,12 @@ impl Record {
         self.set = i + 1;
     }
 
+    /// Every text field, one after another.
+    fn text(&self) -> &[u8] {
+        let text = if self.spilled.is_empty() { &self.inline[..] } else { &self.spilled[..] };
+        &text[..self.len()]
+    }
+
     pub(crate) fn get(&self, f: Text) -> &[u8] {
         let i = f as usize;
         if i >= self.set {
@@ -685,13 +691,21 @@ pub(crate) fn json_str(out: &mut String, v: &[u8]) {
     out.push_str(&String::from_utf8_lossy(&bytes));
 }
 
-/// `name` (`,"field":`) and a text field as a JSON string, `"-"` when empty. Inlined, so that
+/// `name` (`,"field":`) and a text field as a JSON string, `"-"` when empty; `plain`: the
+/// record's whole text needs no escaping (looked at once for all its fields). Inlined, so that
 /// each name is copied as the constant it is.
 #[inline(always)]
-fn json_text(out: &mut &mut [u8], name: &[u8], r: &Record, f: Text) {
+fn json_text(out: &mut &mut [u8], name: &[u8], r: &Record, f: Text, plain: bool) {
     out.put_slice(name);
     let v = r.get(f);
-    json_bytes(out, if v.is_empty() { b"-" } else { v });
+    let v = if v.is_empty() { b"-" } else { v };
+    if plain {
+        out.put_u8(b'"');
+        out.put_slice(v);
+        out.put_u8(b'"');
+    } else {
+        json_bytes(out, v);
+    }
 }
 
 /// `name` and a number.
@@ -702,6 +716,8 @@ fn json_number(out: &mut &mut [u8], name: &[u8], n: u64) {
 }
 
 fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
+    // Most records' text is printable ASCII with nothing to escape: one look at all of it.
+    let plain = portcullis_http::write::json_plain(r.text());
     lines.line(most(r), |out| {
         out.put_slice(b"{\"time\":\"");
         clock.rfc3339(out, r.at_ms);
@@ -710,12 +726,12 @@ fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
         out.put_slice(b",\"peer\":\"");
         peer(out, r.peer);
         out.put_u8(b'"');
-        json_text(out, b",\"method\":", r, Text::Method);
-        json_text(out, b",\"path\":", r, Text::Path);
+        json_text(out, b",\"method\":", r, Text::Method, plain);
+        json_text(out, b",\"path\":", r, Text::Path, plain);
         out.put_slice(b",\"status\":");
         status_or_null(out, r.status);
-        json_text(out, b",\"api\":", r, Text::Api);
-        json_text(out, b",\"operation\":", r, Text::Operation);
+        json_text(out, b",\"api\":", r, Text::Api, plain);
+        json_text(out, b",\"operation\":", r, Text::Operation, plain);
         json_number(out, b",\"micros\":", r.micros);
         json_number(out, b",\"bytes\":", r.bytes_in.saturating_add(r.bytes_out));
         json_number(out, b",\"bytes_in\":", r.bytes_in);
@@ -723,15 +739,15 @@ fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
         out.put_slice(b",\"tls\":\"");
         out.put_slice(r.tls.as_bytes());
         out.put_slice(if r.resumed { b"\",\"resumed\":true" } else { b"\",\"resumed\":false" });
-        json_text(out, b",\"sni\":", r, Text::Sni);
-        json_text(out, b",\"client_cert\":", r, Text::ClientCert);
-        json_text(out, b",\"client_cert_subject\":", r, Text::ClientSubject);
-        json_text(out, b",\"subscription\":", r, Text::Subscription);
-        json_text(out, b",\"jwt_sub\":", r, Text::JwtSub);
-        json_text(out, b",\"jwt_appid\":", r, Text::JwtAppid);
-        json_text(out, b",\"user_agent\":", r, Text::UserAgent);
-        json_text(out, b",\"refused\":", r, Text::Refused);
-        json_text(out, b",\"backend\":", r, Text::Backend);
+        json_text(out, b",\"sni\":", r, Text::Sni, plain);
+        json_text(out, b",\"client_cert\":", r, Text::ClientCert, plain);
+        json_text(out, b",\"client_cert_subject\":", r, Text::ClientSubject, plain);
+        json_text(out, b",\"subscription\":", r, Text::Subscription, plain);
+        json_text(out, b",\"jwt_sub\":", r, Text::JwtSub, plain);
+        json_text(out, b",\"jwt_appid\":", r, Text::JwtAppid, plain);
+        json_text(out, b",\"user_agent\":", r, Text::UserAgent, plain);
+        json_text(out, b",\"refused\":", r, Text::Refused, plain);
+        json_text(out, b",\"backend\":", r, Text::Backend, plain);
         out.put_slice(b",\"upstream_status\":");
         status_or_null(out, r.upstream_status);
         json_number(out, b",\"upstream_micros\":", r.upstream_micros);
@@ -928,6 +944,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_record_with_nothing_to_escape_is_written_as_it_is() {
+        let mut r = Record::new(0, Some(*b"0123456789abcdef"), "192.0.2.7:5000".parse().expect("addr"));
+        r.put(Text::Method, b"GET");
+        r.put(Text::Path, b"/a b");
+        r.put(Text::UserAgent, b"agent/1.0");
+        let mut lines = Lines::default();
+        json(&r, &mut Clock::new(), &mut lines);
+        let line = String::from_utf8(lines.written().to_vec()).expect("UTF-8");
+        assert!(
+            line.contains(r#""method":"GET","path":"/a b","status":null,"api":"-","operation":"-""#),
+            "{line}"
+        );
+        assert!(
+            line.contains(r#""jwt_appid":"-","user_agent":"agent/1.0","refused":"-","backend":"-""#),
+            "{line}"
+        );
     }
 
     #[test]
