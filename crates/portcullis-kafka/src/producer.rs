@@ -512,7 +512,7 @@ pub(crate) fn codec_record(offset: i64, timestamp_ms: i64, key: Option<Bytes>, v
 
 /// The bytes an arena of held messages grows by.
 const ARENA: usize = 64 * 1024;
-/// Blocks an arena keeps (in use or free) before it lets free ones go.
+/// Free blocks an arena keeps for reuse at least (and as many as are in use; see [`Arena`]).
 const KEPT_BLOCKS: usize = 8;
 
 fn arena() -> Arena {

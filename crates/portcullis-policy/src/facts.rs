@@ -39,8 +39,8 @@ impl Default for WorkerLocal {
 
 /// Room taken at a time for messages.
 const LOG_ARENA: usize = 64 * 1024;
-/// Blocks of messages kept (in use, or free for reuse): a logger's thread takes what a worker
-/// wrote within milliseconds.
+/// Free blocks of messages kept for reuse at least (and as many as are in use): a logger's
+/// thread takes what a worker wrote within milliseconds.
 const KEPT_LOG_BLOCKS: usize = 16;
 
 impl WorkerLocal {

@@ -148,8 +148,7 @@ impl Record {
             return b"";
         }
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        let text = if self.spilled.is_empty() { &self.inline[..] } else { &self.spilled[..] };
-        &text[start..self.ends[i] as usize]
+        &self.text()[start..self.ends[i] as usize]
     }
 }
 
@@ -670,18 +669,24 @@ fn peer(out: &mut impl BufMut, addr: SocketAddr) {
     number(out, u64::from(addr.port()));
 }
 
-/// A JSON string of bytes from anywhere (a client's): escaped, invalid UTF-8 replaced.
-/// Inlined: a line has fourteen, mostly short.
+/// A JSON string of `v`, written as it is when `plain` (nothing in it needs escaping), else
+/// escaped, invalid UTF-8 replaced. Inlined: a line has fourteen, mostly short.
 #[inline(always)]
-fn json_bytes(out: &mut impl BufMut, v: &[u8]) {
+fn json_string(out: &mut impl BufMut, v: &[u8], plain: bool) {
     out.put_u8(b'"');
-    // Most values are printable ASCII with nothing to escape: copied whole, in one pass.
-    if portcullis_http::write::json_plain(v) {
+    if plain {
         out.put_slice(v);
     } else {
         portcullis_http::write::json_escaped_bytes(out, v);
     }
     out.put_u8(b'"');
+}
+
+/// A JSON string of bytes from anywhere (a client's): most are printable ASCII with nothing to
+/// escape, and are copied whole.
+#[inline(always)]
+fn json_bytes(out: &mut impl BufMut, v: &[u8]) {
+    json_string(out, v, portcullis_http::write::json_plain(v));
 }
 
 /// [`json_bytes`] onto text (for the admin endpoint's `/config`).
@@ -699,13 +704,7 @@ fn json_text(out: &mut &mut [u8], name: &[u8], r: &Record, f: Text, plain: bool)
     out.put_slice(name);
     let v = r.get(f);
     let v = if v.is_empty() { b"-" } else { v };
-    if plain {
-        out.put_u8(b'"');
-        out.put_slice(v);
-        out.put_u8(b'"');
-    } else {
-        json_bytes(out, v);
-    }
+    json_string(out, v, plain || portcullis_http::write::json_plain(v));
 }
 
 /// `name` and a number.
