@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -21,27 +22,45 @@ pub(crate) const STALL: Duration = Duration::from_secs(2);
 /// Longest request head read, and how long one may take.
 const MOST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the admin thread waits for a connection before it looks whether to stop.
-const LOOK: Duration = Duration::from_millis(100);
+/// The admin endpoint's thread, and what tells it to stop.
+pub(crate) struct Admin {
+    /// Where it listens.
+    pub(crate) addr: SocketAddr,
+    thread: JoinHandle<()>,
+    /// An eventfd the thread polls along with its listener: written once the process stops
+    /// serving. (Polling on a timer to look at the stop flag would wake it ten times a second
+    /// for nothing, each wake-up on a core the workers may be using.)
+    stop: OwnedFd,
+}
 
-/// Binds `addr` and serves it until the process stops serving; returns the bound address.
-pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+impl Admin {
+    /// Tells the thread that the process stops serving (`shared.stopped` is set), and waits
+    /// for it to end (after the answer it may be giving).
+    pub(crate) fn stop(self) {
+        // An eventfd's counter takes a write of 1 until it is near u64::MAX: this cannot fail.
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        let _ = self.thread.join();
+    }
+}
+
+/// Binds `addr` and serves it until [`Admin::stop`].
+pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Admin> {
+    use rustix::event::{EventfdFlags, PollFd, PollFlags, eventfd, poll};
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     listener.set_nonblocking(true)?;
+    let stop = eventfd(0, EventfdFlags::CLOEXEC)?;
+    let stopping = stop.try_clone()?;
     let thread = std::thread::Builder::new().name("portcullis-admin".to_owned()).spawn(move || {
-        use rustix::event::{PollFd, PollFlags, Timespec, poll};
-        // Waits for a connection, and looks at whether the process stops serving between
-        // waits. Not accept() on a timer: with nothing pending, each try would still cost the
-        // kernel a socket allocated and freed.
-        let wait = Timespec { tv_sec: 0, tv_nsec: LOOK.as_nanos() as _ };
+        // Waits for a connection or for the stop. Not accept() on a timer: with nothing
+        // pending, each try would still cost the kernel a socket allocated and freed.
         while !shared.stopped.load(Ordering::Acquire) {
-            let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-            match poll(&mut fds, Some(&wait)) {
-                Ok(0) => continue,
+            let mut fds = [PollFd::new(&listener, PollFlags::IN), PollFd::new(&stopping, PollFlags::IN)];
+            match poll(&mut fds, None) {
+                Ok(_) if fds[1].revents().contains(PollFlags::IN) => break,
                 Ok(_) => {}
                 Err(_) => {
-                    std::thread::sleep(LOOK);
+                    std::thread::sleep(RETRY);
                     continue;
                 }
             }
@@ -50,12 +69,15 @@ pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<(S
                     let _ = answer(stream, &shared);
                 }
                 // Gone before it was taken, or out of descriptors for now.
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => std::thread::sleep(RETRY),
             }
         }
     })?;
-    Ok((local, thread))
+    Ok(Admin { addr: local, thread, stop })
 }
+
+/// The pause after a failed poll or accept (out of descriptors, say).
+const RETRY: Duration = Duration::from_millis(20);
 
 fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;

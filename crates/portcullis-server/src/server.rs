@@ -64,7 +64,7 @@ pub struct Server {
     /// Active health checks of backends' servers.
     health: Option<JoinHandle<()>>,
     /// The admin endpoint, when `[server] admin` is set, and where it listens.
-    admin: Option<(SocketAddr, JoinHandle<()>)>,
+    admin: Option<crate::admin::Admin>,
     /// The access log's writer.
     log: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
@@ -194,7 +194,8 @@ impl Server {
                     .map_err(|e| StartError::Io(format!("cannot serve the admin endpoint on {addr}: {e}")))?,
             ),
         };
-        if let Some((addr, _)) = &admin {
+        if let Some(a) = &admin {
+            let addr = a.addr;
             tracing::info!(%addr, "admin endpoint serving {addr}");
         }
         share_counts(&counters, config);
@@ -311,7 +312,7 @@ impl Server {
 
     /// Where the admin endpoint listens, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|(a, _)| *a)
+        self.admin.as_ref().map(|a| a.addr)
     }
 
     fn apply(&mut self, config: &Config) -> Result<u64, ConfigErrors> {
@@ -393,8 +394,8 @@ impl Server {
             }
         }
         self.shared.stopped.store(true, Ordering::Release);
-        if let Some((_, admin)) = self.admin.take() {
-            let _ = admin.join();
+        if let Some(admin) = self.admin.take() {
+            admin.stop();
         }
         // What the workers logged is written before the process goes, unless the log cannot
         // be written (a full disk, a pipe nobody reads): then the process goes without it.
