@@ -11,6 +11,8 @@
 # seconds, one of them warm-up) goes to one, then the other: A B A B … A pair is two windows
 # next to each other.
 #
+# Each B window is also set against the A window after it as well as the one before (a steady
+# drift of the machine's speed then cancels out; in a pair, A always runs first).
 # CPU per request of a window: what the load generator measured of the proxy under load (its
 # warm-up excluded), plus what that proxy used while the other one was loaded (from /proc): a
 # proxy's background threads (the access-log writer, the Kafka producer) go on working after
@@ -156,6 +158,17 @@ q = statistics.quantiles(ratios, n=4)
 print(f"{sys.argv[3]}: {statistics.median(a):.2f} us/req (median), {sys.argv[4]}: {statistics.median(b):.2f}; errors {errors}")
 print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: median {statistics.median(ratios):.3f}x, "
       f"quartiles {q[0]:.3f} - {q[2]:.3f}, min - max {min(ratios):.3f} - {max(ratios):.3f}, {len(ratios)} pairs")
+# In a pair, A always runs first: a machine slowing down (or speeding up) through the pair
+# counts against B (or for it). Each B window also against the A window after it (the next
+# pair's), every such ratio counted with those above, takes a steady drift out. (Not against
+# the mean of the two: slow-downs come as spikes, and a mean of two costs is pulled up by one.)
+after = [cost[str(k + 1)]["A"][0] / cost[str(k)]["B"][0]
+         for k in range(1, len(cost)) if "B" in cost.get(str(k), {}) and "A" in cost.get(str(k + 1), {})]
+if after:
+    both = ratios + after
+    q = statistics.quantiles(both, n=4)
+    print(f"{sys.argv[4]} against the {sys.argv[3]} windows before and after: median {statistics.median(both):.3f}x, "
+          f"quartiles {q[0]:.3f} - {q[2]:.3f}, {len(both)} ratios")
 threads = {}
 for l in lines:
     if l.startswith("thread ") and len(l.split()) == 4:
