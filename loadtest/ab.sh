@@ -13,6 +13,7 @@
 #
 # Each B window is also set against the A window after it as well as the one before (a steady
 # drift of the machine's speed then cancels out; in a pair, A always runs first).
+#
 # CPU per request of a window: what the load generator measured of the proxy under load (its
 # warm-up excluded), plus what that proxy used while the other one was loaded (from /proc): a
 # proxy's background threads (the access-log writer, the Kafka producer) go on working after
@@ -163,7 +164,7 @@ print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: media
 # pair's), every such ratio counted with those above, takes a steady drift out. (Not against
 # the mean of the two: slow-downs come as spikes, and a mean of two costs is pulled up by one.)
 after = [cost[str(k + 1)]["A"][0] / cost[str(k)]["B"][0]
-         for k in range(1, len(cost)) if "B" in cost.get(str(k), {}) and "A" in cost.get(str(k + 1), {})]
+         for k in sorted(map(int, cost)) if "B" in cost[str(k)] and "A" in cost.get(str(k + 1), {})]
 if after:
     both = ratios + after
     q = statistics.quantiles(both, n=4)

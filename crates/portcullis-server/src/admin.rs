@@ -26,7 +26,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) struct Admin {
     /// Where it listens.
     pub(crate) addr: SocketAddr,
-    thread: JoinHandle<()>,
+    thread: Option<JoinHandle<()>>,
     /// An eventfd the thread polls along with its listener: written once the process stops
     /// serving. (Polling on a timer to look at the stop flag would wake it ten times a second
     /// for nothing, each wake-up on a core the workers may be using.)
@@ -36,10 +36,24 @@ pub(crate) struct Admin {
 impl Admin {
     /// Tells the thread that the process stops serving (`shared.stopped` is set), and waits
     /// for it to end (after the answer it may be giving).
-    pub(crate) fn stop(self) {
+    pub(crate) fn stop(mut self) {
+        self.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    fn wake(&self) {
         // An eventfd's counter takes a write of 1 until it is near u64::MAX: this cannot fail.
         let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
-        let _ = self.thread.join();
+    }
+}
+
+impl Drop for Admin {
+    /// Dropped without [`Admin::stop`] (the server failed to start after it): the thread ends
+    /// too, and lets go of the port; it is not waited for.
+    fn drop(&mut self) {
+        self.wake();
     }
 }
 
@@ -73,7 +87,7 @@ pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Ad
             }
         }
     })?;
-    Ok(Admin { addr: local, thread, stop })
+    Ok(Admin { addr: local, thread: Some(thread), stop })
 }
 
 /// The pause after a failed poll or accept (out of descriptors, say).
