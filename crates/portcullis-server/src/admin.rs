@@ -22,6 +22,7 @@ pub(crate) const STALL: Duration = Duration::from_secs(2);
 /// Longest request head read, and how long one may take.
 const MOST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The admin endpoint's thread, and what tells it to stop.
 pub(crate) struct Admin {
     /// Where it listens.
@@ -34,8 +35,7 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    /// Tells the thread that the process stops serving (`shared.stopped` is set), and waits
-    /// for it to end (after the answer it may be giving).
+    /// Tells the thread to stop, and waits for it to end (after the answer it may be giving).
     pub(crate) fn stop(mut self) {
         self.wake();
         if let Some(thread) = self.thread.take() {
@@ -66,9 +66,10 @@ pub(crate) fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Ad
     let stop = eventfd(0, EventfdFlags::CLOEXEC)?;
     let stopping = stop.try_clone()?;
     let thread = std::thread::Builder::new().name("portcullis-admin".to_owned()).spawn(move || {
-        // Waits for a connection or for the stop. Not accept() on a timer: with nothing
-        // pending, each try would still cost the kernel a socket allocated and freed.
-        while !shared.stopped.load(Ordering::Acquire) {
+        // Waits for a connection or for the stop, which only the eventfd says. Not accept() on
+        // a timer: with nothing pending, each try would still cost the kernel a socket allocated
+        // and freed.
+        loop {
             let mut fds = [PollFd::new(&listener, PollFlags::IN), PollFd::new(&stopping, PollFlags::IN)];
             match poll(&mut fds, None) {
                 Ok(_) if fds[1].revents().contains(PollFlags::IN) => break,
