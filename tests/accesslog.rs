@@ -2,6 +2,7 @@
 //! lines or nginx's combined format) to a file that `SIGUSR1` opens again; what a client sends is
 //! escaped; a log that cannot keep up drops records and counts them, and requests never wait.
 
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
@@ -59,6 +60,10 @@ fn every_request_once_with_its_fields_and_escaped() {
     }
     assert!(!text.contains("secret"), "the query is not logged");
     assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{text}");
+    // Disk space is reserved past the lines (8 MiB ahead), the file's size left as it is.
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.len(), text.len() as u64);
+    assert!(meta.blocks() * 512 >= meta.len() + (4 << 20), "{} bytes allocated", meta.blocks() * 512);
 }
 
 #[test]

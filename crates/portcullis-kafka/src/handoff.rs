@@ -49,7 +49,8 @@ impl<T> Inlet<T> {
         self.per_batch
     }
 
-    /// An empty batch: one given back by the thread, or a new one.
+    /// A batch to fill: one given back by the thread, or a new one. Empty, unless the thread
+    /// gave it back with [`Outlet::recycle_filled`].
     pub fn batch(&self) -> Vec<T> {
         let spare = self.spare.lock().ok().and_then(|mut s| s.pop());
         spare.unwrap_or_else(|| Vec::with_capacity(self.per_batch))
@@ -115,6 +116,13 @@ impl<T> Outlet<T> {
     /// Gives an emptied batch back to the workers.
     pub fn recycle(&self, mut batch: Vec<T>) {
         batch.clear();
+        self.recycle_filled(batch);
+    }
+
+    /// Gives a batch back to the workers with its items still in it, for workers that fill
+    /// items again in place: an item too large to build and then move for every use (a worker
+    /// that takes such a batch keeps its own count of the items it filled).
+    pub fn recycle_filled(&self, batch: Vec<T>) {
         if let Ok(mut spare) = self.spare.lock()
             && spare.len() < SPARE
         {
@@ -148,6 +156,12 @@ mod tests {
         assert!(again.is_empty() && again.as_ptr() == at);
         assert_eq!(outlet.try_recv().map(|b| b.len()), Ok(10));
         assert!(outlet.try_recv().is_err());
+        // A batch given back filled comes back as it was, for its items to be filled again.
+        let mut batch = inlet.batch();
+        batch.extend([7, 8]);
+        assert_eq!(inlet.send(&mut batch), Ok(()));
+        outlet.recycle_filled(outlet.try_recv().expect("a batch"));
+        assert_eq!(inlet.batch(), vec![7, 8]);
         // Nothing to hand over is not a batch.
         assert_eq!(inlet.send(&mut Vec::new()), Ok(()));
         assert!(outlet.try_recv().is_err());

@@ -585,46 +585,48 @@ impl<S: Stream> Conn<S> {
             return;
         }
         use crate::accesslog::Text;
-        let mut record = crate::accesslog::Record::new(now_ms, Some(*id), self.peer);
-        record.status = status;
-        record.micros = elapsed.as_micros() as u64;
-        record.bytes_in = self.bytes_in;
-        record.bytes_out = self.body_bytes.saturating_sub(self.bytes_in);
-        record.upstream_status = self.upstream.status;
-        record.upstream_micros = self.upstream.micros;
-        record.tls = self.info.version;
-        record.resumed = self.info.resumed;
-        record.put(Text::Method, self.head.method());
-        // Without the query: it may carry a subscription key or a token.
-        record.put(Text::Path, self.head.path_only());
-        record.put(Text::UserAgent, self.head.header(b"user-agent").unwrap_or_default());
-        if let Some((r, p)) = route {
-            record.put(Text::Api, r.name.as_bytes());
-            record.put(Text::Operation, p.operation().as_bytes());
-        }
-        if let Some(c) = &self.info.client_cert {
-            record.put(Text::ClientCert, c.thumbprint.as_bytes());
-            record.put(Text::ClientSubject, c.subject.as_bytes());
-        }
-        record.put(Text::Refused, refused.as_bytes());
-        if let Some(sni) = &self.info.server_name {
-            record.put(Text::Sni, sni.as_bytes());
-        }
-        if let Some(sub) = snap.policies.subscription_id(&self.state) {
-            record.put(Text::Subscription, sub.as_bytes());
-        }
-        for (field, claim) in [(Text::JwtSub, "sub"), (Text::JwtAppid, "appid")] {
-            if let Some(portcullis_jose::Json::String(v)) = self.state.token_claim(claim) {
-                record.put(field, v.as_bytes());
+        // Filled in place, in the batch it goes to the log thread in.
+        let (worker, record) = (&self.worker, (now_ms, Some(*id), self.peer));
+        worker.outbox.record_with(&worker.shared.access, record, |record| {
+            record.status = status;
+            record.micros = elapsed.as_micros() as u64;
+            record.bytes_in = self.bytes_in;
+            record.bytes_out = self.body_bytes.saturating_sub(self.bytes_in);
+            record.upstream_status = self.upstream.status;
+            record.upstream_micros = self.upstream.micros;
+            record.tls = self.info.version;
+            record.resumed = self.info.resumed;
+            record.put(Text::Method, self.head.method());
+            // Without the query: it may carry a subscription key or a token.
+            record.put(Text::Path, self.head.path_only());
+            record.put(Text::UserAgent, self.head.header(b"user-agent").unwrap_or_default());
+            if let Some((r, p)) = route {
+                record.put(Text::Api, r.name.as_bytes());
+                record.put(Text::Operation, p.operation().as_bytes());
             }
-        }
-        if let Some(server) = route
-            .and_then(|(r, _)| snap.backends.get(r.backend))
-            .and_then(|b| b.servers.get(self.upstream.server?))
-        {
-            record.put(Text::Backend, server.name.as_bytes());
-        }
-        self.worker.outbox.record(&self.worker.shared.access, record);
+            if let Some(c) = &self.info.client_cert {
+                record.put(Text::ClientCert, c.thumbprint.as_bytes());
+                record.put(Text::ClientSubject, c.subject.as_bytes());
+            }
+            record.put(Text::Refused, refused.as_bytes());
+            if let Some(sni) = &self.info.server_name {
+                record.put(Text::Sni, sni.as_bytes());
+            }
+            if let Some(sub) = snap.policies.subscription_id(&self.state) {
+                record.put(Text::Subscription, sub.as_bytes());
+            }
+            for (field, claim) in [(Text::JwtSub, "sub"), (Text::JwtAppid, "appid")] {
+                if let Some(portcullis_jose::Json::String(v)) = self.state.token_claim(claim) {
+                    record.put(field, v.as_bytes());
+                }
+            }
+            if let Some(server) = route
+                .and_then(|(r, _)| snap.backends.get(r.backend))
+                .and_then(|b| b.servers.get(self.upstream.server?))
+            {
+                record.put(Text::Backend, server.name.as_bytes());
+            }
+        });
     }
 }
 
