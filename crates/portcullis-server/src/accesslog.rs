@@ -178,17 +178,29 @@ impl Record {
 
     /// Every text field, one after another.
     fn text(&self) -> &[u8] {
-        let text = if self.spilled.is_empty() { &self.inline[..] } else { &self.spilled[..] };
-        &text[..self.len()]
+        &self.buf()[..self.len()]
     }
 
     pub(crate) fn get(&self, f: Text) -> &[u8] {
+        let (start, end) = self.span(f);
+        &self.buf()[start..end]
+    }
+
+    /// Where field `f` lies in [`Record::buf`].
+    #[inline(always)]
+    fn span(&self, f: Text) -> (usize, usize) {
         let i = f as usize;
         if i >= self.set {
-            return b"";
+            return (0, 0);
         }
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.text()[start..self.ends[i] as usize]
+        (start, self.ends[i] as usize)
+    }
+
+    /// The buffer the text is in, with whatever lies past it.
+    #[inline(always)]
+    fn buf(&self) -> &[u8] {
+        if self.spilled.is_empty() { &self.inline[..] } else { &self.spilled[..] }
     }
 }
 
@@ -850,10 +862,35 @@ pub(crate) fn json_str(out: &mut String, v: &[u8]) {
 /// that `next` is copied as the constant it is: a field costs two copies, not four.
 #[inline(always)]
 fn json_text(out: &mut &mut [u8], r: &Record, f: Text, plain: bool, next: &[u8]) {
-    let v = r.get(f);
-    let v = if v.is_empty() { b"-" } else { v };
-    json_inside(out, v, plain || portcullis_http::write::json_plain(v));
+    let (start, end) = r.span(f);
+    if start == end {
+        out.put_u8(b'-');
+    } else if plain {
+        put_short(out, r.buf(), start, end);
+    } else {
+        let v = &r.buf()[start..end];
+        json_inside(out, v, portcullis_http::write::json_plain(v));
+    }
     out.put_slice(next);
+}
+
+/// Fields of up to this many bytes are copied as this many (see [`put_short`]).
+const SHORT: usize = 32;
+
+/// Copies `buf[start..end]` onto `out`. A field of up to [`SHORT`] bytes (most are) goes as
+/// [`SHORT`] bytes, those after it in `buf` along with it, which what follows then writes over:
+/// a copy of a constant size is a couple of moves, where one of the field's own size is a call
+/// to `memcpy`. Only where both `buf` and `out` have the room for it; else the field alone.
+#[inline(always)]
+fn put_short(out: &mut &mut [u8], buf: &[u8], start: usize, end: usize) {
+    match buf.get(start..start + SHORT) {
+        Some(wide) if end - start <= SHORT && out.len() >= SHORT => {
+            out[..SHORT].copy_from_slice(wide);
+            let room = std::mem::take(out);
+            *out = &mut room[end - start..];
+        }
+        _ => out.put_slice(&buf[start..end]),
+    }
 }
 
 /// `name` and a number.
@@ -1181,6 +1218,49 @@ mod tests {
                     assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn fields_copied_wide_come_out_whole_and_nothing_after_them() {
+        let fields = [
+            (Text::Method, "method"),
+            (Text::Path, "path"),
+            (Text::UserAgent, "user_agent"),
+            (Text::Api, "api"),
+            (Text::Operation, "operation"),
+            (Text::ClientCert, "client_cert"),
+            (Text::ClientSubject, "client_cert_subject"),
+            (Text::Refused, "refused"),
+            (Text::Sni, "sni"),
+            (Text::Subscription, "subscription"),
+            (Text::JwtSub, "jwt_sub"),
+            (Text::JwtAppid, "jwt_appid"),
+            (Text::Backend, "backend"),
+        ];
+        let peer = "192.0.2.7:5000".parse().expect("addr");
+        // Around `SHORT`; a first field that leaves fewer than `SHORT` bytes of the buffer
+        // after the others' starts; and enough to spill.
+        for (first, len) in [(1, 1), (23, 23), (24, 24), (31, 31), (32, 32), (33, 33), (290, 1), (300, 2)] {
+            // Filled over a record whose buffer holds other bytes.
+            let mut r = Record::new(0, None, peer);
+            r.put(Text::Method, &[b'~'; INLINE]);
+            r.reset(0, None, peer);
+            let values: Vec<String> = (0..fields.len())
+                .map(|k| {
+                    let n = if k == 0 { first } else { len };
+                    (0..n).map(|i| char::from(b'a' + ((k + i) % 26) as u8)).collect()
+                })
+                .collect();
+            for ((f, _), v) in fields.iter().zip(&values) {
+                r.put(*f, v.as_bytes());
+            }
+            let line = line_of(&r);
+            assert!(!line.contains('~'), "{line}");
+            for ((_, name), v) in fields.iter().zip(&values) {
+                assert!(line.contains(&format!("\"{name}\":\"{v}\"")), "{name} ({first}, {len}): {line}");
+            }
+            assert!(line.ends_with(",\"upstream_status\":null,\"upstream_micros\":0}\n"), "{line}");
         }
     }
 
