@@ -445,6 +445,19 @@ const TAKE_EVERY: Duration = Duration::from_millis(25);
 /// stop (a batch handed over wakes it at once).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
+/// A Produce request sent and not answered yet. Its answer is read at the thread's next turn,
+/// by when it has come: the thread wakes once per batch it sends, not once more for the answer
+/// (on a busy core a wake-up costs tens of microseconds). Until then its messages stay at the
+/// heads of their partitions' queues, and no other batch of those partitions goes.
+struct InFlight {
+    leader: i32,
+    conn: Connection,
+    id: i32,
+    version: i16,
+    /// Messages of each partition the request carries, from the head of its queue.
+    counts: Vec<(usize, usize)>,
+}
+
 /// The producer's thread.
 struct Sender {
     s: Settings,
@@ -464,6 +477,8 @@ struct Sender {
     layout: Option<Layout>,
     /// Broker connections by node id (`-1`: the bootstrap broker that gave the metadata).
     conns: HashMap<i32, Connection>,
+    /// Produce requests sent and not answered yet (their connections out of `conns`).
+    in_flight: Vec<InFlight>,
     /// The partition that takes messages without key or partition, until a batch is sent.
     sticky: usize,
     next_try: Instant,
@@ -534,6 +549,7 @@ impl Sender {
             bytes: 0,
             layout: None,
             conns: HashMap::new(),
+            in_flight: Vec::new(),
             sticky: 0,
             next_try: Instant::now(),
             failing: None,
@@ -553,6 +569,13 @@ impl Sender {
             if stop_by.is_none() && (self.stop.load(Ordering::Acquire) || !open) {
                 stop_by = Some(Instant::now() + self.s.drain);
             }
+            // What was sent last turn is settled before anything else looks at the queues.
+            if !self.in_flight.is_empty() {
+                match self.finish() {
+                    Ok(()) => self.succeeded(),
+                    Err(e) => self.failed(e),
+                }
+            }
             let now = Instant::now();
             if let Some(deadline) = stop_by {
                 // Whatever is still in the queue joins the buffer first.
@@ -565,19 +588,25 @@ impl Sender {
             let due = self.due(now, stop_by.is_some());
             if due && now >= self.next_try {
                 match self.flush(now, stop_by.is_some()) {
+                    // Requests in flight: settled at the next turn.
+                    Ok(()) if !self.in_flight.is_empty() => {}
                     Ok(()) => self.succeeded(),
                     Err(e) => self.failed(e),
                 }
-                continue;
+                if self.in_flight.is_empty() {
+                    continue;
+                }
             }
             // Holding messages: sleep until the next batch is due, or a retry may go (a batch
             // that is due waits for the end of a backoff, never less), or it is time to take
-            // what came. Holding none: sleep until messages come.
-            match self.oldest().map(|t| self.instant(t)) {
+            // what came (and read the answers to what was sent). Holding none: sleep until
+            // messages come.
+            match self.oldest_waiting().map(|t| self.instant(t)) {
                 Some(oldest) => {
                     let wake = (now + TAKE_EVERY).min((oldest + self.s.linger).max(self.next_try));
                     std::thread::sleep(wake.saturating_duration_since(now).max(Duration::from_millis(1)));
                 }
+                None if !self.in_flight.is_empty() => std::thread::sleep(TAKE_EVERY),
                 None => {
                     rx.wait(IDLE_WAIT);
                 }
@@ -690,6 +719,23 @@ impl Sender {
     fn oldest(&self) -> Option<u64> {
         let unassigned = self.unassigned.front().map(|h| h.since);
         let queued = self.queues.iter().filter_map(|q| q.held.front().map(|h| h.since)).min();
+        match (unassigned, queued) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the oldest message held and not in a request in flight came.
+    fn oldest_waiting(&self) -> Option<u64> {
+        if self.in_flight.is_empty() {
+            return self.oldest();
+        }
+        let sent = |p: usize| -> usize {
+            self.in_flight.iter().flat_map(|r| &r.counts).filter(|&&(q, _)| q == p).map(|&(_, n)| n).sum()
+        };
+        let unassigned = self.unassigned.front().map(|h| h.since);
+        let queued =
+            self.queues.iter().enumerate().filter_map(|(p, q)| q.held.get(sent(p)).map(|h| h.since)).min();
         match (unassigned, queued) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -893,40 +939,63 @@ impl Sender {
             }
             return Ok(());
         }
-        let answer: ProduceResponse = match conn.call(ApiKey::Produce, version, &request) {
-            Ok(a) => a,
+        match conn.send(ApiKey::Produce, version, &request) {
+            Ok(id) => {
+                self.in_flight.push(InFlight { leader, conn, id, version, counts });
+                Ok(())
+            }
             Err(e) => {
-                // The request went out and no answer came back: the broker may have written the
-                // batches. Sent again, they count as attempts, so that a broker that writes and
-                // then hangs up cannot make them go round for ever.
+                // Sent again, the batches count as attempts (see `finish`).
                 for (p, n) in counts {
                     self.settle(p, n, kafka_protocol::ResponseError::NetworkException.code());
                 }
-                return Err(e);
+                Err(e)
             }
-        };
-        self.conns.insert(leader, conn);
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut refused = None;
-        for (p, n) in counts {
-            let code = answer
-                .responses
-                .iter()
-                .filter(|t| t.name.0.as_str() == self.s.topic)
-                .flat_map(|t| &t.partition_responses)
-                .find(|r| r.index == p as i32)
-                .map(|r| r.error_code);
-            // A partition the answer leaves out is treated as a retriable refusal.
-            let code = code.unwrap_or(kafka_protocol::ResponseError::NetworkException.code());
-            if code != 0 && refused.is_none() {
-                refused = Some(format!("partition {p}: {}", code_name(code)));
+        }
+    }
+
+    /// Reads the answers to the Produce requests in flight, and settles their batches.
+    fn finish(&mut self) -> Result<(), Error> {
+        let mut result = Ok(());
+        for InFlight { leader, mut conn, id, version, counts } in std::mem::take(&mut self.in_flight) {
+            let answer: ProduceResponse = match conn.receive(ApiKey::Produce, version, id) {
+                Ok(a) => a,
+                Err(e) => {
+                    // The request went out and no answer came back: the broker may have written
+                    // the batches. Sent again, they count as attempts, so that a broker that
+                    // writes and then hangs up cannot make them go round for ever.
+                    for (p, n) in counts {
+                        self.settle(p, n, kafka_protocol::ResponseError::NetworkException.code());
+                    }
+                    result = Err(e);
+                    continue;
+                }
+            };
+            self.conns.insert(leader, conn);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let mut refused = None;
+            for (p, n) in counts {
+                let code = answer
+                    .responses
+                    .iter()
+                    .filter(|t| t.name.0.as_str() == self.s.topic)
+                    .flat_map(|t| &t.partition_responses)
+                    .find(|r| r.index == p as i32)
+                    .map(|r| r.error_code);
+                // A partition the answer leaves out is treated as a retriable refusal.
+                let code = code.unwrap_or(kafka_protocol::ResponseError::NetworkException.code());
+                if code != 0 && refused.is_none() {
+                    refused = Some(format!("partition {p}: {}", code_name(code)));
+                }
+                self.settle(p, n, code);
             }
-            self.settle(p, n, code);
+            if let Some(why) = refused
+                && result.is_ok()
+            {
+                result = Err(Error::Broker(why));
+            }
         }
-        match refused {
-            None => Ok(()),
-            Some(why) => Err(Error::Broker(why)),
-        }
+        result
     }
 
     /// The head of partition `p`'s queue as one record batch: up to `max_batch` bytes (at least
