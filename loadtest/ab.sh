@@ -24,11 +24,19 @@
 # queue: those cost the workers no rendering), is printed at the end: runs compare only when
 # those agree.
 #
+# TOGETHER=1 loads both proxies at once in every window instead, a load generator each (both on
+# LOAD_CPU): the two proxies then share their core through the same instants of the host, and
+# each window's ratio compares CPU per request taken at the same time. Each proxy's background
+# work from before a window falls into it as its work from the window's end falls out, so no
+# idle time is added there.
+#
 # A and B are bench.sh's configurations: keepalive (loadtest/conf/portcullis.toml.in),
 # accesslog or operator (portcullis-$MODE.toml.in; operator starts the broker Tansu on
 # KAFKA_ADDR, at SCHED_IDLE on the load CPU). The access log is removed and reopened
 # (SIGUSR1) after every window: written back, gigabytes of it would fall on the proxy's core.
-# A_CONF or B_CONF names another template for that side (a variant of the mode's). BG_CPU moves
+# A_CONF or B_CONF names another template for that side (a variant of the mode's), and A_BIN or
+# B_BIN another build of the proxy (two builds of one change, e.g. A=operator B=operator with
+# A_BIN a copy of the binary from before it). BG_CPU moves
 # each proxy's threads other than its workers (access log, loggers, admin) to that CPU once it
 # listens: their CPU still counts as the proxy's.
 # Only loopback addresses are used; every load run is bounded by WINDOW.
@@ -94,8 +102,10 @@ for side in A B; do
   [ -f "$tpl" ] || { echo "no configuration for mode $mode ($tpl)" >&2; exit 1; }
   sed -e "s|@LISTEN@|${ADDR[$side]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" \
     -e "s|@RUN@|$OUT/$side|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" "$tpl" > "$OUT/$side/portcullis.toml"
-  "$BIN/portcullis" check -c "$OUT/$side/portcullis.toml" >/dev/null
-  taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/$side/portcullis.toml" >"$OUT/$side/proxy.log" 2>&1 &
+  bin_var=${side}_BIN
+  proxy=${!bin_var:-$BIN/portcullis}
+  "$proxy" check -c "$OUT/$side/portcullis.toml" >/dev/null
+  taskset -c "$PROXY_CPU" "$proxy" run -c "$OUT/$side/portcullis.toml" >"$OUT/$side/proxy.log" 2>&1 &
   PID[$side]=$!; PIDS+=($!)
   wait_port "${ADDR[$side]}"
   # BG_CPU: the proxy's threads other than its workers (log, loggers, admin) go to that CPU.
@@ -117,10 +127,32 @@ window() { # window SIDE PAIR -> one JSON line in raw.jsonl
   done
 }
 
-echo "== $A (A) against $B (B), $PAIRS pairs of ${WINDOW}-second windows; results in $OUT"
+together() { # together PAIR -> two JSON lines in raw.jsonl, both proxies loaded at once
+  local pair=$1 side jobs=()
+  for side in A B; do
+    taskset -c "$LOAD_CPU" "$BIN/portcullis-load" run "https://localhost:${ADDR[$side]##*:}/" --ca "$CERTS/root.pem" \
+      --cert "$CERTS/client1-chain.pem" --key "$CERTS/client1.key" -c "$CONNS" -d "${WINDOW}s" -w 1s \
+      --watch-pid "${PID[$side]}" --json --tag "side=$side" --tag "label=${!side}" --tag "pair=$pair" \
+      --tag "together=1" > "$OUT/window-$side.json" &
+    jobs+=($!)
+  done
+  wait "${jobs[@]}"
+  cat "$OUT/window-A.json" "$OUT/window-B.json" >> "$OUT/raw.jsonl"
+  for side in A B; do
+    if [ -f "$OUT/$side/access.log" ]; then rm -f "$OUT/$side/access.log"; kill -USR1 "${PID[$side]}"; fi
+  done
+}
+
 : > "$OUT/raw.jsonl"
-window A 0; window B 0   # warms both up; not counted
-for pair in $(seq 1 "$PAIRS"); do window A "$pair"; window B "$pair"; done
+if [ "${TOGETHER:-0}" = 1 ]; then
+  echo "== $A (A) against $B (B), both loaded at once, $PAIRS windows of ${WINDOW} seconds; results in $OUT"
+  together 0   # warms both up; not counted
+  for pair in $(seq 1 "$PAIRS"); do together "$pair"; done
+else
+  echo "== $A (A) against $B (B), $PAIRS pairs of ${WINDOW}-second windows; results in $OUT"
+  window A 0; window B 0   # warms both up; not counted
+  for pair in $(seq 1 "$PAIRS"); do window A "$pair"; window B "$pair"; done
+fi
 # The last window's proxy, idle for as long as a window, as after every other.
 echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}")" >> "$OUT/raw.jsonl"
 sleep "$WINDOW"
@@ -140,16 +172,17 @@ tick = float(sys.argv[2])
 runs = [json.loads(l) for l in lines if l.startswith("{")]
 ends = [dict(kv.split("=") for kv in l.split()[1:]) for l in lines if l.startswith("end ")]
 # /proc readings taken as each window started, then as the last ended and a window's time later.
-starts = [(int(r["idle_cpu_a"]), int(r["idle_cpu_b"])) for r in runs]
+starts = [(int(r.get("idle_cpu_a", 0)), int(r.get("idle_cpu_b", 0))) for r in runs]
 starts += [(int(e["idle_cpu_a"]), int(e["idle_cpu_b"])) for e in ends]
+together = any(r.get("together") == "1" for r in runs)
 cost = {}
 for i, r in enumerate(runs):
     if r["pair"] == "0":
         continue
     me = 0 if r["side"] == "A" else 1
     # This proxy's background work while the other one was loaded (the next window, or until
-    # the end after the last).
-    after = (starts[i + 2][me] - starts[i + 1][me]) / tick
+    # the end after the last); none when both were loaded at once.
+    after = 0 if together else (starts[i + 2][me] - starts[i + 1][me]) / tick
     cost.setdefault(r["pair"], {})[r["side"]] = ((r["proxy_cpu_seconds"] + after) * 1e6 / r["ok"], r["error_count"])
 pairs = [p for p in cost.values() if "A" in p and "B" in p]
 ratios = [p["A"][0] / p["B"][0] for p in pairs]
@@ -165,7 +198,7 @@ print(f"{sys.argv[4]} against {sys.argv[3]}, per proxy core, pair by pair: media
 # the mean of the two: slow-downs come as spikes, and a mean of two costs is pulled up by one.)
 after = [cost[str(k + 1)]["A"][0] / cost[str(k)]["B"][0]
          for k in sorted(map(int, cost)) if "B" in cost[str(k)] and "A" in cost.get(str(k + 1), {})]
-if after:
+if after and not together:
     both = ratios + after
     q = statistics.quantiles(both, n=4)
     print(f"{sys.argv[4]} against the {sys.argv[3]} windows before and after: median {statistics.median(both):.3f}x, "
