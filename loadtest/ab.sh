@@ -26,17 +26,17 @@
 #
 # TOGETHER=1 loads both proxies at once in every window instead, a load generator each (both on
 # LOAD_CPU): the two proxies then share their core through the same instants of the host, and
-# each window's ratio compares CPU per request taken at the same time. Each proxy's background
-# work from before a window falls into it as its work from the window's end falls out, so no
-# idle time is added there.
+# each window's ratio compares CPU per request taken at the same time. A window's measured part
+# follows a second of warm-up under the same load, so each proxy's background threads are as
+# busy when it starts as when it ends: no idle time is added in this mode.
 #
 # A and B are bench.sh's configurations: keepalive (loadtest/conf/portcullis.toml.in),
 # accesslog or operator (portcullis-$MODE.toml.in; operator starts the broker Tansu on
 # KAFKA_ADDR, at SCHED_IDLE on the load CPU). The access log is removed and reopened
 # (SIGUSR1) after every window: written back, gigabytes of it would fall on the proxy's core.
 # A_CONF or B_CONF names another template for that side (a variant of the mode's), and A_BIN or
-# B_BIN another build of the proxy (two builds of one change, e.g. A=operator B=operator with
-# A_BIN a copy of the binary from before it). BG_CPU moves
+# B_BIN another build of the proxy, a path from the repository's top (two builds of one change,
+# e.g. A=operator B=operator with A_BIN a copy of the binary from before it). BG_CPU moves
 # each proxy's threads other than its workers (access log, loggers, admin) to that CPU once it
 # listens: their CPU still counts as the proxy's.
 # Only loopback addresses are used; every load run is bounded by WINDOW.
@@ -136,7 +136,9 @@ together() { # together PAIR -> two JSON lines in raw.jsonl, both proxies loaded
       --tag "together=1" > "$OUT/window-$side.json" &
     jobs+=($!)
   done
-  wait "${jobs[@]}"
+  for job in "${jobs[@]}"; do
+    wait "$job" || { echo "a load run failed in window $pair (see $OUT/window-*.json)" >&2; exit 1; }
+  done
   cat "$OUT/window-A.json" "$OUT/window-B.json" >> "$OUT/raw.jsonl"
   for side in A B; do
     if [ -f "$OUT/$side/access.log" ]; then rm -f "$OUT/$side/access.log"; kill -USR1 "${PID[$side]}"; fi

@@ -456,6 +456,8 @@ struct InFlight {
     version: i16,
     /// Messages of each partition the request carries, from the head of its queue.
     counts: Vec<(usize, usize)>,
+    /// Their bytes, per partition (as `counts`).
+    bytes: Vec<usize>,
 }
 
 /// The producer's thread.
@@ -593,10 +595,13 @@ impl Sender {
                     Ok(()) => self.succeeded(),
                     Err(e) => self.failed(e),
                 }
-                if self.in_flight.is_empty() {
+                // A partition that already holds a full batch more sends it as soon as the
+                // answer to this one is read.
+                if self.in_flight.is_empty() || self.full_behind() {
                     continue;
                 }
             }
+            let now = Instant::now();
             // Holding messages: sleep until the next batch is due, or a retry may go (a batch
             // that is due waits for the end of a backoff, never less), or it is time to take
             // what came (and read the answers to what was sent). Holding none: sleep until
@@ -723,6 +728,20 @@ impl Sender {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Whether a partition holds a full batch besides what it has in flight.
+    fn full_behind(&self) -> bool {
+        self.queues.iter().enumerate().any(|(p, q)| {
+            let sent: usize = self
+                .in_flight
+                .iter()
+                .flat_map(|r| r.counts.iter().zip(&r.bytes))
+                .filter(|&(&(q, _), _)| q == p)
+                .map(|(_, &b)| b)
+                .sum();
+            q.bytes.saturating_sub(sent) >= self.s.max_batch
+        })
     }
 
     /// When the oldest message held and not in a request in flight came.
@@ -941,7 +960,11 @@ impl Sender {
         }
         match conn.send(ApiKey::Produce, version, &request) {
             Ok(id) => {
-                self.in_flight.push(InFlight { leader, conn, id, version, counts });
+                let bytes = counts
+                    .iter()
+                    .map(|&(p, n)| self.queues[p].held.iter().take(n).map(Held::size).sum())
+                    .collect();
+                self.in_flight.push(InFlight { leader, conn, id, version, counts, bytes });
                 Ok(())
             }
             Err(e) => {
@@ -957,7 +980,7 @@ impl Sender {
     /// Reads the answers to the Produce requests in flight, and settles their batches.
     fn finish(&mut self) -> Result<(), Error> {
         let mut result = Ok(());
-        for InFlight { leader, mut conn, id, version, counts } in std::mem::take(&mut self.in_flight) {
+        for InFlight { leader, mut conn, id, version, counts, .. } in std::mem::take(&mut self.in_flight) {
             let answer: ProduceResponse = match conn.receive(ApiKey::Produce, version, id) {
                 Ok(a) => a,
                 Err(e) => {
