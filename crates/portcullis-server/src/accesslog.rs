@@ -1023,6 +1023,23 @@ fn combined(r: &Record, lines: &mut Lines) {
 mod tests {
     use super::*;
 
+    /// Every text field, in [`Text`] order, with its name in a JSON line.
+    const FIELDS: [(Text, &str); TEXTS] = [
+        (Text::Method, "method"),
+        (Text::Path, "path"),
+        (Text::UserAgent, "user_agent"),
+        (Text::Api, "api"),
+        (Text::Operation, "operation"),
+        (Text::ClientCert, "client_cert"),
+        (Text::ClientSubject, "client_cert_subject"),
+        (Text::Refused, "refused"),
+        (Text::Sni, "sni"),
+        (Text::Subscription, "subscription"),
+        (Text::JwtSub, "jwt_sub"),
+        (Text::JwtAppid, "jwt_appid"),
+        (Text::Backend, "backend"),
+    ];
+
     fn record() -> Record {
         let mut r = Record::new(
             1_764_957_862_123,
@@ -1204,22 +1221,7 @@ mod tests {
 
     #[test]
     fn no_line_is_longer_than_the_room_made_for_it() {
-        let fields = [
-            Text::Method,
-            Text::Path,
-            Text::UserAgent,
-            Text::Api,
-            Text::Operation,
-            Text::ClientCert,
-            Text::ClientSubject,
-            Text::Refused,
-            Text::Sni,
-            Text::Subscription,
-            Text::JwtSub,
-            Text::JwtAppid,
-            Text::Backend,
-        ];
-        assert_eq!(fields.len(), TEXTS);
+        let fields = FIELDS.map(|(f, _)| f);
         let widest: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().expect("addr");
         let mapped: SocketAddr = "[::ffff:255.255.255.255]:65535".parse().expect("addr");
         // Each byte at its widest: a control character (`\u0001`), a byte that is not UTF-8
@@ -1253,21 +1255,7 @@ mod tests {
 
     #[test]
     fn fields_copied_wide_come_out_whole_and_nothing_after_them() {
-        let fields = [
-            (Text::Method, "method"),
-            (Text::Path, "path"),
-            (Text::UserAgent, "user_agent"),
-            (Text::Api, "api"),
-            (Text::Operation, "operation"),
-            (Text::ClientCert, "client_cert"),
-            (Text::ClientSubject, "client_cert_subject"),
-            (Text::Refused, "refused"),
-            (Text::Sni, "sni"),
-            (Text::Subscription, "subscription"),
-            (Text::JwtSub, "jwt_sub"),
-            (Text::JwtAppid, "jwt_appid"),
-            (Text::Backend, "backend"),
-        ];
+        let fields = FIELDS;
         let peer = "192.0.2.7:5000".parse().expect("addr");
         // Around `SHORT`; a first field that leaves fewer than `SHORT` bytes of the buffer
         // after the others' starts; and enough to spill.
