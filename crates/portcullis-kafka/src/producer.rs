@@ -454,10 +454,9 @@ struct InFlight {
     conn: Connection,
     id: i32,
     version: i16,
-    /// Messages of each partition the request carries, from the head of its queue.
-    counts: Vec<(usize, usize)>,
-    /// Their bytes, per partition (as `counts`).
-    bytes: Vec<usize>,
+    /// Per partition the request carries: the partition, and the messages and bytes it has in
+    /// the request, from the head of its queue.
+    counts: Vec<(usize, usize, usize)>,
 }
 
 /// The producer's thread.
@@ -730,18 +729,21 @@ impl Sender {
         }
     }
 
+    /// The messages and bytes partition `p` has in requests in flight.
+    fn in_flight_of(&self, p: usize) -> (usize, usize) {
+        let mut sent = (0, 0);
+        for &(_, n, bytes) in self.in_flight.iter().flat_map(|r| &r.counts).filter(|c| c.0 == p) {
+            sent = (sent.0 + n, sent.1 + bytes);
+        }
+        sent
+    }
+
     /// Whether a partition holds a full batch besides what it has in flight.
     fn full_behind(&self) -> bool {
-        self.queues.iter().enumerate().any(|(p, q)| {
-            let sent: usize = self
-                .in_flight
-                .iter()
-                .flat_map(|r| r.counts.iter().zip(&r.bytes))
-                .filter(|&(&(q, _), _)| q == p)
-                .map(|(_, &b)| b)
-                .sum();
-            q.bytes.saturating_sub(sent) >= self.s.max_batch
-        })
+        self.queues
+            .iter()
+            .enumerate()
+            .any(|(p, q)| q.bytes.saturating_sub(self.in_flight_of(p).1) >= self.s.max_batch)
     }
 
     /// When the oldest message held and not in a request in flight came.
@@ -749,12 +751,13 @@ impl Sender {
         if self.in_flight.is_empty() {
             return self.oldest();
         }
-        let sent = |p: usize| -> usize {
-            self.in_flight.iter().flat_map(|r| &r.counts).filter(|&&(q, _)| q == p).map(|&(_, n)| n).sum()
-        };
         let unassigned = self.unassigned.front().map(|h| h.since);
-        let queued =
-            self.queues.iter().enumerate().filter_map(|(p, q)| q.held.get(sent(p)).map(|h| h.since)).min();
+        let queued = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter_map(|(p, q)| q.held.get(self.in_flight_of(p).0).map(|h| h.since))
+            .min();
         match (unassigned, queued) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -960,11 +963,11 @@ impl Sender {
         }
         match conn.send(ApiKey::Produce, version, &request) {
             Ok(id) => {
-                let bytes = counts
-                    .iter()
-                    .map(|&(p, n)| self.queues[p].held.iter().take(n).map(Held::size).sum())
+                let counts = counts
+                    .into_iter()
+                    .map(|(p, n)| (p, n, self.queues[p].held.iter().take(n).map(Held::size).sum()))
                     .collect();
-                self.in_flight.push(InFlight { leader, conn, id, version, counts, bytes });
+                self.in_flight.push(InFlight { leader, conn, id, version, counts });
                 Ok(())
             }
             Err(e) => {
@@ -980,14 +983,14 @@ impl Sender {
     /// Reads the answers to the Produce requests in flight, and settles their batches.
     fn finish(&mut self) -> Result<(), Error> {
         let mut result = Ok(());
-        for InFlight { leader, mut conn, id, version, counts, .. } in std::mem::take(&mut self.in_flight) {
+        for InFlight { leader, mut conn, id, version, counts } in std::mem::take(&mut self.in_flight) {
             let answer: ProduceResponse = match conn.receive(ApiKey::Produce, version, id) {
                 Ok(a) => a,
                 Err(e) => {
                     // The request went out and no answer came back: the broker may have written
                     // the batches. Sent again, they count as attempts, so that a broker that
                     // writes and then hangs up cannot make them go round for ever.
-                    for (p, n) in counts {
+                    for (p, n, _) in counts {
                         self.settle(p, n, kafka_protocol::ResponseError::NetworkException.code());
                     }
                     result = Err(e);
@@ -997,7 +1000,7 @@ impl Sender {
             self.conns.insert(leader, conn);
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let mut refused = None;
-            for (p, n) in counts {
+            for (p, n, _) in counts {
                 let code = answer
                     .responses
                     .iter()

@@ -121,9 +121,7 @@ impl Record {
         self.tls = "-";
         self.resumed = false;
         self.set = 0;
-        if self.spilled.capacity() > 0 {
-            self.spilled = Vec::new();
-        }
+        self.release();
     }
 
     /// Lets go of text spilled to the heap (the record is then read as if empty of text until
