@@ -160,10 +160,11 @@ echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}"
 sleep "$WINDOW"
 echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}")" >> "$OUT/raw.jsonl"
 
-# Where each proxy's CPU went over the whole run, by thread (the scheduler's own count, in ns).
+# Where each proxy's CPU went over the whole run, by thread (the scheduler's own count: time on
+# the CPU in ns, and how many times the thread was put on it, mostly wake-ups).
 for side in A B; do
   for task in /proc/"${PID[$side]}"/task/*; do
-    echo "thread side=$side $(tr ' ' '_' < "$task/comm") $(cut -d' ' -f1 "$task/schedstat")"
+    echo "thread side=$side $(tr ' ' '_' < "$task/comm") $(cut -d' ' -f1,3 "$task/schedstat")"
   done >> "$OUT/raw.jsonl"
 done
 
@@ -205,17 +206,21 @@ if after and not together:
     q = statistics.quantiles(both, n=4)
     print(f"{sys.argv[4]} against the {sys.argv[3]} windows before and after: median {statistics.median(both):.3f}x, "
           f"quartiles {q[0]:.3f} - {q[2]:.3f}, {len(both)} ratios")
-threads = {}
+threads, slices = {}, {}
 for l in lines:
-    if l.startswith("thread ") and len(l.split()) == 4:
-        _, side, comm, ns = l.split()
-        threads.setdefault(side[len("side="):], {}).setdefault(comm, 0)
-        threads[side[len("side="):]][comm] += int(ns)
+    if l.startswith("thread ") and len(l.split()) in (4, 5):
+        _, side, comm, ns, *n = l.split()
+        side = side[len("side="):]
+        threads.setdefault(side, {}).setdefault(comm, 0)
+        threads[side][comm] += int(ns)
+        slices.setdefault(side, {}).setdefault(comm, 0)
+        slices[side][comm] += int(n[0]) if n else 0
 for side, name in (("A", sys.argv[3]), ("B", sys.argv[4])):
     t = threads.get(side, {})
     total = sum(t.values()) or 1
     print(f"{name}, CPU by thread over the whole run: " + ", ".join(
-        f"{comm} {ns * 100 / total:.1f}%" for comm, ns in sorted(t.items(), key=lambda kv: -kv[1]) if ns * 1000 >= total))
+        f"{comm} {ns * 100 / total:.1f}% ({slices[side][comm]} times on the CPU)"
+        for comm, ns in sorted(t.items(), key=lambda kv: -kv[1]) if ns * 1000 >= total))
 EOF
 for side in A B; do
   admin=$(grep -o 'admin endpoint serving [0-9.:]*' "$OUT/$side/proxy.log" | tail -1 | awk '{print $4}' || true)

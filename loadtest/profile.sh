@@ -38,6 +38,7 @@ KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
 CONF=${CONF:-}
 OUT=${OUT:-target/profile/$MODE${CONF:+-$CONF}}
 BIN=target/release
+PROXY_BIN=${PROXY_BIN:-$BIN/portcullis}   # another build of the proxy (a path from the top), to compare
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 CERTS=$OUT/certs
@@ -74,7 +75,7 @@ wait_log() { # wait_log FILE — until the proxy says it listens
 
 case $TOOL in
   perf)
-    taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/portcullis.toml" >"$OUT/proxy.log" 2>&1 &
+    taskset -c "$PROXY_CPU" "$PROXY_BIN" run -c "$OUT/portcullis.toml" >"$OUT/proxy.log" 2>&1 &
     proxy=$!; PIDS+=($proxy)
     wait_log "$OUT/proxy.log"
     (sleep 1; perf record -q -F 4999 -e cpu-clock -g --call-graph dwarf,16384 -p "$proxy" \
@@ -92,7 +93,7 @@ case $TOOL in
       local n=$1 f="$OUT/callgrind.$1.out"; shift
       rm -f "$f"*
       taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$f" \
-        "$BIN/portcullis" run -c "$OUT/portcullis-epoll.toml" >"$OUT/valgrind.log" 2>&1 &
+        "$PROXY_BIN" run -c "$OUT/portcullis-epoll.toml" >"$OUT/valgrind.log" 2>&1 &
       local vg=$!; PIDS+=($vg)
       wait_log "$OUT/valgrind.log"
       load "$n" -d 300s -w 0s "$@" >&2
@@ -107,7 +108,7 @@ case $TOOL in
     echo "callgrind_annotate $(ls -t "$OUT/callgrind.$N2.out".* | head -1)   # for where they go"
     ;;
   ops)
-    taskset -c "$PROXY_CPU" "$BIN/portcullis" run -c "$OUT/portcullis.toml" >"$OUT/proxy.log" 2>&1 &
+    taskset -c "$PROXY_CPU" "$PROXY_BIN" run -c "$OUT/portcullis.toml" >"$OUT/proxy.log" 2>&1 &
     proxy=$!; PIDS+=($proxy)
     wait_log "$OUT/proxy.log"
     load 200 -d 30s -w 0s "$@" >/dev/null   # warm: pools, caches, sessions

@@ -71,6 +71,9 @@ pub(crate) struct Record {
     pub(crate) upstream_status: u16,
     pub(crate) tls: &'static str,
     pub(crate) resumed: bool,
+    /// What the connection's records share, when it is said there rather than in the record's
+    /// own `peer`, `tls`, `resumed` and text (see [`ConnFields`]).
+    pub(crate) conn: Option<Arc<ConnFields>>,
     /// Where each field's text ends, in [`Text`] order.
     ends: [u32; TEXTS],
     /// Fields set so far (the others are empty).
@@ -99,6 +102,7 @@ impl Record {
             upstream_status: 0,
             tls: "-",
             resumed: false,
+            conn: None,
             ends: [0; TEXTS],
             set: 0,
             inline: [0; INLINE],
@@ -124,9 +128,13 @@ impl Record {
         self.release();
     }
 
-    /// Lets go of text spilled to the heap (the record is then read as if empty of text until
-    /// it is made over).
+    /// Lets go of text spilled to the heap and of the connection's fields (the record is then
+    /// read as if empty of text until it is made over). On the log thread, as it gives a batch
+    /// back: the worker's next use of the record finds nothing to drop.
     fn release(&mut self) {
+        if self.conn.is_some() {
+            self.conn = None;
+        }
         if self.spilled.capacity() > 0 {
             self.spilled = Vec::new();
             self.set = 0;
@@ -208,6 +216,51 @@ impl Record {
     #[inline(always)]
     fn buf(&self) -> &[u8] {
         if self.spilled.is_empty() { &self.inline[..] } else { &self.spilled[..] }
+    }
+}
+
+/// What every record of one connection shares: its peer, TLS version and resumption, the server
+/// name it asked for and its client certificate, formatted for the JSON line once per
+/// connection. A request's record points at it ([`Record::conn`]) rather than carrying copies:
+/// of a record's text, these are most of the bytes (a thumbprint and a subject DN), and on
+/// keep-alive connections they are the same for every request.
+#[derive(Debug)]
+pub(crate) struct ConnFields {
+    /// The peer inside its JSON string (`192.0.2.7:5000`).
+    peer: Box<[u8]>,
+    /// From the TLS version to the certificate's subject, both inside their JSON strings:
+    /// `TLSv1.3","resumed":false,"sni":"…","client_cert":"…","client_cert_subject":"CN=…`.
+    tls_to_subject: Box<[u8]>,
+}
+
+impl ConnFields {
+    pub(crate) fn new(
+        peer: SocketAddr,
+        (tls, resumed): (&'static str, bool),
+        sni: Option<&str>,
+        (thumbprint, subject): (&str, &str),
+    ) -> ConnFields {
+        // Formatted as a record holding them, by the same code as such a record's line.
+        let mut r = Record::new(0, None, peer);
+        (r.tls, r.resumed) = (tls, resumed);
+        r.put(Text::ClientCert, thumbprint.as_bytes());
+        r.put(Text::ClientSubject, subject.as_bytes());
+        if let Some(sni) = sni {
+            r.put(Text::Sni, sni.as_bytes());
+        }
+        let plain = portcullis_http::write::json_plain(r.text());
+        let mut buf = vec![0u8; most(&r)];
+        let size = buf.len();
+        let mut out = &mut buf[..];
+        peer_of(&mut out, &r);
+        let at = size - out.len();
+        tls_to_subject(&mut out, &r, plain);
+        let end = size - out.len();
+        ConnFields { peer: buf[..at].into(), tls_to_subject: buf[at..end].into() }
+    }
+
+    fn len(&self) -> usize {
+        self.peer.len() + self.tls_to_subject.len()
     }
 }
 
@@ -769,7 +822,7 @@ fn most(r: &Record) -> usize {
     // time, the peer (`[` an IPv6 address of at most 45 characters `]:65535`) and the id.
     const FIXED: usize = 400 + 9 * 20 + 24 + 53 + json_most(16);
     // Every text field is `-` at least.
-    FIXED + json_most(r.len().saturating_add(TEXTS)) + r.tls.len()
+    FIXED + json_most(r.len().saturating_add(TEXTS)) + r.tls.len() + r.conn.as_ref().map_or(0, |c| c.len())
 }
 
 /// The date and time to the second of the last record written: the records of a batch mostly
@@ -920,6 +973,26 @@ fn json_number(out: &mut &mut [u8], name: &[u8], n: u64) {
     number(out, n);
 }
 
+/// The record's peer, inside its JSON string.
+fn peer_of(out: &mut &mut [u8], r: &Record) {
+    peer(out, r.peer);
+}
+
+/// The record's own TLS version, resumption, server name, certificate thumbprint and subject, in
+/// a JSON line from inside the version's string to inside the subject's.
+#[inline(always)]
+fn tls_to_subject(out: &mut &mut [u8], r: &Record, plain: bool) {
+    out.put_slice(r.tls.as_bytes());
+    out.put_slice(if r.resumed {
+        b"\",\"resumed\":true,\"sni\":\""
+    } else {
+        b"\",\"resumed\":false,\"sni\":\""
+    });
+    json_text(out, r, Text::Sni, plain, b"\",\"client_cert\":\"");
+    json_text(out, r, Text::ClientCert, plain, b"\",\"client_cert_subject\":\"");
+    json_text(out, r, Text::ClientSubject, plain, b"");
+}
+
 fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
     // Most records' text is printable ASCII with nothing to escape: one look at all of it.
     let plain = portcullis_http::write::json_plain(r.text());
@@ -930,7 +1003,10 @@ fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
         let id = r.id.as_ref().map_or(&b"-"[..], |i| &i[..]);
         json_inside(out, id, portcullis_http::write::json_plain(id));
         out.put_slice(b"\",\"peer\":\"");
-        peer(out, r.peer);
+        match &r.conn {
+            Some(c) => out.put_slice(&c.peer),
+            None => peer_of(out, r),
+        }
         out.put_slice(b"\",\"method\":\"");
         json_text(out, r, Text::Method, plain, b"\",\"path\":\"");
         json_text(out, r, Text::Path, plain, b"\",\"status\":");
@@ -943,15 +1019,11 @@ fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
         json_number(out, b",\"bytes_in\":", r.bytes_in);
         json_number(out, b",\"bytes_out\":", r.bytes_out);
         out.put_slice(b",\"tls\":\"");
-        out.put_slice(r.tls.as_bytes());
-        out.put_slice(if r.resumed {
-            b"\",\"resumed\":true,\"sni\":\""
-        } else {
-            b"\",\"resumed\":false,\"sni\":\""
-        });
-        json_text(out, r, Text::Sni, plain, b"\",\"client_cert\":\"");
-        json_text(out, r, Text::ClientCert, plain, b"\",\"client_cert_subject\":\"");
-        json_text(out, r, Text::ClientSubject, plain, b"\",\"subscription\":\"");
+        match &r.conn {
+            Some(c) => out.put_slice(&c.tls_to_subject),
+            None => tls_to_subject(out, r, plain),
+        }
+        out.put_slice(b"\",\"subscription\":\"");
         json_text(out, r, Text::Subscription, plain, b"\",\"jwt_sub\":\"");
         json_text(out, r, Text::JwtSub, plain, b"\",\"jwt_appid\":\"");
         json_text(out, r, Text::JwtAppid, plain, b"\",\"user_agent\":\"");
@@ -1103,6 +1175,56 @@ mod tests {
         let mut lines = Lines::default();
         json(r, &mut Clock::new(), &mut lines);
         String::from_utf8_lossy(lines.written()).into_owned()
+    }
+
+    #[test]
+    fn fields_said_once_per_connection_come_out_as_the_record_s_own() {
+        let hostile = "CN=\"x\\y\u{1}\u{7f}é, O=Contoso";
+        for (peer, tls, resumed, sni, cert) in [
+            ("192.0.2.7:5000", "TLSv1.3", true, Some("api.example"), Some(("D86FE110", hostile))),
+            ("[2001:db8::1]:443", "TLSv1.2", false, None, None),
+            ("10.0.0.1:1", "-", false, Some("a"), Some(("", ""))),
+        ] {
+            let peer: SocketAddr = peer.parse().expect("addr");
+            let (thumbprint, subject) = cert.unwrap_or_default();
+            let mut own = record();
+            own.peer = peer;
+            (own.tls, own.resumed) = (tls, resumed);
+            let mut shared = record();
+            // What the record itself says is not read once it points at its connection's.
+            shared.peer = "203.0.113.1:9".parse().expect("addr");
+            shared.conn = Some(Arc::new(ConnFields::new(peer, (tls, resumed), sni, (thumbprint, subject))));
+            // Set in order: the record's own are rebuilt with them where they go.
+            let mut rebuilt = Record::new(own.at_ms, own.id, peer);
+            (rebuilt.status, rebuilt.micros, rebuilt.bytes_in, rebuilt.bytes_out) = (200, 1234, 12, 500);
+            (rebuilt.upstream_status, rebuilt.upstream_micros) = (200, 900);
+            (rebuilt.tls, rebuilt.resumed) = (tls, resumed);
+            for (f, _) in FIELDS {
+                let v: &[u8] = match f {
+                    Text::ClientCert => thumbprint.as_bytes(),
+                    Text::ClientSubject => subject.as_bytes(),
+                    Text::Sni => sni.unwrap_or_default().as_bytes(),
+                    _ => own.get(f),
+                };
+                if !v.is_empty() {
+                    let v = v.to_vec();
+                    rebuilt.put(f, &v);
+                }
+            }
+            let line = line_of(&rebuilt);
+            assert_eq!(line_of(&shared), line);
+            let json = portcullis_jose::Json::parse(line.trim_end().as_bytes()).expect("JSON");
+            let text = |name: &str| json.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+            assert_eq!(text("peer"), Some(peer.to_string()));
+            assert_eq!(
+                text("client_cert_subject").as_deref(),
+                Some(if subject.is_empty() { "-" } else { hostile })
+            );
+            assert_eq!(text("sni").as_deref(), Some(sni.unwrap_or("-")));
+            // Given back by the log thread: the connection's fields are let go.
+            shared.release();
+            assert!(shared.conn.is_none());
+        }
     }
 
     #[test]

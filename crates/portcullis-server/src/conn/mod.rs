@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -147,6 +148,7 @@ pub(crate) async fn serve(
         interim_sent: false,
         connection_refused: false,
         refusal: "-",
+        log_fields: None,
         body_bytes: 0,
         bytes_in: 0,
         upstream: Upstreamed::default(),
@@ -286,6 +288,8 @@ struct Conn<S> {
     /// Why the proxy answered this exchange itself (`-`: the backend answered), for the
     /// access log.
     refusal: &'static str,
+    /// The access-log fields every request of the connection shares, made at its first record.
+    log_fields: Option<Arc<crate::accesslog::ConnFields>>,
     current: CurrentRequest,
     /// The TLS site (listener default or SNI entry) the client connected to, and the acceptor
     /// that knows its hostnames.
@@ -584,7 +588,17 @@ impl<S: Stream> Conn<S> {
         if !log {
             return;
         }
-        use crate::accesslog::Text;
+        use crate::accesslog::{ConnFields, Text};
+        let info = &self.info;
+        let fields = self.log_fields.get_or_insert_with(|| {
+            let cert = info.client_cert.as_deref().map_or(("", ""), |c| (&c.thumbprint, &c.subject));
+            Arc::new(ConnFields::new(
+                self.peer,
+                (info.version, info.resumed),
+                info.server_name.as_deref(),
+                cert,
+            ))
+        });
         // Filled in place, in the batch it goes to the log thread in.
         let (worker, record) = (&self.worker, (now_ms, Some(*id), self.peer));
         worker.outbox.record_with(&worker.shared.access, record, |record| {
@@ -594,8 +608,7 @@ impl<S: Stream> Conn<S> {
             record.bytes_out = self.body_bytes.saturating_sub(self.bytes_in);
             record.upstream_status = self.upstream.status;
             record.upstream_micros = self.upstream.micros;
-            record.tls = self.info.version;
-            record.resumed = self.info.resumed;
+            record.conn = Some(Arc::clone(fields));
             record.put(Text::Method, self.head.method());
             // Without the query: it may carry a subscription key or a token.
             record.put(Text::Path, self.head.path_only());
@@ -604,14 +617,7 @@ impl<S: Stream> Conn<S> {
                 record.put(Text::Api, r.name.as_bytes());
                 record.put(Text::Operation, p.operation().as_bytes());
             }
-            if let Some(c) = &self.info.client_cert {
-                record.put(Text::ClientCert, c.thumbprint.as_bytes());
-                record.put(Text::ClientSubject, c.subject.as_bytes());
-            }
             record.put(Text::Refused, refused.as_bytes());
-            if let Some(sni) = &self.info.server_name {
-                record.put(Text::Sni, sni.as_bytes());
-            }
             if let Some(sub) = snap.policies.subscription_id(&self.state) {
                 record.put(Text::Subscription, sub.as_bytes());
             }
