@@ -45,8 +45,8 @@ struct Window {
     /// Calls of the other hosts in the window, as the last sync found them: (slot epoch of the
     /// sync: 32 bits, calls: 32 bits).
     others: AtomicU64,
-    /// This host's claim, granted by the last sync: (second of the sync since the origin: 32
-    /// bits, the most calls this host may count in the window until the next one: 32 bits).
+    /// This host's claim, granted by the latest sync: a [`claim_word`] of the most calls this
+    /// host may count in the window until the next one.
     claim: AtomicU64,
 }
 
@@ -59,8 +59,7 @@ struct Period {
     /// The other hosts' calls and bytes in the period, as the last sync found them.
     others_calls: AtomicU64,
     others_bytes: AtomicU64,
-    /// This host's claim on the period's calls, granted by the last sync: (second of the sync
-    /// since the origin: 32 bits, calls: 32 bits).
+    /// This host's claim on the period's calls, granted by the latest sync: a [`claim_word`].
     claim: AtomicU64,
     /// When the latest period counted here ends (ms since the origin; `u64::MAX`: never): until
     /// then the entry is its key's.
@@ -112,11 +111,40 @@ impl Default for Counters {
     }
 }
 
-/// A claim is good for this long after its sync (the store forgets a host's claim once the host
-/// has asked for the key for two seconds no more).
-const CLAIM_SECS: u64 = 2;
+/// A claim is good for this long (ms) after its sync was sent (the store forgets a host's claim
+/// once the host has asked for the key for two seconds no more).
+const CLAIM_MS: u32 = 3_000;
 /// No claim (the store answered none: the limit is not known to it).
 const NO_CLAIM: u64 = 0xFFFF_FFFF;
+
+/// A claim and when the sync that granted it was sent: (ms since the origin, wrapping at 32 bits
+/// and never 0: 32 bits; the claim: 32 bits). 0: no sync has granted one.
+fn claim_word(sent_ms: u64, claim: Option<u64>) -> u64 {
+    let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
+    pack((sent_ms & 0xFFFF_FFFF).max(1), claim)
+}
+
+/// Stores the claim of a sync sent at `sent_ms`, unless `word` holds one of a sync sent later:
+/// a host's workers sync apart, each on its own connection, and the answer to an earlier sync
+/// can come back after a later one's. Applied in the order they came, the older claim (granted
+/// before the other hosts were granted theirs against this host's newer one) would stand, and
+/// the hosts together could admit more than the limit. Returns whether it was stored.
+fn store_claim(word: &AtomicU64, sent_ms: u64, claim: Option<u64>) -> bool {
+    let new = claim_word(sent_ms, claim);
+    let mut current = word.load(Ordering::Acquire);
+    loop {
+        let (at, _) = unpack(current);
+        // Sent later than this one (and within a claim's life of it; 0: none yet).
+        let later = (at as u32).wrapping_sub((new >> 32) as u32);
+        if current != 0 && later != 0 && later < CLAIM_MS {
+            return false;
+        }
+        match word.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(now) => current = now,
+        }
+    }
+}
 
 /// The most calls this host may have counted in a window or period: what the other hosts left
 /// (`limit - others`), and no more than its claim while it holds one.
@@ -219,9 +247,10 @@ impl Counters {
     pub fn set_others(&self, hash: u64, period_ms: u64, now_ms: u64, calls: u64, claim: Option<u64>) {
         let epoch = now_ms / (period_ms / N).max(1);
         if let Some(w) = self.window(hash, epoch) {
-            let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
-            w.claim.store(pack(now_ms / 1000, claim), Ordering::Release);
-            w.others.store(pack(epoch, calls.min(0xFFFF_FFFF)), Ordering::Release);
+            // `now_ms` is when the sync was sent.
+            if store_claim(&w.claim, now_ms, claim) {
+                w.others.store(pack(epoch, calls.min(0xFFFF_FFFF)), Ordering::Release);
+            }
         }
     }
 
@@ -236,17 +265,21 @@ impl Counters {
     ) {
         let index = at.index;
         if let Some(p) = self.period(hash, at) {
-            let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
-            p.claim.store(pack(at.now_ms / 1000, claim), Ordering::Release);
-            p.others_calls.store(pack40(index, calls), Ordering::Release);
-            p.others_bytes.store(pack40(index, bytes), Ordering::Release);
+            if store_claim(&p.claim, at.now_ms, claim) {
+                p.others_calls.store(pack40(index, calls), Ordering::Release);
+                p.others_bytes.store(pack40(index, bytes), Ordering::Release);
+            }
         }
     }
 
     /// A claim still good at `now_ms`.
     fn claim_at(claim: &AtomicU64, now_ms: u64) -> Option<u64> {
-        let (at, c) = unpack(claim.load(Ordering::Acquire));
-        (c != NO_CLAIM && at + CLAIM_SECS >= (now_ms / 1000) & 0xFFFF_FFFF).then_some(c)
+        let word = claim.load(Ordering::Acquire);
+        let (at, c) = unpack(word);
+        let age = (now_ms as u32).wrapping_sub(at as u32);
+        // A sync answered since `now_ms` was read: as good as one sent now.
+        let fresh = !(CLAIM_MS..=u32::MAX - CLAIM_MS).contains(&age);
+        (word != 0 && c != NO_CLAIM && fresh).then_some(c)
     }
 
     /// What the last sync found for a window ending in `epoch`, at `now_ms`: the other hosts'
@@ -312,6 +345,7 @@ impl Counters {
             if stale && w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 // What a sync found was about the key before.
                 w.others.store(0, Ordering::Release);
+                w.claim.store(0, Ordering::Release);
                 return Some(w);
             }
         }
@@ -688,6 +722,37 @@ mod tests {
         assert_eq!(fleet_allowance(100, 30, Some(40)), 40);
         assert_eq!(fleet_allowance(100, 30, Some(90)), 70, "never past what the others left");
         assert_eq!(fleet_allowance(100, 150, None), 0);
+    }
+
+    #[test]
+    fn an_answer_to_an_earlier_sync_coming_back_late_is_not_applied() {
+        let c = Counters::with_capacity(64);
+        c.set_fleet(true, false);
+        let h = c.hash(0, 2_000, b"hot");
+        let now = 3_600_000;
+        // Two workers sync: the later sync (sent at `now + 40`) was granted 60, after the other
+        // host was granted its part against that; the earlier one's answer (100) comes back last.
+        c.set_others(h, 2_000, now + 40, 0, Some(60));
+        c.set_others(h, 2_000, now, 0, Some(100));
+        let admitted =
+            (0..100).filter(|i| matches!(c.rate(h, 2_000, 200, now + 50 + i, 1), Admit::Yes { .. }));
+        assert_eq!(admitted.count(), 60);
+        // The next sync's answer is applied; the others' count comes with it.
+        c.set_others(h, 2_000, now + 100, 30, Some(80));
+        let more = (0..100).filter(|i| matches!(c.rate(h, 2_000, 200, now + 150 + i, 1), Admit::Yes { .. }));
+        assert_eq!(more.count(), 20);
+        // Answers of syncs sent in the same millisecond: the one applied last stands.
+        c.set_others(h, 2_000, now + 200, 30, Some(90));
+        assert!(matches!(c.rate(h, 2_000, 200, now + 210, 1), Admit::Yes { .. }));
+        // A quota's claim alike.
+        let q = c.hash(1, 7, b"quota");
+        c.set_quota_others(q, at(5, now + 40), (4, 0), Some(5));
+        c.set_quota_others(q, at(5, now), (0, 0), Some(10));
+        let quota = (0..10).filter(|_| c.quota_add(q, at(5, now + 50), 1, Some(10), 0));
+        assert_eq!(quota.count(), 5, "the later claim, and the others' 4 that came with it");
+        // Long after, a claim has lapsed whichever came first: a sync sent now is applied.
+        c.set_others(h, 2_000, now + 60_000, 0, Some(5));
+        assert!(matches!(c.rate(h, 2_000, 200, now + 60_001, 1), Admit::Yes { .. }));
     }
 
     #[test]
