@@ -129,9 +129,9 @@ fn a_claim_covers_what_the_host_admitted_on_its_other_workers() {
     let redis = RedisServer::start(env.dir());
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // One key of a rate limit of 200 calls per 2 s (slots of 200 ms, 11 in a window); a worker
-    // adds `calls` and reports that its host has counted `own`. The answer: hosts, the others'
-    // calls and bytes, this host's claim.
-    let sync = |host: &str, calls: u64, own: u64| -> [i64; 4] {
+    // adds `calls` and reports that its host has counted `own`. The answer: hosts, the number of
+    // this host's sync, the others' calls and bytes, this host's claim.
+    let sync = |host: &str, calls: u64, own: u64| -> [i64; 5] {
         let (now, calls, own) = (now.to_string(), calls.to_string(), own.to_string());
         let args = [
             "EVAL",
@@ -153,16 +153,17 @@ fn a_claim_covers_what_the_host_admitted_on_its_other_workers() {
         let out = redis.cli(&args);
         let answer: Vec<i64> =
             out.lines().map(|l| l.trim().parse().unwrap_or_else(|_| panic!("{out}"))).collect();
-        answer.try_into().unwrap_or_else(|_| panic!("four integers: {out}"))
+        answer.try_into().unwrap_or_else(|_| panic!("five integers: {out}"))
     };
-    assert_eq!(sync("a", 0, 0)[3], 200, "a alone asked for the key: all of it is a's to claim");
-    assert_eq!(sync("b", 0, 0)[3], 0, "a's claim holds the whole limit");
+    assert_eq!(sync("a", 0, 0)[4], 200, "a alone asked for the key: all of it is a's to claim");
+    assert_eq!(sync("b", 0, 0)[4], 0, "a's claim holds the whole limit");
     // a's first worker has since admitted 200 calls and not synced them; its second syncs.
-    assert_eq!(sync("a", 0, 200)[3], 200, "a's claim covers the calls it admitted");
-    assert_eq!(sync("b", 0, 0)[3], 0, "nothing is left for b");
-    // a's first worker syncs its calls: the store now counts them as a's.
-    assert_eq!(sync("a", 200, 200), [1, 0, 0, 200]);
-    assert_eq!(sync("b", 0, 0)[1..], [200, 0, 0]);
+    assert_eq!(sync("a", 0, 200)[4], 200, "a's claim covers the calls it admitted");
+    assert_eq!(sync("b", 0, 0)[4], 0, "nothing is left for b");
+    // a's first worker syncs its calls: the store now counts them as a's. Each host's syncs are
+    // numbered as the store ran them.
+    assert_eq!(sync("a", 200, 200), [1, 3, 0, 0, 200]);
+    assert_eq!(sync("b", 0, 0)[1..], [3, 200, 0, 0]);
 }
 
 /// A quota shared by two hosts: what one counted, the other refuses.

@@ -45,9 +45,11 @@ struct Window {
     /// Calls of the other hosts in the window, as the last sync found them: (slot epoch of the
     /// sync: 32 bits, calls: 32 bits).
     others: AtomicU64,
-    /// This host's claim, granted by the latest sync: a [`claim_word`] of the most calls this
-    /// host may count in the window until the next one.
+    /// This host's claim, granted by the latest sync: (second of the sync since the origin: 32
+    /// bits, the most calls this host may count in the window until the next one: 32 bits).
     claim: AtomicU64,
+    /// Which of this host's syncs it was (see [`Synced`]).
+    synced: Synced,
 }
 
 struct Period {
@@ -59,8 +61,11 @@ struct Period {
     /// The other hosts' calls and bytes in the period, as the last sync found them.
     others_calls: AtomicU64,
     others_bytes: AtomicU64,
-    /// This host's claim on the period's calls, granted by the latest sync: a [`claim_word`].
+    /// This host's claim on the period's calls, granted by the latest sync: (second of the sync
+    /// since the origin: 32 bits, calls: 32 bits).
     claim: AtomicU64,
+    /// Which of this host's syncs it was (see [`Synced`]).
+    synced: Synced,
     /// When the latest period counted here ends (ms since the origin; `u64::MAX`: never): until
     /// then the entry is its key's.
     ends: AtomicU64,
@@ -111,38 +116,61 @@ impl Default for Counters {
     }
 }
 
-/// A claim is good for this long (ms) after its sync was sent (the store forgets a host's claim
-/// once the host has asked for the key for two seconds no more).
-const CLAIM_MS: u32 = 3_000;
+/// A claim is good for this long after its sync (the store forgets a host's claim once the host
+/// has asked for the key for two seconds no more).
+const CLAIM_SECS: u64 = 2;
 /// No claim (the store answered none: the limit is not known to it).
 const NO_CLAIM: u64 = 0xFFFF_FFFF;
 
-/// A claim and when the sync that granted it was sent: (ms since the origin, wrapping at 32 bits
-/// and never 0: 32 bits; the claim: 32 bits). 0: no sync has granted one.
-fn claim_word(sent_ms: u64, claim: Option<u64>) -> u64 {
-    let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
-    pack((sent_ms & 0xFFFF_FFFF).max(1), claim)
-}
+/// The number the store gave the sync whose answer a key's entry holds (it counts each host's
+/// syncs as it runs them), and a bit set while an answer is being stored.
+///
+/// A host's workers sync apart, each on its own connection, and the answer to a sync the store
+/// ran first can come back after that of one it ran later. Applied in the order they came, the
+/// older claim would stand, though the other hosts were granted theirs against the newer one,
+/// and the hosts together could admit more than the limit. An answer is therefore stored only
+/// when it is the store's latest for the key (or the one held has lapsed: the store may have
+/// started counting again), and a claim and the others' counts are stored together.
+#[derive(Default)]
+struct Synced(AtomicU64);
 
-/// Stores the claim of a sync sent at `sent_ms`, unless `word` holds one of a sync sent later:
-/// a host's workers sync apart, each on its own connection, and the answer to an earlier sync
-/// can come back after a later one's. Applied in the order they came, the older claim (granted
-/// before the other hosts were granted theirs against this host's newer one) would stand, and
-/// the hosts together could admit more than the limit. Returns whether it was stored.
-fn store_claim(word: &AtomicU64, sent_ms: u64, claim: Option<u64>) -> bool {
-    let new = claim_word(sent_ms, claim);
-    let mut current = word.load(Ordering::Acquire);
-    loop {
-        let (at, _) = unpack(current);
-        // Sent later than this one (and within a claim's life of it; 0: none yet).
-        let later = (at as u32).wrapping_sub((new >> 32) as u32);
-        if current != 0 && later != 0 && later < CLAIM_MS {
-            return false;
+/// Set while a worker stores an answer.
+const STORING: u64 = 1 << 63;
+
+impl Synced {
+    /// Stores an answer numbered `sync` with `store` when it is the latest (`held_lapsed`: the one
+    /// held, if any, is too old to count). Returns whether it did.
+    fn store(&self, sync: u64, held_lapsed: impl Fn() -> bool, store: impl FnOnce()) -> bool {
+        let sync = sync & !STORING;
+        let mut current = self.0.load(Ordering::Acquire);
+        let mut waited = 0;
+        loop {
+            if current & STORING != 0 {
+                // Another worker's answer, a few stores long. Should that worker have been put
+                // off the CPU in the middle, this answer is let go: the next sync brings another.
+                waited += 1;
+                if waited > 1_000 {
+                    return false;
+                }
+                std::hint::spin_loop();
+                current = self.0.load(Ordering::Acquire);
+                continue;
+            }
+            if current != 0 && sync <= current && !held_lapsed() {
+                return false;
+            }
+            match self.0.compare_exchange_weak(current, sync | STORING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
         }
-        match word.compare_exchange_weak(current, new, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return true,
-            Err(now) => current = now,
-        }
+        store();
+        self.0.store(sync, Ordering::Release);
+        true
+    }
+
+    fn clear(&self) {
+        self.0.store(0, Ordering::Release);
     }
 }
 
@@ -177,6 +205,7 @@ impl Counters {
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             others: AtomicU64::new(0),
             claim: AtomicU64::new(0),
+            synced: Synced::default(),
         };
         let period = || Period {
             key: AtomicU64::new(0),
@@ -185,6 +214,7 @@ impl Counters {
             others_calls: AtomicU64::new(0),
             others_bytes: AtomicU64::new(0),
             claim: AtomicU64::new(0),
+            synced: Synced::default(),
             ends: AtomicU64::new(0),
         };
         Counters {
@@ -244,13 +274,22 @@ impl Counters {
 
     /// What a sync found for a rate limit's key at `now_ms` (ms since the counters' origin):
     /// the other hosts' calls in the window, and this host's claim (see [`crate::fleet`]).
-    pub fn set_others(&self, hash: u64, period_ms: u64, now_ms: u64, calls: u64, claim: Option<u64>) {
+    pub fn set_others(
+        &self,
+        hash: u64,
+        period_ms: u64,
+        (now_ms, sync): (u64, u64),
+        calls: u64,
+        claim: Option<u64>,
+    ) {
         let epoch = now_ms / (period_ms / N).max(1);
         if let Some(w) = self.window(hash, epoch) {
-            // `now_ms` is when the sync was sent.
-            if store_claim(&w.claim, now_ms, claim) {
+            let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
+            let lapsed = || !Counters::claim_fresh(&w.claim, now_ms);
+            w.synced.store(sync, lapsed, || {
+                w.claim.store(pack(now_ms / 1000, claim), Ordering::Release);
                 w.others.store(pack(epoch, calls.min(0xFFFF_FFFF)), Ordering::Release);
-            }
+            });
         }
     }
 
@@ -259,27 +298,36 @@ impl Counters {
     pub(crate) fn set_quota_others(
         &self,
         hash: u64,
-        at: QuotaAt,
+        (at, sync): (QuotaAt, u64),
         (calls, bytes): (u64, u64),
         claim: Option<u64>,
     ) {
         let index = at.index;
         if let Some(p) = self.period(hash, at) {
-            if store_claim(&p.claim, at.now_ms, claim) {
+            let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
+            // The first answer about the period the entry counts is taken whatever its number.
+            let lapsed = || {
+                !Counters::claim_fresh(&p.claim, at.now_ms)
+                    || unpack40(p.others_calls.load(Ordering::Acquire)).0 != index & 0xFF_FFFF
+            };
+            p.synced.store(sync, lapsed, || {
+                p.claim.store(pack(at.now_ms / 1000, claim), Ordering::Release);
                 p.others_calls.store(pack40(index, calls), Ordering::Release);
                 p.others_bytes.store(pack40(index, bytes), Ordering::Release);
-            }
+            });
         }
     }
 
     /// A claim still good at `now_ms`.
     fn claim_at(claim: &AtomicU64, now_ms: u64) -> Option<u64> {
+        let (at, c) = unpack(claim.load(Ordering::Acquire));
+        (c != NO_CLAIM && at + CLAIM_SECS >= (now_ms / 1000) & 0xFFFF_FFFF).then_some(c)
+    }
+
+    /// Whether the claim word holds an answer still good at `now_ms` (a claim, or none).
+    fn claim_fresh(claim: &AtomicU64, now_ms: u64) -> bool {
         let word = claim.load(Ordering::Acquire);
-        let (at, c) = unpack(word);
-        let age = (now_ms as u32).wrapping_sub(at as u32);
-        // A sync answered since `now_ms` was read: as good as one sent now.
-        let fresh = !(CLAIM_MS..=u32::MAX - CLAIM_MS).contains(&age);
-        (word != 0 && c != NO_CLAIM && fresh).then_some(c)
+        word != 0 && unpack(word).0 + CLAIM_SECS >= (now_ms / 1000) & 0xFFFF_FFFF
     }
 
     /// What the last sync found for a window ending in `epoch`, at `now_ms`: the other hosts'
@@ -346,6 +394,7 @@ impl Counters {
                 // What a sync found was about the key before.
                 w.others.store(0, Ordering::Release);
                 w.claim.store(0, Ordering::Release);
+                w.synced.clear();
                 return Some(w);
             }
         }
@@ -460,6 +509,7 @@ impl Counters {
                     for a in [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim] {
                         a.store(0, Ordering::Release);
                     }
+                    p.synced.clear();
                     return true;
                 }
                 false
@@ -681,7 +731,7 @@ mod tests {
             (0..10).filter(|i| matches!(c.rate(h, 60_000, 9, now + i, 1), Admit::Yes { .. })).count();
         assert_eq!(admitted, 5, "half of 9, rounded up, before the first sync");
         // The sync: the other host has 1 call; this one may go to 8.
-        c.set_others(h, 60_000, now + 10, 1, Some(8));
+        c.set_others(h, 60_000, (now + 10, 1), 1, Some(8));
         let more =
             (0..10).filter(|i| matches!(c.rate(h, 60_000, 9, now + 11 + i, 1), Admit::Yes { .. })).count();
         assert_eq!(more, 3);
@@ -703,7 +753,7 @@ mod tests {
         assert!(c.rate_known(h, 60_000, now), "not shared: nothing to wait for");
         c.set_fleet(true, false);
         assert!(!c.rate_known(h, 60_000, now));
-        c.set_others(h, 60_000, now, 0, Some(5));
+        c.set_others(h, 60_000, (now, 1), 0, Some(5));
         assert!(c.rate_known(h, 60_000, now + 1));
         assert!(!c.rate_known(h, 60_000, now + 70_000), "a sync older than the window says nothing");
         c.set_fleet_up(false);
@@ -711,7 +761,7 @@ mod tests {
         c.set_fleet_up(true);
         let q = c.hash(1, 9, b"q");
         assert!(!c.quota_known(q, at(5, now)));
-        c.set_quota_others(q, at(5, now), (0, 0), Some(3));
+        c.set_quota_others(q, (at(5, now), 2), (0, 0), Some(3));
         assert!(c.quota_known(q, at(5, now)));
         assert!(!c.quota_known(q, at(6, now + 1)), "a new period is synced anew");
     }
@@ -730,29 +780,66 @@ mod tests {
         c.set_fleet(true, false);
         let h = c.hash(0, 2_000, b"hot");
         let now = 3_600_000;
-        // Two workers sync: the later sync (sent at `now + 40`) was granted 60, after the other
-        // host was granted its part against that; the earlier one's answer (100) comes back last.
-        c.set_others(h, 2_000, now + 40, 0, Some(60));
-        c.set_others(h, 2_000, now, 0, Some(100));
+        // Two workers sync: the store ran the second (its sync 2) after the first and granted it
+        // 60, with the other host's claim made against that; the first's answer (100) comes last.
+        c.set_others(h, 2_000, (now + 40, 2), 0, Some(60));
+        c.set_others(h, 2_000, (now, 1), 0, Some(100));
         let admitted =
             (0..100).filter(|i| matches!(c.rate(h, 2_000, 200, now + 50 + i, 1), Admit::Yes { .. }));
         assert_eq!(admitted.count(), 60);
         // The next sync's answer is applied; the others' count comes with it.
-        c.set_others(h, 2_000, now + 100, 30, Some(80));
+        c.set_others(h, 2_000, (now + 100, 3), 30, Some(80));
         let more = (0..100).filter(|i| matches!(c.rate(h, 2_000, 200, now + 150 + i, 1), Admit::Yes { .. }));
         assert_eq!(more.count(), 20);
-        // Answers of syncs sent in the same millisecond: the one applied last stands.
-        c.set_others(h, 2_000, now + 200, 30, Some(90));
-        assert!(matches!(c.rate(h, 2_000, 200, now + 210, 1), Admit::Yes { .. }));
+        // The store counting this host's syncs anew (it restarted): its answers wait until the one
+        // held has lapsed.
+        c.set_others(h, 2_000, (now + 300, 1), 30, Some(150));
+        assert!(matches!(c.rate(h, 2_000, 200, now + 310, 1), Admit::No { .. }), "the claim of 80 holds");
+        c.set_others(h, 2_000, (now + 4_000, 2), 0, Some(5));
+        let later =
+            (0..10).filter(|i| matches!(c.rate(h, 2_000, 200, now + 4_001 + i, 1), Admit::Yes { .. }));
+        assert_eq!(later.count(), 5, "the new claim, in a window the earlier calls have left");
         // A quota's claim alike.
         let q = c.hash(1, 7, b"quota");
-        c.set_quota_others(q, at(5, now + 40), (4, 0), Some(5));
-        c.set_quota_others(q, at(5, now), (0, 0), Some(10));
+        c.set_quota_others(q, (at(5, now + 40), 2), (4, 0), Some(5));
+        c.set_quota_others(q, (at(5, now), 1), (0, 0), Some(10));
         let quota = (0..10).filter(|_| c.quota_add(q, at(5, now + 50), 1, Some(10), 0));
         assert_eq!(quota.count(), 5, "the later claim, and the others' 4 that came with it");
-        // Long after, a claim has lapsed whichever came first: a sync sent now is applied.
-        c.set_others(h, 2_000, now + 60_000, 0, Some(5));
-        assert!(matches!(c.rate(h, 2_000, 200, now + 60_001, 1), Admit::Yes { .. }));
+        // A new period's first answer is taken whatever its number.
+        c.set_quota_others(q, (at(6, now + 60_000), 1), (0, 0), Some(7));
+        assert_eq!((0..10).filter(|_| c.quota_add(q, at(6, now + 60_001), 1, Some(10), 0)).count(), 7);
+    }
+
+    #[test]
+    fn answers_stored_from_two_threads_keep_the_latest_claim_with_its_counts() {
+        let c = std::sync::Arc::new(Counters::with_capacity(64));
+        c.set_fleet(true, false);
+        let h = c.hash(0, 60_000, b"both");
+        let now = 3_600_000;
+        // Sync n grants a claim of n and reports n calls of the others: a pair from two answers
+        // would show as a claim and a count that differ.
+        let threads: Vec<_> = [true, false]
+            .into_iter()
+            .map(|odd| {
+                let c = std::sync::Arc::clone(&c);
+                std::thread::spawn(move || {
+                    let mut syncs: Vec<u64> = (1..=20_000).filter(|n| (n % 2 == 1) == odd).collect();
+                    if !odd {
+                        syncs.reverse();
+                    }
+                    for n in syncs {
+                        c.set_others(h, 60_000, (now, n), n, Some(n));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        let w = c.find_window(h).expect("the key's entry");
+        let epoch = now / (60_000 / N);
+        assert_eq!(c.others(w, epoch, now), Some((20_000, Some(20_000))));
+        assert_eq!(w.synced.0.load(Ordering::Acquire), 20_000);
     }
 
     #[test]
@@ -763,7 +850,7 @@ mod tests {
         c.set_fleet(true, false);
         assert!(matches!(c.rate(h, 60_000, 10, now, 1), Admit::Yes { remaining: 9 }));
         // The others made 7 calls, and this host may have 2 until its next sync.
-        c.set_others(h, 60_000, now, 7, Some(2));
+        c.set_others(h, 60_000, (now, 1), 7, Some(2));
         assert_eq!(c.rate(h, 60_000, 10, now + 1, 1), Admit::Yes { remaining: 1 });
         assert!(matches!(c.rate(h, 60_000, 10, now + 2, 1), Admit::No { .. }));
         // A claim goes stale with its sync: then all that the others left.
@@ -783,12 +870,12 @@ mod tests {
         assert!(matches!(c.rate(h, 60_000, 10, now + 200_000, 1), Admit::Yes { remaining: 9 }));
         // Quotas alike; not shared, the others do not count.
         let q = c.hash(1, 7, b"quota");
-        c.set_quota_others(q, at(5, now), (8, 1000), None);
+        c.set_quota_others(q, (at(5, now), 2), (8, 1000), None);
         assert_eq!(c.quota_used(q, at(5, now)), Some((8, 1000)));
         assert!(c.quota_add(q, at(5, now), 1, Some(10), 0));
         assert!(c.quota_add(q, at(5, now), 1, Some(10), 0));
         assert!(!c.quota_add(q, at(5, now), 1, Some(10), 0), "8 + 2 of 10");
-        c.set_quota_others(q, at(5, now), (6, 1000), Some(2));
+        c.set_quota_others(q, (at(5, now), 3), (6, 1000), Some(2));
         assert!(!c.quota_add(q, at(5, now), 1, Some(10), 0), "2 left, but the claim is 2");
         c.set_fleet(false, false);
         assert_eq!(c.quota_used(q, at(5, now)), Some((2, 0)));

@@ -15,7 +15,9 @@
 //! what neither the others' counts nor their claims hold. A host's workers sync apart, each with
 //! the calls it counted itself, so a sync also reports what the whole host has counted: a claim
 //! never falls below what the host has already admitted. Claims (and the record of which hosts
-//! asked for a key) live two seconds in the store, so a host that went quiet holds nothing. With
+//! asked for a key) live two seconds in the store, so a host that went quiet holds nothing. The
+//! script numbers each host's syncs as it runs them, and an answer is applied only when it is the
+//! latest the host has for the key: the workers' answers may come back in another order. With
 //! every host within its claim, the fleet stays within the limit, but for the calls a host admits
 //! on a key before its first sync of it.
 
@@ -217,11 +219,16 @@ pub struct Batch {
 /// (slots in a window; 1 for a quota), TTL in ms, the calls and the bytes to add, the requests
 /// that asked for the key, its limit of calls (0: none), and the calls this host has counted in
 /// the window or period, all its workers' (the store's count of the host lags it: each worker
-/// syncs its own calls). Answers how many other hosts synced
-/// in the last two seconds, then per key the other hosts' calls and bytes, and this host's claim
-/// (-1: none). With no keys, it registers the host and counts the others (a heartbeat).
+/// syncs its own calls). Answers how many other hosts synced in the last two seconds, the
+/// number of this host's sync (its syncs counted as the store runs them, for a minute after the
+/// last), then per key the other hosts' calls and bytes, and this host's claim (-1: none). With
+/// no keys, it registers the host and counts the others (a heartbeat).
 pub const SCRIPT: &str = r#"
 local host, now = ARGV[1], tonumber(ARGV[2])
+-- This host's syncs, numbered as they run: a host's workers sync apart, and the answers may come
+-- back in another order.
+local sync = redis.call('HINCRBY', 'portcullis:syncs', host, 1)
+redis.call('EXPIRE', 'portcullis:syncs', 60)
 -- The hosts that synced in the last two seconds, this one now among them.
 redis.call('HSET', 'portcullis:hosts', host, now)
 redis.call('EXPIRE', 'portcullis:hosts', 60)
@@ -232,7 +239,7 @@ for j = 1, #all_hosts, 2 do
   if all_hosts[j] ~= host and at >= now - 2 then live = live + 1 end
   if at < now - 60 then redis.call('HDEL', 'portcullis:hosts', all_hosts[j]) end
 end
-local out = {live}
+local out = {live, sync}
 local i = 3
 while i + 9 <= #ARGV do
   local name, kind = ARGV[i], ARGV[i + 1]
@@ -348,19 +355,22 @@ impl Batch {
     pub fn apply(&self, call: usize, counters: &Counters, answer: &[i64], now_ms: u64) {
         let t = now_ms.saturating_sub(ORIGIN_MS);
         let keys = self.keys.chunks(KEYS_PER_CALL).nth(call).unwrap_or_default();
-        let Some((&hosts, answer)) = answer.split_first() else { return };
+        let [hosts, sync, answer @ ..] = answer else { return };
         if answer.len() != 3 * keys.len() {
             return;
         }
-        counters.set_fleet_hosts(u64::try_from(hosts).unwrap_or(0));
+        counters.set_fleet_hosts(u64::try_from(*hosts).unwrap_or(0));
+        let sync = u64::try_from(*sync).unwrap_or(0);
         for ((hash, d), answer) in keys.iter().zip(answer.chunks_exact(3)) {
             let [calls, bytes] = [answer[0], answer[1]].map(|n| n.max(0) as u64);
             let claim = u64::try_from(answer[2]).ok();
             match d.shape {
-                Shape::Rate { period_ms, .. } => counters.set_others(*hash, period_ms, t, calls, claim),
+                Shape::Rate { period_ms, .. } => {
+                    counters.set_others(*hash, period_ms, (t, sync), calls, claim)
+                }
                 Shape::Quota { index, ends_ms, .. } => {
                     let at = QuotaAt { index, now_ms: t, ends_ms };
-                    counters.set_quota_others(*hash, at, (calls, bytes), claim)
+                    counters.set_quota_others(*hash, (at, sync), (calls, bytes), claim)
                 }
             }
         }
