@@ -129,8 +129,10 @@ const NO_CLAIM: u64 = 0xFFFF_FFFF;
 /// ran first can come back after that of one it ran later. Applied in the order they came, the
 /// older claim would stand, though the other hosts were granted theirs against the newer one,
 /// and the hosts together could admit more than the limit. An answer is therefore stored only
-/// when it is the store's latest for the key (or the one held has lapsed: the store may have
-/// started counting again), and a claim and the others' counts are stored together.
+/// when it is the store's latest for the key (or the one held came over two seconds before it:
+/// the store may have started counting again), and a claim and the others' counts are stored
+/// together (a reader may still see one answer's counts with the next one's claim, for as long
+/// as the two stores take).
 #[derive(Default)]
 struct Synced(AtomicU64);
 
@@ -169,8 +171,9 @@ impl Synced {
         true
     }
 
+    /// Forgets the number held (the entry goes to another key); a store under way finishes.
     fn clear(&self) {
-        self.0.store(0, Ordering::Release);
+        self.0.fetch_and(STORING, Ordering::AcqRel);
     }
 }
 
@@ -305,10 +308,15 @@ impl Counters {
         let index = at.index;
         if let Some(p) = self.period(hash, at) {
             let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
-            // The first answer about the period the entry counts is taken whatever its number.
+            let held = unpack40(p.others_calls.load(Ordering::Acquire)).0;
+            if p.claim.load(Ordering::Acquire) != 0 && held > index & 0xFF_FFFF {
+                // About a period before the one the entry holds an answer for.
+                return;
+            }
+            // The first answer about a later period is taken whatever its number.
             let lapsed = || {
                 !Counters::claim_fresh(&p.claim, at.now_ms)
-                    || unpack40(p.others_calls.load(Ordering::Acquire)).0 != index & 0xFF_FFFF
+                    || unpack40(p.others_calls.load(Ordering::Acquire)).0 < index & 0xFF_FFFF
             };
             p.synced.store(sync, lapsed, || {
                 p.claim.store(pack(at.now_ms / 1000, claim), Ordering::Release);
@@ -805,9 +813,12 @@ mod tests {
         c.set_quota_others(q, (at(5, now), 1), (0, 0), Some(10));
         let quota = (0..10).filter(|_| c.quota_add(q, at(5, now + 50), 1, Some(10), 0));
         assert_eq!(quota.count(), 5, "the later claim, and the others' 4 that came with it");
-        // A new period's first answer is taken whatever its number.
-        c.set_quota_others(q, (at(6, now + 60_000), 1), (0, 0), Some(7));
-        assert_eq!((0..10).filter(|_| c.quota_add(q, at(6, now + 60_001), 1, Some(10), 0)).count(), 7);
+        // A new period's first answer is taken whatever its number (within the held one's two
+        // seconds); one about the period before, after it, is not.
+        c.set_quota_others(q, (at(6, now + 1_000), 1), (0, 0), Some(7));
+        c.set_quota_others(q, (at(5, now + 1_100), 9), (0, 0), Some(10));
+        assert!(c.quota_known(q, at(6, now + 1_200)));
+        assert_eq!((0..10).filter(|_| c.quota_add(q, at(6, now + 1_200), 1, Some(10), 0)).count(), 7);
     }
 
     #[test]
@@ -823,11 +834,8 @@ mod tests {
             .map(|odd| {
                 let c = std::sync::Arc::clone(&c);
                 std::thread::spawn(move || {
-                    let mut syncs: Vec<u64> = (1..=20_000).filter(|n| (n % 2 == 1) == odd).collect();
-                    if !odd {
-                        syncs.reverse();
-                    }
-                    for n in syncs {
+                    // Both ascending, a step apart: each store races the other thread's.
+                    for n in (1..=20_000).filter(|n| (n % 2 == 1) == odd) {
                         c.set_others(h, 60_000, (now, n), n, Some(n));
                     }
                 })
@@ -838,8 +846,11 @@ mod tests {
         }
         let w = c.find_window(h).expect("the key's entry");
         let epoch = now / (60_000 / N);
-        assert_eq!(c.others(w, epoch, now), Some((20_000, Some(20_000))));
-        assert_eq!(w.synced.0.load(Ordering::Acquire), 20_000);
+        // One answer's claim and counts, and its number: the last or, had a store given up
+        // waiting for the other thread (put off the CPU mid-store), one just before.
+        let held = w.synced.0.load(Ordering::Acquire);
+        assert!(held >= 19_990, "{held}");
+        assert_eq!(c.others(w, epoch, now), Some((held, Some(held))));
     }
 
     #[test]

@@ -237,7 +237,10 @@ local all_hosts = redis.call('HGETALL', 'portcullis:hosts')
 for j = 1, #all_hosts, 2 do
   local at = tonumber(all_hosts[j + 1]) or 0
   if all_hosts[j] ~= host and at >= now - 2 then live = live + 1 end
-  if at < now - 60 then redis.call('HDEL', 'portcullis:hosts', all_hosts[j]) end
+  if at < now - 60 then
+    redis.call('HDEL', 'portcullis:hosts', all_hosts[j])
+    redis.call('HDEL', 'portcullis:syncs', all_hosts[j])
+  end
 end
 local out = {live, sync}
 local i = 3
@@ -349,9 +352,9 @@ impl Batch {
         self.keys.chunks(KEYS_PER_CALL).map(|keys| arguments(keys, host, counters, now_ms)).collect()
     }
 
-    /// Applies the answer of call number `call` (three integers per key) to the host's counters,
-    /// at `now_ms` (Unix ms). Answers that do not fit are ignored (counts then stay this host's
-    /// own).
+    /// Applies the answer of call number `call` (the count of live hosts, the sync's number, then
+    /// three integers per key) to the host's counters, at `now_ms` (Unix ms: when the answer
+    /// came). Answers that do not fit are ignored (counts then stay this host's own).
     pub fn apply(&self, call: usize, counters: &Counters, answer: &[i64], now_ms: u64) {
         let t = now_ms.saturating_sub(ORIGIN_MS);
         let keys = self.keys.chunks(KEYS_PER_CALL).nth(call).unwrap_or_default();

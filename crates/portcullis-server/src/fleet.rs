@@ -195,7 +195,8 @@ impl Connection {
         let mut unknown = Vec::new();
         for i in 0..calls.len() {
             match self.reply().await? {
-                Reply::Integers(v) => batch.apply(i, counters, &v, now_ms),
+                // Stamped when it came: answers are told apart by when they were held.
+                Reply::Integers(v) => batch.apply(i, counters, &v, unix_ms()),
                 Reply::Error(e) if e.starts_with("NOSCRIPT") => unknown.push(i),
                 Reply::Error(e) => return Err(format!("the script failed: {e}")),
                 other => return Err(format!("the script answered {other:?}")),
@@ -212,7 +213,7 @@ impl Connection {
         self.send().await?;
         for &i in &unknown {
             match self.reply().await? {
-                Reply::Integers(v) => batch.apply(i, counters, &v, now_ms),
+                Reply::Integers(v) => batch.apply(i, counters, &v, unix_ms()),
                 Reply::Error(e) => return Err(format!("the script failed: {e}")),
                 other => return Err(format!("the script answered {other:?}")),
             }
