@@ -220,12 +220,24 @@ impl Record {
 }
 
 /// What every record of one connection shares: its peer, TLS version and resumption, the server
-/// name it asked for and its client certificate, formatted for the JSON line once per
-/// connection. A request's record points at it ([`Record::conn`]) rather than carrying copies:
-/// of a record's text, these are most of the bytes (a thumbprint and a subject DN), and on
-/// keep-alive connections they are the same for every request.
+/// name it asked for and its client certificate. A request's record points at it
+/// ([`Record::conn`]) rather than carrying copies: of a record's text, these are most of the bytes
+/// (a thumbprint and a subject DN), and on keep-alive connections they are the same for every
+/// request. The log thread formats them for the JSON line once, at the first line that has them
+/// (the worker never formats).
 #[derive(Debug)]
 pub(crate) struct ConnFields {
+    peer: SocketAddr,
+    tls: &'static str,
+    resumed: bool,
+    sni: Option<Box<str>>,
+    cert: Option<Arc<portcullis_facts::ClientCert>>,
+    json: std::sync::OnceLock<ConnJson>,
+}
+
+/// [`ConnFields`] as a JSON line has them.
+#[derive(Debug)]
+struct ConnJson {
     /// The peer inside its JSON string (`192.0.2.7:5000`).
     peer: Box<[u8]>,
     /// From the TLS version to the certificate's subject, both inside their JSON strings:
@@ -238,29 +250,34 @@ impl ConnFields {
         peer: SocketAddr,
         (tls, resumed): (&'static str, bool),
         sni: Option<&str>,
-        (thumbprint, subject): (&str, &str),
+        cert: Option<Arc<portcullis_facts::ClientCert>>,
     ) -> ConnFields {
-        // Formatted as a record holding them, by the same code as such a record's line.
-        let mut r = Record::new(0, None, peer);
-        (r.tls, r.resumed) = (tls, resumed);
-        r.put(Text::ClientCert, thumbprint.as_bytes());
-        r.put(Text::ClientSubject, subject.as_bytes());
-        if let Some(sni) = sni {
-            r.put(Text::Sni, sni.as_bytes());
-        }
-        let plain = portcullis_http::write::json_plain(r.text());
-        let mut buf = vec![0u8; most(&r)];
-        let size = buf.len();
-        let mut out = &mut buf[..];
-        peer_of(&mut out, &r);
-        let at = size - out.len();
-        tls_to_subject(&mut out, &r, plain);
-        let end = size - out.len();
-        ConnFields { peer: buf[..at].into(), tls_to_subject: buf[at..end].into() }
+        ConnFields { peer, tls, resumed, sni: sni.map(Box::from), cert, json: std::sync::OnceLock::new() }
     }
 
-    fn len(&self) -> usize {
-        self.peer.len() + self.tls_to_subject.len()
+    /// The fields formatted, on the log thread (the first call formats them).
+    fn json(&self) -> &ConnJson {
+        self.json.get_or_init(|| {
+            // Formatted as a record holding them, by the same code as such a record's line.
+            let mut r = Record::new(0, None, self.peer);
+            (r.tls, r.resumed) = (self.tls, self.resumed);
+            if let Some(c) = &self.cert {
+                r.put(Text::ClientCert, c.thumbprint.as_bytes());
+                r.put(Text::ClientSubject, c.subject.as_bytes());
+            }
+            if let Some(sni) = &self.sni {
+                r.put(Text::Sni, sni.as_bytes());
+            }
+            let plain = portcullis_http::write::json_plain(r.text());
+            let mut buf = vec![0u8; most(&r)];
+            let size = buf.len();
+            let mut out = &mut buf[..];
+            peer_of(&mut out, &r);
+            let at = size - out.len();
+            tls_to_subject(&mut out, &r, plain);
+            let end = size - out.len();
+            ConnJson { peer: buf[..at].into(), tls_to_subject: buf[at..end].into() }
+        })
     }
 }
 
@@ -822,7 +839,7 @@ fn most(r: &Record) -> usize {
     // time, the peer (`[` an IPv6 address of at most 45 characters `]:65535`) and the id.
     const FIXED: usize = 400 + 9 * 20 + 24 + 53 + json_most(16);
     // Every text field is `-` at least.
-    FIXED + json_most(r.len().saturating_add(TEXTS)) + r.tls.len() + r.conn.as_ref().map_or(0, |c| c.len())
+    FIXED + json_most(r.len().saturating_add(TEXTS)) + r.tls.len()
 }
 
 /// The date and time to the second of the last record written: the records of a batch mostly
@@ -996,14 +1013,16 @@ fn tls_to_subject(out: &mut &mut [u8], r: &Record, plain: bool) {
 fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
     // Most records' text is printable ASCII with nothing to escape: one look at all of it.
     let plain = portcullis_http::write::json_plain(r.text());
-    lines.line(most(r), |out| {
+    let conn = r.conn.as_deref().map(ConnFields::json);
+    let most = most(r) + conn.map_or(0, |c| c.peer.len() + c.tls_to_subject.len());
+    lines.line(most, |out| {
         out.put_slice(b"{\"time\":\"");
         clock.rfc3339(out, r.at_ms);
         out.put_slice(b"\",\"id\":\"");
         let id = r.id.as_ref().map_or(&b"-"[..], |i| &i[..]);
         json_inside(out, id, portcullis_http::write::json_plain(id));
         out.put_slice(b"\",\"peer\":\"");
-        match &r.conn {
+        match conn {
             Some(c) => out.put_slice(&c.peer),
             None => peer_of(out, r),
         }
@@ -1019,7 +1038,7 @@ fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
         json_number(out, b",\"bytes_in\":", r.bytes_in);
         json_number(out, b",\"bytes_out\":", r.bytes_out);
         out.put_slice(b",\"tls\":\"");
-        match &r.conn {
+        match conn {
             Some(c) => out.put_slice(&c.tls_to_subject),
             None => tls_to_subject(out, r, plain),
         }
@@ -1177,23 +1196,47 @@ mod tests {
         String::from_utf8_lossy(lines.written()).into_owned()
     }
 
+    /// A client certificate with `subject` (its thumbprint from a fixed digest).
+    fn cert(subject: &str) -> Arc<portcullis_facts::ClientCert> {
+        Arc::new(portcullis_facts::ClientCert::new(portcullis_facts::CertFields {
+            sha1: [0xd8; 20],
+            sha256: [0; 32],
+            subject: subject.to_owned(),
+            issuer: "CN=ca".to_owned(),
+            common_name: None,
+            serial_bytes: Box::new([1]),
+            issuer_der: Box::new([]),
+            issuer_sha1: None,
+            ca_ids: Vec::new(),
+            dns_names: Vec::new(),
+            not_before: 0,
+            not_after: 0,
+            verify_errors: Vec::new(),
+            der: Box::new([]),
+            uris: Vec::new(),
+            subject_rfc2253: String::new(),
+        }))
+    }
+
     #[test]
     fn fields_said_once_per_connection_come_out_as_the_record_s_own() {
         let hostile = "CN=\"x\\y\u{1}\u{7f}é, O=Contoso";
-        for (peer, tls, resumed, sni, cert) in [
-            ("192.0.2.7:5000", "TLSv1.3", true, Some("api.example"), Some(("D86FE110", hostile))),
+        for (peer, tls, resumed, sni, subject) in [
+            ("192.0.2.7:5000", "TLSv1.3", true, Some("api.example"), Some(hostile)),
             ("[2001:db8::1]:443", "TLSv1.2", false, None, None),
-            ("10.0.0.1:1", "-", false, Some("a"), Some(("", ""))),
+            ("10.0.0.1:1", "-", false, Some("a"), Some("")),
         ] {
             let peer: SocketAddr = peer.parse().expect("addr");
-            let (thumbprint, subject) = cert.unwrap_or_default();
+            let cert = subject.map(cert);
+            let thumbprint = cert.as_ref().map_or("", |c| &c.thumbprint).to_owned();
+            let subject = subject.unwrap_or_default();
             let mut own = record();
             own.peer = peer;
             (own.tls, own.resumed) = (tls, resumed);
             let mut shared = record();
             // What the record itself says is not read once it points at its connection's.
             shared.peer = "203.0.113.1:9".parse().expect("addr");
-            shared.conn = Some(Arc::new(ConnFields::new(peer, (tls, resumed), sni, (thumbprint, subject))));
+            shared.conn = Some(Arc::new(ConnFields::new(peer, (tls, resumed), sni, cert)));
             // Set in order: the record's own are rebuilt with them where they go.
             let mut rebuilt = Record::new(own.at_ms, own.id, peer);
             (rebuilt.status, rebuilt.micros, rebuilt.bytes_in, rebuilt.bytes_out) = (200, 1234, 12, 500);

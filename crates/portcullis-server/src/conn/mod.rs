@@ -591,13 +591,8 @@ impl<S: Stream> Conn<S> {
         use crate::accesslog::{ConnFields, Text};
         let info = &self.info;
         let fields = self.log_fields.get_or_insert_with(|| {
-            let cert = info.client_cert.as_deref().map_or(("", ""), |c| (&c.thumbprint, &c.subject));
-            Arc::new(ConnFields::new(
-                self.peer,
-                (info.version, info.resumed),
-                info.server_name.as_deref(),
-                cert,
-            ))
+            let (sni, cert) = (info.server_name.as_deref(), info.client_cert.clone());
+            Arc::new(ConnFields::new(self.peer, (info.version, info.resumed), sni, cert))
         });
         // Filled in place, in the batch it goes to the log thread in.
         let (worker, record) = (&self.worker, (now_ms, Some(*id), self.peer));
