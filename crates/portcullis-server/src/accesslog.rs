@@ -132,9 +132,7 @@ impl Record {
     /// read as if empty of text until it is made over). On the log thread, as it gives a batch
     /// back: the worker's next use of the record finds nothing to drop.
     fn release(&mut self) {
-        if self.conn.is_some() {
-            self.conn = None;
-        }
+        self.conn = None;
         if self.spilled.capacity() > 0 {
             self.spilled = Vec::new();
             self.set = 0;
@@ -272,7 +270,7 @@ impl ConnFields {
             let mut buf = vec![0u8; most(&r)];
             let size = buf.len();
             let mut out = &mut buf[..];
-            peer_of(&mut out, &r);
+            peer(&mut out, r.peer);
             let at = size - out.len();
             tls_to_subject(&mut out, &r, plain);
             let end = size - out.len();
@@ -990,11 +988,6 @@ fn json_number(out: &mut &mut [u8], name: &[u8], n: u64) {
     number(out, n);
 }
 
-/// The record's peer, inside its JSON string.
-fn peer_of(out: &mut &mut [u8], r: &Record) {
-    peer(out, r.peer);
-}
-
 /// The record's own TLS version, resumption, server name, certificate thumbprint and subject, in
 /// a JSON line from inside the version's string to inside the subject's.
 #[inline(always)]
@@ -1024,7 +1017,7 @@ fn json(r: &Record, clock: &mut Clock, lines: &mut Lines) {
         out.put_slice(b"\",\"peer\":\"");
         match conn {
             Some(c) => out.put_slice(&c.peer),
-            None => peer_of(out, r),
+            None => peer(out, r.peer),
         }
         out.put_slice(b"\",\"method\":\"");
         json_text(out, r, Text::Method, plain, b"\",\"path\":\"");
