@@ -164,6 +164,14 @@ fn a_claim_covers_what_the_host_admitted_on_its_other_workers() {
     // numbered as the store ran them.
     assert_eq!(sync("a", 200, 200), [1, 3, 0, 0, 200]);
     assert_eq!(sync("b", 0, 0)[1..], [3, 200, 0, 0]);
+    // A host last heard of over a minute ago leaves both the live hosts and their sync counts
+    // at the next sync (a heartbeat: no keys).
+    let long_ago = (now - 100).to_string();
+    redis.cli(&["EVAL", FLEET_SCRIPT, "0", "gone", &long_ago]);
+    let held = |hash: &str| redis.cli(&["HEXISTS", hash, "gone"]).trim().to_owned();
+    assert_eq!((held("portcullis:hosts"), held("portcullis:syncs")), ("1".to_owned(), "1".to_owned()));
+    redis.cli(&["EVAL", FLEET_SCRIPT, "0", "a", &now.to_string()]);
+    assert_eq!((held("portcullis:hosts"), held("portcullis:syncs")), ("0".to_owned(), "0".to_owned()));
 }
 
 /// A quota shared by two hosts: what one counted, the other refuses.
