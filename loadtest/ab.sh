@@ -38,7 +38,9 @@
 # B_BIN another build of the proxy, a path from the repository's top (two builds of one change,
 # e.g. A=operator B=operator with A_BIN a copy of the binary from before it). BG_CPU moves
 # each proxy's threads other than its workers (access log, loggers, admin) to that CPU once it
-# listens: their CPU still counts as the proxy's.
+# listens: their CPU still counts as the proxy's. At the end, each thread's share of the
+# proxy's CPU, how many times it was put on the CPU, and what part of its time was in the
+# kernel (from the scheduler's ticks).
 # Only loopback addresses are used; every load run is bounded by WINDOW.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -164,7 +166,9 @@ echo "end idle_cpu_a=$(cpu_ticks "${PID[A]}") idle_cpu_b=$(cpu_ticks "${PID[B]}"
 # the CPU in ns, and how many times the thread was put on it, mostly wake-ups).
 for side in A B; do
   for task in /proc/"${PID[$side]}"/task/*; do
-    echo "thread side=$side $(tr ' ' '_' < "$task/comm") $(cut -d' ' -f1,3 "$task/schedstat")"
+    # utime and stime (in ticks), the fields after the parenthesised name in stat.
+    echo "thread side=$side $(tr ' ' '_' < "$task/comm") $(cut -d' ' -f1,3 "$task/schedstat")" \
+      "$(sed 's/.*) //' "$task/stat" | cut -d' ' -f12,13)"
   done >> "$OUT/raw.jsonl"
 done
 
@@ -206,20 +210,23 @@ if after and not together:
     q = statistics.quantiles(both, n=4)
     print(f"{sys.argv[4]} against the {sys.argv[3]} windows before and after: median {statistics.median(both):.3f}x, "
           f"quartiles {q[0]:.3f} - {q[2]:.3f}, {len(both)} ratios")
-threads, slices = {}, {}
+threads, slices, kernel = {}, {}, {}
 for l in lines:
-    if l.startswith("thread ") and len(l.split()) in (4, 5):
+    if l.startswith("thread ") and len(l.split()) in (4, 5, 7):
         _, side, comm, ns, *n = l.split()
         side = side[len("side="):]
         threads.setdefault(side, {}).setdefault(comm, 0)
         threads[side][comm] += int(ns)
         slices.setdefault(side, {}).setdefault(comm, 0)
         slices[side][comm] += int(n[0]) if n else 0
+        if len(n) == 3 and int(n[1]) + int(n[2]) > 0:
+            kernel.setdefault(side, {})[comm] = int(n[2]) / (int(n[1]) + int(n[2]))
 for side, name in (("A", sys.argv[3]), ("B", sys.argv[4])):
     t = threads.get(side, {})
     total = sum(t.values()) or 1
     print(f"{name}, CPU by thread over the whole run: " + ", ".join(
-        f"{comm} {ns * 100 / total:.1f}% ({slices[side][comm]} times on the CPU)"
+        f"{comm} {ns * 100 / total:.1f}% ({slices[side][comm]} times on the CPU"
+        + (f", {kernel[side][comm] * 100:.0f}% in the kernel)" if comm in kernel.get(side, {}) else ")")
         for comm, ns in sorted(t.items(), key=lambda kv: -kv[1]) if ns * 1000 >= total))
 EOF
 for side in A B; do

@@ -21,6 +21,10 @@
 #   takes io_uring_enter for a call that does not block: a worker waiting in it holds valgrind's
 #   lock and starves the other threads. Under valgrind the proxy therefore runs on the epoll
 #   driver (`driver = "epoll"`): the proxy's own code is the same, the runtime's differs.
+#   VALGRIND_ARGS adds options to valgrind, and then every event it counts is printed per
+#   request: with "--cache-sim=yes --LL=1048576,8,64", cache misses of one core's L1 and of an
+#   L2 the size of this machine's (all of the proxy's threads share them, as when it is pinned
+#   to one core).
 # ops: N2 requests under perf's io_uring and system-call tracepoints; prints, per request, the
 #   io_uring operations submitted (by opcode), the receives that found nothing and armed a poll,
 #   and the system calls made (by name), io_uring_enter among them.
@@ -92,7 +96,8 @@ case $TOOL in
     total() { # total N — Ir of a proxy run that served N requests
       local n=$1 f="$OUT/callgrind.$1.out"; shift
       rm -f "$f"*
-      taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$f" \
+      # shellcheck disable=SC2086 # VALGRIND_ARGS is words, e.g. "--cache-sim=yes --LL=1048576,8,64"
+      taskset -c "$PROXY_CPU" valgrind --tool=callgrind --callgrind-out-file="$f" ${VALGRIND_ARGS:-} \
         "$PROXY_BIN" run -c "$OUT/portcullis-epoll.toml" >"$OUT/valgrind.log" 2>&1 &
       local vg=$!; PIDS+=($vg)
       wait_log "$OUT/valgrind.log"
@@ -101,10 +106,15 @@ case $TOOL in
       callgrind_control -d "$vg" >/dev/null
       sleep 1
       kill -9 "$vg" 2>/dev/null || true; wait "$vg" 2>/dev/null || true
-      callgrind_annotate "$(ls -t "$f".* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+      callgrind_annotate "$(ls -t "$f".* | head -1)" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", ""); o = ""; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) o = o " " $i; print substr(o, 2)}'
     }
     a=$(total "$N1" "$@"); b=$(total "$N2" "$@")
-    echo "$MODE: $(( (b - a) / (N2 - N1) )) instructions per request (userspace; runs of $N1 and $N2: $a, $b)"
+    echo "$MODE: $(( (${b%% *} - ${a%% *}) / (N2 - N1) )) instructions per request (userspace; runs of $N1 and $N2: ${a%% *}, ${b%% *})"
+    if [ -n "${VALGRIND_ARGS:-}" ]; then   # every event callgrind counted, per request
+      events=$(callgrind_annotate "$(ls -t "$OUT/callgrind.$N2.out".* | head -1)" 2>/dev/null | awk '/^Events shown:/ {$1 = $2 = ""; print}')
+      python3 -c 'import sys; e, a, b, n = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
+print("per request: " + ", ".join(f"{k} {(int(y) - int(x)) / n:.1f}" for k, x, y in zip(e, a, b)))' "$events" "$a" "$b" "$((N2 - N1))"
+    fi
     echo "callgrind_annotate $(ls -t "$OUT/callgrind.$N2.out".* | head -1)   # for where they go"
     ;;
   ops)
