@@ -36,9 +36,10 @@
 # (SIGUSR1) after every window: written back, gigabytes of it would fall on the proxy's core.
 # A_CONF or B_CONF names another template for that side (a variant of the mode's), and A_BIN or
 # B_BIN another build of the proxy, a path from the repository's top (two builds of one change,
-# e.g. A=operator B=operator with A_BIN a copy of the binary from before it). BG_CPU moves
-# each proxy's threads other than its workers (access log, loggers, admin) to that CPU once it
-# listens: their CPU still counts as the proxy's. At the end, each thread's share of the
+# e.g. A=operator B=operator with A_BIN a copy of the binary from before it). BG_CPUS is the
+# configurations' `background_cpus` (by default LOAD_CPU): where each proxy's threads other
+# than its workers run (access log, loggers, admin); their CPU still counts as the proxy's.
+# BG_CPUS=$PROXY_CPU keeps them on the workers' core. At the end, each thread's share of the
 # proxy's CPU, how many times it was put on the CPU, and what part of its time was in the
 # kernel (from the scheduler's ticks).
 # Only loopback addresses are used; every load run is bounded by WINDOW.
@@ -52,6 +53,7 @@ WINDOW=${WINDOW:-3}
 CONNS=${CONNS:-64}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
+BG_CPUS=${BG_CPUS:-$LOAD_CPU}   # background_cpus of the Portcullis configurations (e.g. "0" or "0, 1")
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
 KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
 declare -A ADDR=([A]=127.0.0.1:18446 [B]=127.0.0.1:18447)
@@ -103,19 +105,13 @@ for side in A B; do
   tpl=${!conf_var:-$tpl}
   [ -f "$tpl" ] || { echo "no configuration for mode $mode ($tpl)" >&2; exit 1; }
   sed -e "s|@LISTEN@|${ADDR[$side]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" \
-    -e "s|@RUN@|$OUT/$side|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" "$tpl" > "$OUT/$side/portcullis.toml"
+    -e "s|@RUN@|$OUT/$side|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BG_CPUS@|$BG_CPUS|g" "$tpl" > "$OUT/$side/portcullis.toml"
   bin_var=${side}_BIN
   proxy=${!bin_var:-$BIN/portcullis}
   "$proxy" check -c "$OUT/$side/portcullis.toml" >/dev/null
   taskset -c "$PROXY_CPU" "$proxy" run -c "$OUT/$side/portcullis.toml" >"$OUT/$side/proxy.log" 2>&1 &
   PID[$side]=$!; PIDS+=($!)
   wait_port "${ADDR[$side]}"
-  # BG_CPU: the proxy's threads other than its workers (log, loggers, admin) go to that CPU.
-  if [ -n "${BG_CPU:-}" ]; then
-    for task in /proc/"${PID[$side]}"/task/*; do
-      case $(cat "$task/comm") in portcullis-w*) ;; *) taskset -p -c "$BG_CPU" "${task##*/}" >/dev/null ;; esac
-    done
-  fi
 done
 
 window() { # window SIDE PAIR -> one JSON line in raw.jsonl

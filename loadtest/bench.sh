@@ -11,7 +11,9 @@
 # The work: client certificate required and verified against root + intermediate with CRLs, a
 # SHA-1 thumbprint allow-list, the client DN sent to the backend, X-Powered-By removed from the
 # response; a 1 KiB backend. Each proxy is pinned to PROXY_CPU, the backend and the load
-# generator share LOAD_CPU. Proxies alternate order from round to round; the summary gives
+# generator share LOAD_CPU. Portcullis's threads other than its worker (access log, loggers,
+# admin, health checks) run on BG_CPUS (`background_cpus`, by default LOAD_CPU), as on a host
+# with a housekeeping core; their CPU counts as the proxy's. Proxies alternate order from round to round; the summary gives
 # medians, min–max and ratios, and the proxy CPU per request (from /proc), which is what "req/s
 # per proxy core" means when the load generator, not the proxy, is the bottleneck.
 # Modes: keepalive (CONNS keep-alive connections), handshake (a new connection and a full mTLS
@@ -47,6 +49,7 @@ LATENCY=${LATENCY:-1}              # 0 skips the constant-rate latency runs
 IDLE_CONNS=${IDLE_CONNS:-8000}     # 0 skips the memory runs (HAProxy's maxconn is 9500)
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
+BG_CPUS=${BG_CPUS:-$LOAD_CPU}   # background_cpus of the Portcullis configurations (e.g. "0" or "0, 1")
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
 REDIS_ADDR=${REDIS_ADDR:-127.0.0.1:18379}
 KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
@@ -92,7 +95,7 @@ render() { # render PROXY [VARIANT] -> path of its rendered configuration
   tpl=$(ls "loadtest/conf/${1%-base}${v:+-$v}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
   sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" \
-    -e "s|@REDIS@|$REDIS_ADDR|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
+    -e "s|@REDIS@|$REDIS_ADDR|g" -e "s|@BG_CPUS@|$BG_CPUS|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
   echo "$out"
 }
 

@@ -34,6 +34,7 @@ cd "$(dirname "$0")/.."
 TOOL=${1:?perf, callgrind or ops}; MODE=${2:?keepalive, handshake or resume}; shift 2
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
+BG_CPUS=${BG_CPUS:-$LOAD_CPU}   # background_cpus of the Portcullis configurations (e.g. "0" or "0, 1")
 SECONDS_=${DURATION:-8}
 N1=${N1:-2000}; N2=${N2:-12000}
 LISTEN=127.0.0.1:18446
@@ -50,7 +51,7 @@ CERTS=$OUT/certs
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p portcullis -p portcullis-loadtest
 [ -f "$CERTS/root.pem" ] || "$BIN/portcullis-load" pki "$CERTS" >/dev/null
 sed -e "s|@LISTEN@|$LISTEN|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND|g" -e "s|@RUN@|$OUT|g" \
-  -e "s|@KAFKA@|$KAFKA_ADDR|g" "loadtest/conf/portcullis${CONF:+-$CONF}.toml.in" > "$OUT/portcullis.toml"
+  -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BG_CPUS@|$BG_CPUS|g" "loadtest/conf/portcullis${CONF:+-$CONF}.toml.in" > "$OUT/portcullis.toml"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }

@@ -310,3 +310,95 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
     unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
     assert_eq!(next(), "STOPPING=1");
 }
+
+/// `Cpus_allowed_list` of a task of process `pid` (`/proc/PID/task/TID/status`), e.g. `0-1`.
+fn cpus_of(pid: u32, tid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_owned()
+}
+
+/// The threads of process `pid` by name (`comm`: 15 bytes at most), with their CPUs.
+fn threads_of(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_owned();
+        threads.push((comm, cpus_of(pid, &tid)));
+    }
+    threads
+}
+
+/// `[server] background_cpus`: the log thread, the admin endpoint, health checks and the main
+/// thread run on the CPUs named; the workers keep the CPUs the process had. A reload that
+/// changes the setting is warned about and moves nothing; a CPU that cannot be used at all
+/// fails the start, naming the field.
+#[test]
+fn threads_other_than_workers_run_on_the_background_cpus() {
+    let env = crate::common::Env::new();
+    // What this thread may use, and so the proxy it starts.
+    let own = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let own = own.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_owned();
+    let mine: Vec<usize> = (0..1024).filter(|&c| own_has(&own, c)).collect();
+    let background = mine[0];
+    let text = |cpus: &str| {
+        env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
+            "[[listener]]",
+            &format!(
+                "[server]\nworkers = 2\nadmin = \"127.0.0.1:0\"\naccess_log = {{ path = \"{}\" }}\nbackground_cpus = [{cpus}]\n\n[[listener]]",
+                env.dir().join("access.log").display()
+            ),
+        )
+    };
+    let config = env.write_config("p.toml", &text(&background.to_string()));
+    let proxy = ProxyProcess::spawn(&binary(), &config);
+    assert_eq!(env.client(None).get(proxy.addr, "/x").unwrap().status, 200);
+    let check = |proxy: &ProxyProcess| {
+        let threads = threads_of(proxy.pid());
+        let named = |prefix: &str| threads.iter().filter(|(c, _)| c.starts_with(prefix)).collect::<Vec<_>>();
+        assert_eq!(named("portcullis-w").len(), 2, "{threads:?}");
+        for (comm, cpus) in named("portcullis-w") {
+            assert_eq!(cpus, &own, "worker {comm} keeps the process's CPUs: {threads:?}");
+        }
+        for prefix in ["portcullis-log", "portcullis-admi", "portcullis-heal"] {
+            let found = named(prefix);
+            assert_eq!(found.len(), 1, "{prefix}: {threads:?}");
+            assert_eq!(found[0].1, background.to_string(), "{prefix}: {threads:?}");
+        }
+        assert_eq!(cpus_of(proxy.pid(), &proxy.pid().to_string()), background.to_string(), "the main thread");
+    };
+    check(&proxy);
+    // A reload cannot move running threads: said, and the rest applies.
+    let other = mine.last().copied().unwrap_or(background);
+    std::fs::write(&config, text(&format!("{background}, {other}"))).unwrap();
+    proxy.signal(libc::SIGHUP);
+    let warned = proxy.wait_for_log("server.background_cpus changed", Duration::from_secs(20));
+    if other != background {
+        assert!(warned.is_some(), "{:#?}", proxy.log());
+    }
+    assert!(proxy.wait_for_log("generation=2", Duration::from_secs(20)).is_some(), "{:#?}", proxy.log());
+    check(&proxy);
+    drop(proxy);
+    // No CPU the process may use: the start fails and says which field.
+    let bad = env.write_config("bad.toml", &text("1023"));
+    if !own_has(&own, 1023) {
+        let out = std::process::Command::new(binary()).args(["run", "-c"]).arg(&bad).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("bad.toml:")
+                && stderr.contains("server.background_cpus: cannot run on CPUs [1023]"),
+            "{stderr}"
+        );
+    }
+}
+
+/// Whether `list` (`0-3,6`, as in `Cpus_allowed_list`) has CPU `cpu`.
+fn own_has(list: &str, cpu: usize) -> bool {
+    list.split(',').any(|part| match part.split_once('-') {
+        Some((a, b)) => {
+            a.trim().parse::<usize>().is_ok_and(|a| a <= cpu)
+                && b.trim().parse::<usize>().is_ok_and(|b| cpu <= b)
+        }
+        None => part.trim().parse::<usize>() == Ok(cpu),
+    })
+}

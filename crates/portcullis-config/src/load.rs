@@ -319,6 +319,7 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
             "rate_limit_keys",
             "redis",
             "admin",
+            "background_cpus",
         ],
     );
     if let Some(v) = get(t, "workers") {
@@ -385,7 +386,33 @@ fn server(r: &mut Reader, v: &Value<'_>) -> Server {
         s.max_body_size =
             r.integer(v, "server.max_body_size", 0..i64::MAX).map(|n| n as u64).or(s.max_body_size);
     }
+    if let Some(v) = get(t, "background_cpus") {
+        s.background_cpus = background_cpus(r, v);
+    }
     s
+}
+
+/// `background_cpus = [0, 1]`: CPU numbers, each once (a CPU set holds 1024).
+fn background_cpus(r: &mut Reader, v: &Value<'_>) -> Vec<Located<usize>> {
+    let field = "server.background_cpus";
+    let toml::de::DeValue::Array(items) = v.get_ref() else {
+        r.error(&v.span(), field, "must be an array of CPU numbers, like [0] or [0, 1]");
+        return Vec::new();
+    };
+    if items.is_empty() {
+        r.error(&v.span(), field, "must name at least one CPU (leave it out to run those threads anywhere)");
+    }
+    let mut cpus: Vec<Located<usize>> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let Some(n) = r.integer(item, &at, 0..1024) else { continue };
+        if cpus.iter().any(|c| c.value == n as usize) {
+            r.error(&item.span(), &at, format!("CPU {n} is named twice"));
+            continue;
+        }
+        cpus.push(Located { value: n as usize, loc: r.loc(&item.span(), &at) });
+    }
+    cpus
 }
 
 /// `access_log = true | false | { path, format, queue }`.

@@ -171,6 +171,9 @@ pub struct Server {
     /// The admin endpoint's address (`/metrics`, `/healthz`, `/ready`, `/config`); off when
     /// `None`.
     pub admin: Option<std::net::SocketAddr>,
+    /// CPUs for the threads that are not workers (access log, loggers, admin, health checks,
+    /// key fetchers, reloads); empty: they run wherever the process may. Set at start.
+    pub background_cpus: Vec<Located<usize>>,
 }
 
 /// What limits do while Redis cannot be reached.
@@ -245,6 +248,7 @@ impl Default for Server {
             rate_limit_keys: 65_536,
             redis: None,
             admin: None,
+            background_cpus: Vec::new(),
         }
     }
 }

@@ -356,6 +356,36 @@ fn the_admin_address() {
 }
 
 #[test]
+fn background_cpus_are_numbers_each_once() {
+    let with = |v: &str| {
+        GOOD.replace("head_timeout = \"5s\"", &format!("head_timeout = \"5s\"\nbackground_cpus = {v}"))
+    };
+    let c = parse(Path::new("p.toml"), &with("[0, 3]")).expect("valid");
+    let cpus: Vec<usize> = c.server.background_cpus.iter().map(|c| c.value).collect();
+    assert_eq!(cpus, [0, 3]);
+    assert!(
+        c.server.background_cpus[1].loc.to_string().starts_with("p.toml:"),
+        "{}",
+        c.server.background_cpus[1].loc
+    );
+    assert!(
+        parse(Path::new("p.toml"), GOOD).expect("valid").server.background_cpus.is_empty(),
+        "off by default"
+    );
+    for (v, says) in [
+        ("[1024]", "server.background_cpus[0]: must be an integer from 0 to 1023"),
+        ("[-1]", "server.background_cpus[0]: must be an integer from 0 to 1023"),
+        ("[2, 2]", "server.background_cpus[1]: CPU 2 is named twice"),
+        ("[]", "server.background_cpus: must name at least one CPU"),
+        ("\"0-1\"", "server.background_cpus: must be an array of CPU numbers"),
+        ("[\"0\"]", "server.background_cpus[0]"),
+    ] {
+        let errors = parse(Path::new("p.toml"), &with(v)).expect_err(v).to_string();
+        assert!(errors.contains(says) && errors.contains("p.toml:"), "{v}: {errors}");
+    }
+}
+
+#[test]
 fn the_access_log_forms() {
     let with =
         |v: &str| GOOD.replace("head_timeout = \"5s\"", &format!("head_timeout = \"5s\"\naccess_log = {v}"));

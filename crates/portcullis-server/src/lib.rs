@@ -15,6 +15,7 @@ mod accesslog;
 mod admin;
 mod balance;
 mod conn;
+mod cpus;
 mod event;
 mod fleet;
 mod health;

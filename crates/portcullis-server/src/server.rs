@@ -69,6 +69,9 @@ pub struct Server {
     log: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
     configured_binds: Vec<SocketAddr>,
+    /// `[server] background_cpus` as the server started with them (a reload cannot move
+    /// threads already running).
+    background_cpus: Vec<usize>,
     keys: TicketKeys,
     generation: u64,
 }
@@ -123,6 +126,11 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// `[server] background_cpus`, the numbers alone.
+fn cpu_numbers(config: &Config) -> Vec<usize> {
+    config.server.background_cpus.iter().map(|c| c.value).collect()
+}
+
 /// Tells the counters whether counts are shared through Redis, and what to do without it.
 fn share_counts(counters: &Counters, config: &Config) {
     match &config.server.redis {
@@ -134,6 +142,8 @@ fn share_counts(counters: &Counters, config: &Config) {
 impl Server {
     /// Compiles `config`, binds every listener once per worker and starts the workers.
     pub fn start(config: &Config) -> Result<Server, StartError> {
+        // First: every thread started from here on, but the workers, runs on these CPUs.
+        let worker_cpus = crate::cpus::narrow(&config.server.background_cpus).map_err(StartError::Io)?;
         let keys = TicketKeys::generate();
         let mut fetchers = KeyFetchers::default();
         let providers = fetchers.prepare(config);
@@ -204,9 +214,13 @@ impl Server {
         for (id, listeners) in per_worker.into_iter().enumerate() {
             let shared = shared.clone();
             let ready = ready_tx.clone();
+            let cpus = worker_cpus.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("portcullis-w{id}"))
                 .spawn(move || {
+                    if let Some(cpus) = &cpus {
+                        crate::cpus::widen(cpus);
+                    }
                     let _watch = worker::ExitWatch { id, shared: shared.clone() };
                     worker::run(id, shared, listeners, driver, ready)
                 })
@@ -230,6 +244,7 @@ impl Server {
             log: Some(log),
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
+            background_cpus: cpu_numbers(config),
             keys,
             generation: 1,
         };
@@ -331,6 +346,13 @@ impl Server {
                     self.configured_binds, binds
                 ))
                 .into());
+        }
+        if cpu_numbers(config) != self.background_cpus {
+            tracing::warn!(
+                running = ?self.background_cpus,
+                configured = ?cpu_numbers(config),
+                "server.background_cpus changed; the threads keep their CPUs until a restart"
+            );
         }
         let providers = self.fetchers.prepare(config);
         let snapshot = Snapshot::compile_keeping(

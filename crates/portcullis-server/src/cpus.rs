@@ -1,0 +1,50 @@
+//! Where the threads that are not workers run (`[server] background_cpus`).
+//!
+//! A worker shares its core with whatever else the process runs there: the log thread
+//! formatting a round of records, a logger's thread encoding a batch, the health checks. Each
+//! time one of them runs, it takes the worker's caches too. Moved to a core of their own (a
+//! housekeeping core), they leave the workers' cores to requests.
+//!
+//! On Linux a thread starts on the CPUs of the thread that started it. The thread that starts
+//! the server is narrowed to the background CPUs first; every thread it starts from then on
+//! (the log thread, loggers, the admin endpoint, health checks, key fetchers, and what a
+//! reload starts) inherits them, and each worker takes back the CPUs the process had.
+
+use portcullis_config::Located;
+use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
+
+/// The CPUs the process could run on before the background threads were narrowed: what a
+/// worker takes back as it starts.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerCpus(CpuSet);
+
+/// Narrows the calling thread to `cpus` (nothing when there are none). Returns the CPUs it
+/// had, for the workers; an error, naming the field, when none of `cpus` can be run on.
+pub(crate) fn narrow(cpus: &[Located<usize>]) -> Result<Option<WorkerCpus>, String> {
+    let Some(first) = cpus.first() else { return Ok(None) };
+    let before =
+        sched_getaffinity(None).map_err(|e| format!("cannot read the CPUs the process may use: {e}"))?;
+    let mut set = CpuSet::new();
+    for c in cpus {
+        set.set(c.value);
+    }
+    let named = || cpus.iter().map(|c| c.value.to_string()).collect::<Vec<_>>().join(", ");
+    sched_setaffinity(None, &set).map_err(|e| {
+        format!("{}: server.background_cpus: cannot run on CPUs [{}]: {e}", first.loc, named())
+    })?;
+    // Those the system left out (offline, or outside the process's cgroup): said, not fatal.
+    let now = sched_getaffinity(None).unwrap_or(set);
+    let missing: Vec<&Located<usize>> = cpus.iter().filter(|c| !now.is_set(c.value)).collect();
+    for c in missing {
+        tracing::warn!(cpu = c.value, at = %c.loc, "server.background_cpus: this CPU cannot be used; the background threads run on the others named");
+    }
+    tracing::info!(cpus = %named(), "threads other than workers run on the background CPUs");
+    Ok(Some(WorkerCpus(before)))
+}
+
+/// The calling thread (a worker, as it starts) back on the CPUs the process had.
+pub(crate) fn widen(cpus: &WorkerCpus) {
+    if let Err(e) = sched_setaffinity(None, &cpus.0) {
+        tracing::warn!(error = %e, "a worker could not leave the background CPUs");
+    }
+}
