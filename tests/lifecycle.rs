@@ -402,3 +402,31 @@ fn own_has(list: &str, cpu: usize) -> bool {
         None => part.trim().parse::<usize>() == Ok(cpu),
     })
 }
+
+/// The CPUs the calling thread may run on (`/proc/thread-self/status`), e.g. `0-1`.
+fn thread_cpus() -> String {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_owned()
+}
+
+/// A start that fails after the background CPUs were taken (here: the address is in use) gives
+/// the thread that tried its CPUs back, and one that succeeds keeps it on them (in this process:
+/// the server runs on the test's thread's side).
+#[test]
+fn a_start_that_fails_gives_the_thread_its_cpus_back() {
+    let env = crate::common::Env::new();
+    let own = thread_cpus();
+    let background = (0..1024).find(|&c| own_has(&own, c)).expect("a CPU");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
+        "[[listener]]",
+        &format!("[server]\nworkers = 1\nbackground_cpus = [{background}]\n\n[[listener]]"),
+    );
+    let busy = text.replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{}\"", taken.local_addr().unwrap()));
+    let failed = portcullis_testkit::TestProxy::try_start(env.dir(), &busy);
+    assert!(failed.is_err(), "the address is in use");
+    assert_eq!(thread_cpus(), own, "the thread's CPUs after a failed start");
+    let proxy = portcullis_testkit::TestProxy::start(env.dir(), &text);
+    assert_eq!(thread_cpus(), background.to_string(), "the thread that started the server");
+    drop(proxy);
+}

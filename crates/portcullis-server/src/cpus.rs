@@ -42,9 +42,10 @@ pub(crate) fn narrow(cpus: &[Located<usize>]) -> Result<Option<WorkerCpus>, Stri
     Ok(Some(WorkerCpus(before)))
 }
 
-/// The calling thread (a worker, as it starts) back on the CPUs the process had.
+/// The calling thread back on the CPUs the process had: a worker as it starts, or the thread
+/// whose start of the server failed.
 pub(crate) fn widen(cpus: &WorkerCpus) {
     if let Err(e) = sched_setaffinity(None, &cpus.0) {
-        tracing::warn!(error = %e, "a worker could not leave the background CPUs");
+        tracing::warn!(error = %e, "a thread could not leave the background CPUs");
     }
 }

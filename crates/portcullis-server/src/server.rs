@@ -142,8 +142,20 @@ fn share_counts(counters: &Counters, config: &Config) {
 impl Server {
     /// Compiles `config`, binds every listener once per worker and starts the workers.
     pub fn start(config: &Config) -> Result<Server, StartError> {
-        // First: every thread started from here on, but the workers, runs on these CPUs.
+        // First: every thread started from here on, but the workers, runs on these CPUs. A
+        // start that fails gives the calling thread its CPUs back.
         let worker_cpus = crate::cpus::narrow(&config.server.background_cpus).map_err(StartError::Io)?;
+        let started = Server::start_narrowed(config, worker_cpus.clone());
+        if let (Err(_), Some(cpus)) = (&started, &worker_cpus) {
+            crate::cpus::widen(cpus);
+        }
+        started
+    }
+
+    fn start_narrowed(
+        config: &Config,
+        worker_cpus: Option<crate::cpus::WorkerCpus>,
+    ) -> Result<Server, StartError> {
         let keys = TicketKeys::generate();
         let mut fetchers = KeyFetchers::default();
         let providers = fetchers.prepare(config);
