@@ -489,61 +489,7 @@ pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
 /// one call (a buffered writer would copy every record once more).
 struct Output {
     path: Option<PathBuf>,
-    out: Out,
-}
-
-/// Standard output, or a file.
-enum Out {
-    Stdout(std::io::Stdout),
-    File(LogFile),
-}
-
-impl Out {
-    /// Where the next write lands in a regular file (its size now); `None` for anything else.
-    fn end(&self) -> Option<u64> {
-        match self {
-            Out::File(f) if f.room.is_some() => f.file.metadata().ok().map(|m| m.len()),
-            _ => None,
-        }
-    }
-}
-
-impl Write for Out {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Out::Stdout(o) => o.write(buf),
-            Out::File(f) => f.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Out::Stdout(o) => o.flush(),
-            Out::File(f) => f.flush(),
-        }
-    }
-}
-
-/// The file offsets that a round's writes end at, but its last (see [`first_cut`]).
-///
-/// A buffered write that fills whole aligned runs of pages lets the page cache hold them in
-/// large folios: fewer page allocations and buffer heads. Appending 128 KiB at a time on ext4,
-/// writes that end on 128 KiB boundaries take about a third less system time than as many
-/// bytes ending anywhere.
-const ALIGN: u64 = CHUNK as u64;
-
-/// How many formatted bytes to gather before the first write of a round to a file that ends at
-/// `end`: up to its next [`ALIGN`] boundary, from where the round's writes are whole aligned
-/// chunks (a boundary too near, less than a sixteenth of a chunk away, is skipped for the
-/// next). Without a known end (standard output, a pipe): [`CHUNK`].
-fn first_cut(end: Option<u64>) -> usize {
-    match end {
-        Some(at) => {
-            let to_boundary = (ALIGN - at % ALIGN) as usize;
-            if to_boundary < CHUNK / 16 { to_boundary + CHUNK } else { to_boundary }
-        }
-        None => CHUNK,
-    }
+    out: Box<dyn Write + Send>,
 }
 
 /// Disk space the log thread reserves past the end of a log file, a step at a time.
@@ -604,8 +550,8 @@ impl Write for LogFile {
 }
 
 fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
-    let out = match path {
-        None => Out::Stdout(std::io::stdout()),
+    let out: Box<dyn Write + Send> = match path {
+        None => Box::new(std::io::stdout()),
         Some(p) => {
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(p)?;
             // A line cut short (a write that failed part way, a process killed mid-write) is
@@ -613,7 +559,7 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
             if ends_mid_line(p, &file) {
                 file.write_all(b"\n")?;
             }
-            Out::File(LogFile::new(file))
+            Box::new(LogFile::new(file))
         }
     };
     Ok(Output { path: path.clone(), out })
@@ -691,12 +637,44 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
                 }
             },
             (None, Some(o)) => {
-                let (taken, ok) = write_round(&mut o.out, rx, format, &mut clock, &mut lines, &shared.access);
-                if !ok {
+                // What waits (up to `BATCH` records), formatted into one buffer and written
+                // once it holds `CHUNK` bytes, and at the end. After a failed write, what is
+                // formatted is dropped and counted, and the rest waits in the queue for the file
+                // opened again.
+                let mut count = 0u64;
+                let mut taken = 0;
+                let mut ok = true;
+                let mut write = |lines: &mut Lines, count: &mut u64| {
+                    if *count > 0 {
+                        ok = o.out.write_all(lines.written()).is_ok();
+                        let counter = if ok { &shared.access.written } else { &shared.access.dropped };
+                        counter.fetch_add(*count, Ordering::Relaxed);
+                        *count = 0;
+                        lines.clear();
+                    }
+                    ok
+                };
+                lines.clear();
+                while taken < BATCH {
+                    let Ok(batch) = rx.try_recv() else { break };
+                    taken += batch.len();
+                    for r in &batch {
+                        match format {
+                            AccessFormat::Json => json(r, &mut clock, &mut lines),
+                            AccessFormat::Combined => combined(r, &mut lines),
+                        }
+                        count += 1;
+                    }
+                    give_back(rx, batch);
+                    if lines.written().len() >= CHUNK && !write(&mut lines, &mut count) {
+                        break;
+                    }
+                }
+                if !write(&mut lines, &mut count) {
                     output = None;
                 }
                 // Every record taken was written, or dropped and counted.
-                taken
+                taken as u64
             }
             (None, None) => 0,
         };
@@ -739,69 +717,6 @@ fn give_back(rx: &Outlet<Record>, mut batch: Vec<Record>) {
         r.release();
     }
     rx.recycle_filled(batch);
-}
-
-/// One round of the log thread to a file or standard output: what waits (up to [`BATCH`]
-/// records), formatted into `lines` and written a chunk at a time, each write but the round's
-/// last ending on an [`ALIGN`] boundary of the file (the line that crosses it waits for the
-/// next), then what is left. After a failed write, what is formatted is dropped and counted,
-/// and the rest waits in the queue for the file opened again. Returns the records taken (each
-/// written, or dropped and counted) and whether every write went through.
-fn write_round(
-    out: &mut Out,
-    rx: &Outlet<Record>,
-    format: AccessFormat,
-    clock: &mut Clock,
-    lines: &mut Lines,
-    sink: &Sink,
-) -> (u64, bool) {
-    let mut count = 0u64;
-    let mut taken = 0;
-    let mut failed = false;
-    // Bytes to gather before the next write.
-    let mut cut = first_cut(out.end());
-    lines.clear();
-    while taken < BATCH && !failed {
-        let Ok(batch) = rx.try_recv() else { break };
-        taken += batch.len();
-        for r in &batch {
-            match format {
-                AccessFormat::Json => json(r, clock, lines),
-                AccessFormat::Combined => combined(r, lines),
-            }
-            count += 1;
-            if !failed && lines.written().len() >= cut {
-                failed = !write_out(out, lines, &mut count, cut, sink);
-                cut = CHUNK;
-            }
-        }
-        give_back(rx, batch);
-    }
-    let all = lines.written().len();
-    if failed || !write_out(out, lines, &mut count, all, sink) {
-        sink.dropped.fetch_add(count, Ordering::Relaxed);
-        lines.clear();
-        return (taken as u64, false);
-    }
-    (taken as u64, true)
-}
-
-/// Writes the first `n` bytes of `lines`, `n` ending inside or at the end of its last line, and
-/// counts the `count` records formatted as written, less the last one while part of it is left
-/// (it then moves to the front, to go with the next write). On an error, nothing is counted or
-/// let go: the caller drops and counts what is formatted.
-fn write_out(out: &mut Out, lines: &mut Lines, count: &mut u64, n: usize, sink: &Sink) -> bool {
-    if *count == 0 {
-        return true;
-    }
-    if out.write_all(&lines.written()[..n]).is_err() {
-        return false;
-    }
-    let pending = u64::from(n < lines.written().len());
-    sink.written.fetch_add(*count - pending, Ordering::Relaxed);
-    *count = pending;
-    lines.consume(n);
-    true
 }
 
 /// Takes what waits and drops it; returns how many records that was.
@@ -890,12 +805,6 @@ impl Lines {
 
     fn clear(&mut self) {
         self.used = 0;
-    }
-
-    /// Drops the first `n` bytes written (the rest, at most a line, moves to the front).
-    fn consume(&mut self, n: usize) {
-        self.buf.copy_within(n..self.used, 0);
-        self.used -= n;
     }
 
     /// Appends one line (`write` and a newline) that is at most `most` bytes long without its
@@ -1381,61 +1290,6 @@ mod tests {
             assert_eq!(line_of(&r), line_of(&fresh));
             assert_eq!(r.get(Text::Backend), b"");
         }
-    }
-
-    #[test]
-    fn a_round_cut_at_aligned_offsets_writes_every_line_once_in_order() {
-        // Far more than a chunk in one round, to a file that ends at no boundary: the writes
-        // end on 128 KiB offsets, the line crossing each waits for the next, and nothing is
-        // lost, doubled or counted twice.
-        let dir = std::env::temp_dir().join(format!("portcullis-round-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("access.log");
-        std::fs::write(&path, b"an earlier line\n").expect("write");
-        let sink = Sink::new(4096);
-        let rx = sink.rx.lock().expect("lock").take().expect("outlet");
-        let outbox = Outbox::default();
-        let peer = "192.0.2.7:5000".parse().expect("addr");
-        let total = 1500u64;
-        for n in 0..total {
-            outbox.record_with(&sink, (n, None, peer), |r| {
-                r.micros = n;
-                r.put(Text::Path, format!("/{n}/{}", "p".repeat((n % 400) as usize)).as_bytes());
-            });
-        }
-        outbox.flush(&sink);
-        let Output { mut out, .. } = open(&Some(path.clone())).expect("open");
-        assert_eq!(first_cut(out.end()), CHUNK - "an earlier line\n".len());
-        let (mut lines, mut clock) = (Lines::default(), Clock::new());
-        let (taken, ok) = write_round(&mut out, &rx, AccessFormat::Json, &mut clock, &mut lines, &sink);
-        assert!(ok);
-        assert_eq!(taken, total);
-        assert_eq!(sink.written.load(Ordering::Relaxed), total);
-        assert_eq!(sink.dropped.load(Ordering::Relaxed), 0);
-        let text = std::fs::read_to_string(&path).expect("read");
-        assert!(text.len() > 3 * CHUNK, "{} bytes", text.len());
-        let mut got = text.lines();
-        assert_eq!(got.next(), Some("an earlier line"));
-        for n in 0..total {
-            let line = got.next().unwrap_or_else(|| panic!("line {n} missing"));
-            let path = format!("\"path\":\"/{n}/{}\"", "p".repeat((n % 400) as usize));
-            assert!(
-                line.starts_with("{\"time\":") && line.ends_with('}') && line.contains(&path),
-                "{n}: {line}"
-            );
-        }
-        assert_eq!(got.next(), None);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn the_first_write_of_a_round_ends_at_the_next_boundary() {
-        assert_eq!(first_cut(None), CHUNK, "standard output, a pipe");
-        assert_eq!(first_cut(Some(0)), CHUNK);
-        assert_eq!(first_cut(Some(1000)), CHUNK - 1000);
-        assert_eq!(first_cut(Some(3 * ALIGN + 5)), CHUNK - 5);
-        // A boundary too near is left for the next one.
-        assert_eq!(first_cut(Some(ALIGN - 100)), CHUNK + 100);
     }
 
     #[test]
