@@ -39,7 +39,8 @@
 # e.g. A=operator B=operator with A_BIN a copy of the binary from before it). BG_CPUS is the
 # configurations' `background_cpus` (by default LOAD_CPU): where each proxy's threads other
 # than its workers run (access log, loggers, admin); their CPU still counts as the proxy's.
-# BG_CPUS=$PROXY_CPU keeps them on the workers' core. At the end, each thread's share of the
+# BG_CPUS=$PROXY_CPU keeps them on the workers' core; BG_CPUS=none leaves the setting out
+# (for a build from before it, as A_BIN or B_BIN). At the end, each thread's share of the
 # proxy's CPU, how many times it was put on the CPU, and what part of its time was in the
 # kernel (from the scheduler's ticks).
 # Only loopback addresses are used; every load run is bounded by WINDOW.
@@ -54,6 +55,8 @@ CONNS=${CONNS:-64}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BG_CPUS=${BG_CPUS:-$LOAD_CPU}   # background_cpus of the Portcullis configurations (e.g. "0" or "0, 1")
+# BG_CPUS=none leaves the setting out (a build from before it).
+case $BG_CPUS in none) BG_SED='/@BG_CPUS@/d';; *) BG_SED="s|@BG_CPUS@|$BG_CPUS|g";; esac
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
 KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
 declare -A ADDR=([A]=127.0.0.1:18446 [B]=127.0.0.1:18447)
@@ -105,7 +108,7 @@ for side in A B; do
   tpl=${!conf_var:-$tpl}
   [ -f "$tpl" ] || { echo "no configuration for mode $mode ($tpl)" >&2; exit 1; }
   sed -e "s|@LISTEN@|${ADDR[$side]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" \
-    -e "s|@RUN@|$OUT/$side|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BG_CPUS@|$BG_CPUS|g" "$tpl" > "$OUT/$side/portcullis.toml"
+    -e "s|@RUN@|$OUT/$side|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "$BG_SED" "$tpl" > "$OUT/$side/portcullis.toml"
   bin_var=${side}_BIN
   proxy=${!bin_var:-$BIN/portcullis}
   "$proxy" check -c "$OUT/$side/portcullis.toml" >/dev/null

@@ -50,6 +50,8 @@ IDLE_CONNS=${IDLE_CONNS:-8000}     # 0 skips the memory runs (HAProxy's maxconn 
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BG_CPUS=${BG_CPUS:-$LOAD_CPU}   # background_cpus of the Portcullis configurations (e.g. "0" or "0, 1")
+# BG_CPUS=none leaves the setting out (a build from before it).
+case $BG_CPUS in none) BG_SED='/@BG_CPUS@/d';; *) BG_SED="s|@BG_CPUS@|$BG_CPUS|g";; esac
 BACKEND_ADDR=${BACKEND_ADDR:-127.0.0.1:18080}
 REDIS_ADDR=${REDIS_ADDR:-127.0.0.1:18379}
 KAFKA_ADDR=${KAFKA_ADDR:-127.0.0.1:19092}
@@ -95,7 +97,7 @@ render() { # render PROXY [VARIANT] -> path of its rendered configuration
   tpl=$(ls "loadtest/conf/${1%-base}${v:+-$v}".*.in)
   out=$RUN/$(basename "${tpl%.in}")
   sed -e "s|@LISTEN@|${ADDR[$1]}|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND_ADDR|g" -e "s|@RUN@|$RUN|g" \
-    -e "s|@REDIS@|$REDIS_ADDR|g" -e "s|@BG_CPUS@|$BG_CPUS|g" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
+    -e "s|@REDIS@|$REDIS_ADDR|g" -e "$BG_SED" -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BACKEND_TLS_PORT@|${BACKEND_TLS_ADDR##*:}|g" "$tpl" > "$out"
   echo "$out"
 }
 

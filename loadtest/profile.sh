@@ -8,7 +8,8 @@
 # MODE is keepalive | handshake | resume. Same configuration and certificates as bench.sh
 # (loadtest/conf/portcullis.toml.in, or with CONF=accesslog or CONF=operator that mode's
 # configuration, loadtest/conf/portcullis-$CONF.toml.in; operator starts the broker Tansu on
-# KAFKA_ADDR as bench.sh does), the proxy pinned to PROXY_CPU, backend and load generator on
+# KAFKA_ADDR as bench.sh does), the proxy pinned to PROXY_CPU (its threads other than the
+# worker on BG_CPUS, by default LOAD_CPU, as in bench.sh), backend and load generator on
 # LOAD_CPU, loopback only, every run bounded.
 #
 # perf: samples the proxy for DURATION seconds (default 8) with call graphs into $OUT/perf.data, then
@@ -35,6 +36,8 @@ TOOL=${1:?perf, callgrind or ops}; MODE=${2:?keepalive, handshake or resume}; sh
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 BG_CPUS=${BG_CPUS:-$LOAD_CPU}   # background_cpus of the Portcullis configurations (e.g. "0" or "0, 1")
+# BG_CPUS=none leaves the setting out (a build from before it).
+case $BG_CPUS in none) BG_SED='/@BG_CPUS@/d';; *) BG_SED="s|@BG_CPUS@|$BG_CPUS|g";; esac
 SECONDS_=${DURATION:-8}
 N1=${N1:-2000}; N2=${N2:-12000}
 LISTEN=127.0.0.1:18446
@@ -51,7 +54,7 @@ CERTS=$OUT/certs
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release -p portcullis -p portcullis-loadtest
 [ -f "$CERTS/root.pem" ] || "$BIN/portcullis-load" pki "$CERTS" >/dev/null
 sed -e "s|@LISTEN@|$LISTEN|g" -e "s|@CERTS@|$CERTS|g" -e "s|@BACKEND@|$BACKEND|g" -e "s|@RUN@|$OUT|g" \
-  -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "s|@BG_CPUS@|$BG_CPUS|g" "loadtest/conf/portcullis${CONF:+-$CONF}.toml.in" > "$OUT/portcullis.toml"
+  -e "s|@KAFKA@|$KAFKA_ADDR|g" -e "$BG_SED" "loadtest/conf/portcullis${CONF:+-$CONF}.toml.in" > "$OUT/portcullis.toml"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }

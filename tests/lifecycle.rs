@@ -386,7 +386,7 @@ fn threads_other_than_workers_run_on_the_background_cpus() {
         assert!(!out.status.success(), "{stderr}");
         assert!(
             stderr.contains("bad.toml:")
-                && stderr.contains("server.background_cpus: cannot run on CPUs [1023]"),
+                && stderr.contains("server.background_cpus[0]: cannot run on CPUs [1023]"),
             "{stderr}"
         );
     }
@@ -423,8 +423,12 @@ fn a_start_that_fails_gives_the_thread_its_cpus_back() {
         &format!("[server]\nworkers = 1\nbackground_cpus = [{background}]\n\n[[listener]]"),
     );
     let busy = text.replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{}\"", taken.local_addr().unwrap()));
-    let failed = portcullis_testkit::TestProxy::try_start(env.dir(), &busy);
-    assert!(failed.is_err(), "the address is in use");
+    let failed =
+        portcullis_testkit::TestProxy::try_start(env.dir(), &busy).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        failed.contains("cannot listen"),
+        "the address is in use, found after the CPUs were taken: {failed}"
+    );
     assert_eq!(thread_cpus(), own, "the thread's CPUs after a failed start");
     let proxy = portcullis_testkit::TestProxy::start(env.dir(), &text);
     assert_eq!(thread_cpus(), background.to_string(), "the thread that started the server");

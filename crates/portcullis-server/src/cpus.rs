@@ -9,6 +9,11 @@
 //! the server is narrowed to the background CPUs first; every thread it starts from then on
 //! (the log thread, loggers, the admin endpoint, health checks, key fetchers, and what a
 //! reload starts) inherits them, and each worker takes back the CPUs the process had.
+//!
+//! "The CPUs the process had" are those of the thread that starts the server, as it calls
+//! [`narrow`]. A program that starts a server in-process keeps that thread on the background
+//! CPUs once the server runs (also after the server stops): a second server started from it
+//! would give its workers the background CPUs alone. The binary starts one.
 
 use portcullis_config::Located;
 use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
@@ -22,16 +27,15 @@ pub(crate) struct WorkerCpus(CpuSet);
 /// had, for the workers; an error, naming the field, when none of `cpus` can be run on.
 pub(crate) fn narrow(cpus: &[Located<usize>]) -> Result<Option<WorkerCpus>, String> {
     let Some(first) = cpus.first() else { return Ok(None) };
-    let before =
-        sched_getaffinity(None).map_err(|e| format!("cannot read the CPUs the process may use: {e}"))?;
+    let before = sched_getaffinity(None)
+        .map_err(|e| format!("{}: cannot read the CPUs this thread may use: {e}", first.loc))?;
     let mut set = CpuSet::new();
     for c in cpus {
         set.set(c.value);
     }
     let named = || cpus.iter().map(|c| c.value.to_string()).collect::<Vec<_>>().join(", ");
-    sched_setaffinity(None, &set).map_err(|e| {
-        format!("{}: server.background_cpus: cannot run on CPUs [{}]: {e}", first.loc, named())
-    })?;
+    sched_setaffinity(None, &set)
+        .map_err(|e| format!("{}: cannot run on CPUs [{}]: {e}", first.loc, named()))?;
     // Those the system left out (offline, or outside the process's cgroup): said, not fatal.
     let now = sched_getaffinity(None).unwrap_or(set);
     let missing: Vec<&Located<usize>> = cpus.iter().filter(|c| !now.is_set(c.value)).collect();

@@ -126,9 +126,11 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// `[server] background_cpus`, the numbers alone.
+/// `[server] background_cpus`, the numbers alone, in order.
 fn cpu_numbers(config: &Config) -> Vec<usize> {
-    config.server.background_cpus.iter().map(|c| c.value).collect()
+    let mut cpus: Vec<usize> = config.server.background_cpus.iter().map(|c| c.value).collect();
+    cpus.sort_unstable();
+    cpus
 }
 
 /// Tells the counters whether counts are shared through Redis, and what to do without it.
