@@ -311,10 +311,20 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
     assert_eq!(next(), "STOPPING=1");
 }
 
-/// `Cpus_allowed_list` of a task of process `pid` (`/proc/PID/task/TID/status`), e.g. `0-1`.
-fn cpus_of(pid: u32, tid: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+/// `Cpus_allowed_list` of the `status` file at `path` (a task's), e.g. `0-1`.
+fn allowed_in(path: &str) -> String {
+    let status = std::fs::read_to_string(path).unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_owned()
+}
+
+/// The CPUs a task of process `pid` may run on.
+fn cpus_of(pid: u32, tid: &str) -> String {
+    allowed_in(&format!("/proc/{pid}/task/{tid}/status"))
+}
+
+/// The CPUs the calling thread may run on.
+fn thread_cpus() -> String {
+    allowed_in("/proc/thread-self/status")
 }
 
 /// The threads of process `pid` by name (`comm`: 15 bytes at most), with their CPUs.
@@ -336,8 +346,7 @@ fn threads_of(pid: u32) -> Vec<(String, String)> {
 fn threads_other_than_workers_run_on_the_background_cpus() {
     let env = crate::common::Env::new();
     // What this thread may use, and so the proxy it starts.
-    let own = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
-    let own = own.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_owned();
+    let own = thread_cpus();
     let mine: Vec<usize> = (0..1024).filter(|&c| own_has(&own, c)).collect();
     let background = mine[0];
     let text = |cpus: &str| {
@@ -403,12 +412,6 @@ fn own_has(list: &str, cpu: usize) -> bool {
     })
 }
 
-/// The CPUs the calling thread may run on (`/proc/thread-self/status`), e.g. `0-1`.
-fn thread_cpus() -> String {
-    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_owned()
-}
-
 /// A start that fails after the background CPUs were taken (here: the address is in use) gives
 /// the thread that tried its CPUs back, and one that succeeds keeps it on them (in this process:
 /// the server runs on the test's thread's side).
@@ -433,4 +436,26 @@ fn a_start_that_fails_gives_the_thread_its_cpus_back() {
     let proxy = portcullis_testkit::TestProxy::start(env.dir(), &text);
     assert_eq!(thread_cpus(), background.to_string(), "the thread that started the server");
     drop(proxy);
+}
+
+/// A CPU the process may not use, named with one it may: warned about, and the background
+/// threads run on the other.
+#[test]
+fn a_cpu_that_cannot_be_used_is_warned_about_and_skipped() {
+    let env = crate::common::Env::new();
+    let own = thread_cpus();
+    let background = (0..1024).find(|&c| own_has(&own, c)).expect("a CPU");
+    if own_has(&own, 1023) {
+        return; // a machine with 1024 CPUs: no CPU to refuse
+    }
+    let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
+        "[[listener]]",
+        &format!("[server]\nworkers = 1\nbackground_cpus = [{background}, 1023]\n\n[[listener]]"),
+    );
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
+    let warned = proxy.wait_for_log("this CPU cannot be used", Duration::from_secs(10));
+    assert!(warned.as_deref().is_some_and(|l| l.contains("1023")), "{:#?}", proxy.log());
+    let pid = proxy.pid();
+    assert_eq!(cpus_of(pid, &pid.to_string()), background.to_string(), "the main thread");
+    assert_eq!(env.client(None).get(proxy.addr, "/x").unwrap().status, 200);
 }

@@ -38,8 +38,7 @@ pub(crate) fn narrow(cpus: &[Located<usize>]) -> Result<Option<WorkerCpus>, Stri
         .map_err(|e| format!("{}: cannot run on CPUs [{}]: {e}", first.loc, named()))?;
     // Those the system left out (offline, or outside the process's cgroup): said, not fatal.
     let now = sched_getaffinity(None).unwrap_or(set);
-    let missing: Vec<&Located<usize>> = cpus.iter().filter(|c| !now.is_set(c.value)).collect();
-    for c in missing {
+    for c in cpus.iter().filter(|c| !now.is_set(c.value)) {
         tracing::warn!(cpu = c.value, at = %c.loc, "server.background_cpus: this CPU cannot be used; the background threads run on the others named");
     }
     tracing::info!(cpus = %named(), "threads other than workers run on the background CPUs");

@@ -361,10 +361,11 @@ impl Server {
                 ))
                 .into());
         }
-        if cpu_numbers(config) != self.background_cpus {
+        let configured = cpu_numbers(config);
+        if configured != self.background_cpus {
             tracing::warn!(
                 running = ?self.background_cpus,
-                configured = ?cpu_numbers(config),
+                ?configured,
                 "server.background_cpus changed; the threads keep their CPUs until a restart"
             );
         }
