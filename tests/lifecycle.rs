@@ -459,3 +459,45 @@ fn a_cpu_that_cannot_be_used_is_warned_about_and_skipped() {
     assert_eq!(cpus_of(pid, &pid.to_string()), background.to_string(), "the main thread");
     assert_eq!(env.client(None).get(proxy.addr, "/x").unwrap().status, 200);
 }
+
+/// `portcullis check` looks at `background_cpus` as a start would, against the CPUs it may use
+/// itself: none of them usable is an error naming the field, one of several a warning.
+#[test]
+fn check_says_which_background_cpus_cannot_be_used() {
+    let env = crate::common::Env::new();
+    let own = thread_cpus();
+    let background = (0..1024).find(|&c| own_has(&own, c)).expect("a CPU");
+    if own_has(&own, 1023) {
+        return; // a machine with 1024 CPUs: no CPU to refuse
+    }
+    let check = |name: &str, cpus: &str| {
+        let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
+            "[[listener]]",
+            &format!("[server]\nworkers = 1\nbackground_cpus = [{cpus}]\n\n[[listener]]"),
+        );
+        let path = env.write_config(name, &text);
+        let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        (out.status.success(), stdout, stderr)
+    };
+    let (ok, stdout, stderr) = check("good.toml", &background.to_string());
+    assert!(ok && stdout.trim() == "ok" && !stderr.contains("background_cpus"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = check("some.toml", &format!("{background}, 1023"));
+    assert!(ok && stdout.trim() == "ok", "{stdout}{stderr}");
+    assert!(
+        stderr.contains("some.toml:")
+            && stderr.contains("server.background_cpus[1]: warning: CPU 1023 cannot be used here"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = check("none.toml", "1023");
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("none.toml:")
+            && stderr
+                .contains("server.background_cpus[0]: cannot run on CPUs [1023]: this process may use CPUs"),
+        "{stderr}"
+    );
+}

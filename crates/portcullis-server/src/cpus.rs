@@ -15,7 +15,7 @@
 //! CPUs once the server runs (also after the server stops): a second server started from it
 //! would give its workers the background CPUs alone. The binary starts one.
 
-use portcullis_config::Located;
+use portcullis_config::{ConfigError, Located};
 use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
 
 /// The CPUs the process could run on before the background threads were narrowed: what a
@@ -50,5 +50,55 @@ pub(crate) fn narrow(cpus: &[Located<usize>]) -> Result<Option<WorkerCpus>, Stri
 pub(crate) fn widen(cpus: &WorkerCpus) {
     if let Err(e) = sched_setaffinity(None, &cpus.0) {
         tracing::warn!(error = %e, "a thread could not leave the background CPUs");
+    }
+}
+
+/// What `portcullis check` can tell of `cpus` without moving a thread, from the CPUs the
+/// checking process may use (a service started with other CPUs, by systemd's `CPUAffinity=`
+/// say, is not seen): an error when it may use none of them (a start would fail), and a warning
+/// for each one it may not use (a start would skip it).
+pub(crate) fn check(cpus: &[Located<usize>]) -> (Option<ConfigError>, Vec<String>) {
+    let Some(first) = cpus.first() else { return (None, Vec::new()) };
+    let Ok(own) = sched_getaffinity(None) else { return (None, Vec::new()) };
+    let usable = |c: usize| c < CpuSet::MAX_CPU && own.is_set(c);
+    let list = ranges((0..CpuSet::MAX_CPU).filter(|&c| own.is_set(c)));
+    if !cpus.iter().any(|c| usable(c.value)) {
+        let named = cpus.iter().map(|c| c.value.to_string()).collect::<Vec<_>>().join(", ");
+        let message = format!("cannot run on CPUs [{named}]: this process may use CPUs {list} only");
+        return (Some(first.loc.error(message)), Vec::new());
+    }
+    let warnings = cpus
+        .iter()
+        .filter(|c| !usable(c.value))
+        .map(|c| {
+            format!(
+                "{}: warning: CPU {} cannot be used here (CPUs {list} can); the background threads would run on the others named",
+                c.loc, c.value
+            )
+        })
+        .collect();
+    (None, warnings)
+}
+
+/// `0-3,6`: CPUs in increasing order as ranges (as in `/proc`'s `Cpus_allowed_list`).
+fn ranges(cpus: impl Iterator<Item = usize>) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for c in cpus {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == c => *end = c,
+            _ => runs.push((c, c)),
+        }
+    }
+    let run = |&(a, b): &(usize, usize)| if a == b { a.to_string() } else { format!("{a}-{b}") };
+    runs.iter().map(run).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpus_are_listed_as_ranges() {
+        assert_eq!(super::ranges([0, 1, 2, 3, 6, 8, 9].into_iter()), "0-3,6,8-9");
+        assert_eq!(super::ranges([5].into_iter()), "5");
+        assert_eq!(super::ranges(std::iter::empty()), "");
     }
 }

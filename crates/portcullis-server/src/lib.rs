@@ -40,6 +40,13 @@ pub use snapshot::Snapshot;
 pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcullis_config::ConfigErrors> {
     let providers = keys::KeyFetchers::default().prepare(config);
     let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
-    Snapshot::compile(config, &portcullis_tls::TicketKeys::generate(), 0, providers, counters)?;
-    Ok(keys::check_providers(config))
+    let compiled = Snapshot::compile(config, &portcullis_tls::TicketKeys::generate(), 0, providers, counters);
+    let (cpus, cpu_warnings) = cpus::check(&config.server.background_cpus);
+    let mut errors = compiled.err().unwrap_or_default();
+    if let Some(e) = cpus {
+        errors.push(e);
+    }
+    let mut warnings = errors.into_result(keys::check_providers(config))?;
+    warnings.extend(cpu_warnings);
+    Ok(warnings)
 }
