@@ -443,15 +443,8 @@ fn a_start_that_fails_gives_the_thread_its_cpus_back() {
 #[test]
 fn a_cpu_that_cannot_be_used_is_warned_about_and_skipped() {
     let env = crate::common::Env::new();
-    let own = thread_cpus();
-    let background = (0..1024).find(|&c| own_has(&own, c)).expect("a CPU");
-    if own_has(&own, 1023) {
-        return; // a machine with 1024 CPUs: no CPU to refuse
-    }
-    let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
-        "[[listener]]",
-        &format!("[server]\nworkers = 1\nbackground_cpus = [{background}, 1023]\n\n[[listener]]"),
-    );
+    let Some(background) = one_usable_and_1023_not() else { return };
+    let text = with_background_cpus(&env, &format!("{background}, 1023"));
     let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &text));
     let warned = proxy.wait_for_log("this CPU cannot be used", Duration::from_secs(10));
     assert!(warned.as_deref().is_some_and(|l| l.contains("1023")), "{:#?}", proxy.log());
@@ -465,17 +458,9 @@ fn a_cpu_that_cannot_be_used_is_warned_about_and_skipped() {
 #[test]
 fn check_says_which_background_cpus_cannot_be_used() {
     let env = crate::common::Env::new();
-    let own = thread_cpus();
-    let background = (0..1024).find(|&c| own_has(&own, c)).expect("a CPU");
-    if own_has(&own, 1023) {
-        return; // a machine with 1024 CPUs: no CPU to refuse
-    }
+    let Some(background) = one_usable_and_1023_not() else { return };
     let check = |name: &str, cpus: &str| {
-        let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
-            "[[listener]]",
-            &format!("[server]\nworkers = 1\nbackground_cpus = [{cpus}]\n\n[[listener]]"),
-        );
-        let path = env.write_config(name, &text);
+        let path = env.write_config(name, &with_background_cpus(&env, cpus));
         let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -500,4 +485,19 @@ fn check_says_which_background_cpus_cannot_be_used() {
                 .contains("server.background_cpus[0]: cannot run on CPUs [1023]: this process may use CPUs"),
         "{stderr}"
     );
+}
+
+/// A CPU this thread may use, when it may not use CPU 1023 (none on a machine with 1024 CPUs:
+/// no CPU there to refuse).
+fn one_usable_and_1023_not() -> Option<usize> {
+    let own = thread_cpus();
+    (!own_has(&own, 1023)).then(|| (0..1024).find(|&c| own_has(&own, c)).expect("a CPU"))
+}
+
+/// A one-worker proxy's configuration with `background_cpus = [cpus]`.
+fn with_background_cpus(env: &crate::common::Env, cpus: &str) -> String {
+    env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
+        "[[listener]]",
+        &format!("[server]\nworkers = 1\nbackground_cpus = [{cpus}]\n\n[[listener]]"),
+    )
 }
