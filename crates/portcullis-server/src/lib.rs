@@ -36,7 +36,8 @@ pub use snapshot::Snapshot;
 
 /// What `portcullis check` runs: compiles `config` and everything it names (errors), then
 /// fetches each identity provider's keys once (warnings: the proxy would start, and refuse that
-/// provider's tokens until its keys arrive).
+/// provider's tokens until its keys arrive), and looks at `background_cpus` against the CPUs
+/// this process may use (an error when it may use none of them, a warning for each it may not).
 pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcullis_config::ConfigErrors> {
     let providers = keys::KeyFetchers::default().prepare(config);
     let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
