@@ -453,8 +453,8 @@ fn a_cpu_that_cannot_be_used_is_warned_about_and_skipped() {
     assert_eq!(env.client(None).get(proxy.addr, "/x").unwrap().status, 200);
 }
 
-/// `portcullis check` looks at `background_cpus` as a start would, against the CPUs it may use
-/// itself: none of them usable is an error naming the field, one of several a warning.
+/// `portcullis check` tries `background_cpus` as a start would: none of them usable is an error
+/// naming the field, one of several a warning.
 #[test]
 fn check_says_which_background_cpus_cannot_be_used() {
     let env = crate::common::Env::new();
@@ -481,10 +481,24 @@ fn check_says_which_background_cpus_cannot_be_used() {
     assert!(!ok, "{stdout}{stderr}");
     assert!(
         stderr.contains("none.toml:")
-            && stderr
-                .contains("server.background_cpus[0]: cannot run on CPUs [1023]: this process may use CPUs"),
+            && stderr.contains("server.background_cpus[0]: cannot run on CPUs [1023]: "),
         "{stderr}"
     );
+    // A check started on other CPUs (`taskset`): as a start, it may still move its threads to
+    // any CPU of its cgroup.
+    let own = thread_cpus();
+    if let Some(other) = (0..1024).find(|&c| c != background && own_has(&own, c)) {
+        let path = env.write_config("moved.toml", &with_background_cpus(&env, &background.to_string()));
+        let out = std::process::Command::new("taskset")
+            .args(["-c", &other.to_string()])
+            .arg(binary())
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .expect("taskset (util-linux)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !stderr.contains("background_cpus"), "{stderr}");
+    }
 }
 
 /// A CPU this thread may use, when it may not use CPU 1023 (none on a machine with 1024 CPUs:

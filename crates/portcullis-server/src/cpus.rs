@@ -29,20 +29,31 @@ pub(crate) fn narrow(cpus: &[Located<usize>]) -> Result<Option<WorkerCpus>, Stri
     let Some(first) = cpus.first() else { return Ok(None) };
     let before = sched_getaffinity(None)
         .map_err(|e| format!("{}: cannot read the CPUs this thread may use: {e}", first.loc))?;
+    let left_out = move_to(cpus).map_err(|e| format!("{}: {e}", first.loc))?;
+    for c in left_out {
+        tracing::warn!(cpu = c.value, at = %c.loc, "server.background_cpus: this CPU cannot be used; the background threads run on the others named");
+    }
+    tracing::info!(cpus = %named(cpus), "threads other than workers run on the background CPUs");
+    Ok(Some(WorkerCpus(before)))
+}
+
+/// `0, 2`: the CPUs of the setting, as written.
+fn named(cpus: &[Located<usize>]) -> String {
+    cpus.iter().map(|c| c.value.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Moves the calling thread onto `cpus` (not empty). The system takes any CPU that is online
+/// and in the process's cgroup, whatever CPUs the thread had (`taskset` or systemd's
+/// `CPUAffinity=` do not limit it); returns those it left out. An error (without the field)
+/// when it takes none.
+fn move_to(cpus: &[Located<usize>]) -> Result<Vec<&Located<usize>>, String> {
     let mut set = CpuSet::new();
     for c in cpus {
         set.set(c.value);
     }
-    let named = || cpus.iter().map(|c| c.value.to_string()).collect::<Vec<_>>().join(", ");
-    sched_setaffinity(None, &set)
-        .map_err(|e| format!("{}: cannot run on CPUs [{}]: {e}", first.loc, named()))?;
-    // Those the system left out (offline, or outside the process's cgroup): said, not fatal.
+    sched_setaffinity(None, &set).map_err(|e| format!("cannot run on CPUs [{}]: {e}", named(cpus)))?;
     let now = sched_getaffinity(None).unwrap_or(set);
-    for c in cpus.iter().filter(|c| !now.is_set(c.value)) {
-        tracing::warn!(cpu = c.value, at = %c.loc, "server.background_cpus: this CPU cannot be used; the background threads run on the others named");
-    }
-    tracing::info!(cpus = %named(), "threads other than workers run on the background CPUs");
-    Ok(Some(WorkerCpus(before)))
+    Ok(cpus.iter().filter(|c| !now.is_set(c.value)).collect())
 }
 
 /// The calling thread back on the CPUs the process had: a worker as it starts, or the thread
@@ -53,52 +64,28 @@ pub(crate) fn widen(cpus: &WorkerCpus) {
     }
 }
 
-/// What `portcullis check` can tell of `cpus` without moving a thread, from the CPUs the
-/// checking process may use (a service started with other CPUs, by systemd's `CPUAffinity=`
-/// say, is not seen): an error when it may use none of them (a start would fail), and a warning
-/// for each one it may not use (a start would skip it).
+/// What `portcullis check` can tell of `cpus`: what a start would do, done by a thread started
+/// for it (and ended), in the checking process's cgroup. An error when no CPU named can be run
+/// on (a start would fail), and a warning for each one left out (a start would skip it).
 pub(crate) fn check(cpus: &[Located<usize>]) -> (Option<ConfigError>, Vec<String>) {
     let Some(first) = cpus.first() else { return (None, Vec::new()) };
-    let Ok(own) = sched_getaffinity(None) else { return (None, Vec::new()) };
-    let usable = |c: usize| c < CpuSet::MAX_CPU && own.is_set(c);
-    let list = ranges((0..CpuSet::MAX_CPU).filter(|&c| own.is_set(c)));
-    if !cpus.iter().any(|c| usable(c.value)) {
-        let named = cpus.iter().map(|c| c.value.to_string()).collect::<Vec<_>>().join(", ");
-        let message = format!("cannot run on CPUs [{named}]: this process may use CPUs {list} only");
-        return (Some(first.loc.error(message)), Vec::new());
-    }
-    let warnings = cpus
-        .iter()
-        .filter(|c| !usable(c.value))
-        .map(|c| {
-            format!(
-                "{}: warning: CPU {} cannot be used here (CPUs {list} can); the background threads would run on the others named",
-                c.loc, c.value
-            )
-        })
-        .collect();
-    (None, warnings)
-}
-
-/// `0-3,6`: CPUs in increasing order as ranges (as in `/proc`'s `Cpus_allowed_list`).
-fn ranges(cpus: impl Iterator<Item = usize>) -> String {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for c in cpus {
-        match runs.last_mut() {
-            Some((_, end)) if *end + 1 == c => *end = c,
-            _ => runs.push((c, c)),
+    let tried = std::thread::scope(|s| {
+        let tried = std::thread::Builder::new().spawn_scoped(s, || move_to(cpus));
+        tried.ok().and_then(|t| t.join().ok())
+    });
+    match tried {
+        None => {
+            (None, vec![format!("{}: warning: cannot try these CPUs: no thread to try them on", first.loc)])
         }
-    }
-    let run = |&(a, b): &(usize, usize)| if a == b { a.to_string() } else { format!("{a}-{b}") };
-    runs.iter().map(run).collect::<Vec<_>>().join(",")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cpus_are_listed_as_ranges() {
-        assert_eq!(super::ranges([0, 1, 2, 3, 6, 8, 9].into_iter()), "0-3,6,8-9");
-        assert_eq!(super::ranges([5].into_iter()), "5");
-        assert_eq!(super::ranges(std::iter::empty()), "");
+        Some(Err(e)) => (Some(first.loc.error(e)), Vec::new()),
+        Some(Ok(left_out)) => {
+            let warning = |c: &Located<usize>| {
+                format!(
+                    "{}: warning: CPU {} cannot be used here (offline, or outside this process's cgroup); the background threads would run on the others named",
+                    c.loc, c.value
+                )
+            };
+            (None, left_out.into_iter().map(warning).collect())
+        }
     }
 }
