@@ -421,10 +421,7 @@ fn a_start_that_fails_gives_the_thread_its_cpus_back() {
     let own = thread_cpus();
     let background = (0..1024).find(|&c| own_has(&own, c)).expect("a CPU");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
-        "[[listener]]",
-        &format!("[server]\nworkers = 1\nbackground_cpus = [{background}]\n\n[[listener]]"),
-    );
+    let text = with_background_cpus(&env, &background.to_string());
     let busy = text.replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{}\"", taken.local_addr().unwrap()));
     let failed =
         portcullis_testkit::TestProxy::try_start(env.dir(), &busy).map(|_| ()).unwrap_err().to_string();

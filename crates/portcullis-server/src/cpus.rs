@@ -66,26 +66,22 @@ pub(crate) fn widen(cpus: &WorkerCpus) {
 
 /// What `portcullis check` can tell of `cpus`: what a start would do, done by a thread started
 /// for it (and ended), in the checking process's cgroup. An error when no CPU named can be run
-/// on (a start would fail), and a warning for each one left out (a start would skip it).
-pub(crate) fn check(cpus: &[Located<usize>]) -> (Option<ConfigError>, Vec<String>) {
-    let Some(first) = cpus.first() else { return (None, Vec::new()) };
+/// on (a start would fail); else a warning for each one left out (a start would skip it).
+pub(crate) fn check(cpus: &[Located<usize>]) -> Result<Vec<String>, ConfigError> {
+    let Some(first) = cpus.first() else { return Ok(Vec::new()) };
     let tried = std::thread::scope(|s| {
         let tried = std::thread::Builder::new().spawn_scoped(s, || move_to(cpus));
         tried.ok().and_then(|t| t.join().ok())
     });
-    match tried {
-        None => {
-            (None, vec![format!("{}: warning: cannot try these CPUs: no thread to try them on", first.loc)])
-        }
-        Some(Err(e)) => (Some(first.loc.error(e)), Vec::new()),
-        Some(Ok(left_out)) => {
-            let warning = |c: &Located<usize>| {
-                format!(
-                    "{}: warning: CPU {} cannot be used here (offline, or outside this process's cgroup); the background threads would run on the others named",
-                    c.loc, c.value
-                )
-            };
-            (None, left_out.into_iter().map(warning).collect())
-        }
-    }
+    let Some(tried) = tried else {
+        return Ok(vec![format!("{}: warning: cannot try these CPUs: no thread to try them on", first.loc)]);
+    };
+    let left_out = tried.map_err(|e| first.loc.error(e))?;
+    let warning = |c: &Located<usize>| {
+        format!(
+            "{}: warning: CPU {} cannot be used here (offline, or outside this process's cgroup); the background threads would run on the others named",
+            c.loc, c.value
+        )
+    };
+    Ok(left_out.into_iter().map(warning).collect())
 }

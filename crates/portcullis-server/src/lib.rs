@@ -42,11 +42,11 @@ pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcull
     let providers = keys::KeyFetchers::default().prepare(config);
     let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
     let compiled = Snapshot::compile(config, &portcullis_tls::TicketKeys::generate(), 0, providers, counters);
-    let (cpus, cpu_warnings) = cpus::check(&config.server.background_cpus);
     let mut errors = compiled.err().unwrap_or_default();
-    if let Some(e) = cpus {
+    let cpu_warnings = cpus::check(&config.server.background_cpus).unwrap_or_else(|e| {
         errors.push(e);
-    }
+        Vec::new()
+    });
     errors.into_result(())?;
     let mut warnings = keys::check_providers(config);
     warnings.extend(cpu_warnings);
