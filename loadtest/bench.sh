@@ -25,8 +25,10 @@
 # the script starts on REDIS_ADDR: Portcullis only; the Redis calls per request are reported),
 # tls-backend (keep-alive, the backend on BACKEND_TLS_ADDR over TLS requiring the gateway's
 # certificate: against HAProxy's `ssl crt`; compare with keepalive in the same run), accesslog
-# (keep-alive with the JSON access log written to a file and the admin endpoint on: Portcullis
-# only, against its own keepalive in the same run), operator (the same, and every request also
+# (keep-alive with a JSON access log of the same fields written to a file, each proxy against its
+# own keepalive in the same run: Portcullis's through its log thread, with the admin endpoint on;
+# nginx's buffered, `escape=json`; HAProxy's written line by line to a descriptor, as it writes
+# to stdout, with no syslog daemon between), operator (the same, and every request also
 # logged by a log_to_eventhub step to a Kafka-protocol broker, Tansu, that the script starts on
 # KAFKA_ADDR, at nice 19, or with KAFKA_SCHED=idle only when the load CPU is otherwise idle:
 # Portcullis only, against its own keepalive). The modes run in turn, in reverse order every
@@ -123,8 +125,9 @@ start() { # start PROXY [VARIANT]
       "$bin" check -c "$conf" >/dev/null
       taskset -c "$PROXY_CPU" "$bin" run -c "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
     haproxy)
-      haproxy -c -q -f "$conf"
-      taskset -c "$PROXY_CPU" haproxy -db -f "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
+      # Descriptor 3: the access log of haproxy-accesslog.cfg.in (`log fd@3`).
+      haproxy -c -q -f "$conf" 3>/dev/null || { haproxy -c -f "$conf" 3>/dev/null >&2; exit 1; }
+      taskset -c "$PROXY_CPU" haproxy -db -f "$conf" >"$RUN/$p.log" 2>&1 3>>"$RUN/access.log" & PID[$p]=$!;;
     nginx)
       mkdir -p "$RUN/nginx-body"
       nginx -t -q -c "$conf" -p "$RUN" 2>"$RUN/nginx-check.log" || { cat "$RUN/nginx-check.log" >&2; exit 1; }
@@ -174,9 +177,9 @@ verify() { # the same behaviour from every proxy, or the comparison means nothin
 # The rate-limit modes likewise; only Portcullis shares counts through Redis.
 variant_of() { case $1 in jwt|subscription|ratelimit|ratelimit-redis|tls-backend|accesslog|operator) echo "$1";; *) echo "";; esac; }
 sits_out() { # sits_out PROXY MODE: no equivalent configuration
-  case $2 in accesslog|operator) [ "${1%-base}" = portcullis ] && return 1;; esac
+  case $2 in operator) [ "${1%-base}" = portcullis ] && return 1;; esac
   case $1:$2 in
-    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend|*:accesslog|*:operator) return 0;;
+    nginx:jwt|nginx:subscription|nginx:ratelimit|nginx:ratelimit-redis|haproxy:ratelimit-redis|nginx:tls-backend|*:operator) return 0;;
   esac
   return 1
 }
@@ -283,7 +286,11 @@ for round in $(seq "$ROUNDS"); do
         subscription) load "$p" keepalive subscription -c "$CONNS" -H "Ocp-Apim-Subscription-Key: $BENCH_KEY";;
         ratelimit) load "$p" keepalive ratelimit -c "$CONNS";;
         tls-backend) load "$p" keepalive tls-backend -c "$CONNS";;
-        accesslog) load "$p" keepalive accesslog -c "$CONNS"; drop_access_log;;
+        accesslog)
+          load "$p" keepalive accesslog -c "$CONNS"
+          # Lines written so far (nginx's last second may still be in its buffer).
+          echo "    access log: $(wc -l <"$RUN/access.log") lines" | tee -a "$OUT/accesslog.txt"
+          drop_access_log;;
         operator)
           load "$p" keepalive operator -c "$CONNS"
           admin=$(grep -o 'admin endpoint serving [0-9.:]*' "$RUN/$p.log" | tail -1 | awk '{print $4}')
