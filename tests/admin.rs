@@ -143,6 +143,42 @@ fn the_endpoints_answer_and_the_counters_move() {
 }
 
 #[test]
+fn a_reload_that_moves_the_endpoint_or_resizes_the_log_queue_says_it_waits_for_a_restart() {
+    let env = Env::new();
+    let log = env.dir().join("access.log");
+    let text = |admin_addr: &str, queue: usize| {
+        config(&env, &format!("access_log = {{ path = \"{}\", queue = {queue} }}", log.display()))
+            .replace("admin = \"127.0.0.1:0\"", &format!("admin = \"{admin_addr}\""))
+    };
+    let path = env.write_config("p.toml", &text("127.0.0.1:0", 4096));
+    let proxy = ProxyProcess::spawn(&binary(), &path);
+    let addr = admin_of(&proxy);
+    let generation = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !admin(addr, "GET", "/config").1.starts_with(&format!("{{\"generation\":{n},")) {
+            assert!(Instant::now() < deadline, "generation {n} never came: {:#?}", proxy.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The same settings: nothing to say.
+    proxy.signal(libc::SIGHUP);
+    generation(2);
+    // Another address and another queue: both said; the endpoint stays where it was, and the
+    // rest of the configuration applies.
+    std::fs::write(&path, text("127.0.0.2:0", 8192)).unwrap();
+    proxy.signal(libc::SIGHUP);
+    generation(3);
+    let said = |needle: &str| proxy.wait_for_log(needle, Duration::from_secs(10));
+    assert!(said("server.admin changed").is_some(), "{:#?}", proxy.log());
+    assert!(said("server.access_log.queue changed").is_some(), "{:#?}", proxy.log());
+    let warnings = |needle: &str| proxy.log().iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(warnings("server.admin changed"), 1, "said once, at the reload that changed it");
+    assert_eq!(warnings("server.access_log.queue changed"), 1);
+    assert_eq!(admin(addr, "GET", "/healthz").0, 200);
+    assert_eq!(env.client(Some(&env.pki.client)).get(proxy.addr, "/x").unwrap().status, 200);
+}
+
+#[test]
 fn healthz_fails_while_a_worker_stalls_and_ready_while_draining() {
     let env = Env::new();
     let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, "workers = 1")));

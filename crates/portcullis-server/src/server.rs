@@ -72,6 +72,10 @@ pub struct Server {
     /// `[server] background_cpus` as the server started with them (a reload cannot move
     /// threads already running).
     background_cpus: Vec<usize>,
+    /// `[server] admin` and the access log's `queue` as the server started with them (the
+    /// endpoint's socket and the queue are made once).
+    admin_configured: Option<SocketAddr>,
+    access_queue: usize,
     keys: TicketKeys,
     generation: u64,
 }
@@ -124,6 +128,11 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// Records the access log's queue holds (`[server] access_log.queue`, or its default).
+fn access_queue(config: &Config) -> usize {
+    config.server.access_log.as_ref().map_or(65_536, |a| a.queue)
 }
 
 /// `[server] background_cpus`, the numbers alone, in order.
@@ -205,9 +214,7 @@ impl Server {
             last_reload: std::sync::Mutex::new(String::from("none")),
             loaded_at: AtomicU64::new(portcullis_tls::now_unix() as u64),
             stopped: AtomicBool::new(false),
-            access: crate::accesslog::Sink::new(
-                config.server.access_log.as_ref().map_or(65_536, |a| a.queue),
-            ),
+            access: crate::accesslog::Sink::new(access_queue(config)),
         });
         let log = crate::accesslog::start(shared.clone())
             .map_err(|e| StartError::Io(format!("cannot start the log thread: {e}")))?;
@@ -259,6 +266,8 @@ impl Server {
             local_addrs,
             configured_binds: config.listeners.iter().map(|l| l.bind.value).collect(),
             background_cpus: cpu_numbers(config),
+            admin_configured: config.server.admin,
+            access_queue: access_queue(config),
             keys,
             generation: 1,
         };
@@ -367,6 +376,20 @@ impl Server {
                 running = ?self.background_cpus,
                 ?configured,
                 "server.background_cpus changed; the threads keep their CPUs until a restart"
+            );
+        }
+        if config.server.admin != self.admin_configured {
+            tracing::warn!(
+                running = ?self.admin_configured,
+                configured = ?config.server.admin,
+                "server.admin changed; the admin endpoint stays as it is until a restart"
+            );
+        }
+        if access_queue(config) != self.access_queue {
+            tracing::warn!(
+                running = self.access_queue,
+                configured = access_queue(config),
+                "server.access_log.queue changed; the queue keeps its size until a restart"
             );
         }
         let providers = self.fetchers.prepare(config);
