@@ -126,8 +126,10 @@ start() { # start PROXY [VARIANT]
       taskset -c "$PROXY_CPU" "$bin" run -c "$conf" >"$RUN/$p.log" 2>&1 & PID[$p]=$!;;
     haproxy)
       # Descriptor 3: the access log of haproxy-accesslog.cfg.in (`log fd@3`).
+      local log=/dev/null
+      [ "${2:-}" = accesslog ] && log=$RUN/access.log
       haproxy -c -q -f "$conf" 3>/dev/null || { haproxy -c -f "$conf" 3>/dev/null >&2; exit 1; }
-      taskset -c "$PROXY_CPU" haproxy -db -f "$conf" >"$RUN/$p.log" 2>&1 3>>"$RUN/access.log" & PID[$p]=$!;;
+      taskset -c "$PROXY_CPU" haproxy -db -f "$conf" >"$RUN/$p.log" 2>&1 3>>"$log" & PID[$p]=$!;;
     nginx)
       mkdir -p "$RUN/nginx-body"
       nginx -t -q -c "$conf" -p "$RUN" 2>"$RUN/nginx-check.log" || { cat "$RUN/nginx-check.log" >&2; exit 1; }
@@ -288,8 +290,11 @@ for round in $(seq "$ROUNDS"); do
         tls-backend) load "$p" keepalive tls-backend -c "$CONNS";;
         accesslog)
           load "$p" keepalive accesslog -c "$CONNS"
-          # Lines written so far (nginx's last second may still be in its buffer).
-          echo "    access log: $(wc -l <"$RUN/access.log") lines" | tee -a "$OUT/accesslog.txt"
+          # Lines written so far, warm-up included (nginx's last second may still be in its
+          # buffer), against the requests measured: a proxy that logged fewer lines than that
+          # dropped some, and its figure means less.
+          python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); n=int(sys.argv[2] or 0); print("    access log: %d lines, %d requests measured%s" % (n, r["ok"], "" if n >= r["ok"] else ": FEWER LINES THAN REQUESTS"))' \
+            "$OUT/raw.jsonl" "$(wc -l <"$RUN/access.log" 2>/dev/null || echo 0)" | tee -a "$OUT/accesslog.txt"
           drop_access_log;;
         operator)
           load "$p" keepalive operator -c "$CONNS"

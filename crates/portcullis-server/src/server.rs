@@ -370,28 +370,6 @@ impl Server {
                 ))
                 .into());
         }
-        let configured = cpu_numbers(config);
-        if configured != self.background_cpus {
-            tracing::warn!(
-                running = ?self.background_cpus,
-                ?configured,
-                "server.background_cpus changed; the threads keep their CPUs until a restart"
-            );
-        }
-        if config.server.admin != self.admin_configured {
-            tracing::warn!(
-                running = ?self.admin_configured,
-                configured = ?config.server.admin,
-                "server.admin changed; the admin endpoint stays as it is until a restart"
-            );
-        }
-        if access_queue(config) != self.access_queue {
-            tracing::warn!(
-                running = self.access_queue,
-                configured = access_queue(config),
-                "server.access_log.queue changed; the queue keeps its size until a restart"
-            );
-        }
         let providers = self.fetchers.prepare(config);
         let snapshot = Snapshot::compile_keeping(
             config,
@@ -426,11 +404,41 @@ impl Server {
             }
             return Err(errors);
         }
+        self.warn_of_start_only_changes(config);
         self.generation += 1;
         self.shared.snapshot.store(Arc::new(snapshot));
         share_counts(&self.counters, config);
         self.fetchers.commit(config, &providers);
         Ok(self.generation)
+    }
+
+    /// Says which settings of a configuration about to be loaded differ from those the server
+    /// started with and cannot change while it runs (the threads' CPUs, the admin endpoint's
+    /// socket, the access log's queue): they stay as they are until a restart, and the rest
+    /// applies. Said at every reload that loads such a configuration.
+    fn warn_of_start_only_changes(&self, config: &Config) {
+        let configured = cpu_numbers(config);
+        if configured != self.background_cpus {
+            tracing::warn!(
+                running = ?self.background_cpus,
+                ?configured,
+                "server.background_cpus changed; the threads keep their CPUs until a restart"
+            );
+        }
+        if config.server.admin != self.admin_configured {
+            tracing::warn!(
+                running = ?self.admin_addr(),
+                configured = ?config.server.admin,
+                "server.admin changed; the admin endpoint stays as it is until a restart"
+            );
+        }
+        if access_queue(config) != self.access_queue {
+            tracing::warn!(
+                running = self.access_queue,
+                configured = access_queue(config),
+                "server.access_log.queue changed; the queue keeps its size until a restart"
+            );
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and returns
