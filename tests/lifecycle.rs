@@ -498,6 +498,48 @@ fn check_says_which_background_cpus_cannot_be_used() {
     }
 }
 
+#[test]
+fn check_warns_when_the_access_log_cannot_be_opened() {
+    let env = crate::common::Env::new();
+    let check = |name: &str, path: &str| {
+        let text = env.config("request", "[[api]]\nname = \"a\"\npath = \"/\"\nbackend = \"app\"\n").replace(
+            "[[listener]]",
+            &format!("[server]\naccess_log = {{ path = \"{path}\" }}\n\n[[listener]]"),
+        );
+        let config = env.write_config(name, &text);
+        let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&config).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // A warning, not an error: the proxy would start (and count the records it drops).
+        assert!(out.status.success() && stdout.trim() == "ok", "{name}: {stdout}{stderr}");
+        stderr
+    };
+    let dir = env.dir();
+    // A file that can be made, and one that is there: nothing to say, and nothing made.
+    let fresh = dir.join("logs-fresh.log");
+    assert!(!check("fresh.toml", &fresh.display().to_string()).contains("access_log"));
+    assert!(!fresh.exists(), "the check made the file");
+    let there = dir.join("logs-there.log");
+    std::fs::write(&there, "a line\n").unwrap();
+    assert!(!check("there.toml", &there.display().to_string()).contains("access_log"));
+    assert_eq!(std::fs::read_to_string(&there).unwrap(), "a line\n", "the check wrote to it");
+    // A directory that does not exist, and a path that is a directory.
+    let missing = dir.join("no-such-dir").join("access.log");
+    let stderr = check("missing.toml", &missing.display().to_string());
+    assert!(
+        stderr.contains("missing.toml:")
+            && stderr.contains("server.access_log.path: warning: cannot open")
+            && stderr.contains("no-such-dir")
+            && stderr.contains("drop access-log records"),
+        "{stderr}"
+    );
+    let stderr = check("dir.toml", &dir.display().to_string());
+    assert!(
+        stderr.contains("server.access_log.path: warning:") && stderr.contains("it is a directory"),
+        "{stderr}"
+    );
+}
+
 /// A CPU this thread may use, when it may not use CPU 1023 (none on a machine with 1024 CPUs:
 /// no CPU there to refuse).
 fn one_usable_and_1023_not() -> Option<usize> {

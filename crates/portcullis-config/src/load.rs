@@ -418,7 +418,8 @@ fn background_cpus(r: &mut Reader, v: &Value<'_>) -> Vec<Located<usize>> {
 /// `access_log = true | false | { path, format, queue }`.
 fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
     let field = "server.access_log";
-    let default = AccessLog { path: None, format: AccessFormat::Json, queue: 65_536, logger: None };
+    let default =
+        AccessLog { path: None, path_loc: None, format: AccessFormat::Json, queue: 65_536, logger: None };
     if let toml::de::DeValue::Boolean(b) = v.get_ref() {
         return b.then_some(default);
     }
@@ -426,9 +427,10 @@ fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
     r.check_keys(t, field, &["path", "format", "queue", "logger"]);
     let path = match get(t, "path").and_then(|p| r.non_empty_string(p, &join(field, "path"))) {
         Some(p) if p.value == "stdout" => None,
-        Some(_) => get(t, "path").and_then(|v| r.path(v, &join(field, "path"))).map(|p| p.value),
+        Some(_) => get(t, "path").and_then(|v| r.path(v, &join(field, "path"))),
         None => None,
     };
+    let (path, path_loc) = path.map_or((None, None), |p| (Some(p.value), Some(p.loc)));
     let format = match get(t, "format") {
         Some(f) => r
             .choice(
@@ -452,7 +454,7 @@ fn access_log(r: &mut Reader, v: &Value<'_>) -> Option<AccessLog> {
     if let (Some(l), AccessFormat::Combined) = (&logger, format) {
         r.errors.push(l.loc.error("a logger takes the access log as JSON: leave format out, or \"json\""));
     }
-    Some(AccessLog { path, format, queue, logger })
+    Some(AccessLog { path, path_loc, format, queue, logger })
 }
 
 /// The parser's hard cap on header fields (`portcullis_http::MAX_HEADERS_CAP`); the config crate

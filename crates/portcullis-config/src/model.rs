@@ -190,6 +190,8 @@ pub enum RedisFailure {
 pub struct AccessLog {
     /// A file (opened again on `SIGUSR1`); `None` for stdout.
     pub path: Option<PathBuf>,
+    /// Where `path` was written (for what `portcullis check` finds about the file).
+    pub path_loc: Option<Loc>,
     pub format: AccessFormat,
     /// Records waiting for the log thread at most (more are dropped and counted). Read at start.
     pub queue: usize,

@@ -392,7 +392,13 @@ fn the_access_log_forms() {
     let c = parse(Path::new("/etc/p/p.toml"), &with("true")).expect("valid");
     assert_eq!(
         c.server.access_log,
-        Some(AccessLog { path: None, format: AccessFormat::Json, queue: 65_536, logger: None })
+        Some(AccessLog {
+            path: None,
+            path_loc: None,
+            format: AccessFormat::Json,
+            queue: 65_536,
+            logger: None
+        })
     );
     assert_eq!(parse(Path::new("p.toml"), &with("false")).expect("valid").server.access_log, None);
     let c = parse(

@@ -565,6 +565,37 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
     Ok(Output { path: path.clone(), out })
 }
 
+/// What `portcullis check` says about the access log's file: a warning when this process could
+/// not open it for appending, or make it in its directory (the proxy would start, and drop the
+/// records, counted, until it can). Nothing is created or written.
+pub(crate) fn check_path(config: &portcullis_config::Config) -> Option<String> {
+    let log = config.server.access_log.as_ref().filter(|a| a.logger.is_none())?;
+    let (path, loc) = (log.path.as_ref()?, log.path_loc.as_ref()?);
+    let problem = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => "it is a directory".to_owned(),
+        // Opened for appending without creating: nothing is written.
+        Ok(_) => std::fs::OpenOptions::new().append(true).open(path).err()?.to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir =
+                path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            match std::fs::metadata(dir) {
+                Ok(meta) if meta.is_dir() => {
+                    use rustix::fs::{Access, access};
+                    let e = access(dir, Access::WRITE_OK | Access::EXEC_OK).err()?;
+                    format!("it cannot be made in {}: {}", dir.display(), std::io::Error::from(e))
+                }
+                Ok(_) => format!("{} is not a directory", dir.display()),
+                Err(e) => format!("{}: {e}", dir.display()),
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    Some(format!(
+        "{loc}: warning: cannot open \"{}\" for appending ({problem}); the proxy would start, and drop access-log records (counted) until it can",
+        path.display()
+    ))
+}
+
 /// Whether the regular file `file` (opened at `path`) has bytes after its last newline.
 fn ends_mid_line(path: &std::path::Path, file: &std::fs::File) -> bool {
     use std::os::unix::fs::FileExt;

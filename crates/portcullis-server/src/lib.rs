@@ -36,8 +36,9 @@ pub use snapshot::Snapshot;
 
 /// What `portcullis check` runs: compiles `config` and everything it names (errors), then
 /// fetches each identity provider's keys once (warnings: the proxy would start, and refuse that
-/// provider's tokens until its keys arrive), and tries `background_cpus` as a start would (an
-/// error when none of them can be run on, a warning for each that cannot).
+/// provider's tokens until its keys arrive), tries `background_cpus` as a start would (an
+/// error when none of them can be run on, a warning for each that cannot), and warns when the
+/// access log's file cannot be opened for appending (the records would be dropped).
 pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcullis_config::ConfigErrors> {
     let providers = keys::KeyFetchers::default().prepare(config);
     let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
@@ -50,5 +51,6 @@ pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcull
     errors.into_result(())?;
     let mut warnings = keys::check_providers(config);
     warnings.extend(cpu_warnings);
+    warnings.extend(accesslog::check_path(config));
     Ok(warnings)
 }
