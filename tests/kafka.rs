@@ -496,6 +496,50 @@ fn a_broker_that_does_not_take_sasl_plain_is_reported_and_requests_go_on() {
 }
 
 #[test]
+fn check_asks_each_loggers_brokers_for_its_topic() {
+    let env = Env::new();
+    let mut broker = KafkaBroker::start();
+    broker.create_topic("requests", 2);
+    let check = |name: &str, broker: &KafkaBroker, logger: &str| {
+        let path = env.write_config(name, &proxy_config(&env, broker, "", logger, ""));
+        let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // Warnings, not errors: the proxy would start, and hold the messages.
+        assert!(out.status.success() && stdout.trim() == "ok", "{name}: {stdout}{stderr}");
+        stderr
+    };
+    let stderr = check("good.toml", &broker, "topic = \"requests\"");
+    assert!(!stderr.contains("logger"), "{stderr}");
+    let stderr = check("missing.toml", &broker, "topic = \"nothing-here\"");
+    assert!(
+        stderr.contains("missing.toml:")
+            && stderr.contains("warning: logger \"audit\"")
+            && stderr.contains("nothing-here")
+            && stderr.contains("hold messages in its buffer"),
+        "{stderr}"
+    );
+    // A broker that asks for SASL SCRAM, given PLAIN: said, and the password is not.
+    let authenticating = KafkaBroker::start_authenticating();
+    std::fs::write(env.dir().join("eventhub.key"), "Endpoint=sb://example/;SharedAccessKey=secret\n")
+        .unwrap();
+    let sasl = format!(
+        "topic = \"requests\"\nsasl = {{ username = \"$ConnectionString\", password_file = \"{}\" }}",
+        env.dir().join("eventhub.key").display()
+    );
+    let stderr = check("sasl.toml", &authenticating, &sasl);
+    assert!(
+        stderr.contains("warning: logger \"audit\"") && stderr.contains("SASL PLAIN refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "the password is never written: {stderr}");
+    // No broker at all.
+    broker.stop();
+    let stderr = check("gone.toml", &broker, "topic = \"requests\"");
+    assert!(stderr.contains("gone.toml:") && stderr.contains("warning: logger \"audit\""), "{stderr}");
+}
+
+#[test]
 fn a_logger_over_tls_verifies_the_broker_and_one_that_does_not_trust_it_sends_nothing() {
     let env = Env::new();
     let broker = KafkaBroker::start_tls(&env.pki.server);

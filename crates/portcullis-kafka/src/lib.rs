@@ -17,7 +17,7 @@ pub mod records;
 pub mod wire;
 
 pub use kafka_protocol::records::Compression;
-pub use producer::{Message, Producer, Settings, Stats, leaders_of, wait_for_draining};
+pub use producer::{Message, Producer, Settings, Stats, leaders_of, probe, wait_for_draining};
 pub use wire::{Connector, Stream, TcpConnector};
 
 /// What went wrong talking to a broker.

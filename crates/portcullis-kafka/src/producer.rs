@@ -421,6 +421,43 @@ fn layout_of(answer: &MetadataResponse, topic_name: &str) -> Result<Layout, Erro
     Ok(Layout { leaders, brokers })
 }
 
+/// What `portcullis check` asks of a logger's brokers: each bootstrap broker in turn, until one
+/// answers, connected and authenticated as the producer would be, for the topic's partitions.
+/// Returns how many partitions the topic has and how many of them have no leader now; else what
+/// each broker tried said, in turn. Nothing is created or sent.
+pub fn probe(settings: &Settings, connector: &dyn Connector) -> Result<(usize, usize), String> {
+    let mut said = Vec::with_capacity(settings.bootstrap.len());
+    for (host, port) in &settings.bootstrap {
+        let sasl = settings.sasl.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        let asked = Connection::open(connector, host, *port, settings.timeout, "portcullis-check", sasl)
+            .and_then(|mut conn| {
+                let version = conn.versions.metadata;
+                let request = MetadataRequest::default()
+                    .with_topics(Some(vec![
+                        MetadataRequestTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_string(settings.topic.clone())))),
+                    ]))
+                    // Not created by a look (from version 4 on; earlier brokers follow their own
+                    // setting, as they do for the producer).
+                    .with_allow_auto_topic_creation(version < 4);
+                let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
+                layout_of(&answer, &settings.topic)
+            });
+        match asked {
+            Ok(layout) => {
+                let leaderless = layout.leaders.iter().filter(|l| l.is_none()).count();
+                return Ok((layout.leaders.len(), leaderless));
+            }
+            // Connection errors name the broker already.
+            Err(e) => said.push(match e.to_string() {
+                m if m.starts_with(&format!("{host}:{port}")) => m,
+                m => format!("{host}:{port}: {m}"),
+            }),
+        }
+    }
+    Err(if said.is_empty() { "no bootstrap broker".to_owned() } else { said.join("; ") })
+}
+
 /// The leader of each partition of `topic` in a metadata answer, as the producer takes it (for
 /// the fuzz target: whatever a broker sends is refused or described, never a panic).
 #[doc(hidden)]

@@ -38,7 +38,8 @@ pub use snapshot::Snapshot;
 /// fetches each identity provider's keys once (warnings: the proxy would start, and refuse that
 /// provider's tokens until its keys arrive), tries `background_cpus` as a start would (an
 /// error when none of them can be run on, a warning for each that cannot), and warns when the
-/// access log's file cannot be opened for appending (the records would be dropped).
+/// access log's file cannot be opened for appending (the records would be dropped) and when no
+/// broker of a `[[logger]]` answers for its topic (its messages would wait in its buffer).
 pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcullis_config::ConfigErrors> {
     let providers = keys::KeyFetchers::default().prepare(config);
     let counters = std::sync::Arc::new(portcullis_policy::Counters::with_capacity(64));
@@ -52,5 +53,6 @@ pub fn check(config: &portcullis_config::Config) -> Result<Vec<String>, portcull
     let mut warnings = keys::check_providers(config);
     warnings.extend(cpu_warnings);
     warnings.extend(accesslog::check_path(config));
+    warnings.extend(loggers::check(&config.loggers));
     Ok(warnings)
 }

@@ -81,6 +81,43 @@ fn settings(l: &Logger) -> Result<Settings, ConfigError> {
     Ok(s)
 }
 
+/// The connector a logger's producer uses: TLS with its CAs, or plain TCP.
+fn connector_of(l: &Logger) -> Result<Arc<dyn Connector>, ConfigError> {
+    Ok(match &l.tls {
+        None => Arc::new(portcullis_kafka::TcpConnector),
+        Some(ca) => {
+            let at = ca.first().map_or(&l.loc, |c| &c.loc);
+            let tls = ClientTls::new(ca).map_err(|e| at.error(format!("logger TLS: {e}")))?;
+            Arc::new(TlsConnector { tls })
+        }
+    })
+}
+
+/// What `portcullis check` says of each `[[logger]]`'s brokers: a warning when none of them
+/// answers for the topic as the producer would ask (connected, TLS and SASL included), or when
+/// some of its partitions have no leader. The proxy would start all the same, and hold messages
+/// in the buffer until a broker answers.
+pub(crate) fn check(loggers: &[Logger]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for l in loggers {
+        // A logger whose settings or TLS do not load is already an error of the configuration.
+        let (Ok(settings), Ok(connector)) = (settings(l), connector_of(l)) else { continue };
+        let name = &l.name.value;
+        match portcullis_kafka::probe(&settings, &*connector) {
+            Ok((_, 0)) => {}
+            Ok((partitions, leaderless)) => warnings.push(format!(
+                "{}: warning: logger \"{name}\": {leaderless} of the {partitions} partitions of topic \"{}\" have no leader now; their messages would wait",
+                l.loc, settings.topic
+            )),
+            Err(e) => warnings.push(format!(
+                "{}: warning: logger \"{name}\": {e}; the proxy would start, and hold messages in its buffer until a broker answers for the topic",
+                l.loc
+            )),
+        }
+    }
+    warnings
+}
+
 /// The producer of each `[[logger]]`, in order: the one already running for the same settings,
 /// or a new one.
 pub(crate) fn compile(loggers: &[Logger]) -> Result<Vec<Arc<Producer>>, ConfigError> {
@@ -106,14 +143,7 @@ pub(crate) fn compile(loggers: &[Logger]) -> Result<Vec<Arc<Producer>>, ConfigEr
             out.push(p);
             continue;
         }
-        let connector: Arc<dyn Connector> = match &l.tls {
-            None => Arc::new(portcullis_kafka::TcpConnector),
-            Some(ca) => {
-                let at = ca.first().map_or(&l.loc, |c| &c.loc);
-                let tls = ClientTls::new(ca).map_err(|e| at.error(format!("logger TLS: {e}")))?;
-                Arc::new(TlsConnector { tls })
-            }
-        };
+        let connector = connector_of(l)?;
         let producer = Producer::start_with(key.settings.clone(), connector, stats_of(&l.name.value))
             .map_err(|e| l.loc.error(format!("cannot start the logger's thread: {e}")))?;
         let producer = Arc::new(producer);
