@@ -398,12 +398,20 @@ impl Counters {
             let stale = k == 0
                 || (w.slots.iter().all(|s| old(s.load(Ordering::Relaxed)))
                     && old(w.others.load(Ordering::Relaxed)));
-            if stale && w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                // What a sync found was about the key before.
-                w.others.store(0, Ordering::Release);
-                w.claim.store(0, Ordering::Release);
-                w.synced.clear();
-                return Some(w);
+            if stale {
+                match w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        // What a sync found was about the key before.
+                        w.others.store(0, Ordering::Release);
+                        w.claim.store(0, Ordering::Release);
+                        w.synced.clear();
+                        return Some(w);
+                    }
+                    // Another worker took it for this key a moment ago: the same window, not a
+                    // second one further on (whose counts the first would never see).
+                    Err(now) if now == hash => return Some(w),
+                    Err(_) => {}
+                }
             }
         }
         None
@@ -513,14 +521,20 @@ impl Counters {
             (0..PROBE).map(entry).find(|p| {
                 let k = p.key.load(Ordering::Acquire);
                 let stale = k == 0 || p.ends.load(Ordering::Acquire) <= at.now_ms;
-                if stale && p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    for a in [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim] {
-                        a.store(0, Ordering::Release);
-                    }
-                    p.synced.clear();
-                    return true;
+                if !stale {
+                    return false;
                 }
-                false
+                match p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        for a in [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim] {
+                            a.store(0, Ordering::Release);
+                        }
+                        p.synced.clear();
+                        true
+                    }
+                    // Another worker took it for this key a moment ago (see `window`).
+                    Err(now) => now == hash,
+                }
             })
         })?;
         if p.ends.load(Ordering::Relaxed) < at.ends_ms {
@@ -628,6 +642,32 @@ mod tests {
         assert_eq!(c.rate(later, 10_000, 1, 200_000, 0), Admit::Yes { remaining: 1 });
         c.count(later, 10_000, 200_000, 1);
         assert!(matches!(c.rate(later, 10_000, 1, 200_500, 0), Admit::No { .. }));
+    }
+
+    /// Two workers counting a key's first calls at the same instant share its window: a second
+    /// one, further along the probe, would hold calls the first never sees (one more admitted).
+    #[test]
+    fn workers_racing_on_a_new_key_count_in_one_window() {
+        // Tables far from full (a key finds room near its home), filled afresh five times.
+        let mut split = 0;
+        for _ in 0..5 {
+            let c = Counters::with_capacity(1 << 16);
+            let go = std::sync::Barrier::new(2);
+            let keys: Vec<u64> = (0..4_000u32).map(|i| c.hash(0, 60_000, &i.to_le_bytes())).collect();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for &h in &keys {
+                            go.wait();
+                            let admit = c.rate(h, 60_000, 100, 1_000_000, 1);
+                            assert!(matches!(admit, Admit::Yes { .. }), "{admit:?}");
+                        }
+                    });
+                }
+            });
+            split += keys.iter().filter(|&&h| c.rate_own(h, 60_000, 1_000_000) != 2).count();
+        }
+        assert_eq!(split, 0, "keys whose two first calls landed in two windows");
     }
 
     #[test]
