@@ -500,14 +500,17 @@ fn check_asks_each_loggers_brokers_for_its_topic() {
     let env = Env::new();
     let mut broker = KafkaBroker::start();
     broker.create_topic("requests", 2);
-    let check = |name: &str, broker: &KafkaBroker, logger: &str| {
-        let path = env.write_config(name, &proxy_config(&env, broker, "", logger, ""));
+    let run = |name: &str, text: String| {
+        let path = env.write_config(name, &text);
         let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         // Warnings, not errors: the proxy would start, and hold the messages.
         assert!(out.status.success() && stdout.trim() == "ok", "{name}: {stdout}{stderr}");
         stderr
+    };
+    let check = |name: &str, broker: &KafkaBroker, logger: &str| {
+        run(name, proxy_config(&env, broker, "", logger, ""))
     };
     let stderr = check("good.toml", &broker, "topic = \"requests\"");
     assert!(!stderr.contains("logger"), "{stderr}");
@@ -519,6 +522,26 @@ fn check_asks_each_loggers_brokers_for_its_topic() {
             && stderr.contains("hold messages in its buffer"),
         "{stderr}"
     );
+    // The look made no topic.
+    let made = portcullis_kafka::admin::read_topic(
+        &portcullis_kafka::TcpConnector,
+        ("127.0.0.1", broker.addr().port()),
+        "nothing-here",
+        Duration::from_secs(5),
+    );
+    assert!(made.is_err(), "the check made the topic: {made:?}");
+    // A broker that takes the connection and never answers: the check ends all the same.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(30));
+        drop(held);
+    });
+    let text = proxy_config(&env, &broker, "", "topic = \"requests\"", "")
+        .replace(&broker.bootstrap(), &silent_addr);
+    let stderr = run("silent.toml", text);
+    assert!(stderr.contains("warning: logger \"audit\"") && stderr.contains(&silent_addr), "{stderr}");
     // A broker that asks for SASL SCRAM, given PLAIN: said, and the password is not.
     let authenticating = KafkaBroker::start_authenticating();
     std::fs::write(env.dir().join("eventhub.key"), "Endpoint=sb://example/;SharedAccessKey=secret\n")

@@ -538,6 +538,31 @@ fn check_warns_when_the_access_log_cannot_be_opened() {
         stderr.contains("server.access_log.path: warning:") && stderr.contains("it is a directory"),
         "{stderr}"
     );
+    // A directory the check's user may not make files in: by its mode, or, for root (whom modes
+    // do not stop), by the immutable flag (ext4 and most local file systems have it).
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let locked = dir.join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let lock = |on: bool| {
+        if root {
+            let flag = if on { "+i" } else { "-i" };
+            std::process::Command::new("chattr").arg(flag).arg(&locked).status().is_ok_and(|s| s.success())
+        } else {
+            let mode = if on { 0o500 } else { 0o700 };
+            std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(mode)).is_ok()
+        }
+    };
+    if lock(true) {
+        let stderr = check("locked.toml", &locked.join("access.log").display().to_string());
+        lock(false);
+        assert!(
+            stderr.contains("server.access_log.path: warning:") && stderr.contains("it cannot be made in"),
+            "{stderr}"
+        );
+    } else {
+        eprintln!("no way to lock a directory here: the last case is not tried");
+    }
 }
 
 /// A CPU this thread may use, when it may not use CPU 1023 (none on a machine with 1024 CPUs:

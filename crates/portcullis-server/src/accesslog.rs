@@ -569,31 +569,54 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
 /// not open it for appending, or make it in its directory (the proxy would start, and drop the
 /// records, counted, until it can). Nothing is created or written.
 pub(crate) fn check_path(config: &portcullis_config::Config) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
     let log = config.server.access_log.as_ref().filter(|a| a.logger.is_none())?;
     let (path, loc) = (log.path.as_ref()?, log.path_loc.as_ref()?);
-    let problem = match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => "it is a directory".to_owned(),
-        // Opened for appending without creating: nothing is written.
-        Ok(_) => std::fs::OpenOptions::new().append(true).open(path).err()?.to_string(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir =
-                path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            match std::fs::metadata(dir) {
-                Ok(meta) if meta.is_dir() => {
-                    use rustix::fs::{Access, access};
-                    let e = access(dir, Access::WRITE_OK | Access::EXEC_OK).err()?;
-                    format!("it cannot be made in {}: {}", dir.display(), std::io::Error::from(e))
+    let problem = if path.as_os_str().as_bytes().ends_with(b"/") {
+        "it names a directory".to_owned()
+    } else {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => "it is a directory".to_owned(),
+            // Whether it may be written, without opening it: a pipe would wait for a reader, and
+            // a watcher would see the file opened and closed.
+            Ok(meta) if meta.is_file() => writable(path)?,
+            // A pipe or a device: what it does when the log opens it is its own.
+            Ok(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // To be made where the path leads: through a symbolic link that points nowhere
+                // yet, next to what it names.
+                let target = match std::fs::read_link(path) {
+                    Ok(t) => path.parent().map_or(t.clone(), |d| d.join(&t)),
+                    Err(_) => path.clone(),
+                };
+                let dir = target
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."))
+                    .to_path_buf();
+                match std::fs::metadata(&dir) {
+                    Ok(meta) if meta.is_dir() => {
+                        format!("it cannot be made in {}: {}", dir.display(), writable(&dir)?)
+                    }
+                    Ok(_) => format!("{} is not a directory", dir.display()),
+                    Err(e) => format!("{}: {e}", dir.display()),
                 }
-                Ok(_) => format!("{} is not a directory", dir.display()),
-                Err(e) => format!("{}: {e}", dir.display()),
             }
+            Err(e) => e.to_string(),
         }
-        Err(e) => e.to_string(),
     };
     Some(format!(
         "{loc}: warning: cannot open \"{}\" for appending ({problem}); the proxy would start, and drop access-log records (counted) until it can",
         path.display()
     ))
+}
+
+/// Why this process may not write to `path` (and, for a directory, make files in it), or `None`
+/// when it may.
+fn writable(path: &std::path::Path) -> Option<String> {
+    use rustix::fs::{Access, access};
+    let mode = if path.is_dir() { Access::WRITE_OK | Access::EXEC_OK } else { Access::WRITE_OK };
+    access(path, mode).err().map(|e| std::io::Error::from(e).to_string())
 }
 
 /// Whether the regular file `file` (opened at `path`) has bytes after its last newline.

@@ -4,7 +4,7 @@
 //! it holds (for at most its `drain`) and ends. Counts are kept by logger name across both.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use portcullis_config::{ConfigError, LogCompression, Logger};
 use portcullis_kafka::{Compression, Connector, Error, Producer, Settings, Stats, Stream};
@@ -93,26 +93,59 @@ fn connector_of(l: &Logger) -> Result<Arc<dyn Connector>, ConfigError> {
     })
 }
 
+/// How long `portcullis check` waits for one broker's step (connecting, TLS, each answer) at most,
+/// whatever the logger's `timeout`.
+const CHECK_STEP: Duration = Duration::from_secs(5);
+/// How long it waits for all the loggers' brokers together.
+const CHECK_ALL: Duration = Duration::from_secs(20);
+
 /// What `portcullis check` says of each `[[logger]]`'s brokers: a warning when none of them
-/// answers for the topic as the producer would ask (connected, TLS and SASL included), or when
-/// some of its partitions have no leader. The proxy would start all the same, and hold messages
-/// in the buffer until a broker answers.
+/// answers for the topic as the producer would ask (connected, TLS and SASL included), with what
+/// each said, or when some of the topic's partitions have no leader. The proxy would start all
+/// the same, and hold messages in the buffer until a broker answers. The loggers are asked at
+/// once, each on a thread of its own; one still asking after [`CHECK_ALL`] is said to be.
 pub(crate) fn check(loggers: &[Logger]) -> Vec<String> {
-    let mut warnings = Vec::new();
-    for l in loggers {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut asked = 0;
+    for (i, l) in loggers.iter().enumerate() {
         // A logger whose settings or TLS do not load is already an error of the configuration.
-        let (Ok(settings), Ok(connector)) = (settings(l), connector_of(l)) else { continue };
-        let name = &l.name.value;
-        match portcullis_kafka::probe(&settings, &*connector) {
-            Ok((_, 0)) => {}
-            Ok((partitions, leaderless)) => warnings.push(format!(
-                "{}: warning: logger \"{name}\": {leaderless} of the {partitions} partitions of topic \"{}\" have no leader now; their messages would wait",
-                l.loc, settings.topic
+        let (Ok(mut settings), Ok(connector)) = (settings(l), connector_of(l)) else { continue };
+        settings.timeout = settings.timeout.min(CHECK_STEP);
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new().name("portcullis-check".into()).spawn(move || {
+            let _ = tx.send((i, portcullis_kafka::probe(&settings, &*connector)));
+        });
+        asked += usize::from(spawned.is_ok());
+    }
+    drop(tx);
+    let deadline = Instant::now() + CHECK_ALL;
+    let mut said: Vec<Option<Result<(usize, usize), String>>> = vec![None; loggers.len()];
+    for _ in 0..asked {
+        let Ok((i, answer)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            break;
+        };
+        said[i] = Some(answer);
+    }
+    let mut warnings = Vec::new();
+    for (l, answer) in loggers.iter().zip(said) {
+        let (name, topic) = (&l.name.value, &l.topic);
+        match answer {
+            Some(Ok((_, 0))) => {}
+            Some(Ok((partitions, leaderless))) => warnings.push(format!(
+                "{}: warning: logger \"{name}\": {leaderless} of the {partitions} partitions of topic \"{topic}\" have no leader now; their messages would wait",
+                l.loc
             )),
-            Err(e) => warnings.push(format!(
+            Some(Err(e)) => warnings.push(format!(
                 "{}: warning: logger \"{name}\": {e}; the proxy would start, and hold messages in its buffer until a broker answers for the topic",
                 l.loc
             )),
+            // Not asked (its settings are an error already), or no answer in time.
+            None if settings(l).is_ok() && connector_of(l).is_ok() => warnings.push(format!(
+                "{}: warning: logger \"{name}\": its brokers did not answer for topic \"{topic}\" within {} s",
+                l.loc,
+                CHECK_ALL.as_secs()
+            )),
+            None => {}
         }
     }
     warnings
