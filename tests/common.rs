@@ -53,6 +53,24 @@ pub(crate) fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_portcullis"))
 }
 
+/// `portcullis check -c config` by the real binary: whether it passed, its stdout and stderr.
+pub(crate) fn check_config(config: &Path) -> (bool, String, String) {
+    let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(config).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`check_config`] of `text` written as `name` that must pass (`ok`, with nothing or warnings on
+/// stderr): its stderr.
+pub(crate) fn check_passes(env: &Env, name: &str, text: &str) -> String {
+    let (ok, stdout, stderr) = check_config(&env.write_config(name, text));
+    assert!(ok && stdout.trim() == "ok", "{name}: {stdout}{stderr}");
+    stderr
+}
+
 /// Sends raw bytes on a fresh connection and returns everything the proxy sends back before it
 /// closes (or the error that ended the read).
 pub(crate) fn raw_exchange(

@@ -467,16 +467,22 @@ fn nothing_held_is_lost_on_reload_or_shutdown() {
     assert_eq!(values, expected);
 }
 
+/// A logger's `topic` and `sasl` as Event Hubs takes them (`mechanism` is put before the user
+/// name as given), with a connection string whose key is `secret` in the password file.
+fn event_hubs_sasl(env: &Env, mechanism: &str) -> String {
+    let key = env.dir().join("eventhub.key");
+    std::fs::write(&key, "Endpoint=sb://example/;SharedAccessKey=secret\n").unwrap();
+    format!(
+        "topic = \"requests\"\nsasl = {{ {mechanism}username = \"$ConnectionString\", password_file = \"{}\" }}",
+        key.display()
+    )
+}
+
 #[test]
 fn a_broker_that_does_not_take_sasl_plain_is_reported_and_requests_go_on() {
     let env = Env::new();
     let broker = KafkaBroker::start_authenticating();
-    std::fs::write(env.dir().join("eventhub.key"), "Endpoint=sb://example/;SharedAccessKey=secret\n")
-        .unwrap();
-    let logger = format!(
-        "topic = \"requests\"\nsasl = {{ mechanism = \"PLAIN\", username = \"$ConnectionString\", password_file = \"{}\" }}",
-        env.dir().join("eventhub.key").display()
-    );
+    let logger = event_hubs_sasl(&env, "mechanism = \"PLAIN\", ");
     let steps = "[[api.inbound]]\nlog_to_eventhub = { logger_id = \"audit\", message = \"m\" }\n";
     let proxy = ProxyProcess::spawn(
         &binary(),
@@ -500,15 +506,8 @@ fn check_asks_each_loggers_brokers_for_its_topic() {
     let env = Env::new();
     let mut broker = KafkaBroker::start();
     broker.create_topic("requests", 2);
-    let run = |name: &str, text: String| {
-        let path = env.write_config(name, &text);
-        let out = std::process::Command::new(binary()).args(["check", "-c"]).arg(&path).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        // Warnings, not errors: the proxy would start, and hold the messages.
-        assert!(out.status.success() && stdout.trim() == "ok", "{name}: {stdout}{stderr}");
-        stderr
-    };
+    // Warnings, not errors: the proxy would start, and hold the messages.
+    let run = |name: &str, text: String| crate::common::check_passes(&env, name, &text);
     let check = |name: &str, broker: &KafkaBroker, logger: &str| {
         run(name, proxy_config(&env, broker, "", logger, ""))
     };
@@ -544,12 +543,8 @@ fn check_asks_each_loggers_brokers_for_its_topic() {
     assert!(stderr.contains("warning: logger \"audit\"") && stderr.contains(&silent_addr), "{stderr}");
     // A broker that asks for SASL SCRAM, given PLAIN: said, and the password is not.
     let authenticating = KafkaBroker::start_authenticating();
-    std::fs::write(env.dir().join("eventhub.key"), "Endpoint=sb://example/;SharedAccessKey=secret\n")
-        .unwrap();
-    let sasl = format!(
-        "topic = \"requests\"\nsasl = {{ username = \"$ConnectionString\", password_file = \"{}\" }}",
-        env.dir().join("eventhub.key").display()
-    );
+    // The mechanism left out: PLAIN.
+    let sasl = event_hubs_sasl(&env, "");
     let stderr = check("sasl.toml", &authenticating, &sasl);
     assert!(
         stderr.contains("warning: logger \"audit\"") && stderr.contains("SASL PLAIN refused"),
