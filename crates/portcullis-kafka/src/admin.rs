@@ -5,10 +5,8 @@ use std::time::Duration;
 
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse,
-    MetadataRequest, MetadataResponse, TopicName,
+    ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, FetchRequest, FetchResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -60,11 +58,7 @@ pub fn read_topic(
     timeout: Duration,
 ) -> Result<Vec<Fetched>, Error> {
     let mut conn = Connection::open(connector, host, port, timeout, "portcullis-admin", None)?;
-    let request = MetadataRequest::default()
-        .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(topic_name(topic)))]))
-        .with_allow_auto_topic_creation(conn.versions.metadata < 4);
-    let version = conn.versions.metadata;
-    let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
+    let answer = crate::producer::ask_metadata(&mut conn, topic)?;
     let described = answer
         .topics
         .iter()

@@ -421,6 +421,31 @@ fn layout_of(answer: &MetadataResponse, topic_name: &str) -> Result<Layout, Erro
     Ok(Layout { leaders, brokers })
 }
 
+/// A connection to broker `host:port` as `settings` have it made (its timeout, SASL).
+fn connect(
+    settings: &Settings,
+    connector: &dyn Connector,
+    (host, port): (&str, u16),
+    client_id: &str,
+) -> Result<Connection, Error> {
+    let sasl = settings.sasl.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+    Connection::open(connector, host, port, settings.timeout, client_id, sasl)
+}
+
+/// What the broker on `conn` says of `topic`: its partitions, their leaders and the brokers.
+/// Asks that the topic not be made for the asking (a field from version 4 on; earlier brokers
+/// follow their own setting).
+pub(crate) fn ask_metadata(conn: &mut Connection, topic: &str) -> Result<MetadataResponse, Error> {
+    let version = conn.versions.metadata;
+    let request = MetadataRequest::default()
+        .with_topics(Some(vec![
+            MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_string(topic.to_owned())))),
+        ]))
+        .with_allow_auto_topic_creation(version < 4);
+    conn.call(ApiKey::Metadata, version, &request)
+}
+
 /// What `portcullis check` asks of a logger's brokers: each bootstrap broker in turn, until one
 /// answers, connected and authenticated as the producer would be, for the topic's partitions.
 /// Returns how many partitions the topic has and how many of them have no leader now; else what
@@ -428,21 +453,8 @@ fn layout_of(answer: &MetadataResponse, topic_name: &str) -> Result<Layout, Erro
 pub fn probe(settings: &Settings, connector: &dyn Connector) -> Result<(usize, usize), String> {
     let mut said = Vec::with_capacity(settings.bootstrap.len());
     for (host, port) in &settings.bootstrap {
-        let sasl = settings.sasl.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
-        let asked = Connection::open(connector, host, *port, settings.timeout, "portcullis-check", sasl)
-            .and_then(|mut conn| {
-                let version = conn.versions.metadata;
-                let request = MetadataRequest::default()
-                    .with_topics(Some(vec![
-                        MetadataRequestTopic::default()
-                            .with_name(Some(TopicName(StrBytes::from_string(settings.topic.clone())))),
-                    ]))
-                    // Not created by a look (from version 4 on; earlier brokers follow their own
-                    // setting, as they do for the producer).
-                    .with_allow_auto_topic_creation(version < 4);
-                let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
-                layout_of(&answer, &settings.topic)
-            });
+        let asked = connect(settings, connector, (host, *port), "portcullis-check")
+            .and_then(|mut conn| layout_of(&ask_metadata(&mut conn, &settings.topic)?, &settings.topic));
         match asked {
             Ok(layout) => {
                 let leaderless = layout.leaders.iter().filter(|l| l.is_none()).count();
@@ -923,15 +935,7 @@ impl Sender {
             Some(c) => c,
             None => self.open(host, port)?,
         };
-        let version = conn.versions.metadata;
-        let request = MetadataRequest::default()
-            .with_topics(Some(vec![
-                MetadataRequestTopic::default()
-                    .with_name(Some(TopicName(StrBytes::from_string(self.s.topic.clone())))),
-            ]))
-            // A field from version 4 on (earlier brokers follow their own setting).
-            .with_allow_auto_topic_creation(version < 4);
-        let answer: MetadataResponse = conn.call(ApiKey::Metadata, version, &request)?;
+        let answer = ask_metadata(&mut conn, &self.s.topic)?;
         self.conns.insert(-1, conn);
         layout_of(&answer, &self.s.topic)
     }
@@ -957,8 +961,7 @@ impl Sender {
     }
 
     fn open(&self, host: &str, port: u16) -> Result<Connection, Error> {
-        let sasl = self.s.sasl.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
-        Connection::open(&*self.connector, host, port, self.s.timeout, "portcullis", sasl)
+        connect(&self.s, &*self.connector, (host, port), "portcullis")
     }
 
     /// One Produce request to `leader` with a batch of each of `partitions`.

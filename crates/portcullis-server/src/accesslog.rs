@@ -579,7 +579,7 @@ pub(crate) fn check_path(config: &portcullis_config::Config) -> Option<String> {
             Ok(meta) if meta.is_dir() => "it is a directory".to_owned(),
             // Whether it may be written, without opening it: a pipe would wait for a reader, and
             // a watcher would see the file opened and closed.
-            Ok(meta) if meta.is_file() => writable(path)?,
+            Ok(meta) if meta.is_file() => writable(path, false)?,
             // A pipe or a device: what it does when the log opens it is its own.
             Ok(_) => return None,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -596,7 +596,7 @@ pub(crate) fn check_path(config: &portcullis_config::Config) -> Option<String> {
                     .to_path_buf();
                 match std::fs::metadata(&dir) {
                     Ok(meta) if meta.is_dir() => {
-                        format!("it cannot be made in {}: {}", dir.display(), writable(&dir)?)
+                        format!("it cannot be made in {}: {}", dir.display(), writable(&dir, true)?)
                     }
                     Ok(_) => format!("{} is not a directory", dir.display()),
                     Err(e) => format!("{}: {e}", dir.display()),
@@ -613,9 +613,9 @@ pub(crate) fn check_path(config: &portcullis_config::Config) -> Option<String> {
 
 /// Why this process may not write to `path` (and, for a directory, make files in it), or `None`
 /// when it may.
-fn writable(path: &std::path::Path) -> Option<String> {
+fn writable(path: &std::path::Path, dir: bool) -> Option<String> {
     use rustix::fs::{Access, access};
-    let mode = if path.is_dir() { Access::WRITE_OK | Access::EXEC_OK } else { Access::WRITE_OK };
+    let mode = if dir { Access::WRITE_OK | Access::EXEC_OK } else { Access::WRITE_OK };
     access(path, mode).err().map(|e| std::io::Error::from(e).to_string())
 }
 

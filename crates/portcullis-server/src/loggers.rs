@@ -106,7 +106,8 @@ const CHECK_ALL: Duration = Duration::from_secs(20);
 /// once, each on a thread of its own; one still asking after [`CHECK_ALL`] is said to be.
 pub(crate) fn check(loggers: &[Logger]) -> Vec<String> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let mut asked = 0;
+    // Which loggers are asked: those whose settings load (the others are errors already).
+    let mut asked = vec![false; loggers.len()];
     for (i, l) in loggers.iter().enumerate() {
         // A logger whose settings or TLS do not load is already an error of the configuration.
         let (Ok(mut settings), Ok(connector)) = (settings(l), connector_of(l)) else { continue };
@@ -115,19 +116,19 @@ pub(crate) fn check(loggers: &[Logger]) -> Vec<String> {
         let spawned = std::thread::Builder::new().name("portcullis-check".into()).spawn(move || {
             let _ = tx.send((i, portcullis_kafka::probe(&settings, &*connector)));
         });
-        asked += usize::from(spawned.is_ok());
+        asked[i] = spawned.is_ok();
     }
     drop(tx);
     let deadline = Instant::now() + CHECK_ALL;
     let mut said: Vec<Option<Result<(usize, usize), String>>> = vec![None; loggers.len()];
-    for _ in 0..asked {
+    for _ in asked.iter().filter(|&&a| a) {
         let Ok((i, answer)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
             break;
         };
         said[i] = Some(answer);
     }
     let mut warnings = Vec::new();
-    for (l, answer) in loggers.iter().zip(said) {
+    for ((l, answer), asked) in loggers.iter().zip(said).zip(asked) {
         let (name, topic) = (&l.name.value, &l.topic);
         match answer {
             Some(Ok((_, 0))) => {}
@@ -139,8 +140,7 @@ pub(crate) fn check(loggers: &[Logger]) -> Vec<String> {
                 "{}: warning: logger \"{name}\": {e}; the proxy would start, and hold messages in its buffer until a broker answers for the topic",
                 l.loc
             )),
-            // Not asked (its settings are an error already), or no answer in time.
-            None if settings(l).is_ok() && connector_of(l).is_ok() => warnings.push(format!(
+            None if asked => warnings.push(format!(
                 "{}: warning: logger \"{name}\": its brokers did not answer for topic \"{topic}\" within {} s",
                 l.loc,
                 CHECK_ALL.as_secs()
