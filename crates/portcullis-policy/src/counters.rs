@@ -520,14 +520,27 @@ impl Counters {
         let p = self.find_period(hash).or_else(|| {
             (0..PROBE).map(entry).find(|p| {
                 let k = p.key.load(Ordering::Acquire);
+                if k == hash {
+                    // Taken for the key since it was looked for: its `ends` may not be set yet,
+                    // and it is not stale for that.
+                    return true;
+                }
                 let stale = k == 0 || p.ends.load(Ordering::Acquire) <= at.now_ms;
                 if !stale {
                     return false;
                 }
+                // What the entry holds from before, read before taking it over.
+                let held = [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim];
+                let seen = held.map(|a| a.load(Ordering::Acquire));
                 match p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
-                        for a in [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim] {
-                            a.store(0, Ordering::Release);
+                        // The key's from now on, for the others who look at it stale (below).
+                        p.ends.fetch_max(at.ends_ms, Ordering::AcqRel);
+                        // Emptied only where it still holds that: a worker that found the key
+                        // here the moment it was taken may have counted a call already, which
+                        // the key's count must keep.
+                        for (a, was) in held.into_iter().zip(seen) {
+                            let _ = a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Relaxed);
                         }
                         p.synced.clear();
                         true
@@ -668,6 +681,31 @@ mod tests {
             split += keys.iter().filter(|&&h| c.rate_own(h, 60_000, 1_000_000) != 2).count();
         }
         assert_eq!(split, 0, "keys whose two first calls landed in two windows");
+    }
+
+    /// The same for a quota's period: a worker that finds the key's entry the moment another
+    /// has taken it, and counts a call there before the taker has emptied it of what it held
+    /// before, keeps that call.
+    #[test]
+    fn workers_racing_on_a_new_key_count_every_call_of_a_period() {
+        let mut lost = 0;
+        for _ in 0..10 {
+            let c = Counters::with_capacity(1 << 16);
+            let go = std::sync::Barrier::new(2);
+            let keys: Vec<u64> = (0..4_000u32).map(|i| c.hash(1, 86_400, &i.to_le_bytes())).collect();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for &h in &keys {
+                            go.wait();
+                            assert!(c.quota_add(h, at(3, 1_000_000), 1, Some(100), 10));
+                        }
+                    });
+                }
+            });
+            lost += keys.iter().filter(|&&h| c.quota_used(h, at(3, 1_000_000)) != Some((2, 20))).count();
+        }
+        assert_eq!(lost, 0, "keys whose period lost a call or its bytes");
     }
 
     #[test]
