@@ -50,6 +50,10 @@ struct Window {
     claim: AtomicU64,
     /// Which of this host's syncs it was (see [`Synced`]).
     synced: Synced,
+    /// When every count in it will have left its window (ms since the origin): until then the
+    /// entry is its key's. Kept in time, not in slots: keys of limits with other periods share
+    /// the table, and one's slots mean nothing to another's clock.
+    ends: AtomicU64,
 }
 
 struct Period {
@@ -209,6 +213,7 @@ impl Counters {
             others: AtomicU64::new(0),
             claim: AtomicU64::new(0),
             synced: Synced::default(),
+            ends: AtomicU64::new(0),
         };
         let period = || Period {
             key: AtomicU64::new(0),
@@ -285,8 +290,9 @@ impl Counters {
         calls: u64,
         claim: Option<u64>,
     ) {
-        let epoch = now_ms / (period_ms / N).max(1);
-        if let Some(w) = self.window(hash, epoch) {
+        let slot_ms = (period_ms / N).max(1);
+        let epoch = now_ms / slot_ms;
+        if let Some(w) = self.window(hash, slot_ms, now_ms) {
             let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
             let lapsed = || !Counters::claim_fresh(&w.claim, now_ms);
             w.synced.store(sync, lapsed, || {
@@ -354,8 +360,10 @@ impl Counters {
     /// has told about the key within its window (or the table has no room for it). Otherwise the
     /// first call waits for a sync, so that no host spends what another was granted.
     pub(crate) fn rate_known(&self, hash: u64, period_ms: u64, now_ms: u64) -> bool {
-        let epoch = now_ms / (period_ms / N).max(1);
-        !self.sharing() || self.window(hash, epoch).is_none_or(|w| self.others(w, epoch, now_ms).is_some())
+        let slot_ms = (period_ms / N).max(1);
+        let epoch = now_ms / slot_ms;
+        !self.sharing()
+            || self.window(hash, slot_ms, now_ms).is_none_or(|w| self.others(w, epoch, now_ms).is_some())
     }
 
     /// As [`Counters::rate_known`], for a quota's key in its period.
@@ -372,46 +380,58 @@ impl Counters {
         self.hasher.hash_one((kind, period, key)).max(1)
     }
 
-    /// The key's entry; a new one (an empty or stale entry taken over) when it has none. The
-    /// whole probe is searched for the key before anything is taken over, so that a key never
-    /// gets a second, empty entry in front of its own.
-    fn window(&self, hash: u64, epoch: u64) -> Option<&Window> {
-        if let Some(w) = self.find_window(hash) {
-            return Some(w);
+    /// The key's entry, for a limit counted in slots of `slot_ms`, at `now_ms`; a new one (an
+    /// empty or stale entry taken over) when it has none. The whole probe is searched for the
+    /// key before anything is taken over, so that a key never gets a second, empty entry in
+    /// front of its own.
+    fn window(&self, hash: u64, slot_ms: u64, now_ms: u64) -> Option<&Window> {
+        // Counts made now are read for N + 1 slots, and a moment in the slot before (see `sum`).
+        let ends = now_ms.saturating_add((N + 2) * slot_ms);
+        let w = self.find_window(hash).or_else(|| self.take_window(hash, now_ms, ends))?;
+        // Pushed back once a slot, not at every call.
+        if w.ends.load(Ordering::Relaxed) < ends - slot_ms {
+            w.ends.fetch_max(ends, Ordering::AcqRel);
         }
+        Some(w)
+    }
+
+    /// Takes an entry for `hash`: an empty one, or one whose counts have all left their window
+    /// (this host's, and the others' from the last sync, which are its key's too).
+    fn take_window(&self, hash: u64, now_ms: u64, ends: u64) -> Option<&Window> {
         let mask = self.windows.len() - 1;
         let home = hash as usize & mask;
-        let at = |i: usize| &self.windows[(home + i) & mask];
-        let epoch = epoch & 0xFFFF_FFFF;
         for i in 0..PROBE {
-            let w = at(i);
+            let w = &self.windows[(home + i) & mask];
             let k = w.key.load(Ordering::Acquire);
             if k == hash {
                 return Some(w);
             }
-            // Empty, or every count (this host's, and the others' from the last sync) older
-            // than the window: take it.
-            let old = |v: u64| {
-                let (e, c) = unpack(v);
-                c == 0 || e + N < epoch
-            };
-            let stale = k == 0
-                || (w.slots.iter().all(|s| old(s.load(Ordering::Relaxed)))
-                    && old(w.others.load(Ordering::Relaxed)));
-            if stale {
-                match w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        // What a sync found was about the key before.
-                        w.others.store(0, Ordering::Release);
-                        w.claim.store(0, Ordering::Release);
-                        w.synced.clear();
-                        return Some(w);
+            if k != 0 && w.ends.load(Ordering::Acquire) > now_ms {
+                continue;
+            }
+            // What it holds from before, read before taking it over.
+            let held = || w.slots.iter().chain([&w.others, &w.claim]);
+            let mut seen = [0; SLOTS + 2];
+            for (was, a) in seen.iter_mut().zip(held()) {
+                *was = a.load(Ordering::Acquire);
+            }
+            // In use from before it is taken: a worker looking for room for another key, that
+            // finds it with its new key, finds it counting.
+            w.ends.fetch_max(ends, Ordering::AcqRel);
+            match w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // Emptied where it still holds that: a worker that found the key here the
+                    // moment it was taken may have counted a call already.
+                    for (a, was) in held().zip(seen) {
+                        let _ = a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Relaxed);
                     }
-                    // Another worker took it for this key a moment ago: the same window, not a
-                    // second one further on (whose counts the first would never see).
-                    Err(now) if now == hash => return Some(w),
-                    Err(_) => {}
+                    w.synced.clear();
+                    return Some(w);
                 }
+                // Another worker took it for this key a moment ago: the same window, not a
+                // second one further on (whose counts the first would never see).
+                Err(now) if now == hash => return Some(w),
+                Err(_) => {}
             }
         }
         None
@@ -468,7 +488,7 @@ impl Counters {
         }
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
-        let Some(w) = self.window(hash, epoch) else { return Admit::Untracked };
+        let Some(w) = self.window(hash, slot_ms, now_ms) else { return Admit::Untracked };
         // A key no sync has told about yet: its share among the hosts syncing lately.
         let (others, claim) = self.others(w, epoch, now_ms).unwrap_or((0, Some(self.unsynced_share(limit))));
         let allowance = fleet_allowance(limit, others, claim);
@@ -499,7 +519,7 @@ impl Counters {
     pub(crate) fn count(&self, hash: u64, period_ms: u64, now_ms: u64, count: u64) {
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
-        if let Some(w) = self.window(hash, epoch) {
+        if let Some(w) = self.window(hash, slot_ms, now_ms) {
             add_to(&w.slots[(epoch % SLOTS as u64) as usize], epoch, count as i64);
         }
     }
@@ -532,10 +552,10 @@ impl Counters {
                 // What the entry holds from before, read before taking it over.
                 let held = [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim];
                 let seen = held.map(|a| a.load(Ordering::Acquire));
+                // In use from before it is taken (see `take_window`).
+                p.ends.fetch_max(at.ends_ms, Ordering::AcqRel);
                 match p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
-                        // The key's from now on, for the others who look at it stale (below).
-                        p.ends.fetch_max(at.ends_ms, Ordering::AcqRel);
                         // Emptied only where it still holds that: a worker that found the key
                         // here the moment it was taken may have counted a call already, which
                         // the key's count must keep.
@@ -706,6 +726,98 @@ mod tests {
             lost += keys.iter().filter(|&&h| c.quota_used(h, at(3, 1_000_000)) != Some((2, 20))).count();
         }
         assert_eq!(lost, 0, "keys whose period lost a call or its bytes");
+    }
+
+    /// Two workers each taking room for a new key, the two keys' probes starting on the same
+    /// entry: the one that loses the entry finds it in use and goes on, and neither key's first
+    /// call lands in the other's entry.
+    #[test]
+    fn workers_taking_room_for_two_keys_at_once_keep_both() {
+        let (mut windows, mut periods) = (0, 0);
+        for _ in 0..25 {
+            let c = Counters::with_capacity(1 << 16);
+            let mask = (1 << 16) - 1;
+            // Pairs of keys whose probes start on the same entry.
+            let mut first = std::collections::HashMap::new();
+            let pairs: Vec<(u32, u32)> = (0u32..)
+                .filter_map(|i| {
+                    let home = c.hash(0, 60_000, &i.to_le_bytes()) & mask;
+                    match first.remove(&home) {
+                        Some(j) => Some((j, i)),
+                        None => first.insert(home, i).and(None),
+                    }
+                })
+                .take(2_000)
+                .collect();
+            let go = std::sync::Barrier::new(2);
+            let at = at(4, 1_000_000);
+            std::thread::scope(|s| {
+                for side in 0..2 {
+                    let (c, go, pairs) = (&c, &go, &pairs);
+                    s.spawn(move || {
+                        for &(a, b) in pairs {
+                            let key = if side == 0 { a } else { b }.to_le_bytes();
+                            go.wait();
+                            assert!(matches!(
+                                c.rate(c.hash(0, 60_000, &key), 60_000, 100, 1_000_000, 1),
+                                Admit::Yes { .. }
+                            ));
+                            go.wait();
+                            assert!(c.quota_add(c.hash(0, 60_000, &key), at, 1, Some(100), 0));
+                        }
+                    });
+                }
+            });
+            for key in pairs.iter().flat_map(|&(a, b)| [a, b]) {
+                let h = c.hash(0, 60_000, &key.to_le_bytes());
+                windows += usize::from(c.rate_own(h, 60_000, 1_000_000) != 1);
+                periods += usize::from(c.quota_own(h, 4) != 1);
+            }
+        }
+        assert_eq!((windows, periods), (0, 0), "keys whose first call is not in their own entry");
+    }
+
+    /// Keys of limits with different periods share the table. A new key of a short period that
+    /// probes past the entry of a long period's key, still counting, leaves it be: the entry's
+    /// counts are in slots of the long period, which the short period's clock must not read as
+    /// old.
+    #[test]
+    fn a_short_period_s_key_leaves_a_long_period_s_window_alone() {
+        let c = Counters::with_capacity(64);
+        let mask = 63;
+        let long = c.hash(0, 3_600_000, b"long");
+        // Two calls an hour, both taken.
+        for t in [1_000_000, 1_000_500] {
+            assert!(matches!(c.rate(long, 3_600_000, 2, t, 1), Admit::Yes { .. }), "{t}");
+        }
+        // Keys of a one-second limit whose probe starts on the long key's entry.
+        let short: Vec<u64> = (0u32..)
+            .map(|i| c.hash(0, 1_000, &i.to_le_bytes()))
+            .filter(|h| h & mask == long & mask)
+            .take(3)
+            .collect();
+        for &h in &short {
+            assert!(matches!(c.rate(h, 1_000, 5, 1_001_000, 1), Admit::Yes { .. }));
+        }
+        // A minute later, the long key still has its two calls in its window.
+        assert!(matches!(c.rate(long, 3_600_000, 2, 1_060_000, 1), Admit::No { .. }));
+        assert_eq!(c.rate_own(long, 3_600_000, 1_060_000), 2);
+        // And so for a quota's period: a key of another quota takes no entry still counting.
+        let day = QuotaAt { index: 11, now_ms: 1_000_000, ends_ms: 86_400_000 };
+        let quota = c.hash(1, 86_400, b"day");
+        assert!(c.quota_add(quota, day, 1, Some(1), 0));
+        for h in
+            (0u32..).map(|i| c.hash(1, 60, &i.to_le_bytes())).filter(|h| h & mask == quota & mask).take(3)
+        {
+            assert!(c.quota_add(
+                h,
+                QuotaAt { index: 16_683, now_ms: 1_001_000, ends_ms: 1_020_000 },
+                1,
+                Some(5),
+                0
+            ));
+        }
+        assert!(!c.quota_add(quota, QuotaAt { now_ms: 1_060_000, ..day }, 1, Some(1), 0));
     }
 
     #[test]
