@@ -17,6 +17,12 @@ const SLOTS: usize = N as usize + 1;
 /// Entries tried from a key's home position.
 const PROBE: usize = 16;
 
+/// How long an entry a worker is taking over counts as in use before its key is swapped in
+/// (ms). Another worker looking for room for another key, that finds the entry with its new key
+/// in the moment before its first count, must find it in use; a take that loses the swap leaves
+/// no more than this on an entry that is now another key's.
+const HELD: u64 = 1_000;
+
 /// What a check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admit {
@@ -50,9 +56,10 @@ struct Window {
     claim: AtomicU64,
     /// Which of this host's syncs it was (see [`Synced`]).
     synced: Synced,
-    /// When every count in it will have left its window (ms since the origin): until then the
-    /// entry is its key's. Kept in time, not in slots: keys of limits with other periods share
-    /// the table, and one's slots mean nothing to another's clock.
+    /// When every count in it will have left its window (ms since the origin), or a moment after
+    /// it was taken (see [`HELD`]): until then the entry is its key's. Kept in time, not in
+    /// slots: keys of limits with other periods share the table, and one's slots mean nothing to
+    /// another's clock.
     ends: AtomicU64,
 }
 
@@ -70,7 +77,8 @@ struct Period {
     claim: AtomicU64,
     /// Which of this host's syncs it was (see [`Synced`]).
     synced: Synced,
-    /// When the latest period counted here ends (ms since the origin; `u64::MAX`: never): until
+    /// When the latest period counted here ends (ms since the origin; `u64::MAX`: never), or a
+    /// moment after it was taken (see [`HELD`]), whichever is later: until
     /// then the entry is its key's.
     ends: AtomicU64,
 }
@@ -292,7 +300,10 @@ impl Counters {
     ) {
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
-        if let Some(w) = self.window(hash, slot_ms, now_ms) {
+        if let Some(w) = self.window(hash, now_ms) {
+            if calls > 0 {
+                Counters::counting(w, slot_ms, now_ms);
+            }
             let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
             let lapsed = || !Counters::claim_fresh(&w.claim, now_ms);
             w.synced.store(sync, lapsed, || {
@@ -360,10 +371,8 @@ impl Counters {
     /// has told about the key within its window (or the table has no room for it). Otherwise the
     /// first call waits for a sync, so that no host spends what another was granted.
     pub(crate) fn rate_known(&self, hash: u64, period_ms: u64, now_ms: u64) -> bool {
-        let slot_ms = (period_ms / N).max(1);
-        let epoch = now_ms / slot_ms;
-        !self.sharing()
-            || self.window(hash, slot_ms, now_ms).is_none_or(|w| self.others(w, epoch, now_ms).is_some())
+        let epoch = now_ms / (period_ms / N).max(1);
+        !self.sharing() || self.window(hash, now_ms).is_none_or(|w| self.others(w, epoch, now_ms).is_some())
     }
 
     /// As [`Counters::rate_known`], for a quota's key in its period.
@@ -380,24 +389,36 @@ impl Counters {
         self.hasher.hash_one((kind, period, key)).max(1)
     }
 
-    /// The key's entry, for a limit counted in slots of `slot_ms`, at `now_ms`; a new one (an
-    /// empty or stale entry taken over) when it has none. The whole probe is searched for the
-    /// key before anything is taken over, so that a key never gets a second, empty entry in
-    /// front of its own.
-    fn window(&self, hash: u64, slot_ms: u64, now_ms: u64) -> Option<&Window> {
-        // Counts made now are read for N + 1 slots, and a moment in the slot before (see `sum`).
+    /// The key's entry; a new one (an empty or stale entry taken over) when it has none. The
+    /// whole probe is searched for the key before anything is taken over, so that a key never
+    /// gets a second, empty entry in front of its own.
+    fn window(&self, hash: u64, now_ms: u64) -> Option<&Window> {
+        self.find_window(hash).or_else(|| self.take_window(hash, now_ms))
+    }
+
+    /// Keeps `w` its key's while calls counted now (or the other hosts' calls a sync reported
+    /// now) are in the window: N + 1 slots of `slot_ms`, and a moment of the slot before (see
+    /// `sum`). Before the count, so that an entry is never seen stale with a count in the
+    /// window. Pushed back once a slot, not at every call. Only counts keep an entry: a key
+    /// only checked leaves its entry to others at once, as a key none of whose calls count (an
+    /// `increment_condition` that never holds) would otherwise fill the table.
+    fn counting(w: &Window, slot_ms: u64, now_ms: u64) {
         let ends = now_ms.saturating_add((N + 2) * slot_ms);
-        let w = self.find_window(hash).or_else(|| self.take_window(hash, now_ms, ends))?;
-        // Pushed back once a slot, not at every call.
         if w.ends.load(Ordering::Relaxed) < ends - slot_ms {
             w.ends.fetch_max(ends, Ordering::AcqRel);
         }
-        Some(w)
     }
 
     /// Takes an entry for `hash`: an empty one, or one whose counts have all left their window
     /// (this host's, and the others' from the last sync, which are its key's too).
-    fn take_window(&self, hash: u64, now_ms: u64, ends: u64) -> Option<&Window> {
+    ///
+    /// Two races are left, both needing two workers at one instant on a key's first call: a
+    /// worker of the new key that counts between the swap and the emptying, on a count whose
+    /// slot (a period, for quotas) the old key numbered as the new one does, counts on top of
+    /// what the old key left, and the emptying then leaves it (the new key refused early); and
+    /// the old key's worker, counting at the very moment its entry goes stale and is taken, loses
+    /// that call to the new key.
+    fn take_window(&self, hash: u64, now_ms: u64) -> Option<&Window> {
         let mask = self.windows.len() - 1;
         let home = hash as usize & mask;
         for i in 0..PROBE {
@@ -415,9 +436,8 @@ impl Counters {
             for (was, a) in seen.iter_mut().zip(held()) {
                 *was = a.load(Ordering::Acquire);
             }
-            // In use from before it is taken: a worker looking for room for another key, that
-            // finds it with its new key, finds it counting.
-            w.ends.fetch_max(ends, Ordering::AcqRel);
+            // In use from before it is taken (see `HELD`).
+            w.ends.fetch_max(now_ms.saturating_add(HELD), Ordering::AcqRel);
             match w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     // Emptied where it still holds that: a worker that found the key here the
@@ -488,7 +508,7 @@ impl Counters {
         }
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
-        let Some(w) = self.window(hash, slot_ms, now_ms) else { return Admit::Untracked };
+        let Some(w) = self.window(hash, now_ms) else { return Admit::Untracked };
         // A key no sync has told about yet: its share among the hosts syncing lately.
         let (others, claim) = self.others(w, epoch, now_ms).unwrap_or((0, Some(self.unsynced_share(limit))));
         let allowance = fleet_allowance(limit, others, claim);
@@ -505,6 +525,7 @@ impl Counters {
                 Admit::Yes { remaining: limit - (own + others).min(limit) }
             };
         }
+        Counters::counting(w, slot_ms, now_ms);
         let slot = &w.slots[(epoch % SLOTS as u64) as usize];
         add_to(slot, epoch, count as i64);
         let (own, oldest) = Counters::sum(w, epoch);
@@ -519,7 +540,8 @@ impl Counters {
     pub(crate) fn count(&self, hash: u64, period_ms: u64, now_ms: u64, count: u64) {
         let slot_ms = (period_ms / N).max(1);
         let epoch = now_ms / slot_ms;
-        if let Some(w) = self.window(hash, slot_ms, now_ms) {
+        if let Some(w) = self.window(hash, now_ms) {
+            Counters::counting(w, slot_ms, now_ms);
             add_to(&w.slots[(epoch % SLOTS as u64) as usize], epoch, count as i64);
         }
     }
@@ -552,8 +574,8 @@ impl Counters {
                 // What the entry holds from before, read before taking it over.
                 let held = [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim];
                 let seen = held.map(|a| a.load(Ordering::Acquire));
-                // In use from before it is taken (see `take_window`).
-                p.ends.fetch_max(at.ends_ms, Ordering::AcqRel);
+                // In use from before it is taken (see `HELD`); the period's end once it is.
+                p.ends.fetch_max(at.now_ms.saturating_add(HELD), Ordering::AcqRel);
                 match p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
                         // Emptied only where it still holds that: a worker that found the key
@@ -565,7 +587,7 @@ impl Counters {
                         p.synced.clear();
                         true
                     }
-                    // Another worker took it for this key a moment ago (see `window`).
+                    // Another worker took it for this key a moment ago (see `take_window`).
                     Err(now) => now == hash,
                 }
             })
@@ -728,6 +750,25 @@ mod tests {
         assert_eq!(lost, 0, "keys whose period lost a call or its bytes");
     }
 
+    /// An entry taken over is emptied of what its old key counted, even in a period numbered
+    /// as the new key's (another quota's periods, numbered from their own start).
+    #[test]
+    fn a_period_taken_over_starts_empty() {
+        let c = Counters::with_capacity(8_192);
+        let first = QuotaAt { index: 3, now_ms: 1_000_000, ends_ms: 1_001_000 };
+        let then = QuotaAt { index: 3, now_ms: 5_000_000, ends_ms: 5_001_000 };
+        let keys = |round: u8| -> Vec<u64> {
+            (0..2_000u32).map(|i| c.hash(1, 86_400, &[&[round][..], &i.to_le_bytes()].concat())).collect()
+        };
+        for h in keys(0) {
+            assert!(c.quota_add(h, first, 2, None, 10));
+        }
+        // A quarter of the table was taken, and is stale by then: about a quarter of the new keys
+        // take an old one's entry.
+        let found: Vec<_> = keys(1).into_iter().filter(|&h| !c.quota_add(h, then, 1, Some(1), 0)).collect();
+        assert!(found.is_empty(), "{} new keys found calls of their period already", found.len());
+    }
+
     /// Two workers each taking room for a new key, the two keys' probes starting on the same
     /// entry: the one that loses the entry finds it in use and goes on, and neither key's first
     /// call lands in the other's entry.
@@ -818,6 +859,39 @@ mod tests {
             ));
         }
         assert!(!c.quota_add(quota, QuotaAt { now_ms: 1_060_000, ..day }, 1, Some(1), 0));
+
+        // Once the long key's counts have left its window, a key of another period takes its
+        // entry over, without the counts: five calls of a 10 s limit at 100 s sit in the slot a
+        // 20 s limit numbers as its own at 200 s.
+        let c = Counters::with_capacity(64);
+        let ten = c.hash(0, 10_000, b"ten");
+        for _ in 0..5 {
+            assert!(matches!(c.rate(ten, 10_000, 5, 100_000, 1), Admit::Yes { .. }));
+        }
+        let twenty = (0u32..)
+            .map(|i| c.hash(0, 20_000, &i.to_le_bytes()))
+            .find(|h| h & mask == ten & mask)
+            .expect("a key with the same home");
+        assert_eq!(c.rate(twenty, 20_000, 5, 200_000, 1), Admit::Yes { remaining: 4 });
+        assert_eq!(c.rate_own(ten, 10_000, 200_000), 0, "the entry is the new key's");
+    }
+
+    /// A key only checked (its calls counted later, if at all) holds no entry past the moment it
+    /// took one: keys none of whose calls ever count leave room for those that do.
+    #[test]
+    fn keys_only_checked_leave_room_for_keys_that_count() {
+        let c = Counters::with_capacity(64);
+        let mask = 63;
+        let home = c.hash(0, 60_000, b"home") & mask;
+        let mut same = (0u32..).map(|i| c.hash(0, 60_000, &i.to_le_bytes())).filter(|h| h & mask == home);
+        // As many checked keys as a probe has entries.
+        for h in same.by_ref().take(PROBE) {
+            assert!(matches!(c.rate(h, 60_000, 5, 1_000_000, 0), Admit::Yes { .. }));
+        }
+        let counted = same.next().expect("another key");
+        assert_eq!(c.rate(counted, 60_000, 5, 1_000_000, 1), Admit::Untracked, "the probe is taken");
+        // A moment later, their entries are free.
+        assert_eq!(c.rate(counted, 60_000, 5, 1_000_000 + HELD, 1), Admit::Yes { remaining: 4 });
     }
 
     #[test]
