@@ -100,6 +100,12 @@ fn unpack40(v: u64) -> (u64, u64) {
     (v >> 40, v & ((1 << 40) - 1))
 }
 
+/// Whether period `i` (24 bits, as [`pack40`] keeps it) comes after period `index`: within half
+/// the 24-bit range ahead of it, as the numbers wrap.
+fn is_later(i: u64, index: u64) -> bool {
+    (1..1 << 23).contains(&(i.wrapping_sub(index) & 0xFF_FFFF))
+}
+
 /// The process's counters.
 pub struct Counters {
     windows: Box<[Window]>,
@@ -641,6 +647,11 @@ impl Counters {
             let mut current = a.load(Ordering::Acquire);
             loop {
                 let (i, v) = unpack40(current);
+                if is_later(i, index) {
+                    // Counted after its period ended (a response settled once the next one had
+                    // begun): it goes to neither, rather than over the next one's count.
+                    return true;
+                }
                 let base = if i == index & 0xFF_FFFF { v } else { 0 };
                 let next = base.saturating_add(delta);
                 if cap.is_some_and(|c| next > c) {
@@ -951,6 +962,24 @@ mod tests {
         assert_eq!(c.quota_used(h, at(8, 0)), Some((0, 0)), "a new period starts empty");
         assert!(c.quota_add(h, at(8, 0), 1, Some(2), 0));
         assert_eq!(c.quota_used(h, at(8, 0)), Some((1, 0)));
+    }
+
+    /// A response that settles its quota's count once the next period has begun (a request
+    /// across the boundary) does not write over the new period's count.
+    #[test]
+    fn a_count_settled_after_its_period_leaves_the_next_one_alone() {
+        let c = Counters::with_capacity(64);
+        let h = c.hash(1, 60, b"sub");
+        assert!(c.quota_add(h, at(7, 0), 1, Some(5), 0));
+        for _ in 0..3 {
+            assert!(c.quota_add(h, at(8, 60_000), 1, Some(5), 0));
+        }
+        // The first request's body, counted when its response ends.
+        assert!(c.quota_add(h, at(7, 0), 0, None, 4_096));
+        assert!(c.quota_add(h, at(7, 0), 1, None, 0));
+        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((3, 0)));
+        // The numbers wrap at 24 bits.
+        assert!(is_later(0, 0xFF_FFFF) && !is_later(0xFF_FFFF, 0) && !is_later(5, 5));
     }
 
     #[test]
