@@ -20,8 +20,9 @@ const PROBE: usize = 16;
 /// How long an entry a worker is taking over counts as in use before its key is swapped in
 /// (ms). Another worker looking for room for another key, that finds the entry with its new key
 /// in the moment before its first count, must find it in use; a take that loses the swap leaves
-/// no more than this on an entry that is now another key's.
-const HELD: u64 = 1_000;
+/// no more than this on an entry that is now another key's. Longer than a request's own clock
+/// may lag (its time is read once, when it starts; a step may wait for a sync or a callout).
+const HELD: u64 = 10_000;
 
 /// What a check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -647,19 +648,19 @@ impl Counters {
             let mut current = a.load(Ordering::Acquire);
             loop {
                 let (i, v) = unpack40(current);
-                if is_later(i, index) {
-                    // Counted after its period ended (a response settled once the next one had
-                    // begun): it goes to neither, rather than over the next one's count.
-                    return true;
-                }
-                let base = if i == index & 0xFF_FFFF { v } else { 0 };
+                // A count for a period that has ended since (a response settled once the next
+                // one had begun, a worker whose clock lags at the boundary) goes to the period
+                // running: charged there rather than lost, and never written over its count.
+                // A word that counts nothing (new, or emptied) has no period to compare.
+                let (period, base) =
+                    if i == index & 0xFF_FFFF || (v > 0 && is_later(i, index)) { (i, v) } else { (index, 0) };
                 let next = base.saturating_add(delta);
                 if cap.is_some_and(|c| next > c) {
                     return false;
                 }
                 match a.compare_exchange_weak(
                     current,
-                    pack40(index, next),
+                    pack40(period, next),
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
@@ -965,19 +966,30 @@ mod tests {
     }
 
     /// A response that settles its quota's count once the next period has begun (a request
-    /// across the boundary) does not write over the new period's count.
+    /// across the boundary) does not write over the new period's count: it is charged to it. So
+    /// is a call admitted by a worker whose clock still reads the period before, within the
+    /// limit of the period running.
     #[test]
     fn a_count_settled_after_its_period_leaves_the_next_one_alone() {
         let c = Counters::with_capacity(64);
         let h = c.hash(1, 60, b"sub");
-        assert!(c.quota_add(h, at(7, 0), 1, Some(5), 0));
+        assert!(c.quota_add(h, at(7, 0), 1, Some(5), 10));
         for _ in 0..3 {
-            assert!(c.quota_add(h, at(8, 60_000), 1, Some(5), 0));
+            assert!(c.quota_add(h, at(8, 60_000), 1, Some(5), 100));
         }
-        // The first request's body, counted when its response ends.
-        assert!(c.quota_add(h, at(7, 0), 0, None, 4_096));
-        assert!(c.quota_add(h, at(7, 0), 1, None, 0));
-        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((3, 0)));
+        // The first request's call and body, counted when its response ends.
+        assert!(c.quota_add(h, at(7, 0), 1, None, 4_096));
+        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((4, 4_396)));
+        // A worker a moment behind: one more call fits in period 8's limit of 5, the next not.
+        assert!(c.quota_add(h, at(7, 59_999), 1, Some(5), 0));
+        assert!(!c.quota_add(h, at(7, 59_999), 1, Some(5), 0));
+        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((5, 4_396)));
+        // Periods numbered in the upper half of the 24 bits count from an empty entry as any.
+        let high = c.hash(1, 60, b"high");
+        let late = at(0x90_0000, 0);
+        assert!(c.quota_add(high, late, 1, Some(1), 0));
+        assert!(!c.quota_add(high, late, 1, Some(1), 0));
+        assert_eq!(c.quota_used(high, late), Some((1, 0)));
         // The numbers wrap at 24 bits.
         assert!(is_later(0, 0xFF_FFFF) && !is_later(0xFF_FFFF, 0) && !is_later(5, 5));
     }
