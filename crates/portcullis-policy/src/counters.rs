@@ -711,6 +711,21 @@ mod tests {
         assert!(matches!(c.rate(later, 10_000, 1, 200_500, 0), Admit::No { .. }));
     }
 
+    /// Two threads each run `count` on every key, both on the same key at the same moment.
+    fn both_at_once(keys: &[u64], count: impl Fn(u64) + Sync) {
+        let go = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for &h in keys {
+                        go.wait();
+                        count(h);
+                    }
+                });
+            }
+        });
+    }
+
     /// Two workers counting a key's first calls at the same instant share its window: a second
     /// one, further along the probe, would hold calls the first never sees (one more admitted).
     #[test]
@@ -719,18 +734,10 @@ mod tests {
         let mut split = 0;
         for _ in 0..5 {
             let c = Counters::with_capacity(1 << 16);
-            let go = std::sync::Barrier::new(2);
             let keys: Vec<u64> = (0..4_000u32).map(|i| c.hash(0, 60_000, &i.to_le_bytes())).collect();
-            std::thread::scope(|s| {
-                for _ in 0..2 {
-                    s.spawn(|| {
-                        for &h in &keys {
-                            go.wait();
-                            let admit = c.rate(h, 60_000, 100, 1_000_000, 1);
-                            assert!(matches!(admit, Admit::Yes { .. }), "{admit:?}");
-                        }
-                    });
-                }
+            both_at_once(&keys, |h| {
+                let admit = c.rate(h, 60_000, 100, 1_000_000, 1);
+                assert!(matches!(admit, Admit::Yes { .. }), "{admit:?}");
             });
             split += keys.iter().filter(|&&h| c.rate_own(h, 60_000, 1_000_000) != 2).count();
         }
@@ -745,18 +752,8 @@ mod tests {
         let mut lost = 0;
         for _ in 0..10 {
             let c = Counters::with_capacity(1 << 16);
-            let go = std::sync::Barrier::new(2);
             let keys: Vec<u64> = (0..4_000u32).map(|i| c.hash(1, 86_400, &i.to_le_bytes())).collect();
-            std::thread::scope(|s| {
-                for _ in 0..2 {
-                    s.spawn(|| {
-                        for &h in &keys {
-                            go.wait();
-                            assert!(c.quota_add(h, at(3, 1_000_000), 1, Some(100), 10));
-                        }
-                    });
-                }
-            });
+            both_at_once(&keys, |h| assert!(c.quota_add(h, at(3, 1_000_000), 1, Some(100), 10)));
             lost += keys.iter().filter(|&&h| c.quota_used(h, at(3, 1_000_000)) != Some((2, 20))).count();
         }
         assert_eq!(lost, 0, "keys whose period lost a call or its bytes");
