@@ -331,6 +331,9 @@ impl Counters {
     ) {
         let index = at.index;
         if let Some(p) = self.period(hash, at) {
+            if calls > 0 || bytes > 0 {
+                Counters::counting_period(p, at);
+            }
             let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
             let held = unpack40(p.others_calls.load(Ordering::Acquire)).0;
             if p.claim.load(Ordering::Acquire) != 0 && held > index & 0xFF_FFFF {
@@ -561,7 +564,8 @@ impl Counters {
     }
 
     /// The key's entry, found or taken over as in [`Counters::window`]; an entry is stale once
-    /// the period it last counted has ended (a quota for ever's never is).
+    /// the period it last counted has ended (a quota for ever's never is), or, when nothing was
+    /// counted in it, [`HELD`] after it was taken.
     fn period(&self, hash: u64, at: QuotaAt) -> Option<&Period> {
         let mask = self.periods.len() - 1;
         let home = hash as usize & mask;
@@ -599,10 +603,15 @@ impl Counters {
                 }
             })
         })?;
+        Some(p)
+    }
+
+    /// Keeps `p` its key's until the period counted in ends, as [`Counters::counting`] does for
+    /// a window: only counts (this host's, or the others' a sync reports) keep an entry.
+    fn counting_period(p: &Period, at: QuotaAt) {
         if p.ends.load(Ordering::Relaxed) < at.ends_ms {
             p.ends.fetch_max(at.ends_ms, Ordering::AcqRel);
         }
-        Some(p)
     }
 
     /// The calls and bytes of a quota in its period.
@@ -631,6 +640,9 @@ impl Counters {
     ) -> bool {
         let (index, now_ms) = (at.index, at.now_ms);
         let Some(p) = self.period(hash, at) else { return true };
+        if calls > 0 || bytes > 0 {
+            Counters::counting_period(p, at);
+        }
         // With counts shared, the other hosts take their part of the limit.
         let limit = match limit {
             Some(l) if self.sharing() => {
@@ -901,6 +913,17 @@ mod tests {
         assert_eq!(c.rate(counted, 60_000, 5, 1_000_000, 1), Admit::Untracked, "the probe is taken");
         // A moment later, their entries are free.
         assert_eq!(c.rate(counted, 60_000, 5, 1_000_000 + HELD, 1), Admit::Yes { remaining: 4 });
+
+        // So for quotas, a quota for ever included.
+        let ever = |now_ms| QuotaAt { index: 0, now_ms, ends_ms: u64::MAX };
+        let mut same = (0u32..).map(|i| c.hash(1, 0, &i.to_le_bytes())).filter(|h| h & mask == home);
+        for h in same.by_ref().take(PROBE) {
+            assert_eq!(c.quota_used(h, ever(1_000_000)), Some((0, 0)));
+        }
+        let counted = same.next().expect("another key");
+        assert_eq!(c.quota_used(counted, ever(1_000_000)), None, "the probe is taken");
+        assert!(c.quota_add(counted, ever(1_000_000 + HELD), 1, Some(5), 0));
+        assert_eq!(c.quota_used(counted, ever(1_000_000 + HELD)), Some((1, 0)));
     }
 
     #[test]
