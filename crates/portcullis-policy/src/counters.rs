@@ -20,8 +20,9 @@ const PROBE: usize = 16;
 /// How long an entry a worker is taking over counts as in use before its key is swapped in
 /// (ms). Another worker looking for room for another key, that finds the entry with its new key
 /// in the moment before its first count, must find it in use; a take that loses the swap leaves
-/// no more than this on an entry that is now another key's. Longer than a request's own clock
-/// may lag (its time is read once, when it starts; a step may wait for a sync or a callout).
+/// no more than this on an entry that is now another key's. A request's time is read once, when
+/// it starts: a take after a longer wait (a callout, a sync) marks too little, and that race is
+/// open again for it.
 const HELD: u64 = 10_000;
 
 /// What a check found.
@@ -410,8 +411,8 @@ impl Counters {
     /// now) are in the window: N + 1 slots of `slot_ms`, and a moment of the slot before (see
     /// `sum`). Before the count, so that an entry is never seen stale with a count in the
     /// window. Pushed back once a slot, not at every call. Only counts keep an entry: a key
-    /// only checked leaves its entry to others at once, as a key none of whose calls count (an
-    /// `increment_condition` that never holds) would otherwise fill the table.
+    /// only checked leaves its entry to others once [`HELD`] is over, as keys none of whose
+    /// calls count (an `increment_condition` that never holds) would otherwise fill the table.
     fn counting(w: &Window, slot_ms: u64, now_ms: u64) {
         let ends = now_ms.saturating_add((N + 2) * slot_ms);
         if w.ends.load(Ordering::Relaxed) < ends - slot_ms {
@@ -585,7 +586,7 @@ impl Counters {
                 // What the entry holds from before, read before taking it over.
                 let held = [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim];
                 let seen = held.map(|a| a.load(Ordering::Acquire));
-                // In use from before it is taken (see `HELD`); the period's end once it is.
+                // In use from before it is taken (see `HELD`); to the period's end once it counts.
                 p.ends.fetch_max(at.now_ms.saturating_add(HELD), Ordering::AcqRel);
                 match p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
@@ -594,6 +595,18 @@ impl Counters {
                         // the key's count must keep.
                         for (a, was) in held.into_iter().zip(seen) {
                             let _ = a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Relaxed);
+                        }
+                        // What the old key counted since it was read (a response of its settling
+                        // as the entry was taken) goes too: whatever is not of the new key's
+                        // period is not the new key's.
+                        for a in [&p.calls, &p.bytes] {
+                            let mut was = a.load(Ordering::Acquire);
+                            while was != 0 && unpack40(was).0 != at.index & 0xFF_FFFF {
+                                match a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Acquire) {
+                                    Ok(_) => break,
+                                    Err(now) => was = now,
+                                }
+                            }
                         }
                         p.synced.clear();
                         true
@@ -661,18 +674,21 @@ impl Counters {
             loop {
                 let (i, v) = unpack40(current);
                 // A count for a period that has ended since (a response settled once the next
-                // one had begun, a worker whose clock lags at the boundary) goes to the period
-                // running: charged there rather than lost, and never written over its count.
-                // A word that counts nothing (new, or emptied) has no period to compare.
-                let (period, base) =
-                    if i == index & 0xFF_FFFF || (v > 0 && is_later(i, index)) { (i, v) } else { (index, 0) };
+                // one had begun, a call whose request read the clock before the boundary) counts
+                // in neither: never over the running period's count, and the fleet's store
+                // books it in its own period. A word that counts nothing (new, or emptied) has
+                // no period to compare.
+                if v > 0 && is_later(i, index) {
+                    return true;
+                }
+                let base = if i == index & 0xFF_FFFF { v } else { 0 };
                 let next = base.saturating_add(delta);
                 if cap.is_some_and(|c| next > c) {
                     return false;
                 }
                 match a.compare_exchange_weak(
                     current,
-                    pack40(period, next),
+                    pack40(index, next),
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
@@ -986,9 +1002,8 @@ mod tests {
     }
 
     /// A response that settles its quota's count once the next period has begun (a request
-    /// across the boundary) does not write over the new period's count: it is charged to it. So
-    /// is a call admitted by a worker whose clock still reads the period before, within the
-    /// limit of the period running.
+    /// across the boundary) does not write over the new period's count, nor does a call whose
+    /// request read the clock before the boundary: they count in neither.
     #[test]
     fn a_count_settled_after_its_period_leaves_the_next_one_alone() {
         let c = Counters::with_capacity(64);
@@ -999,11 +1014,12 @@ mod tests {
         }
         // The first request's call and body, counted when its response ends.
         assert!(c.quota_add(h, at(7, 0), 1, None, 4_096));
-        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((4, 4_396)));
-        // A worker a moment behind: one more call fits in period 8's limit of 5, the next not.
+        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((3, 300)));
+        // A call whose request read the clock a moment before the boundary.
         assert!(c.quota_add(h, at(7, 59_999), 1, Some(5), 0));
-        assert!(!c.quota_add(h, at(7, 59_999), 1, Some(5), 0));
-        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((5, 4_396)));
+        assert_eq!(c.quota_used(h, at(8, 61_000)), Some((3, 300)));
+        assert!(c.quota_add(h, at(8, 61_000), 2, Some(5), 0));
+        assert!(!c.quota_add(h, at(8, 61_000), 1, Some(5), 0));
         // Periods numbered in the upper half of the 24 bits count from an empty entry as any.
         let high = c.hash(1, 60, b"high");
         let late = at(0x90_0000, 0);
