@@ -63,6 +63,11 @@ pub(crate) fn check_config(config: &Path) -> (bool, String, String) {
     )
 }
 
+/// Whether `text` (a command's output) says every one of `needles`.
+pub(crate) fn says(text: &str, needles: &[&str]) -> bool {
+    needles.iter().all(|n| text.contains(n))
+}
+
 /// [`check_config`] of `text` written as `name` that must pass (`ok`, with nothing or warnings on
 /// stderr): its stderr.
 pub(crate) fn check_passes(env: &Env, name: &str, text: &str) -> String {

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_testkit::ProxyProcess;
 
-use crate::common::{Env, binary};
+use crate::common::{Env, binary, says};
 
 #[test]
 fn sigterm_lets_an_in_flight_request_finish() {
@@ -464,15 +464,13 @@ fn check_says_which_background_cpus_cannot_be_used() {
     let (ok, stdout, stderr) = check("some.toml", &format!("{background}, 1023"));
     assert!(ok && stdout.trim() == "ok", "{stdout}{stderr}");
     assert!(
-        stderr.contains("some.toml:")
-            && stderr.contains("server.background_cpus[1]: warning: CPU 1023 cannot be used here"),
+        says(&stderr, &["some.toml:", "server.background_cpus[1]: warning: CPU 1023 cannot be used here"]),
         "{stderr}"
     );
     let (ok, stdout, stderr) = check("none.toml", "1023");
     assert!(!ok, "{stdout}{stderr}");
     assert!(
-        stderr.contains("none.toml:")
-            && stderr.contains("server.background_cpus[0]: cannot run on CPUs [1023]: "),
+        says(&stderr, &["none.toml:", "server.background_cpus[0]: cannot run on CPUs [1023]: "]),
         "{stderr}"
     );
     // A check started on other CPUs (`taskset`): as a start, it may still move its threads to
@@ -516,17 +514,19 @@ fn check_warns_when_the_access_log_cannot_be_opened() {
     let missing = dir.join("no-such-dir").join("access.log");
     let stderr = check("missing.toml", &missing.display().to_string());
     assert!(
-        stderr.contains("missing.toml:")
-            && stderr.contains("server.access_log.path: warning: cannot open")
-            && stderr.contains("no-such-dir")
-            && stderr.contains("drop access-log records"),
+        says(
+            &stderr,
+            &[
+                "missing.toml:",
+                "server.access_log.path: warning: cannot open",
+                "no-such-dir",
+                "drop access-log records"
+            ]
+        ),
         "{stderr}"
     );
     let stderr = check("dir.toml", &dir.display().to_string());
-    assert!(
-        stderr.contains("server.access_log.path: warning:") && stderr.contains("it is a directory"),
-        "{stderr}"
-    );
+    assert!(says(&stderr, &["server.access_log.path: warning:", "it is a directory"]), "{stderr}");
     // A directory the check's user may not make files in: by its mode, or, for root (whom modes
     // do not stop), by the immutable flag (ext4 and most local file systems have it).
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -108,6 +108,30 @@ fn is_later(i: u64, index: u64) -> bool {
     (1..1 << 23).contains(&(i.wrapping_sub(index) & 0xFF_FFFF))
 }
 
+/// Swaps `hash` in for `k` as the key of an entry found empty or stale (`key` and `ends` are its
+/// own): the entry is marked in use until `mark` first (see [`HELD`]), and once taken, its
+/// `counts` are emptied where they still hold what they held before the take: a worker that found
+/// the key there the moment it was taken may have counted a call already, which the key's count
+/// keeps. `Err` with the key the entry had instead.
+fn take_over<'a>(
+    (key, ends): (&AtomicU64, &AtomicU64),
+    counts: impl Iterator<Item = &'a AtomicU64> + Clone,
+    (k, hash): (u64, u64),
+    mark: u64,
+) -> Result<(), u64> {
+    // A window's slots and sync, the most an entry has.
+    let mut seen = [0; SLOTS + 2];
+    for (was, a) in seen.iter_mut().zip(counts.clone()) {
+        *was = a.load(Ordering::Acquire);
+    }
+    ends.fetch_max(mark, Ordering::AcqRel);
+    key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire)?;
+    for (a, was) in counts.zip(seen) {
+        let _ = a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// The process's counters.
 pub struct Counters {
     windows: Box<[Window]>,
@@ -441,21 +465,9 @@ impl Counters {
             if k != 0 && w.ends.load(Ordering::Acquire) > now_ms {
                 continue;
             }
-            // What it holds from before, read before taking it over.
-            let held = || w.slots.iter().chain([&w.others, &w.claim]);
-            let mut seen = [0; SLOTS + 2];
-            for (was, a) in seen.iter_mut().zip(held()) {
-                *was = a.load(Ordering::Acquire);
-            }
-            // In use from before it is taken (see `HELD`).
-            w.ends.fetch_max(now_ms.saturating_add(HELD), Ordering::AcqRel);
-            match w.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    // Emptied where it still holds that: a worker that found the key here the
-                    // moment it was taken may have counted a call already.
-                    for (a, was) in held().zip(seen) {
-                        let _ = a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Relaxed);
-                    }
+            let counts = w.slots.iter().chain([&w.others, &w.claim]);
+            match take_over((&w.key, &w.ends), counts, (k, hash), now_ms.saturating_add(HELD)) {
+                Ok(()) => {
                     w.synced.clear();
                     return Some(w);
                 }
@@ -571,7 +583,7 @@ impl Counters {
         let mask = self.periods.len() - 1;
         let home = hash as usize & mask;
         let entry = |i: usize| &self.periods[(home + i) & mask];
-        let p = self.find_period(hash).or_else(|| {
+        self.find_period(hash).or_else(|| {
             (0..PROBE).map(entry).find(|p| {
                 let k = p.key.load(Ordering::Acquire);
                 if k == hash {
@@ -583,19 +595,10 @@ impl Counters {
                 if !stale {
                     return false;
                 }
-                // What the entry holds from before, read before taking it over.
-                let held = [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim];
-                let seen = held.map(|a| a.load(Ordering::Acquire));
-                // In use from before it is taken (see `HELD`); to the period's end once it counts.
-                p.ends.fetch_max(at.now_ms.saturating_add(HELD), Ordering::AcqRel);
-                match p.key.compare_exchange(k, hash, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        // Emptied only where it still holds that: a worker that found the key
-                        // here the moment it was taken may have counted a call already, which
-                        // the key's count must keep.
-                        for (a, was) in held.into_iter().zip(seen) {
-                            let _ = a.compare_exchange(was, 0, Ordering::AcqRel, Ordering::Relaxed);
-                        }
+                // In use for `HELD` once taken, to the period's end once it counts.
+                let counts = [&p.calls, &p.bytes, &p.others_calls, &p.others_bytes, &p.claim].into_iter();
+                match take_over((&p.key, &p.ends), counts, (k, hash), at.now_ms.saturating_add(HELD)) {
+                    Ok(()) => {
                         // What the old key counted since it was read (a response of its settling
                         // as the entry was taken) goes too: whatever is not of the new key's
                         // period is not the new key's.
@@ -615,8 +618,7 @@ impl Counters {
                     Err(now) => now == hash,
                 }
             })
-        })?;
-        Some(p)
+        })
     }
 
     /// Keeps `p` its key's until the period counted in ends, as [`Counters::counting`] does for
