@@ -275,6 +275,60 @@ fn a_limit_holds_for_the_whole_host_window_after_window() {
     assert!(admitted >= 300, "{admitted}: the window moved on at least three times");
 }
 
+/// A limit after a wait (here a slow callout) judges the time it runs at: the call is counted
+/// in the window or period it falls in then, not in the one the request arrived in.
+#[test]
+fn a_limit_after_a_slow_callout_counts_when_it_runs() {
+    let env = Env::new();
+    // Waits as long as the request's X-Wait says (the backend's `/slow/<ms>`; none: no wait).
+    let wait = format!(
+        r#"send_request = {{ name = "w", method = "GET", url = "http://{}/slow/{{header.x-wait}}", timeout = "10s" }}"#,
+        env.backend.addr()
+    );
+    let rate = proxy(
+        &env,
+        &[&wait, r#"rate_limit_by_key = { calls = 1, renewal_period = "1s", counter_key = "r" }"#],
+        "",
+    );
+    assert_eq!(get(&env, &rate, "/", &[]).status, 200);
+    assert_eq!(get(&env, &rate, "/", &[]).status, 429, "the second call of the window");
+    // Arrived within the same second; by the time the limit is checked the first call left its
+    // window.
+    let r = get(&env, &rate, "/", &[("X-Wait", "2000")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // That call counted in the window it was checked in.
+    assert_eq!(get(&env, &rate, "/", &[]).status, 429);
+    // So does one counted once its response is known.
+    let settled = proxy(
+        &env,
+        &[
+            &wait,
+            r#"rate_limit_by_key = { calls = 1, renewal_period = "1s", counter_key = "s", increment_condition = "status < 300" }"#,
+        ],
+        "",
+    );
+    assert_eq!(get(&env, &settled, "/", &[]).status, 200);
+    assert_eq!(get(&env, &settled, "/", &[("X-Wait", "2000")]).status, 200);
+    assert_eq!(get(&env, &settled, "/", &[]).status, 429);
+    // A period of 300 s that ends 2 to 3 s from now.
+    let start = time_string(now() - 297);
+    let quota = proxy(
+        &env,
+        &[
+            &wait,
+            &format!(
+                r#"quota_by_key = {{ calls = 1, renewal_period = "300s", counter_key = "q", first_period_start = "{start}" }}"#
+            ),
+        ],
+        "",
+    );
+    assert_eq!(get(&env, &quota, "/", &[]).status, 200);
+    assert_eq!(get(&env, &quota, "/", &[]).status, 403, "the period's one call is spent");
+    let r = get(&env, &quota, "/", &[("X-Wait", "3500")]);
+    assert_eq!(r.status, 200, "checked in the next period: {}", r.text());
+    assert_eq!(get(&env, &quota, "/", &[]).status, 403, "and counted there");
+}
+
 /// `YYYY-MM-DDTHH:MM:SSZ` of Unix seconds.
 fn time_string(t: i64) -> String {
     let days = t.div_euclid(86_400);

@@ -98,7 +98,7 @@ fn limits(c: &mut Criterion) {
                     };
                     let go_on =
                         support::inbound(&set, policy, black_box(&facts), &fields, &mut state, &mut edits);
-                    set.complete(&mut state, 200, 0, now_ms);
+                    set.complete(&mut state, 200, 0);
                     black_box(go_on)
                 })
             });

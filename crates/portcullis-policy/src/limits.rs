@@ -57,8 +57,9 @@ pub(crate) struct QuotaStep {
 /// What a request still owes its counters once its response is known.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Pending {
-    /// Calls of a rate limit with an `increment_condition`.
-    Rate { hash: u64, period_ms: u64, count: u64, condition: Option<u16> },
+    /// Calls of a rate limit with an `increment_condition`, counted in the window of `at_ms`
+    /// (when the step admitted them, in ms since the counters' origin).
+    Rate { hash: u64, period_ms: u64, at_ms: u64, count: u64, condition: Option<u16> },
     /// A call of a quota with an `increment_condition` (`calls`), and the bandwidth.
     Quota { hash: u64, at: QuotaAt, calls: bool, condition: Option<u16> },
 }
@@ -230,6 +231,7 @@ impl RateStep {
                     state.pending.push(Pending::Rate {
                         hash,
                         period_ms: self.period_ms,
+                        at_ms: now,
                         count: self.count,
                         condition: self.condition,
                     });
@@ -406,16 +408,16 @@ pub(crate) fn settle(
     counters: &Counters,
     conditions: &[StatusRanges],
     pending: &[Pending],
-    (status, bytes, now_ms): (u16, u64, u64),
+    (status, bytes): (u16, u64),
     deltas: &mut Deltas,
 ) {
     let holds =
         |c: Option<u16>| c.is_none_or(|i| conditions.get(usize::from(i)).is_none_or(|r| r.contains(status)));
     for p in pending {
         match *p {
-            Pending::Rate { hash, period_ms, count, condition } => {
+            Pending::Rate { hash, period_ms, at_ms, count, condition } => {
                 if holds(condition) {
-                    counters.count(hash, period_ms, now_ms.saturating_sub(ORIGIN_MS), count);
+                    counters.count(hash, period_ms, at_ms, count);
                     deltas.add(hash, count, 0);
                 } else {
                     deltas.add(hash, 0, 0);

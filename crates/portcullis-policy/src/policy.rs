@@ -1311,14 +1311,14 @@ impl PolicySet {
 
     /// Settles what the request owes the rate limits and quotas it passed, once its response's
     /// `status` is known and `bytes` of request and response bodies went through.
-    pub fn complete(&self, state: &mut RequestState, status: u16, bytes: u64, now_ms: u64) {
+    pub fn complete(&self, state: &mut RequestState, status: u16, bytes: u64) {
         if !state.pending.is_empty() {
             let mut local = state.local.borrow_mut();
             crate::limits::settle(
                 &self.counters,
                 &self.conditions,
                 &state.pending,
-                (status, bytes, now_ms),
+                (status, bytes),
                 &mut local.deltas,
             );
             drop(local);

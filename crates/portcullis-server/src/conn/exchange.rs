@@ -99,7 +99,7 @@ impl<S: Stream> Conn<S> {
         let cert = self.info.client_cert.clone();
         let peer_ip = self.peer_ip.clone();
         let target = self.head.path();
-        let facts = Facts {
+        let mut facts = Facts {
             client_cert: cert.as_deref(),
             client_addr: self.peer,
             client_ip: &peer_ip,
@@ -145,10 +145,16 @@ impl<S: Stream> Conn<S> {
                         }
                     }
                     from = step;
+                    // The steps after a wait judge the time they run at, not the request's
+                    // arrival: a rate limit or a quota after a slow callout counts in the window
+                    // it is in, and a token that expired meanwhile is refused.
+                    facts.now_ms = portcullis_tls::now_unix_ms();
+                    facts.now = (facts.now_ms / 1000) as i64;
                 }
                 v => break v,
             }
         };
+        let (now, now_ms) = (facts.now, facts.now_ms);
         let hits = self.state.take_callout_hits();
         if hits > 0 {
             crate::stats::bump(&self.worker.stats.callout_cache_hits, u64::from(hits));
@@ -170,7 +176,7 @@ impl<S: Stream> Conn<S> {
                     "request refused by policy"
                 );
             }
-            snap.policies.complete(&mut self.state, response.status, 0, now_ms);
+            snap.policies.complete(&mut self.state, response.status, 0);
             self.access_log(&snap, Some((route, policy)), response.status, started, &id, reason);
             return self.respond_policy(response).await;
         }
@@ -209,7 +215,7 @@ impl<S: Stream> Conn<S> {
             path: &line.0[line.1..],
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
-        snap.policies.complete(&mut self.state, status, self.body_bytes, now_ms);
+        snap.policies.complete(&mut self.state, status, self.body_bytes);
         self.access_log(&snap, Some((route, policy)), status, started, &id, self.refusal);
         keep
     }
