@@ -361,14 +361,14 @@ impl Counters {
             }
             let claim = claim.map_or(NO_CLAIM, |c| c.min(NO_CLAIM - 1));
             let held = unpack40(p.others_calls.load(Ordering::Acquire)).0;
-            if p.claim.load(Ordering::Acquire) != 0 && held > index & 0xFF_FFFF {
+            if p.claim.load(Ordering::Acquire) != 0 && is_later(held, index) {
                 // About a period before the one the entry holds an answer for.
                 return;
             }
             // The first answer about a later period is taken whatever its number.
             let lapsed = || {
                 !Counters::claim_fresh(&p.claim, at.now_ms)
-                    || unpack40(p.others_calls.load(Ordering::Acquire)).0 < index & 0xFF_FFFF
+                    || is_later(index, unpack40(p.others_calls.load(Ordering::Acquire)).0)
             };
             p.synced.store(sync, lapsed, || {
                 p.claim.store(pack(at.now_ms / 1000, claim), Ordering::Release);
@@ -392,14 +392,15 @@ impl Counters {
 
     /// What the last sync found for a window ending in `epoch`, at `now_ms`: the other hosts'
     /// calls and this host's claim; nothing when that sync is older than the window, or counts
-    /// are not shared.
+    /// are not shared. A sync of the slot after `epoch` counts too: the worker read its clock
+    /// just before the sync task stored that answer, which is about its window as well.
     fn others(&self, w: &Window, epoch: u64, now_ms: u64) -> Option<(u64, Option<u64>)> {
         if !self.sharing() {
             return Some((0, None));
         }
         let (e, c) = unpack(w.others.load(Ordering::Acquire));
-        (e > 0 && e <= epoch & 0xFFFF_FFFF && e + N >= epoch & 0xFFFF_FFFF)
-            .then(|| (c, Counters::claim_at(&w.claim, now_ms)))
+        let epoch = epoch & 0xFFFF_FFFF;
+        (e > 0 && e <= epoch + 1 && e + N >= epoch).then(|| (c, Counters::claim_at(&w.claim, now_ms)))
     }
 
     /// Whether this host may decide on a rate limit's key now: counts are not shared, or a sync
@@ -1106,6 +1107,10 @@ mod tests {
         assert!(!c.rate_known(h, 60_000, now));
         c.set_others(h, 60_000, (now, 1), 0, Some(5));
         assert!(c.rate_known(h, 60_000, now + 1));
+        // A worker whose clock read came just before the slot of the sync's answer.
+        let lag = c.hash(0, 60_000, b"lagging");
+        c.set_others(lag, 60_000, (now, 1), 0, Some(5));
+        assert!(c.rate_known(lag, 60_000, now - 1));
         assert!(!c.rate_known(h, 60_000, now + 70_000), "a sync older than the window says nothing");
         c.set_fleet_up(false);
         assert!(c.rate_known(h, 60_000, now + 70_000), "the store is down: nothing to wait for");
@@ -1162,6 +1167,13 @@ mod tests {
         c.set_quota_others(q, (at(5, now + 1_100), 9), (0, 0), Some(10));
         assert!(c.quota_known(q, at(6, now + 1_200)));
         assert_eq!((0..10).filter(|_| c.quota_add(q, at(6, now + 1_200), 1, Some(10), 0)).count(), 7);
+        // Alike where the period numbers wrap at 24 bits: 0 comes after 0xFF_FFFF.
+        let w = c.hash(1, 7, b"wrap");
+        c.set_quota_others(w, (at(0xFF_FFFF, now + 2_000), 1), (0, 0), Some(3));
+        c.set_quota_others(w, (at(0, now + 3_000), 1), (0, 0), Some(4));
+        c.set_quota_others(w, (at(0xFF_FFFF, now + 3_100), 9), (0, 0), Some(10));
+        assert!(c.quota_known(w, at(0, now + 3_200)));
+        assert_eq!((0..10).filter(|_| c.quota_add(w, at(0, now + 3_200), 1, Some(10), 0)).count(), 4);
     }
 
     #[test]
