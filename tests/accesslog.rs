@@ -110,6 +110,12 @@ fn the_combined_format_escapes_quotes_and_sigusr1_opens_the_file_again() {
     assert!(access_line(env.dir(), &["/after"]).is_some(), "the new file has the new line");
     let old = std::fs::read_to_string(env.dir().join("access.log.1")).unwrap();
     assert!(old.contains("/before") && !old.contains("/after"), "{old}");
+    // The moved file gave back the space reserved past its end.
+    let meta = std::fs::metadata(env.dir().join("access.log.1")).unwrap();
+    if reserves_ahead(env.dir()) {
+        let allocated = meta.blocks() * 512;
+        assert!(allocated < meta.len() + (64 << 10), "{allocated} bytes allocated for {}", meta.len());
+    }
 }
 
 #[test]

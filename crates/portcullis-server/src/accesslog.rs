@@ -490,6 +490,24 @@ pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<JoinHandle<()>> {
 struct Output {
     path: Option<PathBuf>,
     out: Box<dyn Write + Send>,
+    /// The file written to, when it is one (for [`Output::release_if_moved`]).
+    file: Option<std::fs::File>,
+}
+
+impl Output {
+    /// Gives back the space reserved past the end of a file that logrotate moved away (the
+    /// path now names another file, or none): a rotated log takes the disk its lines take.
+    /// Only then: the file at the path may have other writers, or be cut short by logrotate's
+    /// `copytruncate`, and setting its length could cut or pad what they did.
+    fn release_if_moved(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let (Some(path), Some(file)) = (&self.path, &self.file) else { return };
+        let Ok(ours) = file.metadata() else { return };
+        let moved = std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (ours.dev(), ours.ino()));
+        if moved && ours.is_file() && ours.blocks() * 512 > ours.len() {
+            let _ = file.set_len(ours.len());
+        }
+    }
 }
 
 /// Disk space the log thread reserves past the end of a log file, a step at a time.
@@ -550,8 +568,8 @@ impl Write for LogFile {
 }
 
 fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
-    let out: Box<dyn Write + Send> = match path {
-        None => Box::new(std::io::stdout()),
+    let (out, file): (Box<dyn Write + Send>, _) = match path {
+        None => (Box::new(std::io::stdout()), None),
         Some(p) => {
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(p)?;
             // A line cut short (a write that failed part way, a process killed mid-write) is
@@ -559,10 +577,11 @@ fn open(path: &Option<PathBuf>) -> std::io::Result<Output> {
             if ends_mid_line(p, &file) {
                 file.write_all(b"\n")?;
             }
-            Box::new(LogFile::new(file))
+            let kept = file.try_clone().ok();
+            (Box::new(LogFile::new(file)), kept)
         }
     };
-    Ok(Output { path: path.clone(), out })
+    Ok(Output { path: path.clone(), out, file })
 }
 
 /// What `portcullis check` says about the access log's file: a warning when this process could
@@ -652,6 +671,7 @@ fn run(shared: &Shared, rx: &Outlet<Record>) {
         if reopen || output.as_ref().is_some_and(|o| o.path.as_ref() != path) {
             if let Some(mut o) = output.take() {
                 let _ = o.out.flush();
+                o.release_if_moved();
             }
         }
         let logger = config.and_then(|c| c.logger.as_ref());
