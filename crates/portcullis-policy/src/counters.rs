@@ -20,9 +20,10 @@ const PROBE: usize = 16;
 /// How long an entry a worker is taking over counts as in use before its key is swapped in
 /// (ms). Another worker looking for room for another key, that finds the entry with its new key
 /// in the moment before its first count, must find it in use; a take that loses the swap leaves
-/// no more than this on an entry that is now another key's. A request's time is read once, when
-/// it starts: a take after a longer wait (a callout, a sync) marks too little, and that race is
-/// open again for it.
+/// no more than this on an entry that is now another key's. A request's time is read when it
+/// starts and again after each wait (a callout, a sync): only a count settled once its response
+/// is known, more than this after its step, marks too little, and that race is open again for
+/// it.
 const HELD: u64 = 10_000;
 
 /// What a check found.
@@ -238,6 +239,27 @@ fn add_to(slot: &AtomicU64, epoch: u64, delta: i64) -> u64 {
         let next = base.saturating_add_signed(delta).min(0xFFFF_FFFF);
         match slot.compare_exchange_weak(current, pack(epoch, next), Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return next,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
+/// As [`add_to`], for calls counted once their response is known: when the slot holds a later
+/// slot's count since (the response came more than a window after the call), the calls have left
+/// every window that reads the slot and count nowhere. Made over as theirs, the slot would lose
+/// the later calls.
+fn add_settled(slot: &AtomicU64, epoch: u64, count: u64) {
+    let epoch = epoch & 0xFFFF_FFFF;
+    let mut current = slot.load(Ordering::Acquire);
+    loop {
+        let (e, c) = unpack(current);
+        if c > 0 && (1..1 << 31).contains(&(e.wrapping_sub(epoch) & 0xFFFF_FFFF)) {
+            return;
+        }
+        let base = if e == epoch { c } else { 0 };
+        let next = base.saturating_add(count).min(0xFFFF_FFFF);
+        match slot.compare_exchange_weak(current, pack(epoch, next), Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
             Err(seen) => current = seen,
         }
     }
@@ -566,7 +588,7 @@ impl Counters {
         let epoch = now_ms / slot_ms;
         if let Some(w) = self.window(hash, now_ms) {
             Counters::counting(w, slot_ms, now_ms);
-            add_to(&w.slots[(epoch % SLOTS as u64) as usize], epoch, count as i64);
+            add_settled(&w.slots[(epoch % SLOTS as u64) as usize], epoch, count);
         }
     }
 
@@ -740,6 +762,12 @@ mod tests {
         assert_eq!(c.rate(later, 10_000, 1, 200_000, 0), Admit::Yes { remaining: 1 });
         c.count(later, 10_000, 200_000, 1);
         assert!(matches!(c.rate(later, 10_000, 1, 200_500, 0), Admit::No { .. }));
+        // A count settled so late that its slot has held a later one's since (eleven slots on)
+        // counts nowhere, and leaves the later one's calls as they are.
+        let late = c.hash(0, 10_000, b"late");
+        assert!((0..5).all(|_| matches!(c.rate(late, 10_000, 5, 300_000, 1), Admit::Yes { .. })));
+        c.count(late, 10_000, 289_000, 1);
+        assert!(matches!(c.rate(late, 10_000, 5, 300_100, 1), Admit::No { .. }));
     }
 
     /// Two threads each run `count` on every key, both on the same key at the same moment.

@@ -498,12 +498,19 @@ impl Output {
     /// Gives back the space reserved past the end of a file that logrotate moved away (the
     /// path now names another file, or none): a rotated log takes the disk its lines take.
     /// Only then: the file at the path may have other writers, or be cut short by logrotate's
-    /// `copytruncate`, and setting its length could cut or pad what they did.
+    /// `copytruncate`, and setting its length could cut or pad what they did. (A process still
+    /// appending to the moved file, between the length read and set here, would lose what it
+    /// wrote in that moment: no other writer of a rotated file is expected.)
     fn release_if_moved(&self) {
         use std::os::unix::fs::MetadataExt;
         let (Some(path), Some(file)) = (&self.path, &self.file) else { return };
         let Ok(ours) = file.metadata() else { return };
-        let moved = std::fs::metadata(path).map_or(true, |m| (m.dev(), m.ino()) != (ours.dev(), ours.ino()));
+        // Only a path that names no file counts as moved: one that cannot be looked at may
+        // still be ours.
+        let moved = match std::fs::metadata(path) {
+            Ok(m) => (m.dev(), m.ino()) != (ours.dev(), ours.ino()),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
         if moved && ours.is_file() && ours.blocks() * 512 > ours.len() {
             let _ = file.set_len(ours.len());
         }
@@ -517,10 +524,11 @@ impl Output {
 /// allocated ahead, it only copies. On ext4 that is about a third of the write's system time,
 /// spent on the workers' core. The space is reserved without changing the file's size (what
 /// `ls` shows is the lines written; `du` shows up to this much more), as journald does for its
-/// journal files; it is freed with the file, or when logrotate truncates it. A file closed
-/// (moved by logrotate, then `SIGUSR1`) keeps what it had left: it is not given back, as giving
-/// it back could not tell it from lines another process has just appended. Hence a small step:
-/// 1 MiB saves as much as 8 (a reservation a second at 33 MB/s of lines).
+/// journal files; it is freed with the file, or when logrotate truncates it, or given back when
+/// `SIGUSR1` finds the file moved away ([`Output::release_if_moved`]). A file closed while still
+/// at its path (a reload naming another, the stop) keeps what it had left: giving it back could
+/// not tell it from lines another process has just appended. Hence a small step: 1 MiB saves as
+/// much as 8 (a reservation a second at 33 MB/s of lines).
 const AHEAD: u64 = 1 << 20;
 
 /// A regular file the log is appended to, with space reserved past its end ([`AHEAD`]).
