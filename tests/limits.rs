@@ -287,14 +287,14 @@ fn a_limit_after_a_slow_callout_counts_when_it_runs() {
     );
     let rate = proxy(
         &env,
-        &[&wait, r#"rate_limit_by_key = { calls = 1, renewal_period = "1s", counter_key = "r" }"#],
+        &[&wait, r#"rate_limit_by_key = { calls = 1, renewal_period = "2s", counter_key = "r" }"#],
         "",
     );
     assert_eq!(get(&env, &rate, "/", &[]).status, 200);
     assert_eq!(get(&env, &rate, "/", &[]).status, 429, "the second call of the window");
-    // Arrived within the same second; by the time the limit is checked the first call left its
+    // Arrived within the first call's window; by the time the limit is checked that call left its
     // window.
-    let r = get(&env, &rate, "/", &[("X-Wait", "2000")]);
+    let r = get(&env, &rate, "/", &[("X-Wait", "3000")]);
     assert_eq!(r.status, 200, "{}", r.text());
     // That call counted in the window it was checked in.
     assert_eq!(get(&env, &rate, "/", &[]).status, 429);
@@ -303,12 +303,12 @@ fn a_limit_after_a_slow_callout_counts_when_it_runs() {
         &env,
         &[
             &wait,
-            r#"rate_limit_by_key = { calls = 1, renewal_period = "1s", counter_key = "s", increment_condition = "status < 300" }"#,
+            r#"rate_limit_by_key = { calls = 1, renewal_period = "2s", counter_key = "s", increment_condition = "status < 300" }"#,
         ],
         "",
     );
     assert_eq!(get(&env, &settled, "/", &[]).status, 200);
-    assert_eq!(get(&env, &settled, "/", &[("X-Wait", "2000")]).status, 200);
+    assert_eq!(get(&env, &settled, "/", &[("X-Wait", "3000")]).status, 200);
     assert_eq!(get(&env, &settled, "/", &[]).status, 429);
     // A period of 300 s that ends 5 to 6 s from now.
     let start = now() - 295;
