@@ -768,6 +768,9 @@ mod tests {
         assert!((0..5).all(|_| matches!(c.rate(late, 10_000, 5, 300_000, 1), Admit::Yes { .. })));
         c.count(late, 10_000, 289_000, 1);
         assert!(matches!(c.rate(late, 10_000, 5, 300_100, 1), Admit::No { .. }));
+        // One settled in a slot that holds an older one's count makes it over as its own.
+        c.count(late, 10_000, 311_000, 1);
+        assert!(matches!(c.rate(late, 10_000, 1, 311_100, 0), Admit::No { .. }));
     }
 
     /// Two threads each run `count` on every key, both on the same key at the same moment.
