@@ -505,8 +505,8 @@ impl Output {
         use std::os::unix::fs::MetadataExt;
         let (Some(path), Some(file)) = (&self.path, &self.file) else { return };
         let Ok(ours) = file.metadata() else { return };
-        // Only a path that names no file counts as moved: one that cannot be looked at may
-        // still be ours.
+        // Moved: the path names another file, or none. One that cannot be looked at for
+        // another reason (no permission, an I/O error) may still be ours.
         let moved = match std::fs::metadata(path) {
             Ok(m) => (m.dev(), m.ino()) != (ours.dev(), ours.ino()),
             Err(e) => e.kind() == std::io::ErrorKind::NotFound,
