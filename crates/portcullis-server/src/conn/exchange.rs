@@ -192,15 +192,17 @@ impl<S: Stream> Conn<S> {
         self.body_bytes = 0;
         // Outbound steps do not read the query (and the head is read again while forwarding):
         // built anew, since `facts` borrows the head for its query. Messages for loggers may
-        // name the method and path: copied, when a step writes messages.
-        let line = if snap.log_steps {
+        // name the method and path: copied, when a step writes messages (into the connection's
+        // buffer for them, taken out while the facts borrow it).
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        let split = if snap.log_steps {
             let (method, path) = (self.head.method(), self.head.path_only());
-            let mut line = Vec::with_capacity(method.len() + path.len());
             line.extend_from_slice(method);
             line.extend_from_slice(path);
-            (line, method.len())
+            method.len()
         } else {
-            (Vec::new(), 0)
+            0
         };
         let facts = Facts {
             client_cert: cert.as_deref(),
@@ -211,10 +213,11 @@ impl<S: Stream> Conn<S> {
             now_ms,
             query: b"",
             route: RouteMatch { path: &route_path, params: policy.route_params() },
-            method: &line.0[..line.1],
-            path: &line.0[line.1..],
+            method: &line[..split],
+            path: &line[split..],
         };
         let (keep, status) = self.forward(&snap, route, policy, backend, &facts).await;
+        self.line = line;
         snap.policies.complete(&mut self.state, status, self.body_bytes);
         self.access_log(&snap, Some((route, policy)), status, started, &id, self.refusal);
         keep

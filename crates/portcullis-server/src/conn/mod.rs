@@ -144,6 +144,7 @@ pub(crate) async fn serve(
         edits: HeaderEdits::default(),
         state: RequestState::new(worker_local),
         path: Vec::new(),
+        line: Vec::new(),
         unread_input: false,
         interim_sent: false,
         connection_refused: false,
@@ -270,6 +271,8 @@ struct Conn<S> {
     /// What policy learnt of the current request (its subscription, its token).
     state: RequestState,
     path: Vec<u8>,
+    /// The request's method and path, for outbound steps that write messages.
+    line: Vec<u8>,
     /// The client may have sent bytes the proxy will not read (a body left unread): close with
     /// lingering.
     unread_input: bool,
@@ -468,6 +471,7 @@ impl<S: Stream> Conn<S> {
         self.head.clear();
         self.resp.clear();
         self.edits = HeaderEdits::default();
+        (self.path, self.line) = (Vec::new(), Vec::new());
         self.idle_timer.release();
         self.io_timer.release();
         self.client.shrink();
