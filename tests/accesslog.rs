@@ -118,6 +118,40 @@ fn the_combined_format_escapes_quotes_and_sigusr1_opens_the_file_again() {
     }
 }
 
+/// A reload naming another file: the lines go there, and the first file, still at its path
+/// (another process may append to it), is left whole, its reserved space with it.
+#[test]
+fn a_reload_naming_another_file_leaves_the_first_one_as_it_is() {
+    let env = Env::new();
+    let first = env.dir().join("first.log");
+    let access = |f: &std::path::Path| format!("{{ path = \"{}\", format = \"json\" }}", f.display());
+    let proxy = ProxyProcess::spawn(&binary(), &env.write_config("p.toml", &config(&env, &access(&first))));
+    let get =
+        |path: &str| env.client(None).connect(proxy.addr).unwrap().request("GET", path, &[], b"").unwrap();
+    assert_eq!(get("/before").status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&first).unwrap_or_default().contains("/before") {
+        assert!(Instant::now() < deadline, "the first line never came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.write_config("p.toml", &config(&env, &access(&env.dir().join("access.log"))));
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        proxy.wait_for_log("configuration reloaded", Duration::from_secs(10)).is_some(),
+        "{:?}",
+        proxy.log()
+    );
+    assert_eq!(get("/after").status, 200);
+    assert!(access_line(env.dir(), &["/after"]).is_some(), "the new file has the new line");
+    let text = std::fs::read_to_string(&first).unwrap();
+    assert!(text.contains("/before") && !text.contains("/after"), "{text}");
+    let meta = std::fs::metadata(&first).unwrap();
+    assert_eq!(meta.len(), text.len() as u64);
+    if reserves_ahead(env.dir()) {
+        assert!(meta.blocks() * 512 >= meta.len() + (512 << 10), "{} bytes allocated", meta.blocks() * 512);
+    }
+}
+
 #[test]
 fn a_line_left_cut_short_in_the_file_is_ended_before_the_next_record() {
     let env = Env::new();
