@@ -79,8 +79,7 @@ fn ten_mib_chunked_response_streams_through() {
     assert_eq!(c.request("GET", "/", &[], b"").unwrap().status, 200);
 }
 
-/// Peak resident memory of a process, from /proc.
-/// A size line of the process's status (`VmHWM`, `VmRSS`), in KiB.
+/// A size line of the process's status in /proc (`VmHWM`, `VmRSS`), in KiB.
 fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -90,6 +89,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
+/// Peak resident memory of a process.
 fn peak_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmHWM")
 }

@@ -229,26 +229,11 @@ fn fleet_allowance(limit: u64, others: u64, claim: Option<u64>) -> u64 {
     claim.map_or(left, |c| c.min(left))
 }
 
-/// Adds `delta` to the slot for `epoch`, starting it over when it held an older epoch; returns
-/// the slot's count after.
-fn add_to(slot: &AtomicU64, epoch: u64, delta: i64) -> u64 {
-    let mut current = slot.load(Ordering::Acquire);
-    loop {
-        let (e, c) = unpack(current);
-        let base = if e == epoch & 0xFFFF_FFFF { c } else { 0 };
-        let next = base.saturating_add_signed(delta).min(0xFFFF_FFFF);
-        match slot.compare_exchange_weak(current, pack(epoch, next), Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return next,
-            Err(seen) => current = seen,
-        }
-    }
-}
-
-/// As [`add_to`], for calls counted once their response is known: when the slot holds a later
-/// slot's count since (the response came more than a window after the call), the calls have left
-/// every window that reads the slot and count nowhere. Made over as theirs, the slot would lose
-/// the later calls.
-fn add_settled(slot: &AtomicU64, epoch: u64, count: u64) {
+/// Adds `delta` to the slot for `epoch`, starting it over when it held an older epoch. When it
+/// holds a later one's count (calls counted once their response is known, more than a window
+/// after the call), the calls have left every window that reads the slot and count nowhere:
+/// made over as theirs, the slot would lose the later calls.
+fn add_to(slot: &AtomicU64, epoch: u64, delta: i64) {
     let epoch = epoch & 0xFFFF_FFFF;
     let mut current = slot.load(Ordering::Acquire);
     loop {
@@ -257,7 +242,7 @@ fn add_settled(slot: &AtomicU64, epoch: u64, count: u64) {
             return;
         }
         let base = if e == epoch { c } else { 0 };
-        let next = base.saturating_add(count).min(0xFFFF_FFFF);
+        let next = base.saturating_add_signed(delta).min(0xFFFF_FFFF);
         match slot.compare_exchange_weak(current, pack(epoch, next), Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return,
             Err(seen) => current = seen,
@@ -588,7 +573,7 @@ impl Counters {
         let epoch = now_ms / slot_ms;
         if let Some(w) = self.window(hash, now_ms) {
             Counters::counting(w, slot_ms, now_ms);
-            add_settled(&w.slots[(epoch % SLOTS as u64) as usize], epoch, count);
+            add_to(&w.slots[(epoch % SLOTS as u64) as usize], epoch, count as i64);
         }
     }
 
